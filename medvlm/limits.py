@@ -1,0 +1,14 @@
+"""Every size limit of MedVLM 3D in one place.
+
+The loader checks these from file headers before any pixel data is read, the app passes
+`MAX_UPLOAD_BYTES` to Gradio, and the pipeline caps generation with `MAX_NEW_TOKENS`.
+"""
+
+MAX_UPLOAD_BYTES = 1_000_000_000  # one upload (a file, a folder's files or a zip), as sent by the browser
+MAX_VOXEL_BYTES = 2_000_000_000  # float32 voxels of one volume: 2·10⁹ bytes ≈ 500 million voxels
+MAX_SIDE = 2048  # voxels along any one axis
+MIN_SLICES = 2  # fewer along any axis is a 2D image, not a volume
+MAX_ZIP_ENTRIES = 5000  # files inside one zip
+MAX_ZIP_BYTES = 3_000_000_000  # total uncompressed size of one zip's members
+MAX_DICOM_FILES = 5000  # files of one DICOM upload (folder, list or zip)
+MAX_NEW_TOKENS = 1024  # cap on tokens generated for one answer or report
