@@ -1,0 +1,149 @@
+"""The command line of DESIGN section 4: `python -m medvlm SUBCOMMAND ...`.
+
+A user's mistake (a missing file, an unreadable scan, a bad option) ends with exit status 2 and
+one line on stderr; tracebacks are kept for our own bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+USER_ERROR = 2
+
+
+class UsageError(Exception):
+    """A command-line mistake, reported as one line and exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _scan_source(paths: list[str]) -> str | list[str]:
+    """One path stays a path (file, folder or zip); several are the files of one DICOM series."""
+    return paths[0] if len(paths) == 1 else paths
+
+
+def _stream(chunks: Iterable[str]) -> None:
+    for chunk in chunks:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .volume import load_volume
+
+    volume = load_volume(_scan_source(args.scan))
+    print(json.dumps({
+        "modality": volume.modality,
+        "shape": list(volume.shape),
+        "spacing": [round(float(s), 4) for s in volume.spacing],
+        "orientation": volume.orientation,
+        "source": volume.source,
+    }))
+
+
+def cmd_view(args: argparse.Namespace) -> None:
+    from .view import render_slice, save_png
+    from .volume import load_volume
+
+    volume = load_volume(_scan_source(args.scan))
+    image = render_slice(volume, args.plane, args.index, args.window)
+    save_png(image, args.out)
+    print(args.out)
+
+
+def _generation_settings(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .pipeline import Pipeline
+    from .volume import load_volume
+
+    volume = load_volume(_scan_source(args.scan))
+    pipeline = Pipeline.from_pretrained(args.checkpoint, revision=args.revision, device=args.device)
+    _stream(pipeline.report(volume, **_generation_settings(args)))
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from .pipeline import Pipeline
+    from .volume import load_volume
+
+    *scan, question = args.scan_and_question
+    if not scan:
+        raise UsageError("ask: give one or more scan paths followed by the question")
+    volume = load_volume(_scan_source(scan))
+    pipeline = Pipeline.from_pretrained(args.checkpoint, revision=args.revision, device=args.device)
+    messages = [{"role": "user", "content": question}]
+    _stream(pipeline.chat(volume, messages, **_generation_settings(args)))
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint folder or Hugging Face Hub repo id (default: the demo checkpoint)")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit of --checkpoint")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
+    parser.add_argument("--top-p", type=float, default=1.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m medvlm", description="MedVLM 3D: read, view and describe 3D scans.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    info = commands.add_parser("info", help="load a scan and print its facts as JSON")
+    info.add_argument("scan", nargs="+", help="NIfTI, .npy, DICOM folder, .zip, or several DICOM files")
+    info.set_defaults(run=cmd_info)
+
+    view = commands.add_parser("view", help="write one slice as the viewer shows it, as PNG")
+    view.add_argument("scan", nargs="+")
+    view.add_argument("--plane", choices=["axial", "coronal", "sagittal"], default="axial")
+    view.add_argument("--index", type=int, default=None, help="slice index (default: the middle slice)")
+    view.add_argument("--window", default=None, help="CT: soft tissue, lung, bone, brain, liver; or auto")
+    view.add_argument("--out", required=True, help="PNG file to write")
+    view.set_defaults(run=cmd_view)
+
+    report = commands.add_parser("report", help="stream a radiology-style report of a scan")
+    report.add_argument("scan", nargs="+")
+    _add_model_options(report)
+    report.set_defaults(run=cmd_report)
+
+    ask = commands.add_parser("ask", help="stream the answer to one question about a scan")
+    ask.add_argument("scan_and_question", nargs="+", metavar="SCAN... QUESTION")
+    _add_model_options(ask)
+    ask.set_defaults(run=cmd_ask)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean the user gave us something wrong (not a bug of ours)."""
+    from .volume import VolumeError
+
+    errors: list[type[BaseException]] = [UsageError, VolumeError, FileNotFoundError]
+    if "medvlm.pipeline" in sys.modules:
+        errors.append(sys.modules["medvlm.pipeline"].CheckpointError)
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None, extra: dict[str, Callable] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.run(args)
+    except _user_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
