@@ -9,12 +9,13 @@ from typing import Any
 
 _EXPORTS = {
     "Volume": "volume",
-    "VolumeError": "volume",
+    "VolumeError": "errors",
+    "CheckpointError": "errors",
+    "UserInputError": "errors",
     "load_volume": "volume",
     "MedVLMConfig": "configuration",
     "MedVLMForConditionalGeneration": "modeling",
     "Pipeline": "pipeline",
-    "CheckpointError": "pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

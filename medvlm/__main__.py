@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Iterable
+
+from .errors import UserInputError
 
 USER_ERROR = 2
 
@@ -123,21 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean the user gave us something wrong (not a bug of ours)."""
-    from .volume import VolumeError
-
-    errors: list[type[BaseException]] = [UsageError, VolumeError, FileNotFoundError]
-    if "medvlm.pipeline" in sys.modules:
-        errors.append(sys.modules["medvlm.pipeline"].CheckpointError)
-    return tuple(errors)
-
-
-def main(argv: list[str] | None = None, extra: dict[str, Callable] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.run(args)
-    except _user_errors() as error:
+    except (UsageError, UserInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from .errors import VolumeError
 
-class VolumeError(ValueError):
-    """A scan that cannot be read; the message says what was wrong and what to do."""
+__all__ = ["Volume", "VolumeError", "load_volume"]
 
 
 @dataclass
