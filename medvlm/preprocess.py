@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    import torch
+
     from .volume import Volume
 
 # Radiology window presets as (level, width) in Hounsfield units.
@@ -73,3 +75,54 @@ def apply_window(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def to_uint8(unit: np.ndarray) -> np.ndarray:
     """[0, 1] floats to 8-bit grey levels."""
     return (unit * 255.0 + 0.5).astype(np.uint8)
+
+
+def encoder_input(volume: Volume, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed, per-checkpoint preprocessing from a volume to the slice encoder's input.
+
+    Slices are taken as a radiologist sees them (row 0 anterior, column 0 the patient's right),
+    padded square with the volume's lowest value, resized to `config.image_size`, averaged into
+    slabs of `config.slice_spacing_mm` (at most `config.max_input_slices`), then mapped to one
+    channel per CT window (MR/PET: robust percentile range; OT: min-max) and normalised.
+
+    Returns pixel_values (Z', 3, S, S) float32 and the height of each slice in the scan as a
+    fraction (Z',), 0 at the lowest (most inferior) slice and 1 at the highest.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    data = volume.data
+    num_slices, rows, cols = data.shape
+    if volume.modality == "CT":
+        ranges = [(level - width / 2, level + width / 2) for level, width in config.ct_windows]
+    elif volume.modality in ("MR", "PT"):
+        ranges = [robust_range(data)] * len(config.image_mean)
+    else:
+        finite = data[np.isfinite(data)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        ranges = [(lo, hi if hi > lo else lo + 1.0)] * len(config.image_mean)
+    background = float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
+
+    slices = torch.from_numpy(np.ascontiguousarray(data[:, ::-1, ::-1], dtype=np.float32))
+    slices = torch.nan_to_num(slices, nan=background, posinf=background, neginf=background)
+    side = max(rows, cols)
+    top, left = (side - rows) // 2, (side - cols) // 2
+    slices = F.pad(slices, (left, side - cols - left, top, side - rows - top), value=background)
+    size = config.image_size
+    slices = F.interpolate(slices[:, None], size=(size, size), mode="bilinear", antialias=side > size,
+                           align_corners=False)[:, 0]  # (Z, S, S)
+
+    target = num_slices
+    if config.slice_spacing_mm and volume.spacing[0] < config.slice_spacing_mm:
+        target = max(1, round(num_slices * volume.spacing[0] / config.slice_spacing_mm))
+    target = min(target, config.max_input_slices)
+    if target < num_slices:  # slab averaging along z, as a thick-slice reconstruction does
+        slices = F.adaptive_avg_pool1d(slices.permute(1, 2, 0).flatten(0, 1), target)
+        slices = slices.unflatten(0, (size, size)).permute(2, 0, 1)
+
+    channels = [((slices - lo) / (hi - lo)).clamp_(0.0, 1.0) for lo, hi in ranges]
+    pixel_values = torch.stack(channels, dim=1)  # (Z', 3, S, S)
+    mean = torch.tensor(config.image_mean).view(1, -1, 1, 1)
+    std = torch.tensor(config.image_std).view(1, -1, 1, 1)
+    heights = (torch.arange(target, dtype=torch.float32) + 0.5) / target
+    return (pixel_values - mean) / std, heights

@@ -1,0 +1,97 @@
+"""MedVLMConfig: everything that fixes one checkpoint, preprocessing included."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import field
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+class MedVLMConfig(PreTrainedConfig):
+    """Configuration of `MedVLMForConditionalGeneration`, the five stages of DESIGN section 1.
+
+    `vision_config` is the 2D slice encoder (any transformers vision tower; ViT by default) and
+    `text_config` the causal LM. The slice preprocessing lives here too, so a checkpoint carries it.
+    """
+
+    model_type = "medvlm"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+
+    # Slice preprocessing, fixed per checkpoint.
+    image_size: int = 224  # encoder input side in pixels; slices are padded square, then resized
+    ct_windows: list = field(default_factory=lambda: [[40.0, 400.0], [-600.0, 1500.0], [400.0, 1800.0]])
+    # CT: one (level, width) HU window per encoder channel; MR/PET: robust percentile range; OT: min-max
+    image_mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per-channel normalisation
+    image_std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    slice_spacing_mm: float | None = None  # thin slices are averaged into slabs this thick; None keeps them
+    max_input_slices: int = 320  # more slices than this are averaged down to this many before encoding
+
+    # [1] Slice encoder: frozen, slice by slice.
+    encoder_backend: str = "transformers"  # "transformers" (vision_config) or "open_clip"
+    open_clip_name: str | None = None  # e.g. "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    encoder_batch_size: int = 64  # slices per encoder forward pass (bounds activation memory)
+
+    # [2] Slice selection.
+    slice_selection: str = "similarity"  # "similarity" (cosine, threshold τ) or "uniform" (evenly spaced)
+    similarity_threshold: float = 0.95  # τ: a slice this similar to the last kept one is dropped
+    slice_budget: int = 32  # K: at most this many slices go on; fewer are padded and masked
+    selection_preview_size: int | None = None  # choose slices from encodings at this side; None: full size
+
+    # [3] Spatial-frequency fusion.
+    fusion_dim: int = 256  # d: channel width of the fused K×h×w grid
+    fusion_mode: str = "gated"  # "gated", "spatial" (conv path only), "frequency" (FFT only), "average"
+
+    # [4] Detail-preserving compressor.
+    compressor_grid: list = field(default_factory=lambda: [4, 8, 8])  # low-res (slices, rows, cols)
+    compressor_mode: str = "cross_attention"  # or "average": pooled tokens only, no detail pulled back
+    compressor_layers: int = 2  # cross-attention blocks
+    compressor_heads: int = 8
+
+    # [5] Projector and prompt.
+    projector_hidden_act: str = "gelu"
+    image_token: str = "<image>"  # placeholder in the prompt, expanded to num_visual_tokens copies
+    image_token_id: int = -1  # its id in the tokenizer; set when the tokenizer is attached
+    report_prompt: str = "Write a radiology report for this scan."
+    demo: bool = False  # trained on synthetic phantoms only: the app says "not for clinical use"
+
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        for name, allowed in {
+            "slice_selection": ("similarity", "uniform"),
+            "fusion_mode": ("gated", "spatial", "frequency", "average"),
+            "compressor_mode": ("cross_attention", "average"),
+            "encoder_backend": ("transformers", "open_clip"),
+        }.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+
+    @property
+    def encoder_grid(self) -> tuple[int, int]:
+        """(h, w) patch grid the slice encoder gives for one slice at `image_size`."""
+        patch = self.vision_config.patch_size
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        side = self.image_size // patch
+        return side, side
+
+    @property
+    def encoder_width(self) -> int:
+        """C: channel width of the slice encoder's patch tokens."""
+        return self.vision_config.hidden_size
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """N: visual tokens handed to the LM per scan."""
+        return math.prod(self.compressor_grid)
+
+
+__all__ = ["MedVLMConfig"]

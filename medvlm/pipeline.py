@@ -1,0 +1,224 @@
+"""Load a checkpoint (folder or Hub repo id), encode scans once, stream reports and chat answers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from .errors import CheckpointError
+from .limits import MAX_NEW_TOKENS
+from .modeling import MedVLMForConditionalGeneration
+from .preprocess import encoder_input
+from .prompt import prompt_text
+from .volume import Volume
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+ENCODING_CACHE_SIZE = 16  # scans whose visual tokens are kept for follow-up questions
+
+
+@dataclass
+class Encoding:
+    """A scan as the LM sees it.
+
+    visual_tokens: (1, N, H) on the model's device; kept_slices: axial indices (into
+    `volume.data`) of the slices the model kept; total_slices: slices the encoder input had;
+    timings: seconds per step.
+    """
+
+    visual_tokens: torch.Tensor
+    kept_slices: list[int]
+    total_slices: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_checkpoint(checkpoint: str | Path | None, revision: str | None = None) -> Path:
+    """A local folder holding the checkpoint: the folder itself, or a Hub repo's snapshot.
+
+    None means the demo checkpoint shipped in assets/. Hub downloads go through
+    huggingface_hub (so HF_HUB_OFFLINE=1 and its cache apply). Raises CheckpointError.
+    """
+    if checkpoint is None:
+        if not DEMO_CHECKPOINT.is_dir():
+            raise CheckpointError(f"the demo checkpoint is missing from {DEMO_CHECKPOINT}; restore assets/ "
+                                  "from the repository or pass --checkpoint")
+        return DEMO_CHECKPOINT
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        return path
+    name = str(checkpoint)
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise CheckpointError(f"no checkpoint folder at {name!r}, and it is not a Hub repo id "
+                              "(like 'org/model'); check the path") from None
+    try:
+        return Path(snapshot_download(repo_id=name, revision=revision))
+    except Exception as error:  # huggingface_hub raises many types: not found, offline, gated, network
+        where = f"{name!r}" + (f" at revision {revision!r}" if revision else "")
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"could not fetch checkpoint {where} from the Hugging Face Hub ({reason}); "
+                              "check the repo id, your network or HF_TOKEN") from None
+
+
+def _check_checkpoint_folder(folder: Path, name: str) -> None:
+    config_file = folder / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError):
+        raise CheckpointError(f"{name!r} has no readable config.json; it is not a MedVLM checkpoint") from None
+    if model_type != "medvlm":
+        raise CheckpointError(f"{name!r} is a {model_type!r} model, not a MedVLM checkpoint")
+
+
+class _StopOnEvent(StoppingCriteria):
+    """Ends generation when the event is set: the user pressed stop or the client went away."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class Pipeline:
+    """A loaded MedVLM checkpoint ready to describe scans.
+
+    `encode` runs the five stages once per scan content (cached); `report` and `chat` stream text.
+    Safe to share between threads (one model, many sessions).
+    """
+
+    def __init__(self, model: MedVLMForConditionalGeneration, tokenizer, name: str):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self._encodings: OrderedDict[str, Encoding] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path | None = None, revision: str | None = None,
+                        device: str | None = None, dtype: torch.dtype | str | None = None) -> Pipeline:
+        """Load from a folder, a Hub repo id (at `revision`), or None for the demo checkpoint.
+
+        device: "cuda" when available unless given; dtype: bfloat16 on CUDA, float32 on CPU.
+        """
+        folder = resolve_checkpoint(checkpoint, revision)
+        name = "demo checkpoint" if checkpoint is None else str(checkpoint)
+        _check_checkpoint_folder(folder, name)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        try:
+            model = MedVLMForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"could not load the checkpoint {name!r}: {error}") from None
+        return cls(model, tokenizer, name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def describe(self) -> dict:
+        """What runs: checkpoint name, device, dtype, whether it is the phantom-trained demo."""
+        config = self.model.config
+        return {"checkpoint": self.name, "device": str(self.device), "dtype": str(self.model.dtype).split(".")[-1],
+                "demo": bool(config.demo), "visual_tokens": config.num_visual_tokens,
+                "slice_budget": config.slice_budget}
+
+    # Encoding ---------------------------------------------------------------------------------
+
+    def encode(self, volume: Volume) -> Encoding:
+        """Stages 1–5 for one scan, once: a second call with the same content returns the cache."""
+        key = volume.fingerprint
+        with self._lock:
+            if key in self._encodings:
+                self._encodings.move_to_end(key)
+                return self._encodings[key]
+        start = time.perf_counter()
+        pixel_values, heights = encoder_input(volume, self.model.config)
+        prepared = time.perf_counter()
+        with torch.inference_mode():
+            scan = self.model.choose_slices(pixel_values.to(self.device), heights.to(self.device))
+            visual = self.model.visual_tokens_from_slices([scan])
+        done = time.perf_counter()
+        per_input_slice = volume.shape[0] / scan.total
+        kept = [min(volume.shape[0] - 1, int((index + 0.5) * per_input_slice)) for index in scan.kept.tolist()]
+        encoding = Encoding(visual.visual_tokens, kept, scan.total,
+                            {"preprocess_s": prepared - start, "encode_s": done - prepared})
+        with self._lock:
+            self._encodings[key] = encoding
+            while len(self._encodings) > ENCODING_CACHE_SIZE:
+                self._encodings.popitem(last=False)
+        return encoding
+
+    def forget(self, volume: Volume) -> None:
+        """Drop a scan's cached visual tokens (its session ended)."""
+        with self._lock:
+            self._encodings.pop(volume.fingerprint, None)
+
+    # Text -------------------------------------------------------------------------------------
+
+    def report(self, volume: Volume, **settings) -> Iterator[str]:
+        """Stream a radiology-style report of the scan, chunk by chunk."""
+        messages = [{"role": "user", "content": self.model.config.report_prompt}]
+        return self.chat(volume, messages, **settings)
+
+    def chat(self, volume: Volume, messages: list[dict], *, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, stop: threading.Event | None = None) -> Iterator[str]:
+        """Stream the assistant's next answer in a conversation about the scan.
+
+        messages: [{"role": "user" | "assistant", "content": str}, ...] ending with the user's
+        question. temperature 0 is greedy decoding. Setting `stop` (or closing the generator)
+        ends the generation thread.
+        """
+        if not messages or messages[-1]["role"] != "user":
+            raise ValueError("the conversation must end with a user message")
+        encoding = self.encode(volume)
+        config = self.model.config
+        text = prompt_text(self.tokenizer, messages, config.image_token, config.num_visual_tokens,
+                           add_generation_prompt=True)
+        input_ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.device)
+        return self._stream(input_ids, encoding.visual_tokens, stop or threading.Event(),
+                            max_new_tokens=max(1, min(int(max_new_tokens), MAX_NEW_TOKENS)),
+                            temperature=float(temperature), top_p=float(top_p))
+
+    def _stream(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor, stop: threading.Event,
+                max_new_tokens: int, temperature: float, top_p: float) -> Iterator[str]:
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+            "do_sample": False}
+        failure: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                self.model.generate(
+                    input_ids, visual_tokens, max_new_tokens=max_new_tokens, streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                    **sampling)
+            except BaseException as error:  # surfaced in the consumer's thread below
+                failure.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=generate, name="medvlm-generate", daemon=True)
+        thread.start()
+        try:
+            for chunk in streamer:
+                if chunk:
+                    yield chunk
+        finally:
+            stop.set()
+            thread.join()
+        if failure:
+            raise failure[0]

@@ -1,0 +1,188 @@
+"""The whole model and its pipeline on a tiny random checkpoint."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_model import build_tiny_model, save_tiny_checkpoint
+
+from medvlm.errors import CheckpointError
+from medvlm.modeling import MedVLMForConditionalGeneration
+from medvlm.pipeline import Pipeline, resolve_checkpoint
+from medvlm.volume import Volume
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ct_volume(seed: int = 0, slices: int = 20) -> Volume:
+    rng = np.random.default_rng(seed)
+    data = rng.normal(0, 300, size=(slices, 40, 48)).astype(np.float32)
+    return Volume(data, (2.0, 1.0, 1.0), np.eye(4), "CT", "nifti", "RAS")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-medvlm"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(checkpoint):
+    return Pipeline.from_pretrained(checkpoint)
+
+
+def _visual_inputs(model, volume):
+    from medvlm.preprocess import encoder_input
+
+    pixel_values, heights = encoder_input(volume, model.config)
+    return [pixel_values], [heights]
+
+
+def test_save_and_load_give_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    model, tokenizer = build_tiny_model()
+    model.eval()
+    pixel_values, heights = _visual_inputs(model, ct_volume())
+    n = model.config.num_visual_tokens
+    input_ids = torch.tensor([[5, 6] + [model.config.image_token_id] * n + [7, 8]])
+    with torch.no_grad():
+        before = model(input_ids, pixel_values=pixel_values, heights=heights).logits
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "tokenizer.json").exists()
+    reloaded = MedVLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        after = reloaded(input_ids, pixel_values=pixel_values, heights=heights).logits
+    torch.testing.assert_close(before, after)
+    assert reloaded.slice_encoder.frozen
+
+
+def test_placeholder_count_mismatch_raises():
+    model, _ = build_tiny_model()
+    n = model.config.num_visual_tokens
+    visual_tokens = torch.zeros(1, n, model.config.text_config.hidden_size)
+    too_few = torch.tensor([[5] + [model.config.image_token_id] * (n - 1)])
+    with pytest.raises(ValueError, match="placeholder"):
+        model(too_few, visual_tokens=visual_tokens)
+
+
+def test_training_gradients_skip_the_frozen_encoder():
+    torch.manual_seed(0)
+    model, _ = build_tiny_model()
+    pixel_values, heights = _visual_inputs(model, ct_volume())
+    n = model.config.num_visual_tokens
+    input_ids = torch.tensor([[5] + [model.config.image_token_id] * n + [7, 8, 9]])
+    model(input_ids, pixel_values=pixel_values, heights=heights, labels=input_ids).loss.backward()
+    for name, parameter in model.named_parameters():
+        if name.startswith("slice_encoder."):
+            assert parameter.grad is None, name
+    assert model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    assert model.fusion.gate.weight.grad.abs().sum() > 0
+
+
+def test_streamed_report_equals_plain_greedy_generation(pipeline):
+    volume = ct_volume()
+    streamed = list(pipeline.report(volume, max_new_tokens=24))
+    assert len(streamed) >= 1
+    encoding = pipeline.encode(volume)
+    config = pipeline.model.config
+    from medvlm.prompt import prompt_text
+
+    text = prompt_text(pipeline.tokenizer, [{"role": "user", "content": config.report_prompt}],
+                       config.image_token, config.num_visual_tokens, add_generation_prompt=True)
+    input_ids = pipeline.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    new_ids = pipeline.model.generate(input_ids, encoding.visual_tokens, max_new_tokens=24, do_sample=False,
+                                      pad_token_id=pipeline.tokenizer.pad_token_id,
+                                      eos_token_id=pipeline.tokenizer.eos_token_id)
+    assert "".join(streamed) == pipeline.tokenizer.decode(new_ids[0], skip_special_tokens=True)
+
+
+def test_follow_up_turn_reuses_the_encoded_scan(pipeline, monkeypatch):
+    volume = ct_volume(seed=1)
+    first = [{"role": "user", "content": "Which organ is abnormal?"}]
+    answer = "".join(pipeline.chat(volume, first, max_new_tokens=8))
+    calls = []
+    original = pipeline.model.choose_slices
+    monkeypatch.setattr(pipeline.model, "choose_slices", lambda *a, **k: calls.append(1) or original(*a, **k))
+    follow_up = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "Where is it?"}]
+    assert "".join(pipeline.chat(volume, follow_up, max_new_tokens=8)) is not None
+    assert calls == []
+    pipeline.chat(ct_volume(seed=2), first, max_new_tokens=1)  # a different scan is encoded afresh
+    assert calls == [1]
+
+
+def test_kept_slices_are_axial_indices_of_the_volume(pipeline):
+    volume = ct_volume(seed=3, slices=30)
+    encoding = pipeline.encode(volume)
+    assert 1 <= len(encoding.kept_slices) <= pipeline.model.config.slice_budget
+    assert encoding.kept_slices == sorted(encoding.kept_slices)
+    assert all(0 <= index < 30 for index in encoding.kept_slices)
+
+
+def test_stop_event_ends_generation(pipeline):
+    import threading
+
+    stop = threading.Event()
+    stream = pipeline.chat(ct_volume(), [{"role": "user", "content": "Describe."}], max_new_tokens=200, stop=stop)
+    stop.set()
+    assert len("".join(stream)) < 400
+    assert not any(t.name == "medvlm-generate" for t in threading.enumerate())
+
+
+def _hub_cache(cache: Path, repo_id: str, checkpoint: Path) -> None:
+    """Lay out a Hugging Face Hub cache entry for repo_id at branch main, as huggingface_hub does."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_repo_id_resolves_offline_from_the_local_cache(checkpoint, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    _hub_cache(cache, "someorg/some-model", checkpoint)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    folder = resolve_checkpoint("someorg/some-model")
+    assert (folder / "config.json").exists()
+    pipeline = Pipeline.from_pretrained("someorg/some-model")
+    assert pipeline.describe()["checkpoint"] == "someorg/some-model"
+    with pytest.raises(CheckpointError, match="someorg/missing-model"):
+        Pipeline.from_pretrained("someorg/missing-model")
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        Pipeline.from_pretrained(tmp_path)
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "medvlm", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def test_cli_report_and_ask_stream_text(checkpoint, tmp_path):
+    from medvlm.writers import save_nifti
+
+    scan = save_nifti(tmp_path / "scan.nii.gz", ct_volume().data, (2.0, 1.0, 1.0))
+    report = _cli("report", scan, "--checkpoint", checkpoint, "--max-new-tokens", "12")
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.strip()
+    answer = _cli("ask", scan, "Which organ is abnormal?", "--checkpoint", checkpoint, "--max-new-tokens", "6")
+    assert answer.returncode == 0, answer.stderr
+
+
+def test_cli_missing_checkpoint_is_one_line(tmp_path):
+    scan_path = tmp_path / "scan.npy"
+    np.save(scan_path, np.random.default_rng(0).random((1, 8, 16, 16), dtype=np.float32))
+    result = _cli("report", scan_path, "--checkpoint", "someorg/not-there")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "someorg/not-there" in result.stderr and "Traceback" not in result.stderr
