@@ -159,7 +159,7 @@ def test_hub_repo_id_resolves_offline_from_the_local_cache(checkpoint, tmp_path,
 
 
 def test_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path):
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json"):
         Pipeline.from_pretrained(tmp_path)
 
 
