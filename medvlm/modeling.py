@@ -215,15 +215,19 @@ class MedVLMForConditionalGeneration(MedVLMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: list[torch.Tensor] | None = None,
         heights: list[torch.Tensor] | None = None,
+        scans: list[ScanSlices] | None = None,
         visual_tokens: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         **kwargs,
     ):
         """LM forward with the scan's visual tokens in place of the placeholders.
 
-        Give either `visual_tokens` (B, N, H) or per-scan `pixel_values` and `heights`.
+        The scans come as one of: `visual_tokens` (B, N, H); `scans`, kept slices already
+        encoded (the training feature cache); or per-scan `pixel_values` and `heights`.
         Returns the language model's CausalLMOutput (loss when `labels` are given).
         """
+        if visual_tokens is None and scans is not None:
+            visual_tokens = self.visual_tokens_from_slices(scans).visual_tokens
         if visual_tokens is None and pixel_values is not None:
             visual_tokens = self.get_image_features(pixel_values, heights).visual_tokens
         if visual_tokens is None:

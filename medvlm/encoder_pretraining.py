@@ -1,0 +1,179 @@
+"""Demo stage 0: pre-train the tiny 2D slice encoder on phantom slices, then freeze it.
+
+The real recipe starts from BiomedCLIP, pre-trained on PMC-15M and kept frozen. The demo has
+no such encoder, so it makes one the same way in spirit: a ViT pre-trained on 2D slices with
+supervision it can get for free, here the phantoms' ground truth. Each patch learns how much of
+it each kind of lesion covers, and each slice its modality; the pooled embedding (the mean patch
+token, used by slice selection) thereby changes when a lesion comes into view.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .configuration import MedVLMConfig
+from .encoder import SliceEncoder
+from .preprocess import encoder_input
+from .volume import Volume, load_volume
+
+MODALITIES = ("CT", "MR", "PT", "OT")
+GROUND_TRUTH = "ground_truth.json"
+
+
+def lesion_classes(ground_truth: dict) -> list[str]:
+    """Every "organ kind" lesion class in the ground truth, sorted."""
+    return sorted({f"{lesion['organ']} {lesion['kind']}" for entry in ground_truth.values()
+                   for lesion in entry["lesions"]})
+
+
+def lesion_coverage(volume: Volume, lesions: list[dict], classes: list[str], num_inputs: int, size: int) -> np.ndarray:
+    """How much of each encoder-input pixel each lesion class covers: (Z', classes, S, S) float32.
+
+    Lesions are spheres (`center_voxel` (z, y, x) in `volume.data`, `diameter_mm`). The geometry
+    follows `encoder_input`: display orientation, padded square, resized to S, Z' slabs.
+    """
+    slices, rows, cols = volume.shape
+    spacing_z, spacing_y, spacing_x = volume.spacing
+    side = max(rows, cols)
+    top, left = (side - rows) // 2, (side - cols) // 2
+    scale = size / side
+    pixel_mm = max(spacing_y, spacing_x) / scale
+    grid = np.arange(size, dtype=np.float32) + 0.5
+    coverage = np.zeros((num_inputs, len(classes), size, size), dtype=np.float32)
+    slab_centres = (np.arange(num_inputs) + 0.5) * slices / num_inputs - 0.5
+    for lesion in lesions:
+        channel = classes.index(f"{lesion['organ']} {lesion['kind']}")
+        z, y, x = lesion["center_voxel"]
+        radius = lesion["diameter_mm"] / 2
+        row = (rows - 1 - y + top + 0.5) * scale
+        col = (cols - 1 - x + left + 0.5) * scale
+        for slab, centre in enumerate(slab_centres):
+            dz = abs(centre - z) * spacing_z
+            if dz >= radius:
+                continue
+            in_plane = math.sqrt(radius**2 - dz**2) / pixel_mm
+            disk = ((grid[:, None] - row) ** 2 + (grid[None, :] - col) ** 2) <= max(in_plane, 0.5) ** 2
+            np.maximum(coverage[slab, channel], disk, out=coverage[slab, channel])
+    return coverage
+
+
+class SliceHeads(nn.Module):
+    """Pre-training heads on the encoder's patch tokens: lesion coverage per patch, modality per slice."""
+
+    def __init__(self, width: int, num_classes: int):
+        super().__init__()
+        self.coverage = nn.Linear(width, num_classes)
+        self.modality = nn.Linear(width, len(MODALITIES))
+
+    def forward(self, patches: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.coverage(patches), self.modality(pooled)
+
+
+@dataclass
+class SliceSet:
+    """Every training slice: inputs (N, 3, S, S) float16, targets (N, classes, S, S) uint8, modality (N,)."""
+
+    inputs: torch.Tensor
+    coverage: torch.Tensor
+    modality: torch.Tensor
+
+
+def build_slice_set(config: MedVLMConfig, root: Path, images: list[str], ground_truth: dict,
+                    classes: list[str], progress: bool) -> SliceSet:
+    inputs, coverage, modality = [], [], []
+    for image in tqdm(images, desc="preparing slices", disable=not progress, unit="scan"):
+        volume = load_volume(root / image)
+        pixel_values, _ = encoder_input(volume, config)
+        lesions = ground_truth.get(image, {}).get("lesions", [])
+        inputs.append(pixel_values.half())
+        coverage.append(torch.from_numpy(
+            lesion_coverage(volume, lesions, classes, pixel_values.shape[0], config.image_size) * 255
+        ).to(torch.uint8))
+        modality.append(torch.full((pixel_values.shape[0],), MODALITIES.index(volume.modality)))
+    return SliceSet(torch.cat(inputs), torch.cat(coverage), torch.cat(modality))
+
+
+def _patch_targets(coverage: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, classes, S, S) uint8 → (B, h, w, classes) fraction of each patch covered."""
+    return F.avg_pool2d(coverage.float() / 255, patch).permute(0, 2, 3, 1)
+
+
+@dataclass
+class PretrainedEncoder:
+    """The result of stage 0: the tower's weights, τ calibrated on them, and a summary for the model card."""
+
+    state_dict: dict
+    similarity_threshold: float | None
+    summary: dict
+
+
+def pretrain_encoder(config: MedVLMConfig, root: Path, images: list[str], settings: dict, keep_fraction: float | None,
+                     progress: bool = True, seed: int = 0) -> PretrainedEncoder:
+    """Train a slice encoder of `config` on the slices of `images` (paths under `root`)."""
+    torch.manual_seed(seed)
+    ground_truth = json.loads((root / GROUND_TRUTH).read_text())
+    classes = lesion_classes(ground_truth)
+    encoder = SliceEncoder(config)
+    slices = build_slice_set(config, root, images, ground_truth, classes, progress)
+    heads = SliceHeads(config.encoder_width, len(classes))
+    encoder.vision_tower.requires_grad_(True)
+    parameters = [*encoder.vision_tower.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=settings["lr"], weight_decay=0.05)
+    batch_size, patch = settings["batch_size"], encoder.patch_size
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(slices.inputs) / batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings["lr"], total_steps=settings["epochs"]
+                                                    * steps_per_epoch, pct_start=0.1)
+    positive_weight = torch.full((len(classes),), 20.0)  # lesions cover few patches
+    preview = config.selection_preview_size
+    summary = {"slices": len(slices.inputs), "classes": classes}
+    for epoch in range(settings["epochs"]):
+        order = torch.randperm(len(slices.inputs), generator=generator)
+        progress = tqdm(order.split(batch_size), desc=f"encoder epoch {epoch + 1}/{settings['epochs']}",
+                        disable=not progress)
+        for batch in progress:
+            pixels = slices.inputs[batch].float()
+            coverage = slices.coverage[batch]
+            if preview and torch.rand(1, generator=generator).item() < settings.get("preview_fraction", 0.0):
+                pixels = F.interpolate(pixels, size=(preview, preview), mode="bilinear", antialias=True)
+                coverage = F.interpolate(coverage.float(), size=(preview, preview), mode="area").to(torch.uint8)
+            features = encoder(pixels)
+            coverage_logits, modality_logits = heads(features.patches, features.pooled)
+            loss = F.binary_cross_entropy_with_logits(coverage_logits, _patch_targets(coverage, patch),
+                                                      pos_weight=positive_weight)
+            loss = loss + F.cross_entropy(modality_logits, slices.modality[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            scheduler.step()
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+        summary[f"epoch_{epoch + 1}_loss"] = round(loss.item(), 4)
+    encoder.freeze().eval()
+    threshold = calibrate_threshold(encoder, slices, preview, keep_fraction) if keep_fraction else None
+    summary["similarity_threshold"] = threshold
+    return PretrainedEncoder(encoder.state_dict(), threshold, summary)
+
+
+@torch.no_grad()
+def calibrate_threshold(encoder: SliceEncoder, slices: SliceSet, preview: int | None, keep_fraction: float) -> float:
+    """τ such that a slice differs enough from its neighbour about `keep_fraction` of the time.
+
+    Measured on training slices (consecutive slices of each scan), once, before the model that
+    carries τ in its config is built.
+    """
+    sample = slices.inputs[:4096].float()
+    if preview:
+        sample = F.interpolate(sample, size=(preview, preview), mode="bilinear", antialias=True)
+    pooled = F.normalize(torch.cat([encoder(chunk).pooled for chunk in sample.split(256)]), dim=-1)
+    neighbour_similarity = (pooled[1:] * pooled[:-1]).sum(-1)
+    return round(float(torch.quantile(neighbour_similarity, keep_fraction)), 5)

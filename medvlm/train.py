@@ -1,0 +1,298 @@
+"""Training with accelerate: the stages of a preset, resumable, from cached frozen-encoder features.
+
+    python -m medvlm train --preset demo --data PHANTOMS --out assets/demo-model
+
+A preset (medvlm/presets/NAME.json) fixes the model, the tokenizer and the stages. Each stage
+names the tasks it trains on and the parts it trains; everything else stays frozen. The 2D
+encoder is always frozen here (the demo preset pre-trains its tiny encoder first, see
+encoder_pretraining.py), so its kept-slice features are computed once and cached.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoConfig, get_cosine_schedule_with_warmup
+
+from .configuration import MedVLMConfig
+from .data import Sample, read_m3d_cap, read_m3d_vqa
+from .features import FeatureCache
+from .modeling import MedVLMForConditionalGeneration
+from .prompt import prompt_text
+from .tokenizer import IMAGE_TOKEN, train_tokenizer
+from .volume import load_volume
+
+PRESETS = Path(__file__).resolve().parent / "presets"
+TRAINABLE_PARTS = {
+    "fusion": ("input_projection", "slice_heights", "fusion"),
+    "compressor": ("compressor",),
+    "projector": ("multi_modal_projector",),
+    "language_model": ("language_model",),
+}
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset by name (medvlm/presets/NAME.json) or a path to a JSON file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESETS / f"{name_or_path}.json"
+    if not path.exists():
+        names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.json")))
+        raise ValueError(f"no preset {name_or_path!r}; choose one of {names} or give a JSON file")
+    return json.loads(path.read_text())
+
+
+def read_samples(root: Path, split: str, tasks: list[str] | None = None) -> list[Sample]:
+    """Report and VQA samples of one split of an M3D-format data folder."""
+    samples = read_m3d_cap(root, split) + read_m3d_vqa(root, split)
+    return [s for s in samples if tasks is None or s.task in tasks]
+
+
+def build_tokenizer(preset: dict, samples: list[Sample]):
+    settings = preset["tokenizer"]
+    if not settings.get("train_bpe"):
+        raise ValueError("this preset loads its tokenizer with its language model")
+    texts = [turn["content"] for sample in samples for turn in sample.messages]
+    return train_tokenizer(texts, vocab_size=settings["vocab_size"])
+
+
+def build_config(preset: dict, tokenizer, **overrides) -> MedVLMConfig:
+    """The model configuration of a preset, sized to the tokenizer."""
+    text_settings = dict(preset["language_model"]["from_scratch"])
+    text_config = AutoConfig.for_model(text_settings.pop("model_type"), vocab_size=len(tokenizer),
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                       bos_token_id=None, **text_settings)
+    return MedVLMConfig(**{**preset["model"], **overrides}, text_config=text_config,
+                        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+
+
+def build_model(preset: dict, tokenizer, root: Path, images: list[str], progress: bool,
+                seed: int) -> tuple[MedVLMForConditionalGeneration, dict]:
+    """A fresh model from a preset; with `encoder_pretraining`, its slice encoder is pre-trained first."""
+    config = build_config(preset, tokenizer)
+    settings = preset.get("encoder_pretraining")
+    if not settings:
+        return MedVLMForConditionalGeneration(config), {}
+    from .encoder_pretraining import pretrain_encoder
+
+    encoder = pretrain_encoder(config, root, images, settings, preset.get("keep_fraction"), progress, seed)
+    if encoder.similarity_threshold is not None:
+        config = build_config(preset, tokenizer, similarity_threshold=encoder.similarity_threshold)
+    model = MedVLMForConditionalGeneration(config)
+    model.slice_encoder.load_state_dict(encoder.state_dict)
+    return model, encoder.summary
+
+
+def encode_conversation(tokenizer, messages: list[dict], image_token: str, num_visual_tokens: int,
+                        max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels for a conversation whose last turn is the assistant's answer.
+
+    The prompt is exactly what inference feeds (`prompt_text` with the generation prompt), so
+    labels are -100 on it and the answer tokens (with its end-of-turn token) are learned.
+    """
+    prompt = prompt_text(tokenizer, messages[:-1], image_token, num_visual_tokens, add_generation_prompt=True)
+    full = prompt_text(tokenizer, messages, image_token, num_visual_tokens, add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the answer in a way that changes the prompt")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False).input_ids
+    if len(prompt_ids) >= max_length:
+        raise ValueError(f"a prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}")
+    answer_ids = answer_ids[: max_length - len(prompt_ids)]
+    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+
+
+@dataclass
+class Collator:
+    """Samples → a padded batch: input_ids, attention_mask, labels (B, T) and the scans' cached features."""
+
+    tokenizer: object
+    cache: FeatureCache
+    image_token: str
+    num_visual_tokens: int
+    max_length: int
+
+    def __call__(self, samples: list[Sample]) -> dict:
+        encoded = [encode_conversation(self.tokenizer, s.messages, self.image_token, self.num_visual_tokens,
+                                       self.max_length) for s in samples]
+        length = max(len(ids) for ids, _ in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(samples), length), pad, dtype=torch.long)
+        labels = torch.full((len(samples), length), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+        for row, (ids, targets) in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(ids)] = torch.tensor(targets)
+            attention_mask[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "scans": [self.cache[s.image] for s in samples]}
+
+
+def set_trainable(model: MedVLMForConditionalGeneration, parts: list[str]) -> list[torch.nn.Parameter]:
+    """Freeze everything, then unfreeze the named parts; the slice encoder is never trained here."""
+    unknown = set(parts) - set(TRAINABLE_PARTS)
+    if unknown:
+        raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {sorted(TRAINABLE_PARTS)}")
+    model.requires_grad_(False)
+    for part in parts:
+        for module_name in TRAINABLE_PARTS[part]:
+            getattr(model, module_name).requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def validation_loss(model, loader, accelerator: Accelerator) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        loss = model(**batch).loss
+        total += accelerator.gather(loss.detach()[None]).sum().item()
+        count += accelerator.num_processes
+    model.train()
+    return total / max(count, 1)
+
+
+class MetricsLog:
+    """Training figures as CSV rows (stage, epoch, step, loss, lr, val_loss, seconds)."""
+
+    columns = ("stage", "epoch", "step", "loss", "lr", "val_loss", "seconds")
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and not path.exists():
+            with path.open("w", newline="") as handle:
+                csv.writer(handle).writerow(self.columns)
+
+    def write(self, **row) -> None:
+        if self.enabled:
+            with self.path.open("a", newline="") as handle:
+                csv.writer(handle).writerow([row.get(column, "") for column in self.columns])
+
+
+def run_stage(stage: dict, model, tokenizer, cache: FeatureCache, train_samples: list[Sample],
+              val_samples: list[Sample], preset: dict, accelerator: Accelerator, out: Path, log: MetricsLog,
+              seed: int) -> None:
+    """One training stage: its tasks, its trainable parts, AdamW + cosine schedule, a state per epoch."""
+    name = stage["name"]
+    state_dir = out / "state" / name
+    done_marker = state_dir / "done.json"
+    if done_marker.exists():
+        accelerator.print(f"stage {name}: already trained, skipping (resume)")
+        return
+    samples = [s for s in train_samples if s.task in stage["tasks"]]
+    validation = [s for s in val_samples if s.task in stage["tasks"]][:256]
+    collate = Collator(tokenizer, cache, model.config.image_token, model.config.num_visual_tokens,
+                       preset["max_length"])
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(samples, batch_size=stage["batch_size"], shuffle=True, collate_fn=collate,
+                        generator=generator, drop_last=len(samples) > stage["batch_size"])
+    val_loader = DataLoader(validation, batch_size=stage["batch_size"], collate_fn=collate)
+    parameters = set_trainable(model, stage["trainable"])
+    optimizer = torch.optim.AdamW(parameters, lr=stage["lr"], weight_decay=preset.get("weight_decay", 0.0))
+    total_steps = stage["epochs"] * math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(preset.get("warmup_ratio", 0.0) * total_steps),
+                                                total_steps)
+    wrapped, optimizer, loader, val_loader, scheduler = accelerator.prepare(model, optimizer, loader, val_loader,
+                                                                            scheduler)
+    first_epoch = 0
+    epochs_done = sorted(state_dir.glob("epoch-*"))
+    if epochs_done:
+        accelerator.load_state(epochs_done[-1])
+        first_epoch = int(epochs_done[-1].name.split("-")[1]) + 1
+        accelerator.print(f"stage {name}: resuming after epoch {first_epoch}")
+    start = time.perf_counter()
+    step = first_epoch * len(loader)
+    wrapped.train()
+    for epoch in range(first_epoch, stage["epochs"]):
+        progress = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{stage['epochs']}",
+                        disable=not accelerator.is_local_main_process)
+        for batch in progress:
+            with accelerator.accumulate(wrapped):
+                loss = wrapped(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(parameters, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            step += 1
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+            if step % 20 == 0:
+                log.write(stage=name, epoch=epoch, step=step, loss=round(loss.item(), 5),
+                          lr=scheduler.get_last_lr()[0], seconds=round(time.perf_counter() - start, 1))
+        val = validation_loss(wrapped, val_loader, accelerator) if validation else float("nan")
+        accelerator.print(f"stage {name} epoch {epoch + 1}: validation loss {val:.4f}")
+        log.write(stage=name, epoch=epoch, step=step, val_loss=round(val, 5),
+                  seconds=round(time.perf_counter() - start, 1))
+        accelerator.save_state(state_dir / f"epoch-{epoch:03d}")
+    if accelerator.is_main_process:
+        done_marker.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    accelerator.wait_for_everyone()
+
+
+def cache_features(model, samples: list[Sample], root: Path, folder: Path, accelerator: Accelerator) -> FeatureCache:
+    """The frozen-encoder cache for every scan the samples use, reused when it matches the encoder."""
+    from .features import encoder_fingerprint
+
+    fingerprint = encoder_fingerprint(model)
+    if (folder / "features.json").exists():
+        try:
+            return FeatureCache.load(folder, fingerprint)
+        except ValueError as stale:
+            accelerator.print(f"{stale}: re-encoding")
+    cache = FeatureCache.build(model, [s.image for s in samples], lambda image: load_volume(root / image),
+                               progress=accelerator.is_local_main_process)
+    if accelerator.is_main_process:
+        cache.save(folder)
+    return cache
+
+
+def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, work: str | Path | None = None) -> Path:
+    """Train a checkpoint from a preset on an M3D-format data folder; returns the checkpoint folder.
+
+    `work` (default: OUT-training beside OUT) keeps the feature cache, resumable states and
+    metrics.csv; the checkpoint folder receives only what is published.
+    """
+    preset = load_preset(preset_name)
+    root, out = Path(data), Path(out)
+    work = Path(work) if work else out.with_name(out.name + "-training")
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator()
+    set_seed(seed)
+    random.seed(seed)
+    started = time.perf_counter()
+    train_samples = read_samples(root, "train")
+    val_samples = read_samples(root, "validation")
+    if not train_samples:
+        raise ValueError(f"{root} holds no training samples (M3D_Cap.json / M3D_VQA_train.csv)")
+    tokenizer = build_tokenizer(preset, train_samples)
+    images = sorted({s.image for s in train_samples})
+    model, encoder_summary = build_model(preset, tokenizer, root, images, accelerator.is_local_main_process, seed)
+    cache = cache_features(model, train_samples + val_samples, root, work / "features", accelerator)
+    log = MetricsLog(work / "metrics.csv", accelerator.is_main_process)
+    for stage in preset["stages"]:
+        run_stage(stage, model, tokenizer, cache, train_samples, val_samples, preset, accelerator, work, log, seed)
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(model)
+        model.requires_grad_(False)
+        model.to(getattr(torch, preset.get("save_dtype", "float32"))).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "training.json").write_text(json.dumps({
+            "preset": preset_name, "data": str(root), "seed": seed,
+            "train_samples": len(train_samples), "train_scans": len(images), "encoder_pretraining": encoder_summary,
+            "wall_seconds": round(time.perf_counter() - started, 1),
+        }, indent=2))
+    accelerator.wait_for_everyone()
+    return out
