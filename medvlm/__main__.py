@@ -86,6 +86,31 @@ def cmd_ask(args: argparse.Namespace) -> None:
     _stream(pipeline.chat(volume, messages, **_generation_settings(args)))
 
 
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def cmd_phantom(args: argparse.Namespace) -> None:
+    from .phantom import write_phantom_set
+
+    summary = write_phantom_set(args.out, n=args.n, seed=args.seed, modalities=tuple(_csv(args.modality)),
+                                formats=tuple(_csv(args.format)), split=args.split)
+    print(json.dumps(summary))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    print(train(args.preset, args.data, args.out, seed=args.seed, work=args.work))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+
+    results = evaluate(args.checkpoint, args.data, split=args.split, limit=args.limit, device=args.device)
+    print(json.dumps(results, indent=2 if args.pretty else None))
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint folder or Hugging Face Hub repo id (default: the demo checkpoint)")
@@ -121,6 +146,33 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("scan_and_question", nargs="+", metavar="SCAN... QUESTION")
     _add_model_options(ask)
     ask.set_defaults(run=cmd_ask)
+
+    phantom = commands.add_parser("phantom", help="write synthetic phantoms with reports, VQA and ground truth")
+    phantom.add_argument("out", help="folder to write (M3D layout)")
+    phantom.add_argument("--n", type=int, required=True, help="number of volumes")
+    phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument("--modality", default="ct,mr,pt", help="comma-separated: ct, mr, pt")
+    phantom.add_argument("--format", default="npy", help="comma-separated: npy, nifti, dicom (first is used "
+                                                         "in the JSON and CSVs)")
+    phantom.add_argument("--split", default=None, help="put every volume in this split (train, validation, test)")
+    phantom.set_defaults(run=cmd_phantom)
+
+    train = commands.add_parser("train", help="train a checkpoint with accelerate from a preset")
+    train.add_argument("--preset", default="demo", help="a preset name from medvlm/presets or a JSON file")
+    train.add_argument("--data", required=True, help="M3D-format data folder (phantoms or M3D-Cap / M3D-VQA)")
+    train.add_argument("--out", required=True, help="checkpoint folder to write")
+    train.add_argument("--work", default=None, help="feature cache, resumable state, metrics (default: OUT-training)")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=cmd_train)
+
+    evaluation = commands.add_parser("eval", help="score a checkpoint as M3D's benchmark does; prints JSON")
+    evaluation.add_argument("--checkpoint", default=None, help="folder or Hub repo id (default: the demo checkpoint)")
+    evaluation.add_argument("--data", required=True, help="M3D-format data folder")
+    evaluation.add_argument("--split", default="test")
+    evaluation.add_argument("--limit", type=int, default=None, help="score only the first N scans")
+    evaluation.add_argument("--device", default=None)
+    evaluation.add_argument("--pretty", action="store_true", help="indent the JSON")
+    evaluation.set_defaults(run=cmd_eval)
     return parser
 
 

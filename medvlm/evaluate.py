@@ -1,0 +1,97 @@
+"""`python -m medvlm eval`: score a checkpoint on an M3D-format split the way M3D's benchmark does.
+
+Greedy decoding, at most 256 new tokens. Reports: BLEU-1, ROUGE-1, METEOR, BERTScore F1; closed
+VQA: a hit when "<letter>." occurs in the answer; open VQA: BLEU-1 / ROUGE-1 / METEOR. With a
+phantom ground truth beside the data, also finding-level precision / recall / F1 and size error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .data import Sample
+from .metrics import closed_accuracy, finding_metrics, open_metrics, report_metrics
+from .pipeline import Pipeline
+from .volume import load_volume
+
+GROUND_TRUTH = "ground_truth.json"
+M3D_MAX_NEW_TOKENS = 256
+
+
+def generate_answers(pipeline: Pipeline, root: Path, samples: list[Sample], max_new_tokens: int,
+                     progress: bool = True) -> list[str]:
+    """The model's greedy answer to each sample's prompt, each scan loaded and encoded once."""
+    by_image: dict[str, list[int]] = defaultdict(list)
+    for index, sample in enumerate(samples):
+        by_image[sample.image].append(index)
+    answers = [""] * len(samples)
+    with tqdm(total=len(samples), desc="generating", disable=not progress, unit="answer") as bar:
+        for image, indices in by_image.items():
+            volume = load_volume(root / image)
+            for index in indices:
+                prompt = samples[index].messages[:-1]
+                answers[index] = "".join(pipeline.chat(volume, prompt, max_new_tokens=max_new_tokens)).strip()
+                bar.update()
+            pipeline.forget(volume)
+    return answers
+
+
+def _phantom_findings(root: Path, images: list[str]) -> dict | None:
+    path = root / GROUND_TRUTH
+    if not path.exists():
+        return None
+    from .phantom import findings_from_ground_truth
+
+    truth = json.loads(path.read_text())
+    return {image: findings_from_ground_truth(truth[image]) for image in images if image in truth}
+
+
+def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test", limit: int | None = None,
+             max_new_tokens: int = M3D_MAX_NEW_TOKENS, device: str | None = None, progress: bool = True) -> dict:
+    """Score a checkpoint on `split` of `data`; `limit` keeps the first N scans. One JSON-ready dict."""
+    from .train import read_samples
+
+    root = Path(data)
+    samples = read_samples(root, split)
+    if not samples:
+        raise ValueError(f"{root} holds no {split} samples (M3D_Cap.json / M3D_VQA CSVs)")
+    images = list(dict.fromkeys(s.image for s in samples))[:limit]
+    keep = set(images)
+    samples = [s for s in samples if s.image in keep]
+    pipeline = Pipeline.from_pretrained(checkpoint, device=device)
+    started = time.perf_counter()
+    answers = generate_answers(pipeline, root, samples, max_new_tokens, progress)
+    by_task: dict[str, list[tuple[Sample, str]]] = defaultdict(list)
+    for sample, answer in zip(samples, answers, strict=True):
+        by_task[sample.task].append((sample, answer))
+
+    results: dict = {"checkpoint": pipeline.describe()["checkpoint"], "split": split, "n": len(images),
+                     "samples": len(samples)}
+    notes: dict[str, str] = {}
+    reports = by_task.get("report", [])
+    report_scores = report_metrics([a for _, a in reports], [s.messages[-1]["content"] for s, _ in reports])
+    notes |= {f"report_{k}": v for k, v in report_scores.pop("notes", {}).items()}
+    results |= {f"report_{name}": value for name, value in report_scores.items()}
+    closed = by_task.get("vqa_closed", [])
+    results["closed_accuracy"] = closed_accuracy([a for _, a in closed], [s.answer_choice for s, _ in closed]) \
+        if closed else None
+    opened = by_task.get("vqa_open", [])
+    open_scores = open_metrics([a for _, a in opened], [s.messages[-1]["content"] for s, _ in opened])
+    notes |= {f"open_{k}": v for k, v in open_scores.pop("notes", {}).items()}
+    results |= {f"open_{name}": value for name, value in open_scores.items()}
+
+    truth = _phantom_findings(root, images)
+    if truth is not None:
+        from .phantom import parse_findings
+
+        predicted = {s.image: a for s, a in reports}
+        scored = [image for image in images if image in truth and image in predicted]
+        results |= finding_metrics([predicted[i] for i in scored], [truth[i] for i in scored], parse_findings)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["notes"] = notes
+    return results
