@@ -1,0 +1,160 @@
+"""M3D-Cap and M3D-VQA readers (DESIGN section 7): one code path for the phantoms and the real data.
+
+    root/M3D_Cap.json                    {"train"|"validation"|"test": [{"image": REL.npy, "text": REL.txt}]}
+    root/M3D_VQA_{train,val,test}.csv    Image Path, Text, Question Type, Question, Choice A..D, Answer, Answer Choice
+
+Every sample is a two-turn chat (user prompt, assistant reference) about one scan, with image
+paths relative to `root`. `build_labels` turns a chat into token ids and training labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from .prompt import prompt_text
+
+REPORT_PROMPT = "Write a radiology report for this scan."  # the prompt used at inference and evaluation
+REPORT_PROMPTS = (  # paraphrases for training variety; REPORT_PROMPT first
+    REPORT_PROMPT,
+    "Describe the findings of this scan.",
+    "Please write the findings for this medical image.",
+    "What are the findings in this volume? Write a report.",
+    "Generate a findings report for this examination.",
+)
+CAP_FILE = "M3D_Cap.json"
+VQA_FILES = {"train": "M3D_VQA_train.csv", "validation": "M3D_VQA_val.csv", "test": "M3D_VQA_test.csv"}
+VQA_COLUMNS = ("Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C", "Choice D",
+               "Answer", "Answer Choice")
+QUESTION_TYPES = {1: "plane", 2: "phase", 3: "organ", 4: "abnormality", 5: "location"}
+CHOICE_LETTERS = ("A", "B", "C", "D")
+IGNORE_INDEX = -100  # label value the loss skips
+
+
+@dataclass
+class Sample:
+    """One chat about one scan: the user's prompt and the reference answer."""
+
+    image: str  # path of the .npy volume relative to the data root
+    messages: list[dict]  # [{"role": "user", "content": prompt}, {"role": "assistant", "content": reference}]
+    task: str  # "report" | "vqa_closed" | "vqa_open"
+    question_type: int | None = None  # M3D-VQA type 1..5 (QUESTION_TYPES); None for reports
+    answer_choice: str | None = None  # "A".."D" for closed-ended questions, else None
+
+
+def _check_split(split: str) -> None:
+    if split not in VQA_FILES:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(VQA_FILES)}")
+
+
+def _chat(prompt: str, reference: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reference}]
+
+
+def read_m3d_cap(root: str | Path, split: str, prompts: tuple[str, ...] = (REPORT_PROMPT,)) -> list[Sample]:
+    """Report samples of `split` from root/M3D_Cap.json; each reference is the item's .txt file, stripped.
+
+    With several `prompts`, item i gets prompts[i % len(prompts)] (deterministic variety for training).
+    """
+    _check_split(split)
+    root = Path(root)
+    path = root / CAP_FILE
+    if not path.is_file():
+        raise ValueError(f"no {CAP_FILE} in {root}; point to a folder in the M3D-Cap layout")
+    table = json.loads(path.read_text())
+    if not isinstance(table, dict) or split not in table:
+        raise ValueError(f"{path} has no {split!r} list; M3D-Cap needs keys train, validation and test")
+    samples = []
+    for index, item in enumerate(table[split]):
+        if not {"image", "text"} <= set(item):
+            raise ValueError(f"item {index} of {split!r} in {path} lacks 'image' or 'text'; both are required")
+        report = (root / item["text"]).read_text(encoding="utf-8").strip()
+        samples.append(Sample(item["image"], _chat(prompts[index % len(prompts)], report), "report"))
+    return samples
+
+
+def closed_prompt(row: dict) -> str:
+    """M3D's closed-ended prompt: "<question> Choices: A. <a> B. <b> C. <c> D. <d>"."""
+    choices = " ".join(f"{letter}. {row[f'Choice {letter}']}" for letter in CHOICE_LETTERS)
+    return f"{row['Question']} Choices: {choices}"
+
+
+def read_m3d_vqa(root: str | Path, split: str, closed: bool = True, open: bool = True) -> list[Sample]:
+    """VQA samples of `split` from root/M3D_VQA_{train,val,test}.csv: closed-ended and/or open-ended per row.
+
+    Closed: prompt `closed_prompt(row)`, reference "<letter>. <answer>"; open: the question, the answer.
+    """
+    _check_split(split)
+    path = Path(root) / VQA_FILES[split]
+    if not path.is_file():
+        raise ValueError(f"no {VQA_FILES[split]} in {root}; point to a folder in the M3D-VQA layout")
+    samples = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in VQA_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} lacks the M3D-VQA columns {missing}; expected {', '.join(VQA_COLUMNS)}")
+        for row in reader:
+            question_type = int(row["Question Type"])
+            letter = row["Answer Choice"].strip()
+            if closed:
+                samples.append(Sample(row["Image Path"], _chat(closed_prompt(row), f"{letter}. {row['Answer']}"),
+                                      "vqa_closed", question_type, letter))
+            if open:
+                samples.append(Sample(row["Image Path"], _chat(row["Question"], row["Answer"]), "vqa_open",
+                                      question_type))
+    return samples
+
+
+def load_m3d_image(root: str | Path, rel: str) -> np.ndarray:
+    """An M3D .npy volume (1, Z, Y, X) in [0, 1] as a float32 array (Z, Y, X)."""
+    volume = np.load(Path(root) / rel, allow_pickle=False).astype(np.float32, copy=False)
+    return volume[0] if volume.ndim == 4 and volume.shape[0] == 1 else volume
+
+
+class M3DDataset(Dataset):
+    """Samples as dicts {"image", "messages", "task"}.
+
+    "image" is `image_loader(root, sample.image)` (default: the (Z, Y, X) array), or, with
+    `image_loader=None`, the relative path itself, the key of a cache of precomputed features.
+    """
+
+    def __init__(self, samples: list[Sample], root: str | Path,
+                 image_loader: Callable[[Path, str], Any] | None = load_m3d_image):
+        self.samples, self.root, self.image_loader = samples, Path(root), image_loader
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        image = sample.image if self.image_loader is None else self.image_loader(self.root, sample.image)
+        return {"image": image, "messages": sample.messages, "task": sample.task}
+
+
+def build_labels(tokenizer, messages: list[dict], image_token: str, num_image_tokens: int,
+                 max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels for a chat whose last turn is the assistant's answer.
+
+    The prompt is the chat template with the generation prompt (exactly what inference feeds),
+    the image placeholder at the start of the first user turn expanded to `num_image_tokens`
+    copies; labels are IGNORE_INDEX on it and the answer tokens (with its end-of-turn token) are
+    learned. The answer is cut so the whole fits `max_length` tokens.
+    """
+    prompt = prompt_text(tokenizer, messages[:-1], image_token, num_image_tokens, add_generation_prompt=True)
+    full = prompt_text(tokenizer, messages, image_token, num_image_tokens, add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the answer in a way that changes the prompt; fix the template")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False).input_ids
+    if len(prompt_ids) >= max_length:
+        raise ValueError(f"a prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}; raise it")
+    answer_ids = answer_ids[: max_length - len(prompt_ids)]
+    return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids

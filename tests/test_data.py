@@ -1,0 +1,116 @@
+"""M3D-Cap / M3D-VQA readers on a tiny folder written in the published layout, and label building."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from medvlm.data import (
+    IGNORE_INDEX,
+    REPORT_PROMPT,
+    REPORT_PROMPTS,
+    VQA_COLUMNS,
+    M3DDataset,
+    build_labels,
+    load_m3d_image,
+    read_m3d_cap,
+    read_m3d_vqa,
+)
+
+VQA_ROW = {"Image Path": "ct/0001.npy", "Text": "A 12 mm nodule in the right lung.", "Question Type": "3",
+           "Question": "Which organ shows an abnormality?", "Choice A": "liver", "Choice B": "lung",
+           "Choice C": "kidney", "Choice D": "spleen", "Answer": "lung", "Answer Choice": "B"}
+
+
+@pytest.fixture
+def m3d_root(tmp_path):
+    """A folder in M3D's layout: one volume per split, its report, the Cap JSON and the VQA CSVs."""
+    (tmp_path / "ct").mkdir()
+    volume = np.linspace(0, 1, 2 * 4 * 4, dtype=np.float32).reshape(1, 2, 4, 4)
+    cap = {}
+    for split, name in (("train", "0001"), ("validation", "0002"), ("test", "0003")):
+        np.save(tmp_path / "ct" / f"{name}.npy", volume)
+        (tmp_path / "ct" / f"{name}.txt").write_text(f"Report {name}: no focal lesion.\n")
+        cap[split] = [{"image": f"ct/{name}.npy", "text": f"ct/{name}.txt"}]
+    (tmp_path / "M3D_Cap.json").write_text(json.dumps(cap))
+    for csv_split in ("train", "val", "test"):
+        with (tmp_path / f"M3D_VQA_{csv_split}.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=VQA_COLUMNS)
+            writer.writeheader()
+            writer.writerow(VQA_ROW)
+    return tmp_path
+
+
+def test_cap_reads_report_text_with_the_inference_prompt(m3d_root):
+    [sample] = read_m3d_cap(m3d_root, "validation")
+    assert sample.image == "ct/0002.npy" and sample.task == "report"
+    assert sample.messages == [{"role": "user", "content": REPORT_PROMPT},
+                               {"role": "assistant", "content": "Report 0002: no focal lesion."}]
+    assert REPORT_PROMPTS[0] == REPORT_PROMPT
+
+
+def test_vqa_closed_and_open_follow_m3d_prompts(m3d_root):
+    closed, opened = read_m3d_vqa(m3d_root, "validation")
+    assert closed.task == "vqa_closed" and closed.answer_choice == "B" and closed.question_type == 3
+    assert closed.messages[0]["content"] == ("Which organ shows an abnormality? "
+                                             "Choices: A. liver B. lung C. kidney D. spleen")
+    assert closed.messages[1]["content"] == "B. lung"
+    assert opened.task == "vqa_open" and opened.answer_choice is None
+    assert [m["content"] for m in opened.messages] == ["Which organ shows an abnormality?", "lung"]
+    assert [s.task for s in read_m3d_vqa(m3d_root, "test", open=False)] == ["vqa_closed"]
+
+
+def test_missing_file_and_wrong_columns_say_what_is_wrong(m3d_root, tmp_path_factory):
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(ValueError, match=r"M3D_Cap\.json"):
+        read_m3d_cap(empty, "train")
+    with pytest.raises(ValueError, match=r"M3D_VQA_val\.csv"):
+        read_m3d_vqa(empty, "validation")
+    (m3d_root / "M3D_VQA_train.csv").write_text("Image Path,Question\nct/0001.npy,What?\n")
+    with pytest.raises(ValueError, match="Answer Choice"):
+        read_m3d_vqa(m3d_root, "train")
+    with pytest.raises(ValueError, match="unknown split"):
+        read_m3d_cap(m3d_root, "val")
+
+
+def test_image_loads_as_zyx_float32_and_dataset_serves_arrays_or_cache_keys(m3d_root):
+    volume = load_m3d_image(m3d_root, "ct/0001.npy")
+    assert volume.shape == (2, 4, 4) and volume.dtype == np.float32 and volume.max() == 1.0
+    samples = read_m3d_cap(m3d_root, "train")
+    item = M3DDataset(samples, m3d_root)[0]
+    assert item["image"].shape == (2, 4, 4) and item["task"] == "report"
+    assert M3DDataset(samples, m3d_root, image_loader=None)[0]["image"] == "ct/0001.npy"
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with a chat template whose turns end with </s>, and an <image> token."""
+    words = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "user", "assistant", ":", "Which", "organ", "?", "B", ".",
+             "lung"]
+    model = models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>")
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    template = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                "{% if add_generation_prompt %}<s> assistant : {% endif %}")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
+                                   additional_special_tokens=["<s>", "<image>"], chat_template=template)
+
+
+def test_labels_cover_only_the_answer_and_its_end_of_turn():
+    tokenizer = tiny_tokenizer()
+    messages = [{"role": "user", "content": "Which organ ?"}, {"role": "assistant", "content": "B . lung"}]
+    input_ids, labels = build_labels(tokenizer, messages, "<image>", num_image_tokens=3, max_length=64)
+    tokens = tokenizer.convert_ids_to_tokens(input_ids)
+    assert tokens[:4] == ["<s>", "user", ":", "<image>"] and tokens.count("<image>") == 3
+    learned = [tokenizer.convert_ids_to_tokens(i) for i in labels if i != IGNORE_INDEX]
+    assert learned == ["B", ".", "lung", "</s>"]
+    assert len(input_ids) == len(labels) and "<unk>" not in tokens
+    short_ids, short_labels = build_labels(tokenizer, messages, "<image>", num_image_tokens=3,
+                                           max_length=len(tokens) - 2)
+    assert len(short_ids) == len(tokens) - 2 and [i for i in short_labels if i != IGNORE_INDEX] == labels[-4:-2]
+    with pytest.raises(ValueError, match="max_length"):
+        build_labels(tokenizer, messages, "<image>", num_image_tokens=3, max_length=5)
