@@ -26,10 +26,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, get_cosine_schedule_with_warmup
 
 from .configuration import MedVLMConfig
-from .data import Sample, read_m3d_cap, read_m3d_vqa
+from .data import CAP_FILE, REPORT_PROMPT, REPORT_PROMPTS, VQA_FILES, Sample, build_labels, read_m3d_cap, read_m3d_vqa
 from .features import FeatureCache
 from .modeling import MedVLMForConditionalGeneration
-from .prompt import prompt_text
 from .tokenizer import IMAGE_TOKEN, train_tokenizer
 from .volume import load_volume
 
@@ -53,10 +52,13 @@ def load_preset(name_or_path: str) -> dict:
     return json.loads(path.read_text())
 
 
-def read_samples(root: Path, split: str, tasks: list[str] | None = None) -> list[Sample]:
-    """Report and VQA samples of one split of an M3D-format data folder."""
-    samples = read_m3d_cap(root, split) + read_m3d_vqa(root, split)
-    return [s for s in samples if tasks is None or s.task in tasks]
+def read_samples(root: Path, split: str, prompts: tuple[str, ...] = (REPORT_PROMPT,)) -> list[Sample]:
+    """Report and VQA samples of one split of an M3D-format folder (M3D-Cap, M3D-VQA, or both)."""
+    root = Path(root)
+    if not (root / CAP_FILE).exists() and not (root / VQA_FILES[split]).exists():
+        raise ValueError(f"{root} holds neither {CAP_FILE} nor {VQA_FILES[split]}; point to an M3D-format folder")
+    samples = read_m3d_cap(root, split, prompts) if (root / CAP_FILE).exists() else []
+    return samples + (read_m3d_vqa(root, split) if (root / VQA_FILES[split]).exists() else [])
 
 
 def build_tokenizer(preset: dict, samples: list[Sample]):
@@ -94,25 +96,6 @@ def build_model(preset: dict, tokenizer, root: Path, images: list[str], progress
     return model, encoder.summary
 
 
-def encode_conversation(tokenizer, messages: list[dict], image_token: str, num_visual_tokens: int,
-                        max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels for a conversation whose last turn is the assistant's answer.
-
-    The prompt is exactly what inference feeds (`prompt_text` with the generation prompt), so
-    labels are -100 on it and the answer tokens (with its end-of-turn token) are learned.
-    """
-    prompt = prompt_text(tokenizer, messages[:-1], image_token, num_visual_tokens, add_generation_prompt=True)
-    full = prompt_text(tokenizer, messages, image_token, num_visual_tokens, add_generation_prompt=False)
-    if not full.startswith(prompt):
-        raise ValueError("the chat template renders the answer in a way that changes the prompt")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False).input_ids
-    if len(prompt_ids) >= max_length:
-        raise ValueError(f"a prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}")
-    answer_ids = answer_ids[: max_length - len(prompt_ids)]
-    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
-
-
 @dataclass
 class Collator:
     """Samples → a padded batch: input_ids, attention_mask, labels (B, T) and the scans' cached features."""
@@ -124,8 +107,8 @@ class Collator:
     max_length: int
 
     def __call__(self, samples: list[Sample]) -> dict:
-        encoded = [encode_conversation(self.tokenizer, s.messages, self.image_token, self.num_visual_tokens,
-                                       self.max_length) for s in samples]
+        encoded = [build_labels(self.tokenizer, s.messages, self.image_token, self.num_visual_tokens,
+                                self.max_length) for s in samples]
         length = max(len(ids) for ids, _ in encoded)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(samples), length), pad, dtype=torch.long)
@@ -273,7 +256,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     set_seed(seed)
     random.seed(seed)
     started = time.perf_counter()
-    train_samples = read_samples(root, "train")
+    train_samples = read_samples(root, "train", prompts=REPORT_PROMPTS)
     val_samples = read_samples(root, "validation")
     if not train_samples:
         raise ValueError(f"{root} holds no training samples (M3D_Cap.json / M3D_VQA_train.csv)")
