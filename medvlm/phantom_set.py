@@ -1,0 +1,143 @@
+"""`python -m medvlm phantom`: a folder of phantoms in the M3D layout (DESIGN section 7).
+
+    OUT/<modality>/phantom_<index>.npy   M3D volume (1, Z, Y, X) in [0, 1] (when "npy" is a format)
+    OUT/<modality>/phantom_<index>.nii.gz / phantom_<index>_dicom/   (when asked)
+    OUT/<modality>/phantom_<index>.txt   findings report
+    OUT/M3D_Cap.json, OUT/M3D_VQA_{train,val,test}.csv, OUT/ground_truth.json
+
+The first format names the image in the JSON, the CSVs and the ground truth, whose lesion
+`center_voxel` is given on that file's canonical grid (for .npy: the resized M3D grid, whose real
+spacing in mm is the entry's `spacing`, although `load_volume` takes .npy voxels as 1 mm).
+M3D .npy intensities: CT is the mean of the lung (W1500/L-600) and soft-tissue (W400/L40) windows
+so that both ground-glass nodules and hypodense liver lesions stay visible; MR and PET use the
+robust 0.5–99.5 percentile range; then min-max scaled to [0, 1]; no foreground crop.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .phantom import Phantom, make_phantom
+from .phantom_text import VQA_COLUMNS
+
+SPLITS = ("train", "validation", "test")
+VQA_FILES = {"train": "M3D_VQA_train.csv", "validation": "M3D_VQA_val.csv", "test": "M3D_VQA_test.csv"}
+FORMATS = ("npy", "nifti", "dicom")
+M3D_SHAPE = (32, 256, 256)
+LUNG_WINDOW, SOFT_TISSUE_WINDOW = (-1350.0, 150.0), (-160.0, 240.0)  # (low, high) HU
+DICOM_RESCALE = {"CT": (1.0, -1024.0), "MR": (1.0, 0.0), "PT": (0.001, 0.0)}  # (slope, intercept)
+
+
+def m3d_intensities(phantom: Phantom) -> np.ndarray:
+    """The phantom's data windowed and min-max scaled to [0, 1], same shape (Z, Y, X)."""
+    data = phantom.data
+    if phantom.modality == "CT":
+        unit = sum(np.clip((data - low) / (high - low), 0, 1) for low, high in (LUNG_WINDOW, SOFT_TISSUE_WINDOW)) / 2
+    else:
+        low, high = np.percentile(data[::2, ::2, ::2], [0.5, 99.5])
+        unit = np.clip((data - low) / max(high - low, 1e-6), 0, 1)
+    low, high = float(unit.min()), float(unit.max())
+    return ((unit - low) / max(high - low, 1e-6)).astype(np.float32)
+
+
+def to_m3d(phantom: Phantom, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """M3D volume (Z', Y', X') in [0, 1] resized to `shape`, and the per-axis zoom factors new/old."""
+    factors = np.asarray(shape, dtype=float) / np.asarray(phantom.data.shape)
+    resized = ndimage.zoom(m3d_intensities(phantom), factors, order=1, grid_mode=True, mode="nearest")
+    return np.clip(resized, 0, 1).astype(np.float32), factors
+
+
+def _lesion_truth(phantom: Phantom, factors: np.ndarray | None) -> list[dict]:
+    """Ground-truth lesion dicts; with zoom `factors`, `center_voxel` moves to the resized grid."""
+    lesions = []
+    for lesion in phantom.lesion_dicts():
+        lesion["source_center_voxel"] = lesion["center_voxel"]
+        if factors is not None:
+            resized = (np.asarray(lesion["center_voxel"]) + 0.5) * factors - 0.5
+            lesion["center_voxel"] = [float(c) for c in resized]
+        lesions.append(lesion)
+    return lesions
+
+
+def _write_volume(phantom: Phantom, stem: Path, fmt: str, npy_shape: tuple[int, int, int]) -> tuple[str, dict]:
+    """Write one format; return its file suffix and the ground-truth grid facts for that file."""
+    from .writers import save_dicom_series, save_nifti, save_npy
+
+    if fmt == "npy":
+        volume, factors = to_m3d(phantom, npy_shape)
+        save_npy(stem.with_suffix(".npy"), volume)
+        spacing = [float(s / f) for s, f in zip(phantom.spacing, factors, strict=True)]
+        return ".npy", {"shape": list(volume.shape), "spacing": spacing, "lesions": _lesion_truth(phantom, factors)}
+    if fmt == "nifti":
+        save_nifti(stem.with_name(stem.name + ".nii.gz"), phantom.data, phantom.spacing, phantom.orientation,
+                   modality=phantom.modality)
+        suffix = ".nii.gz"
+    elif fmt == "dicom":
+        slope, intercept = DICOM_RESCALE[phantom.modality]
+        save_dicom_series(stem.with_name(stem.name + "_dicom"), phantom.data, phantom.spacing, phantom.modality,
+                          series_description=f"phantom {phantom.phase}", slope=slope, intercept=intercept)
+        suffix = "_dicom"
+    else:
+        raise ValueError(f"unknown phantom format {fmt!r}; use one of {', '.join(FORMATS)}")
+    return suffix, {"shape": list(phantom.data.shape), "spacing": list(phantom.spacing),
+                    "lesions": _lesion_truth(phantom, None)}
+
+
+def assign_splits(n: int, seed: int, split: str | None, fractions: tuple[float, float] = (0.8, 0.1)) -> list[str]:
+    """Split name per volume index: all `split`, or shuffled train/validation/test by `fractions`."""
+    if split is not None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        return [split] * n
+    order = np.random.default_rng([seed, 7919]).permutation(n)
+    n_val = max(round(n * fractions[1]), 1 if n >= 3 else 0)  # from 3 volumes on, no split is empty
+    n_train = min(round(n * fractions[0]), n - n_val - (1 if n >= 3 else 0))
+    names = ["train"] * n_train + ["validation"] * n_val + ["test"] * (n - n_train - n_val)
+    return [names[rank] for rank in np.argsort(order)]
+
+
+def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[str, ...] = ("ct", "mr", "pt"),
+                      formats: tuple[str, ...] = ("npy",), split: str | None = None, *,
+                      npy_shape: tuple[int, int, int] = M3D_SHAPE, matrix: int | None = None) -> dict:
+    """Write `n` phantoms (modalities in turn) with reports, M3D-Cap JSON, M3D-VQA CSVs and ground truth.
+
+    Volume i is `make_phantom([seed, i], modality, matrix=matrix)`. npy_shape: (Z, Y, X) of the M3D
+    arrays, e.g. (32, 96, 96) for fast training. Returns a summary: out, n, per-split counts, files.
+    """
+    if n < 1:
+        raise ValueError(f"cannot write {n} phantoms; ask for at least 1")
+    bad = [f for f in formats if f not in FORMATS] + [m for m in modalities if m.lower() not in ("ct", "mr", "pt")]
+    if bad or not formats or not modalities:
+        raise ValueError(f"unknown or missing phantom format/modality {bad}; formats {FORMATS}, modalities ct, mr, pt")
+    out = Path(out_dir)
+    splits = assign_splits(n, seed, split)
+    captions: dict[str, list] = {name: [] for name in SPLITS}
+    vqa_rows: dict[str, list] = {name: [] for name in SPLITS}
+    ground_truth = {}
+    for index in range(n):
+        modality = modalities[index % len(modalities)].lower()
+        phantom = make_phantom([seed, index], modality, matrix=matrix)
+        rel = f"{modality}/phantom_{index:05d}"
+        (out / modality).mkdir(parents=True, exist_ok=True)
+        written = [_write_volume(phantom, out / rel, fmt, npy_shape) for fmt in formats]
+        image = rel + written[0][0]
+        (out / f"{rel}.txt").write_text(phantom.report + "\n")
+        captions[splits[index]].append({"image": image, "text": f"{rel}.txt"})
+        vqa_rows[splits[index]] += phantom.vqa(image, np.random.default_rng([seed, index, 1]))
+        ground_truth[image] = {"modality": phantom.modality, "phase": phantom.phase,
+                               "orientation": phantom.orientation, "source_shape": list(phantom.data.shape),
+                               "source_spacing": list(phantom.spacing), **written[0][1]}
+    (out / "M3D_Cap.json").write_text(json.dumps(captions, indent=1))
+    for name, rows in vqa_rows.items():
+        with open(out / VQA_FILES[name], "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=VQA_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    (out / "ground_truth.json").write_text(json.dumps(ground_truth, indent=1))
+    return {"out": str(out), "n": n, "splits": {name: len(items) for name, items in captions.items()},
+            "vqa_rows": sum(len(rows) for rows in vqa_rows.values()), "formats": list(formats)}
