@@ -18,12 +18,15 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
-from .phantom import Phantom, make_phantom
 from .phantom_text import VQA_COLUMNS
+
+if TYPE_CHECKING:  # phantom.py re-exports write_phantom_set, so it is imported lazily here
+    from .phantom import Phantom
 
 SPLITS = ("train", "validation", "test")
 VQA_FILES = {"train": "M3D_VQA_train.csv", "validation": "M3D_VQA_val.csv", "test": "M3D_VQA_test.csv"}
@@ -109,6 +112,8 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
     Volume i is `make_phantom([seed, i], modality, matrix=matrix)`. npy_shape: (Z, Y, X) of the M3D
     arrays, e.g. (32, 96, 96) for fast training. Returns a summary: out, n, per-split counts, files.
     """
+    from .phantom import make_phantom
+
     if n < 1:
         raise ValueError(f"cannot write {n} phantoms; ask for at least 1")
     bad = [f for f in formats if f not in FORMATS] + [m for m in modalities if m.lower() not in ("ct", "mr", "pt")]
