@@ -1,0 +1,102 @@
+"""Slice images as a radiology viewer shows them: radiological convention, spacing-correct aspect ratio.
+
+Axial: the patient's right on the image's left, anterior at the top. Coronal: superior at the top, the
+patient's right on the left. Sagittal: superior at the top, anterior on the left. A slice index counts
+along the canonical axis of `Volume.data`: axial from inferior, coronal from posterior, sagittal from the
+patient's left.
+"""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import UserInputError
+from .limits import MAX_SIDE
+from .preprocess import AUTO_WINDOW, apply_window, default_window, to_uint8, window_names, window_range
+from .volume import Volume
+
+__all__ = ["PLANES", "render_slice", "save_png", "slice_count"]
+
+PLANES = ("axial", "coronal", "sagittal")
+_PLANE_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}  # the axis of data (Z, Y, X) each plane steps along
+_AUTO_RANGES: dict[int, tuple[float, float]] = {}  # id(volume) → its "auto" range, dropped when the volume is freed
+
+
+def _check_plane(plane: str) -> int:
+    if plane not in _PLANE_AXIS:
+        raise UserInputError(f"unknown plane {plane!r}; choose one of {', '.join(PLANES)}")
+    return _PLANE_AXIS[plane]
+
+
+def slice_count(volume: Volume, plane: str) -> int:
+    """How many slices the volume has in a plane (axial: Z, coronal: Y, sagittal: X)."""
+    return volume.data.shape[_check_plane(plane)]
+
+
+def _window_limits(volume: Volume, window: str) -> tuple[float, float]:
+    """`preprocess.window_range`, with the whole-volume "auto" percentiles computed once per volume,
+    so that scrolling stays fast (volumes are not modified after loading)."""
+    if window != AUTO_WINDOW:
+        return window_range(volume, window)
+    key = id(volume)
+    if key not in _AUTO_RANGES:
+        _AUTO_RANGES[key] = window_range(volume, window)
+        weakref.finalize(volume, _AUTO_RANGES.pop, key, None)
+    return _AUTO_RANGES[key]
+
+
+def _display_slice(volume: Volume, plane: str, index: int) -> tuple[np.ndarray, float, float]:
+    """One slice in display orientation (a view, not a copy) and its (row, column) pixel size in mm."""
+    data, (dz, dy, dx) = volume.data, volume.spacing
+    if plane == "axial":  # (Y, X): anterior (high y) at the top, the patient's right (high x) on the left
+        return data[index, ::-1, ::-1], dy, dx
+    if plane == "coronal":  # (Z, X): superior (high z) at the top, the patient's right on the left
+        return data[::-1, index, ::-1], dz, dx
+    return data[::-1, :, index][:, ::-1], dz, dy  # sagittal (Z, Y): superior at the top, anterior on the left
+
+
+def _square_pixels(image: np.ndarray, row_mm: float, column_mm: float) -> np.ndarray:
+    """Stretch the axis with the larger pixel size so one pixel is square in mm (at most MAX_SIDE a side)."""
+    rows, columns = image.shape
+    height, width = rows * row_mm, columns * column_mm
+    scale = 1.0 / min(row_mm, column_mm)
+    scale = min(scale, MAX_SIDE / max(height, width)) if max(height, width) * scale > MAX_SIDE else scale
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL: (width, height)
+    if size == (columns, rows):
+        return image
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+
+def render_slice(volume: Volume, plane: str, index: int | None = None, window: str | None = None) -> np.ndarray:
+    """One slice as a uint8 (H, W) grey image, radiological convention, square pixels in mm.
+
+    plane: "axial", "coronal" or "sagittal"; index: slice along that plane's axis (None: the middle one);
+    window: a preset of `preprocess.window_names(volume.modality)` (None: the modality's default).
+    Raises UserInputError for an unknown plane or window, or an index out of range.
+    """
+    count = slice_count(volume, plane)
+    index = count // 2 if index is None else index
+    if not 0 <= index < count:
+        raise UserInputError(f"slice index {index} is out of range; the {plane} plane has slices 0 to {count - 1}")
+    window = default_window(volume.modality) if window is None else window
+    offered = window_names(volume.modality)
+    if window not in offered:
+        raise UserInputError(f"unknown window {window!r} for a {volume.modality} scan; choose one of "
+                             f"{', '.join(offered)}")
+    lo, hi = _window_limits(volume, window)
+    image, row_mm, column_mm = _display_slice(volume, plane, index)
+    return _square_pixels(to_uint8(apply_window(image, lo, hi)), row_mm, column_mm)
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write a uint8 (H, W) grey image as PNG; a folder that does not exist is a user error."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserInputError(f"cannot write {path}: folder {path.parent} does not exist; create it or choose "
+                             "another --out")
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path, format="PNG")
+    return path
