@@ -87,6 +87,7 @@ class Phantom:
     report: str
     labels: np.ndarray = field(repr=False)  # (Z, Y, X) uint8 organ labels (CT/PET) or brain mask (MR)
     label_names: dict[int, str] = field(default_factory=dict)
+    noise_sd: float = 0.0  # Gaussian noise s.d.: HU (CT), scaled units (MR), fraction of the value (PET)
 
     def lesion_dicts(self) -> list[dict]:
         return [asdict(lesion) for lesion in self.lesions]
@@ -289,10 +290,12 @@ def make_ct(rng: np.random.Generator, matrix: int | None = None) -> Phantom:
     count = int(rng.integers(0, 4))
     choices = [CT_LESION_CHOICES[i] for i in rng.integers(len(CT_LESION_CHOICES), size=count)]
     lesions = _insert_body_lesions(values, labels, grid, choices, lambda kind, _: CT_LESION_VALUE[kind], rng)
-    values += rng.standard_normal(values.shape, dtype=np.float32) * np.float32(rng.uniform(5, 25))
+    noise_sd = float(rng.uniform(5, 25))
+    values += rng.standard_normal(values.shape, dtype=np.float32) * np.float32(noise_sd)
     report = write_report("CT", phase, [asdict(lesion) for lesion in lesions], rng)
     names = {label: name for label, (name, _) in CT_TISSUES.items()}
-    return Phantom(values, grid.spacing, "CT", phase, str(rng.choice(ORIENTATIONS)), lesions, report, labels, names)
+    return Phantom(values, grid.spacing, "CT", phase, str(rng.choice(ORIENTATIONS)), lesions, report, labels, names,
+                   noise_sd)
 
 
 def make_pet(rng: np.random.Generator, matrix: int | None = None) -> Phantom:
@@ -310,10 +313,12 @@ def make_pet(rng: np.random.Generator, matrix: int | None = None) -> Phantom:
     sites = ("lung", "liver", "lymph node")
     choices = [(sites[i], "hypermetabolic focus") for i in rng.integers(len(sites), size=count)]
     lesions = _insert_body_lesions(values, labels, grid, choices, lambda *_: round(float(rng.uniform(4, 15)), 1), rng)
-    values *= 1 + rng.standard_normal(values.shape, dtype=np.float32) * np.float32(rng.uniform(0.05, 0.15))
+    noise_sd = float(rng.uniform(0.05, 0.15))  # relative: counting noise grows with activity
+    values *= 1 + rng.standard_normal(values.shape, dtype=np.float32) * np.float32(noise_sd)
     np.maximum(values, 0, out=values)
     report = write_report("PT", "PET", [asdict(lesion) for lesion in lesions], rng)
-    return Phantom(values, grid.spacing, "PT", "PET", str(rng.choice(ORIENTATIONS)), lesions, report, labels, names)
+    return Phantom(values, grid.spacing, "PT", "PET", str(rng.choice(ORIENTATIONS)), lesions, report, labels, names,
+                   noise_sd)
 
 
 def _mni_lobe(x: float, y: float, z: float) -> str:
@@ -381,13 +386,14 @@ def make_mr(rng: np.random.Generator, matrix: int | None = None) -> Phantom:
                               tuple(float(c) for c in center), tuple(float(c) for c in center * np.asarray(spacing)),
                               value))
     intensity_scale = np.float32(rng.uniform(0.5, 10.0))
-    image = image + rng.standard_normal(shape, dtype=np.float32) * np.float32(rng.uniform(0.01, 0.04) * bright)
+    noise_sd = float(rng.uniform(0.01, 0.04) * bright)
+    image = image + rng.standard_normal(shape, dtype=np.float32) * np.float32(noise_sd)
     image *= intensity_scale
     for lesion in lesions:
         lesion.value *= float(intensity_scale)
     report = write_report("MR", sequence, [asdict(lesion) for lesion in lesions], rng)
     return Phantom(image.astype(np.float32), spacing, "MR", sequence, str(rng.choice(ORIENTATIONS)), lesions, report,
-                   brain.astype(np.uint8), {0: "background", 1: "brain"})
+                   brain.astype(np.uint8), {0: "background", 1: "brain"}, noise_sd * float(intensity_scale))
 
 
 MAKERS = {"ct": make_ct, "mr": make_mr, "pt": make_pet}

@@ -136,7 +136,7 @@ def write_report(modality: str, phase: str, lesions: list[dict], rng: np.random.
     return " ".join(sentences)
 
 
-_NEGATION = re.compile(r"\b(no|not|without|unremarkable|normal|clear|absent)\b", re.IGNORECASE)
+_NEGATION = re.compile(r"\b(no|not|without|unremarkable|normal|clear|absent|physiological)\b", re.IGNORECASE)
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*mm\b", re.IGNORECASE)
 _ORGAN_WORDS = (  # checked in this order: brain lobes before lung lobes, liver before "lobe"
     ("brain", ("hemisphere", "frontal", "parietal", "temporal", "occipital", "brain", "cerebral")),
