@@ -1,0 +1,236 @@
+"""load_volume: every storage of the same scan gives the same canonical RAS+ grid; bad input is one VolumeError."""
+
+import gzip
+import shutil
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from conftest import MARKED_SPACING
+from pydicom.uid import RLELossless
+
+from medvlm import volume as volume_module
+from medvlm.errors import VolumeError
+from medvlm.volume import load_volume
+from medvlm.writers import save_dicom_enhanced, save_dicom_series, save_nifti, save_npy
+
+PHI = {"PatientName": "Doe^Janet", "PatientID": "MRN-5551234", "PatientBirthDate": "19610214",
+       "AccessionNumber": "ACC-998877", "InstitutionName": "St Elsewhere General"}
+
+
+def _assert_same_scan(loaded, data, spacing=MARKED_SPACING):
+    assert loaded.data.dtype == np.float32
+    np.testing.assert_array_equal(loaded.data, data)
+    np.testing.assert_allclose(loaded.spacing, spacing, rtol=1e-6)
+
+
+def test_nifti_in_any_orientation_and_dicom_load_to_the_same_grid(tmp_path, marked_ct):
+    loaded = {code: load_volume(save_nifti(tmp_path / f"{code}.nii.gz", marked_ct, MARKED_SPACING, code))
+              for code in ("RAS", "LAS", "LPS")}
+    save_dicom_series(tmp_path / "dicom", marked_ct, MARKED_SPACING, intercept=-1024, file_names="shuffled")
+    loaded["dicom"] = load_volume(tmp_path / "dicom")
+    for name, scan in loaded.items():
+        _assert_same_scan(scan, marked_ct)
+        np.testing.assert_allclose(scan.affine, loaded["RAS"].affine, atol=1e-4, err_msg=name)
+        assert scan.modality == "CT"
+    assert [loaded[k].orientation for k in ("RAS", "LAS", "LPS", "dicom")] == ["RAS", "LAS", "LPS", "LPS"]
+    assert loaded["dicom"].source == "dicom" and loaded["RAS"].source == "nifti"
+    # the canonical affine maps (z, y, x) indices to RAS: x grows toward the patient's right
+    assert loaded["dicom"].affine[0, 2] > 0 and loaded["dicom"].affine[1, 1] > 0 and loaded["dicom"].affine[2, 0] > 0
+
+
+def test_dicom_list_of_files_enhanced_and_compressed_load_the_same(tmp_path, marked_ct):
+    files = save_dicom_series(tmp_path / "plain", marked_ct, MARKED_SPACING, intercept=-1024, file_names="shuffled")
+    _assert_same_scan(load_volume([str(f) for f in files]), marked_ct)
+    save_dicom_series(tmp_path / "rle", marked_ct, MARKED_SPACING, intercept=-1024, transfer_syntax=RLELossless)
+    _assert_same_scan(load_volume(tmp_path / "rle"), marked_ct)
+    enhanced = load_volume(save_dicom_enhanced(tmp_path / "enhanced.dcm", marked_ct, MARKED_SPACING, intercept=-1024))
+    _assert_same_scan(enhanced, marked_ct)
+    assert enhanced.orientation == "LPS"
+
+
+@pytest.mark.parametrize(("slope", "intercept"), [(1.0, -1024.0), (2.0, -1000.0)])
+def test_dicom_rescale_gives_hounsfield_units(tmp_path, slope, intercept):
+    hu = np.full((3, 4, 5), -1000.0, dtype=np.float32)
+    hu[1] = 40.0
+    hu[2, 0, 0] = 1200.0
+    files = save_dicom_series(tmp_path, hu, (1.0, 1.0, 1.0), intercept=intercept, slope=slope)
+    stored = pydicom.dcmread(files[1]).pixel_array
+    assert np.all(stored == (40.0 - intercept) / slope)  # the file holds raw integers, not HU
+    np.testing.assert_array_equal(load_volume(tmp_path).data, hu)
+
+
+def test_the_larger_of_two_interleaved_series_is_chosen_and_the_other_listed(tmp_path, marked_ct):
+    save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, series_description="abdomen", file_names="shuffled")
+    scout = np.zeros((3, 6, 6), dtype=np.float32)
+    save_dicom_series(tmp_path, scout, (5.0, 2.0, 2.0), series_description="scout", file_names="shuffled")
+    scan = load_volume(tmp_path)
+    _assert_same_scan(scan, marked_ct)
+    assert scan.meta["series_description"] == "abdomen"
+    assert scan.meta["other_series"] == [{"description": "scout", "modality": "CT", "slices": 3}]
+
+
+def test_spacing_comes_from_positions_not_slice_thickness(tmp_path, marked_ct):
+    for path in save_dicom_series(tmp_path, marked_ct, MARKED_SPACING):
+        ds = pydicom.dcmread(path)
+        ds.SliceThickness = 10.0  # wrong on purpose: thick reconstructions overlap, thin ones leave gaps
+        ds.save_as(path)
+    assert load_volume(tmp_path).spacing[0] == pytest.approx(MARKED_SPACING[0])
+
+
+def test_missing_and_duplicated_slices_are_reported(tmp_path, marked_ct):
+    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING)
+    files[3].unlink()
+    shutil.copy(files[5], tmp_path / "copy-of-slice-6")
+    scan = load_volume(tmp_path)
+    assert scan.shape == (7, 20, 24)
+    assert "missing slice" in scan.meta["uneven_gaps"]
+    assert scan.meta["duplicate_slices"] == 1
+
+
+def test_zip_input_loads_and_never_writes_outside_a_temporary_folder(tmp_path, marked_ct):
+    files = save_dicom_series(tmp_path / "series", marked_ct, MARKED_SPACING, file_names="shuffled")
+    archive = tmp_path / "upload" / "scan.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in files:
+            zipped.write(path, f"study/series/{path.name}")
+        zipped.writestr("../escaped.txt", "outside")
+        zipped.writestr("/absolute.txt", "outside")
+    _assert_same_scan(load_volume(archive), marked_ct)
+    assert not list(tmp_path.rglob("escaped.txt")) and not list(tmp_path.rglob("absolute.txt"))
+
+
+def test_meta_never_carries_patient_identifiers(tmp_path, marked_ct):
+    save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, patient=PHI)
+    scan = load_volume(tmp_path)
+    text = repr(scan.meta) + repr(scan)
+    for value in PHI.values():
+        assert value not in text
+        assert value.split("^")[0] not in text
+    assert "1.2." not in repr(scan.meta)  # no UIDs either
+
+
+def test_oblique_nifti_loads_on_the_closest_canonical_axes(tmp_path, marked_ct):
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.7, 0.8, 2.5])
+    path = tmp_path / "oblique.nii"
+    nib.save(nib.Nifti1Image(marked_ct.transpose(2, 1, 0), affine), path)
+    scan = load_volume(path)
+    _assert_same_scan(scan, marked_ct)
+    np.testing.assert_allclose(scan.affine[:3, 2], affine[:3, 0], atol=1e-6)  # the true oblique geometry is kept
+
+
+def test_4d_nifti_gives_its_first_volume_and_says_so(tmp_path, marked_ct):
+    frames = np.stack([marked_ct + 100 * t for t in range(5)], axis=-1)  # (Z, Y, X, T)
+    path = tmp_path / "fmri.nii.gz"
+    nib.save(nib.Nifti1Image(frames.transpose(2, 1, 0, 3), np.diag([0.7, 0.8, 2.5, 1.0])), path)
+    scan = load_volume(path)
+    _assert_same_scan(scan, marked_ct)
+    assert scan.meta["frames"] == 5 and "first of 5" in scan.meta["note"]
+
+
+def test_nifti_modality_is_stored_or_guessed(tmp_path, marked_ct):
+    assert load_volume(save_nifti(tmp_path / "mr.nii", marked_ct, MARKED_SPACING, modality="MR")).modality == "MR"
+    t1 = np.abs(marked_ct) + 10
+    assert load_volume(save_nifti(tmp_path / "t1.nii", t1, MARKED_SPACING)).modality == "OT"
+    ct = load_volume(save_nifti(tmp_path / "ct.nii.gz", marked_ct, MARKED_SPACING, dtype=np.int16))
+    assert ct.modality == "CT"  # values span air (-1000) to bone (1000)
+    np.testing.assert_array_equal(ct.data, marked_ct)
+
+
+@pytest.mark.parametrize("leading_one", [True, False])
+def test_npy_in_display_order(tmp_path, leading_one):
+    display = np.zeros((4, 6, 8), dtype=np.float32)  # arr[d]: row 0 anterior, column 0 the patient's right
+    display[:, 0, :] = 0.5
+    display[:, :, 0] = 1.0
+    np.save(tmp_path / "scan.npy", display[None] if leading_one else display)
+    scan = load_volume(tmp_path / "scan.npy")
+    assert scan.shape == (4, 6, 8) and scan.spacing == (1.0, 1.0, 1.0) and scan.modality == "OT"
+    assert scan.orientation == "LPS" and scan.source == "npy"
+    assert np.all(scan.data[:, :, -1] == 1.0)  # column 0 is the patient's right: the highest x
+    assert np.all(scan.data[:, -1, :-1] == 0.5)  # row 0 is anterior: the highest y
+
+
+def test_save_npy_round_trips(tmp_path, marked_ct):
+    unit = (marked_ct - marked_ct.min()) / (marked_ct.max() - marked_ct.min())
+    path = save_npy(tmp_path / "scan.npy", unit)
+    assert np.load(path).shape == (1, 8, 20, 24)
+    np.testing.assert_array_equal(load_volume(path).data, unit.astype(np.float32))
+
+
+def _garbage(tmp_path, name, content: bytes):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("notes.nii.gz", b"this is a text file\n", "NIfTI"),
+    ("empty.nii", b"", "NIfTI"),
+    ("noise.dcm", bytes(range(256)) * 8, "no DICOM images"),
+    ("noise.zip", b"PK\x03\x04" + bytes(500), "zip"),
+    ("noise.npy", b"\x93NUMPY garbage", r"\.npy"),
+    ("scan.xyz", b"hello", "no DICOM images"),
+])
+def test_unreadable_files_raise_one_clear_error(tmp_path, name, content, message):
+    with pytest.raises(VolumeError, match=message) as caught:
+        load_volume(_garbage(tmp_path, name, content))
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(VolumeError, match=r"nowhere\.nii\.gz does not exist"):
+        load_volume(tmp_path / "nowhere.nii.gz")
+
+
+def test_truncated_nifti_is_refused(tmp_path, marked_ct):
+    path = save_nifti(tmp_path / "scan.nii.gz", marked_ct, MARKED_SPACING)
+    whole = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(whole[: len(whole) - 500]))
+    with pytest.raises(VolumeError, match="truncated"):
+        load_volume(path)
+
+
+def test_2d_images_and_object_arrays_are_refused(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 1), dtype=np.float32), np.eye(4)), tmp_path / "slice.nii.gz")
+    with pytest.raises(VolumeError, match="2D image"):
+        load_volume(tmp_path / "slice.nii.gz")
+    save_dicom_series(tmp_path / "one", np.zeros((1, 8, 8), dtype=np.float32), (1.0, 1.0, 1.0))
+    with pytest.raises(VolumeError, match="2D image"):
+        load_volume(tmp_path / "one")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(VolumeError, match=r"\.npy"):
+        load_volume(tmp_path / "objects.npy")
+
+
+def test_limits_are_checked_from_headers(tmp_path, monkeypatch):
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 30000))  # 2.7·10¹³ voxels
+    path = tmp_path / "huge.nii"
+    path.write_bytes(header.binaryblock + b"\x00" * 4)  # no voxels at all: refused before any are read
+    with pytest.raises(VolumeError, match="more than the 2048 allowed"):
+        load_volume(path)
+    monkeypatch.setattr(volume_module, "MAX_ZIP_ENTRIES", 3)
+    with zipfile.ZipFile(tmp_path / "many.zip", "w") as zipped:
+        for number in range(5):
+            zipped.writestr(f"{number}.dcm", b"x")
+    with pytest.raises(VolumeError, match="more than the 3 allowed"):
+        load_volume(tmp_path / "many.zip")
+
+
+def test_colour_dicom_is_refused(tmp_path, marked_ct):
+    for path in save_dicom_series(tmp_path, marked_ct, MARKED_SPACING):
+        ds = pydicom.dcmread(path)
+        grey = ds.pixel_array
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        ds.PixelData = np.repeat((grey % 256).astype(np.uint8)[..., None], 3, axis=-1).tobytes()
+        ds.save_as(path)
+    with pytest.raises(VolumeError, match="colour images are not supported"):
+        load_volume(tmp_path)
