@@ -1,0 +1,589 @@
+"""MedVLM 3D demo: upload a CT, MR or PET scan, scroll it, turn it in 3D, get a report, ask about it.
+
+UI only: every event handler below is a plain function of its inputs (tests call them without a
+browser); the model, scans and pictures come from `medvlm`. Nothing here imports torch.
+
+    python app.py                                  # http://localhost:7860, the demo checkpoint
+    MEDVLM_CHECKPOINT=org/model python app.py      # a Hub checkpoint (MEDVLM_REVISION pins a revision)
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+import spaces
+from gradio.processing_utils import get_upload_folder
+from PIL import Image
+
+from medvlm.errors import UserInputError
+from medvlm.limits import MAX_NEW_TOKENS, MAX_UPLOAD_BYTES
+from medvlm.pipeline import Pipeline
+from medvlm.preprocess import default_window, window_names
+from medvlm.view import render_slice, slice_count
+from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
+from medvlm.volume import Volume, load_volume
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
+PLANES = ["axial", "coronal", "sagittal"]
+# Letters at the image edges (left, right, top, bottom), radiological convention as `render_slice` draws.
+PLANE_EDGES = {"axial": "RLAP", "coronal": "RLSI", "sagittal": "APSI"}
+MODALITY_NAMES = {"CT": "CT (computed tomography)", "MR": "MR (magnetic resonance)", "PT": "PET", "OT": "Other"}
+SUGGESTED_QUESTIONS = [
+    "Which organ is abnormal?",
+    "Where is the lesion?",
+    "How large is the largest lesion?",
+    "In which plane is this image?",
+    "Is there a lung nodule?",
+]
+DEMO_WARNING = "trained on synthetic phantoms — not for clinical use"
+PRIVACY_NOTE = ("Nothing you upload is kept: the file is read into memory and deleted, and the scan, "
+                "report and conversation are discarded when you close the page. Do not upload identifiable "
+                "patient data to a public Space.")
+
+
+# The model ------------------------------------------------------------------------------------
+
+def load_pipeline(checkpoint: str | None, revision: str | None) -> Pipeline:
+    """Load the checkpoint (a folder, a Hub repo id, None for the demo one), saying what happens.
+
+    A checkpoint that cannot be found, fetched or loaded ends the program with one line on stderr
+    and exit status 2 (CheckpointError's message), not a traceback.
+    """
+    name = checkpoint or "the demo checkpoint"
+    print(f"MedVLM 3D: loading {name}" + (f" at revision {revision}" if revision else "") + " …", flush=True)
+    start = time.perf_counter()
+    try:
+        pipeline = Pipeline.from_pretrained(checkpoint, revision=revision)
+    except UserInputError as error:
+        print(f"MedVLM 3D cannot start: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    print(f"MedVLM 3D: loaded on {pipeline.describe()['device']} in {time.perf_counter() - start:.1f} s", flush=True)
+    return pipeline
+
+
+# Loaded at import, outside any GPU function, as ZeroGPU requires; moved to CUDA when there is one.
+PIPELINE = load_pipeline(os.environ.get("MEDVLM_CHECKPOINT") or None, os.environ.get("MEDVLM_REVISION") or None)
+
+
+@spaces.GPU
+def encode_on_gpu(volume: Volume) -> list[int]:
+    """Run the five stages once for this scan (the pipeline caches the visual tokens); the kept slices."""
+    return PIPELINE.encode(volume).kept_slices
+
+
+@spaces.GPU
+def stream_on_gpu(volume: Volume, messages: list[dict] | None, stop_key: str, max_new_tokens: int,
+                  temperature: float, top_p: float) -> Iterator[str]:
+    """Stream a report (messages None) or the next chat answer, chunk by chunk, on the GPU when there is one.
+
+    The stop event is looked up by key, because ZeroGPU passes arguments to another process.
+    """
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                "stop": _STOP_EVENTS.get(stop_key)}
+    if messages is None:
+        yield from PIPELINE.report(volume, **settings)
+    else:
+        yield from PIPELINE.chat(volume, messages, **settings)
+
+
+# Per-session state ------------------------------------------------------------------------------
+
+@dataclass
+class ScanSession:
+    """One browser tab's scan and conversation (held in a gr.State, never in a global).
+
+    folder: this session's own files (the report download), inside Gradio's upload folder so that
+    Gradio serves them without copying them; deleted by `release`.
+    """
+
+    volume: Volume | None = None
+    label: str = ""  # what the scan card calls the scan: an example's name, or "uploaded scan"
+    kept_slices: list[int] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)  # {"role", "content": str}
+    report: str = ""
+    folder: Path | None = None
+    stop_key: str = ""  # key of the running generation's stop event in _STOP_EVENTS
+
+    def own_folder(self) -> Path:
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="medvlm-session-", dir=get_upload_folder()))
+        return self.folder
+
+    def release(self) -> None:
+        """Forget the scan: its cached visual tokens, its files, the conversation."""
+        stop_generation(self)
+        if self.volume is not None:
+            PIPELINE.forget(self.volume)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.volume, self.folder, self.kept_slices, self.messages, self.report = None, None, [], [], ""
+
+
+# The sessions with a scan, by Gradio session hash, only to release them when their tab closes;
+# weak references: the gr.State owns each session.
+_OPEN_SESSIONS: weakref.WeakValueDictionary[str, ScanSession] = weakref.WeakValueDictionary()
+# Stop events of running generations, by key; an entry lives as long as its generation.
+_STOP_EVENTS: dict[str, threading.Event] = {}
+
+
+def end_session(request: gr.Request) -> None:
+    """The tab closed: release its scan now rather than when Gradio drops the state an hour later."""
+    session = _OPEN_SESSIONS.pop(request.session_hash, None) if request and request.session_hash else None
+    if session is not None:
+        session.release()
+
+
+# Scan in ------------------------------------------------------------------------------------------
+
+def list_examples() -> list[Path]:
+    """Example scans in assets/examples: NIfTI, .npy and .zip files, and DICOM series folders."""
+    if not EXAMPLES_DIR.is_dir():
+        return []
+    return sorted(path for path in EXAMPLES_DIR.iterdir() if not path.name.startswith(".")
+                  and not path.name.lower().endswith((".md", ".txt", ".json")))
+
+
+def example_label(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".npy", ".zip"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return name.replace("_", " ").replace("-", " ")
+
+
+def load_scan(files: list[str] | str | None, session: ScanSession | None, request: gr.Request | None = None):
+    """An upload (one file, several DICOM files, a folder's files or a zip) becomes the session's scan.
+
+    The uploaded files are deleted as soon as they are read. A file that cannot be read leaves the
+    current scan as it was and says why in the status line.
+    """
+    paths = [files] if isinstance(files, str) else list(files or [])
+    if not paths:
+        return _unchanged(session, "Upload a scan, or pick an example.")
+    try:
+        volume = load_volume(paths[0] if len(paths) == 1 else paths)
+    except UserInputError as error:
+        gr.Warning(str(error))
+        return _unchanged(session, f"⚠️ {error}")
+    finally:
+        _delete_uploads(paths)
+    return _new_scan(volume, "uploaded scan", session, request)
+
+
+def load_example(name: str | list[str], session: ScanSession | None, request: gr.Request | None = None):
+    """One of the example scans in assets/examples, by its label (the examples table gives [label])."""
+    name = name[0] if isinstance(name, list) and name else name
+    chosen = next((path for path in list_examples() if example_label(path) == name), None)
+    if chosen is None:
+        return _unchanged(session, f"⚠️ There is no example called {name!r}.")
+    try:
+        volume = load_volume(chosen)
+    except UserInputError as error:
+        return _unchanged(session, f"⚠️ {error}")
+    return _new_scan(volume, f"example: {name}", session, request)
+
+
+def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: gr.Request | None):
+    """A fresh session for the scan (the previous one is released): a new conversation starts."""
+    if session is not None:
+        session.release()
+    session = ScanSession(volume=volume, label=label)
+    if request is not None and request.session_hash:
+        _OPEN_SESSIONS[request.session_hash] = session
+    plane, window = "axial", default_window(volume.modality)
+    count = slice_count(volume, plane)
+    middle = count // 2 + 1
+    grid = surface_grid(volume)[0]
+    low, high, step = threshold_range(volume, grid)
+    return (
+        session,
+        "The model is reading the scan …",
+        scan_card(session),
+        gr.update(value=plane),
+        gr.update(choices=window_names(volume.modality), value=window),
+        gr.update(minimum=1, maximum=count, value=middle, interactive=True),
+        slice_html(session, plane, window, middle),
+        gr.update(choices=[], value=None),
+        gr.update(minimum=low, maximum=high, step=step, value=min(high, max(low, default_threshold(volume, grid))),
+                  interactive=True),
+        [],
+        "",
+        gr.update(value=None, visible=False),
+    )
+
+
+def _unchanged(session: ScanSession | None, status: str):
+    return (session, status, *([gr.skip()] * 10))
+
+
+def _delete_uploads(paths: list[str]) -> None:
+    """Delete uploaded files (only those inside Gradio's upload folder) and their emptied folders."""
+    uploads = Path(get_upload_folder()).resolve()
+    for raw in paths:
+        path = Path(raw).resolve()
+        if uploads not in path.parents:
+            continue
+        path.unlink(missing_ok=True)
+        for parent in path.parents:
+            if parent == uploads or not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
+
+
+def scan_card(session: ScanSession) -> str:
+    """Markdown facts about the scan: modality, size, spacing, orientation, series. Never identifiers."""
+    volume = session.volume
+    if volume is None:
+        return "*No scan loaded.*"
+    z, y, x = volume.shape
+    sz, sy, sx = volume.spacing
+    meta = volume.meta
+    rows = [
+        ("Modality", MODALITY_NAMES.get(volume.modality, volume.modality)),
+        ("Dimensions", f"{x} × {y} voxels × {z} axial slices"),
+        ("Spacing", f"{sx:.2f} × {sy:.2f} mm in-plane, {sz:.2f} mm between slices"),
+        ("Field of view", f"{x * sx:.0f} × {y * sy:.0f} × {z * sz:.0f} mm"),
+        ("Stored orientation", f"{volume.orientation} (shown in radiological convention)"),
+        ("Source", f"{volume.source.upper() if volume.source == 'npy' else volume.source.title()}, {session.label}"),
+    ]
+    if meta.get("series_description"):
+        rows.append(("Series", str(meta["series_description"])))
+    if meta.get("manufacturer"):
+        rows.append(("Manufacturer", str(meta["manufacturer"])))
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    notes = "".join(f"\n\n⚠️ {note}" for note in meta.get("notes", []) or [])
+    return f"| | |\n|---|---|\n{table}{notes}"
+
+
+# Slices -------------------------------------------------------------------------------------------
+
+def slice_html(session: ScanSession | None, plane: str, window: str | None, slice_number: float | None) -> str:
+    """The slice as an inline image (nothing written to disk), its orientation letters and the kept slices.
+
+    slice_number counts from 1, as the slider shows it.
+    """
+    volume = session.volume if session else None
+    if volume is None:
+        return '<div class="slice-empty">Upload a scan or pick an example to see its slices.</div>'
+    count = slice_count(volume, plane)
+    index = min(count, max(1, int(slice_number or count // 2 + 1))) - 1
+    window = window if window in window_names(volume.modality) else default_window(volume.modality)
+    pixels = render_slice(volume, plane, index, window)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    source = base64.b64encode(buffer.getvalue()).decode()
+    left, right, top, bottom = PLANE_EDGES[plane]
+    marks, kept_note = "", ""
+    if plane == "axial" and session.kept_slices:
+        marks = "".join(f'<span class="kept-mark" style="left:{100 * (k + 0.5) / count:.2f}%"></span>'
+                        for k in session.kept_slices)
+        kept_note = " · kept by the model" if index in session.kept_slices else ""
+    cursor = f'<span class="cursor-mark" style="left:{100 * (index + 0.5) / count:.2f}%"></span>'
+    return (f'<div class="slice-view"><div class="slice-frame">'
+            f'<img class="slice-image" src="data:image/png;base64,{source}" '
+            f'alt="{plane} slice {index + 1} of {count}">'
+            f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
+            f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span></div>'
+            f'<div class="slice-track">{marks}{cursor}</div>'
+            f'<div class="slice-caption">{plane.title()} {index + 1} / {count} · window {window}{kept_note}'
+            '</div></div>')
+
+
+def change_plane(session: ScanSession | None, plane: str, window: str | None):
+    """A new plane opens at its middle slice."""
+    if session is None or session.volume is None:
+        return gr.skip(), slice_html(session, plane, window, None)
+    count = slice_count(session.volume, plane)
+    middle = count // 2 + 1
+    return gr.update(minimum=1, maximum=count, value=middle), slice_html(session, plane, window, middle)
+
+
+def jump_to_kept(session: ScanSession | None, kept: str | None, window: str | None):
+    """Show one of the slices the model kept (axial slice number, from 1)."""
+    if session is None or session.volume is None or not kept:
+        return gr.skip(), gr.skip(), gr.skip()
+    count = slice_count(session.volume, "axial")
+    number = int(kept)
+    return ("axial", gr.update(minimum=1, maximum=count, value=number),
+            slice_html(session, "axial", window, number))
+
+
+def encode_scan(session: ScanSession | None, plane: str, window: str | None, slice_number: float | None):
+    """Encode the scan once (the model's slice selection); show which slices it kept."""
+    if session is None or session.volume is None:
+        return gr.skip(), gr.skip(), gr.skip()
+    start = time.perf_counter()
+    session.kept_slices = encode_on_gpu(session.volume)
+    total = slice_count(session.volume, "axial")
+    status = (f"Ready: the model looked at {len(session.kept_slices)} of {total} axial slices "
+              f"({time.perf_counter() - start:.1f} s). Generate a report or ask a question.")
+    choices = [str(k + 1) for k in session.kept_slices]
+    return status, gr.update(choices=choices, value=None), slice_html(session, plane, window, slice_number)
+
+
+def show_3d(session: ScanSession | None, threshold: float | None):
+    """The 3D surface at the threshold (None: the modality's default)."""
+    if session is None or session.volume is None:
+        return None
+    return figure_3d(session.volume, threshold)
+
+
+# Assistant ----------------------------------------------------------------------------------------
+
+def model_badge(pipeline: Pipeline) -> str:
+    about = pipeline.describe()
+    badge = f"**Model:** `{about['checkpoint']}` on **{about['device']}** ({about['dtype']})"
+    if about["demo"]:
+        badge += f" — ⚠️ **{DEMO_WARNING}**"
+    return badge
+
+
+def generate_report(session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float):
+    """Stream a report of the session's scan; at the end, offer it as a Markdown download.
+
+    Yields (report markdown, download button update).
+    """
+    if session is None or session.volume is None:
+        gr.Warning("Upload a scan first.")
+        yield "*Upload a scan first.*", gr.skip()
+        return
+    session.report = ""
+    for chunk in _stream(session, None, max_new_tokens, temperature, top_p):
+        session.report += chunk
+        yield session.report, gr.skip()
+    yield session.report, gr.update(value=str(_write_report(session)), visible=True)
+
+
+def chat(question: str, session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float):
+    """One turn: the question joins the conversation about the scan, the answer streams in.
+
+    Yields (chatbot messages, question box value).
+    """
+    question = (question or "").strip()
+    if session is None or session.volume is None:
+        gr.Warning("Upload a scan first.")
+        yield [], question
+        return
+    if not question:
+        yield list(session.messages), ""
+        return
+    session.messages.append({"role": "user", "content": question})
+    history = [dict(message) for message in session.messages]
+    answer = ""
+    try:
+        for chunk in _stream(session, history, max_new_tokens, temperature, top_p):
+            answer += chunk
+            yield [*session.messages, {"role": "assistant", "content": answer}], ""
+    finally:  # a stopped answer stays in the conversation as far as it got
+        session.messages.append({"role": "assistant", "content": answer})
+    yield list(session.messages), ""
+
+
+def _stream(session: ScanSession, messages: list[dict] | None, max_new_tokens: float, temperature: float,
+            top_p: float) -> Iterator[str]:
+    """Text chunks of one generation, with a stop event the Stop button (or a new scan) can set."""
+    stop_generation(session)
+    key = f"{id(session)}-{time.monotonic_ns()}"
+    stop = _STOP_EVENTS[key] = threading.Event()
+    session.stop_key = key
+    max_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
+    chunks = stream_on_gpu(session.volume, messages, key, max_tokens, float(temperature), float(top_p))
+    try:
+        for chunk in chunks:
+            if stop.is_set():
+                break
+            yield chunk
+    finally:  # closing the pipeline's stream sets its stop event and joins its thread
+        stop.set()
+        chunks.close()
+        _STOP_EVENTS.pop(key, None)
+
+
+def stop_generation(session: ScanSession | None) -> None:
+    """End the session's running generation: its thread stops at the next token."""
+    if session is not None and session.stop_key in _STOP_EVENTS:
+        _STOP_EVENTS[session.stop_key].set()
+
+
+def clear_conversation(session: ScanSession | None):
+    """Forget the report and the conversation; the scan stays. Returns (chatbot, report, download)."""
+    if session is not None:
+        stop_generation(session)
+        session.messages, session.report = [], ""
+        if session.folder is not None:
+            shutil.rmtree(session.folder, ignore_errors=True)
+            session.folder = None
+    return [], "", gr.update(value=None, visible=False)
+
+
+def _write_report(session: ScanSession) -> Path:
+    volume = session.volume
+    z, y, x = volume.shape
+    about = PIPELINE.describe()
+    text = (f"# Report\n\n{MODALITY_NAMES.get(volume.modality, volume.modality)}, {x} × {y} × {z} voxels, "
+            f"spacing {volume.spacing[2]:.2f} × {volume.spacing[1]:.2f} × {volume.spacing[0]:.2f} mm.\n\n"
+            f"{session.report.strip()}\n\n---\n\nWritten by MedVLM 3D (`{about['checkpoint']}`)"
+            + (f", {DEMO_WARNING}." if about["demo"] else ". Not a medical device; not for clinical use.") + "\n")
+    path = session.own_folder() / "report.md"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# The page -----------------------------------------------------------------------------------------
+
+CSS = """
+.slice-view {display: flex; flex-direction: column; align-items: center; gap: 4px;}
+.slice-frame {position: relative; background: #000; border-radius: 6px; padding: 18px; width: 100%;
+              display: flex; justify-content: center;}
+.slice-image {max-height: 340px; max-width: 100%; object-fit: contain; image-rendering: auto;}
+.edge {position: absolute; color: #ffd54f; font: 600 13px system-ui, sans-serif;}
+.edge-left {left: 5px; top: 50%; transform: translateY(-50%);}
+.edge-right {right: 5px; top: 50%; transform: translateY(-50%);}
+.edge-top {top: 1px; left: 50%; transform: translateX(-50%);}
+.edge-bottom {bottom: 1px; left: 50%; transform: translateX(-50%);}
+.slice-track {position: relative; width: 100%; height: 10px; background: var(--neutral-200, #e5e7eb);
+              border-radius: 5px;}
+.kept-mark {position: absolute; top: 0; width: 2px; height: 10px; background: #16a34a;}
+.cursor-mark {position: absolute; top: -2px; width: 4px; height: 14px; margin-left: -1px; background: #2563eb;
+              border-radius: 2px;}
+.slice-caption {font-size: 13px; color: var(--body-text-color-subdued, #666);}
+.slice-empty {padding: 80px 16px; text-align: center; color: var(--body-text-color-subdued, #666);
+              border: 1px dashed var(--border-color-primary, #ccc); border-radius: 6px;}
+#report-box {min-height: 120px; max-height: 260px; overflow-y: auto; padding: 8px 12px;
+             border: 1px solid var(--border-color-primary, #ddd); border-radius: 6px;}
+#status-line p {margin: 0;}
+#privacy-note {font-size: 12px; color: var(--body-text-color-subdued, #666);}
+"""
+
+
+def build_demo() -> gr.Blocks:
+    """The page: the scan on the left (upload, card, slices, 3D), the assistant on the right."""
+    examples = [example_label(path) for path in list_examples()]
+    with gr.Blocks(title="MedVLM 3D") as demo:
+        session = gr.State(None, delete_callback=lambda old: old.release() if old is not None else None)
+        with gr.Row(equal_height=False):
+            gr.Markdown("## MedVLM 3D — reports and answers about CT, MR and PET scans")
+            gr.Markdown(model_badge(PIPELINE), elem_id="model-badge")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5):
+                with gr.Row(equal_height=False):
+                    upload = gr.File(label="Scan: NIfTI, .npy, DICOM files or a .zip", file_count="multiple",
+                                     height=110, scale=3)
+                    with gr.Column(scale=1, min_width=150):
+                        folder_upload = gr.UploadButton("📁 DICOM folder", file_count="directory", size="md")
+                        example_picker = gr.Dataset(
+                            label="Examples", components=["textbox"], samples=[[n] for n in examples],
+                            visible=bool(examples), layout="table", samples_per_page=8)
+                        if not examples:
+                            gr.Markdown("*No example scans in `assets/examples/`.*")
+                status = gr.Markdown("Upload a scan, or pick an example.", elem_id="status-line")
+                with gr.Accordion("Scan details", open=False):
+                    card = gr.Markdown(scan_card(ScanSession()))
+                with gr.Tabs():
+                    with gr.Tab("Slices", id="slices"):
+                        with gr.Row():
+                            plane = gr.Radio(PLANES, value="axial", label="Plane", scale=3)
+                            window = gr.Dropdown(window_names("CT"), value=default_window("CT"), label="Window",
+                                                 scale=2)
+                        slice_view = gr.HTML(slice_html(None, "axial", None, None), elem_id="slice-view")
+                        slice_slider = gr.Slider(1, 2, value=1, step=1, label="Slice", interactive=False,
+                                                 elem_id="slice-slider")
+                        kept = gr.Radio([], label="Slices the model kept (axial, green marks) — click one to view it",
+                                        elem_id="kept-slices")
+                    with gr.Tab("3D", id="3d"):
+                        threshold = gr.Slider(-1000, 2000, value=300, label="Surface threshold", interactive=False,
+                                              elem_id="threshold-slider")
+                        plot = gr.Plot(label="3D surface (drag to turn)", elem_id="plot-3d")
+            with gr.Column(scale=4):
+                with gr.Row():
+                    report_button = gr.Button("📝 Generate report", variant="primary", scale=2)
+                    stop_button = gr.Button("⏹ Stop", variant="stop", scale=1)
+                    clear_button = gr.Button("🗑 Clear", scale=1)
+                report = gr.Markdown("", elem_id="report-box", label="Report")
+                download = gr.DownloadButton("⬇ Download report (.md)", visible=False, size="sm")
+                chatbot = gr.Chatbot(label="Questions about this scan", height=300, elem_id="chatbot",
+                                     placeholder="Ask about the scan: organs, lesions, location, size.")
+                with gr.Row():
+                    question = gr.Textbox(placeholder="Ask a question about this scan …", show_label=False,
+                                          scale=5, elem_id="question", submit_btn=False)
+                    ask_button = gr.Button("Ask", variant="primary", scale=1, min_width=80)
+                suggestions = gr.Dataset(label="Suggested questions", components=[question],
+                                         samples=[[q] for q in SUGGESTED_QUESTIONS], layout="table")
+                with gr.Accordion("Generation settings", open=False):
+                    max_new_tokens = gr.Slider(16, MAX_NEW_TOKENS, value=256, step=16, label="Max new tokens")
+                    temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p (with temperature > 0)")
+        gr.Markdown(PRIVACY_NOTE, elem_id="privacy-note")
+
+        settings = [max_new_tokens, temperature, top_p]
+        scan_outputs = [session, status, card, plane, window, slice_slider, slice_view, kept, threshold, chatbot,
+                        report, download]
+        viewer = {"show_progress": "hidden", "concurrency_limit": 4}
+        gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}
+        loads = (
+            upload.upload(load_scan, [upload, session], scan_outputs, api_name="load_scan", **viewer),
+            folder_upload.upload(load_scan, [folder_upload, session], scan_outputs, api_name="load_folder", **viewer),
+            example_picker.click(load_example, [example_picker, session], scan_outputs, api_name="load_example",
+                                 **viewer),
+        )
+        for number, loaded in enumerate(loads):  # the first chain's steps are the API's, the others private
+            names = {"api_name": "encode_scan"} if number == 0 else {"api_visibility": "private"}
+            loaded.then(encode_scan, [session, plane, window, slice_slider], [status, kept, slice_view], **names,
+                        **gpu)
+            names = {"api_name": "scan_3d"} if number == 0 else {"api_visibility": "private"}
+            loaded.then(show_3d, [session, threshold], plot, **names, **viewer)
+
+        plane.input(change_plane, [session, plane, window], [slice_slider, slice_view], api_name="change_plane",
+                    **viewer)
+        window.input(slice_html, [session, plane, window, slice_slider], slice_view, api_name="change_window",
+                     **viewer)
+        slice_slider.input(slice_html, [session, plane, window, slice_slider], slice_view, api_name="show_slice",
+                           trigger_mode="always_last", **viewer)
+        kept.select(jump_to_kept, [session, kept, window], [plane, slice_slider, slice_view], api_name="jump_to_kept",
+                    **viewer)
+        threshold.release(show_3d, [session, threshold], plot, api_name="show_3d", **viewer)
+
+        report_event = report_button.click(generate_report, [session, *settings], [report, download],
+                                           api_name="report", **gpu)
+        chat_events = [
+            trigger(chat, [question, session, *settings], [chatbot, question], api_name=name, **gpu)
+            for trigger, name in ((ask_button.click, "chat"), (question.submit, "chat_submit"))
+        ]
+        suggestion_event = suggestions.click(lambda sample: sample[0], suggestions, question, api_visibility="private",
+                                             queue=False).then(chat, [question, session, *settings],
+                                                               [chatbot, question], api_visibility="private", **gpu)
+        running = [report_event, *chat_events, suggestion_event]
+        stop_button.click(stop_generation, session, None, cancels=running, api_name="stop", queue=False)
+        clear_button.click(clear_conversation, session, [chatbot, report, download], cancels=running,
+                           api_name="clear", queue=False)
+        demo.unload(end_session)
+    return demo
+
+
+def launch(demo: gr.Blocks, **options):
+    """Serve the page: 0.0.0.0:7860 unless GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (or `options`) say otherwise.
+
+    One model event at a time (one GPU); viewer events run four at a time.
+    """
+    settings = {"server_name": os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
+                "server_port": int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                "max_file_size": MAX_UPLOAD_BYTES, "css": CSS, "theme": gr.themes.Soft(), **options}
+    return demo.queue(default_concurrency_limit=1).launch(**settings)
+
+
+demo = build_demo()
+
+if __name__ == "__main__":
+    launch(demo)

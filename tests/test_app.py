@@ -1,0 +1,223 @@
+"""The demo's event handlers, called directly (no server, no browser), on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medvlm.volume import Volume
+from medvlm.writers import save_dicom_series, save_nifti
+
+ROOT = Path(__file__).resolve().parent.parent
+MADE_UP_PATIENT = {  # identifiers a real study would carry: none may reach the page
+    "PatientName": "Quimby^Harriet",
+    "PatientID": "QX-4471902",
+    "PatientBirthDate": "19380214",
+    "AccessionNumber": "ACC77120934",
+    "InstitutionName": "Saint Elsewhere Infirmary",
+}
+
+
+@pytest.fixture(scope="session")
+def app_module(tmp_path_factory):
+    """`app` imported with MEDVLM_CHECKPOINT pointing at a tiny random checkpoint (the model loads at import)."""
+    if "app" not in sys.modules:
+        import torch
+
+        from tests.tiny_model import save_tiny_checkpoint
+
+        torch.manual_seed(0)
+        os.environ["MEDVLM_CHECKPOINT"] = str(save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint")))
+    return importlib.import_module("app")
+
+
+def torso_ct(shape=(40, 64, 64), spacing=(5.0, 1.0, 1.0), seed=0) -> np.ndarray:
+    """A CT-like torso in HU on the canonical grid: air, an elliptic body, a spine, a hypodense lesion on the right."""
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij")
+    data = np.full(shape, -1000.0, dtype=np.float32)
+    data[(x / 0.85) ** 2 + (y / 0.65) ** 2 < 1] = 40.0
+    data[(x**2 + (y + 0.45) ** 2 < 0.02)] = 700.0  # spine: posterior, midline
+    data[((x - 0.4) ** 2 + y**2 + (z - 0.2) ** 2) < 0.04] = -20.0  # lesion toward the patient's right (x > 0)
+    return data + np.random.default_rng(seed).normal(0, 10, shape).astype(np.float32)
+
+
+@pytest.fixture
+def ct_nifti(tmp_path) -> Path:
+    return save_nifti(tmp_path / "torso.nii.gz", torso_ct(), (5.0, 1.0, 1.0), "LPS", dtype=np.int16, modality="CT")
+
+
+@pytest.fixture
+def dicom_with_identifiers(tmp_path) -> list[Path]:
+    return save_dicom_series(tmp_path / "series", torso_ct(), (5.0, 1.0, 1.0), "CT", series_description="CHEST AX",
+                             patient=MADE_UP_PATIENT, intercept=-1024.0, file_names="shuffled")
+
+
+def loaded(app_module, files, session=None):
+    """(session, every output of load_scan) for an upload."""
+    outputs = app_module.load_scan([str(f) for f in files], session)
+    return outputs[0], outputs
+
+
+def image_source(html: str) -> str:
+    return re.search(r'src="(data:image/png;base64,[^"]+)"', html).group(1)
+
+
+def test_scan_card_gives_the_facts_and_never_identifiers(app_module, dicom_with_identifiers):
+    session, outputs = loaded(app_module, dicom_with_identifiers)
+    card = outputs[2]
+    assert session.volume.modality == "CT"
+    assert "CT (computed tomography)" in card
+    assert "64 × 64 voxels × 40 axial slices" in card
+    assert "1.00 × 1.00 mm in-plane, 5.00 mm between slices" in card
+    assert "CHEST AX" in card
+    shown = repr(outputs) + app_module.scan_card(session)
+    for identifier in MADE_UP_PATIENT.values():
+        for part in re.split(r"\^", identifier):
+            assert part not in shown, f"{part!r} reached the page"
+
+
+def test_slice_image_follows_the_slider_and_the_window(app_module, ct_nifti):
+    session, outputs = loaded(app_module, [ct_nifti])
+    assert outputs[5]["maximum"] == 40 and outputs[5]["value"] == 21  # slider counts slices from 1
+    middle = image_source(app_module.slice_html(session, "axial", "soft tissue", 21))
+    assert image_source(outputs[6]) == middle
+    assert image_source(app_module.slice_html(session, "axial", "soft tissue", 30)) != middle
+    assert image_source(app_module.slice_html(session, "axial", "lung", 21)) != middle
+    slider, html = app_module.change_plane(session, "coronal", "soft tissue")
+    assert slider["maximum"] == 64 and "Coronal 33 / 64" in html
+
+
+def test_window_choices_follow_the_modality(app_module, tmp_path):
+    brain = save_nifti(tmp_path / "brain.nii.gz", torso_ct() + 1000, (1.0, 1.0, 1.0), modality="MR")
+    _, outputs = loaded(app_module, [brain])
+    assert outputs[4]["choices"] == ["auto"] and outputs[4]["value"] == "auto"
+
+
+def test_kept_slices_are_shown_after_encoding(app_module, ct_nifti):
+    session, _ = loaded(app_module, [ct_nifti])
+    status, kept, html = app_module.encode_scan(session, "axial", "soft tissue", 21)
+    assert session.kept_slices and all(0 <= k < 40 for k in session.kept_slices)
+    assert f"looked at {len(session.kept_slices)} of 40 axial slices" in status
+    assert kept["choices"] == [str(k + 1) for k in session.kept_slices]
+    assert html.count('class="kept-mark"') == len(session.kept_slices)
+    plane, slider, jumped = app_module.jump_to_kept(session, kept["choices"][0], "soft tissue")
+    assert plane == "axial" and slider["value"] == session.kept_slices[0] + 1
+    assert "kept by the model" in jumped
+
+
+def test_3d_figure_stays_under_2_mb_for_a_large_ct():
+    from medvlm.view3d import default_threshold, figure_3d, threshold_range
+
+    shape = (300, 512, 512)
+    data = torso_ct(shape, seed=1)
+    data += np.random.default_rng(2).standard_normal(shape, dtype=np.float32) * 200  # a rough, noisy surface
+    volume = Volume(data, (1.0, 0.7, 0.7), np.eye(4), "CT", "nifti", "LPS")
+    figure = figure_3d(volume)
+    assert len(figure.to_json()) <= 2_000_000
+    assert len(figure.data) == 1 and len(figure.data[0].i) > 100  # a surface, not an empty plot
+    low, high, _ = threshold_range(volume)
+    assert low <= default_threshold(volume) <= high
+
+
+def test_3d_threshold_without_a_surface_says_so(app_module, ct_nifti):
+    session, _ = loaded(app_module, [ct_nifti])
+    figure = app_module.show_3d(session, 5000.0)
+    assert not figure.data and "No surface" in figure.layout.annotations[0].text
+
+
+def test_a_wrong_file_gives_one_sentence_and_keeps_the_scan(app_module, ct_nifti, tmp_path):
+    session, _ = loaded(app_module, [ct_nifti])
+    junk = tmp_path / "scan.nii.gz"
+    junk.write_bytes(os.urandom(2000))
+    with pytest.warns(UserWarning):  # gr.Warning outside a running app
+        same, outputs = loaded(app_module, [junk], session)
+    assert same is session and session.volume is not None
+    assert outputs[1].startswith("⚠️ ") and "\n" not in outputs[1] and "Traceback" not in outputs[1]
+
+
+def test_uploaded_files_are_deleted_once_read(app_module, ct_nifti):
+    from gradio.processing_utils import get_upload_folder
+
+    upload = Path(get_upload_folder()) / "medvlm-test-upload" / "torso.nii.gz"
+    upload.parent.mkdir(parents=True, exist_ok=True)
+    upload.write_bytes(ct_nifti.read_bytes())
+    session, _ = loaded(app_module, [upload])
+    assert session.volume is not None
+    assert not upload.exists() and not upload.parent.exists()
+    assert ct_nifti.exists()  # files outside Gradio's upload folder are never touched
+
+
+def test_report_streams_and_is_offered_as_markdown(app_module, ct_nifti):
+    session, _ = loaded(app_module, [ct_nifti])
+    updates = list(app_module.generate_report(session, 24, 0.0, 1.0))
+    texts = [text for text, _ in updates]
+    assert len(updates) >= 3 and texts[-1] and texts[0] != texts[-1]  # it grew, then the download came
+    path = Path(updates[-1][1]["value"])
+    assert path.name == "report.md" and texts[-1].strip() in path.read_text()
+    session.release()
+    assert not path.exists()
+
+
+def test_two_chat_turns_reuse_the_encoded_scan(app_module, ct_nifti, monkeypatch):
+    session, _ = loaded(app_module, [ct_nifti])
+    model = app_module.PIPELINE.model
+    encodings = []
+    choose = model.choose_slices
+    monkeypatch.setattr(model, "choose_slices", lambda *a, **k: encodings.append(1) or choose(*a, **k))
+    app_module.PIPELINE.forget(session.volume)
+    first = list(app_module.chat("Which organ is abnormal?", session, 16, 0.0, 1.0))
+    second = list(app_module.chat("Where is the lesion?", session, 16, 0.0, 1.0))
+    assert len(first) >= 2 and second[-1][1] == ""
+    history = second[-1][0]
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert history[2]["content"] == "Where is the lesion?" and history[3]["content"]
+    assert len(encodings) == 1  # the second turn reused the visual tokens
+
+
+def test_a_new_upload_starts_a_new_conversation(app_module, ct_nifti, tmp_path):
+    session, _ = loaded(app_module, [ct_nifti])
+    list(app_module.chat("Where is the lesion?", session, 8, 0.0, 1.0))
+    other = save_nifti(tmp_path / "other.nii.gz", torso_ct(seed=3), (5.0, 1.0, 1.0), modality="CT")
+    fresh, outputs = loaded(app_module, [other], session)
+    assert fresh is not session and fresh.messages == [] and outputs[9] == []
+    assert session.volume is None  # the old scan was released
+
+
+def test_stop_ends_the_generation_thread(app_module, ct_nifti):
+    session, _ = loaded(app_module, [ct_nifti])
+    stream = app_module.generate_report(session, 1000, 0.0, 1.0)
+    next(stream)
+    app_module.stop_generation(session)
+    rest = list(stream)
+    assert len(rest) < 900
+    assert not [t for t in threading.enumerate() if t.name == "medvlm-generate"]
+
+
+def test_examples_folder_may_be_empty(app_module, tmp_path, monkeypatch):
+    monkeypatch.setattr(app_module, "EXAMPLES_DIR", tmp_path / "none")
+    assert app_module.list_examples() == []
+    outputs = app_module.load_example("ct torso", None)
+    assert outputs[0] is None and outputs[1].startswith("⚠️")
+
+
+def test_model_badge_names_checkpoint_and_device(app_module):
+    badge = app_module.model_badge(app_module.PIPELINE)
+    assert "cpu" in badge or "cuda" in badge
+    assert app_module.PIPELINE.describe()["checkpoint"] in badge
+
+
+def test_an_unreachable_checkpoint_stops_the_app_with_one_line():
+    env = {**os.environ, "MEDVLM_CHECKPOINT": "/nonexistent/checkpoint", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
