@@ -148,8 +148,8 @@ def sphere_box(shape: tuple, spacing: tuple, center_voxel: np.ndarray, radius_mm
 
 def place_sphere(host: np.ndarray, spacing: tuple, diameter_mm: float, rng: np.random.Generator,
                  tries: int = 60) -> np.ndarray | None:
-    """A random centre (z, y, x voxel) where a sphere of `diameter_mm` (+1 voxel margin) lies inside `host`."""
-    radius_mm = diameter_mm / 2 + max(spacing)
+    """A random centre (z, y, x voxel) where a sphere of `diameter_mm` (+ half a voxel of margin) lies inside `host`."""
+    radius_mm = diameter_mm / 2 + min(spacing) / 2
     reach = radius_mm / np.asarray(spacing)
     shape = np.asarray(host.shape)
     for _ in range(tries):
@@ -177,7 +177,8 @@ def _acquisition(rng: np.random.Generator, matrix: int | None, fov_mm: float, in
     """(matrix, in-plane spacing, slice spacing, slice count) for a field of view and a z coverage."""
     if matrix is None:
         spacing_xy = float(rng.uniform(*inplane))
-        matrix = int(math.ceil(fov_mm / spacing_xy / 16) * 16)
+        matrix = min(int(math.ceil(fov_mm / spacing_xy / 16) * 16), 512)
+        spacing_xy = max(spacing_xy, fov_mm / matrix)
     else:
         spacing_xy = fov_mm / matrix
     spacing_z = float(rng.choice(z_choices))
@@ -219,7 +220,7 @@ def _torso_labels(grid: Grid, rng: np.random.Generator, with_head: bool = False)
             bone = spine if (z % 32) < 27 else np.zeros_like(spine)  # vertebral bodies with discs between
             if 0 < z < 230 and (z % 25) < 9:  # ribs every 25 mm
                 bone = bone | rib_ring
-            labels[index][bone] = 8
+            labels[index][bone & (labels[index] != 10)] = 8  # the axillary soft tissue lies outside the ribs
     if with_head:
         paint_ellipsoid(labels, grid, (400, 10, 0), (90, 95, 75), 2)
         paint_ellipsoid(labels, grid, (405, 10, 0), (75, 80, 62), 11)
@@ -254,7 +255,7 @@ def _insert_body_lesions(values: np.ndarray, labels: np.ndarray, grid: Grid, cho
     lesions = []
     for organ, kind in choices:
         low, high = LESION_DIAMETER_MM[kind]
-        low = max(low, 1.5 * max(grid.spacing))  # a lesion spans at least 1.5 voxels, or it cannot be seen
+        low = max(low, 1.5 * grid.spacing[1])  # at least 1.5 pixels across, or it cannot be seen in-plane
         if low > high:
             continue
         diameter = float(round(rng.uniform(low, high)))
@@ -375,7 +376,7 @@ def make_mr(rng: np.random.Generator, matrix: int | None = None) -> Phantom:
     for _ in range(int(rng.integers(0, 4))):
         kind = str(rng.choice(["hyperintense lesion", "hypointense lesion"]))
         low, high = LESION_DIAMETER_MM[kind]
-        diameter = float(round(rng.uniform(max(low, 1.5 * max(spacing)), max(high, 1.5 * max(spacing)))))
+        diameter = float(round(rng.uniform(max(low, 1.5 * spacing_xy), max(high, 1.5 * spacing_xy))))
         center = place_sphere(brain & cortex, spacing, diameter, rng)
         if center is None:
             continue
