@@ -1,0 +1,74 @@
+"""`python -m medvlm info` and `view`: JSON facts, radiological PNGs, one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import MARKED_SPACING
+from PIL import Image
+
+from medvlm.writers import save_dicom_series, save_nifti
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "medvlm", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_info_prints_the_scan_facts(tmp_path, marked_ct):
+    files = save_dicom_series(tmp_path / "dicom", marked_ct, MARKED_SPACING, file_names="shuffled")
+    nifti = save_nifti(tmp_path / "scan.nii.gz", marked_ct, MARKED_SPACING, "LAS")
+    for scan, source, orientation in (([tmp_path / "dicom"], "dicom", "LPS"), (files, "dicom", "LPS"),
+                                      ([nifti], "nifti", "LAS")):
+        result = _cli("info", *scan)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"modality": "CT", "shape": [8, 20, 24], "spacing": [2.5, 0.8, 0.7],
+                                             "orientation": orientation, "source": source}
+
+
+def test_view_writes_an_axial_png_in_radiological_convention(tmp_path, marked_ct):
+    scan = save_nifti(tmp_path / "scan.nii.gz", marked_ct, MARKED_SPACING, "LPS")
+    out = tmp_path / "axial.png"
+    result = _cli("view", scan, "--plane", "axial", "--index", "4", "--out", out)
+    assert result.returncode == 0, result.stderr
+    image = np.asarray(Image.open(out))
+    height, width = image.shape
+    assert image[height // 2, :3].min() > 200 and image[height // 2, width // 2:].max() < 200
+    assert image[0, width // 2].min() > 200  # anterior at the top
+
+
+def _text_named_nifti(tmp_path):
+    path = tmp_path / "report.nii.gz"
+    path.write_text("not a scan\n")
+    return path
+
+
+def _2d_nifti(tmp_path):
+    path = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 1), dtype=np.float32), np.eye(4)), path)
+    return path
+
+
+@pytest.mark.parametrize(("make_scan", "message"), [
+    (lambda tmp_path: tmp_path / "missing.nii.gz", "does not exist"),
+    (_text_named_nifti, "not a readable NIfTI"),
+    (_2d_nifti, "2D image"),
+])
+def test_bad_scans_exit_2_with_one_line(tmp_path, make_scan, message):
+    for command in (["info"], ["view", "--out", tmp_path / "x.png"]):
+        result = _cli(command[0], make_scan(tmp_path), *command[1:])
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert message in result.stderr
+
+
+def test_view_with_an_index_out_of_range_exits_2(tmp_path, marked_ct):
+    scan = save_nifti(tmp_path / "scan.nii", marked_ct, MARKED_SPACING)
+    result = _cli("view", scan, "--plane", "coronal", "--index", "99", "--out", tmp_path / "x.png")
+    assert result.returncode == 2 and "0 to 19" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,90 @@
+"""render_slice shows a slice as a radiology viewer does: patient's right on the image's left, square pixels."""
+
+import time
+
+import numpy as np
+import pytest
+from conftest import MARKED_SPACING
+from PIL import Image
+
+from medvlm.errors import UserInputError
+from medvlm.view import render_slice, save_png, slice_count
+from medvlm.volume import Volume, load_volume
+from medvlm.writers import save_dicom_series
+
+WHITE = 200  # bone markers (1000 HU) are white in the soft-tissue window; tissue is mid grey, air black
+
+
+def _volume(data, spacing=MARKED_SPACING, modality="CT"):
+    return Volume(data=data, spacing=spacing, affine=np.eye(4), modality=modality, source="nifti",
+                  orientation="RAS")
+
+
+def test_axial_shows_the_patients_right_on_the_left_and_anterior_at_the_top(tmp_path, marked_ct):
+    save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, intercept=-1024, file_names="shuffled")
+    image = render_slice(load_volume(tmp_path), "axial")
+    height, width = image.shape
+    right_marker_rows = image[height // 2 - 1: height // 2 + 1]
+    assert right_marker_rows[:, :3].min() > WHITE  # the right-side marker: image's left edge
+    assert right_marker_rows[:, width // 2:].max() < WHITE
+    assert image[0, width // 2 - 1: width // 2 + 1].min() > WHITE  # the anterior marker: top row
+    assert image[-1].max() == 0  # the air behind the patient: bottom row
+
+
+def test_coronal_shows_superior_at_the_top_and_the_right_on_the_left(marked_ct):
+    image = render_slice(_volume(marked_ct), "coronal", index=10)
+    width = image.shape[1]
+    assert image[:, :3].min() > WHITE  # the right-side marker runs along the left edge
+    assert image[0, width // 2:].min() > WHITE  # the superior cap over the patient's left: top right
+    assert image[-1, width // 2:].max() < WHITE
+
+
+def test_sagittal_shows_anterior_on_the_left_and_superior_at_the_top(marked_ct):
+    through_anterior_marker = render_slice(_volume(marked_ct), "sagittal", index=12)
+    assert through_anterior_marker[:, 0].min() > WHITE
+    assert through_anterior_marker[:, -1].max() == 0  # air behind the patient on the right
+    through_cap = render_slice(_volume(marked_ct), "sagittal", index=5)
+    assert through_cap[0, 5:-5].min() > WHITE and through_cap[-1, 5:-5].max() < WHITE
+
+
+def test_pixels_are_square_in_millimetres():
+    volume = _volume(np.zeros((6, 16, 16), dtype=np.float32), spacing=(5.0, 0.5, 0.5))
+    assert render_slice(volume, "coronal").shape == (60, 16)  # 10 rows per 5 mm slice, not 1
+    assert render_slice(volume, "sagittal").shape == (60, 16)
+    assert render_slice(volume, "axial").shape == (16, 16)
+    assert [slice_count(volume, plane) for plane in ("axial", "coronal", "sagittal")] == [6, 16, 16]
+
+
+def test_middle_slice_by_default_and_out_of_range_names_the_range(marked_ct):
+    volume = _volume(marked_ct)
+    np.testing.assert_array_equal(render_slice(volume, "axial"), render_slice(volume, "axial", 4))
+    with pytest.raises(UserInputError, match="0 to 7"):
+        render_slice(volume, "axial", 8)
+    with pytest.raises(UserInputError, match="auto"):
+        render_slice(_volume(marked_ct, modality="MR"), "axial", window="lung")
+    with pytest.raises(UserInputError, match="axial, coronal, sagittal"):
+        render_slice(volume, "oblique")
+
+
+def test_windows_change_the_picture(marked_ct):
+    volume = _volume(marked_ct)
+    soft, bone = render_slice(volume, "axial", window="soft tissue"), render_slice(volume, "axial", window="bone")
+    assert soft.mean() > bone.mean()  # soft tissue is mid grey in its own window, near black in bone's
+    mr = render_slice(_volume(marked_ct, modality="MR"), "axial")
+    assert mr.dtype == np.uint8 and mr.max() == 255
+
+
+def test_a_512_axial_slice_renders_fast():
+    volume = _volume(np.random.default_rng(0).normal(40, 200, (40, 512, 512)).astype(np.float32), (1.0, 0.7, 0.7))
+    render_slice(volume, "axial")
+    start = time.perf_counter()
+    for index in range(10):
+        render_slice(volume, "axial", index)
+    assert (time.perf_counter() - start) / 10 < 0.1  # ≈ 1 ms alone; generous for a shared CI machine
+
+
+def test_save_png_writes_the_image(tmp_path, marked_ct):
+    image = render_slice(_volume(marked_ct), "axial")
+    np.testing.assert_array_equal(np.asarray(Image.open(save_png(image, tmp_path / "slice.png"))), image)
+    with pytest.raises(UserInputError, match="does not exist"):
+        save_png(image, tmp_path / "missing" / "slice.png")
