@@ -1,0 +1,75 @@
+"""The launched demo, driven through its API with gradio_client: upload, streamed report, two chat turns."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+
+from medvlm.writers import save_nifti
+from tests.test_app import app_module, torso_ct  # noqa: F401  (app_module is a fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(app_module):  # noqa: F811
+    """The app served on a free local port; yields its URL."""
+    demo = app_module.build_demo()
+    _, url, _ = app_module.launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                  quiet=True)
+    yield url
+    demo.close()
+
+
+def text_of(message: dict) -> str:
+    """A chatbot message's text: Gradio sends the content as a list of {"type": "text", "text"} blocks."""
+    return "".join(block["text"] for block in message["content"] if block.get("type") == "text")
+
+
+def test_upload_report_and_two_chat_turns(server, app_module, tmp_path, monkeypatch):  # noqa: F811
+    from gradio_client import Client, handle_file
+
+    scan = save_nifti(tmp_path / "torso.nii.gz", torso_ct(), (5.0, 1.0, 1.0), dtype=np.int16, modality="CT")
+    model = app_module.PIPELINE.model
+    encodings = []
+    choose = model.choose_slices
+    monkeypatch.setattr(model, "choose_slices", lambda *a, **k: encodings.append(1) or choose(*a, **k))
+
+    client = Client(server, verbose=False)
+    loaded = client.predict([handle_file(str(scan))], api_name="/load_scan")
+    status, card = loaded[0], loaded[1]
+    assert "reading the scan" in status and "CT (computed tomography)" in card
+    status, kept, _ = client.predict("axial", "soft tissue", 21, api_name="/encode_scan")
+    assert status.startswith("Ready") and len(encodings) == 1
+
+    job = client.submit(24, 0.0, 1.0, api_name="/report")
+    partial = [output[0] for output in job]
+    assert len(partial) >= 2 and partial[0] != partial[-1]
+    final = job.result()[0]
+    assert final.strip() and final == partial[-1]
+
+    first = client.predict("Which organ is abnormal?", 16, 0.0, 1.0, api_name="/chat")
+    job = client.submit("Where is the lesion?", 16, 0.0, 1.0, api_name="/chat")
+    updates = list(job)
+    history = job.result()[0]
+    assert len(updates) >= 2
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert history[:2] == first[0] and text_of(history[2]) == "Where is the lesion?" and text_of(history[3])
+    assert len(encodings) == 1  # one encoding for the report and both turns: the scan's tokens were reused
+
+
+def test_a_wrong_upload_answers_with_a_sentence(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    junk = tmp_path / "notes.nii.gz"
+    junk.write_bytes(b"this is not a scan")
+    status = Client(server, verbose=False).predict([handle_file(str(junk))], api_name="/load_scan")[0]
+    assert status.startswith("⚠️") and "\n" not in status
