@@ -56,13 +56,17 @@ def to_m3d(phantom: Phantom, shape: tuple[int, int, int]) -> tuple[np.ndarray, n
 
 
 def _lesion_truth(phantom: Phantom, factors: np.ndarray | None) -> list[dict]:
-    """Ground-truth lesion dicts; with zoom `factors`, `center_voxel` moves to the resized grid."""
+    """Ground-truth lesion dicts; with zoom `factors`, `center_voxel` moves to the resized grid.
+
+    `radius_voxels` (z, y, x): the sphere's semi-axes in voxels of that grid (anisotropic after resizing).
+    """
+    factors = np.ones(3) if factors is None else factors
+    grid_spacing = np.asarray(phantom.spacing) / factors
     lesions = []
     for lesion in phantom.lesion_dicts():
         lesion["source_center_voxel"] = lesion["center_voxel"]
-        if factors is not None:
-            resized = (np.asarray(lesion["center_voxel"]) + 0.5) * factors - 0.5
-            lesion["center_voxel"] = [float(c) for c in resized]
+        lesion["center_voxel"] = [float(c) for c in (np.asarray(lesion["center_voxel"]) + 0.5) * factors - 0.5]
+        lesion["radius_voxels"] = [float(r) for r in lesion["diameter_mm"] / 2 / grid_spacing]
         lesions.append(lesion)
     return lesions
 

@@ -126,3 +126,23 @@ def test_written_nifti_and_dicom_load_back_with_shape_and_spacing(phantom_set):
             assert list(volume.shape) == entry["source_shape"]
             assert np.allclose(volume.spacing, entry["source_spacing"], atol=1e-3)
             assert volume.modality == entry["modality"]
+
+
+def test_npy_ground_truth_points_at_the_lesion_in_the_m3d_array(phantom_set):
+    from medvlm.phantom_set import m3d_intensities
+    from medvlm.volume import load_volume
+
+    out, _ = phantom_set
+    truth = json.loads((out / "ground_truth.json").read_text())
+    checked = 0
+    for image, entry in truth.items():
+        index = int(image.split("_")[-1].removesuffix(".npy"))
+        phantom = make_phantom([3, index], entry["modality"].lower(), matrix=48)
+        source = m3d_intensities(phantom)
+        m3d = load_volume(out / image).data
+        for lesion in entry["lesions"]:
+            if min(lesion["radius_voxels"]) >= 1.0:
+                expected = source[tuple(np.round(lesion["source_center_voxel"]).astype(int))]
+                assert abs(m3d[tuple(np.round(lesion["center_voxel"]).astype(int))] - expected) < 0.15
+                checked += 1
+    assert checked > 0
