@@ -90,6 +90,7 @@ class Phantom:
     noise_sd: float = 0.0  # Gaussian noise s.d.: HU (CT), scaled units (MR), fraction of the value (PET)
 
     def lesion_dicts(self) -> list[dict]:
+        """The lesions as JSON-ready dicts (the ground-truth record)."""
         return [asdict(lesion) for lesion in self.lesions]
 
     def vqa(self, image_path: str, rng: np.random.Generator) -> list[dict]:
@@ -278,7 +279,7 @@ def make_ct(rng: np.random.Generator, matrix: int | None = None) -> Phantom:
     """CT torso in HU: fat, muscle, lungs, heart, liver, spleen, kidneys, aorta, spine, ribs; 0–3 lesions."""
     small = matrix is not None
     matrix, spacing_xy, spacing_z, slices = _acquisition(
-        rng, matrix, rng.uniform(360, 420), (0.6, 1.0) if not small else (0, 0),
+        rng, matrix, rng.uniform(360, 420), (0.6, 1.0),
         (0.625, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0), rng.uniform(120, 380), 64 if small else 300)
     coverage = slices * spacing_z
     lowest = max(-200.0, 40 - coverage)  # the scan always holds the lung bases and the liver dome

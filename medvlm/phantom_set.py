@@ -122,7 +122,8 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
         raise ValueError(f"cannot write {n} phantoms; ask for at least 1")
     bad = [f for f in formats if f not in FORMATS] + [m for m in modalities if m.lower() not in ("ct", "mr", "pt")]
     if bad or not formats or not modalities:
-        raise ValueError(f"unknown or missing phantom format/modality {bad}; formats {FORMATS}, modalities ct, mr, pt")
+        raise ValueError(f"cannot write phantoms with modalities {list(modalities)} and formats {list(formats)}; "
+                         "use modalities from ct, mr, pt and formats from npy, nifti, dicom")
     out = Path(out_dir)
     splits = assign_splits(n, seed, split)
     captions: dict[str, list] = {name: [] for name in SPLITS}
