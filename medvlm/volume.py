@@ -373,7 +373,8 @@ def _read_headers(files: list[Path]) -> list[tuple[Path, Any]]:
             header = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:
             continue
-        if "Rows" in header and "Columns" in header:  # (0028,0010), (0028,0011): an image
+        rows, columns = _first(header.get("Rows"), 0), _first(header.get("Columns"), 0)  # (0028,0010), (0028,0011)
+        if rows and columns and rows > 0 and columns > 0:  # an image
             headers.append((path, header))
     return headers
 
@@ -423,6 +424,7 @@ def _load_dicom(files: list[Path], name: str) -> Volume:
     rows, columns = int(first.Rows), int(first.Columns)
     if any((int(h.Rows), int(h.Columns)) != (rows, columns) for _, h in chosen):
         raise VolumeError(f"{name} mixes images of different sizes in one series; export the series again")
+    _check_grid((max(MIN_SLICES, _series_summary(chosen)["slices"]), rows, columns), name)  # before any frame loop
     images = [image for path, header in chosen for image in _images_of(path, header, name)]
     if any(not np.allclose(image.orientation, images[0].orientation, atol=1e-3) for image in images):
         raise VolumeError(f"{name} mixes slice orientations in one series; export each orientation as its own "
