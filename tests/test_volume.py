@@ -234,3 +234,15 @@ def test_colour_dicom_is_refused(tmp_path, marked_ct):
         ds.save_as(path)
     with pytest.raises(VolumeError, match="colour images are not supported"):
         load_volume(tmp_path)
+
+
+def test_a_zip_or_folder_holding_one_nifti_loads_it(tmp_path, marked_ct):
+    (tmp_path / "upload").mkdir()
+    nifti = save_nifti(tmp_path / "upload" / "scan.nii.gz", marked_ct, MARKED_SPACING, "LPS")
+    (tmp_path / "upload" / "sidecar.json").write_text("{}")
+    with zipfile.ZipFile(tmp_path / "scan.zip", "w") as zipped:
+        zipped.write(nifti, "scan.nii.gz")
+    for source in (tmp_path / "scan.zip", tmp_path / "upload"):
+        scan = load_volume(source)
+        _assert_same_scan(scan, marked_ct)
+        assert scan.source == "nifti" and scan.orientation == "LPS"
