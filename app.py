@@ -39,6 +39,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 PLANES = ["axial", "coronal", "sagittal"]
 # Letters at the image edges (left, right, top, bottom), radiological convention as `render_slice` draws.
 PLANE_EDGES = {"axial": "RLAP", "coronal": "RLSI", "sagittal": "APSI"}
+SOURCE_NAMES = {"nifti": "NIfTI", "dicom": "DICOM", "npy": "NumPy .npy"}
 MODALITY_NAMES = {"CT": "CT (computed tomography)", "MR": "MR (magnetic resonance)", "PT": "PET", "OT": "Other"}
 SUGGESTED_QUESTIONS = [
     "Which organ is abnormal?",
@@ -256,15 +257,19 @@ def scan_card(session: ScanSession) -> str:
         ("Spacing", f"{sx:.2f} × {sy:.2f} mm in-plane, {sz:.2f} mm between slices"),
         ("Field of view", f"{x * sx:.0f} × {y * sy:.0f} × {z * sz:.0f} mm"),
         ("Stored orientation", f"{volume.orientation} (shown in radiological convention)"),
-        ("Source", f"{volume.source.upper() if volume.source == 'npy' else volume.source.title()}, {session.label}"),
+        ("Source", f"{SOURCE_NAMES.get(volume.source, volume.source)}, {session.label}"),
     ]
     if meta.get("series_description"):
         rows.append(("Series", str(meta["series_description"])))
     if meta.get("manufacturer"):
         rows.append(("Manufacturer", str(meta["manufacturer"])))
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    notes = "".join(f"\n\n⚠️ {note}" for note in meta.get("notes", []) or [])
-    return f"| | |\n|---|---|\n{table}{notes}"
+    if len(rows) % 2:
+        rows.append(("", ""))
+    half = len(rows) // 2  # two facts per table row keeps the card short on a laptop screen
+    table = "\n".join(f"| **{a}** | {x} | **{b}** | {y} |" for (a, x), (b, y) in zip(rows[:half], rows[half:],
+                                                                                        strict=True))
+    notes = "".join(f"\n\nNote: {note}" for note in meta.get("notes", []) or [])
+    return f"| | | | |\n|---|---|---|---|\n{table}{notes}"
 
 
 # Slices -------------------------------------------------------------------------------------------
@@ -346,7 +351,7 @@ def model_badge(pipeline: Pipeline) -> str:
     about = pipeline.describe()
     badge = f"**Model:** `{about['checkpoint']}` on **{about['device']}** ({about['dtype']})"
     if about["demo"]:
-        badge += f" — ⚠️ **{DEMO_WARNING}**"
+        badge += f' — <span class="demo-warning">{DEMO_WARNING}</span>'
     return badge
 
 
@@ -447,7 +452,7 @@ CSS = """
 .slice-view {display: flex; flex-direction: column; align-items: center; gap: 4px;}
 .slice-frame {position: relative; background: #000; border-radius: 6px; padding: 18px; width: 100%;
               display: flex; justify-content: center;}
-.slice-image {max-height: 340px; max-width: 100%; object-fit: contain; image-rendering: auto;}
+.slice-image {width: 100%; height: 320px; object-fit: contain;}
 .edge {position: absolute; color: #ffd54f; font: 600 13px system-ui, sans-serif;}
 .edge-left {left: 5px; top: 50%; transform: translateY(-50%);}
 .edge-right {right: 5px; top: 50%; transform: translateY(-50%);}
@@ -464,6 +469,8 @@ CSS = """
 #report-box {min-height: 120px; max-height: 260px; overflow-y: auto; padding: 8px 12px;
              border: 1px solid var(--border-color-primary, #ddd); border-radius: 6px;}
 #status-line p {margin: 0;}
+#scan-card table {font-size: 13px; margin: 0;} #scan-card thead {display: none;}
+.demo-warning {color: #b91c1c; font-weight: 600;}
 #privacy-note {font-size: 12px; color: var(--body-text-color-subdued, #666);}
 """
 
@@ -474,23 +481,21 @@ def build_demo() -> gr.Blocks:
     with gr.Blocks(title="MedVLM 3D") as demo:
         session = gr.State(None, delete_callback=lambda old: old.release() if old is not None else None)
         with gr.Row(equal_height=False):
-            gr.Markdown("## MedVLM 3D — reports and answers about CT, MR and PET scans")
+            gr.Markdown("## MedVLM 3D\nReports and answers about CT, MR and PET scans")
             gr.Markdown(model_badge(PIPELINE), elem_id="model-badge")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 with gr.Row(equal_height=False):
                     upload = gr.File(label="Scan: NIfTI, .npy, DICOM files or a .zip", file_count="multiple",
-                                     height=110, scale=3)
+                                     height=110, scale=3, elem_id="scan-upload")
                     with gr.Column(scale=1, min_width=150):
-                        folder_upload = gr.UploadButton("📁 DICOM folder", file_count="directory", size="md")
+                        folder_upload = gr.UploadButton("Upload a DICOM folder", file_count="directory", size="md")
                         example_picker = gr.Dataset(
                             label="Examples", components=["textbox"], samples=[[n] for n in examples],
                             visible=bool(examples), layout="table", samples_per_page=8)
                         if not examples:
                             gr.Markdown("*No example scans in `assets/examples/`.*")
                 status = gr.Markdown("Upload a scan, or pick an example.", elem_id="status-line")
-                with gr.Accordion("Scan details", open=False):
-                    card = gr.Markdown(scan_card(ScanSession()))
                 with gr.Tabs():
                     with gr.Tab("Slices", id="slices"):
                         with gr.Row():
@@ -506,13 +511,14 @@ def build_demo() -> gr.Blocks:
                         threshold = gr.Slider(-1000, 2000, value=300, label="Surface threshold", interactive=False,
                                               elem_id="threshold-slider")
                         plot = gr.Plot(label="3D surface (drag to turn)", elem_id="plot-3d")
+                card = gr.Markdown(scan_card(ScanSession()), elem_id="scan-card")
             with gr.Column(scale=4):
                 with gr.Row():
-                    report_button = gr.Button("📝 Generate report", variant="primary", scale=2)
-                    stop_button = gr.Button("⏹ Stop", variant="stop", scale=1)
-                    clear_button = gr.Button("🗑 Clear", scale=1)
+                    report_button = gr.Button("Generate report", variant="primary", scale=2, elem_id="report-button")
+                    stop_button = gr.Button("Stop", variant="stop", scale=1)
+                    clear_button = gr.Button("Clear", scale=1)
                 report = gr.Markdown("", elem_id="report-box", label="Report")
-                download = gr.DownloadButton("⬇ Download report (.md)", visible=False, size="sm")
+                download = gr.DownloadButton("Download report (.md)", visible=False, size="sm")
                 chatbot = gr.Chatbot(label="Questions about this scan", height=300, elem_id="chatbot",
                                      placeholder="Ask about the scan: organs, lesions, location, size.")
                 with gr.Row():
@@ -520,7 +526,7 @@ def build_demo() -> gr.Blocks:
                                           scale=5, elem_id="question", submit_btn=False)
                     ask_button = gr.Button("Ask", variant="primary", scale=1, min_width=80)
                 suggestions = gr.Dataset(label="Suggested questions", components=[question],
-                                         samples=[[q] for q in SUGGESTED_QUESTIONS], layout="table")
+                                         samples=[[q] for q in SUGGESTED_QUESTIONS], layout="gallery")
                 with gr.Accordion("Generation settings", open=False):
                     max_new_tokens = gr.Slider(16, MAX_NEW_TOKENS, value=256, step=16, label="Max new tokens")
                     temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")

@@ -102,7 +102,7 @@ def figure_3d(volume: Volume, threshold: float | None = None) -> go.Figure:
     figure.update_layout(
         template="none", margin={"l": 0, "r": 0, "t": 0, "b": 0}, height=420, showlegend=False,
         paper_bgcolor="rgba(0,0,0,0)",
-        scene={"aspectmode": "data", "camera": {"eye": {"x": 0, "y": 1.8, "z": 0.35}, "up": {"x": 0, "y": 0, "z": 1}},
+        scene={"aspectmode": "data", "camera": {"eye": {"x": 0, "y": 2.4, "z": 0.5}, "up": {"x": 0, "y": 0, "z": 1}},
                "xaxis": {**axis, "title": {"text": "right →"}}, "yaxis": {**axis, "title": {"text": "anterior →"}},
                "zaxis": {**axis, "title": {"text": "superior →"}}})
     return figure

@@ -37,7 +37,7 @@ def text_of(message: dict) -> str:
 def test_upload_report_and_two_chat_turns(server, app_module, tmp_path, monkeypatch):  # noqa: F811
     from gradio_client import Client, handle_file
 
-    scan = save_nifti(tmp_path / "torso.nii.gz", torso_ct(), (5.0, 1.0, 1.0), dtype=np.int16, modality="CT")
+    scan = save_nifti(tmp_path / "torso.nii.gz", torso_ct(seed=11), (5.0, 1.0, 1.0), dtype=np.int16, modality="CT")
     model = app_module.PIPELINE.model
     encodings = []
     choose = model.choose_slices
@@ -47,7 +47,7 @@ def test_upload_report_and_two_chat_turns(server, app_module, tmp_path, monkeypa
     loaded = client.predict([handle_file(str(scan))], api_name="/load_scan")
     status, card = loaded[0], loaded[1]
     assert "reading the scan" in status and "CT (computed tomography)" in card
-    status, kept, _ = client.predict("axial", "soft tissue", 21, api_name="/encode_scan")
+    status, _, _ = client.predict("axial", "soft tissue", 21, api_name="/encode_scan")
     assert status.startswith("Ready") and len(encodings) == 1
 
     job = client.submit(24, 0.0, 1.0, api_name="/report")

@@ -1,0 +1,90 @@
+"""The demo in a real browser (Debian's Chromium driven by Playwright): what a clinician does, end to end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medvlm.writers import save_nifti
+from tests.test_app import ROOT, app_module, torso_ct  # noqa: F401  (app_module is a fixture)
+from tests.test_app_live import server  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+LAPTOP = {"width": 1366, "height": 768}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        message = f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
+        if os.environ.get("MEDVLM_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def example_scan(tmp_path: Path) -> Path:
+    """A NIfTI example from assets/examples when there is one, else a CT torso written for the test."""
+    shipped = sorted((ROOT / "assets" / "examples").glob("*.nii.gz"))
+    if shipped:
+        return shipped[0]
+    return save_nifti(tmp_path / "torso.nii.gz", torso_ct(), (5.0, 1.0, 1.0), dtype=np.int16, modality="CT")
+
+
+def test_a_clinician_session(browser, server, tmp_path):  # noqa: F811
+    page = browser.new_page(viewport=LAPTOP)
+    page.set_default_timeout(60_000)
+    page.goto(server)
+    page.locator("#model-badge").wait_for()
+
+    page.locator("#scan-upload input[type=file]").set_input_files(str(example_scan(tmp_path)))
+    page.locator("#status-line", has_text="Ready").wait_for()
+    image = page.locator("#slice-view img")
+    before = image.get_attribute("src")
+    page.locator("#slice-slider input[type=range]").fill("5")
+    page.wait_for_function("before => document.querySelector('#slice-view img').src !== before", arg=before)
+    assert "Axial 5 /" in page.locator("#slice-view").inner_text()
+
+    page.get_by_role("tab", name="3D").click()
+    page.locator("#plot-3d .js-plotly-plot").wait_for()
+    page.locator("#plot-3d .js-plotly-plot canvas").first.wait_for()
+    page.screenshot(path=str(tmp_path / "app-3d.png"))
+    page.get_by_role("tab", name="Slices").click()
+
+    page.evaluate("""() => {
+        window.reportLengths = [];
+        const box = document.querySelector('#report-box');
+        new MutationObserver(() => window.reportLengths.push(box.innerText.trim().length))
+            .observe(box, {childList: true, subtree: true, characterData: true});
+    }""")
+    page.locator("#report-button").click()
+    page.locator("button", has_text="Download report").wait_for()
+    lengths = [n for n in page.evaluate("window.reportLengths") if n]
+    assert len(set(lengths)) >= 2 and lengths[-1] == max(lengths), f"the report did not grow: {lengths}"
+
+    page.locator("#question textarea").fill("Where is the lesion?")
+    page.get_by_role("button", name="Ask", exact=True).click()
+    answer = page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']").last
+    answer.wait_for()
+    page.wait_for_function("() => !document.querySelector('#chatbot .generating, #chatbot .pending')")
+    assert "Where is the lesion?" in page.locator("#chatbot").inner_text()
+
+    screenshot = tmp_path / "app.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    (ROOT / "test-output").mkdir(exist_ok=True)
+    for name in ("app.png", "app-3d.png"):
+        shutil.copy(tmp_path / name, ROOT / "test-output" / name)
+    page.close()
