@@ -538,18 +538,19 @@ def build_demo() -> gr.Blocks:
                         report, download]
         viewer = {"show_progress": "hidden", "concurrency_limit": 4}
         gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}
-        loads = (
-            upload.upload(load_scan, [upload, session], scan_outputs, api_name="load_scan", **viewer),
-            folder_upload.upload(load_scan, [folder_upload, session], scan_outputs, api_name="load_folder", **viewer),
-            example_picker.click(load_example, [example_picker, session], scan_outputs, api_name="load_example",
-                                 **viewer),
-        )
-        for number, loaded in enumerate(loads):  # the first chain's steps are the API's, the others private
-            names = {"api_name": "encode_scan"} if number == 0 else {"api_visibility": "private"}
-            loaded.then(encode_scan, [session, plane, window, slice_slider], [status, kept, slice_view], **names,
-                        **gpu)
-            names = {"api_name": "scan_3d"} if number == 0 else {"api_visibility": "private"}
-            loaded.then(show_3d, [session, threshold], plot, **names, **viewer)
+        loads = {
+            "scan": upload.upload(load_scan, [upload, session], scan_outputs, api_name="load_scan", **viewer),
+            "folder": folder_upload.upload(load_scan, [folder_upload, session], scan_outputs, api_name="load_folder",
+                                           **viewer),
+            "example": example_picker.click(load_example, [example_picker, session], scan_outputs,
+                                            api_name="load_example", **viewer),
+        }
+        for kind, loaded in loads.items():  # after any load: encode and draw; the upload's chain is the API's
+            visibility = "public" if kind == "scan" else "private"
+            loaded.then(encode_scan, [session, plane, window, slice_slider], [status, kept, slice_view],
+                        api_name=f"encode_{kind}", api_visibility=visibility, **gpu)
+            loaded.then(show_3d, [session, threshold], plot, api_name=f"{kind}_3d", api_visibility=visibility,
+                        **viewer)
 
         plane.input(change_plane, [session, plane, window], [slice_slider, slice_view], api_name="change_plane",
                     **viewer)
@@ -567,9 +568,10 @@ def build_demo() -> gr.Blocks:
             trigger(chat, [question, session, *settings], [chatbot, question], api_name=name, **gpu)
             for trigger, name in ((ask_button.click, "chat"), (question.submit, "chat_submit"))
         ]
-        suggestion_event = suggestions.click(lambda sample: sample[0], suggestions, question, api_visibility="private",
-                                             queue=False).then(chat, [question, session, *settings],
-                                                               [chatbot, question], api_visibility="private", **gpu)
+        suggestion_event = suggestions.click(
+            lambda sample: sample[0], suggestions, question, api_name="suggest", api_visibility="private", queue=False,
+        ).then(chat, [question, session, *settings], [chatbot, question], api_name="chat_suggested",
+               api_visibility="private", **gpu)
         running = [report_event, *chat_events, suggestion_event]
         stop_button.click(stop_generation, session, None, cancels=running, api_name="stop", queue=False)
         clear_button.click(clear_conversation, session, [chatbot, report, download], cancels=running,
@@ -579,12 +581,13 @@ def build_demo() -> gr.Blocks:
 
 
 def launch(demo: gr.Blocks, **options):
-    """Serve the page: 0.0.0.0:7860 unless GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (or `options`) say otherwise.
+    """Serve the page: 0.0.0.0:7860 unless GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (or PORT, as Deta Space
+    sets it, or `options`) say otherwise.
 
     One model event at a time (one GPU); viewer events run four at a time.
     """
     settings = {"server_name": os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
-                "server_port": int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                "server_port": int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860),
                 "max_file_size": MAX_UPLOAD_BYTES, "css": CSS, "theme": gr.themes.Soft(), **options}
     return demo.queue(default_concurrency_limit=1).launch(**settings)
 
