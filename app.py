@@ -538,12 +538,13 @@ def build_demo() -> gr.Blocks:
                         report, download]
         viewer = {"show_progress": "hidden", "concurrency_limit": 4}
         gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}
+        loading = {"show_progress": "minimal", "concurrency_limit": 4}  # reading a big series takes seconds
         loads = {
-            "scan": upload.upload(load_scan, [upload, session], scan_outputs, api_name="load_scan", **viewer),
+            "scan": upload.upload(load_scan, [upload, session], scan_outputs, api_name="load_scan", **loading),
             "folder": folder_upload.upload(load_scan, [folder_upload, session], scan_outputs, api_name="load_folder",
-                                           **viewer),
+                                           **loading),
             "example": example_picker.click(load_example, [example_picker, session], scan_outputs,
-                                            api_name="load_example", **viewer),
+                                            api_name="load_example", **loading),
         }
         for kind, loaded in loads.items():  # after any load: encode and draw; the upload's chain is the API's
             visibility = "public" if kind == "scan" else "private"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -189,6 +190,17 @@ def test_a_new_upload_starts_a_new_conversation(app_module, ct_nifti, tmp_path):
     fresh, outputs = loaded(app_module, [other], session)
     assert fresh is not session and fresh.messages == [] and outputs[9] == []
     assert session.volume is None  # the old scan was released
+
+
+def test_closing_the_tab_releases_the_scan_and_its_files(app_module, ct_nifti):
+    tab = SimpleNamespace(session_hash="tab-1")  # what Gradio passes as gr.Request
+    session = app_module.load_scan([str(ct_nifti)], None, tab)[0]
+    list(app_module.generate_report(session, 8, 0.0, 1.0))
+    folder, fingerprint = session.folder, session.volume.fingerprint
+    assert folder.is_dir() and fingerprint in app_module.PIPELINE._encodings
+    app_module.end_session(tab)
+    assert session.volume is None and session.messages == [] and session.report == ""
+    assert not folder.exists() and fingerprint not in app_module.PIPELINE._encodings
 
 
 def test_stop_ends_the_generation_thread(app_module, ct_nifti):

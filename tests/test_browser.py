@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def example_scan(tmp_path: Path) -> Path:
     return save_nifti(tmp_path / "torso.nii.gz", torso_ct(), (5.0, 1.0, 1.0), dtype=np.int16, modality="CT")
 
 
-def test_a_clinician_session(browser, server, tmp_path):  # noqa: F811
+def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F811
     page = browser.new_page(viewport=LAPTOP)
     page.set_default_timeout(60_000)
     page.goto(server)
@@ -87,4 +88,11 @@ def test_a_clinician_session(browser, server, tmp_path):  # noqa: F811
     (ROOT / "test-output").mkdir(exist_ok=True)
     for name in ("app.png", "app-3d.png"):
         shutil.copy(tmp_path / name, ROOT / "test-output" / name)
-    page.close()
+
+    open_sessions = len(app_module._OPEN_SESSIONS)
+    page.close()  # the tab closes: its session is released
+    for _ in range(100):
+        if len(app_module._OPEN_SESSIONS) < open_sessions:
+            break
+        time.sleep(0.1)
+    assert len(app_module._OPEN_SESSIONS) < open_sessions
