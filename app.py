@@ -253,10 +253,10 @@ def scan_card(session: ScanSession) -> str:
     meta = volume.meta
     rows = [
         ("Modality", MODALITY_NAMES.get(volume.modality, volume.modality)),
-        ("Dimensions", f"{x} × {y} voxels × {z} axial slices"),
+        ("Size", f"{x} × {y} voxels × {z} axial slices"),
         ("Spacing", f"{sx:.2f} × {sy:.2f} mm in-plane, {sz:.2f} mm between slices"),
         ("Field of view", f"{x * sx:.0f} × {y * sy:.0f} × {z * sz:.0f} mm"),
-        ("Stored orientation", f"{volume.orientation} (shown in radiological convention)"),
+        ("Orientation", f"{volume.orientation} as stored, shown radiologically"),
         ("Source", f"{SOURCE_NAMES.get(volume.source, volume.source)}, {session.label}"),
     ]
     if meta.get("series_description"):
@@ -452,7 +452,7 @@ CSS = """
 .slice-view {display: flex; flex-direction: column; align-items: center; gap: 4px;}
 .slice-frame {position: relative; background: #000; border-radius: 6px; padding: 18px; width: 100%;
               display: flex; justify-content: center;}
-.slice-image {width: 100%; height: 320px; object-fit: contain;}
+.slice-image {width: 100%; height: 300px; object-fit: contain;}
 .edge {position: absolute; color: #ffd54f; font: 600 13px system-ui, sans-serif;}
 .edge-left {left: 5px; top: 50%; transform: translateY(-50%);}
 .edge-right {right: 5px; top: 50%; transform: translateY(-50%);}
@@ -470,6 +470,7 @@ CSS = """
              border: 1px solid var(--border-color-primary, #ddd); border-radius: 6px;}
 #status-line p {margin: 0;}
 #scan-card table {font-size: 13px; margin: 0;} #scan-card thead {display: none;}
+#scan-card td:nth-child(odd) {white-space: nowrap;}
 .demo-warning {color: #b91c1c; font-weight: 600;}
 #privacy-note {font-size: 12px; color: var(--body-text-color-subdued, #666);}
 """
@@ -481,7 +482,7 @@ def build_demo() -> gr.Blocks:
     with gr.Blocks(title="MedVLM 3D") as demo:
         session = gr.State(None, delete_callback=lambda old: old.release() if old is not None else None)
         with gr.Row(equal_height=False):
-            gr.Markdown("## MedVLM 3D\nReports and answers about CT, MR and PET scans")
+            gr.Markdown("### MedVLM 3D — reports and answers about CT, MR and PET scans")
             gr.Markdown(model_badge(PIPELINE), elem_id="model-badge")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
@@ -498,13 +499,13 @@ def build_demo() -> gr.Blocks:
                 status = gr.Markdown("Upload a scan, or pick an example.", elem_id="status-line")
                 with gr.Tabs():
                     with gr.Tab("Slices", id="slices"):
+                        slice_view = gr.HTML(slice_html(None, "axial", None, None), elem_id="slice-view")
+                        slice_slider = gr.Slider(1, 2, value=1, step=1, label="Slice", interactive=False,
+                                                 elem_id="slice-slider")
                         with gr.Row():
                             plane = gr.Radio(PLANES, value="axial", label="Plane", scale=3)
                             window = gr.Dropdown(window_names("CT"), value=default_window("CT"), label="Window",
                                                  scale=2)
-                        slice_view = gr.HTML(slice_html(None, "axial", None, None), elem_id="slice-view")
-                        slice_slider = gr.Slider(1, 2, value=1, step=1, label="Slice", interactive=False,
-                                                 elem_id="slice-slider")
                         kept = gr.Radio([], label="Slices the model kept (axial, green marks) — click one to view it",
                                         elem_id="kept-slices")
                     with gr.Tab("3D", id="3d"):
