@@ -93,8 +93,12 @@ def _csv(text: str) -> list[str]:
 def cmd_phantom(args: argparse.Namespace) -> None:
     from .phantom import write_phantom_set
 
+    npy_shape = tuple(int(side) for side in _csv(args.npy_shape))
+    if len(npy_shape) != 3:
+        raise UsageError("phantom: --npy-shape takes three sizes, Z,Y,X (e.g. 32,256,256)")
     summary = write_phantom_set(args.out, n=args.n, seed=args.seed, modalities=tuple(_csv(args.modality)),
-                                formats=tuple(_csv(args.format)), split=args.split)
+                                formats=tuple(_csv(args.format)), split=args.split, matrix=args.matrix,
+                                npy_shape=npy_shape)
     print(json.dumps(summary))
 
 
@@ -155,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--format", default="npy", help="comma-separated: npy, nifti, dicom (first is used "
                                                          "in the JSON and CSVs)")
     phantom.add_argument("--split", default=None, help="put every volume in this split (train, validation, test)")
+    phantom.add_argument("--matrix", type=int, default=None,
+                         help="in-plane size (e.g. 160) for small, fast volumes; default: realistic 256-512")
+    phantom.add_argument("--npy-shape", default="32,256,256", help="Z,Y,X of the M3D .npy arrays")
     phantom.set_defaults(run=cmd_phantom)
 
     train = commands.add_parser("train", help="train a checkpoint with accelerate from a preset")

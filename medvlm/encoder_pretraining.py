@@ -35,14 +35,17 @@ def lesion_classes(ground_truth: dict) -> list[str]:
                    for lesion in entry["lesions"]})
 
 
-def lesion_coverage(volume: Volume, lesions: list[dict], classes: list[str], num_inputs: int, size: int) -> np.ndarray:
-    """How much of each encoder-input pixel each lesion class covers: (Z', classes, S, S) float32.
+def lesion_coverage(volume: Volume, truth: dict, classes: list[str], num_inputs: int, size: int) -> np.ndarray:
+    """Which encoder-input pixels each lesion class covers: (Z', classes, S, S) float32 in {0, 1}.
 
-    Lesions are spheres (`center_voxel` (z, y, x) in `volume.data`, `diameter_mm`). The geometry
-    follows `encoder_input`: display orientation, padded square, resized to S, Z' slabs.
+    `truth` is the scan's ground-truth entry: lesions are spheres (`center_voxel` (z, y, x) in
+    `volume.data`, `diameter_mm`) on a grid of `truth["spacing"]` mm (an M3D .npy loads as 1 mm
+    voxels, but its real spacing is there). The geometry follows `encoder_input`: display
+    orientation, padded square, resized to S, Z' slabs.
     """
+    lesions = truth.get("lesions", [])
     slices, rows, cols = volume.shape
-    spacing_z, spacing_y, spacing_x = volume.spacing
+    spacing_z, spacing_y, spacing_x = truth.get("spacing", volume.spacing)
     side = max(rows, cols)
     top, left = (side - rows) // 2, (side - cols) // 2
     scale = size / side
@@ -93,10 +96,10 @@ def build_slice_set(config: MedVLMConfig, root: Path, images: list[str], ground_
     for image in tqdm(images, desc="preparing slices", disable=not progress, unit="scan"):
         volume = load_volume(root / image)
         pixel_values, _ = encoder_input(volume, config)
-        lesions = ground_truth.get(image, {}).get("lesions", [])
+        truth = ground_truth.get(image, {})
         inputs.append(pixel_values.half())
         coverage.append(torch.from_numpy(
-            lesion_coverage(volume, lesions, classes, pixel_values.shape[0], config.image_size) * 255
+            lesion_coverage(volume, truth, classes, pixel_values.shape[0], config.image_size) * 255
         ).to(torch.uint8))
         modality.append(torch.full((pixel_values.shape[0],), MODALITIES.index(volume.modality)))
     return SliceSet(torch.cat(inputs), torch.cat(coverage), torch.cat(modality))

@@ -226,8 +226,10 @@ class MedVLMForConditionalGeneration(MedVLMPreTrainedModel):
         encoded (the training feature cache); or per-scan `pixel_values` and `heights`.
         Returns the language model's CausalLMOutput (loss when `labels` are given).
         """
-        if visual_tokens is None and scans is not None:
-            visual_tokens = self.visual_tokens_from_slices(scans).visual_tokens
+        if visual_tokens is None and scans is not None:  # a scan asked about several times is encoded once
+            unique = list({id(scan): scan for scan in scans}.values())
+            row = {id(scan): index for index, scan in enumerate(unique)}
+            visual_tokens = self.visual_tokens_from_slices(unique).visual_tokens[[row[id(s)] for s in scans]]
         if visual_tokens is None and pixel_values is not None:
             visual_tokens = self.get_image_features(pixel_values, heights).visual_tokens
         if visual_tokens is None:

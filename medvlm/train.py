@@ -122,6 +122,35 @@ class Collator:
                 "scans": [self.cache[s.image] for s in samples]}
 
 
+class ScanGroupedBatches(torch.utils.data.Sampler):
+    """Batches of sample indices in which each scan brings up to `samples_per_scan` of its samples.
+
+    Every sample appears once per epoch, in a new random order each epoch; a scan's visual tokens
+    are then computed once for all its samples in a batch, which is most of the cost of a step.
+    """
+
+    def __init__(self, samples: list[Sample], batch_size: int, samples_per_scan: int, seed: int, epoch: int = 0):
+        self.by_image: dict[str, list[int]] = {}
+        for index, sample in enumerate(samples):
+            self.by_image.setdefault(sample.image, []).append(index)
+        self.total, self.batch_size, self.samples_per_scan = len(samples), batch_size, samples_per_scan
+        self.seed, self.epoch = seed, epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.total / self.batch_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        self.epoch += 1
+        groups = []
+        for indices in self.by_image.values():
+            shuffled = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+            groups += [shuffled[i:i + self.samples_per_scan] for i in range(0, len(shuffled), self.samples_per_scan)]
+        flat = [index for position in torch.randperm(len(groups), generator=generator).tolist()
+                for index in groups[position]]
+        return iter([flat[start:start + self.batch_size] for start in range(0, len(flat), self.batch_size)])
+
+
 def set_trainable(model: MedVLMForConditionalGeneration, parts: list[str]) -> list[torch.nn.Parameter]:
     """Freeze everything, then unfreeze the named parts; the slice encoder is never trained here."""
     unknown = set(parts) - set(TRAINABLE_PARTS)
@@ -177,9 +206,8 @@ def run_stage(stage: dict, model, tokenizer, cache: FeatureCache, train_samples:
     validation = [s for s in val_samples if s.task in stage["tasks"]][:256]
     collate = Collator(tokenizer, cache, model.config.image_token, model.config.num_visual_tokens,
                        preset["max_length"])
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(samples, batch_size=stage["batch_size"], shuffle=True, collate_fn=collate,
-                        generator=generator, drop_last=len(samples) > stage["batch_size"])
+    batches = ScanGroupedBatches(samples, stage["batch_size"], stage.get("samples_per_scan", 1), seed)
+    loader = DataLoader(samples, batch_sampler=batches, collate_fn=collate)
     val_loader = DataLoader(validation, batch_size=stage["batch_size"], collate_fn=collate)
     parameters = set_trainable(model, stage["trainable"])
     optimizer = torch.optim.AdamW(parameters, lr=stage["lr"], weight_decay=preset.get("weight_decay", 0.0))
@@ -193,6 +221,7 @@ def run_stage(stage: dict, model, tokenizer, cache: FeatureCache, train_samples:
     if epochs_done:
         accelerator.load_state(epochs_done[-1])
         first_epoch = int(epochs_done[-1].name.split("-")[1]) + 1
+        batches.epoch = first_epoch
         accelerator.print(f"stage {name}: resuming after epoch {first_epoch}")
     start = time.perf_counter()
     step = first_epoch * len(loader)
