@@ -13,7 +13,7 @@ from .configuration import MedVLMConfig
 
 @dataclass
 class SliceFeatures:
-    """What the encoder gives for Z slices: patch grids (Z, h, w, C) and pooled embeddings (Z, C)."""
+    """What the encoder gives for Z slices: patch grids (Z, h, w, C) and pooled embeddings (Z, 2C)."""
 
     patches: torch.Tensor
     pooled: torch.Tensor
@@ -47,7 +47,8 @@ class SliceEncoder(nn.Module):
     Any transformers vision tower (ViT, CLIP, SigLIP, DINOv2) built from `config.vision_config`,
     or an open_clip trunk (`config.encoder_backend = "open_clip"`). Patch tokens are the last
     h·w tokens of the tower's output (class and register tokens come first); the pooled
-    embedding is their mean, the same for every backend.
+    embedding is their mean and their channel-wise maximum side by side, the same for every
+    backend: the mean follows the anatomy, the maximum changes when a small lesion comes into view.
     """
 
     def __init__(self, config: MedVLMConfig):
@@ -76,7 +77,7 @@ class SliceEncoder(nn.Module):
         return output.last_hidden_state
 
     def forward(self, pixel_values: torch.Tensor) -> SliceFeatures:
-        """pixel_values (Z, 3, S, S) → SliceFeatures with patches (Z, S/p, S/p, C), pooled (Z, C).
+        """pixel_values (Z, 3, S, S) → SliceFeatures with patches (Z, S/p, S/p, C), pooled (Z, 2C).
 
         S may be smaller than the configured size (a cheap preview); position embeddings are
         interpolated. Runs in chunks of `encoder_batch_size` slices, without autograd when frozen.
@@ -89,4 +90,5 @@ class SliceEncoder(nn.Module):
                 tokens = self._tokens(chunk.to(dtype))[:, -side * side:]  # (n, h·w, C)
                 grids.append(tokens.unflatten(1, (side, side)))
         patches = torch.cat(grids)
-        return SliceFeatures(patches=patches, pooled=patches.mean(dim=(1, 2)))
+        pooled = torch.cat([patches.mean(dim=(1, 2)), patches.amax(dim=(1, 2))], dim=-1)
+        return SliceFeatures(patches=patches, pooled=pooled)

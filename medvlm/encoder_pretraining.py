@@ -3,8 +3,8 @@
 The real recipe starts from BiomedCLIP, pre-trained on PMC-15M and kept frozen. The demo has
 no such encoder, so it makes one the same way in spirit: a ViT pre-trained on 2D slices with
 supervision it can get for free, here the phantoms' ground truth. Each patch learns how much of
-it each kind of lesion covers, and each slice its modality; the pooled embedding (the mean patch
-token, used by slice selection) thereby changes when a lesion comes into view.
+it each kind of lesion covers, and each slice its modality; the pooled embedding used by slice
+selection thereby changes when a lesion comes into view.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class SliceHeads(nn.Module):
     def __init__(self, width: int, num_classes: int):
         super().__init__()
         self.coverage = nn.Linear(width, num_classes)
-        self.modality = nn.Linear(width, len(MODALITIES))
+        self.modality = nn.Linear(2 * width, len(MODALITIES))  # on the pooled (mean, max) embedding
 
     def forward(self, patches: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.coverage(patches), self.modality(pooled)

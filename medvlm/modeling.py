@@ -186,6 +186,16 @@ class MedVLMForConditionalGeneration(MedVLMPreTrainedModel):
         compressed = self.compressor(fused, slice_mask)  # (B, N, d)
         return VisualEncoding(self.multi_modal_projector(compressed), [scan.kept for scan in scans], gate)
 
+    def visual_tokens_per_sample(self, scans: list[ScanSlices]) -> torch.Tensor:
+        """Visual tokens (B, N, H) for a batch that may ask about the same scan several times.
+
+        Each distinct scan (by identity, as a feature cache hands them out) goes through stages
+        3–5 once; its tokens are shared by all its samples.
+        """
+        unique = list({id(scan): scan for scan in scans}.values())
+        row = {id(scan): index for index, scan in enumerate(unique)}
+        return self.visual_tokens_from_slices(unique).visual_tokens[[row[id(scan)] for scan in scans]]
+
     def get_image_features(self, pixel_values: list[torch.Tensor], heights: list[torch.Tensor]) -> VisualEncoding:
         """All five stages: per scan pixel_values (Z_i, 3, S, S) and heights (Z_i,) → VisualEncoding."""
         scans = [self.choose_slices(p, h) for p, h in zip(pixel_values, heights, strict=True)]
@@ -226,10 +236,8 @@ class MedVLMForConditionalGeneration(MedVLMPreTrainedModel):
         encoded (the training feature cache); or per-scan `pixel_values` and `heights`.
         Returns the language model's CausalLMOutput (loss when `labels` are given).
         """
-        if visual_tokens is None and scans is not None:  # a scan asked about several times is encoded once
-            unique = list({id(scan): scan for scan in scans}.values())
-            row = {id(scan): index for index, scan in enumerate(unique)}
-            visual_tokens = self.visual_tokens_from_slices(unique).visual_tokens[[row[id(s)] for s in scans]]
+        if visual_tokens is None and scans is not None:
+            visual_tokens = self.visual_tokens_per_sample(scans)
         if visual_tokens is None and pixel_values is not None:
             visual_tokens = self.get_image_features(pixel_values, heights).visual_tokens
         if visual_tokens is None:

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, get_cosine_schedule_with_warmup
@@ -33,6 +35,7 @@ from .tokenizer import IMAGE_TOKEN, train_tokenizer
 from .volume import load_volume
 
 PRESETS = Path(__file__).resolve().parent / "presets"
+GROUND_TRUTH = "ground_truth.json"
 TRAINABLE_PARTS = {
     "fusion": ("input_projection", "slice_heights", "fusion"),
     "compressor": ("compressor",),
@@ -96,15 +99,57 @@ def build_model(preset: dict, tokenizer, root: Path, images: list[str], progress
     return model, encoder.summary
 
 
+def finding_targets(root: Path, images: list[str]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Per scan, which "organ kind side" findings its phantom ground truth holds: (classes, multi-hot).
+
+    Empty when the data has no ground_truth.json (the real M3D data).
+    """
+    path = root / GROUND_TRUTH
+    if not path.exists():
+        return [], {}
+    truth = json.loads(path.read_text())
+    names = {image: {f"{lesion['organ']} {lesion['kind']} {lesion['side']}" for lesion in truth[image]["lesions"]}
+             for image in images if image in truth}
+    classes = sorted(set().union(*names.values())) if names else []
+    targets = {image: torch.tensor([float(c in found) for c in classes]) for image, found in names.items()}
+    return classes, targets
+
+
+class TrainingObjective(nn.Module):
+    """What a stage minimises: the LM loss on the answers, plus, where the data has a phantom
+    ground truth and the stage asks for it (`finding_loss`), a linear probe on the visual tokens
+    that must tell which findings the scan holds. The probe makes the visual tokens carry the
+    findings from the start, so the LM learns to read them instead of guessing from its prior;
+    it is not part of the saved checkpoint.
+    """
+
+    def __init__(self, model: MedVLMForConditionalGeneration, num_findings: int, finding_loss: float):
+        super().__init__()
+        self.model = model
+        self.finding_loss = finding_loss if num_findings else 0.0
+        hidden = model.config.text_config.hidden_size
+        self.probe = nn.Linear(2 * hidden, num_findings) if self.finding_loss else None
+
+    def forward(self, input_ids, attention_mask, labels, scans, finding_targets=None) -> torch.Tensor:
+        visual_tokens = self.model.visual_tokens_per_sample(scans)
+        loss = self.model(input_ids, attention_mask=attention_mask, visual_tokens=visual_tokens, labels=labels).loss
+        if self.probe is not None and finding_targets is not None:
+            summary = torch.cat([visual_tokens.mean(1), visual_tokens.amax(1)], dim=-1)
+            loss = loss + self.finding_loss * F.binary_cross_entropy_with_logits(self.probe(summary), finding_targets)
+        return loss
+
+
 @dataclass
 class Collator:
-    """Samples → a padded batch: input_ids, attention_mask, labels (B, T) and the scans' cached features."""
+    """Samples → a padded batch: input_ids, attention_mask, labels (B, T), the scans' cached features
+    and, with a phantom ground truth, their finding targets (B, F)."""
 
     tokenizer: object
     cache: FeatureCache
     image_token: str
     num_visual_tokens: int
     max_length: int
+    findings: dict[str, torch.Tensor] | None = None
 
     def __call__(self, samples: list[Sample]) -> dict:
         encoded = [build_labels(self.tokenizer, s.messages, self.image_token, self.num_visual_tokens,
@@ -118,8 +163,11 @@ class Collator:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, : len(ids)] = torch.tensor(targets)
             attention_mask[row, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "scans": [self.cache[s.image] for s in samples]}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "scans": [self.cache[s.image] for s in samples]}
+        if self.findings:
+            batch["finding_targets"] = torch.stack([self.findings[s.image] for s in samples])
+        return batch
 
 
 class ScanGroupedBatches(torch.utils.data.Sampler):
@@ -168,7 +216,7 @@ def validation_loss(model, loader, accelerator: Accelerator) -> float:
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
-        loss = model(**batch).loss
+        loss = model(**batch)
         total += accelerator.gather(loss.detach()[None]).sum().item()
         count += accelerator.num_processes
     model.train()
@@ -194,7 +242,7 @@ class MetricsLog:
 
 def run_stage(stage: dict, model, tokenizer, cache: FeatureCache, train_samples: list[Sample],
               val_samples: list[Sample], preset: dict, accelerator: Accelerator, out: Path, log: MetricsLog,
-              seed: int) -> None:
+              seed: int, findings: tuple[list[str], dict[str, torch.Tensor]] = ([], {})) -> None:
     """One training stage: its tasks, its trainable parts, AdamW + cosine schedule, a state per epoch."""
     name = stage["name"]
     state_dir = out / "state" / name
@@ -204,17 +252,21 @@ def run_stage(stage: dict, model, tokenizer, cache: FeatureCache, train_samples:
         return
     samples = [s for s in train_samples if s.task in stage["tasks"]]
     validation = [s for s in val_samples if s.task in stage["tasks"]][:256]
+    classes, targets = findings
+    objective = TrainingObjective(model, len(classes), stage.get("finding_loss", 0.0))
     collate = Collator(tokenizer, cache, model.config.image_token, model.config.num_visual_tokens,
-                       preset["max_length"])
+                       preset["max_length"], targets if objective.probe is not None else None)
     batches = ScanGroupedBatches(samples, stage["batch_size"], stage.get("samples_per_scan", 1), seed)
     loader = DataLoader(samples, batch_sampler=batches, collate_fn=collate)
     val_loader = DataLoader(validation, batch_size=stage["batch_size"], collate_fn=collate)
     parameters = set_trainable(model, stage["trainable"])
+    if objective.probe is not None:
+        parameters += list(objective.probe.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=stage["lr"], weight_decay=preset.get("weight_decay", 0.0))
     total_steps = stage["epochs"] * math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(preset.get("warmup_ratio", 0.0) * total_steps),
                                                 total_steps)
-    wrapped, optimizer, loader, val_loader, scheduler = accelerator.prepare(model, optimizer, loader, val_loader,
+    wrapped, optimizer, loader, val_loader, scheduler = accelerator.prepare(objective, optimizer, loader, val_loader,
                                                                             scheduler)
     first_epoch = 0
     epochs_done = sorted(state_dir.glob("epoch-*"))
@@ -231,7 +283,7 @@ def run_stage(stage: dict, model, tokenizer, cache: FeatureCache, train_samples:
                         disable=not accelerator.is_local_main_process)
         for batch in progress:
             with accelerator.accumulate(wrapped):
-                loss = wrapped(**batch).loss
+                loss = wrapped(**batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(parameters, 1.0)
@@ -294,10 +346,11 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     model, encoder_summary = build_model(preset, tokenizer, root, images, accelerator.is_local_main_process, seed)
     cache = cache_features(model, train_samples + val_samples, root, work / "features", accelerator)
     log = MetricsLog(work / "metrics.csv", accelerator.is_main_process)
+    findings = finding_targets(root, sorted({s.image for s in train_samples + val_samples}))
     for stage in preset["stages"]:
-        run_stage(stage, model, tokenizer, cache, train_samples, val_samples, preset, accelerator, work, log, seed)
+        run_stage(stage, model, tokenizer, cache, train_samples, val_samples, preset, accelerator, work, log, seed,
+                  findings)
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(model)
         model.requires_grad_(False)
         model.to(getattr(torch, preset.get("save_dtype", "float32"))).save_pretrained(out)
         tokenizer.save_pretrained(out)
