@@ -1,0 +1,102 @@
+"""Training, the feature cache and evaluation, end to end on a tiny preset and a few phantoms."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medvlm.data import Sample
+from medvlm.features import FeatureCache
+from medvlm.modeling import MedVLMForConditionalGeneration
+from medvlm.phantom import write_phantom_set
+from medvlm.pipeline import Pipeline
+from medvlm.train import ScanGroupedBatches, finding_targets, train
+from medvlm.volume import load_volume
+
+ROOT = Path(__file__).resolve().parent.parent
+EVAL_KEYS = {"closed_accuracy", "open_rouge1", "report_bleu1", "report_rouge1", "report_meteor", "report_bertscore",
+             "finding_f1", "finding_recall_small", "finding_recall_large", "size_mae_mm", "n"}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantoms")
+    write_phantom_set(folder, n=9, seed=3, formats=("nifti",), matrix=64)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "checkpoint"
+    train("tiny", phantoms, out, seed=0)
+    return out
+
+
+def test_training_writes_a_checkpoint_the_pipeline_loads(trained, phantoms):
+    assert (trained / "model.safetensors").exists() and (trained / "tokenizer.json").exists()
+    summary = json.loads((trained / "training.json").read_text())
+    assert summary["train_scans"] >= 5 and summary["encoder_pretraining"]["slices"] > 0
+    pipeline = Pipeline.from_pretrained(trained)
+    assert pipeline.model.slice_encoder.frozen
+    assert pipeline.describe()["demo"] is True
+    volume = load_volume(phantoms / "ct" / "phantom_00000.nii.gz")
+    assert isinstance("".join(pipeline.report(volume, max_new_tokens=8)), str)
+
+
+def test_training_resumes_instead_of_starting_again(trained, phantoms):
+    work = trained.with_name(trained.name + "-training")
+    log = (work / "metrics.csv").read_text().splitlines()
+    assert {"align", "instruct"} <= {line.split(",")[0] for line in log[1:]}
+    assert (work / "state" / "instruct" / "done.json").exists()
+    before = (trained / "model.safetensors").stat().st_mtime
+    again = train("tiny", phantoms, trained, seed=0)
+    assert again == trained and (trained / "model.safetensors").stat().st_mtime >= before
+    assert (work / "metrics.csv").read_text().splitlines() == log  # no stage trained twice
+
+
+def test_feature_cache_round_trips(trained, phantoms, tmp_path):
+    model = MedVLMForConditionalGeneration.from_pretrained(trained)
+    images = ["ct/phantom_00000.nii.gz", "mr/phantom_00001.nii.gz"]
+    cache = FeatureCache.build(model, images, lambda image: load_volume(phantoms / image), progress=False)
+    cache.save(tmp_path / "features", shard_size=1)
+    assert len(list((tmp_path / "features").glob("features-*.safetensors"))) == 2
+    loaded = FeatureCache.load(tmp_path / "features", cache.fingerprint)
+    for image in images:
+        torch.testing.assert_close(loaded[image].patches, cache[image].patches)
+        assert loaded[image].kept.tolist() == cache[image].kept.tolist()
+    with pytest.raises(ValueError, match="another encoder"):
+        FeatureCache.load(tmp_path / "features", "not-this-encoder")
+
+
+def test_batches_group_samples_of_a_scan_and_cover_every_sample():
+    samples = [Sample(image=f"scan{i // 5}", messages=[], task="vqa_closed") for i in range(20)]
+    batches = ScanGroupedBatches(samples, batch_size=8, samples_per_scan=4, seed=0)
+    first, second = list(batches), list(batches)
+    assert sorted(i for batch in first for i in batch) == list(range(20))
+    assert first != second  # a new order each epoch
+    scans_per_batch = [len({samples[i].image for i in batch}) for batch in first]
+    assert max(scans_per_batch) <= 4  # 8 samples from groups of up to 4 of one scan
+
+
+def test_finding_targets_follow_the_ground_truth(phantoms):
+    truth = json.loads((phantoms / "ground_truth.json").read_text())
+    images = sorted(truth)
+    classes, targets = finding_targets(phantoms, images)
+    for image in images:
+        expected = {f"{l['organ']} {l['kind']} {l['side']}" for l in truth[image]["lesions"]}  # noqa: E741
+        assert {c for c, flag in zip(classes, targets[image].tolist(), strict=True) if flag} == expected
+
+
+def test_eval_prints_the_m3d_metrics(trained, phantoms):
+    result = subprocess.run([sys.executable, "-m", "medvlm", "eval", "--checkpoint", str(trained), "--data",
+                             str(phantoms), "--split", "train", "--limit", "2"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert set(scores) >= EVAL_KEYS and scores["n"] == 2
+    assert scores["report_meteor"] is None and scores["notes"]["report_meteor"]  # no WordNet offline: said so
+    assert 0.0 <= scores["closed_accuracy"] <= 1.0
