@@ -151,3 +151,56 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
     (out / "ground_truth.json").write_text(json.dumps(ground_truth, indent=1))
     return {"out": str(out), "n": n, "splits": {name: len(items) for name, items in captions.items()},
             "vqa_rows": sum(len(rows) for rows in vqa_rows.values()), "formats": list(formats)}
+
+
+EXAMPLES = (  # (file name, modality, format): the app's example scans
+    ("ct_chest_abdomen.nii.gz", "ct", "nifti"),
+    ("ct_series_dicom.zip", "ct", "dicom"),
+    ("mr_brain.nii.gz", "mr", "nifti"),
+    ("pet_body.nii.gz", "pt", "nifti"),
+)
+
+
+def _example_phantom(modality: str, start: int, matrix: int) -> tuple[int, Phantom]:
+    """The first phantom from seed `start` on that shows a lesion of at least 12 mm (an example worth a look)."""
+    from .phantom import make_phantom
+
+    seed = start
+    while True:
+        phantom = make_phantom([seed], modality, matrix=matrix)
+        if any(lesion.diameter_mm >= 12 for lesion in phantom.lesions):
+            return seed, phantom
+        seed += 1
+
+
+def write_examples(out_dir: str | Path, matrix: int = 224) -> dict:
+    """Write the app's example scans (small files) and `examples.json` with their reports and lesions."""
+    import zipfile
+
+    from .writers import save_dicom_series, save_nifti
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for number, (name, modality, fmt) in enumerate(EXAMPLES):
+        seed, phantom = _example_phantom(modality, 9000 + 100 * number, matrix)
+        if fmt == "nifti":
+            save_nifti(out / name, phantom.data, phantom.spacing, phantom.orientation, modality=phantom.modality,
+                       dtype=np.float32 if phantom.modality == "PT" else np.int16)
+        else:
+            slope, intercept = DICOM_RESCALE[phantom.modality]
+            series = out / (name + ".tmp")
+            files = save_dicom_series(series, phantom.data, phantom.spacing, phantom.modality,
+                                      series_description=f"phantom {phantom.phase}", slope=slope, intercept=intercept,
+                                      file_names="shuffled")
+            with zipfile.ZipFile(out / name, "w", zipfile.ZIP_DEFLATED) as archive:
+                for path in files:
+                    archive.write(path, f"series/{path.name}")
+            for path in files:
+                path.unlink()
+            series.rmdir()
+        truth[name] = {"seed": seed, "modality": phantom.modality, "phase": phantom.phase,
+                       "shape": list(phantom.data.shape), "spacing": list(phantom.spacing),
+                       "report": phantom.report, "lesions": phantom.lesion_dicts()}
+    (out / "examples.json").write_text(json.dumps(truth, indent=1))
+    return truth
