@@ -10,5 +10,10 @@ MAX_SIDE = 2048  # voxels along any one axis
 MIN_SLICES = 2  # fewer along any axis is a 2D image, not a volume
 MAX_ZIP_ENTRIES = 5000  # files inside one zip
 MAX_ZIP_BYTES = 3_000_000_000  # total uncompressed size of one zip's members
+MAX_ZIP_DIRECTORY_BYTES = 1024 * MAX_ZIP_ENTRIES  # a zip's central directory, read before its entries are counted
+# Real scans compress a few-fold (a mostly empty PET or mask a few hundred-fold at most); DEFLATE's ceiling is
+# about 1000-fold, reached only by constant data: a gzip or zip bomb. Checked once the data exceeds the floor.
+MAX_COMPRESSION_RATIO = 400
+COMPRESSION_CHECK_BYTES = 64_000_000  # smaller payloads are cheap enough to inflate whatever their ratio
 MAX_DICOM_FILES = 5000  # files of one DICOM upload (folder, list or zip)
 MAX_NEW_TOKENS = 1024  # cap on tokens generated for one answer or report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -20,7 +21,17 @@ from typing import Any
 import numpy as np
 
 from .errors import VolumeError
-from .limits import MAX_DICOM_FILES, MAX_SIDE, MAX_VOXEL_BYTES, MAX_ZIP_BYTES, MAX_ZIP_ENTRIES, MIN_SLICES
+from .limits import (
+    COMPRESSION_CHECK_BYTES,
+    MAX_COMPRESSION_RATIO,
+    MAX_DICOM_FILES,
+    MAX_SIDE,
+    MAX_VOXEL_BYTES,
+    MAX_ZIP_BYTES,
+    MAX_ZIP_DIRECTORY_BYTES,
+    MAX_ZIP_ENTRIES,
+    MIN_SLICES,
+)
 
 __all__ = ["Volume", "VolumeError", "load_volume"]
 
@@ -136,6 +147,26 @@ def _check_grid(shape: tuple[int, ...], name: str) -> None:
                           "allowed; downsample or crop the scan first")
 
 
+def _check_compression(unpacked_bytes: int, stored_bytes: int, name: str) -> None:
+    """Refuse a gzip or zip bomb: data that unpacks to far more than real scans compress from."""
+    if unpacked_bytes > COMPRESSION_CHECK_BYTES and unpacked_bytes > MAX_COMPRESSION_RATIO * max(stored_bytes, 1):
+        raise VolumeError(f"{name} unpacks to {unpacked_bytes:,} bytes from only {stored_bytes:,}, more than the "
+                          f"{MAX_COMPRESSION_RATIO}-fold no real scan compresses to; re-export the scan")
+
+
+def _replace_non_finite(data: np.ndarray, name: str) -> dict[str, Any]:
+    """Set NaN and ±Inf voxels, in place, to the lowest finite value (0 when there is none); meta saying so."""
+    finite = np.isfinite(data)
+    count = int(finite.size - np.count_nonzero(finite))
+    if count == 0:
+        return {}
+    data[~finite] = np.nan
+    fill = float(np.fmin.reduce(data, axis=None)) if count < data.size else 0.0  # fmin skips NaN: no copy
+    data[~finite] = fill
+    return {"non_finite_voxels": count,
+            "notes": [f"{count:,} voxels of {name} were not numbers (NaN or infinite) and are shown as {fill:g}"]}
+
+
 def _volume(array_xyz: np.ndarray, affine_ras: np.ndarray, modality: str, source: str, name: str,
             meta: dict[str, Any]) -> Volume:
     """The one orientation code path of every format: a stored voxel array with its voxel→RAS affine
@@ -155,8 +186,12 @@ def _volume(array_xyz: np.ndarray, affine_ras: np.ndarray, modality: str, source
     data = np.ascontiguousarray(apply_orientation(array_xyz, ornt).transpose(2, 1, 0), dtype=np.float32)
     affine_zyx = affine[:, [2, 1, 0, 3]]  # the same map for (z, y, x, 1) indices
     spacing = tuple(float(s) for s in np.linalg.norm(affine_zyx[:3, :3], axis=0))
+    repaired = _replace_non_finite(data, name)
     meta = {"modality": modality, "slice_count": int(data.shape[0]),
-            "spacing": [round(s, 4) for s in spacing], **meta}
+            "spacing": [round(s, 4) for s in spacing], **meta, **repaired,
+            "notes": [*meta.get("notes", []), *repaired.get("notes", [])]}
+    if not meta["notes"]:
+        del meta["notes"]
     return Volume(data=data, spacing=spacing, affine=affine_zyx, modality=modality, source=source,
                   orientation=orientation, meta=meta)
 
@@ -192,9 +227,10 @@ def _extract_zip(path: Path, folder: Path) -> list[Path]:
     """Extract a zip's members into `folder` (a temporary directory) under numbered names, after checking
     the entry count and total size from the zip's directory; names with ".." or absolute paths are skipped.
     """
+    _check_zip_directory(path)
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as error:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
         raise VolumeError(f"{path.name} is not a readable zip file ({_reason(error)}); zip the scan again and "
                           "re-upload it") from error
     with archive:
@@ -206,6 +242,8 @@ def _extract_zip(path: Path, folder: Path) -> list[Path]:
         if total > MAX_ZIP_BYTES:
             raise VolumeError(f"{path.name} unpacks to {total:,} bytes, more than the {MAX_ZIP_BYTES:,} allowed; "
                               "upload a smaller scan")
+        for member in members:
+            _check_compression(member.file_size, member.compress_size, f"{path.name} ({member.filename[:60]})")
         files = []
         for number, member in enumerate(members):
             name = PurePosixPath(member.filename.replace("\\", "/"))
@@ -221,6 +259,24 @@ def _extract_zip(path: Path, folder: Path) -> list[Path]:
                                   "again without a password and re-upload it") from error
             files.append(target)
     return files
+
+
+def _check_zip_directory(path: Path) -> None:
+    """Refuse, from the zip's end record alone, a central directory too large to list (millions of entries)."""
+    try:
+        with open(path, "rb") as handle:
+            end_record = zipfile._EndRecData(handle)  # the stdlib's own reader of the end record (zip64 too)
+    except (OSError, ValueError, EOFError, struct.error):
+        return  # unreadable: zipfile.ZipFile says so next
+    if end_record is None:
+        return
+    entries, directory_bytes = end_record[zipfile._ECD_ENTRIES_TOTAL], end_record[zipfile._ECD_SIZE]
+    if entries > MAX_ZIP_ENTRIES:
+        raise VolumeError(f"{path.name} holds {entries:,} files, more than the {MAX_ZIP_ENTRIES} allowed; upload one "
+                          "series at a time")
+    if directory_bytes > MAX_ZIP_DIRECTORY_BYTES:
+        raise VolumeError(f"{path.name} has a {directory_bytes:,}-byte list of contents, more than the "
+                          f"{MAX_ZIP_DIRECTORY_BYTES:,} allowed; upload one series at a time")
 
 
 # --- NIfTI ---------------------------------------------------------------------------------------------------
@@ -240,6 +296,9 @@ def _load_nifti(path: Path) -> Volume:
         raise VolumeError(f"{path.name} is not a readable NIfTI file ({_reason(error)}); check that the upload "
                           "finished, or re-export the scan") from error
     _check_grid(shape[:3] if len(shape) >= 3 else shape, path.name)
+    if path.name.lower().endswith(".gz"):
+        voxel_bytes = math.prod(shape[:3]) * image.header.get_data_dtype().itemsize
+        _check_compression(voxel_bytes, path.stat().st_size, path.name)
     frames = math.prod(shape[3:])
     first_volume = (slice(None),) * 3 + (0,) * (len(shape) - 3)
     try:
@@ -305,13 +364,34 @@ class _DicomImage:
 
 
 def _first(value: Any, default: float | None = None) -> float | None:
-    """A number from a DICOM value that may be multi-valued, empty or garbage (then `default`)."""
-    if not isinstance(value, str | bytes | int | float):
-        value = value[0] if value is not None and len(value) else None
+    """A finite number from a DICOM value that may be multi-valued, empty or garbage (then `default`)."""
+    numbers = _numbers(value)
+    return numbers[0] if numbers else default
+
+
+def _numbers(value: Any, count: int | None = None) -> list[float] | None:
+    """The finite numbers of a DICOM value (single or multi-valued), or None when it is missing, garbage or does
+    not hold exactly `count` of them."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str | bytes | int | float) else value
     try:
-        return float(value) if value not in (None, "", b"") else default
-    except (TypeError, ValueError):
-        return default
+        numbers = [float(item) for item in items]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not numbers or (count is not None and len(numbers) != count) or not all(map(math.isfinite, numbers)):
+        return None
+    return numbers
+
+
+def _count(value: Any) -> int:
+    """A positive whole number from a DICOM value (Rows, NumberOfFrames), else 0."""
+    number = _first(value, 0.0)
+    return int(number) if number >= 1 and number == int(number) else 0
+
+
+def _frame_count(header) -> int:
+    return max(1, _count(header.get("NumberOfFrames")))  # (0028,0008)
 
 
 def _functional(header, frame: int | None, sequence: str, keyword: str) -> Any:
@@ -329,37 +409,73 @@ def _functional(header, frame: int | None, sequence: str, keyword: str) -> Any:
     return header.get(keyword)
 
 
+def _geometry(position: Any, orientation: Any, spacing: Any, name: str) -> tuple[np.ndarray, np.ndarray,
+                                                                                 tuple[float, float]]:
+    """(position (3,), orientation (6,), pixel spacing (2,)) from DICOM values, or VolumeError saying what is
+    missing or wrong."""
+    position, orientation, spacing = _numbers(position, 3), _numbers(orientation, 6), _numbers(spacing, 2)
+    if position is None or orientation is None:
+        raise VolumeError(f"{name} has images without ImagePositionPatient or ImageOrientationPatient, so they "
+                          "cannot be stacked into a volume; export the series with its geometry or as NIfTI")
+    if spacing is None:
+        raise VolumeError(f"{name} has images without PixelSpacing; export the series with its geometry or "
+                          "as NIfTI")
+    if min(spacing) <= 0:
+        raise VolumeError(f"{name} has a zero or negative PixelSpacing ({spacing[0]:g}, {spacing[1]:g}); fix the "
+                          "header's spacing or re-export the scan")
+    row_cosines, column_cosines = np.array(orientation[:3]), np.array(orientation[3:])
+    if np.linalg.norm(np.cross(row_cosines, column_cosines)) < 0.5 * np.linalg.norm(row_cosines) * np.linalg.norm(
+            column_cosines) or not np.linalg.norm(row_cosines) or not np.linalg.norm(column_cosines):
+        raise VolumeError(f"{name} has an ImageOrientationPatient whose row and column directions are not "
+                          "perpendicular unit vectors; re-export the scan")
+    unit = np.concatenate([row_cosines / np.linalg.norm(row_cosines), column_cosines / np.linalg.norm(column_cosines)])
+    return np.array(position), unit, (spacing[0], spacing[1])
+
+
 def _images_of(path: Path, header, name: str) -> list[_DicomImage]:
     """The 2D images of one DICOM file with their geometry; raises VolumeError when it has none."""
-    frames = int(_first(header.get("NumberOfFrames"), 1) or 1)  # (0028,0008)
+    frames = _frame_count(header)
+    if frames > 1 and "PerFrameFunctionalGroupsSequence" not in header:
+        return _legacy_frames(path, header, frames, name)
     images = []
     for frame in range(frames):
-        if frames > 1 and "PerFrameFunctionalGroupsSequence" not in header:
-            raise VolumeError(f"{name} has a multi-frame image without per-frame positions; export the series as "
-                              "single-frame DICOM files or NIfTI")
         index = frame if frames > 1 else None
 
         def attribute(sequence: str, keyword: str, index: int | None = index) -> Any:
             return _functional(header, index, sequence, keyword)
 
-        position = attribute("PlanePositionSequence", "ImagePositionPatient")  # (0020,0032)
-        orientation = attribute("PlaneOrientationSequence", "ImageOrientationPatient")  # (0020,0037)
-        spacing = attribute("PixelMeasuresSequence", "PixelSpacing")  # (0028,0030)
-        if not position or not orientation or len(position) != 3 or len(orientation) != 6:
-            raise VolumeError(f"{name} has images without ImagePositionPatient or ImageOrientationPatient, so they "
-                              "cannot be stacked into a volume; export the series with its geometry or as NIfTI")
-        if not spacing or len(spacing) != 2:
-            raise VolumeError(f"{name} has images without PixelSpacing; export the series with its geometry or "
-                              "as NIfTI")
+        position, orientation, spacing = _geometry(
+            attribute("PlanePositionSequence", "ImagePositionPatient"),  # (0020,0032)
+            attribute("PlaneOrientationSequence", "ImageOrientationPatient"),  # (0020,0037)
+            attribute("PixelMeasuresSequence", "PixelSpacing"), name)  # (0028,0030)
         images.append(_DicomImage(
-            path=path, frame=index,
-            position=np.array([float(v) for v in position]),
-            orientation=np.array([float(v) for v in orientation]),
-            pixel_spacing=(float(spacing[0]), float(spacing[1])),
+            path=path, frame=index, position=position, orientation=orientation, pixel_spacing=spacing,
             slope=_first(attribute("PixelValueTransformationSequence", "RescaleSlope"), 1.0),  # (0028,1053)
             intercept=_first(attribute("PixelValueTransformationSequence", "RescaleIntercept"), 0.0),  # (0028,1052)
         ))
     return images
+
+
+def _legacy_frames(path: Path, header, frames: int, name: str) -> list[_DicomImage]:
+    """The frames of a multi-frame file without per-frame positions (RT dose, legacy MR/NM): one position and
+    orientation for the file, frames stepped along the slice normal by GridFrameOffsetVector or the spacing."""
+    position, orientation, spacing = _geometry(header.get("ImagePositionPatient"),
+                                               header.get("ImageOrientationPatient"), header.get("PixelSpacing"),
+                                               name)
+    offsets = _numbers(header.get("GridFrameOffsetVector"), frames)  # (3004,000C): mm along the normal
+    if offsets is None:
+        step = _first(header.get("SpacingBetweenSlices")) or _first(header.get("SliceThickness"))  # (0018,0088/0050)
+        if not step or step <= 0:
+            raise VolumeError(f"{name} has a multi-frame image without per-frame positions or a slice spacing; "
+                              "export the series as single-frame DICOM files or NIfTI")
+        offsets = [frame * step for frame in range(frames)]
+    normal = np.cross(orientation[:3], orientation[3:])
+    slope, intercept = _first(header.get("RescaleSlope"), 1.0), _first(header.get("RescaleIntercept"), 0.0)
+    scale = _first(header.get("DoseGridScaling"))  # (3004,000E): RT dose in Gy
+    slope = slope * scale if scale else slope
+    return [_DicomImage(path=path, frame=frame, position=position + (offset - offsets[0]) * normal,
+                        orientation=orientation, pixel_spacing=spacing, slope=slope, intercept=intercept)
+            for frame, offset in enumerate(offsets)]
 
 
 def _read_headers(files: list[Path]) -> list[tuple[Path, Any]]:
@@ -373,8 +489,7 @@ def _read_headers(files: list[Path]) -> list[tuple[Path, Any]]:
             header = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:
             continue
-        rows, columns = _first(header.get("Rows"), 0), _first(header.get("Columns"), 0)  # (0028,0010), (0028,0011)
-        if rows and columns and rows > 0 and columns > 0:  # an image
+        if _count(header.get("Rows")) and _count(header.get("Columns")):  # (0028,0010), (0028,0011): an image
             headers.append((path, header))
     return headers
 
@@ -383,12 +498,22 @@ def _series_summary(headers: list) -> dict[str, Any]:
     """Description, modality and image count of one series: PHI-free, no UIDs."""
     header = headers[0][1]
     return {"description": str(header.get("SeriesDescription", "")), "modality": _dicom_modality(header),
-            "slices": sum(int(_first(h.get("NumberOfFrames"), 1) or 1) for _, h in headers)}
+            "slices": sum(_frame_count(h) for _, h in headers)}
 
 
 def _dicom_modality(header) -> str:
     modality = str(header.get("Modality", "")).upper()  # (0008,0060)
     return modality if modality in ("CT", "MR", "PT") else "OT"
+
+
+def _most_common_orientation(images: list[_DicomImage]) -> tuple[list[_DicomImage], int]:
+    """The images that share the series' most common slice orientation (a localizer's other planes are
+    dropped): (those images, how many were dropped)."""
+    groups: dict[tuple, list[_DicomImage]] = {}
+    for image in images:
+        groups.setdefault(tuple(np.round(image.orientation, 2) + 0.0), []).append(image)  # + 0.0: no -0.0 key
+    largest = max(groups.values(), key=len)
+    return largest, len(images) - len(largest)
 
 
 def _sorted_along_normal(images: list[_DicomImage]) -> tuple[list[_DicomImage], np.ndarray, int]:
@@ -406,9 +531,32 @@ def _sorted_along_normal(images: list[_DicomImage]) -> tuple[list[_DicomImage], 
     return kept, np.array(kept_positions), len(images) - len(kept)
 
 
-def _load_dicom(files: list[Path], name: str) -> Volume:
+def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) -> np.ndarray:
+    """The images' pixels with rescale applied, float32 (slices, rows, columns); each file decoded once, one at
+    a time, whatever order its frames take in the stack."""
     import pydicom
 
+    pixels = np.empty((len(images), rows, columns), dtype=np.float32)
+    slots: dict[Path, list[tuple[int, _DicomImage]]] = {}
+    for slot, image in enumerate(images):
+        slots.setdefault(image.path, []).append((slot, image))
+    for path, placed in slots.items():
+        try:
+            decoded = pydicom.dcmread(path).pixel_array
+        except Exception as error:  # decoders raise many types for corrupt or unsupported pixel data
+            raise VolumeError(f"{name}: the pixel data of {path.name} cannot be decoded ({_reason(error)}); export "
+                              "the series uncompressed") from error
+        for slot, image in placed:
+            frame = decoded if image.frame is None else decoded[image.frame] if image.frame < len(decoded) else None
+            if frame is None or frame.shape != (rows, columns):
+                shape = "too few frames" if frame is None else f"pixels of shape {frame.shape}"
+                raise VolumeError(f"{name}: {path.name} holds {shape}, not {rows}×{columns} per image; export the "
+                                  "series again")
+            pixels[slot] = frame * np.float32(image.slope) + np.float32(image.intercept)
+    return pixels
+
+
+def _load_dicom(files: list[Path], name: str) -> Volume:
     headers = _read_headers(files)
     if not headers:
         raise VolumeError(f"{name} holds no DICOM images ({len(files)} file(s) skipped); {_SCAN_FORMATS}")
@@ -418,35 +566,21 @@ def _load_dicom(files: list[Path], name: str) -> Volume:
     ranked = sorted(series.values(), key=lambda group: _series_summary(group)["slices"], reverse=True)
     chosen, others = ranked[0], ranked[1:]
     first = chosen[0][1]
-    if int(first.get("SamplesPerPixel", 1) or 1) > 1:  # (0028,0002)
+    if _count(first.get("SamplesPerPixel")) > 1:  # (0028,0002)
         raise VolumeError(f"{name} holds colour images, and colour images are not supported; give a greyscale "
                           "CT, MR or PET series")
-    rows, columns = int(first.Rows), int(first.Columns)
-    if any((int(h.Rows), int(h.Columns)) != (rows, columns) for _, h in chosen):
+    rows, columns = _count(first.Rows), _count(first.Columns)
+    if any((_count(h.Rows), _count(h.Columns)) != (rows, columns) for _, h in chosen):
         raise VolumeError(f"{name} mixes images of different sizes in one series; export the series again")
     _check_grid((max(MIN_SLICES, _series_summary(chosen)["slices"]), rows, columns), name)  # before any frame loop
     images = [image for path, header in chosen for image in _images_of(path, header, name)]
-    if any(not np.allclose(image.orientation, images[0].orientation, atol=1e-3) for image in images):
-        raise VolumeError(f"{name} mixes slice orientations in one series; export each orientation as its own "
-                          "series")
+    images, other_orientations = _most_common_orientation(images)
     images, positions, duplicates = _sorted_along_normal(images)
+    if len(images) < MIN_SLICES <= len(images) + duplicates:
+        raise VolumeError(f"{name}: its {len(images) + duplicates} images all lie at one position, so they cannot "
+                          "be stacked into a volume; export the series with its geometry or as NIfTI")
     _check_grid((len(images), rows, columns), name)
-
-    pixels = np.empty((len(images), rows, columns), dtype=np.float32)  # (slices, rows, columns)
-    decoded: dict[Path, np.ndarray] = {}
-    for slot, image in enumerate(images):
-        if image.path not in decoded:
-            decoded.clear()  # one file's pixels at a time: frames of one file are contiguous after sorting, mostly
-            try:
-                decoded[image.path] = pydicom.dcmread(image.path).pixel_array
-            except Exception as error:  # decoders raise many types for corrupt or unsupported pixel data
-                raise VolumeError(f"{name}: the pixel data of {image.path.name} cannot be decoded "
-                                  f"({_reason(error)}); export the series uncompressed") from error
-        frame = decoded[image.path] if image.frame is None else decoded[image.path][image.frame]
-        if frame.shape != (rows, columns):
-            raise VolumeError(f"{name}: {image.path.name} holds pixels of shape {frame.shape}, not {rows}×{columns}; "
-                              "export the series again")
-        pixels[slot] = frame * np.float32(image.slope) + np.float32(image.intercept)
+    pixels = _read_pixels(images, rows, columns, name)
 
     meta: dict[str, Any] = {
         "manufacturer": str(first.get("Manufacturer", "")),  # (0008,0070)
@@ -463,6 +597,8 @@ def _load_dicom(files: list[Path], name: str) -> Volume:
                                f"the volume is drawn with an even {step:.3g} mm spacing")
     if duplicates:
         meta["duplicate_slices"] = duplicates
+    if other_orientations:
+        meta["notes"] = [f"{other_orientations} image(s) in another slice orientation (a localizer?) were left out"]
     if others:
         meta["other_series"] = [_series_summary(group) for group in others]
 
