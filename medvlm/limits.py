@@ -5,7 +5,9 @@ The loader checks these from file headers before any pixel data is read, the app
 """
 
 MAX_UPLOAD_BYTES = 1_000_000_000  # one upload (a file, a folder's files or a zip), as sent by the browser
-MAX_VOXEL_BYTES = 2_000_000_000  # float32 voxels of one volume: 2·10⁹ bytes ≈ 500 million voxels
+# float32 voxels of one volume: 10⁹ bytes = 250 million voxels (512 × 512 × 950). Loading holds the stored
+# voxels and up to two float32 copies, so the largest volume allowed stays under 3 GB of memory.
+MAX_VOXEL_BYTES = 1_000_000_000
 MAX_SIDE = 2048  # voxels along any one axis
 MIN_SLICES = 2  # fewer along any axis is a 2D image, not a volume
 MAX_ZIP_ENTRIES = 5000  # files inside one zip

@@ -321,28 +321,43 @@ def _nifti_modality(header, array: np.ndarray) -> str:
     stored = description.removeprefix(MODALITY_TAG)
     if description.startswith(MODALITY_TAG) and stored in ("CT", "MR", "PT", "OT"):
         return stored
-    finite = array[np.isfinite(array)]
-    if finite.size and finite.min() <= CT_AIR_HU and finite.max() >= CT_BONE_HU:
-        return "CT"
-    return "OT"
+    lowest, highest = np.fmin.reduce(array, axis=None), np.fmax.reduce(array, axis=None)  # skip NaN, copy nothing
+    if not (np.isfinite(lowest) and np.isfinite(highest)):  # ±Inf voxels: the rare case worth a masked copy
+        finite = array[np.isfinite(array)]
+        lowest, highest = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    return "CT" if lowest <= CT_AIR_HU and highest >= CT_BONE_HU else "OT"
 
 
 # --- .npy ----------------------------------------------------------------------------------------------------
 
-def _load_npy(path: Path) -> Volume:
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy file's header alone; VolumeError when it is not one."""
     try:
-        stored = np.load(path, mmap_mode="r", allow_pickle=False)  # header only; never unpickles
-    except (ValueError, OSError, EOFError) as error:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(handle, max_header_size=10_000)
+    except (ValueError, OSError, EOFError, TypeError, SyntaxError) as error:
         raise VolumeError(f"{path.name} is not a readable .npy array ({_reason(error)}); save it with numpy.save "
                           "as numbers, not objects") from error
-    if not isinstance(stored, np.ndarray) or stored.dtype.kind not in "biuf":
+    return tuple(shape), dtype
+
+
+def _load_npy(path: Path) -> Volume:
+    shape, dtype = _npy_header(path)
+    if dtype.kind not in "biuf":
         raise VolumeError(f"{path.name} does not hold a numeric array; save the volume with numpy.save as float32")
-    if stored.ndim == 4 and stored.shape[0] == 1:
-        stored = stored[0]
-    if stored.ndim != 3:
-        raise VolumeError(f"{path.name} has shape {stored.shape}, not (1, D, H, W) or (D, H, W); save one volume "
+    shape = shape[1:] if len(shape) == 4 and shape[0] == 1 else shape
+    if len(shape) != 3:
+        raise VolumeError(f"{path.name} has shape {shape}, not (1, D, H, W) or (D, H, W); save one volume "
                           "per file")
-    _check_grid(stored.shape, path.name)
+    _check_grid(shape, path.name)  # from the header: before any voxel is read
+    try:
+        stored = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickles
+    except (ValueError, OSError, EOFError) as error:
+        raise VolumeError(f"{path.name} is not a readable .npy array ({_reason(error)}); it may be truncated, save "
+                          "it again with numpy.save") from error
+    stored = stored.reshape(shape)
     display = np.array(stored, dtype=np.float32)  # (D, H, W): row 0 anterior, column 0 the patient's right
     affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0])  # stored (column, row, slice) run toward L, P, S
     return _volume(display.transpose(2, 1, 0), affine_ras, "OT", "npy", path.name, {})
