@@ -11,6 +11,7 @@ import math
 import shutil
 import struct
 import tempfile
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -180,7 +181,11 @@ def _volume(array_xyz: np.ndarray, affine_ras: np.ndarray, modality: str, source
     if not (np.all(np.isfinite(affine_ras)) and np.all(zooms > 0)):
         raise VolumeError(f"{name} has a zero, negative or missing voxel spacing; fix the header's spacing or "
                           "re-export the scan")
-    orientation = "".join(aff2axcodes(affine_ras))
+    codes = aff2axcodes(affine_ras)
+    if None in codes or abs(np.linalg.det(affine_ras[:3, :3])) < 1e-3 * math.prod(zooms):
+        raise VolumeError(f"{name} has voxel axes that do not span 3D space (a degenerate orientation); fix the "
+                          "header's orientation or re-export the scan")
+    orientation = "".join(codes)
     ornt = io_orientation(affine_ras)
     affine = affine_ras @ inv_ornt_aff(ornt, array_xyz.shape)  # voxel (x, y, z) → RAS of the reoriented grid
     data = np.ascontiguousarray(apply_orientation(array_xyz, ornt).transpose(2, 1, 0), dtype=np.float32)
@@ -337,7 +342,7 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
             version = np.lib.format.read_magic(handle)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read(handle, max_header_size=10_000)
-    except (ValueError, OSError, EOFError, TypeError, SyntaxError) as error:
+    except (ValueError, OSError, EOFError, TypeError, SyntaxError, tokenize.TokenError) as error:
         raise VolumeError(f"{path.name} is not a readable .npy array ({_reason(error)}); save it with numpy.save "
                           "as numbers, not objects") from error
     return tuple(shape), dtype
