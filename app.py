@@ -404,6 +404,8 @@ def _stream(session: ScanSession, messages: list[dict] | None, max_new_tokens: f
     stop = _STOP_EVENTS[key] = threading.Event()
     session.stop_key = key
     max_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
+    if int(max_new_tokens) > MAX_NEW_TOKENS:
+        gr.Warning(f"At most {MAX_NEW_TOKENS} new tokens are generated per answer; asked for {int(max_new_tokens)}.")
     chunks = stream_on_gpu(session.volume, messages, key, max_tokens, float(temperature), float(top_p))
     try:
         for chunk in chunks:
