@@ -507,6 +507,8 @@ def _read_headers(files: list[Path]) -> list[tuple[Path, Any]]:
         # pydicom raises many error types on arbitrary bytes; every one means "not a DICOM image": skip it.
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
+            for _ in header.iterall():  # convert every (lazily read) element now, so a broken one skips the file
+                pass
         except Exception:
             continue
         if _count(header.get("Rows")) and _count(header.get("Columns")):  # (0028,0010), (0028,0011): an image
