@@ -532,3 +532,10 @@ def test_limits_live_in_one_module():
     source = (ROOT / "medvlm" / "volume.py").read_text() + (ROOT / "medvlm" / "pipeline.py").read_text()
     for name in ("MAX_VOXEL_BYTES", "MAX_SIDE", "MAX_ZIP_ENTRIES", "MAX_ZIP_BYTES", "MAX_NEW_TOKENS"):
         assert f"{name} = " not in source, f"{name} is defined outside medvlm/limits.py"
+
+
+def test_fuzz_short():
+    """Forty fixed examples of the fuzz harness (tests/fuzz_volume.py runs it for minutes)."""
+    from tests.fuzz_volume import fuzz
+
+    fuzz(examples=40, seed=0, derandomize=True)
