@@ -115,6 +115,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(results, indent=2 if args.pretty else None))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_benchmark, summary_table
+
+    if args.repeats < 1:
+        raise UsageError("bench: --repeats must be at least 1")
+    figures = run_benchmark(device=args.device, repeats=args.repeats, checkpoint=args.checkpoint)
+    print(json.dumps(figures) if args.json else summary_table(figures))
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint folder or Hugging Face Hub repo id (default: the demo checkpoint)")
@@ -180,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--device", default=None)
     evaluation.add_argument("--pretty", action="store_true", help="indent the JSON")
     evaluation.set_defaults(run=cmd_eval)
+
+    bench = commands.add_parser("bench", help="measure speed, size and memory from upload to first token")
+    bench.add_argument("--json", action="store_true", help="print one JSON object (default: a short table)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="cuda adds the real-size configuration from random weights")
+    bench.add_argument("--repeats", type=int, default=5, help="runs per figure; each figure is their median")
+    bench.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the demo checkpoint)")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 
