@@ -15,6 +15,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers.utils import logging as transformers_logging
 
 from .errors import CheckpointError
 from .limits import MAX_NEW_TOKENS
@@ -118,11 +119,16 @@ class Pipeline:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        bar_shown = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # a "Loading weights" bar is noise in the CLI's and app's output
         try:
             model = MedVLMForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device)
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as error:
             raise CheckpointError(f"could not load the checkpoint {name!r}: {error}") from None
+        finally:
+            if bar_shown:
+                transformers_logging.enable_progress_bar()
         return cls(model, tokenizer, name)
 
     @property

@@ -6,6 +6,7 @@ config) share the same windowing function, so the model sees what the viewer sho
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -91,7 +92,7 @@ def encoder_input(volume: Volume, config) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
     import torch.nn.functional as F
 
-    data = volume.data
+    data = np.ascontiguousarray(volume.data, dtype=np.float32)  # no copy for a loaded volume
     num_slices, rows, cols = data.shape
     if volume.modality == "CT":
         ranges = [(level - width / 2, level + width / 2) for level, width in config.ct_windows]
@@ -101,24 +102,28 @@ def encoder_input(volume: Volume, config) -> tuple[torch.Tensor, torch.Tensor]:
         finite = data[np.isfinite(data)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         ranges = [(lo, hi if hi > lo else lo + 1.0)] * len(config.image_mean)
-    background = float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
+    lowest, highest = float(data.min()), float(data.max())  # NaN or ±Inf anywhere shows in one of them
+    all_finite = math.isfinite(lowest) and math.isfinite(highest)
+    background = lowest if all_finite else float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
 
-    slices = torch.from_numpy(np.ascontiguousarray(data[:, ::-1, ::-1], dtype=np.float32))
-    slices = torch.nan_to_num(slices, nan=background, posinf=background, neginf=background)
+    voxels = torch.from_numpy(data)  # (Z, Y, X), shares memory with the volume: nothing below writes to it
+    if not all_finite:
+        voxels = torch.nan_to_num(voxels, nan=background, posinf=background, neginf=background)
+    target = num_slices
+    if config.slice_spacing_mm and volume.spacing[0] < config.slice_spacing_mm:
+        target = max(1, round(num_slices * volume.spacing[0] / config.slice_spacing_mm))
+    target = min(target, config.max_input_slices)
+    if target < num_slices:
+        # Slab averaging along z, as a thick-slice reconstruction does. It is linear and acts on z alone, so it
+        # commutes with the in-plane flip, pad and resize below: done first, they touch Z' slices instead of Z.
+        voxels = _slab_means(voxels, target)  # (Z', Y, X)
+    slices = voxels.flip(1, 2)  # display orientation: row 0 anterior, column 0 the patient's right
     side = max(rows, cols)
     top, left = (side - rows) // 2, (side - cols) // 2
     slices = F.pad(slices, (left, side - cols - left, top, side - rows - top), value=background)
     size = config.image_size
     slices = F.interpolate(slices[:, None], size=(size, size), mode="bilinear", antialias=side > size,
-                           align_corners=False)[:, 0]  # (Z, S, S)
-
-    target = num_slices
-    if config.slice_spacing_mm and volume.spacing[0] < config.slice_spacing_mm:
-        target = max(1, round(num_slices * volume.spacing[0] / config.slice_spacing_mm))
-    target = min(target, config.max_input_slices)
-    if target < num_slices:  # slab averaging along z, as a thick-slice reconstruction does
-        slices = F.adaptive_avg_pool1d(slices.permute(1, 2, 0).flatten(0, 1), target)
-        slices = slices.unflatten(0, (size, size)).permute(2, 0, 1)
+                           align_corners=False)[:, 0]  # (Z', S, S)
 
     channels = [((slices - lo) / (hi - lo)).clamp_(0.0, 1.0) for lo, hi in ranges]
     pixel_values = torch.stack(channels, dim=1)  # (Z', 3, S, S)
@@ -126,3 +131,13 @@ def encoder_input(volume: Volume, config) -> tuple[torch.Tensor, torch.Tensor]:
     std = torch.tensor(config.image_std).view(1, -1, 1, 1)
     heights = (torch.arange(target, dtype=torch.float32) + 0.5) / target
     return (pixel_values - mean) / std, heights
+
+
+def _slab_means(voxels: torch.Tensor, target: int) -> torch.Tensor:
+    """(Z, Y, X) → (target, Y, X): the mean of each slab, with the bins of `adaptive_avg_pool1d` (slab i runs
+    from floor(i·Z/target) to ceil((i+1)·Z/target))."""
+    import torch
+
+    count = voxels.shape[0]
+    return torch.stack([voxels[index * count // target:-(-(index + 1) * count // target)].mean(dim=0)
+                        for index in range(target)])

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 import struct
 import tempfile
 import tokenize
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -35,6 +37,8 @@ from .limits import (
 )
 
 __all__ = ["Volume", "VolumeError", "load_volume"]
+
+FINGERPRINT_CHUNK = 16 * 2**20  # bytes of voxels per hashing thread's task
 
 
 @dataclass
@@ -60,9 +64,16 @@ class Volume:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Content hash of the voxels and their spacing: equal scans share encoded features."""
-        digest = hashlib.blake2b(digest_size=16)
-        digest.update(np.ascontiguousarray(self.data).view(np.uint8).reshape(-1))
+        """Content hash of the voxels and their spacing: equal scans share encoded features.
+
+        BLAKE2b of each FINGERPRINT_CHUNK bytes of voxels, in threads (hashlib lets go of the GIL), then of
+        those digests: a 300×512×512 CT hashes on every core at once.
+        """
+        voxels = np.ascontiguousarray(self.data).view(np.uint8).reshape(-1)
+        chunks = [voxels[start:start + FINGERPRINT_CHUNK] for start in range(0, voxels.size, FINGERPRINT_CHUNK)]
+        with ThreadPoolExecutor(max_workers=min(len(chunks), os.cpu_count() or 1) or 1) as pool:
+            chunk_digests = list(pool.map(lambda chunk: hashlib.blake2b(chunk, digest_size=16).digest(), chunks))
+        digest = hashlib.blake2b(b"".join(chunk_digests), digest_size=16)
         digest.update(np.asarray(self.spacing, dtype=np.float64).tobytes())
         digest.update(str(self.data.shape).encode())
         return digest.hexdigest()
@@ -307,10 +318,12 @@ def _load_nifti(path: Path) -> Volume:
     frames = math.prod(shape[3:])
     first_volume = (slice(None),) * 3 + (0,) * (len(shape) - 3)
     try:
-        array = np.asarray(image.dataobj[first_volume], dtype=np.float32)  # lazily: only the first volume
+        array = np.asarray(image.dataobj[first_volume])  # lazily: only the first volume
     except Exception as error:
         raise VolumeError(f"{path.name} is damaged or truncated ({_reason(error)}); re-export or re-upload the "
                           "scan") from error
+    if array.dtype.kind not in "iu":  # integers stay as stored until `_volume` reorients them into float32
+        array = array.astype(np.float32, copy=False)
     meta: dict[str, Any] = {}
     if frames > 1:
         meta["frames"] = frames
