@@ -350,22 +350,14 @@ def app_ready_once(checkpoint: str | None) -> float:
 
 # --- real size (CUDA) --------------------------------------------------------------------------------------
 
-def real_size_pipeline(device: str = "cuda"):
-    """The real-size configuration from random weights, bf16 on `device`: ViT-B/16 at 224 (frozen), K = 32,
-    256 visual tokens, a Llama-style LM of about 1.5 B parameters (hidden 1536, 32 layers, GQA 12/2 heads,
-    MLP 8960; Qwen2.5-1.5B's widths), tokenizer trained on phantom reports."""
-    import torch
-
+def real_size_config(tokenizer):
+    """The real-size configuration: ViT-B/16 at 224 (12 layers, width 768), K = 32 slices, 4×8×8 = 256 visual
+    tokens, and a Llama-style LM of about 1.5 B parameters (hidden 1536, 32 layers, 12 query / 2 key-value
+    heads, MLP 8960: Qwen2.5-1.5B's widths) over `tokenizer`'s vocabulary."""
     from .configuration import MedVLMConfig
-    from .modeling import MedVLMForConditionalGeneration
-    from .phantom_text import write_report
-    from .pipeline import Pipeline
-    from .tokenizer import IMAGE_TOKEN, train_tokenizer
+    from .tokenizer import IMAGE_TOKEN
 
-    rng = np.random.default_rng(0)
-    corpus = [write_report("CT", "arterial", [], rng) for _ in range(200)]
-    tokenizer = train_tokenizer(corpus, vocab_size=2048)
-    config = MedVLMConfig(
+    return MedVLMConfig(
         vision_config={"model_type": "vit", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                        "intermediate_size": 3072, "image_size": 224, "patch_size": 16},
         text_config={"model_type": "llama", "hidden_size": 1536, "num_hidden_layers": 32, "num_attention_heads": 12,
@@ -373,9 +365,28 @@ def real_size_pipeline(device: str = "cuda"):
                      "max_position_embeddings": 4096, "tie_word_embeddings": True},
         image_size=224, slice_budget=32, compressor_grid=[4, 8, 8], selection_preview_size=112,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+
+
+def real_size_tokenizer():
+    """A BPE tokenizer with the chat template and image token, trained on phantom reports (fast, offline)."""
+    from .phantom_text import write_report
+    from .tokenizer import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    return train_tokenizer([write_report("CT", "arterial", [], rng) for _ in range(200)], vocab_size=2048)
+
+
+def real_size_pipeline(device: str = "cuda"):
+    """`real_size_config` from random weights (seed 0), built on `device` and cast to bfloat16."""
+    import torch
+
+    from .modeling import MedVLMForConditionalGeneration
+    from .pipeline import Pipeline
+
+    tokenizer = real_size_tokenizer()
     torch.manual_seed(0)
     with torch.device(device):
-        model = MedVLMForConditionalGeneration(config)
+        model = MedVLMForConditionalGeneration(real_size_config(tokenizer))
     return Pipeline(model.to(torch.bfloat16), tokenizer, "real-size configuration (random weights)")
 
 
@@ -458,4 +469,5 @@ def summary_table(figures: dict[str, Any]) -> str:
 
 
 __all__ = ["SIZES", "BenchSize", "all_slices_pipeline", "app_ready_once", "fit_grid", "machine", "make_inputs",
-           "naive_view3d_json", "real_size_pipeline", "run_benchmark", "scroller_png"]
+           "naive_view3d_json", "real_size_config",
+           "real_size_pipeline", "real_size_tokenizer", "run_benchmark", "scroller_png"]

@@ -152,10 +152,10 @@ class Pipeline:
                 self._encodings.move_to_end(key)
                 return self._encodings[key]
         start = time.perf_counter()
-        pixel_values, heights = encoder_input(volume, self.model.config)
+        pixel_values, heights = encoder_input(volume, self.model.config, device=self.device)
         prepared = time.perf_counter()
         with torch.inference_mode():
-            scan = self.model.choose_slices(pixel_values.to(self.device), heights.to(self.device))
+            scan = self.model.choose_slices(pixel_values, heights)
             visual = self.model.visual_tokens_from_slices([scan])
         done = time.perf_counter()
         per_input_slice = volume.shape[0] / scan.total

@@ -78,7 +78,8 @@ def to_uint8(unit: np.ndarray) -> np.ndarray:
     return (unit * 255.0 + 0.5).astype(np.uint8)
 
 
-def encoder_input(volume: Volume, config) -> tuple[torch.Tensor, torch.Tensor]:
+def encoder_input(volume: Volume, config, device: torch.device | str | None = None) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
     """The fixed, per-checkpoint preprocessing from a volume to the slice encoder's input.
 
     Slices are taken as a radiologist sees them (row 0 anterior, column 0 the patient's right),
@@ -87,7 +88,8 @@ def encoder_input(volume: Volume, config) -> tuple[torch.Tensor, torch.Tensor]:
     channel per CT window (MR/PET: robust percentile range; OT: min-max) and normalised.
 
     Returns pixel_values (Z', 3, S, S) float32 and the height of each slice in the scan as a
-    fraction (Z',), 0 at the lowest (most inferior) slice and 1 at the highest.
+    fraction (Z',), 0 at the lowest (most inferior) slice and 1 at the highest, both on `device`
+    (None: the CPU); on a GPU the voxels go over once and the resizing runs there.
     """
     import torch
     import torch.nn.functional as F
@@ -106,7 +108,7 @@ def encoder_input(volume: Volume, config) -> tuple[torch.Tensor, torch.Tensor]:
     all_finite = math.isfinite(lowest) and math.isfinite(highest)
     background = lowest if all_finite else float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
 
-    voxels = torch.from_numpy(data)  # (Z, Y, X), shares memory with the volume: nothing below writes to it
+    voxels = torch.from_numpy(data).to(device)  # (Z, Y, X); on the CPU it shares the volume's memory, unwritten
     if not all_finite:
         voxels = torch.nan_to_num(voxels, nan=background, posinf=background, neginf=background)
     target = num_slices
@@ -127,9 +129,9 @@ def encoder_input(volume: Volume, config) -> tuple[torch.Tensor, torch.Tensor]:
 
     channels = [((slices - lo) / (hi - lo)).clamp_(0.0, 1.0) for lo, hi in ranges]
     pixel_values = torch.stack(channels, dim=1)  # (Z', 3, S, S)
-    mean = torch.tensor(config.image_mean).view(1, -1, 1, 1)
-    std = torch.tensor(config.image_std).view(1, -1, 1, 1)
-    heights = (torch.arange(target, dtype=torch.float32) + 0.5) / target
+    mean = torch.tensor(config.image_mean, device=slices.device).view(1, -1, 1, 1)
+    std = torch.tensor(config.image_std, device=slices.device).view(1, -1, 1, 1)
+    heights = (torch.arange(target, dtype=torch.float32, device=slices.device) + 0.5) / target
     return (pixel_values - mean) / std, heights
 
 
