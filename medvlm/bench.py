@@ -16,6 +16,8 @@ What each figure measures:
 - encode_s: `Pipeline.encode` as shipped (preview-size similarity selection, then full-size
   encoding of the kept slices only), encoding cache cold. encode_all_slices_s: the same weights
   with `selection_preview_size=None`, so every input slice goes through the encoder at full size.
+  Both include the fingerprint and `encoder_input` they share; encode_parts splits each into its
+  preprocessing and model (stages 1–5) seconds.
 - ttft_s: from `load_volume` of the .nii.gz to the first streamed chunk of the report (encoding
   cache cold, model loaded); tokens_per_s: report tokens after the first over the time they took;
   followup_ttft_s: a second question about the same scan, to its first streamed chunk.
@@ -24,6 +26,7 @@ What each figure measures:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -221,17 +224,23 @@ def _encode_cold(pipeline, volume):
 
 
 def bench_encode(pipeline, volume, repeats: int) -> dict[str, Any]:
-    """encode_s (as shipped) and encode_all_slices_s (baseline), interleaved run by run; kept/total slices."""
+    """encode_s (as shipped) and encode_all_slices_s (baseline), interleaved run by run; kept/total slices; and
+    `encode_parts`: the medians of each one's preprocessing (`encoder_input`) and model (stages 1–5) seconds."""
     baseline = all_slices_pipeline(pipeline)
     _encode_cold(pipeline, volume)  # first-call costs (thread pools, kernels) outside the timings
-    shipped, everything = [], []
+    runs: dict[str, list] = {"shipped": [], "all_slices": []}
     for _ in range(repeats):
-        shipped.append(_median_s(lambda: _encode_cold(pipeline, volume), 1))
-        everything.append(_median_s(lambda: _encode_cold(baseline, volume), 1))
-    encoding = _encode_cold(pipeline, volume)
+        for name, timed in (("shipped", pipeline), ("all_slices", baseline)):
+            start = time.perf_counter()
+            encoding = _encode_cold(timed, volume)
+            runs[name].append((time.perf_counter() - start, encoding))
     pipeline.forget(volume)
-    return {"encode_s": statistics.median(shipped), "encode_all_slices_s": statistics.median(everything),
-            "kept_slices": len(encoding.kept_slices), "total_slices": encoding.total_slices}
+    kept = runs["shipped"][-1][1]
+    parts = {f"{name}_{part}_s": statistics.median(encoding.timings[timing] for _, encoding in done)
+             for name, done in runs.items() for part, timing in (("preprocess", "preprocess_s"), ("model", "encode_s"))}
+    return {"encode_s": statistics.median(seconds for seconds, _ in runs["shipped"]),
+            "encode_all_slices_s": statistics.median(seconds for seconds, _ in runs["all_slices"]),
+            "kept_slices": len(kept.kept_slices), "total_slices": kept.total_slices, "encode_parts": parts}
 
 
 def _first_chunk(chunks) -> tuple[str, float]:
@@ -326,26 +335,33 @@ def app_ready_once(checkpoint: str | None) -> float:
     port = _free_port()
     env = _child_env(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
                      **({"MEDVLM_CHECKPOINT": checkpoint} if checkpoint else {}))
-    start = time.perf_counter()
-    app = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        while not _answers(f"http://127.0.0.1:{port}/"):
-            if app.poll() is not None:
-                raise RuntimeError(f"app.py exited with status {app.returncode} before answering: "
-                                   f"{app.stderr.read().decode(errors='replace').strip()[-2000:]}")
-            if time.perf_counter() - start > APP_READY_TIMEOUT_S:
-                raise RuntimeError(f"app.py did not answer HTTP within {APP_READY_TIMEOUT_S:.0f} s")
-            time.sleep(0.05)
-        return time.perf_counter() - start
-    finally:
-        os.killpg(app.pid, signal.SIGTERM)
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty app never blocks on a full pipe
+        start = time.perf_counter()
+        app = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         try:
-            app.wait(timeout=15)
+            while not _answers(f"http://127.0.0.1:{port}/"):
+                if app.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"app.py exited with status {app.returncode} before answering: "
+                                       f"{log.read().decode(errors='replace').strip()[-2000:]}")
+                if time.perf_counter() - start > APP_READY_TIMEOUT_S:
+                    raise RuntimeError(f"app.py did not answer HTTP within {APP_READY_TIMEOUT_S:.0f} s")
+                time.sleep(0.05)
+            return time.perf_counter() - start
+        finally:
+            _end_process_group(app)
+
+
+def _end_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group we started (the app and anything it spawned), SIGKILL after 15 s."""
+    with contextlib.suppress(ProcessLookupError):  # the group is already gone
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            os.killpg(app.pid, signal.SIGKILL)
-            app.wait()
-        app.stderr.close()
+            os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 # --- real size (CUDA) --------------------------------------------------------------------------------------
@@ -449,7 +465,7 @@ def run_benchmark(size: str = "full", device: str = "cpu", repeats: int = 5, che
                                "load_nifti_s": _median_s(lambda: load_volume(inputs.mr_nifti), repeats),
                                **bench_viewer(mr, repeats),
                                **{key: value for key, value in bench_encode(pipeline, mr, repeats).items()
-                                  if key != "encode_all_slices_s"}}
+                                  if key in ("encode_s", "kept_slices", "total_slices")}}
         del mr, pipeline
         figures["peak_rss_mb"] = bench_peak_rss(inputs, checkpoint, min(repeats, 3))
         figures["app_ready_s"] = statistics.median(app_ready_once(checkpoint) for _ in range(max(1, app_repeats)))

@@ -66,13 +66,14 @@ class Volume:
     def fingerprint(self) -> str:
         """Content hash of the voxels and their spacing: equal scans share encoded features.
 
-        BLAKE2b of each FINGERPRINT_CHUNK bytes of voxels, in threads (hashlib lets go of the GIL), then of
-        those digests: a 300×512×512 CT hashes on every core at once.
+        SHA-256 (hardware-accelerated on current x86 and ARM CPUs) of each FINGERPRINT_CHUNK bytes of voxels,
+        in threads (hashlib lets go of the GIL), then BLAKE2b of those digests: a 300×512×512 CT hashes on
+        every core at once.
         """
         voxels = np.ascontiguousarray(self.data).view(np.uint8).reshape(-1)
         chunks = [voxels[start:start + FINGERPRINT_CHUNK] for start in range(0, voxels.size, FINGERPRINT_CHUNK)]
         with ThreadPoolExecutor(max_workers=min(len(chunks), os.cpu_count() or 1) or 1) as pool:
-            chunk_digests = list(pool.map(lambda chunk: hashlib.blake2b(chunk, digest_size=16).digest(), chunks))
+            chunk_digests = list(pool.map(lambda chunk: hashlib.sha256(chunk).digest(), chunks))
         digest = hashlib.blake2b(b"".join(chunk_digests), digest_size=16)
         digest.update(np.asarray(self.spacing, dtype=np.float64).tobytes())
         digest.update(str(self.data.shape).encode())
