@@ -104,11 +104,10 @@ def encoder_input(volume: Volume, config, device: torch.device | str | None = No
         finite = data[np.isfinite(data)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         ranges = [(lo, hi if hi > lo else lo + 1.0)] * len(config.image_mean)
-    lowest, highest = float(data.min()), float(data.max())  # NaN or ±Inf anywhere shows in one of them
+    voxels = torch.from_numpy(data).to(device)  # (Z, Y, X); on the CPU it shares the volume's memory, unwritten
+    lowest, highest = (float(v) for v in torch.aminmax(voxels))  # one pass; NaN or ±Inf anywhere shows here
     all_finite = math.isfinite(lowest) and math.isfinite(highest)
     background = lowest if all_finite else float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
-
-    voxels = torch.from_numpy(data).to(device)  # (Z, Y, X); on the CPU it shares the volume's memory, unwritten
     if not all_finite:
         voxels = torch.nan_to_num(voxels, nan=background, posinf=background, neginf=background)
     target = num_slices
@@ -122,7 +121,8 @@ def encoder_input(volume: Volume, config, device: torch.device | str | None = No
     slices = voxels.flip(1, 2)  # display orientation: row 0 anterior, column 0 the patient's right
     side = max(rows, cols)
     top, left = (side - rows) // 2, (side - cols) // 2
-    slices = F.pad(slices, (left, side - cols - left, top, side - rows - top), value=background)
+    if rows != cols:
+        slices = F.pad(slices, (left, side - cols - left, top, side - rows - top), value=background)
     size = config.image_size
     slices = F.interpolate(slices[:, None], size=(size, size), mode="bilinear", antialias=side > size,
                            align_corners=False)[:, 0]  # (Z', S, S)
