@@ -123,16 +123,21 @@ class TrainingObjective(nn.Module):
     it is not part of the saved checkpoint.
     """
 
-    def __init__(self, model: MedVLMForConditionalGeneration, num_findings: int, finding_loss: float):
+    def __init__(self, model: MedVLMForConditionalGeneration, num_findings: int, finding_loss: float,
+                 lm_loss: float = 1.0):
         super().__init__()
         self.model = model
+        self.lm_loss = lm_loss
         self.finding_loss = finding_loss if num_findings else 0.0
         hidden = model.config.text_config.hidden_size
         self.probe = nn.Linear(2 * hidden, num_findings) if self.finding_loss else None
 
     def forward(self, input_ids, attention_mask, labels, scans, finding_targets=None) -> torch.Tensor:
         visual_tokens = self.model.visual_tokens_per_sample(scans)
-        loss = self.model(input_ids, attention_mask=attention_mask, visual_tokens=visual_tokens, labels=labels).loss
+        loss = visual_tokens.new_zeros(())
+        if self.lm_loss:  # a probe-only stage skips the LM altogether
+            output = self.model(input_ids, attention_mask=attention_mask, visual_tokens=visual_tokens, labels=labels)
+            loss = self.lm_loss * output.loss
         if self.probe is not None and finding_targets is not None:
             summary = torch.cat([visual_tokens.mean(1), visual_tokens.amax(1)], dim=-1)
             loss = loss + self.finding_loss * F.binary_cross_entropy_with_logits(self.probe(summary), finding_targets)
@@ -253,7 +258,7 @@ def run_stage(stage: dict, model, tokenizer, cache: FeatureCache, train_samples:
     samples = [s for s in train_samples if s.task in stage["tasks"]]
     validation = [s for s in val_samples if s.task in stage["tasks"]][:256]
     classes, targets = findings
-    objective = TrainingObjective(model, len(classes), stage.get("finding_loss", 0.0))
+    objective = TrainingObjective(model, len(classes), stage.get("finding_loss", 0.0), stage.get("lm_loss", 1.0))
     collate = Collator(tokenizer, cache, model.config.image_token, model.config.num_visual_tokens,
                        preset["max_length"], targets if objective.probe is not None else None)
     batches = ScanGroupedBatches(samples, stage["batch_size"], stage.get("samples_per_scan", 1), seed)
