@@ -29,7 +29,7 @@ from tests.test_app_live import free_port, text_of
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-QUESTION = "Which imaging modality is this?"
+QUESTION = "Write a radiology report for this scan."  # the demo model opens with the technique: "CT of ..."
 ANSWER_TOKENS = 24
 MODALITY_WORDS = {"CT": ("computed tomography", " ct"), "MR": ("magnetic resonance", " mr", "mri"),
                   "PT": ("pet", "positron")}
