@@ -31,6 +31,7 @@ REPORT_PROMPTS = (  # paraphrases for training variety; REPORT_PROMPT first
 )
 CAP_FILE = "M3D_Cap.json"
 VQA_FILES = {"train": "M3D_VQA_train.csv", "validation": "M3D_VQA_val.csv", "test": "M3D_VQA_test.csv"}
+GROUND_TRUTH_FILE = "ground_truth.json"  # phantom sets only: every lesion of every volume
 VQA_COLUMNS = ("Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C", "Choice D",
                "Answer", "Answer Choice")
 QUESTION_TYPES = {1: "plane", 2: "phase", 3: "organ", 4: "abnormality", 5: "location"}

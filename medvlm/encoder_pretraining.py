@@ -21,12 +21,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .configuration import MedVLMConfig
+from .data import GROUND_TRUTH_FILE
 from .encoder import SliceEncoder
 from .preprocess import encoder_input
 from .volume import Volume, load_volume
 
 MODALITIES = ("CT", "MR", "PT", "OT")
-GROUND_TRUTH = "ground_truth.json"
 
 
 def lesion_classes(ground_truth: dict) -> list[str]:
@@ -123,7 +123,7 @@ def pretrain_encoder(config: MedVLMConfig, root: Path, images: list[str], settin
                      progress: bool = True, seed: int = 0) -> PretrainedEncoder:
     """Train a slice encoder of `config` on the slices of `images` (paths under `root`)."""
     torch.manual_seed(seed)
-    ground_truth = json.loads((root / GROUND_TRUTH).read_text())
+    ground_truth = json.loads((root / GROUND_TRUTH_FILE).read_text())
     classes = lesion_classes(ground_truth)
     encoder = SliceEncoder(config)
     slices = build_slice_set(config, root, images, ground_truth, classes, progress)

@@ -14,12 +14,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .data import Sample
+from .data import GROUND_TRUTH_FILE, Sample
 from .metrics import closed_accuracy, finding_metrics, open_metrics, report_metrics
 from .pipeline import Pipeline
 from .volume import load_volume
 
-GROUND_TRUTH = "ground_truth.json"
 M3D_MAX_NEW_TOKENS = 256
 
 
@@ -42,7 +41,7 @@ def generate_answers(pipeline: Pipeline, root: Path, samples: list[Sample], max_
 
 
 def _phantom_findings(root: Path, images: list[str]) -> dict | None:
-    path = root / GROUND_TRUTH
+    path = root / GROUND_TRUTH_FILE
     if not path.exists():
         return None
     from .phantom import findings_from_ground_truth

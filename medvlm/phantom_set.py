@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
+from .data import GROUND_TRUTH_FILE, VQA_FILES
 from .phantom_text import VQA_COLUMNS
 
 if TYPE_CHECKING:  # phantom.py re-exports write_phantom_set, so it is imported lazily here
     from .phantom import Phantom
 
 SPLITS = ("train", "validation", "test")
-VQA_FILES = {"train": "M3D_VQA_train.csv", "validation": "M3D_VQA_val.csv", "test": "M3D_VQA_test.csv"}
 FORMATS = ("npy", "nifti", "dicom")
 M3D_SHAPE = (32, 256, 256)
 LUNG_WINDOW, SOFT_TISSUE_WINDOW = (-1350.0, 150.0), (-160.0, 240.0)  # (low, high) HU
@@ -148,7 +148,7 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
             writer = csv.DictWriter(handle, fieldnames=VQA_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
-    (out / "ground_truth.json").write_text(json.dumps(ground_truth, indent=1))
+    (out / GROUND_TRUTH_FILE).write_text(json.dumps(ground_truth, indent=1))
     return {"out": str(out), "n": n, "splits": {name: len(items) for name, items in captions.items()},
             "vqa_rows": sum(len(rows) for rows in vqa_rows.values()), "formats": list(formats)}
 

@@ -28,14 +28,23 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, get_cosine_schedule_with_warmup
 
 from .configuration import MedVLMConfig
-from .data import CAP_FILE, REPORT_PROMPT, REPORT_PROMPTS, VQA_FILES, Sample, build_labels, read_m3d_cap, read_m3d_vqa
+from .data import (
+    CAP_FILE,
+    GROUND_TRUTH_FILE,
+    REPORT_PROMPT,
+    REPORT_PROMPTS,
+    VQA_FILES,
+    Sample,
+    build_labels,
+    read_m3d_cap,
+    read_m3d_vqa,
+)
 from .features import FeatureCache
 from .modeling import MedVLMForConditionalGeneration
 from .tokenizer import IMAGE_TOKEN, train_tokenizer
 from .volume import load_volume
 
 PRESETS = Path(__file__).resolve().parent / "presets"
-GROUND_TRUTH = "ground_truth.json"
 TRAINABLE_PARTS = {
     "fusion": ("input_projection", "slice_heights", "fusion"),
     "compressor": ("compressor",),
@@ -104,7 +113,7 @@ def finding_targets(root: Path, images: list[str]) -> tuple[list[str], dict[str,
 
     Empty when the data has no ground_truth.json (the real M3D data).
     """
-    path = root / GROUND_TRUTH
+    path = root / GROUND_TRUTH_FILE
     if not path.exists():
         return [], {}
     truth = json.loads(path.read_text())
