@@ -42,6 +42,7 @@ from .data import (
 from .features import FeatureCache
 from .modeling import MedVLMForConditionalGeneration
 from .tokenizer import IMAGE_TOKEN, train_tokenizer
+from .variants import apply_overrides
 from .volume import load_volume
 
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -50,6 +51,7 @@ TRAINABLE_PARTS = {
     "compressor": ("compressor",),
     "projector": ("multi_modal_projector",),
     "language_model": ("language_model",),
+    "volume_encoder": ("volume_encoder",),  # the 3D baseline's encoder (visual_path="vit3d"), trained from scratch
 }
 
 
@@ -336,13 +338,15 @@ def cache_features(model, samples: list[Sample], root: Path, folder: Path, accel
     return cache
 
 
-def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, work: str | Path | None = None) -> Path:
+def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, work: str | Path | None = None,
+          config_overrides: dict | None = None) -> Path:
     """Train a checkpoint from a preset on an M3D-format data folder; returns the checkpoint folder.
 
     `work` (default: OUT-training beside OUT) keeps the feature cache, resumable states and
-    metrics.csv; the checkpoint folder receives only what is published.
+    metrics.csv; the checkpoint folder receives only what is published. `config_overrides` replace
+    model settings of the preset (an ablation variant, see variants.py).
     """
-    preset = load_preset(preset_name)
+    preset = apply_overrides(load_preset(preset_name), config_overrides or {})
     root, out = Path(data), Path(out)
     work = Path(work) if work else out.with_name(out.name + "-training")
     out.mkdir(parents=True, exist_ok=True)
@@ -369,7 +373,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
         model.to(getattr(torch, preset.get("save_dtype", "float32"))).save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / "training.json").write_text(json.dumps({
-            "preset": preset_name, "data": str(root), "seed": seed,
+            "preset": preset_name, "config_overrides": config_overrides or {}, "data": str(root), "seed": seed,
             "train_samples": len(train_samples), "train_scans": len(images), "encoder_pretraining": encoder_summary,
             "wall_seconds": round(time.perf_counter() - started, 1),
         }, indent=2))
