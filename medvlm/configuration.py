@@ -62,6 +62,13 @@ class MedVLMConfig(PreTrainedConfig):
     report_prompt: str = "Write a radiology report for this scan."
     demo: bool = False  # trained on synthetic phantoms only: the app says "not for clinical use"
 
+    # The 3D baseline of the ablation study (M3D-style): a 3D ViT trained from scratch replaces stages 1–4.
+    visual_path: str = "slices"  # "slices": stages 1–4 above; "vit3d": a 3D ViT on the resampled volume
+    volume_shape: list = field(default_factory=lambda: [32, 128, 128])  # (D, H, W) the encoder input is resampled to
+    volume_patch: list = field(default_factory=lambda: [4, 16, 16])  # 3D patch (d, h, w) in voxels
+    volume_layers: int = 4  # transformer blocks of width fusion_dim
+    volume_heads: int = 4
+
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -71,9 +78,18 @@ class MedVLMConfig(PreTrainedConfig):
             "fusion_mode": ("gated", "spatial", "frequency", "average"),
             "compressor_mode": ("cross_attention", "average"),
             "encoder_backend": ("transformers", "open_clip"),
+            "visual_path": ("slices", "vit3d"),
         }.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.visual_path == "vit3d":
+            grid = self.volume_grid
+            if any(side % patch for side, patch in zip(self.volume_shape, self.volume_patch, strict=True)):
+                raise ValueError(f"volume_shape {list(self.volume_shape)} must be a multiple of volume_patch "
+                                 f"{list(self.volume_patch)} along each axis")
+            if any(patches < tokens for patches, tokens in zip(grid, self.compressor_grid, strict=True)):
+                raise ValueError(f"the 3D ViT's {list(grid)} patch grid cannot be pooled to the "
+                                 f"{list(self.compressor_grid)} visual-token grid; use smaller volume_patch")
 
     @property
     def encoder_grid(self) -> tuple[int, int]:
@@ -87,6 +103,11 @@ class MedVLMConfig(PreTrainedConfig):
     def encoder_width(self) -> int:
         """C: channel width of the slice encoder's patch tokens."""
         return self.vision_config.hidden_size
+
+    @property
+    def volume_grid(self) -> tuple[int, int, int]:
+        """(d, h, w) patch grid of the 3D baseline's ViT: volume_shape / volume_patch per axis."""
+        return tuple(side // patch for side, patch in zip(self.volume_shape, self.volume_patch, strict=True))
 
     @property
     def num_visual_tokens(self) -> int:

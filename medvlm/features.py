@@ -27,11 +27,17 @@ FEATURE_FIELDS = ("image_size", "ct_windows", "image_mean", "image_std", "slice_
 
 
 def encoder_fingerprint(model: MedVLMForConditionalGeneration) -> str:
-    """Hash of the encoder weights and the preprocessing/selection settings: equal → equal features."""
+    """Hash of the encoder weights and the preprocessing/selection settings: equal → equal features.
+
+    The 3D baseline caches its input (the resampled volume): no frozen weights, its volume shape instead.
+    """
     digest = hashlib.blake2b(digest_size=12)
     settings = {name: getattr(model.config, name) for name in FEATURE_FIELDS}
+    frozen = model.slice_encoder.state_dict() if model.config.visual_path == "slices" else {}
+    if model.config.visual_path == "vit3d":
+        settings["volume_shape"] = list(model.config.volume_shape)
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for name, tensor in sorted(model.slice_encoder.state_dict().items()):
+    for name, tensor in sorted(frozen.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()

@@ -2,6 +2,9 @@
 
 volume slices ─► [1] SliceEncoder (frozen 2D tower) ─► [2] slice selection ─► [3] fusion
 ─► [4] compressor ─► [5] projector ─► visual tokens spliced into the LM prompt ─► text
+
+`visual_path="vit3d"` (the ablation study's 3D baseline) replaces stages 1–4 with a 3D ViT trained
+from scratch on the resampled volume (encoder3d.py); projector and LM are the same.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from transformers.activations import ACT2FN
 from .compressor import AxisPositions, DetailPreservingCompressor
 from .configuration import MedVLMConfig
 from .encoder import SliceEncoder
+from .encoder3d import VolumeViT
 from .fusion import SpatialFrequencyFusion
 from .selection import select_slices, uniform_slices
 
@@ -35,7 +39,9 @@ class ScanSlices:
 
     patches: (k, h, w, C); kept: (k,) indices into the encoder input's slices; heights: (k,)
     fraction of the scan's height; encoded / previewed: slices run through the encoder at full
-    size / at the preview size (the encoder work this scan cost).
+    size / at the preview size (the encoder work this scan cost). For the 3D baseline
+    (`visual_path="vit3d"`) patches is its input, the resampled volume (D, H, W, C), and every
+    slice counts as kept; no 2D encoder runs.
     """
 
     patches: torch.Tensor
@@ -110,27 +116,35 @@ class MedVLMForConditionalGeneration(MedVLMPreTrainedModel):
 
     Parts: `slice_encoder` (frozen 2D tower), `slice_heights` + `input_projection` (slice tokens
     to the fusion width d, with where each slice lies), `fusion`, `compressor`,
-    `multi_modal_projector`, `language_model` (any AutoModelForCausalLM).
+    `multi_modal_projector`, `language_model` (any AutoModelForCausalLM). The 3D baseline has
+    `volume_encoder` (a trainable 3D ViT) in place of the first five.
     """
 
     def __init__(self, config: MedVLMConfig):
         super().__init__(config)
-        self.slice_encoder = SliceEncoder(config)
-        self.input_projection = nn.Linear(config.encoder_width, config.fusion_dim)
-        self.slice_heights = SliceHeightEmbedding(config.fusion_dim)
-        self.fusion = SpatialFrequencyFusion(config)
-        self.compressor = DetailPreservingCompressor(config)
+        if config.visual_path == "vit3d":
+            self.volume_encoder = VolumeViT(config)
+        else:
+            self.slice_encoder = SliceEncoder(config)
+            self.input_projection = nn.Linear(config.encoder_width, config.fusion_dim)
+            self.slice_heights = SliceHeightEmbedding(config.fusion_dim)
+            self.fusion = SpatialFrequencyFusion(config)
+            self.compressor = DetailPreservingCompressor(config)
         self.multi_modal_projector = MultiModalProjector(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
-        self.slice_encoder.freeze()
+        self._freeze_slice_encoder()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> MedVLMForConditionalGeneration:
         """As PreTrainedModel.from_pretrained; the slice encoder comes back frozen."""
         model = super().from_pretrained(*args, **kwargs)
-        model.slice_encoder.freeze()
+        model._freeze_slice_encoder()
         return model
+
+    def _freeze_slice_encoder(self) -> None:
+        if self.config.visual_path == "slices":  # the 3D baseline's encoder trains from scratch
+            self.slice_encoder.freeze()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -146,8 +160,12 @@ class MedVLMForConditionalGeneration(MedVLMPreTrainedModel):
         "uniform" selection takes K evenly spaced slices without looking at them. "similarity"
         compares pooled embeddings of neighbours (from a cheap preview encoding when
         `selection_preview_size` is set) and encodes at full size only the slices it keeps.
+        The 3D baseline keeps every slice: its "encoding" is the volume resampled for its 3D ViT.
         """
         config, total = self.config, pixel_values.shape[0]
+        if config.visual_path == "vit3d":
+            volume = self.volume_encoder.resample(pixel_values)  # (D, H, W, C)
+            return ScanSlices(volume, torch.arange(total, device=heights.device), heights, total, encoded=0)
         if config.slice_selection == "uniform":
             kept = uniform_slices(total, config.slice_budget)
             patches = self.slice_encoder(pixel_values[kept]).patches
@@ -166,7 +184,15 @@ class MedVLMForConditionalGeneration(MedVLMPreTrainedModel):
     # Stages 3–5 -------------------------------------------------------------------------------
 
     def visual_tokens_from_slices(self, scans: list[ScanSlices]) -> VisualEncoding:
-        """Stages 3–5 for a batch of scans → visual tokens (B, N, H) in the LM's embedding space."""
+        """Stages 3–5 for a batch of scans → visual tokens (B, N, H) in the LM's embedding space.
+
+        The 3D baseline runs its 3D ViT on the scans' resampled volumes instead.
+        """
+        if self.config.visual_path == "vit3d":
+            weight = self.multi_modal_projector.linear_1.weight
+            volumes = torch.stack([scan.patches for scan in scans]).to(weight.device, weight.dtype)  # (B, D, H, W, C)
+            visual_tokens = self.multi_modal_projector(self.volume_encoder(volumes))
+            return VisualEncoding(visual_tokens, [scan.kept for scan in scans])
         budget = self.config.slice_budget
         height, width = self.config.encoder_grid
         dtype = self.input_projection.weight.dtype
