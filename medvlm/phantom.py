@@ -57,6 +57,18 @@ CT_LESION_VALUE = {"solid nodule": 30.0, "ground-glass nodule": -500.0, "calcifi
 CT_LESION_CHOICES = (("lung", "solid nodule"), ("lung", "ground-glass nodule"), ("lung", "calcified nodule"),
                      ("liver", "cyst"), ("liver", "hypodense mass"), ("liver", "calcification"),
                      ("kidney", "cyst"), ("kidney", "calcification"))
+SizeRange = tuple[float, float] | None  # (min, max) lesion diameter in mm asked for; None: each kind's own range
+
+
+def _diameter_range(kind: str, size_mm: SizeRange) -> tuple[float, float]:
+    """(min, max) diameter in mm of a lesion kind, narrowed to `size_mm` when given (empty when min > max)."""
+    low, high = LESION_DIAMETER_MM[kind]
+    return (low, high) if size_mm is None else (max(low, size_mm[0]), min(high, size_mm[1]))
+
+
+def _can_be_drawn(kind: str, size_mm: SizeRange) -> bool:
+    low, high = _diameter_range(kind, size_mm)
+    return low <= high
 
 
 @dataclass
@@ -250,16 +262,18 @@ def _describe(organ: str, center_mm: tuple, organ_mask: np.ndarray, grid: Grid) 
 
 
 def _insert_body_lesions(values: np.ndarray, labels: np.ndarray, grid: Grid, choices: list[tuple[str, str]],
-                         value_of, rng: np.random.Generator) -> list[Lesion]:
+                         value_of, rng: np.random.Generator, size_mm: SizeRange = None) -> list[Lesion]:
     """Paint lesions (organ, kind) into `values` inside their organ; return the ground truth."""
     organ_labels = {"lung": 3, "liver": 5, "kidney": 7, "lymph node": 10}
     lesions = []
     for organ, kind in choices:
-        low, high = LESION_DIAMETER_MM[kind]
+        low, high = _diameter_range(kind, size_mm)
         low = max(low, 1.5 * grid.spacing[1])  # at least 1.5 pixels across, or it cannot be seen in-plane
         if low > high:
             continue
         diameter = float(round(rng.uniform(low, high)))
+        if size_mm is not None:  # rounding must not leave the asked range
+            diameter = float(np.clip(diameter, *size_mm))
         organ_mask = labels == organ_labels[organ]
         center = place_sphere(organ_mask, grid.spacing, diameter, rng)
         if center is None:
@@ -275,7 +289,7 @@ def _insert_body_lesions(values: np.ndarray, labels: np.ndarray, grid: Grid, cho
     return lesions
 
 
-def make_ct(rng: np.random.Generator, matrix: int | None = None) -> Phantom:
+def make_ct(rng: np.random.Generator, matrix: int | None = None, lesion_size_mm: SizeRange = None) -> Phantom:
     """CT torso in HU: fat, muscle, lungs, heart, liver, spleen, kidneys, aorta, spine, ribs; 0–3 lesions."""
     small = matrix is not None
     matrix, spacing_xy, spacing_z, slices = _acquisition(
@@ -290,8 +304,10 @@ def make_ct(rng: np.random.Generator, matrix: int | None = None) -> Phantom:
     hu = {label: CT_PHASES[phase].get(name, value) for label, (name, value) in CT_TISSUES.items()}
     values = np.array([hu.get(i, 0.0) for i in range(256)], dtype=np.float32)[labels]
     count = int(rng.integers(0, 4))
-    choices = [CT_LESION_CHOICES[i] for i in rng.integers(len(CT_LESION_CHOICES), size=count)]
-    lesions = _insert_body_lesions(values, labels, grid, choices, lambda kind, _: CT_LESION_VALUE[kind], rng)
+    kinds = [choice for choice in CT_LESION_CHOICES if _can_be_drawn(choice[1], lesion_size_mm)]  # all, by default
+    choices = [kinds[i] for i in rng.integers(len(kinds), size=count)]
+    lesions = _insert_body_lesions(values, labels, grid, choices, lambda kind, _: CT_LESION_VALUE[kind], rng,
+                                   lesion_size_mm)
     noise_sd = float(rng.uniform(5, 25))
     values += rng.standard_normal(values.shape, dtype=np.float32) * np.float32(noise_sd)
     report = write_report("CT", phase, [asdict(lesion) for lesion in lesions], rng)
@@ -300,7 +316,7 @@ def make_ct(rng: np.random.Generator, matrix: int | None = None) -> Phantom:
                    noise_sd)
 
 
-def make_pet(rng: np.random.Generator, matrix: int | None = None) -> Phantom:
+def make_pet(rng: np.random.Generator, matrix: int | None = None, lesion_size_mm: SizeRange = None) -> Phantom:
     """PET body (head to pelvis) in SUV at ~4 mm: physiological uptake and 0–3 hot spots (lung, liver, node)."""
     small = matrix is not None
     matrix, spacing_xy, spacing_z, slices = _acquisition(
@@ -314,7 +330,8 @@ def make_pet(rng: np.random.Generator, matrix: int | None = None) -> Phantom:
     count = int(rng.integers(0, 4))
     sites = ("lung", "liver", "lymph node")
     choices = [(sites[i], "hypermetabolic focus") for i in rng.integers(len(sites), size=count)]
-    lesions = _insert_body_lesions(values, labels, grid, choices, lambda *_: round(float(rng.uniform(4, 15)), 1), rng)
+    lesions = _insert_body_lesions(values, labels, grid, choices, lambda *_: round(float(rng.uniform(4, 15)), 1), rng,
+                                   lesion_size_mm)
     noise_sd = float(rng.uniform(0.05, 0.15))  # relative: counting noise grows with activity
     values *= 1 + rng.standard_normal(values.shape, dtype=np.float32) * np.float32(noise_sd)
     np.maximum(values, 0, out=values)
@@ -347,7 +364,7 @@ def _load_mni() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 MNI_SPACING_MM = 2.0
 
 
-def make_mr(rng: np.random.Generator, matrix: int | None = None) -> Phantom:
+def make_mr(rng: np.random.Generator, matrix: int | None = None, lesion_size_mm: SizeRange = None) -> Phantom:
     """MR brain on the MNI152 T1 template (T1- or T2-like contrast), arbitrary scale; 0–3 lesions by lobe."""
     t1, brain_probability, origin = _load_mni()
     extent = (np.asarray(t1.shape) - 1) * MNI_SPACING_MM  # (z, y, x) mm
@@ -376,8 +393,12 @@ def make_mr(rng: np.random.Generator, matrix: int | None = None) -> Phantom:
     lesions = []
     for _ in range(int(rng.integers(0, 4))):
         kind = str(rng.choice(["hyperintense lesion", "hypointense lesion"]))
-        low, high = LESION_DIAMETER_MM[kind]
+        low, high = _diameter_range(kind, lesion_size_mm)
         diameter = float(round(rng.uniform(max(low, 1.5 * spacing_xy), max(high, 1.5 * spacing_xy))))
+        if lesion_size_mm is not None:
+            if 1.5 * spacing_xy > lesion_size_mm[1]:  # too coarse to show a lesion of the asked size
+                continue
+            diameter = float(np.clip(diameter, *lesion_size_mm))
         center = place_sphere(brain & cortex, spacing, diameter, rng)
         if center is None:
             continue
@@ -401,16 +422,22 @@ def make_mr(rng: np.random.Generator, matrix: int | None = None) -> Phantom:
 MAKERS = {"ct": make_ct, "mr": make_mr, "pt": make_pet}
 
 
-def make_phantom(seed: int | list[int], modality: str = "ct", *, matrix: int | None = None) -> Phantom:
+def make_phantom(seed: int | list[int], modality: str = "ct", *, matrix: int | None = None,
+                 lesion_size_mm: SizeRange = None) -> Phantom:
     """One phantom of `modality` ("ct", "mr", "pt"), deterministic for `seed`.
 
     `matrix` None: a realistic acquisition (CT 384–512 in-plane, up to 300 slices); an int: that
     in-plane size with the same anatomy in mm (coarser spacing) and at most 64 slices.
+    `lesion_size_mm` (min, max): every lesion's diameter in that range (kinds that cannot be that
+    size are not drawn; a lesion too small for the pixel spacing is left out), e.g. (2, 8) for the
+    small-lesion benchmark; None: each kind's own range, as before.
     """
     key = modality.lower()
     if key not in MAKERS:
         raise ValueError(f"unknown phantom modality {modality!r}; use one of {', '.join(MAKERS)}")
-    return MAKERS[key](np.random.default_rng(seed), matrix)
+    if lesion_size_mm is not None and not 0 < lesion_size_mm[0] <= lesion_size_mm[1]:
+        raise ValueError(f"cannot draw lesions of {lesion_size_mm[0]}–{lesion_size_mm[1]} mm; give 0 < min ≤ max")
+    return MAKERS[key](np.random.default_rng(seed), matrix, lesion_size_mm)
 
 
 from .phantom_set import write_phantom_set  # noqa: E402  (re-exported: the CLI imports it from here)

@@ -110,11 +110,14 @@ def assign_splits(n: int, seed: int, split: str | None, fractions: tuple[float, 
 
 def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[str, ...] = ("ct", "mr", "pt"),
                       formats: tuple[str, ...] = ("npy",), split: str | None = None, *,
-                      npy_shape: tuple[int, int, int] = M3D_SHAPE, matrix: int | None = None) -> dict:
+                      npy_shape: tuple[int, int, int] = M3D_SHAPE, matrix: int | None = None,
+                      lesion_size_mm: tuple[float, float] | None = None) -> dict:
     """Write `n` phantoms (modalities in turn) with reports, M3D-Cap JSON, M3D-VQA CSVs and ground truth.
 
-    Volume i is `make_phantom([seed, i], modality, matrix=matrix)`. npy_shape: (Z, Y, X) of the M3D
-    arrays, e.g. (32, 96, 96) for fast training. Returns a summary: out, n, per-split counts, files.
+    Volume i is `make_phantom([seed, i], modality, matrix=matrix, lesion_size_mm=lesion_size_mm)`.
+    npy_shape: (Z, Y, X) of the M3D arrays, e.g. (32, 96, 96) for fast training; lesion_size_mm:
+    (min, max) diameter of every lesion, e.g. (2, 8) for the small-lesion benchmark. Returns a
+    summary: out, n, per-split counts, files.
     """
     from .phantom import make_phantom
 
@@ -131,7 +134,7 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
     ground_truth = {}
     for index in range(n):
         modality = modalities[index % len(modalities)].lower()
-        phantom = make_phantom([seed, index], modality, matrix=matrix)
+        phantom = make_phantom([seed, index], modality, matrix=matrix, lesion_size_mm=lesion_size_mm)
         rel = f"{modality}/phantom_{index:05d}"
         (out / modality).mkdir(parents=True, exist_ok=True)
         written = [_write_volume(phantom, out / rel, fmt, npy_shape) for fmt in formats]
