@@ -90,22 +90,41 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _lesion_size(text: str) -> tuple[float, float]:
+    """"2,8" → (2.0, 8.0): a (min, max) lesion diameter range in mm."""
+    try:
+        low, high = (float(size) for size in _csv(text))
+    except ValueError:
+        low = high = 0.0
+    if not 0 < low <= high:
+        raise UsageError("phantom: --lesion-size takes MIN,MAX diameters in mm with 0 < MIN <= MAX (e.g. 2,8)")
+    return low, high
+
+
 def cmd_phantom(args: argparse.Namespace) -> None:
     from .phantom import write_phantom_set
 
     npy_shape = tuple(int(side) for side in _csv(args.npy_shape))
     if len(npy_shape) != 3:
         raise UsageError("phantom: --npy-shape takes three sizes, Z,Y,X (e.g. 32,256,256)")
+    lesion_size = _lesion_size(args.lesion_size) if args.lesion_size else None
     summary = write_phantom_set(args.out, n=args.n, seed=args.seed, modalities=tuple(_csv(args.modality)),
                                 formats=tuple(_csv(args.format)), split=args.split, matrix=args.matrix,
-                                npy_shape=npy_shape)
+                                npy_shape=npy_shape, lesion_size_mm=lesion_size)
     print(json.dumps(summary))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import train
+    from .configuration import MedVLMConfig
+    from .train import load_preset, train
+    from .variants import apply_overrides, variant_overrides
 
-    print(train(args.preset, args.data, args.out, seed=args.seed, work=args.work))
+    try:
+        overrides = variant_overrides(args.variant, args.set)
+        MedVLMConfig(**apply_overrides(load_preset(args.preset), overrides)["model"])  # a bad value stops here
+    except ValueError as error:
+        raise UsageError(f"train: {error}") from None
+    print(train(args.preset, args.data, args.out, seed=args.seed, work=args.work, config_overrides=overrides))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -171,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--matrix", type=int, default=None,
                          help="in-plane size (e.g. 160) for small, fast volumes; default: realistic 256-512")
     phantom.add_argument("--npy-shape", default="32,256,256", help="Z,Y,X of the M3D .npy arrays")
+    phantom.add_argument("--lesion-size", default=None, metavar="MIN,MAX",
+                         help="every lesion's diameter in mm within MIN,MAX (e.g. 2,8: the small-lesion split)")
     phantom.set_defaults(run=cmd_phantom)
 
     train = commands.add_parser("train", help="train a checkpoint with accelerate from a preset")
@@ -179,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="checkpoint folder to write")
     train.add_argument("--work", default=None, help="feature cache, resumable state, metrics (default: OUT-training)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--variant", default=None, help="an ablation variant (see medvlm/variants.py), e.g. "
+                                                       "uniform_selection, average_compressor, vit3d")
+    train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                       help="override a model setting of the preset (repeatable), e.g. fusion_mode=spatial")
     train.set_defaults(run=cmd_train)
 
     evaluation = commands.add_parser("eval", help="score a checkpoint as M3D's benchmark does; prints JSON")

@@ -50,7 +50,18 @@ def variant_overrides(variant: str | None, items: list[str] = ()) -> dict:
     """The overrides of a named variant (None: none), then the `NAME=VALUE` items on top."""
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    return {**VARIANTS.get(variant, {}), **parse_overrides(list(items))}
+    overrides = {**VARIANTS.get(variant, {}), **parse_overrides(list(items))}
+    check_overrides(overrides)
+    return overrides
+
+
+def check_overrides(overrides: dict) -> None:
+    """Raise ValueError unless every key is a MedVLMConfig setting a preset may override."""
+    fields = {field.name for field in dataclasses.fields(MedVLMConfig)} - set(PRESET_BUILT)
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"cannot override {', '.join(unknown)}: not a MedVLMConfig setting (see "
+                         "medvlm/configuration.py)")
 
 
 def apply_overrides(preset: dict, overrides: dict) -> dict:
@@ -59,11 +70,7 @@ def apply_overrides(preset: dict, overrides: dict) -> dict:
     The 3D baseline (`visual_path="vit3d"`) has no 2D encoder to pre-train, and trains its 3D
     encoder in every stage that trains the fusion or the compressor, the stages it replaces.
     """
-    fields = {field.name for field in dataclasses.fields(MedVLMConfig)} - set(PRESET_BUILT)
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"cannot override {', '.join(unknown)}: not a MedVLMConfig setting (see "
-                         "medvlm/configuration.py)")
+    check_overrides(overrides)
     preset = copy.deepcopy(preset)
     preset["model"] = {**preset["model"], **copy.deepcopy(overrides)}
     if preset["model"].get("visual_path") == "vit3d":
@@ -75,4 +82,4 @@ def apply_overrides(preset: dict, overrides: dict) -> dict:
     return preset
 
 
-__all__ = ["VARIANTS", "apply_overrides", "parse_overrides", "variant_overrides"]
+__all__ = ["VARIANTS", "apply_overrides", "check_overrides", "parse_overrides", "variant_overrides"]
