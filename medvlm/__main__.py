@@ -127,6 +127,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(train(args.preset, args.data, args.out, seed=args.seed, work=args.work, config_overrides=overrides))
 
 
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from .ablation import run_study
+
+    if args.seeds < 1:
+        raise UsageError("ablate: --seeds must be at least 1 (2 or more for error bars)")
+    run_study(args.out, size=args.size, seeds=args.seeds, work=args.work)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
 
@@ -205,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="override a model setting of the preset (repeatable), e.g. fusion_mode=spatial")
     train.set_defaults(run=cmd_train)
+
+    ablate = commands.add_parser("ablate", help="the ablation and data-efficiency study on phantoms (hours)")
+    ablate.add_argument("--out", default="assets/results", help="folder for ablations.json, data_efficiency.png, "
+                                                               "ablations.log")
+    ablate.add_argument("--size", choices=["small", "full", "tiny"], default="small",
+                        help="small: a few hours on 2 CPU cores; full: larger sets; tiny: a smoke test")
+    ablate.add_argument("--seeds", type=int, default=2, help="training seeds per comparison")
+    ablate.add_argument("--work", default=None, help="phantoms, checkpoints, resumable state (default: OUT-training)")
+    ablate.set_defaults(run=cmd_ablate)
 
     evaluation = commands.add_parser("eval", help="score a checkpoint as M3D's benchmark does; prints JSON")
     evaluation.add_argument("--checkpoint", default=None, help="folder or Hub repo id (default: the demo checkpoint)")
