@@ -124,7 +124,31 @@ def cmd_train(args: argparse.Namespace) -> None:
         MedVLMConfig(**apply_overrides(load_preset(args.preset), overrides)["model"])  # a bad value stops here
     except ValueError as error:
         raise UsageError(f"train: {error}") from None
-    print(train(args.preset, args.data, args.out, seed=args.seed, work=args.work, config_overrides=overrides))
+    if args.features and args.from_volumes:
+        raise UsageError("train: give --features or --from-volumes, not both")
+    print(train(args.preset, args.data, args.out, seed=args.seed, work=args.work, config_overrides=overrides,
+                features=args.features, from_volumes=args.from_volumes))
+
+
+def cmd_features(args: argparse.Namespace) -> None:
+    from .features import encode_data_folder
+
+    print(encode_data_folder(args.checkpoint_or_preset, args.data, args.out, splits=tuple(_csv(args.split)),
+                             revision=args.revision, shard_size=args.shard_size))
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from .hub import push_checkpoint
+
+    evaluation = None
+    if args.evaluation:
+        try:
+            with open(args.evaluation) as handle:
+                evaluation = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"push: cannot read --evaluation {args.evaluation}: {error}") from None
+    print(push_checkpoint(args.checkpoint, args.repo_id, revision=args.revision, private=args.private,
+                          evaluation=evaluation))
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -138,8 +162,10 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
 
-    results = evaluate(args.checkpoint, args.data, split=args.split, limit=args.limit, device=args.device)
-    print(json.dumps(results, indent=2 if args.pretty else None))
+    results = evaluate(args.checkpoint, args.data, split=args.split, limit=args.limit, device=args.device,
+                       max_new_tokens=args.max_new_tokens)
+    if results is not None:  # under accelerate, only the main process scores and prints
+        print(json.dumps(results, indent=2 if args.pretty else None))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -212,7 +238,30 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "uniform_selection, average_compressor, vit3d")
     train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="override a model setting of the preset (repeatable), e.g. fusion_mode=spatial")
+    train.add_argument("--features", default=None, help="a feature cache from `python -m medvlm features` "
+                                                        "(default: built in the work folder)")
+    train.add_argument("--from-volumes", action="store_true",
+                       help="no feature cache: run the frozen encoder on the volumes at every step")
     train.set_defaults(run=cmd_train)
+
+    features = commands.add_parser("features", help="encode every scan once with the frozen encoder (a cache "
+                                                    "for train --features)")
+    features.add_argument("--checkpoint-or-preset", required=True,
+                          help="a checkpoint folder or Hub repo id, or a preset whose encoder is pretrained")
+    features.add_argument("--data", required=True, help="M3D-format data folder")
+    features.add_argument("--out", required=True, help="folder for the safetensors shards and features.json")
+    features.add_argument("--split", default="train,validation", help="comma-separated splits to encode")
+    features.add_argument("--revision", default=None, help="Hub branch, tag or commit of a checkpoint repo id")
+    features.add_argument("--shard-size", type=int, default=512, help="scans per safetensors shard")
+    features.set_defaults(run=cmd_features)
+
+    push = commands.add_parser("push", help="upload a checkpoint with its model card to the Hugging Face Hub")
+    push.add_argument("checkpoint", help="the checkpoint folder `train --out` wrote")
+    push.add_argument("repo_id", help="Hub model repo, org/name (created if needed)")
+    push.add_argument("--revision", default=None, help="branch to upload to (created if needed; default main)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--evaluation", default=None, help="eval JSON to put in the model card")
+    push.set_defaults(run=cmd_push)
 
     ablate = commands.add_parser("ablate", help="the ablation and data-efficiency study on phantoms (hours)")
     ablate.add_argument("--out", default="assets/results", help="folder for ablations.json, data_efficiency.png, "
@@ -230,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--limit", type=int, default=None, help="score only the first N scans")
     evaluation.add_argument("--device", default=None)
     evaluation.add_argument("--pretty", action="store_true", help="indent the JSON")
+    evaluation.add_argument("--max-new-tokens", type=int, default=256, help="M3D's protocol: 256")
     evaluation.set_defaults(run=cmd_eval)
 
     bench = commands.add_parser("bench", help="measure speed, size and memory from upload to first token")

@@ -3,6 +3,13 @@
 Greedy decoding, at most 256 new tokens. Reports: BLEU-1, ROUGE-1, METEOR, BERTScore F1; closed
 VQA: a hit when "<letter>." occurs in the answer; open VQA: BLEU-1 / ROUGE-1 / METEOR. With a
 phantom ground truth beside the data, also finding-level precision / recall / F1 and size error.
+
+    python -m medvlm eval --checkpoint org/model --data M3D --split test
+    accelerate launch --config_file assets/accelerate/ddp.yaml -m medvlm eval --checkpoint ... --data ...
+
+Under accelerate each process answers the prompts of its share of the scans on its own device;
+the answers are gathered in the original order and the main process scores them, so the figures
+are those of one process.
 """
 
 from __future__ import annotations
@@ -12,9 +19,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .data import GROUND_TRUTH_FILE, Sample
+from .features import process_state
 from .metrics import closed_accuracy, finding_metrics, open_metrics, report_metrics
 from .pipeline import Pipeline
 from .volume import load_volume
@@ -51,8 +60,13 @@ def _phantom_findings(root: Path, images: list[str]) -> dict | None:
 
 
 def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test", limit: int | None = None,
-             max_new_tokens: int = M3D_MAX_NEW_TOKENS, device: str | None = None, progress: bool = True) -> dict:
-    """Score a checkpoint on `split` of `data`; `limit` keeps the first N scans. One JSON-ready dict."""
+             max_new_tokens: int = M3D_MAX_NEW_TOKENS, device: str | None = None,
+             progress: bool = True) -> dict | None:
+    """Score a checkpoint on `split` of `data`; `limit` keeps the first N scans. One JSON-ready dict.
+
+    Under accelerate the scans are shared among the processes; the main process returns the
+    scores, the others None.
+    """
     from .train import read_samples
 
     root = Path(data)
@@ -62,15 +76,30 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test
     images = list(dict.fromkeys(s.image for s in samples))[:limit]
     keep = set(images)
     samples = [s for s in samples if s.image in keep]
+    state = process_state()
+    if device is None and state.num_processes > 1:
+        device = str(state.device)
     pipeline = Pipeline.from_pretrained(checkpoint, device=device)
     started = time.perf_counter()
-    answers = generate_answers(pipeline, root, samples, max_new_tokens, progress)
+    with state.split_between_processes(images) as share:
+        mine = set(share)
+    indices = [index for index, sample in enumerate(samples) if sample.image in mine]
+    answered = generate_answers(pipeline, root, [samples[i] for i in indices], max_new_tokens,
+                                progress and state.is_local_main_process)
+    pairs = list(zip(indices, answered, strict=True))
+    if state.num_processes > 1:
+        pairs = gather_object(pairs)
+    if not state.is_main_process:
+        return None
+    answers = [answer for _, answer in sorted(pairs)]
+    if len(answers) != len(samples):
+        raise RuntimeError(f"gathered {len(answers)} answers for {len(samples)} prompts")
     by_task: dict[str, list[tuple[Sample, str]]] = defaultdict(list)
     for sample, answer in zip(samples, answers, strict=True):
         by_task[sample.task].append((sample, answer))
 
     results: dict = {"checkpoint": pipeline.describe()["checkpoint"], "split": split, "n": len(images),
-                     "samples": len(samples)}
+                     "samples": len(samples), "processes": state.num_processes}
     notes: dict[str, str] = {}
     reports = by_task.get("report", [])
     report_scores = report_metrics([a for _, a in reports], [s.messages[-1]["content"] for s, _ in reports])

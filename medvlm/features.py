@@ -3,27 +3,47 @@
 Because the 2D encoder is frozen, what it makes of a scan never changes during training; the
 kept slices' patch grids are stored in safetensors shards (memory-mapped when read), keyed by
 the scan's path, with a fingerprint of everything that determines them.
+
+    python -m medvlm features --checkpoint-or-preset m3d-biomedclip-qwen --data M3D --out FEATURES
+    accelerate launch -m medvlm features ...    # each process encodes its share; the shards merge
+
+Several processes (accelerate) each encode their share of the scans and save their own shards
+(`features-part003-00000.safetensors`, index `features-part003.json`); the main process then
+merges the indexes into `features.json`. On several nodes the folder must be on a shared disk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .errors import UserInputError
 from .modeling import MedVLMForConditionalGeneration, ScanSlices
 from .preprocess import encoder_input
 from .volume import Volume
 
 INDEX_FILE = "features.json"
+PART_INDEX = re.compile(r"features-(part\d+)\.json")
 FEATURE_FIELDS = ("image_size", "ct_windows", "image_mean", "image_std", "slice_spacing_mm", "max_input_slices",
                   "slice_selection", "similarity_threshold", "slice_budget", "selection_preview_size")
+
+
+def process_state() -> PartialState:
+    """This process's place among those `accelerate launch` started (one, when run plainly).
+
+    CPU processes (ACCELERATE_USE_CPU=1, as `accelerate launch --cpu` sets) join over gloo.
+    """
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def encoder_fingerprint(model: MedVLMForConditionalGeneration) -> str:
@@ -78,14 +98,19 @@ class FeatureCache:
                                         scan.total, scan.encoded, scan.previewed)
         return cls(entries, encoder_fingerprint(model))
 
-    def save(self, folder: str | Path, shard_size: int = 512) -> Path:
-        """Write shards `features-00000.safetensors` … and an index with the fingerprint."""
+    def save(self, folder: str | Path, shard_size: int = 512, part: str | None = None) -> Path:
+        """Write shards `features-00000.safetensors` … and an index with the fingerprint.
+
+        With `part` (one process's share), shards `features-PART-00000.safetensors` … and the index
+        `features-PART.json`, to be merged by `merge_parts`.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        prefix = f"features-{part}" if part else "features"
         images = sorted(self.entries)
         shards, counts = {}, {}
         for number, start in enumerate(range(0, len(images), shard_size)):
-            name = f"features-{number:05d}.safetensors"
+            name = f"{prefix}-{number:05d}.safetensors"
             tensors = {}
             for offset, image in enumerate(images[start:start + shard_size]):
                 scan = self.entries[image]
@@ -96,8 +121,27 @@ class FeatureCache:
                 counts[image] = [scan.total, scan.encoded, scan.previewed]
             save_file(tensors, folder / name)
         index = {"fingerprint": self.fingerprint, "shards": shards, "counts": counts}
-        (folder / INDEX_FILE).write_text(json.dumps(index))
+        (folder / (f"{prefix}.json" if part else INDEX_FILE)).write_text(json.dumps(index))
         return folder
+
+    @staticmethod
+    def merge_parts(folder: str | Path) -> Path:
+        """Merge the part indexes of `folder` (one per process) into its `features.json`; returns that file."""
+        folder = Path(folder)
+        parts = sorted(path for path in folder.glob("features-part*.json") if PART_INDEX.fullmatch(path.name))
+        indexes = [json.loads(path.read_text()) for path in parts]
+        fingerprints = {index["fingerprint"] for index in indexes}
+        if len(fingerprints) != 1:
+            raise ValueError(f"the feature shards in {folder} come from {len(fingerprints)} different encoders or "
+                             "settings; delete the folder and encode again")
+        merged = {"fingerprint": fingerprints.pop(), "shards": {}, "counts": {}}
+        for index in indexes:
+            merged["shards"] |= index["shards"]
+            merged["counts"] |= index["counts"]
+        (folder / INDEX_FILE).write_text(json.dumps(merged))
+        for path in parts:
+            path.unlink()
+        return folder / INDEX_FILE
 
     @classmethod
     def load(cls, folder: str | Path, fingerprint: str | None = None) -> FeatureCache:
@@ -105,7 +149,7 @@ class FeatureCache:
         folder = Path(folder)
         index = json.loads((folder / INDEX_FILE).read_text())
         if fingerprint is not None and index["fingerprint"] != fingerprint:
-            raise ValueError(f"the feature cache in {folder} was made with another encoder or other preprocessing "
+            raise UserInputError(f"the feature cache in {folder} was made with another encoder or other preprocessing "
                              "settings; delete it or run `python -m medvlm features` again")
         entries, handles = {}, {}
         for image, (shard, key) in index["shards"].items():
@@ -116,3 +160,93 @@ class FeatureCache:
             entries[image] = ScanSlices(handle.get_tensor(f"{key}.patches"), handle.get_tensor(f"{key}.kept"),
                                         handle.get_tensor(f"{key}.heights"), total, encoded, previewed)
         return cls(entries, index["fingerprint"])
+
+
+def build_feature_cache(model: MedVLMForConditionalGeneration, images: Iterable[str], load: Callable[[str], Volume],
+                        folder: str | Path, shard_size: int = 512) -> FeatureCache:
+    """The cache of `images` in `folder`: reused when it was made by this encoder and holds them all,
+    else encoded, each process (accelerate) taking its share, and merged. Every process returns the
+    whole cache, memory-mapped."""
+    folder, images = Path(folder), sorted(set(images))
+    state = process_state()
+    fingerprint = encoder_fingerprint(model)
+    if (folder / INDEX_FILE).exists():
+        try:
+            cache = FeatureCache.load(folder, fingerprint)
+            if all(image in cache for image in images):
+                return cache
+            state.print(f"the feature cache in {folder} lacks some scans: encoding again")
+        except ValueError as stale:
+            state.print(f"{stale}: encoding again")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        for old in folder.glob("features*"):
+            old.unlink()
+    state.wait_for_everyone()
+    with state.split_between_processes(images) as share:
+        part = FeatureCache.build(model, share, load, progress=state.is_local_main_process)
+    part.save(folder, shard_size, part=f"part{state.process_index:03d}")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        FeatureCache.merge_parts(folder)
+    state.wait_for_everyone()
+    return FeatureCache.load(folder, fingerprint)
+
+
+class VolumeFeatures:
+    """The same lookup as `FeatureCache`, computed on request: training straight from the volumes.
+
+    Each request loads the scan and runs stages 1–2 on the model's device, so the frozen encoder
+    runs every epoch; what a cache saves.
+    """
+
+    def __init__(self, model: MedVLMForConditionalGeneration, load: Callable[[str], Volume]):
+        self.model, self.load = model, load
+
+    def __getitem__(self, image: str) -> ScanSlices:
+        return scan_slices(self.model, self.load(image))
+
+    def __contains__(self, image: str) -> bool:
+        return True
+
+
+def encoding_model(checkpoint_or_preset: str, revision: str | None = None) -> MedVLMForConditionalGeneration:
+    """The model whose stages 1–2 fill a cache: a preset's (as `train` builds it) or a checkpoint's.
+
+    To train from the cache, give the same preset as `train`: a saved checkpoint's encoder weights are
+    rounded to its save dtype, so its fingerprint differs.
+    """
+    from .pipeline import resolve_checkpoint
+    from .train import PRESETS, build_encoding_model, load_preset
+
+    name = str(checkpoint_or_preset)
+    if name.endswith(".json") or (PRESETS / f"{name}.json").exists():
+        try:
+            preset = load_preset(name)
+        except (OSError, ValueError) as error:
+            raise UserInputError(f"cannot read the preset {name}: {error}") from None
+        return build_encoding_model(preset)
+    folder = resolve_checkpoint(name, revision)
+    return MedVLMForConditionalGeneration.from_pretrained(folder)
+
+
+def encode_data_folder(checkpoint_or_preset: str, data: str | Path, out: str | Path,
+                       splits: tuple[str, ...] = ("train", "validation"), revision: str | None = None,
+                       shard_size: int = 512) -> Path:
+    """`python -m medvlm features`: cache every scan of `splits` of an M3D-format folder; returns the index file.
+
+    Under accelerate each process encodes its share on its own device.
+    """
+    from .train import read_samples
+    from .volume import load_volume
+
+    root = Path(data)
+    try:
+        images = sorted({sample.image for split in splits for sample in read_samples(root, split)})
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
+    if not images:
+        raise UserInputError(f"{root} holds no scans in the splits {', '.join(splits)}")
+    model = encoding_model(checkpoint_or_preset, revision).to(process_state().device)
+    build_feature_cache(model, images, lambda image: load_volume(root / image), out, shard_size)
+    return Path(out) / INDEX_FILE

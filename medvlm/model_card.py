@@ -19,6 +19,29 @@ EVAL_ROWS = (
     ("size_mae_mm", "Lesion size error (mm, mean absolute)"),
 )
 
+PUBLISHED = (  # (model, M3D-Cap report METEOR, M3D-VQA closed-ended accuracy %), as their papers report them
+    ("Lian et al. 2026 (2D encoder; the paper this implements)", "50.13", "82.90"),
+    ("Med3DVLM", "36.42", "79.95"),
+    ("M3D-LaMed", "14.38", "75.78"),
+)
+
+INTENDED_USE = (
+    "Research on 3D medical vision-language models: reports and answers about CT, MR and PET volumes, "
+    "benchmarking on M3D-Cap / M3D-VQA, and demonstrations. Not for diagnosis, triage, screening or any "
+    "decision about a patient."
+)
+
+LIMITATIONS = (
+    "- **Not a medical device**; not cleared or approved by any regulator. Its output can be wrong, "
+    "incomplete or invented (a fluent report is not a correct one).",
+    "- Trained on public research data (M3D-Cap / M3D-VQA: de-identified CT and MR from Radiopaedia, in "
+    "English); it has not been validated on other hospitals, scanners, populations or languages.",
+    "- It sees at most `slice_budget` slices of a scan, resized to the encoder's input: findings smaller "
+    "than a few pixels there can be missed.",
+    "- M3D's automatic metrics (BLEU, ROUGE, METEOR, BERTScore, the answer-letter rule) measure agreement "
+    "with reference text, not clinical correctness.",
+)
+
 DEMO_NOTICE = (
     "**Trained on synthetic phantoms only — not for clinical use.** This checkpoint has never seen a real "
     "patient. It knows the phantoms of `python -m medvlm phantom`: CT torsos, MR brains built on the MNI152 "
@@ -86,6 +109,8 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
         body += [f"- Seed {training.get('seed')}, {training.get('train_scans')} training scans, "
                  f"{training.get('train_samples')} training samples; wall time "
                  f"{training.get('wall_seconds', 0) / 60:.1f} minutes on the machine that trained it.", ""]
+    if training.get("recipe"):
+        body += recipe_section(training)
     if evaluation:
         body += ["## Evaluation", ""]
         if evaluation_command:
@@ -93,6 +118,9 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
         body += [f"{evaluation.get('n')} held-out scans ({evaluation.get('samples')} prompts), split "
                  f"`{evaluation.get('split')}`, greedy decoding, at most 256 new tokens.", "",
                  evaluation_table(evaluation, targets), ""]
+    if not demo:
+        body += ["## Published results on M3D (for comparison)", "", published_table(evaluation), ""]
+    body += ["## Intended use", "", INTENDED_USE, "", "## Limitations", "", *LIMITATIONS, ""]
     body += ["## Use", "", "```python", "from medvlm import Pipeline, load_volume", "",
              f"pipeline = Pipeline.from_pretrained({'None' if demo else repr(str(folder))})",
              "print(''.join(pipeline.report(load_volume('scan.nii.gz'))))", "```", ""]
@@ -100,4 +128,45 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
     path.write_text("\n".join([*front, "", *body]))
     return path
 
+
+def _source(source) -> str:
+    if isinstance(source, dict):
+        revision = f" @ {source['revision']}" if source.get("revision") else ""
+        return f"`{source['repo_id']}`{revision} (Hugging Face Hub)"
+    return str(source)
+
+
+def recipe_section(training: dict) -> list[str]:
+    """Data and recipe lines from training.json: sources, stages, precision, processes."""
+    recipe = training["recipe"]
+    lines = ["### Data", "", f"- `{training.get('data')}` (M3D layout: M3D_Cap.json, M3D_VQA_*.csv): "
+             f"{training.get('train_scans')} training scans, {training.get('train_samples')} samples "
+             "(reports, closed- and open-ended questions).", "", "### Recipe", "",
+             f"- Slice encoder: {_source(recipe['encoder'])}, frozen.",
+             f"- Language model: {_source(recipe['language_model'])}.",
+             f"- Mixed precision {recipe['mixed_precision']}, gradient accumulation "
+             f"{recipe['gradient_accumulation_steps']}, gradient checkpointing "
+             f"{'on' if recipe['gradient_checkpointing'] else 'off'}, {recipe['processes']} process(es), "
+             f"max length {recipe['max_length']} tokens, AdamW, cosine schedule.", "",
+             "| stage | tasks | trains | epochs | lr | batch / process |", "|---|---|---|---|---|---|"]
+    for stage in recipe["stages"]:
+        parts = list(stage["trainable"])
+        if stage.get("lora"):
+            lora = stage["lora"]
+            parts.append(f"LoRA on the LM (r {lora['r']}, α {lora['alpha']}, dropout {lora.get('dropout', 0)}), "
+                         "merged at the end")
+        lines.append(f"| {stage['name']} | {', '.join(stage['tasks'])} | {', '.join(parts)} | {stage['epochs']} | "
+                     f"{stage['lr']} | {stage['batch_size']} |")
+    return [*lines, ""]
+
+
+def published_table(evaluation: dict | None) -> str:
+    """The published M3D figures beside this checkpoint's (or "not evaluated")."""
+    lines = ["| model | M3D-Cap METEOR | M3D-VQA closed-ended accuracy (%) |", "|---|---|---|"]
+    lines += [f"| {name} | {meteor} | {accuracy} |" for name, meteor, accuracy in PUBLISHED]
+    meteor = (evaluation or {}).get("report_meteor")
+    accuracy = (evaluation or {}).get("closed_accuracy")
+    ours = [f"{100 * value:.2f}" if isinstance(value, float) else "not evaluated" for value in (meteor, accuracy)]
+    lines.append(f"| this checkpoint | {ours[0]} | {ours[1]} |")
+    return "\n".join(lines)
 

@@ -1,19 +1,25 @@
 """Training with accelerate: the stages of a preset, resumable, from cached frozen-encoder features.
 
     python -m medvlm train --preset demo --data PHANTOMS --out assets/demo-model
+    accelerate launch --config_file assets/accelerate/ddp.yaml -m medvlm train --preset m3d-biomedclip-qwen ...
 
 A preset (medvlm/presets/NAME.json) fixes the model, the tokenizer and the stages. Each stage
-names the tasks it trains on and the parts it trains; everything else stays frozen. The 2D
-encoder is always frozen here (the demo preset pre-trains its tiny encoder first, see
-encoder_pretraining.py), so its kept-slice features are computed once and cached.
+names the tasks it trains on and the parts it trains (and, with `lora`, puts LoRA adapters on the
+LM that are merged into it when the stage ends); everything else stays frozen. The 2D encoder is
+always frozen here (the demo preset pre-trains its tiny encoder first, see encoder_pretraining.py;
+the real presets take a pretrained one from the Hub, see pretrained.py), so its kept-slice
+features are computed once and cached, each process encoding its share of the scans. Preset
+keys for the accelerator: `mixed_precision` ("no", "bf16"), `gradient_accumulation_steps`.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -39,8 +46,18 @@ from .data import (
     read_m3d_cap,
     read_m3d_vqa,
 )
-from .features import FeatureCache
+from .errors import UserInputError
+from .features import FeatureCache, VolumeFeatures, build_feature_cache, encoder_fingerprint
 from .modeling import MedVLMForConditionalGeneration
+from .pretrained import (
+    attach_lora,
+    load_pretrained_encoder,
+    load_pretrained_weights,
+    merge_lora,
+    pretrained_text_config,
+    pretrained_tokenizer,
+    pretrained_vision_config,
+)
 from .tokenizer import IMAGE_TOKEN, train_tokenizer
 from .variants import apply_overrides
 from .volume import load_volume
@@ -76,30 +93,41 @@ def read_samples(root: Path, split: str, prompts: tuple[str, ...] = (REPORT_PROM
 
 
 def build_tokenizer(preset: dict, samples: list[Sample]):
+    """A BPE trained on the samples' text (`tokenizer.train_bpe`), or the pretrained LM's own tokenizer."""
     settings = preset["tokenizer"]
-    if not settings.get("train_bpe"):
-        raise ValueError("this preset loads its tokenizer with its language model")
+    if settings.get("from_language_model"):
+        return pretrained_tokenizer(preset["language_model"])
     texts = [turn["content"] for sample in samples for turn in sample.messages]
     return train_tokenizer(texts, vocab_size=settings["vocab_size"])
 
 
 def build_config(preset: dict, tokenizer, **overrides) -> MedVLMConfig:
-    """The model configuration of a preset, sized to the tokenizer."""
-    text_settings = dict(preset["language_model"]["from_scratch"])
-    text_config = AutoConfig.for_model(text_settings.pop("model_type"), vocab_size=len(tokenizer),
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                       bos_token_id=None, **text_settings)
-    return MedVLMConfig(**{**preset["model"], **overrides}, text_config=text_config,
+    """The model configuration of a preset, sized to the tokenizer; pretrained parts take their Hub configs."""
+    language_model = preset["language_model"]
+    if "pretrained" in language_model:
+        text_config = pretrained_text_config(language_model, tokenizer)
+    else:
+        text_settings = dict(language_model["from_scratch"])
+        text_config = AutoConfig.for_model(text_settings.pop("model_type"), vocab_size=len(tokenizer),
+                                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                           bos_token_id=None, **text_settings)
+    settings = {**preset["model"], **overrides}
+    if "pretrained" in preset.get("encoder", {}):
+        settings["vision_config"] = pretrained_vision_config(preset["encoder"])
+    return MedVLMConfig(**settings, text_config=text_config,
                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
 
 
 def build_model(preset: dict, tokenizer, root: Path, images: list[str], progress: bool,
                 seed: int) -> tuple[MedVLMForConditionalGeneration, dict]:
-    """A fresh model from a preset; with `encoder_pretraining`, its slice encoder is pre-trained first."""
+    """A fresh model from a preset: pretrained parts from the Hub; with `encoder_pretraining`, its slice
+    encoder is pre-trained first."""
     config = build_config(preset, tokenizer)
     settings = preset.get("encoder_pretraining")
     if not settings:
-        return MedVLMForConditionalGeneration(config), {}
+        model = MedVLMForConditionalGeneration(config)
+        load_pretrained_weights(model, preset)
+        return model, {}
     from .encoder_pretraining import pretrain_encoder
 
     encoder = pretrain_encoder(config, root, images, settings, preset.get("keep_fraction"), progress, seed)
@@ -108,6 +136,22 @@ def build_model(preset: dict, tokenizer, root: Path, images: list[str], progress
     model = MedVLMForConditionalGeneration(config)
     model.slice_encoder.load_state_dict(encoder.state_dict)
     return model, encoder.summary
+
+
+def build_encoding_model(preset: dict) -> MedVLMForConditionalGeneration:
+    """The preset's model for stages 1–2 only, what the feature cache needs: its encoder as training builds
+    it (pretrained from the Hub, or open_clip's) with a one-layer stand-in LM, so no LLM is loaded."""
+    if preset.get("encoder_pretraining"):
+        raise UserInputError("this preset pre-trains its encoder on the training data, so `train` caches its "
+                             "features itself; give a trained checkpoint instead")
+    settings = dict(preset["model"])
+    if "pretrained" in preset.get("encoder", {}):
+        settings["vision_config"] = pretrained_vision_config(preset["encoder"])
+    stand_in = AutoConfig.for_model("llama", hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                    num_attention_heads=1, num_key_value_heads=1, vocab_size=8)
+    model = MedVLMForConditionalGeneration(MedVLMConfig(**settings, text_config=stand_in))
+    load_pretrained_encoder(model, preset)
+    return model
 
 
 def finding_targets(root: Path, images: list[str]) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -161,7 +205,7 @@ class Collator:
     and, with a phantom ground truth, their finding targets (B, F)."""
 
     tokenizer: object
-    cache: FeatureCache
+    cache: FeatureCache | VolumeFeatures
     image_token: str
     num_visual_tokens: int
     max_length: int
@@ -179,8 +223,9 @@ class Collator:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, : len(ids)] = torch.tensor(targets)
             attention_mask[row, : len(ids)] = 1
+        scans = {image: self.cache[image] for image in dict.fromkeys(s.image for s in samples)}  # one per scan
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                 "scans": [self.cache[s.image] for s in samples]}
+                 "scans": [scans[s.image] for s in samples]}
         if self.findings:
             batch["finding_targets"] = torch.stack([self.findings[s.image] for s in samples])
         return batch
@@ -215,8 +260,12 @@ class ScanGroupedBatches(torch.utils.data.Sampler):
         return iter([flat[start:start + self.batch_size] for start in range(0, len(flat), self.batch_size)])
 
 
-def set_trainable(model: MedVLMForConditionalGeneration, parts: list[str]) -> list[torch.nn.Parameter]:
-    """Freeze everything, then unfreeze the named parts; the slice encoder is never trained here."""
+def set_trainable(model: MedVLMForConditionalGeneration, parts: list[str],
+                  lora: bool = False) -> list[torch.nn.Parameter]:
+    """Freeze everything, then unfreeze the named parts and, with `lora`, the LM's LoRA adapters.
+
+    The slice encoder is never trained here.
+    """
     unknown = set(parts) - set(TRAINABLE_PARTS)
     if unknown:
         raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {sorted(TRAINABLE_PARTS)}")
@@ -224,6 +273,10 @@ def set_trainable(model: MedVLMForConditionalGeneration, parts: list[str]) -> li
     for part in parts:
         for module_name in TRAINABLE_PARTS[part]:
             getattr(model, module_name).requires_grad_(True)
+    if lora:
+        for name, parameter in model.language_model.named_parameters():
+            if "lora_" in name:  # peft's prefix for the adapter matrices
+                parameter.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -240,7 +293,11 @@ def validation_loss(model, loader, accelerator: Accelerator) -> float:
 
 
 class MetricsLog:
-    """Training figures as CSV rows (stage, epoch, step, loss, lr, val_loss, seconds)."""
+    """Training figures as CSV rows (stage, epoch, step, loss, lr, val_loss, seconds).
+
+    Every 20 steps a row with the step's loss; at the end of each epoch a row with the epoch's mean
+    training loss and the validation loss.
+    """
 
     columns = ("stage", "epoch", "step", "loss", "lr", "val_loss", "seconds")
 
@@ -256,26 +313,62 @@ class MetricsLog:
                 csv.writer(handle).writerow([row.get(column, "") for column in self.columns])
 
 
-def run_stage(stage: dict, model, tokenizer, cache: FeatureCache, train_samples: list[Sample],
-              val_samples: list[Sample], preset: dict, accelerator: Accelerator, out: Path, log: MetricsLog,
-              seed: int, findings: tuple[list[str], dict[str, torch.Tensor]] = ([], {})) -> None:
-    """One training stage: its tasks, its trainable parts, AdamW + cosine schedule, a state per epoch."""
+def make_accelerator(preset: dict) -> Accelerator:
+    """An Accelerator with the preset's mixed precision and gradient accumulation.
+
+    One per stage, so that a stage's saved state holds that stage's model, optimiser and scheduler only.
+    """
+    return Accelerator(mixed_precision=preset.get("mixed_precision", "no"),
+                       gradient_accumulation_steps=preset.get("gradient_accumulation_steps", 1))
+
+
+STAGE_WEIGHTS = "weights.safetensors"  # what a finished stage changed, loaded again when a run resumes
+
+
+def changed_modules(stage: dict) -> list[str]:
+    """The model's modules a stage changes: its trainable parts, and the whole LM when it merges LoRA into it."""
+    names = [name for part in stage["trainable"] for name in TRAINABLE_PARTS[part]]
+    return list(dict.fromkeys(names + (["language_model"] if stage.get("lora") else [])))
+
+
+def save_stage_weights(model: MedVLMForConditionalGeneration, stage: dict, path: Path) -> None:
+    tensors = {f"{module_name}.{key}": value.detach().to("cpu", copy=True).contiguous()
+               for module_name in changed_modules(stage)
+               for key, value in getattr(model, module_name).state_dict().items()}
+    save_file(tensors, path)
+
+
+def load_stage_weights(model: MedVLMForConditionalGeneration, path: Path) -> None:
+    result = model.load_state_dict(load_file(path, device=str(model.device)), strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{path} holds weights this model does not have ({result.unexpected_keys[0]}, ...); "
+                         "it was trained with another preset: delete the work folder to start again")
+
+
+def run_stage(stage: dict, model, tokenizer, features: FeatureCache | VolumeFeatures, train_samples: list[Sample],
+              val_samples: list[Sample], preset: dict, out: Path, log: MetricsLog, seed: int,
+              findings: tuple[list[str], dict[str, torch.Tensor]] = ([], {})) -> None:
+    """One training stage: its tasks, its trainable parts (and LoRA, merged at the end), AdamW + cosine
+    schedule, a resumable state per epoch; a finished stage's weights are loaded instead of trained again."""
     name = stage["name"]
     state_dir = out / "state" / name
-    done_marker = state_dir / "done.json"
-    if done_marker.exists():
-        accelerator.print(f"stage {name}: already trained, skipping (resume)")
+    done_marker, weights = state_dir / "done.json", state_dir / STAGE_WEIGHTS
+    accelerator = make_accelerator(preset)
+    if done_marker.exists() and weights.exists():
+        load_stage_weights(model, weights)
+        accelerator.print(f"stage {name}: already trained, its weights loaded (resume)")
         return
     samples = [s for s in train_samples if s.task in stage["tasks"]]
     validation = [s for s in val_samples if s.task in stage["tasks"]][:256]
     classes, targets = findings
     objective = TrainingObjective(model, len(classes), stage.get("finding_loss", 0.0), stage.get("lm_loss", 1.0))
-    collate = Collator(tokenizer, cache, model.config.image_token, model.config.num_visual_tokens,
+    collate = Collator(tokenizer, features, model.config.image_token, model.config.num_visual_tokens,
                        preset["max_length"], targets if objective.probe is not None else None)
     batches = ScanGroupedBatches(samples, stage["batch_size"], stage.get("samples_per_scan", 1), seed)
     loader = DataLoader(samples, batch_sampler=batches, collate_fn=collate)
     val_loader = DataLoader(validation, batch_size=stage["batch_size"], collate_fn=collate)
-    parameters = set_trainable(model, stage["trainable"])
+    adapters = attach_lora(model.language_model, stage["lora"]) if stage.get("lora") else None
+    parameters = set_trainable(model, stage["trainable"], lora=adapters is not None)
     if objective.probe is not None:
         parameters += list(objective.probe.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=stage["lr"], weight_decay=preset.get("weight_decay", 0.0))
@@ -297,6 +390,7 @@ def run_stage(stage: dict, model, tokenizer, cache: FeatureCache, train_samples:
     for epoch in range(first_epoch, stage["epochs"]):
         progress = tqdm(loader, desc=f"{name} epoch {epoch + 1}/{stage['epochs']}",
                         disable=not accelerator.is_local_main_process)
+        losses = []
         for batch in progress:
             with accelerator.accumulate(wrapped):
                 loss = wrapped(**batch)
@@ -307,51 +401,84 @@ def run_stage(stage: dict, model, tokenizer, cache: FeatureCache, train_samples:
                 scheduler.step()
                 optimizer.zero_grad()
             step += 1
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+            losses.append(loss.item())
+            progress.set_postfix(loss=f"{losses[-1]:.3f}")
             if step % 20 == 0:
-                log.write(stage=name, epoch=epoch, step=step, loss=round(loss.item(), 5),
+                log.write(stage=name, epoch=epoch, step=step, loss=round(losses[-1], 5),
                           lr=scheduler.get_last_lr()[0], seconds=round(time.perf_counter() - start, 1))
         val = validation_loss(wrapped, val_loader, accelerator) if validation else float("nan")
-        accelerator.print(f"stage {name} epoch {epoch + 1}: validation loss {val:.4f}")
-        log.write(stage=name, epoch=epoch, step=step, val_loss=round(val, 5),
+        mean_loss = sum(losses) / max(len(losses), 1)
+        accelerator.print(f"stage {name} epoch {epoch + 1}: training loss {mean_loss:.4f}, validation loss {val:.4f}")
+        log.write(stage=name, epoch=epoch, step=step, loss=round(mean_loss, 5), val_loss=round(val, 5),
                   seconds=round(time.perf_counter() - start, 1))
         accelerator.save_state(state_dir / f"epoch-{epoch:03d}")
+        if accelerator.is_main_process:  # the newest state is enough to resume; older ones only fill the disk
+            for older in sorted(state_dir.glob("epoch-*"))[:-1]:
+                shutil.rmtree(older)
+    if adapters is not None:
+        merge_lora(adapters)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        save_stage_weights(model, stage, weights)
         done_marker.write_text(json.dumps({"seconds": time.perf_counter() - start}))
     accelerator.wait_for_everyone()
 
 
-def cache_features(model, samples: list[Sample], root: Path, folder: Path, accelerator: Accelerator) -> FeatureCache:
-    """The frozen-encoder cache for every scan the samples use, reused when it matches the encoder."""
-    from .features import encoder_fingerprint
-
-    fingerprint = encoder_fingerprint(model)
-    if (folder / "features.json").exists():
-        try:
-            return FeatureCache.load(folder, fingerprint)
-        except ValueError as stale:
-            accelerator.print(f"{stale}: re-encoding")
-    cache = FeatureCache.build(model, [s.image for s in samples], lambda image: load_volume(root / image),
-                               progress=accelerator.is_local_main_process)
-    if accelerator.is_main_process:
-        cache.save(folder)
+def scan_features(model: MedVLMForConditionalGeneration, samples: list[Sample], root: Path, work: Path,
+                  features: str | Path | None, from_volumes: bool) -> FeatureCache | VolumeFeatures:
+    """Where training gets each scan's kept slices: a saved cache (`features`), the volumes themselves
+    (`from_volumes`: the frozen encoder runs on every batch), or a cache built in `work` (the default)."""
+    load = functools.partial(_load_scan, root)
+    if from_volumes:
+        return VolumeFeatures(model, load)
+    images = sorted({s.image for s in samples})
+    if features is None:
+        return build_feature_cache(model, images, load, work / "features")
+    if not (Path(features) / "features.json").is_file():
+        raise UserInputError(f"no feature cache (features.json) in {features}; run `python -m medvlm features`")
+    cache = FeatureCache.load(features, encoder_fingerprint(model))
+    missing = [image for image in images if image not in cache]
+    if missing:
+        raise UserInputError(f"the feature cache in {features} lacks {len(missing)} of the {len(images)} scans "
+                         f"(e.g. {missing[0]}); run `python -m medvlm features` on {root}")
     return cache
 
 
+def _load_scan(root: Path, image: str):
+    return load_volume(root / image)
+
+
+def recipe_summary(preset: dict, accelerator: Accelerator) -> dict:
+    """How the checkpoint was trained, for training.json and the model card."""
+    language_model, encoder = preset["language_model"], preset.get("encoder", {})
+    return {
+        "language_model": language_model.get("pretrained", "trained from scratch"),
+        "encoder": encoder.get("pretrained") or preset["model"].get("open_clip_name") or
+        ("pre-trained on the training scans" if preset.get("encoder_pretraining") else "random"),
+        "stages": preset["stages"], "max_length": preset["max_length"],
+        "mixed_precision": preset.get("mixed_precision", "no"),
+        "gradient_accumulation_steps": preset.get("gradient_accumulation_steps", 1),
+        "gradient_checkpointing": bool(language_model.get("gradient_checkpointing")),
+        "processes": accelerator.num_processes,
+    }
+
+
 def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, work: str | Path | None = None,
-          config_overrides: dict | None = None) -> Path:
+          config_overrides: dict | None = None, features: str | Path | None = None,
+          from_volumes: bool = False) -> Path:
     """Train a checkpoint from a preset on an M3D-format data folder; returns the checkpoint folder.
 
     `work` (default: OUT-training beside OUT) keeps the feature cache, resumable states and
-    metrics.csv; the checkpoint folder receives only what is published. `config_overrides` replace
-    model settings of the preset (an ablation variant, see variants.py).
+    metrics.csv; the checkpoint folder receives only what is published: a plain MedVLM checkpoint
+    (LoRA merged). `config_overrides` replace model settings of the preset (an ablation variant, see
+    variants.py). `features`: a cache from `python -m medvlm features`; `from_volumes`: no cache.
     """
     preset = apply_overrides(load_preset(preset_name), config_overrides or {})
     root, out = Path(data), Path(out)
     work = Path(work) if work else out.with_name(out.name + "-training")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator()
+    accelerator = make_accelerator(preset)
     set_seed(seed)
     random.seed(seed)
     started = time.perf_counter()
@@ -362,20 +489,25 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     tokenizer = build_tokenizer(preset, train_samples)
     images = sorted({s.image for s in train_samples})
     model, encoder_summary = build_model(preset, tokenizer, root, images, accelerator.is_local_main_process, seed)
-    cache = cache_features(model, train_samples + val_samples, root, work / "features", accelerator)
+    if preset["language_model"].get("gradient_checkpointing"):
+        model.language_model.activation_checkpointing_enable({"use_reentrant": False})
+    model.to(accelerator.device)
+    scans = scan_features(model, train_samples + val_samples, root, work, features, from_volumes)
     log = MetricsLog(work / "metrics.csv", accelerator.is_main_process)
     findings = finding_targets(root, sorted({s.image for s in train_samples + val_samples}))
     for stage in preset["stages"]:
-        run_stage(stage, model, tokenizer, cache, train_samples, val_samples, preset, accelerator, work, log, seed,
-                  findings)
+        run_stage(stage, model, tokenizer, scans, train_samples, val_samples, preset, work, log, seed, findings)
     if accelerator.is_main_process:
+        if model.language_model.is_activation_checkpointing:
+            model.language_model.activation_checkpointing_disable()
         model.requires_grad_(False)
         model.to(getattr(torch, preset.get("save_dtype", "float32"))).save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / "training.json").write_text(json.dumps({
             "preset": preset_name, "config_overrides": config_overrides or {}, "data": str(root), "seed": seed,
             "train_samples": len(train_samples), "train_scans": len(images), "encoder_pretraining": encoder_summary,
-            "wall_seconds": round(time.perf_counter() - started, 1),
+            "features": "volumes" if from_volumes else str(features or work / "features"),
+            "recipe": recipe_summary(preset, accelerator), "wall_seconds": round(time.perf_counter() - started, 1),
         }, indent=2))
     accelerator.wait_for_everyone()
     return out
