@@ -1,0 +1,387 @@
+"""The real recipe (issue 7) at toy scale, offline: both M3D stages with a Hub encoder and LLM + LoRA, the
+same run under `accelerate launch` with two CPU processes, the feature cache, sharded evaluation, and
+publishing to the Hub.
+
+The Hub is a local cache (HF_HUB_OFFLINE=1) in which the real presets' repo ids hold tiny stand-ins of
+the same architectures: a CLIP model (openai/clip-vit-base-patch16) and a Qwen2 LM with a ChatML
+tokenizer (Qwen/Qwen2.5-1.5B-Instruct). The presets' repo-id code path is what runs.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_model import build_tiny_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from medvlm.__main__ import main
+from medvlm.configuration import MedVLMConfig
+from medvlm.features import FeatureCache, VolumeFeatures, encoder_fingerprint
+from medvlm.hub import push_checkpoint
+from medvlm.phantom import write_phantom_set
+from medvlm.pipeline import Pipeline
+from medvlm.train import PRESETS, Collator, TrainingObjective, load_preset, read_samples
+from medvlm.volume import load_volume
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_PRESETS = sorted(path.stem for path in PRESETS.glob("m3d-*.json"))
+CLIP_REPO, QWEN_REPO = "openai/clip-vit-base-patch16", "Qwen/Qwen2.5-1.5B-Instruct"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+# Qwen2.5's ChatML template, tools left out: a default system turn, <|im_end|> closes every turn.
+QWEN_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+    "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role != 'system' %}{{- '<|im_start|>' + message.role + '\\n' + "
+    "message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def hub_snapshot(cache: Path, repo_id: str) -> Path:
+    """The snapshot folder of repo_id at main in a Hugging Face Hub cache, as huggingface_hub lays it out."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    return repo / "snapshots" / COMMIT
+
+
+def stand_in_language_model(texts: list[str]) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
+    """A tiny Qwen2 LM with a byte-level BPE and Qwen's template, briefly trained on the phantom texts so that
+    it is "pretrained" on the domain. Its EOS is <|endoftext|> (as in Qwen base models): the recipe must find
+    the end-of-turn token itself."""
+    torch.manual_seed(0)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([*texts, "You are a helpful assistant. system user assistant"], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                        chat_template=QWEN_TEMPLATE)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=1024, tie_word_embeddings=True))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = tokenizer(texts[:16], padding=True, truncation=True, max_length=96, return_tensors="pt")
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    for _ in range(40):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.config.dtype = "bfloat16"  # as the real repo's config says; the recipe trains in float32 regardless
+    return model, tokenizer
+
+
+def stand_in_clip() -> CLIPModel:
+    """A tiny full CLIP model (vision and text halves, as the real repo holds): 32 px, 8 px patches, width 32."""
+    torch.manual_seed(1)
+    return CLIPModel(CLIPConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "vocab_size": 100, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        projection_dim=16))
+
+
+def toy_recipe(path: Path) -> Path:
+    """The m3d-clip-qwen preset as it ships (same repo ids, stages, LoRA, accumulation, checkpointing), at toy size."""
+    preset = load_preset("m3d-clip-qwen")
+    preset["model"] |= {"image_size": 32, "slice_budget": 4, "fusion_dim": 16, "compressor_grid": [2, 2, 2],
+                        "compressor_heads": 2, "compressor_layers": 1}
+    for stage in preset["stages"]:
+        stage |= {"epochs": 3, "lr": 3e-3, "batch_size": 4}
+    preset |= {"max_length": 256, "mixed_precision": "no", "warmup_ratio": 0.0, "save_dtype": "float32"}
+    path.write_text(json.dumps(preset))
+    return path
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> SimpleNamespace:
+    """12 phantoms in the M3D .npy layout (8×32×32), the stand-in Hub cache, the toy preset."""
+    root = tmp_path_factory.mktemp("recipe")
+    data = root / "m3d"
+    write_phantom_set(data, n=12, seed=5, formats=("npy",), npy_shape=(8, 32, 32), matrix=64)
+    texts = [turn["content"] for sample in read_samples(data, "train") for turn in sample.messages]
+    hub = root / "hub"
+    language_model, tokenizer = stand_in_language_model(texts)
+    language_model.save_pretrained(hub_snapshot(hub, QWEN_REPO))
+    tokenizer.save_pretrained(hub_snapshot(hub, QWEN_REPO))
+    clip = stand_in_clip()
+    clip.save_pretrained(hub_snapshot(hub, CLIP_REPO))
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return SimpleNamespace(root=root, data=data, hub=hub, preset=toy_recipe(root / "toy-m3d.json"), env=env,
+                           clip=clip.state_dict(), language_model=language_model.state_dict())
+
+
+def run(*args: str, env: dict, processes: int = 1) -> subprocess.CompletedProcess:
+    """`python -m medvlm ARGS`, or under `accelerate launch` with `processes` CPU processes (gloo)."""
+    if processes == 1:
+        command = [sys.executable, "-m", "medvlm", *args]
+    else:
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        # --cpu alone starts one process; a multi-process launch on CPUs is the DDP launcher with ACCELERATE_USE_CPU
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(port), "-m", "medvlm", *args]
+        env = {**env, "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def single(recipe) -> Path:
+    out = recipe.root / "single" / "checkpoint"
+    run("train", "--preset", str(recipe.preset), "--data", str(recipe.data), "--out", str(out), env=recipe.env)
+    return out
+
+
+@pytest.fixture(scope="module")
+def double(recipe) -> SimpleNamespace:
+    """Two processes: the feature cache with `features`, then training from it."""
+    features, out = recipe.root / "double" / "features", recipe.root / "double" / "checkpoint"
+    run("features", "--checkpoint-or-preset", str(recipe.preset), "--data", str(recipe.data), "--out", str(features),
+        "--shard-size", "4", env=recipe.env, processes=2)
+    run("train", "--preset", str(recipe.preset), "--data", str(recipe.data), "--out", str(out), "--features",
+        str(features), env=recipe.env, processes=2)
+    return SimpleNamespace(features=features, checkpoint=out)
+
+
+def tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    with safe_open(checkpoint / "model.safetensors", framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+
+
+def epoch_losses(checkpoint: Path) -> dict[str, list[float]]:
+    """Per stage, the validation loss after each epoch, from metrics.csv."""
+    rows = (checkpoint.parent / f"{checkpoint.name}-training" / "metrics.csv").read_text().splitlines()[1:]
+    losses: dict[str, list[float]] = {}
+    for row in rows:
+        stage, _, _, _, _, val_loss, _ = row.split(",")
+        if val_loss:
+            losses.setdefault(stage, []).append(float(val_loss))
+    return losses
+
+
+# The presets ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", REAL_PRESETS)
+def test_real_presets_are_the_m3d_recipe(name):
+    preset = load_preset(name)
+    config = MedVLMConfig(**preset["model"])
+    assert (config.slice_budget, config.num_visual_tokens, config.image_size) == (32, 256, 224)
+    assert config.encoder_grid == (14, 14) and config.encoder_width == 768  # ViT-B/16 at 224
+    assert preset["language_model"]["pretrained"]["repo_id"] and preset["tokenizer"] == {"from_language_model": True}
+    align, instruct = preset["stages"]
+    assert align["tasks"] == ["report"] and "language_model" not in align["trainable"] and "lora" not in align
+    assert set(instruct["tasks"]) == {"report", "vqa_closed", "vqa_open"}
+    assert {key: instruct["lora"][key] for key in ("r", "alpha", "dropout")} == {"r": 16, "alpha": 32, "dropout": 0.05}
+    assert (align["epochs"], align["lr"], instruct["epochs"], instruct["lr"]) == (3, 1e-4, 5, 5e-5)  # as M3D
+    assert preset["mixed_precision"] == "bf16" and preset["language_model"]["gradient_checkpointing"]
+    assert preset["max_length"] == 512 and preset["gradient_accumulation_steps"] >= 1
+
+
+def test_real_presets_differ_only_in_their_sources():
+    def recipe_only(preset: dict) -> dict:
+        preset = json.loads(json.dumps(preset))
+        for key in ("encoder_backend", "open_clip_name", "vision_config"):
+            preset["model"].pop(key, None)
+        preset["language_model"].pop("pretrained")
+        for key in ("description", "encoder"):
+            preset.pop(key, None)
+        return preset
+
+    recipes = [recipe_only(load_preset(name)) for name in REAL_PRESETS]
+    assert len(REAL_PRESETS) >= 2 and all(recipe == recipes[0] for recipe in recipes)
+
+
+# Both stages, one process and two -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_both_stages_lower_the_loss_and_save_a_plain_checkpoint_the_pipeline_runs(single, recipe):
+    losses = epoch_losses(single)
+    assert set(losses) == {"align", "instruct"}
+    for stage, values in losses.items():
+        assert values[-1] < values[0], (stage, values)
+    weights = tensors(single)
+    assert not [key for key in weights if "lora_" in key or "base_layer" in key]  # LoRA merged, names plain
+    tower = {key.removeprefix("slice_encoder.vision_tower."): value for key, value in weights.items()
+             if key.startswith("slice_encoder.vision_tower.")}
+    pretrained = {key: value for key, value in recipe.clip.items() if key.startswith("vision_model.")}
+    assert tower and len(tower) == len(pretrained)
+    for key, value in pretrained.items():  # the Hub encoder, frozen: still its own weights
+        torch.testing.assert_close(tower[key.removeprefix("vision_model.")], value)
+    query = "language_model.model.layers.0.self_attn.q_proj.weight"  # LoRA-tuned, then merged
+    assert not torch.equal(weights[query], recipe.language_model["model.layers.0.self_attn.q_proj.weight"])
+    torch.testing.assert_close(weights["language_model.model.norm.weight"], recipe.language_model["model.norm.weight"])
+
+    config = json.loads((single / "config.json").read_text())
+    assert config["text_config"]["model_type"] == "qwen2"
+    assert config["vision_config"]["model_type"] == "clip_vision_model"
+    pipeline = Pipeline.from_pretrained(single)
+    assert pipeline.tokenizer.eos_token == "<|im_end|>"  # the template's end of turn, found by the recipe
+    assert pipeline.tokenizer.convert_tokens_to_ids("<image>") == config["image_token_id"]
+    report = "".join(pipeline.report(load_volume(recipe.data / "ct" / "phantom_00000.npy"), max_new_tokens=24))
+    assert report.strip()
+    training = json.loads((single / "training.json").read_text())
+    assert training["recipe"]["language_model"]["repo_id"] == QWEN_REPO and training["recipe"]["processes"] == 1
+
+
+@pytest.mark.slow
+def test_a_finished_run_resumes_without_changing_the_checkpoint(single, recipe):
+    before, log = tensors(single), epoch_losses(single)
+    run("train", "--preset", str(recipe.preset), "--data", str(recipe.data), "--out", str(single), env=recipe.env)
+    assert epoch_losses(single) == log  # no stage trained again
+    after = tensors(single)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[key], before[key]) for key in before)  # the trained weights, not fresh ones
+
+
+@pytest.mark.slow
+def test_two_processes_give_a_checkpoint_of_the_same_structure(single, double, recipe):
+    one, two = tensors(single), tensors(double.checkpoint)
+    assert {key: value.shape for key, value in one.items()} == {key: value.shape for key, value in two.items()}
+    config = json.loads((single / "config.json").read_text())
+    assert config == json.loads((double.checkpoint / "config.json").read_text())
+    assert json.loads((double.checkpoint / "training.json").read_text())["recipe"]["processes"] == 2
+    assert set(epoch_losses(double.checkpoint)) == {"align", "instruct"}
+    Pipeline.from_pretrained(double.checkpoint)
+
+
+@pytest.mark.slow
+def test_each_process_encodes_its_share_and_the_shards_merge(double, recipe):
+    index = json.loads((double.features / "features.json").read_text())
+    images = {s.image for split in ("train", "validation") for s in read_samples(recipe.data, split)}
+    assert set(index["shards"]) == images
+    shards = {shard for shard, _ in index["shards"].values()}
+    assert {name.split("-")[1] for name in shards} == {"part000", "part001"}  # both processes wrote scans
+    assert not list(double.features.glob("features-part*.json"))  # the part indexes were merged away
+    cache = FeatureCache.load(double.features)
+    assert all(cache[image].patches.shape[1:] == (4, 4, 32) for image in images)  # 32 px / 8 px patches, width 32
+
+
+# Feature cache ----------------------------------------------------------------------------------------------
+
+
+def test_cached_features_give_the_loss_the_volumes_give(recipe):
+    torch.manual_seed(0)
+    model, tokenizer = build_tiny_model()
+    model.eval()
+    samples = read_samples(recipe.data, "train")[:6]
+    images = sorted({s.image for s in samples})
+
+    def load(image):
+        return load_volume(recipe.data / image)
+
+    folder = recipe.root / "loss-cache"
+    FeatureCache.build(model, images, load, progress=False).save(folder, shard_size=2)
+    cached = FeatureCache.load(folder, encoder_fingerprint(model))
+    objective = TrainingObjective(model, num_findings=0, finding_loss=0.0)
+    losses = []
+    for features in (cached, VolumeFeatures(model, load)):
+        batch = Collator(tokenizer, features, model.config.image_token, model.config.num_visual_tokens, 256)(samples)
+        with torch.no_grad():
+            losses.append(objective(**batch).item())
+    # The cache stores patches in float16: equal up to that rounding.
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def test_features_refuses_what_it_cannot_encode(recipe, tmp_path, capsys):
+    assert main(["features", "--checkpoint-or-preset", "demo", "--data", str(recipe.data), "--out", str(tmp_path)]) == 2
+    assert "pre-trains its encoder" in capsys.readouterr().err
+    assert main(["features", "--checkpoint-or-preset", "demo", "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "M3D" in error
+
+
+# Evaluation ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_eval_sharded_over_two_processes_scores_as_one(single, recipe):
+    args = ("eval", "--checkpoint", str(single), "--data", str(recipe.data), "--split", "train", "--limit", "3",
+            "--max-new-tokens", "8")
+    alone = run(*args, env=recipe.env)
+    shared = run(*args, env=recipe.env, processes=2)
+    assert len(shared.stdout.strip().splitlines()) == 1  # only the main process prints
+    one, two = json.loads(alone.stdout), json.loads(shared.stdout)
+    assert (one.pop("processes"), two.pop("processes")) == (1, 2)
+    one.pop("seconds"), two.pop("seconds")
+    assert one == two and one["n"] == 3
+
+
+# Publishing -----------------------------------------------------------------------------------------------
+
+
+class FakeHub:
+    """HfApi's calls that push makes, recorded; an upload lands in a local Hub cache as a download would."""
+
+    def __init__(self, cache: Path):
+        self.cache, self.calls = cache, []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
+    def upload_folder(self, folder_path, repo_id, **kwargs):
+        self.calls.append(("upload_folder", repo_id, kwargs))
+        shutil.copytree(folder_path, hub_snapshot(self.cache, repo_id))
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{COMMIT}")
+
+
+@pytest.mark.slow
+def test_push_uploads_the_checkpoint_with_its_card_and_the_app_loads_it_by_repo_id(single, recipe, tmp_path,
+                                                                                   monkeypatch):
+    checkpoint = shutil.copytree(single, tmp_path / "checkpoint")
+    hub = FakeHub(tmp_path / "hub")
+    url = push_checkpoint(checkpoint, "someorg/medvlm-m3d", private=True, api=hub,
+                          evaluation={"n": 1, "split": "test", "samples": 11, "closed_accuracy": 0.25})
+    assert url.endswith(COMMIT)
+    assert hub.calls[0] == ("create_repo", "someorg/medvlm-m3d", {"repo_type": "model", "private": True,
+                                                                  "exist_ok": True})
+    card = (checkpoint / "README.md").read_text()
+    for words in ("Not a medical device", "## Intended use", "## Limitations", QWEN_REPO, CLIP_REPO, "LoRA on the LM",
+                  "| align | report |", "M3D-LaMed | 14.38 | 75.78", "| this checkpoint | not evaluated | 25.00 |"):
+        assert words in card, words
+    uploaded = hub_snapshot(hub.cache, "someorg/medvlm-m3d")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in uploaded.iterdir()}
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub.cache))
+    pipeline = Pipeline.from_pretrained("someorg/medvlm-m3d")
+    assert pipeline.describe()["checkpoint"] == "someorg/medvlm-m3d" and not pipeline.describe()["demo"]
+
+
+def test_push_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
+    assert main(["push", str(tmp_path), "someorg/model"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "config.json" in error
+    assert main(["push", str(tmp_path / "missing"), "someorg/model"]) == 2
+    assert "no checkpoint folder" in capsys.readouterr().err
+
+
+def test_push_refuses_a_bad_repo_id(tmp_path, capsys):
+    torch.manual_seed(0)
+    model, tokenizer = build_tiny_model()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert main(["push", str(tmp_path), "not a repo id"]) == 2
+    assert "org/name" in capsys.readouterr().err
+    assert not (tmp_path / "README.md").exists()  # nothing written before the input is known good
