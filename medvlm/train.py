@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -479,6 +479,9 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(preset)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise UserInputError("train does not support FSDP yet (merging LoRA and saving a stage need the sharded "
+                             "weights gathered); launch with assets/accelerate/ddp.yaml or deepspeed-zero2.yaml")
     set_seed(seed)
     random.seed(seed)
     started = time.perf_counter()

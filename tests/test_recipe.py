@@ -9,6 +9,7 @@ tokenizer (Qwen/Qwen2.5-1.5B-Instruct). The presets' repo-id code path is what r
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -385,3 +386,24 @@ def test_push_refuses_a_bad_repo_id(tmp_path, capsys):
     assert main(["push", str(tmp_path), "not a repo id"]) == 2
     assert "org/name" in capsys.readouterr().err
     assert not (tmp_path / "README.md").exists()  # nothing written before the input is known good
+
+
+# The accelerate configurations the README names ---------------------------------------------------------
+
+
+def test_accelerate_configs_load_and_the_readme_names_only_those():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"ddp": ("MULTI_GPU", 8, 1), "ddp-2nodes": ("MULTI_GPU", 16, 2), "deepspeed-zero2": ("DEEPSPEED", 8, 1),
+                "fsdp": ("FSDP", 8, 1)}
+    folder = ROOT / "assets" / "accelerate"
+    assert {path.stem for path in folder.glob("*.yaml")} == set(expected)
+    for name, (kind, processes, machines) in expected.items():
+        config = load_config_from_file(str(folder / f"{name}.yaml"))
+        assert (config.distributed_type.value, config.num_processes, config.num_machines) == (kind, processes, machines)
+        assert config.mixed_precision == "bf16"
+    readme = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"assets/accelerate/([\w-]+)\.yaml", readme))
+    assert named == set(expected)
+    for preset in re.findall(r"--preset (m3d-[\w-]+)", readme):
+        assert (PRESETS / f"{preset}.json").exists()
