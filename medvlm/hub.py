@@ -63,7 +63,7 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None =
     except HFValidationError:
         raise UserInputError(f"{repo_id!r} is not a Hub repo id; write it as 'org/name'") from None
     if not (folder / "README.md").exists():
-        write_model_card(folder, training_command(folder), evaluation=evaluation)
+        write_model_card(folder, training_command(folder), evaluation=evaluation, repo_id=repo_id)
     api = api or HfApi()
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     if revision:

@@ -34,13 +34,15 @@ INTENDED_USE = (
 LIMITATIONS = (
     "- **Not a medical device**; not cleared or approved by any regulator. Its output can be wrong, "
     "incomplete or invented (a fluent report is not a correct one).",
-    "- Trained on public research data (M3D-Cap / M3D-VQA: de-identified CT and MR from Radiopaedia, in "
-    "English); it has not been validated on other hospitals, scanners, populations or languages.",
+    "- Trained only on the data named under Training (for the `m3d-*` presets, M3D-Cap / M3D-VQA: public, "
+    "de-identified CT and MR cases from Radiopaedia, reports in English); not validated on other hospitals, "
+    "scanners, populations or languages.",
     "- It sees at most `slice_budget` slices of a scan, resized to the encoder's input: findings smaller "
     "than a few pixels there can be missed.",
     "- M3D's automatic metrics (BLEU, ROUGE, METEOR, BERTScore, the answer-letter rule) measure agreement "
     "with reference text, not clinical correctness.",
 )
+DEMO_LIMITATION = "- Trained on synthetic phantoms only: what it says about a real scan means nothing."
 
 DEMO_NOTICE = (
     "**Trained on synthetic phantoms only — not for clinical use.** This checkpoint has never seen a real "
@@ -68,8 +70,12 @@ def evaluation_table(results: dict, targets: dict[str, str] | None = None) -> st
 
 
 def write_model_card(folder: str | Path, command: str, evaluation: dict | None = None,
-                     targets: dict[str, str] | None = None, evaluation_command: str | None = None) -> Path:
-    """Write folder/README.md from the checkpoint's config.json and training.json and an eval result."""
+                     targets: dict[str, str] | None = None, evaluation_command: str | None = None,
+                     repo_id: str | None = None) -> Path:
+    """Write folder/README.md from the checkpoint's config.json and training.json and an eval result.
+
+    `repo_id`: the Hub repo the card goes to, named in its usage example.
+    """
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     training = json.loads((folder / "training.json").read_text()) if (folder / "training.json").exists() else {}
@@ -120,9 +126,10 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
                  evaluation_table(evaluation, targets), ""]
     if not demo:
         body += ["## Published results on M3D (for comparison)", "", published_table(evaluation), ""]
-    body += ["## Intended use", "", INTENDED_USE, "", "## Limitations", "", *LIMITATIONS, ""]
+    limitations = [LIMITATIONS[0], DEMO_LIMITATION, *LIMITATIONS[2:]] if demo else list(LIMITATIONS)
+    body += ["## Intended use", "", INTENDED_USE, "", "## Limitations", "", *limitations, ""]
     body += ["## Use", "", "```python", "from medvlm import Pipeline, load_volume", "",
-             f"pipeline = Pipeline.from_pretrained({'None' if demo else repr(str(folder))})",
+             f"pipeline = Pipeline.from_pretrained({'None' if demo else repr(repo_id or str(folder))})",
              "print(''.join(pipeline.report(load_volume('scan.nii.gz'))))", "```", ""]
     path = folder / "README.md"
     path.write_text("\n".join([*front, "", *body]))

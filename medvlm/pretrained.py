@@ -23,12 +23,26 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import logging as transformers_logging
 
+from .errors import CheckpointError, UserInputError
 from .tokenizer import IMAGE_TOKEN
 
 
 def _source(section: dict) -> tuple[str, str | None]:
     pretrained = section["pretrained"]
     return pretrained["repo_id"], pretrained.get("revision")
+
+
+def _from_hub(load, section: dict, **kwargs):
+    """`load(repo_id, revision=..., **kwargs)` for the preset section's source; a repo that cannot be found or
+    fetched is the user's to fix (CheckpointError, one line), not a traceback."""
+    repo_id, revision = _source(section)
+    try:
+        return load(repo_id, revision=revision, **kwargs)
+    except OSError as error:  # transformers' way of saying: not found, offline, gated, no network
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        where = repr(repo_id) + (f" at revision {revision!r}" if revision else "")
+        raise CheckpointError(f"could not load {where} from the Hugging Face Hub ({reason}); check the preset's "
+                              "repo id, your network or HF_TOKEN") from None
 
 
 def end_of_turn_token(tokenizer) -> str | None:
@@ -45,10 +59,9 @@ def end_of_turn_token(tokenizer) -> str | None:
 
 def pretrained_tokenizer(language_model: dict):
     """The LM's own tokenizer with the image placeholder added, a pad token, and its end-of-turn token as EOS."""
-    repo_id, revision = _source(language_model)
-    tokenizer = AutoTokenizer.from_pretrained(repo_id, revision=revision)
+    tokenizer = _from_hub(AutoTokenizer.from_pretrained, language_model)
     if not tokenizer.chat_template:
-        raise ValueError(f"{repo_id} has no chat template; use an instruct (chat) model")
+        raise UserInputError(f"{_source(language_model)[0]} has no chat template; use an instruct (chat) model")
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     turn_end = end_of_turn_token(tokenizer)
@@ -62,8 +75,7 @@ def pretrained_tokenizer(language_model: dict):
 def pretrained_text_config(language_model: dict, tokenizer) -> PreTrainedConfig:
     """The LM's config from the Hub, in float32 (bf16 comes from mixed precision), its vocabulary large
     enough for the added placeholder."""
-    repo_id, revision = _source(language_model)
-    config = AutoConfig.from_pretrained(repo_id, revision=revision)
+    config = _from_hub(AutoConfig.from_pretrained, language_model)
     config.vocab_size = max(config.vocab_size, len(tokenizer))
     config.pad_token_id = tokenizer.pad_token_id
     config.dtype = torch.float32
@@ -72,8 +84,7 @@ def pretrained_text_config(language_model: dict, tokenizer) -> PreTrainedConfig:
 
 def pretrained_vision_config(encoder: dict) -> PreTrainedConfig:
     """The vision tower's config from the Hub: a CLIP / SigLIP repo gives its vision half."""
-    repo_id, revision = _source(encoder)
-    config = AutoConfig.from_pretrained(repo_id, revision=revision)
+    config = _from_hub(AutoConfig.from_pretrained, encoder)
     config = getattr(config, "vision_config", None) or config
     config.dtype = torch.float32
     return config
@@ -95,11 +106,10 @@ def load_pretrained_encoder(model, preset: dict) -> None:
     """Copy the Hub weights of the preset's pretrained vision tower into a freshly built model (strict)."""
     encoder = preset.get("encoder", {})
     if "pretrained" in encoder:
-        repo_id, revision = _source(encoder)
         tower_class = type(model.slice_encoder.vision_tower)
         with _quiet_loading():
-            tower = tower_class.from_pretrained(repo_id, revision=revision, config=model.config.vision_config,
-                                                dtype=torch.float32)
+            tower = _from_hub(tower_class.from_pretrained, encoder, config=model.config.vision_config,
+                              dtype=torch.float32)
         model.slice_encoder.vision_tower.load_state_dict(tower.state_dict())
 
 
@@ -111,8 +121,7 @@ def load_pretrained_weights(model, preset: dict) -> None:
     load_pretrained_encoder(model, preset)
     language_model = preset["language_model"]
     if "pretrained" in language_model:
-        repo_id, revision = _source(language_model)
-        pretrained = AutoModelForCausalLM.from_pretrained(repo_id, revision=revision, dtype=torch.float32)
+        pretrained = _from_hub(AutoModelForCausalLM.from_pretrained, language_model, dtype=torch.float32)
         pretrained.resize_token_embeddings(model.config.text_config.vocab_size)
         model.language_model.load_state_dict(pretrained.state_dict())
 

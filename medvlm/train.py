@@ -372,8 +372,6 @@ def scan_features(model: MedVLMForConditionalGeneration, samples: list[Sample], 
     images = sorted({s.image for s in samples})
     if features is None:
         return build_feature_cache(model, images, load, work / "features")
-    if not (Path(features) / "features.json").is_file():
-        raise UserInputError(f"no feature cache (features.json) in {features}; run `python -m medvlm features`")
     cache = FeatureCache.load(features, encoder_fingerprint(model))
     missing = [image for image in images if image not in cache]
     if missing:
@@ -412,6 +410,8 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     variants.py). `features`: a cache from `python -m medvlm features`; `from_volumes`: no cache.
     """
     preset = apply_overrides(load_preset(preset_name), config_overrides or {})
+    if features is not None and not (Path(features) / "features.json").is_file():
+        raise UserInputError(f"no feature cache (features.json) in {features}; run `python -m medvlm features`")
     root, out = Path(data), Path(out)
     work = Path(work) if work else out.with_name(out.name + "-training")
     out.mkdir(parents=True, exist_ok=True)

@@ -310,6 +310,28 @@ def test_features_refuses_what_it_cannot_encode(recipe, tmp_path, capsys):
     assert len(error.splitlines()) == 1 and "M3D" in error
 
 
+def test_a_preset_whose_hub_repo_cannot_be_fetched_stops_with_one_line(recipe, tmp_path, monkeypatch, capsys):
+    preset = json.loads(recipe.preset.read_text())
+    preset["encoder"]["pretrained"]["repo_id"] = "someorg/no-such-tower"
+    (tmp_path / "bad.json").write_text(json.dumps(preset))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(recipe.hub))
+    status = main(["features", "--checkpoint-or-preset", str(tmp_path / "bad.json"), "--data", str(recipe.data),
+                   "--out", str(tmp_path / "features")])
+    error = capsys.readouterr().err.strip()
+    assert status == 2 and len(error.splitlines()) == 1 and "someorg/no-such-tower" in error
+
+
+def test_train_refuses_a_missing_feature_cache_and_two_sources(recipe, tmp_path, capsys):
+    common = ["train", "--preset", str(recipe.preset), "--data", str(recipe.data), "--out", str(tmp_path / "out")]
+    assert main([*common, "--features", str(tmp_path / "nothing")]) == 2
+    assert "no feature cache" in capsys.readouterr().err
+    assert main([*common, "--features", str(tmp_path), "--from-volumes"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
 # Evaluation ---------------------------------------------------------------------------------------------------
 
 
@@ -359,7 +381,8 @@ def test_push_uploads_the_checkpoint_with_its_card_and_the_app_loads_it_by_repo_
                                                                   "exist_ok": True})
     card = (checkpoint / "README.md").read_text()
     for words in ("Not a medical device", "## Intended use", "## Limitations", QWEN_REPO, CLIP_REPO, "LoRA on the LM",
-                  "| align | report |", "M3D-LaMed | 14.38 | 75.78", "| this checkpoint | not evaluated | 25.00 |"):
+                  "| align | report |", "M3D-LaMed | 14.38 | 75.78", "| this checkpoint | not evaluated | 25.00 |",
+                  "Pipeline.from_pretrained('someorg/medvlm-m3d')"):
         assert words in card, words
     uploaded = hub_snapshot(hub.cache, "someorg/medvlm-m3d")
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in uploaded.iterdir()}
