@@ -252,6 +252,16 @@ def test_a_finished_run_resumes_without_changing_the_checkpoint(single, recipe):
     assert after.keys() == before.keys()
     assert all(torch.equal(after[key], before[key]) for key in before)  # the trained weights, not fresh ones
 
+    # Stopped after the last epoch of the LoRA stage, before it merged and saved: the epoch state (with the
+    # adapters and the optimiser) is loaded, the adapters merged, and the checkpoint is the same.
+    stage = single.parent / f"{single.name}-training" / "state" / "instruct"
+    (stage / "done.json").unlink()
+    (stage / "weights.safetensors").unlink()
+    assert [path.name for path in stage.glob("epoch-*")] == ["epoch-002"]  # only the newest state is kept
+    run("train", "--preset", str(recipe.preset), "--data", str(recipe.data), "--out", str(single), env=recipe.env)
+    resumed = tensors(single)
+    assert all(torch.allclose(resumed[key], before[key], atol=1e-6) for key in before)
+
 
 @pytest.mark.slow
 def test_two_processes_give_a_checkpoint_of_the_same_structure(single, double, recipe):
