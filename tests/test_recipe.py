@@ -19,10 +19,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hub_stand_ins import CLIP_REPO, COMMIT, QWEN_REPO, hub_snapshot, smoke_preset, write_stand_ins
 from safetensors import safe_open
 from tiny_model import build_tiny_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from medvlm.__main__ import main
 from medvlm.configuration import MedVLMConfig
@@ -35,76 +34,6 @@ from medvlm.volume import load_volume
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_PRESETS = sorted(path.stem for path in PRESETS.glob("m3d-*.json"))
-CLIP_REPO, QWEN_REPO = "openai/clip-vit-base-patch16", "Qwen/Qwen2.5-1.5B-Instruct"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-# Qwen2.5's ChatML template, tools left out: a default system turn, <|im_end|> closes every turn.
-QWEN_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
-    "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}{%- if message.role != 'system' %}{{- '<|im_start|>' + message.role + '\\n' + "
-    "message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-
-def hub_snapshot(cache: Path, repo_id: str) -> Path:
-    """The snapshot folder of repo_id at main in a Hugging Face Hub cache, as huggingface_hub lays it out."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-    return repo / "snapshots" / COMMIT
-
-
-def stand_in_language_model(texts: list[str]) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    """A tiny Qwen2 LM with a byte-level BPE and Qwen's template, briefly trained on the phantom texts so that
-    it is "pretrained" on the domain. Its EOS is <|endoftext|> (as in Qwen base models): the recipe must find
-    the end-of-turn token itself."""
-    torch.manual_seed(0)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([*texts, "You are a helpful assistant. system user assistant"], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-                                        chat_template=QWEN_TEMPLATE)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                         max_position_embeddings=1024, tie_word_embeddings=True))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    batch = tokenizer(texts[:16], padding=True, truncation=True, max_length=96, return_tensors="pt")
-    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-    for _ in range(40):
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.config.dtype = "bfloat16"  # as the real repo's config says; the recipe trains in float32 regardless
-    return model, tokenizer
-
-
-def stand_in_clip() -> CLIPModel:
-    """A tiny full CLIP model (vision and text halves, as the real repo holds): 32 px, 8 px patches, width 32."""
-    torch.manual_seed(1)
-    return CLIPModel(CLIPConfig(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "vocab_size": 100, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
-        projection_dim=16))
-
-
-def toy_recipe(path: Path) -> Path:
-    """The m3d-clip-qwen preset as it ships (same repo ids, stages, LoRA, accumulation, checkpointing), at toy size."""
-    preset = load_preset("m3d-clip-qwen")
-    preset["model"] |= {"image_size": 32, "slice_budget": 4, "fusion_dim": 16, "compressor_grid": [2, 2, 2],
-                        "compressor_heads": 2, "compressor_layers": 1}
-    for stage in preset["stages"]:
-        stage |= {"epochs": 3, "lr": 3e-3, "batch_size": 4}
-    preset |= {"max_length": 256, "mixed_precision": "no", "warmup_ratio": 0.0, "save_dtype": "float32"}
-    path.write_text(json.dumps(preset))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +44,10 @@ def recipe(tmp_path_factory) -> SimpleNamespace:
     write_phantom_set(data, n=12, seed=5, formats=("npy",), npy_shape=(8, 32, 32), matrix=64)
     texts = [turn["content"] for sample in read_samples(data, "train") for turn in sample.messages]
     hub = root / "hub"
-    language_model, tokenizer = stand_in_language_model(texts)
-    language_model.save_pretrained(hub_snapshot(hub, QWEN_REPO))
-    tokenizer.save_pretrained(hub_snapshot(hub, QWEN_REPO))
-    clip = stand_in_clip()
-    clip.save_pretrained(hub_snapshot(hub, CLIP_REPO))
+    weights = write_stand_ins(hub, texts)
     env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return SimpleNamespace(root=root, data=data, hub=hub, preset=toy_recipe(root / "toy-m3d.json"), env=env,
-                           clip=clip.state_dict(), language_model=language_model.state_dict())
+    return SimpleNamespace(root=root, data=data, hub=hub, preset=smoke_preset(root / "toy-m3d.json", "tiny"), env=env,
+                           clip=weights[CLIP_REPO], language_model=weights[QWEN_REPO])
 
 
 def run(*args: str, env: dict, processes: int = 1) -> subprocess.CompletedProcess:
