@@ -65,11 +65,16 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None =
     if not (folder / "README.md").exists():
         write_model_card(folder, training_command(folder), evaluation=evaluation, repo_id=repo_id)
     api = api or HfApi()
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    if revision:
-        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-    commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", revision=revision,
-                               commit_message="Upload MedVLM 3D checkpoint", ignore_patterns=list(NOT_PUBLISHED))
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", revision=revision,
+                                   commit_message="Upload MedVLM 3D checkpoint", ignore_patterns=list(NOT_PUBLISHED))
+    except Exception as error:  # huggingface_hub raises many types: no token, forbidden, network
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserInputError(f"could not upload to {repo_id!r} on the Hugging Face Hub ({reason}); check HF_TOKEN "
+                             "(write access), the repo id and your network") from None
     return str(getattr(commit, "commit_url", commit))
 
 

@@ -376,7 +376,7 @@ def scan_features(model: MedVLMForConditionalGeneration, samples: list[Sample], 
     missing = [image for image in images if image not in cache]
     if missing:
         raise UserInputError(f"the feature cache in {features} lacks {len(missing)} of the {len(images)} scans "
-                         f"(e.g. {missing[0]}); run `python -m medvlm features` on {root}")
+                             f"(e.g. {missing[0]}); run `python -m medvlm features` on {root}")
     return cache
 
 

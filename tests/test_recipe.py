@@ -25,6 +25,7 @@ from tiny_model import build_tiny_model
 
 from medvlm.__main__ import main
 from medvlm.configuration import MedVLMConfig
+from medvlm.errors import UserInputError
 from medvlm.features import FeatureCache, VolumeFeatures, encoder_fingerprint
 from medvlm.hub import push_checkpoint
 from medvlm.phantom import write_phantom_set
@@ -334,6 +335,19 @@ def test_push_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     assert len(error.splitlines()) == 1 and "config.json" in error
     assert main(["push", str(tmp_path / "missing"), "someorg/model"]) == 2
     assert "no checkpoint folder" in capsys.readouterr().err
+
+
+def test_push_says_in_one_line_why_the_hub_refused(tmp_path):
+    class Unauthorised(FakeHub):
+        def create_repo(self, repo_id, **kwargs):
+            raise PermissionError("401 Client Error: Unauthorized\nInvalid credentials in Authorization header")
+
+    torch.manual_seed(0)
+    model, tokenizer = build_tiny_model()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(UserInputError, match=r"'someorg/model'.*401 Client Error: Unauthorized\); check HF_TOKEN"):
+        push_checkpoint(tmp_path, "someorg/model", api=Unauthorised(tmp_path / "hub"))
 
 
 def test_push_refuses_a_bad_repo_id(tmp_path, capsys):
