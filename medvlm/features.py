@@ -149,8 +149,8 @@ class FeatureCache:
         folder = Path(folder)
         index = json.loads((folder / INDEX_FILE).read_text())
         if fingerprint is not None and index["fingerprint"] != fingerprint:
-            raise UserInputError(f"the feature cache in {folder} was made with another encoder or other preprocessing "
-                             "settings; delete it or run `python -m medvlm features` again")
+            raise UserInputError(f"the feature cache in {folder} was made with another encoder or other "
+                                 "preprocessing settings; delete it or run `python -m medvlm features` again")
         entries, handles = {}, {}
         for image, (shard, key) in index["shards"].items():
             if shard not in handles:
@@ -179,8 +179,8 @@ def build_feature_cache(model: MedVLMForConditionalGeneration, images: Iterable[
         except ValueError as stale:
             state.print(f"{stale}: encoding again")
     state.wait_for_everyone()
-    if state.is_main_process:
-        for old in folder.glob("features*"):
+    if state.is_main_process:  # a stale or partial cache: only its own files go
+        for old in [*folder.glob("features-*.safetensors"), *folder.glob("features*.json")]:
             old.unlink()
     state.wait_for_everyone()
     with state.split_between_processes(images) as share:
