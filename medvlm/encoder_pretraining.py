@@ -2,9 +2,11 @@
 
 The real recipe starts from BiomedCLIP, pre-trained on PMC-15M and kept frozen. The demo has
 no such encoder, so it makes one the same way in spirit: a ViT pre-trained on 2D slices with
-supervision it can get for free, here the phantoms' ground truth. Each patch learns how much of
-it each kind of lesion covers, and each slice its modality; the pooled embedding used by slice
-selection thereby changes when a lesion comes into view.
+supervision it can get for free, here the phantoms' ground truth. Each patch learns which kinds
+of lesion touch it and how large they are, and each slice its modality; the pooled embedding
+used by slice selection thereby changes when a lesion comes into view. Lesions touch well under
+1 % of patches, so the lesion loss weighs positives and negatives equally and every epoch shows
+each lesion slice beside as many lesion-free ones.
 """
 
 from __future__ import annotations
@@ -35,13 +37,15 @@ def lesion_classes(ground_truth: dict) -> list[str]:
                    for lesion in entry["lesions"]})
 
 
-def lesion_coverage(volume: Volume, truth: dict, classes: list[str], num_inputs: int, size: int) -> np.ndarray:
-    """Which encoder-input pixels each lesion class covers: (Z', classes, S, S) float32 in {0, 1}.
+def lesion_maps(volume: Volume, truth: dict, classes: list[str], num_inputs: int,
+                size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which encoder-input pixels each lesion class covers, and the diameter of what covers them.
 
-    `truth` is the scan's ground-truth entry: lesions are spheres (`center_voxel` (z, y, x) in
-    `volume.data`, `diameter_mm`) on a grid of `truth["spacing"]` mm (an M3D .npy loads as 1 mm
-    voxels, but its real spacing is there). The geometry follows `encoder_input`: display
-    orientation, padded square, resized to S, Z' slabs.
+    Returns coverage (Z', classes, S, S) uint8 in {0, 1} and diameter (Z', S, S) uint8 in mm (0
+    where no lesion). `truth` is the scan's ground-truth entry: lesions are spheres
+    (`center_voxel` (z, y, x) in `volume.data`, `diameter_mm`) on a grid of `truth["spacing"]` mm
+    (an M3D .npy loads as 1 mm voxels, but its real spacing is there). The geometry follows
+    `encoder_input`: display orientation, padded square, resized to S, Z' slabs.
     """
     lesions = truth.get("lesions", [])
     slices, rows, cols = volume.shape
@@ -51,8 +55,10 @@ def lesion_coverage(volume: Volume, truth: dict, classes: list[str], num_inputs:
     scale = size / side
     pixel_mm = max(spacing_y, spacing_x) / scale
     grid = np.arange(size, dtype=np.float32) + 0.5
-    coverage = np.zeros((num_inputs, len(classes), size, size), dtype=np.float32)
+    coverage = np.zeros((num_inputs, len(classes), size, size), dtype=np.uint8)
+    diameter = np.zeros((num_inputs, size, size), dtype=np.uint8)
     slab_centres = (np.arange(num_inputs) + 0.5) * slices / num_inputs - 0.5
+    slab_half_mm = slices / num_inputs * spacing_z / 2
     for lesion in lesions:
         channel = classes.index(f"{lesion['organ']} {lesion['kind']}")
         z, y, x = lesion["center_voxel"]
@@ -60,54 +66,87 @@ def lesion_coverage(volume: Volume, truth: dict, classes: list[str], num_inputs:
         row = (rows - 1 - y + top + 0.5) * scale
         col = (cols - 1 - x + left + 0.5) * scale
         for slab, centre in enumerate(slab_centres):
-            dz = abs(centre - z) * spacing_z
+            dz = max(abs(centre - z) * spacing_z - slab_half_mm, 0.0)  # nearest point of the slab
             if dz >= radius:
                 continue
             in_plane = math.sqrt(radius**2 - dz**2) / pixel_mm
             disk = ((grid[:, None] - row) ** 2 + (grid[None, :] - col) ** 2) <= max(in_plane, 0.5) ** 2
-            np.maximum(coverage[slab, channel], disk, out=coverage[slab, channel])
-    return coverage
+            coverage[slab, channel] |= disk
+            np.maximum(diameter[slab], np.where(disk, round(lesion["diameter_mm"]), 0).astype(np.uint8),
+                       out=diameter[slab])
+    return coverage, diameter
 
 
 class SliceHeads(nn.Module):
-    """Pre-training heads on the encoder's patch tokens: lesion coverage per patch, modality per slice."""
+    """Pre-training heads: per patch, which lesion classes it holds and their diameter; per slice, the modality."""
 
     def __init__(self, width: int, num_classes: int):
         super().__init__()
         self.coverage = nn.Linear(width, num_classes)
+        self.diameter = nn.Linear(width, 1)
         self.modality = nn.Linear(2 * width, len(MODALITIES))  # on the pooled (mean, max) embedding
 
-    def forward(self, patches: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.coverage(patches), self.modality(pooled)
+    def forward(self, patches: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.coverage(patches), self.diameter(patches)[..., 0], self.modality(pooled)
 
 
 @dataclass
 class SliceSet:
-    """Every training slice: inputs (N, 3, S, S) float16, targets (N, classes, S, S) uint8, modality (N,)."""
+    """Every training slice: inputs (N, 3, S, S) float16, coverage (N, classes, S, S) and diameter
+    (N, S, S) uint8 (mm), modality (N,)."""
 
     inputs: torch.Tensor
     coverage: torch.Tensor
+    diameter: torch.Tensor
     modality: torch.Tensor
+
+    @property
+    def with_lesion(self) -> torch.Tensor:
+        """Indices of the slices that show part of a lesion."""
+        return torch.nonzero(self.diameter.flatten(1).amax(1) > 0)[:, 0]
 
 
 def build_slice_set(config: MedVLMConfig, root: Path, images: list[str], ground_truth: dict,
                     classes: list[str], progress: bool) -> SliceSet:
-    inputs, coverage, modality = [], [], []
+    inputs, coverage, diameter, modality = [], [], [], []
     for image in tqdm(images, desc="preparing slices", disable=not progress, unit="scan"):
         volume = load_volume(root / image)
         pixel_values, _ = encoder_input(volume, config)
-        truth = ground_truth.get(image, {})
+        covered, sizes = lesion_maps(volume, ground_truth.get(image, {}), classes, pixel_values.shape[0],
+                                     config.image_size)
         inputs.append(pixel_values.half())
-        coverage.append(torch.from_numpy(
-            lesion_coverage(volume, truth, classes, pixel_values.shape[0], config.image_size) * 255
-        ).to(torch.uint8))
+        coverage.append(torch.from_numpy(covered))
+        diameter.append(torch.from_numpy(sizes))
         modality.append(torch.full((pixel_values.shape[0],), MODALITIES.index(volume.modality)))
-    return SliceSet(torch.cat(inputs), torch.cat(coverage), torch.cat(modality))
+    return SliceSet(torch.cat(inputs), torch.cat(coverage), torch.cat(diameter), torch.cat(modality))
 
 
-def _patch_targets(coverage: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, classes, S, S) uint8 → (B, h, w, classes) fraction of each patch covered."""
-    return F.avg_pool2d(coverage.float() / 255, patch).permute(0, 2, 3, 1)
+def patch_targets(coverage: torch.Tensor, diameter: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch: which classes touch it (B, h, w, classes) in {0, 1}, and the largest diameter there (B, h, w) mm."""
+    present = F.max_pool2d(coverage.float(), patch).permute(0, 2, 3, 1)
+    return present, F.max_pool2d(diameter[:, None].float(), patch)[:, 0]
+
+
+def balanced_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with positives and negatives weighted equally: lesions touch <1 % of patches,
+    so a plain mean is minimised by predicting "nothing" everywhere."""
+    losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    positives = targets.sum()
+    negative_loss = (losses * (1 - targets)).sum() / (targets.numel() - positives).clamp(min=1)
+    return negative_loss + (losses * targets).sum() / positives.clamp(min=1)
+
+
+def slice_loss(heads: SliceHeads, features, coverage: torch.Tensor, diameter: torch.Tensor,
+               modality: torch.Tensor, patch: int) -> torch.Tensor:
+    """What pre-training minimises for a batch of slices: lesion classes per patch (balanced), their
+    diameter where there is one (L1, in cm), and the modality of the slice."""
+    present, size_mm = patch_targets(coverage, diameter, patch)
+    class_logits, size_prediction, modality_logits = heads(features.patches, features.pooled)
+    loss = balanced_bce(class_logits, present) + F.cross_entropy(modality_logits, modality)
+    lesion = size_mm > 0
+    if lesion.any():
+        loss = loss + F.l1_loss(size_prediction[lesion], size_mm[lesion] / 10)
+    return loss
 
 
 @dataclass
@@ -133,33 +172,36 @@ def pretrain_encoder(config: MedVLMConfig, root: Path, images: list[str], settin
     optimizer = torch.optim.AdamW(parameters, lr=settings["lr"], weight_decay=0.05)
     batch_size, patch = settings["batch_size"], encoder.patch_size
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(slices.inputs) / batch_size)
+    with_lesion = slices.with_lesion
+    without_lesion = torch.ones(len(slices.inputs), dtype=torch.bool)
+    without_lesion[with_lesion] = False
+    without_lesion = torch.nonzero(without_lesion)[:, 0]
+    # An epoch: every slice that shows a lesion, and as many lesion-free slices drawn afresh.
+    per_epoch = len(with_lesion) + min(len(without_lesion), max(len(with_lesion), batch_size))
+    steps_per_epoch = math.ceil(per_epoch / batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings["lr"], total_steps=settings["epochs"]
                                                     * steps_per_epoch, pct_start=0.1)
-    positive_weight = torch.full((len(classes),), 20.0)  # lesions cover few patches
     preview = config.selection_preview_size
-    summary = {"slices": len(slices.inputs), "classes": classes}
+    summary = {"slices": len(slices.inputs), "slices_with_lesion": len(with_lesion), "classes": classes}
     for epoch in range(settings["epochs"]):
-        order = torch.randperm(len(slices.inputs), generator=generator)
-        progress = tqdm(order.split(batch_size), desc=f"encoder epoch {epoch + 1}/{settings['epochs']}",
-                        disable=not progress)
-        for batch in progress:
-            pixels = slices.inputs[batch].float()
-            coverage = slices.coverage[batch]
+        drawn = without_lesion[torch.randperm(len(without_lesion), generator=generator)[:per_epoch - len(with_lesion)]]
+        chosen = torch.cat([with_lesion, drawn])
+        order = chosen[torch.randperm(len(chosen), generator=generator)]
+        bar = tqdm(order.split(batch_size), desc=f"encoder epoch {epoch + 1}/{settings['epochs']}",
+                   disable=not progress)
+        for batch in bar:
+            pixels, coverage, diameter = slices.inputs[batch].float(), slices.coverage[batch], slices.diameter[batch]
             if preview and torch.rand(1, generator=generator).item() < settings.get("preview_fraction", 0.0):
                 pixels = F.interpolate(pixels, size=(preview, preview), mode="bilinear", antialias=True)
-                coverage = F.interpolate(coverage.float(), size=(preview, preview), mode="area").to(torch.uint8)
-            features = encoder(pixels)
-            coverage_logits, modality_logits = heads(features.patches, features.pooled)
-            loss = F.binary_cross_entropy_with_logits(coverage_logits, _patch_targets(coverage, patch),
-                                                      pos_weight=positive_weight)
-            loss = loss + F.cross_entropy(modality_logits, slices.modality[batch])
+                coverage = F.adaptive_max_pool2d(coverage.float(), preview)
+                diameter = F.adaptive_max_pool2d(diameter[:, None].float(), preview)[:, 0]
+            loss = slice_loss(heads, encoder(pixels), coverage, diameter, slices.modality[batch], patch)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
             scheduler.step()
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         summary[f"epoch_{epoch + 1}_loss"] = round(loss.item(), 4)
     encoder.freeze().eval()
     threshold = calibrate_threshold(encoder, slices, preview, keep_fraction) if keep_fraction else None

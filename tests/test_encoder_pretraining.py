@@ -1,0 +1,75 @@
+"""The demo encoder's pre-training targets: where a lesion is, on the encoder's own input grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medvlm.encoder_pretraining import balanced_bce, lesion_maps, patch_targets
+from medvlm.preprocess import encoder_input
+from medvlm.volume import Volume
+from tests.tiny_model import tiny_config, tiny_tokenizer
+
+SHAPE = (20, 64, 64)  # z, y, x voxels of 2 × 1 × 1 mm
+
+
+def _ct_with_sphere(centre: tuple[int, int, int], diameter_mm: float) -> Volume:
+    z, y, x = np.ogrid[:SHAPE[0], :SHAPE[1], :SHAPE[2]]
+    data = np.full(SHAPE, 40.0, dtype=np.float32)  # soft tissue
+    inside = ((z - centre[0]) * 2.0) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= (diameter_mm / 2) ** 2
+    data[inside] = 900.0  # calcification
+    affine = np.diag([2.0, 1.0, 1.0, 1.0])[[2, 1, 0, 3]]
+    return Volume(data, (2.0, 1.0, 1.0), affine, "CT", "npy", "RAS")
+
+
+@pytest.fixture(scope="module")
+def config():
+    return tiny_config(tiny_tokenizer(), image_size=64, slice_spacing_mm=4.0)
+
+
+def test_lesion_map_lies_where_the_encoder_sees_the_lesion(config):
+    """The map marks the pixels, slabs and class of the sphere, in display orientation, with its diameter."""
+    volume = _ct_with_sphere((10, 40, 16), diameter_mm=10)
+    truth = {"spacing": [2.0, 1.0, 1.0],
+             "lesions": [{"organ": "liver", "kind": "calcification", "center_voxel": [10, 40, 16], "diameter_mm": 10}]}
+    classes = ["kidney cyst", "liver calcification"]
+    pixels, _ = encoder_input(volume, config)
+    coverage, diameter = lesion_maps(volume, truth, classes, pixels.shape[0], config.image_size)
+    assert coverage.shape == (pixels.shape[0], 2, 64, 64) and diameter.shape == (pixels.shape[0], 64, 64)
+    assert not coverage[:, 0].any(), "a class the scan does not hold is marked"
+    marked = coverage[:, 1].astype(bool)
+    image = pixels.mean(1).numpy()
+    bright = image > np.median(image) + 0.01  # brighter than soft tissue
+    assert bright.any()
+    # Every slab and pixel where the calcification shows in the encoder's input is marked, and nearly only those.
+    assert marked[bright].all()
+    assert marked.sum() <= 2 * bright.sum()
+    # Display orientation: the patient's left (high x) is on the image's right, anterior (high y) at the top.
+    slab = int(np.argmax(marked.sum((1, 2))))
+    rows, cols = np.nonzero(marked[slab])
+    assert abs(rows.mean() - (63 - 40)) <= 1 and abs(cols.mean() - (63 - 16)) <= 1
+    assert set(np.unique(diameter[marked])) == {10} and not diameter[~marked].any()
+    assert not marked[0].any() and not marked[-1].any()  # slabs far from the sphere
+
+
+def test_patch_targets_mark_any_patch_a_lesion_touches():
+    coverage = torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
+    coverage[0, 0, 15:17, 15:17] = 1  # four pixels at the corner of four 16-px patches
+    diameter = coverage[:, 0] * 3
+    present, size = patch_targets(coverage, diameter, 16)
+    assert present.shape == (1, 2, 2, 1) and present.sum() == 4
+    assert torch.equal(size, torch.full((1, 2, 2), 3.0))
+
+
+def test_balanced_loss_punishes_predicting_nothing():
+    """With one positive patch in a thousand, a plain mean rewards "no lesion anywhere"; the balanced loss does not."""
+    targets = torch.zeros(1000)
+    targets[7] = 1
+    nothing = torch.full((1000,), -6.0)
+    found = nothing.clone()
+    found[7] = 6.0
+    plain = torch.nn.functional.binary_cross_entropy_with_logits
+    assert plain(nothing, targets) < 0.01  # what the old objective settled on
+    assert balanced_bce(nothing, targets) > 2.0
+    assert balanced_bce(found, targets) < 0.01
