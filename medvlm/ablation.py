@@ -16,9 +16,10 @@
 4. Writes OUT/ablations.json (every run; mean ± sample s.d. over seeds), OUT/data_efficiency.png
    and OUT/ablations.log (the summary table), rewritten after every run.
 
-WORK (default OUT-training, beside OUT) holds, per size, the phantoms, checkpoints and training
-states. Resumable: a run whose WORK/SIZE/runs/NAME/scores.json exists is not repeated, and an
-interrupted training resumes from its last epoch.
+WORK (default OUT-training, beside OUT) holds, per size, the phantoms, checkpoints, training
+states and the pre-trained 2D encoders (variants with the same data and seed share one).
+Resumable: a run recorded in OUT/ablations.json or WORK/SIZE/runs/NAME/scores.json is not
+repeated, and an interrupted training resumes from its last epoch. Runs go seed by seed.
 """
 
 from __future__ import annotations
@@ -84,11 +85,31 @@ class Run:
 
 
 def plan(size: StudySize, seeds: int) -> list[Run]:
-    """Every run: each variant on all the data for each seed, then the data-efficiency curve's other points."""
-    runs = [Run(variant, seed) for seed in range(seeds) for variant in VARIANTS]
-    runs += [Run(variant, seed, fraction) for seed in range(seeds) for variant in CURVE_VARIANTS
-             for fraction in size.fractions if fraction < 1.0]
+    """Every run, seed by seed: each variant on all the data, then the data-efficiency curve's other points.
+
+    So a study stopped part-way holds whole seeds: every comparison, with fewer error bars.
+    """
+    runs = []
+    for seed in range(seeds):
+        runs += [Run(variant, seed) for variant in VARIANTS]
+        runs += [Run(variant, seed, fraction) for variant in CURVE_VARIANTS for fraction in size.fractions
+                 if fraction < 1.0]
     return runs
+
+
+def finished_runs(out: Path, size_name: str) -> dict[str, dict]:
+    """The runs that OUT/ablations.json already records for this study size, by name.
+
+    The results file is the study's ledger: a fresh checkout that holds it (the work folder gone)
+    goes on with the runs still missing instead of starting over.
+    """
+    path = out / "ablations.json"
+    if not path.exists():
+        return {}
+    result = json.loads(path.read_text())
+    if result.get("study", {}).get("size") != size_name:
+        return {}
+    return {record["name"]: record for record in result.get("runs", [])}
 
 
 # Data ---------------------------------------------------------------------------------------------
@@ -189,7 +210,8 @@ def run_one(run: Run, size: StudySize, folders: dict[str, Path], work: Path) -> 
     data = training_subset(folders["train"], run.fraction, work / "data" / f"train-{round(run.fraction * 100):03d}pct")
     started = time.perf_counter()
     checkpoint = train(size.preset, data, folder / "checkpoint", seed=run.seed, work=folder / "training",
-                       config_overrides={**size.model_overrides, **VARIANTS[run.variant]})
+                       config_overrides={**size.model_overrides, **VARIANTS[run.variant]},
+                       encoder_cache=work / "encoders")  # variants with equal data and seed share it
     trained = time.perf_counter()
     heldout = evaluate(checkpoint, folders["heldout"], split="test", progress=False)
     small = evaluate(checkpoint, folders["small_lesion"], split="test", progress=False)
@@ -333,12 +355,17 @@ def run_study(out: str | Path, size: str = "small", seeds: int = 2, work: str | 
     work = (Path(work) if work else out.with_name(out.name + "-training")) / size
     folders = write_study_data(work, study)
     planned = plan(study, seeds)
+    finished = finished_runs(out, size)
     records = []
     for number, run in enumerate(planned, 1):
+        if run.name in finished:
+            records.append(finished[run.name])
+            continue
         if progress:
             print(f"[{number}/{len(planned)}] {run.name}", flush=True)
         records.append(run_one(run, study, folders, work))
-        result = write_results(out, size, study, seeds, records, planned, folders)
+        write_results(out, size, study, seeds, records, planned, folders)  # after every run: a stop loses one
+    result = write_results(out, size, study, seeds, records, planned, folders)
     if progress:
         print(summary_table(result), flush=True)
     return result

@@ -11,9 +11,11 @@ each lesion slice beside as many lesion-free ones.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +209,29 @@ def pretrain_encoder(config: MedVLMConfig, root: Path, images: list[str], settin
     threshold = calibrate_threshold(encoder, slices, preview, keep_fraction) if keep_fraction else None
     summary["similarity_threshold"] = threshold
     return PretrainedEncoder(encoder.state_dict(), threshold, summary)
+
+
+def pretrain_encoder_once(cache: Path, config: MedVLMConfig, root: Path, images: list[str], settings: dict,
+                          keep_fraction: float | None, progress: bool = True, seed: int = 0) -> PretrainedEncoder:
+    """`pretrain_encoder`, kept in the folder `cache` under a key of everything it depends on.
+
+    A resumed training run, and the ablation study's variants that share data and seed, pre-train
+    the encoder once instead of once each.
+    """
+    from .features import FEATURE_FIELDS
+
+    key = json.dumps({"root": str(Path(root).resolve()), "images": images, "settings": settings,
+                      "keep_fraction": keep_fraction, "seed": seed, "vision": config.vision_config.to_dict(),
+                      **{name: getattr(config, name) for name in FEATURE_FIELDS}}, sort_keys=True, default=str)
+    path = Path(cache) / f"encoder-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        return PretrainedEncoder(**torch.load(path, weights_only=True))
+    result = pretrain_encoder(config, root, images, settings, keep_fraction, progress, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    torch.save(asdict(result), partial)
+    partial.replace(path)  # atomic: another process sees the whole file or none
+    return result
 
 
 @torch.no_grad()

@@ -118,18 +118,19 @@ def build_config(preset: dict, tokenizer, **overrides) -> MedVLMConfig:
 
 
 def build_model(preset: dict, tokenizer, root: Path, images: list[str], progress: bool,
-                seed: int) -> tuple[MedVLMForConditionalGeneration, dict]:
+                seed: int, encoder_cache: Path) -> tuple[MedVLMForConditionalGeneration, dict]:
     """A fresh model from a preset: pretrained parts from the Hub; with `encoder_pretraining`, its slice
-    encoder is pre-trained first."""
+    encoder is pre-trained first (or taken from `encoder_cache`, where an equal one was kept)."""
     config = build_config(preset, tokenizer)
     settings = preset.get("encoder_pretraining")
     if not settings:
         model = MedVLMForConditionalGeneration(config)
         load_pretrained_weights(model, preset)
         return model, {}
-    from .encoder_pretraining import pretrain_encoder
+    from .encoder_pretraining import pretrain_encoder_once
 
-    encoder = pretrain_encoder(config, root, images, settings, preset.get("keep_fraction"), progress, seed)
+    encoder = pretrain_encoder_once(encoder_cache, config, root, images, settings, preset.get("keep_fraction"),
+                                    progress, seed)
     if encoder.similarity_threshold is not None:
         config = build_config(preset, tokenizer, similarity_threshold=encoder.similarity_threshold)
     model = MedVLMForConditionalGeneration(config)
@@ -401,13 +402,14 @@ def recipe_summary(preset: dict, accelerator: Accelerator) -> dict:
 
 def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, work: str | Path | None = None,
           config_overrides: dict | None = None, features: str | Path | None = None,
-          from_volumes: bool = False) -> Path:
+          from_volumes: bool = False, encoder_cache: str | Path | None = None) -> Path:
     """Train a checkpoint from a preset on an M3D-format data folder; returns the checkpoint folder.
 
     `work` (default: OUT-training beside OUT) keeps the feature cache, resumable states and
     metrics.csv; the checkpoint folder receives only what is published: a plain MedVLM checkpoint
     (LoRA merged). `config_overrides` replace model settings of the preset (an ablation variant, see
     variants.py). `features`: a cache from `python -m medvlm features`; `from_volumes`: no cache.
+    `encoder_cache` (default: WORK/encoder) keeps the demo encoder's pre-training for runs that repeat it.
     """
     preset = apply_overrides(load_preset(preset_name), config_overrides or {})
     if features is not None and not (Path(features) / "features.json").is_file():
@@ -429,7 +431,8 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
         raise ValueError(f"{root} holds no training samples (M3D_Cap.json / M3D_VQA_train.csv)")
     tokenizer = build_tokenizer(preset, train_samples)
     images = sorted({s.image for s in train_samples})
-    model, encoder_summary = build_model(preset, tokenizer, root, images, accelerator.is_local_main_process, seed)
+    model, encoder_summary = build_model(preset, tokenizer, root, images, accelerator.is_local_main_process, seed,
+                                         Path(encoder_cache) if encoder_cache else work / "encoder")
     if preset["language_model"].get("gradient_checkpointing"):
         model.language_model.activation_checkpointing_enable({"use_reentrant": False})
     model.to(accelerator.device)

@@ -244,6 +244,29 @@ def test_plan_compares_every_variant_per_seed_and_the_curve():
     assert Run("vit3d", 1, 0.25).name == "vit3d-025pct-seed1"
 
 
+def test_plan_finishes_one_seed_before_the_next():
+    runs = plan(SIZES["small"], seeds=2)
+    assert [r.seed for r in runs] == sorted(r.seed for r in runs)
+
+
+def test_a_checkout_holding_the_results_goes_on_where_they_stop(tmp_path, monkeypatch):
+    """ablations.json is the ledger: its runs are not trained again, the missing ones are."""
+    import medvlm.ablation as ablation
+
+    planned = plan(SIZES["tiny"], seeds=1)
+    recorded = [{"variant": r.variant, "seed": r.seed, "fraction": r.fraction, "name": r.name, "train_scans": 9,
+                 "metrics": {"finding_f1": 0.5, "closed_accuracy": 0.5}, "wall_seconds": {"total": 1.0}}
+                for r in planned]
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "ablations.json").write_text(json.dumps({"study": {"size": "tiny"}, "runs": recorded[:-1]}))
+    trained = []
+    monkeypatch.setattr(ablation, "run_one", lambda run, *args: trained.append(run.name) or recorded[-1])
+    result = ablation.run_study(out, size="tiny", seeds=1, work=tmp_path / "work", progress=False)
+    assert trained == [planned[-1].name] and result["complete"]
+    assert [r["name"] for r in result["runs"]] == [r.name for r in planned]
+
+
 def test_summary_is_mean_and_sample_sd_over_seeds():
     def record(variant, seed, fraction, f1, scans):
         return {"variant": variant, "seed": seed, "fraction": fraction, "train_scans": scans,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_model import tiny_config, tiny_tokenizer
 
 from medvlm.encoder_pretraining import balanced_bce, lesion_maps, patch_targets
 from medvlm.preprocess import encoder_input
 from medvlm.volume import Volume
-from tests.tiny_model import tiny_config, tiny_tokenizer
 
 SHAPE = (20, 64, 64)  # z, y, x voxels of 2 × 1 × 1 mm
 
@@ -73,3 +73,25 @@ def test_balanced_loss_punishes_predicting_nothing():
     assert plain(nothing, targets) < 0.01  # what the old objective settled on
     assert balanced_bce(nothing, targets) > 2.0
     assert balanced_bce(found, targets) < 0.01
+
+
+def test_pretrained_encoder_is_kept_and_reused(tmp_path, monkeypatch):
+    """A resumed run, or a second ablation variant on the same data and seed, does not pre-train again."""
+    import medvlm.encoder_pretraining as pretraining
+    from medvlm.phantom import write_phantom_set
+
+    write_phantom_set(tmp_path / "data", n=3, seed=5, formats=("nifti",), matrix=48)
+    config = tiny_config(tiny_tokenizer())
+    images = sorted(str(p.relative_to(tmp_path / "data")) for p in (tmp_path / "data").rglob("*.nii.gz"))
+    settings = {"epochs": 1, "batch_size": 16, "lr": 1e-3}
+    first = pretraining.pretrain_encoder_once(tmp_path / "cache", config, tmp_path / "data", images, settings, 0.6,
+                                              progress=False)
+    calls = []
+    monkeypatch.setattr(pretraining, "pretrain_encoder", lambda *args, **kwargs: calls.append(args) or first)
+    again = pretraining.pretrain_encoder_once(tmp_path / "cache", config, tmp_path / "data", images, settings, 0.6,
+                                              progress=False)
+    assert not calls and again.similarity_threshold == first.similarity_threshold
+    assert all(torch.equal(again.state_dict[name], tensor) for name, tensor in first.state_dict.items())
+    other_seed = pretraining.pretrain_encoder_once(tmp_path / "cache", config, tmp_path / "data", images, settings,
+                                                   0.6, progress=False, seed=1)
+    assert other_seed is first and len(calls) == 1  # a different seed is a different encoder: trained anew
