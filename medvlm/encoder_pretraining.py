@@ -94,11 +94,11 @@ class SliceHeads(nn.Module):
 
 @dataclass
 class SliceSet:
-    """Every training slice: inputs (N, 3, S, S) float16, coverage (N, classes, S, S) and diameter
-    (N, S, S) uint8 (mm), modality (N,)."""
+    """Every training slice: inputs (N, 3, S, S) float16; per encoder patch, the lesion classes that touch it
+    (N, classes, h, w) and the largest diameter there (N, h, w), uint8 (mm); modality (N,)."""
 
     inputs: torch.Tensor
-    coverage: torch.Tensor
+    present: torch.Tensor
     diameter: torch.Tensor
     modality: torch.Tensor
 
@@ -110,23 +110,25 @@ class SliceSet:
 
 def build_slice_set(config: MedVLMConfig, root: Path, images: list[str], ground_truth: dict,
                     classes: list[str], progress: bool) -> SliceSet:
-    inputs, coverage, diameter, modality = [], [], [], []
+    inputs, present, diameter, modality = [], [], [], []
+    patch = config.vision_config.patch_size
     for image in tqdm(images, desc="preparing slices", disable=not progress, unit="scan"):
         volume = load_volume(root / image)
         pixel_values, _ = encoder_input(volume, config)
         covered, sizes = lesion_maps(volume, ground_truth.get(image, {}), classes, pixel_values.shape[0],
                                      config.image_size)
+        touched, largest = patch_targets(torch.from_numpy(covered), torch.from_numpy(sizes), patch)
         inputs.append(pixel_values.half())
-        coverage.append(torch.from_numpy(covered))
-        diameter.append(torch.from_numpy(sizes))
+        present.append(touched.to(torch.uint8))
+        diameter.append(largest.to(torch.uint8))
         modality.append(torch.full((pixel_values.shape[0],), MODALITIES.index(volume.modality)))
-    return SliceSet(torch.cat(inputs), torch.cat(coverage), torch.cat(diameter), torch.cat(modality))
+    return SliceSet(torch.cat(inputs), torch.cat(present), torch.cat(diameter), torch.cat(modality))
 
 
 def patch_targets(coverage: torch.Tensor, diameter: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per patch: which classes touch it (B, h, w, classes) in {0, 1}, and the largest diameter there (B, h, w) mm."""
-    present = F.max_pool2d(coverage.float(), patch).permute(0, 2, 3, 1)
-    return present, F.max_pool2d(diameter[:, None].float(), patch)[:, 0]
+    """Per patch of `patch` pixels: which classes touch it (B, classes, h, w) in {0, 1}, and the largest
+    diameter there (B, h, w) mm, from the pixel maps of `lesion_maps`."""
+    return F.max_pool2d(coverage.float(), patch), F.max_pool2d(diameter[:, None].float(), patch)[:, 0]
 
 
 def balanced_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -138,13 +140,13 @@ def balanced_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return negative_loss + (losses * targets).sum() / positives.clamp(min=1)
 
 
-def slice_loss(heads: SliceHeads, features, coverage: torch.Tensor, diameter: torch.Tensor,
-               modality: torch.Tensor, patch: int) -> torch.Tensor:
+def slice_loss(heads: SliceHeads, features, present: torch.Tensor, size_mm: torch.Tensor,
+               modality: torch.Tensor) -> torch.Tensor:
     """What pre-training minimises for a batch of slices: lesion classes per patch (balanced), their
-    diameter where there is one (L1, in cm), and the modality of the slice."""
-    present, size_mm = patch_targets(coverage, diameter, patch)
+    diameter where there is one (L1, in cm), and the modality of the slice. `present` (B, classes, h, w)
+    and `size_mm` (B, h, w) are on the grid of `features.patches` (B, h, w, width)."""
     class_logits, size_prediction, modality_logits = heads(features.patches, features.pooled)
-    loss = balanced_bce(class_logits, present) + F.cross_entropy(modality_logits, modality)
+    loss = balanced_bce(class_logits, present.permute(0, 2, 3, 1)) + F.cross_entropy(modality_logits, modality)
     lesion = size_mm > 0
     if lesion.any():
         loss = loss + F.l1_loss(size_prediction[lesion], size_mm[lesion] / 10)
@@ -192,12 +194,13 @@ def pretrain_encoder(config: MedVLMConfig, root: Path, images: list[str], settin
         bar = tqdm(order.split(batch_size), desc=f"encoder epoch {epoch + 1}/{settings['epochs']}",
                    disable=not progress)
         for batch in bar:
-            pixels, coverage, diameter = slices.inputs[batch].float(), slices.coverage[batch], slices.diameter[batch]
+            pixels = slices.inputs[batch].float()
+            present, diameter = slices.present[batch].float(), slices.diameter[batch].float()
             if preview and torch.rand(1, generator=generator).item() < settings.get("preview_fraction", 0.0):
                 pixels = F.interpolate(pixels, size=(preview, preview), mode="bilinear", antialias=True)
-                coverage = F.adaptive_max_pool2d(coverage.float(), preview)
-                diameter = F.adaptive_max_pool2d(diameter[:, None].float(), preview)[:, 0]
-            loss = slice_loss(heads, encoder(pixels), coverage, diameter, slices.modality[batch], patch)
+                present = F.adaptive_max_pool2d(present, preview // patch)  # a preview patch covers several
+                diameter = F.adaptive_max_pool2d(diameter[:, None], preview // patch)[:, 0]
+            loss = slice_loss(heads, encoder(pixels), present, diameter, slices.modality[batch])
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)

@@ -58,7 +58,7 @@ def test_patch_targets_mark_any_patch_a_lesion_touches():
     coverage[0, 0, 15:17, 15:17] = 1  # four pixels at the corner of four 16-px patches
     diameter = coverage[:, 0] * 3
     present, size = patch_targets(coverage, diameter, 16)
-    assert present.shape == (1, 2, 2, 1) and present.sum() == 4
+    assert present.shape == (1, 1, 2, 2) and present.sum() == 4
     assert torch.equal(size, torch.full((1, 2, 2), 3.0))
 
 
