@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import mannwhitneyu
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -163,8 +164,9 @@ class PretrainedEncoder:
 
 
 def pretrain_encoder(config: MedVLMConfig, root: Path, images: list[str], settings: dict, keep_fraction: float | None,
-                     progress: bool = True, seed: int = 0) -> PretrainedEncoder:
-    """Train a slice encoder of `config` on the slices of `images` (paths under `root`)."""
+                     progress: bool = True, seed: int = 0, held_out: list[str] = ()) -> PretrainedEncoder:
+    """Train a slice encoder of `config` on the slices of `images` (paths under `root`); with `held_out`
+    scans, the summary says how well the result finds lesions in them (`held_out_detection`)."""
     torch.manual_seed(seed)
     ground_truth = json.loads((root / GROUND_TRUTH_FILE).read_text())
     classes = lesion_classes(ground_truth)
@@ -211,11 +213,58 @@ def pretrain_encoder(config: MedVLMConfig, root: Path, images: list[str], settin
     encoder.freeze().eval()
     threshold = calibrate_threshold(encoder, slices, preview, keep_fraction) if keep_fraction else None
     summary["similarity_threshold"] = threshold
+    held_out = [image for image in held_out if image in ground_truth]
+    if held_out:
+        summary["held_out_detection"] = held_out_detection(encoder, heads.eval(), config, root, held_out,
+                                                           ground_truth, classes)
     return PretrainedEncoder(encoder.state_dict(), threshold, summary)
 
 
+@torch.no_grad()
+def held_out_detection(encoder: SliceEncoder, heads: SliceHeads, config: MedVLMConfig, root: Path, images: list[str],
+                       ground_truth: dict, classes: list[str]) -> dict:
+    """How well the pre-trained encoder finds each lesion class in scans it has not seen.
+
+    A scan's score for a class is its head's highest logit over the scan's slices and patches, the
+    evidence the later stages can draw on; per class, the ROC AUC of that score between the scans
+    that hold the class and the other scans of the same modality (`within_modality_auc`).
+    """
+    scores, labels, modalities = [], [], []
+    for image in images:
+        volume = load_volume(root / image)
+        pixel_values, _ = encoder_input(volume, config)
+        features = encoder(pixel_values)
+        scores.append(heads(features.patches, features.pooled)[0].amax(dim=(0, 1, 2)).float().numpy())
+        found = {f"{lesion['organ']} {lesion['kind']}" for lesion in ground_truth[image]["lesions"]}
+        labels.append([name in found for name in classes])
+        modalities.append(volume.modality)
+    per_class = within_modality_auc(np.array(scores), np.array(labels), modalities, classes)
+    mean = round(float(np.mean(list(per_class.values()))), 3) if per_class else None
+    return {"scans": len(images), "mean_auc": mean, "auc": per_class}
+
+
+def within_modality_auc(scores: np.ndarray, labels: np.ndarray, modalities: list[str], classes: list[str]) -> dict:
+    """Per lesion class, the ROC AUC of `scores` (scans, classes) for `labels` (scans, classes) bool among the
+    scans of the modality the class occurs in (0.5: chance; 1: every scan holding it outranks every scan
+    without). A class occurs in one modality (a lung nodule in CT, a hot spot in PET); judged against all
+    scans, telling CT from PET would pass for finding nodules. Classes without both kinds of scan are left out."""
+    modalities = np.asarray(modalities)
+    result = {}
+    for index, name in enumerate(classes):
+        holding = labels[:, index]
+        if not holding.any():
+            continue
+        same = modalities == modalities[holding][0]
+        positive, negative = scores[same & holding, index], scores[same & ~holding, index]
+        if len(negative):
+            statistic = mannwhitneyu(positive, negative, alternative="two-sided").statistic
+            result[name] = round(float(statistic) / (len(positive) * len(negative)), 3)
+    return result
+
+
 def pretrain_encoder_once(cache: Path, config: MedVLMConfig, root: Path, images: list[str], settings: dict,
-                          keep_fraction: float | None, progress: bool = True, seed: int = 0) -> PretrainedEncoder:
+                          keep_fraction: float | None, progress: bool = True, seed: int = 0,
+                          held_out: list[str] = ()) -> PretrainedEncoder:
     """`pretrain_encoder`, kept in the folder `cache` under a key of everything it depends on.
 
     A resumed training run, and the ablation study's variants that share data and seed, pre-train
@@ -224,12 +273,13 @@ def pretrain_encoder_once(cache: Path, config: MedVLMConfig, root: Path, images:
     from .features import FEATURE_FIELDS
 
     key = json.dumps({"root": str(Path(root).resolve()), "images": images, "settings": settings,
-                      "keep_fraction": keep_fraction, "seed": seed, "vision": config.vision_config.to_dict(),
+                      "keep_fraction": keep_fraction, "seed": seed, "held_out": list(held_out),
+                      "vision": config.vision_config.to_dict(),
                       **{name: getattr(config, name) for name in FEATURE_FIELDS}}, sort_keys=True, default=str)
     path = Path(cache) / f"encoder-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if path.exists():
         return PretrainedEncoder(**torch.load(path, weights_only=True))
-    result = pretrain_encoder(config, root, images, settings, keep_fraction, progress, seed)
+    result = pretrain_encoder(config, root, images, settings, keep_fraction, progress, seed, held_out)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     torch.save(asdict(result), partial)

@@ -115,6 +115,13 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
         body += [f"- Seed {training.get('seed')}, {training.get('train_scans')} training scans, "
                  f"{training.get('train_samples')} training samples; wall time "
                  f"{training.get('wall_seconds', 0) / 60:.1f} minutes on the machine that trained it.", ""]
+    detection = training.get("encoder_pretraining", {}).get("held_out_detection")
+    if detection and detection.get("mean_auc") is not None:
+        body += [f"- Slice encoder pre-training, judged on {detection['scans']} validation scans: the head finds "
+                 f"each lesion class with a mean AUC of {detection['mean_auc']:.2f} (per class, the scans that "
+                 "hold it against the other scans of its modality, scored by the head's highest logit; 0.5 is "
+                 "chance). Per class: " + ", ".join(f"{name} {auc:.2f}" for name, auc in detection["auc"].items())
+                 + ".", ""]
     if training.get("recipe"):
         body += recipe_section(training)
     if evaluation:

@@ -117,10 +117,11 @@ def build_config(preset: dict, tokenizer, **overrides) -> MedVLMConfig:
                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
 
 
-def build_model(preset: dict, tokenizer, root: Path, images: list[str], progress: bool,
-                seed: int, encoder_cache: Path) -> tuple[MedVLMForConditionalGeneration, dict]:
+def build_model(preset: dict, tokenizer, root: Path, images: list[str], progress: bool, seed: int,
+                encoder_cache: Path, held_out: list[str] = ()) -> tuple[MedVLMForConditionalGeneration, dict]:
     """A fresh model from a preset: pretrained parts from the Hub; with `encoder_pretraining`, its slice
-    encoder is pre-trained first (or taken from `encoder_cache`, where an equal one was kept)."""
+    encoder is pre-trained first (or taken from `encoder_cache`, where an equal one was kept) and judged
+    on the `held_out` scans."""
     config = build_config(preset, tokenizer)
     settings = preset.get("encoder_pretraining")
     if not settings:
@@ -130,7 +131,7 @@ def build_model(preset: dict, tokenizer, root: Path, images: list[str], progress
     from .encoder_pretraining import pretrain_encoder_once
 
     encoder = pretrain_encoder_once(encoder_cache, config, root, images, settings, preset.get("keep_fraction"),
-                                    progress, seed)
+                                    progress, seed, held_out)
     if encoder.similarity_threshold is not None:
         config = build_config(preset, tokenizer, similarity_threshold=encoder.similarity_threshold)
     model = MedVLMForConditionalGeneration(config)
@@ -432,7 +433,8 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     tokenizer = build_tokenizer(preset, train_samples)
     images = sorted({s.image for s in train_samples})
     model, encoder_summary = build_model(preset, tokenizer, root, images, accelerator.is_local_main_process, seed,
-                                         Path(encoder_cache) if encoder_cache else work / "encoder")
+                                         Path(encoder_cache) if encoder_cache else work / "encoder",
+                                         held_out=sorted({s.image for s in val_samples}))
     if preset["language_model"].get("gradient_checkpointing"):
         model.language_model.activation_checkpointing_enable({"use_reentrant": False})
     model.to(accelerator.device)

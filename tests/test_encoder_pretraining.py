@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_model import tiny_config, tiny_tokenizer
 
-from medvlm.encoder_pretraining import balanced_bce, lesion_maps, patch_targets
+from medvlm.encoder_pretraining import balanced_bce, lesion_maps, patch_targets, within_modality_auc
 from medvlm.preprocess import encoder_input
 from medvlm.volume import Volume
 
@@ -85,13 +85,33 @@ def test_pretrained_encoder_is_kept_and_reused(tmp_path, monkeypatch):
     images = sorted(str(p.relative_to(tmp_path / "data")) for p in (tmp_path / "data").rglob("*.nii.gz"))
     settings = {"epochs": 1, "batch_size": 16, "lr": 1e-3}
     first = pretraining.pretrain_encoder_once(tmp_path / "cache", config, tmp_path / "data", images, settings, 0.6,
-                                              progress=False)
+                                              progress=False, held_out=images[:2])
+    judged = first.summary["held_out_detection"]  # how well it finds lesions in scans set aside, in training.json
+    assert judged["scans"] == 2 and all(0.0 <= auc <= 1.0 for auc in judged["auc"].values())
     calls = []
     monkeypatch.setattr(pretraining, "pretrain_encoder", lambda *args, **kwargs: calls.append(args) or first)
     again = pretraining.pretrain_encoder_once(tmp_path / "cache", config, tmp_path / "data", images, settings, 0.6,
-                                              progress=False)
+                                              progress=False, held_out=images[:2])
     assert not calls and again.similarity_threshold == first.similarity_threshold
     assert all(torch.equal(again.state_dict[name], tensor) for name, tensor in first.state_dict.items())
     other_seed = pretraining.pretrain_encoder_once(tmp_path / "cache", config, tmp_path / "data", images, settings,
-                                                   0.6, progress=False, seed=1)
+                                                   0.6, progress=False, seed=1, held_out=images[:2])
     assert other_seed is first and len(calls) == 1  # a different seed is a different encoder: trained anew
+
+
+def test_lesion_finding_is_judged_within_the_modality_it_occurs_in():
+    """A head that fires on every PET scan finds no lung hot spot: it must rank the PET scans holding one
+    above the PET scans without, not above the CT scans."""
+    classes = ["lung hypermetabolic focus", "lung solid nodule"]
+    modalities = ["PT", "PT", "PT", "PT", "CT", "CT", "CT"]
+    labels = np.array([[1, 0], [0, 0], [1, 0], [0, 0], [0, 1], [0, 0], [0, 1]], dtype=bool)
+    modality_only = np.array([[5.0, 0], [5, 0], [5, 0], [5, 0], [0, 1], [0, 1], [0, 1]])
+    assert within_modality_auc(modality_only, labels, modalities, classes) == {
+        "lung hypermetabolic focus": 0.5, "lung solid nodule": 0.5}
+    finds_them = np.where(labels, 2.0, 1.0)
+    assert within_modality_auc(finds_them, labels, modalities, classes) == {
+        "lung hypermetabolic focus": 1.0, "lung solid nodule": 1.0}
+    backwards = np.where(labels, 1.0, 2.0)
+    assert within_modality_auc(backwards, labels, modalities, classes)["lung solid nodule"] == 0.0
+    every_ct_holds_it = np.array([[0, 1]] * 7, dtype=bool) & (np.array(modalities) == "CT")[:, None]
+    assert within_modality_auc(finds_them, every_ct_holds_it, modalities, classes) == {}  # nothing to rank against
