@@ -115,3 +115,44 @@ def test_lesion_finding_is_judged_within_the_modality_it_occurs_in():
     assert within_modality_auc(backwards, labels, modalities, classes)["lung solid nodule"] == 0.0
     every_ct_holds_it = np.array([[0, 1]] * 7, dtype=bool) & (np.array(modalities) == "CT")[:, None]
     assert within_modality_auc(finds_them, every_ct_holds_it, modalities, classes) == {}  # nothing to rank against
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known: the demo pre-training recipe learns where lesions tend to be, not what "
+                   "one looks like (held-out AUC ~0.45 here); see assets/demo-model/README.md. Remove this mark when "
+                   "the recipe is fixed.")
+def test_demo_pretraining_finds_a_lesion_no_one_could_miss(tmp_path):
+    """CT volumes of a uniform soft-tissue body with a spine; half hold a 16 mm sphere 80 HU brighter than the body.
+    Pre-trained with the demo preset's settings on 200 of them, the encoder must tell the others that hold a sphere
+    from those that do not."""
+    import json
+
+    import nibabel as nib
+
+    from medvlm.configuration import MedVLMConfig
+    from medvlm.encoder_pretraining import pretrain_encoder
+    from medvlm.train import load_preset
+
+    rng = np.random.default_rng(0)
+    z, y, x = np.ogrid[:24, :128, :128]
+    body = (((y - 64) / 50) ** 2 + ((x - 64) / 60) ** 2 <= 1)[0]
+    spine = ((y - 100) ** 2 + (x - 64) ** 2 <= 64)[0]
+    truth = {}
+    for index in range(260):
+        data = np.repeat(np.where(body, 40.0, -1000.0).astype(np.float32)[None], 24, axis=0)
+        data[:, spine] = 700.0
+        data += rng.normal(0, 10, data.shape).astype(np.float32)
+        lesions = []
+        if index % 2 == 0:
+            centre = [float(rng.uniform(5, 19)), float(rng.uniform(35, 85)), float(rng.uniform(30, 98))]
+            data[((z - centre[0]) * 4) ** 2 + ((y - centre[1]) * 1.5) ** 2 + ((x - centre[2]) * 1.5) ** 2 <= 64] = 120.0
+            lesions.append({"organ": "liver", "kind": "cyst", "diameter_mm": 16.0, "center_voxel": centre})
+        name = f"scan{index:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(data.transpose(2, 1, 0), np.diag([1.5, 1.5, 4.0, 1.0])), tmp_path / name)
+        truth[name] = {"lesions": lesions, "spacing": [4.0, 1.5, 1.5]}
+    (tmp_path / "ground_truth.json").write_text(json.dumps(truth))
+    preset = load_preset("demo")
+    images = sorted(truth)
+    result = pretrain_encoder(MedVLMConfig(**preset["model"]), tmp_path, images[:200], preset["encoder_pretraining"],
+                              None, progress=False, held_out=images[200:])
+    assert result.summary["held_out_detection"]["auc"]["liver cyst"] >= 0.9
