@@ -34,9 +34,14 @@ from .volume import Volume, load_volume
 MODALITIES = ("CT", "MR", "PT", "OT")
 
 
+def lesion_class(lesion: dict) -> str:
+    """A ground-truth lesion's class for pre-training: "organ kind" (the side is left to the later stages)."""
+    return f"{lesion['organ']} {lesion['kind']}"
+
+
 def lesion_classes(ground_truth: dict) -> list[str]:
     """Every "organ kind" lesion class in the ground truth, sorted."""
-    return sorted({f"{lesion['organ']} {lesion['kind']}" for entry in ground_truth.values()
+    return sorted({lesion_class(lesion) for entry in ground_truth.values()
                    for lesion in entry["lesions"]})
 
 
@@ -63,7 +68,7 @@ def lesion_maps(volume: Volume, truth: dict, classes: list[str], num_inputs: int
     slab_centres = (np.arange(num_inputs) + 0.5) * slices / num_inputs - 0.5
     slab_half_mm = slices / num_inputs * spacing_z / 2
     for lesion in lesions:
-        channel = classes.index(f"{lesion['organ']} {lesion['kind']}")
+        channel = classes.index(lesion_class(lesion))
         z, y, x = lesion["center_voxel"]
         radius = lesion["diameter_mm"] / 2
         row = (rows - 1 - y + top + 0.5) * scale
@@ -235,7 +240,7 @@ def held_out_detection(encoder: SliceEncoder, heads: SliceHeads, config: MedVLMC
         pixel_values, _ = encoder_input(volume, config)
         features = encoder(pixel_values)
         scores.append(heads(features.patches, features.pooled)[0].amax(dim=(0, 1, 2)).float().numpy())
-        found = {f"{lesion['organ']} {lesion['kind']}" for lesion in ground_truth[image]["lesions"]}
+        found = {lesion_class(lesion) for lesion in ground_truth[image]["lesions"]}
         labels.append([name in found for name in classes])
         modalities.append(volume.modality)
     per_class = within_modality_auc(np.array(scores), np.array(labels), modalities, classes)
