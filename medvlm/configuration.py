@@ -92,17 +92,27 @@ class MedVLMConfig(PreTrainedConfig):
                                  f"{list(self.compressor_grid)} visual-token grid; use smaller volume_patch")
 
     @property
+    def encoder_stride(self) -> int:
+        """Pixels per encoder patch along a side: the patch size of a ViT-style tower, the output stride of a
+        convolutional one (a transformers ResNet: a stride-4 stem, then ×2 per stage after the first)."""
+        vision = self.vision_config
+        if vision.model_type == "resnet":
+            stages = len(vision.depths) - (0 if vision.downsample_in_first_stage else 1)
+            return 4 * 2**stages
+        patch = vision.patch_size
+        return patch[0] if isinstance(patch, (list, tuple)) else patch
+
+    @property
     def encoder_grid(self) -> tuple[int, int]:
         """(h, w) patch grid the slice encoder gives for one slice at `image_size`."""
-        patch = self.vision_config.patch_size
-        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-        side = self.image_size // patch
+        side = self.image_size // self.encoder_stride
         return side, side
 
     @property
     def encoder_width(self) -> int:
-        """C: channel width of the slice encoder's patch tokens."""
-        return self.vision_config.hidden_size
+        """C: channel width of the slice encoder's patch tokens (a convolutional tower: its last stage's)."""
+        vision = self.vision_config
+        return vision.hidden_sizes[-1] if vision.model_type == "resnet" else vision.hidden_size
 
     @property
     def volume_grid(self) -> tuple[int, int, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -44,26 +45,38 @@ class OpenClipTower(nn.Module):
 class SliceEncoder(nn.Module):
     """Encodes slices independently with a frozen 2D vision tower.
 
-    Any transformers vision tower (ViT, CLIP, SigLIP, DINOv2) built from `config.vision_config`,
-    or an open_clip trunk (`config.encoder_backend = "open_clip"`). Patch tokens are the last
-    h·w tokens of the tower's output (class and register tokens come first); the pooled
+    Any transformers vision tower (ViT, CLIP, SigLIP, DINOv2, or a convolutional ResNet, whose
+    last feature map is read as h·w tokens) built from `config.vision_config`, or an open_clip
+    trunk (`config.encoder_backend = "open_clip"`). Patch tokens are the last h·w tokens of the
+    tower's output (class and register tokens come first); the pooled
     embedding is their mean and their channel-wise maximum side by side, the same for every
     backend: the mean follows the anatomy, the maximum changes when a small lesion comes into view.
     """
 
     def __init__(self, config: MedVLMConfig):
         super().__init__()
-        self.patch_size = config.image_size // config.encoder_grid[0]
+        self.patch_size = config.encoder_stride
         self.batch_size = config.encoder_batch_size
         self.backend = config.encoder_backend
         if self.backend == "open_clip":
             self.vision_tower = OpenClipTower(config.open_clip_name)
         else:
             self.vision_tower = AutoModel.from_config(config.vision_config)
+        # ViT-style towers interpolate their position embeddings for a smaller preview; a CNN has none.
+        self.tower_kwargs = ({"interpolate_pos_encoding": True} if "interpolate_pos_encoding"
+                             in inspect.signature(self.vision_tower.forward).parameters else {})
 
     def freeze(self) -> SliceEncoder:
-        """Stop gradients into the tower: the 2D encoder stays as pretrained."""
+        """Stop gradients into the tower, and keep it in eval mode: the 2D encoder stays as pretrained
+        (batch norm included, whose running statistics would otherwise drift in a training loop)."""
         self.vision_tower.requires_grad_(False)
+        self.vision_tower.eval()
+        return self
+
+    def train(self, mode: bool = True) -> SliceEncoder:
+        super().train(mode)
+        if self.frozen:
+            self.vision_tower.eval()
         return self
 
     @property
@@ -73,8 +86,8 @@ class SliceEncoder(nn.Module):
     def _tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.backend == "open_clip":
             return self.vision_tower(pixel_values)
-        output = self.vision_tower(pixel_values=pixel_values, interpolate_pos_encoding=True)
-        return output.last_hidden_state
+        tokens = self.vision_tower(pixel_values=pixel_values, **self.tower_kwargs).last_hidden_state
+        return tokens.flatten(2).transpose(1, 2) if tokens.ndim == 4 else tokens  # a CNN's (n, C, h, w) map
 
     def forward(self, pixel_values: torch.Tensor) -> SliceFeatures:
         """pixel_values (Z, 3, S, S) → SliceFeatures with patches (Z, S/p, S/p, C), pooled (Z, 2C).

@@ -1,13 +1,16 @@
-"""Demo stage 0: pre-train the tiny 2D slice encoder on phantom slices, then freeze it.
+"""Demo stage 0: pre-train the small 2D slice encoder on phantom slices, then freeze it.
 
 The real recipe starts from BiomedCLIP, pre-trained on PMC-15M and kept frozen. The demo has
-no such encoder, so it makes one the same way in spirit: a ViT pre-trained on 2D slices with
-supervision it can get for free, here the phantoms' ground truth. Each patch learns which kinds
-of lesion touch it and how large they are, and each slice its modality; the pooled embedding
-used by slice selection thereby changes when a lesion comes into view. Lesions touch well under
-1 % of patches, so the lesion loss weighs positives and negatives equally and every epoch shows
-each lesion slice beside as many lesion-free ones.
-"""
+no such encoder, so it makes one the same way in spirit: a small convolutional network (a
+transformers ResNet) pre-trained on 2D slices with supervision it can get for free, here the
+phantoms' ground truth. Each patch learns which kinds of lesion touch it and how large they are,
+and each slice its modality; the pooled embedding used by slice selection thereby changes when a
+lesion comes into view. Lesions touch well under 1 % of patches, so the lesion loss weighs
+positives and negatives equally and half of every batch shows a lesion. Batches are mirrored,
+turned and re-scaled in intensity (`augment`): the training scans hold only a few hundred lesions.
+
+The first demo encoder, a small ViT trained for fewer steps without augmentation, learned where
+lesions tend to be, not what one looks like (held-out AUC 0.45 on a sphere no one could miss)."""
 
 from __future__ import annotations
 
@@ -117,7 +120,7 @@ class SliceSet:
 def build_slice_set(config: MedVLMConfig, root: Path, images: list[str], ground_truth: dict,
                     classes: list[str], progress: bool) -> SliceSet:
     inputs, present, diameter, modality = [], [], [], []
-    patch = config.vision_config.patch_size
+    patch = config.encoder_stride
     for image in tqdm(images, desc="preparing slices", disable=not progress, unit="scan"):
         volume = load_volume(root / image)
         pixel_values, _ = encoder_input(volume, config)
@@ -181,40 +184,39 @@ def pretrain_encoder(config: MedVLMConfig, root: Path, images: list[str], settin
     encoder.vision_tower.requires_grad_(True)
     parameters = [*encoder.vision_tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=settings["lr"], weight_decay=0.05)
-    batch_size, patch = settings["batch_size"], encoder.patch_size
+    steps, batch_size, patch = settings["steps"], settings["batch_size"], encoder.patch_size
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings["lr"], total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     with_lesion = slices.with_lesion
-    without_lesion = torch.ones(len(slices.inputs), dtype=torch.bool)
-    without_lesion[with_lesion] = False
-    without_lesion = torch.nonzero(without_lesion)[:, 0]
-    # An epoch: every slice that shows a lesion, and as many lesion-free slices drawn afresh.
-    per_epoch = len(with_lesion) + min(len(without_lesion), max(len(with_lesion), batch_size))
-    steps_per_epoch = math.ceil(per_epoch / batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings["lr"], total_steps=settings["epochs"]
-                                                    * steps_per_epoch, pct_start=0.1)
+    # Half of each batch shows a lesion, half is drawn from all slices: lesions touch well under 1 % of patches.
+    shown = batch_size // 2 if len(with_lesion) else 0
     preview = config.selection_preview_size
-    summary = {"slices": len(slices.inputs), "slices_with_lesion": len(with_lesion), "classes": classes}
-    for epoch in range(settings["epochs"]):
-        drawn = without_lesion[torch.randperm(len(without_lesion), generator=generator)[:per_epoch - len(with_lesion)]]
-        chosen = torch.cat([with_lesion, drawn])
-        order = chosen[torch.randperm(len(chosen), generator=generator)]
-        bar = tqdm(order.split(batch_size), desc=f"encoder epoch {epoch + 1}/{settings['epochs']}",
-                   disable=not progress)
-        for batch in bar:
-            pixels = slices.inputs[batch].float()
-            present, diameter = slices.present[batch].float(), slices.diameter[batch].float()
-            if preview and torch.rand(1, generator=generator).item() < settings.get("preview_fraction", 0.0):
-                pixels = F.interpolate(pixels, size=(preview, preview), mode="bilinear", antialias=True)
-                present = F.adaptive_max_pool2d(present, preview // patch)  # a preview patch covers several
-                diameter = F.adaptive_max_pool2d(diameter[:, None], preview // patch)[:, 0]
-            loss = slice_loss(heads, encoder(pixels), present, diameter, slices.modality[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            scheduler.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        summary[f"epoch_{epoch + 1}_loss"] = round(loss.item(), 4)
+    summary = {"slices": len(slices.inputs), "slices_with_lesion": len(with_lesion), "classes": classes,
+               "steps": steps}
+    losses = []
+    bar = tqdm(range(steps), desc="pre-training the slice encoder", disable=not progress, unit="step")
+    for _ in bar:
+        batch = torch.cat([with_lesion[torch.randint(len(with_lesion), (shown,), generator=generator)],
+                           torch.randint(len(slices.inputs), (batch_size - shown,), generator=generator)])
+        pixels = slices.inputs[batch].float()
+        present, diameter = slices.present[batch].float(), slices.diameter[batch].float()
+        if settings.get("augment"):
+            pixels, present, diameter = augment(pixels, present, diameter, generator)
+        if preview and torch.rand(1, generator=generator).item() < settings.get("preview_fraction", 0.0):
+            pixels = F.interpolate(pixels, size=(preview, preview), mode="bilinear", antialias=True)
+            present = F.adaptive_max_pool2d(present, preview // patch)  # a preview patch covers several
+            diameter = F.adaptive_max_pool2d(diameter[:, None], preview // patch)[:, 0]
+        loss = slice_loss(heads, encoder(pixels), present, diameter, slices.modality[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    tenth = max(1, steps // 10)
+    summary["first_loss"] = round(float(np.mean(losses[:tenth])), 4)  # mean over the first and last tenth of steps
+    summary["last_loss"] = round(float(np.mean(losses[-tenth:])), 4)
     encoder.freeze().eval()
     threshold = calibrate_threshold(encoder, slices, preview, keep_fraction) if keep_fraction else None
     summary["similarity_threshold"] = threshold
@@ -223,6 +225,24 @@ def pretrain_encoder(config: MedVLMConfig, root: Path, images: list[str], settin
         summary["held_out_detection"] = held_out_detection(encoder, heads.eval(), config, root, held_out,
                                                            ground_truth, classes)
     return PretrainedEncoder(encoder.state_dict(), threshold, summary)
+
+
+def augment(pixels: torch.Tensor, present: torch.Tensor, diameter: torch.Tensor,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch seen another way: mirrored left–right at random, turned by a random multiple of 90°, and each
+    slice's intensities scaled and shifted by up to 10 %. The turns and mirror act on whole patches, so the
+    patch targets (B, classes, h, w) and diameters (B, h, w) follow exactly; a lesion class names no side.
+
+    Without it, a small encoder learns the few hundred lesions of the training scans by heart (held-out scan
+    AUC 0.76 against 0.99 on its own scans, on CT phantoms); with it, 0.86 on both."""
+    if torch.rand(1, generator=generator).item() < 0.5:
+        pixels, present, diameter = pixels.flip(-1), present.flip(-1), diameter.flip(-1)
+    turns = int(torch.randint(4, (1,), generator=generator))
+    pixels, present, diameter = (torch.rot90(tensor, turns, dims=(-2, -1)) for tensor in (pixels, present, diameter))
+    count = len(pixels)
+    gain = torch.empty(count, 1, 1, 1).uniform_(0.9, 1.1, generator=generator)
+    shift = torch.empty(count, 1, 1, 1).uniform_(-0.1, 0.1, generator=generator)
+    return pixels * gain + shift, present, diameter
 
 
 @torch.no_grad()

@@ -69,6 +69,15 @@ def evaluation_table(results: dict, targets: dict[str, str] | None = None) -> st
     return "\n".join(lines)
 
 
+def _encoder_line(vision: dict, image_size: int) -> str:
+    """The slice encoder in a phrase: a ViT-style tower by width, depth and patch; a ResNet by its stages."""
+    if vision["model_type"] == "resnet":
+        return (f"resnet (stage widths {vision['hidden_sizes']}, depths {vision['depths']}, {vision['layer_type']} "
+                f"blocks, {image_size} px input)")
+    return (f"{vision['model_type']} (hidden {vision['hidden_size']}, {vision['num_hidden_layers']} layers, "
+            f"{image_size} px input, patch {vision['patch_size']})")
+
+
 def write_model_card(folder: str | Path, command: str, evaluation: dict | None = None,
                      targets: dict[str, str] | None = None, evaluation_command: str | None = None,
                      repo_id: str | None = None) -> Path:
@@ -96,8 +105,7 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
         "",
         "## Model",
         "",
-        f"- Slice encoder: {vision['model_type']} (hidden {vision['hidden_size']}, {vision['num_hidden_layers']} "
-        f"layers, {config['image_size']} px input, patch {vision['patch_size']}), frozen.",
+        f"- Slice encoder: {_encoder_line(vision, config['image_size'])}, frozen.",
         f"- Slice selection: {config['slice_selection']}, τ = {config['similarity_threshold']}, "
         f"budget K = {config['slice_budget']}; slabs of {config['slice_spacing_mm']} mm, at most "
         f"{config['max_input_slices']} per scan.",

@@ -6,7 +6,7 @@
 A preset (medvlm/presets/NAME.json) fixes the model, the tokenizer and the stages. Each stage
 names the tasks it trains on and the parts it trains (and, with `lora`, puts LoRA adapters on the
 LM that are merged into it when the stage ends); everything else stays frozen. The 2D encoder is
-always frozen here (the demo preset pre-trains its tiny encoder first, see encoder_pretraining.py;
+always frozen here (the demo preset pre-trains its small encoder first, see encoder_pretraining.py;
 the real presets take a pretrained one from the Hub, see pretrained.py), so its kept-slice
 features are computed once and cached, each process encoding its share of the scans. Preset
 keys for the accelerator: `mixed_precision` ("no", "bf16"), `gradient_accumulation_steps`.

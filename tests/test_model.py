@@ -63,6 +63,35 @@ def test_save_and_load_give_the_same_logits(tmp_path):
     assert reloaded.slice_encoder.frozen
 
 
+def test_a_convolutional_slice_encoder_keeps_its_batch_statistics(tmp_path):
+    """A ResNet tower reads its last feature map as patch tokens; its batch-norm statistics are part of the
+    frozen encoder: a training step leaves them alone, and saving and loading keeps them."""
+    torch.manual_seed(0)
+    resnet = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1],
+              "layer_type": "basic"}
+    model, tokenizer = build_tiny_model(vision_config=resnet)
+    assert model.config.encoder_grid == (4, 4) and model.config.encoder_width == 16  # 32 px, stride 8
+    tower = model.slice_encoder.vision_tower
+    pixel_values, heights = _visual_inputs(model, ct_volume())
+    with torch.no_grad():
+        tower.train()(pixel_values=pixel_values[0])  # statistics of its own, as pre-training leaves them
+    statistics = {name: buffer.clone() for name, buffer in tower.named_buffers()}
+    n = model.config.num_visual_tokens
+    input_ids = torch.tensor([[5, 6] + [model.config.image_token_id] * n + [7, 8]])
+    model.train()
+    model(input_ids, pixel_values=pixel_values, heights=heights, labels=input_ids).loss.backward()
+    assert all(torch.equal(buffer, statistics[name]) for name, buffer in tower.named_buffers())
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids, pixel_values=pixel_values, heights=heights).logits
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = MedVLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        after = reloaded(input_ids, pixel_values=pixel_values, heights=heights).logits
+    torch.testing.assert_close(before, after)
+
+
 def test_placeholder_count_mismatch_raises():
     model, _ = build_tiny_model()
     n = model.config.num_visual_tokens
