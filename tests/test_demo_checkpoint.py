@@ -24,12 +24,15 @@ def test_demo_checkpoint_is_small_and_loads_by_default():
     assert "not for clinical use" in (DEMO_CHECKPOINT / "README.md").read_text()
 
 
-def test_report_on_the_example_ct_streams_a_ct_report():
+def test_report_on_the_example_ct_names_its_lesion():
+    """The example CT holds one lesion (assets/examples/examples.json): a ground-glass nodule, right upper lobe."""
     result = subprocess.run([sys.executable, "-m", "medvlm", "report", str(EXAMPLES / "ct_chest_abdomen.nii.gz")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
-    assert "CT" in result.stdout and "brain" not in result.stdout.lower(), result.stdout
+    report = result.stdout.lower()
+    assert "ct" in report and "brain" not in report, result.stdout
+    assert "ground-glass" in report and "right upper lobe" in report, result.stdout
 
 
 @pytest.mark.slow
