@@ -196,7 +196,8 @@ def pretrain_encoder(config: MedVLMConfig, root: Path, images: list[str], settin
     losses = []
     bar = tqdm(range(steps), desc="pre-training the slice encoder", disable=not progress, unit="step")
     for _ in bar:
-        batch = torch.cat([with_lesion[torch.randint(len(with_lesion), (shown,), generator=generator)],
+        lesion_half = with_lesion[torch.randint(len(with_lesion), (shown,), generator=generator)] if shown else []
+        batch = torch.cat([torch.as_tensor(lesion_half, dtype=torch.long),
                            torch.randint(len(slices.inputs), (batch_size - shown,), generator=generator)])
         pixels = slices.inputs[batch].float()
         present, diameter = slices.present[batch].float(), slices.diameter[batch].float()
