@@ -116,12 +116,16 @@ def cmd_phantom(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .configuration import MedVLMConfig
+    from .encoder_pretraining import slice_heads
     from .train import load_preset, train
     from .variants import apply_overrides, variant_overrides
 
     try:
         overrides = variant_overrides(args.variant, args.set)
-        MedVLMConfig(**apply_overrides(load_preset(args.preset), overrides)["model"])  # a bad value stops here
+        preset = apply_overrides(load_preset(args.preset), overrides)
+        MedVLMConfig(**preset["model"])  # a bad value stops here, before any work
+        if preset.get("encoder_pretraining"):
+            slice_heads(preset["encoder_pretraining"])
     except ValueError as error:
         raise UsageError(f"train: {error}") from None
     if args.features and args.from_volumes:

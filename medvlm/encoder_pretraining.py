@@ -97,7 +97,8 @@ class SliceHeads(nn.Module):
     """What every pre-training head kind shares: per patch the lesion diameter, per slice the modality."""
 
     def add_size_and_modality(self, width: int) -> None:
-        """Made after a subclass's own layers, so that a seed gives the same initial weights as before."""
+        """Made after a subclass's own layers: for a seed, `PerClassHeads` starts from the weights the shipped
+        demo encoder's heads started from."""
         self.diameter = nn.Linear(width, 1)
         self.modality = nn.Linear(2 * width, len(MODALITIES))  # on the pooled (mean, max) embedding
 
@@ -162,6 +163,14 @@ class FactoredHeads(SliceHeads):
 SLICE_HEADS = {"per_class": PerClassHeads, "factored": FactoredHeads}
 
 
+def slice_heads(settings: dict) -> type[PerClassHeads | FactoredHeads]:
+    """The kind of head `encoder_pretraining.heads` names (default per_class); ValueError for another name."""
+    kind = settings.get("heads", "per_class")
+    if kind not in SLICE_HEADS:
+        raise ValueError(f"unknown encoder_pretraining heads {kind!r}; choose from {', '.join(SLICE_HEADS)}")
+    return SLICE_HEADS[kind]
+
+
 @dataclass
 class SliceSet:
     """Every training slice: inputs (N, 3, S, S) float16; per encoder patch, the lesion classes that touch it
@@ -223,15 +232,13 @@ def pretrain_encoder(config: MedVLMConfig, root: Path, images: list[str], settin
                      progress: bool = True, seed: int = 0, held_out: list[str] = ()) -> PretrainedEncoder:
     """Train a slice encoder of `config` on the slices of `images` (paths under `root`); with `held_out`
     scans, the summary says how well the result finds lesions in them (`held_out_detection`)."""
-    kind = settings.get("heads", "per_class")
-    if kind not in SLICE_HEADS:
-        raise ValueError(f"unknown encoder_pretraining heads {kind!r}; choose from {sorted(SLICE_HEADS)}")
+    heads_kind = slice_heads(settings)
     torch.manual_seed(seed)
     ground_truth = json.loads((root / GROUND_TRUTH_FILE).read_text())
     classes = lesion_classes(ground_truth)
     encoder = SliceEncoder(config)
     slices = build_slice_set(config, root, images, ground_truth, classes, progress)
-    heads = SLICE_HEADS[kind](config.encoder_width, len(classes))
+    heads = heads_kind(config.encoder_width, len(classes))
     encoder.vision_tower.requires_grad_(True)
     parameters = [*encoder.vision_tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=settings["lr"], weight_decay=0.05)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -141,8 +143,6 @@ def test_demo_pretraining_finds_a_lesion_no_one_could_miss(tmp_path, heads):
     Pre-trained with the demo preset's recipe (tower, loss, augmentation) for 150 steps on 200 of them, with
     either kind of head, the encoder must tell the others that hold a sphere from those that do not. The demo's
     first recipe, a small ViT, failed this (AUC 0.45): it learned where lesions tend to be, not what one looks like."""
-    import json
-
     import nibabel as nib
 
     from medvlm.configuration import MedVLMConfig
@@ -175,13 +175,15 @@ def test_demo_pretraining_finds_a_lesion_no_one_could_miss(tmp_path, heads):
     assert result.summary["held_out_detection"]["auc"]["liver cyst"] >= 0.9
 
 
-def test_an_unknown_kind_of_pretraining_head_is_named(tmp_path):
-    from medvlm.configuration import MedVLMConfig
-    from medvlm.encoder_pretraining import pretrain_encoder
+def test_an_unknown_kind_of_pretraining_head_stops_train_with_one_line(tmp_path, capsys):
+    from medvlm.__main__ import main
     from medvlm.train import load_preset
 
-    (tmp_path / "ground_truth.json").write_text("{}")
     preset = load_preset("demo")
-    with pytest.raises(ValueError, match="unknown encoder_pretraining heads 'per_organ'"):
-        pretrain_encoder(MedVLMConfig(**preset["model"]), tmp_path, [], {**preset["encoder_pretraining"],
-                         "heads": "per_organ"}, None, progress=False)
+    preset["encoder_pretraining"]["heads"] = "per_organ"
+    (tmp_path / "preset.json").write_text(json.dumps(preset))
+    assert main(["train", "--preset", str(tmp_path / "preset.json"), "--data", str(tmp_path),
+                 "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "error: train: unknown encoder_pretraining heads 'per_organ'; choose from per_class, factored"
+    assert not (tmp_path / "out").exists()
