@@ -214,7 +214,7 @@ def run_one(run: Run, size: StudySize, folders: dict[str, Path], work: Path) -> 
                        encoder_cache=work / "encoders")  # variants with equal data and seed share it
     trained = time.perf_counter()
     heldout = evaluate(checkpoint, folders["heldout"], split="test", progress=False)
-    small = evaluate(checkpoint, folders["small_lesion"], split="test", progress=False)
+    small = evaluate(checkpoint, folders["small_lesion"], split="test", progress=False, tasks=("report",))
     work_counts = encoder_work(checkpoint, folders["heldout"])
     done = time.perf_counter()
     training = json.loads((checkpoint / "training.json").read_text())

@@ -346,6 +346,11 @@ def within_modality_auc(scores: np.ndarray, labels: np.ndarray, modalities: list
     return result
 
 
+# Settings of what happens after the encoder: it is pre-trained on every slice whatever they say, so the
+# uniform-sampling ablation shares the full model's encoder.
+SELECTION_FIELDS = ("slice_selection", "similarity_threshold", "slice_budget")
+
+
 def pretrain_encoder_once(cache: Path, config: MedVLMConfig, root: Path, images: list[str], settings: dict,
                           keep_fraction: float | None, progress: bool = True, seed: int = 0,
                           held_out: list[str] = ()) -> PretrainedEncoder:
@@ -359,7 +364,8 @@ def pretrain_encoder_once(cache: Path, config: MedVLMConfig, root: Path, images:
     key = json.dumps({"root": str(Path(root).resolve()), "images": images, "settings": settings,
                       "keep_fraction": keep_fraction, "seed": seed, "held_out": list(held_out),
                       "vision": config.vision_config.to_dict(),
-                      **{name: getattr(config, name) for name in FEATURE_FIELDS}}, sort_keys=True, default=str)
+                      **{name: getattr(config, name) for name in FEATURE_FIELDS if name not in SELECTION_FIELDS}},
+                     sort_keys=True, default=str)
     path = Path(cache) / f"encoder-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if path.exists():
         return PretrainedEncoder(**torch.load(path, weights_only=True))

@@ -61,8 +61,11 @@ def _phantom_findings(root: Path, images: list[str]) -> dict | None:
 
 def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test", limit: int | None = None,
              max_new_tokens: int = M3D_MAX_NEW_TOKENS, device: str | None = None,
-             progress: bool = True) -> dict | None:
+             progress: bool = True, tasks: tuple[str, ...] | None = None) -> dict | None:
     """Score a checkpoint on `split` of `data`; `limit` keeps the first N scans. One JSON-ready dict.
+
+    `tasks` keeps only those prompts ("report", "vqa_closed", "vqa_open"; None: all); the scores of
+    a task left out are None.
 
     Under accelerate the scans are shared among the processes; the main process returns the
     scores, the others None.
@@ -70,7 +73,7 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test
     from .train import read_samples
 
     root = Path(data)
-    samples = read_samples(root, split)
+    samples = [s for s in read_samples(root, split) if tasks is None or s.task in tasks]
     if not samples:
         raise ValueError(f"{root} holds no {split} samples (M3D_Cap.json / M3D_VQA CSVs)")
     images = list(dict.fromkeys(s.image for s in samples))[:limit]

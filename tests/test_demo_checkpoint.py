@@ -72,3 +72,11 @@ def test_eval_on_fresh_phantoms_beats_guessing(tmp_path):
     scores = evaluate(None, tmp_path, split="test", progress=False)
     assert scores["n"] == 9
     assert scores["closed_accuracy"] > 0.45  # four choices: guessing scores 0.25
+
+
+def test_eval_limited_to_reports_asks_no_questions(tmp_path):
+    write_phantom_set(tmp_path, n=2, seed=424243, formats=("nifti",), matrix=64, split="test")
+    scores = evaluate(None, tmp_path, split="test", progress=False, tasks=("report",))
+    assert scores["n"] == scores["samples"] == 2  # one report prompt per scan, no VQA
+    assert scores["closed_accuracy"] is None and scores["open_rouge1"] is None
+    assert scores["report_rouge1"] is not None and scores["finding_f1"] is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -113,6 +114,11 @@ def test_pretrained_encoder_is_kept_and_reused(tmp_path, monkeypatch):
                                               progress=False, held_out=images[:2])
     assert not calls and again.similarity_threshold == first.similarity_threshold
     assert all(torch.equal(again.state_dict[name], tensor) for name, tensor in first.state_dict.items())
+    uniform = copy.deepcopy(config)
+    uniform.slice_selection, uniform.slice_budget = "uniform", config.slice_budget + 1
+    shared = pretraining.pretrain_encoder_once(tmp_path / "cache", uniform, tmp_path / "data", images, settings, 0.6,
+                                               progress=False, held_out=images[:2])
+    assert not calls and shared.similarity_threshold == first.similarity_threshold  # selection acts after it
     other_seed = pretraining.pretrain_encoder_once(tmp_path / "cache", config, tmp_path / "data", images, settings,
                                                    0.6, progress=False, seed=1, held_out=images[:2])
     assert other_seed is first and len(calls) == 1  # a different seed is a different encoder: trained anew
