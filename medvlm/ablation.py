@@ -272,22 +272,31 @@ def _figure(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
 
 
+def _row(cells: list) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return [_row(header), _row(["---"] * len(header)), *(_row(row) for row in rows)]
+
+
 def summary_table(result: dict) -> str:
-    """The log summary: the headline table, the data-efficiency points and the wall times."""
-    lines = [f"MedVLM ablation study, size {result['study']['size']}: {len(result['runs'])} of "
-             f"{result['study']['planned_runs']} runs done" + ("" if result["complete"] else " (incomplete)"),
-             "", "variant | " + " | ".join(HEADLINE_METRICS)]
-    for variant, stats in result["summary"]["headline"].items():
-        lines.append(f"{variant} | " + " | ".join(_figure(stats[m]) for m in HEADLINE_METRICS))
-    lines += ["", "data efficiency: variant | fraction | train scans | " + " | ".join(CURVE_METRICS)]
-    for variant, points in result["summary"]["data_efficiency"].items():
-        for fraction, point in points.items():
-            lines.append(f"{variant} | {fraction} | {point['train_scans']} | "
-                         + " | ".join(_figure(point[m]) for m in CURVE_METRICS))
+    """The log summary in Markdown, quoted as is by the README: the headline table (every variant on all
+    the training scans), the data-efficiency points and the wall times; mean ± sample s.d. over seeds."""
+    study, summary = result["study"], result["summary"]
+    lines = [f"MedVLM ablation study, size {study['size']}: {len(result['runs'])} of {study['planned_runs']} "
+             "runs done" + ("" if result["complete"] else " (incomplete)"), ""]
+    headline = [[f"`{variant}`", stats["finding_f1"]["n"], *(_figure(stats[m]) for m in HEADLINE_METRICS)]
+                for variant, stats in summary["headline"].items()]
+    curve = [[f"`{variant}`", fraction, point["train_scans"], point["finding_f1"]["n"],
+              *(_figure(point[m]) for m in CURVE_METRICS)]
+             for variant, points in summary["data_efficiency"].items() for fraction, point in points.items()]
+    lines += [*_table(["variant", "seeds", *HEADLINE_METRICS], headline), "",
+              *_table(["data efficiency", "fraction", "training scans", "seeds", *CURVE_METRICS], curve)]
     seconds = [r["wall_seconds"]["total"] for r in result["runs"]]
     if seconds:
-        lines += ["", f"wall time per run: median {statistics.median(seconds):.0f} s, max {max(seconds):.0f} s, "
-                      f"all runs {sum(seconds) / 3600:.2f} h"]
+        lines += ["", f"Wall time per run: median {statistics.median(seconds):.0f} s, max {max(seconds):.0f} s, "
+                      f"all runs {sum(seconds) / 3600:.2f} h."]
     return "\n".join(lines)
 
 

@@ -307,7 +307,7 @@ def test_ablate_runs_end_to_end_and_resumes(tmp_path):
     assert 0 < headline["uniform_selection"]["encoded_fraction"]["mean"] <= 1
     assert set(result["summary"]["data_efficiency"]) == {"full", "vit3d"}
     assert (tmp_path / "results" / "data_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "full |" in (tmp_path / "results" / "ablations.log").read_text()
+    assert "| `full` |" in (tmp_path / "results" / "ablations.log").read_text()
 
     scores = sorted((tmp_path / "work" / "tiny" / "runs").glob("*/scores.json"))
     stamps = [path.stat().st_mtime for path in scores]
@@ -315,3 +315,4 @@ def test_ablate_runs_end_to_end_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert [path.stat().st_mtime for path in scores] == stamps  # nothing trained or scored twice
     assert json.loads((tmp_path / "results" / "ablations.json").read_text())["runs"] == result["runs"]
+
