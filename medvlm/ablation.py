@@ -39,7 +39,8 @@ import torch
 from .data import CAP_FILE, GROUND_TRUTH_FILE, VQA_FILES
 from .variants import VARIANTS
 
-HEADLINE_METRICS = ("finding_f1", "closed_accuracy", "small_lesion_recall", "encoded_fraction", "encoder_work")
+HEADLINE_METRICS = ("finding_f1", "closed_accuracy", "small_lesion_recall", "probe_val_bce", "encoded_fraction",
+                    "encoder_work")
 CURVE_METRICS = ("finding_f1", "closed_accuracy")
 CURVE_VARIANTS = ("full", "vit3d")
 TRAIN_SEED, HELDOUT_SEED, SMALL_LESION_SEED = 31000, 31001, 31002  # phantom seeds, disjoint from the demo's
@@ -197,6 +198,18 @@ def encoder_work(checkpoint: Path, data: Path) -> dict:
             "input_slices": total}
 
 
+def probe_validation_loss(training: Path) -> float | None:
+    """The finding probe's loss on the validation scans after the probe stage (its last epoch in metrics.csv).
+
+    The probe is a linear read-out of which findings a scan holds from its visual tokens, trained with
+    the visual stages before the LM sees them: its loss measures what the visual path passes on, even
+    where the LM has not learnt to put it in words. None when the preset has no probe stage.
+    """
+    with open(training / "metrics.csv", newline="") as handle:
+        losses = [row["val_loss"] for row in csv.DictReader(handle) if row["stage"] == "probe" and row["val_loss"]]
+    return float(losses[-1]) if losses else None
+
+
 def run_one(run: Run, size: StudySize, folders: dict[str, Path], work: Path) -> dict:
     """Train, score and time one run; its record is kept in WORK/runs/NAME/scores.json."""
     from .evaluate import evaluate
@@ -225,7 +238,8 @@ def run_one(run: Run, size: StudySize, folders: dict[str, Path], work: Path) -> 
             "finding_recall": heldout.get("finding_recall"), "closed_accuracy": heldout.get("closed_accuracy"),
             "report_bleu1": heldout.get("report_bleu1"), "report_rouge1": heldout.get("report_rouge1"),
             "size_mae_mm": heldout.get("size_mae_mm"), "small_lesion_recall": small.get("finding_recall_small"),
-            "small_lesion_f1": small.get("finding_f1"), **work_counts,
+            "small_lesion_f1": small.get("finding_f1"), "probe_val_bce": probe_validation_loss(folder / "training"),
+            **work_counts,
         },
         "wall_seconds": {"train": round(trained - started, 1), "eval": round(done - trained, 1),
                          "total": round(done - started, 1)},

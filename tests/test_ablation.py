@@ -134,12 +134,16 @@ def test_variant_overrides_and_the_3d_baseline_preset():
         assert ("volume_encoder" in stage["trainable"]) == ("fusion" in original["trainable"])
 
 
-def test_ablation_preset_is_the_demo_recipe_with_fewer_epochs():
+def test_ablation_preset_is_the_demo_recipe_with_its_documented_changes():
     """Only the documented differences: so the study's findings are about the demo recipe."""
     demo, ablation = load_preset("demo"), load_preset("ablation")
     volume_settings = {"volume_shape", "volume_patch", "volume_layers", "volume_heads"}
     assert {k: v for k, v in ablation["model"].items() if k not in volume_settings} == demo["model"]
-    for stage, demo_stage in zip(ablation["stages"], demo["stages"], strict=True):
+    probe, *stages = ablation["stages"]
+    demo_probe, *demo_stages = demo["stages"]
+    assert {**probe, "epochs": demo_probe["epochs"], "lr": demo_probe["lr"]} == demo_probe
+    assert (probe["epochs"], probe["lr"]) == (30, 0.001)  # the demo's 360 probe steps on 192 scans, in 12-step epochs
+    for stage, demo_stage in zip(stages, demo_stages, strict=True):
         assert {**stage, "epochs": demo_stage["epochs"]} == demo_stage
         assert stage["epochs"] <= demo_stage["epochs"]
     strip = ("description", "stages", "model")
@@ -281,6 +285,19 @@ def test_summary_is_mean_and_sample_sd_over_seeds():
     assert summary["data_efficiency"]["vit3d"]["0.1"]["train_scans"] == 10
     assert summary["data_efficiency"]["vit3d"]["0.1"]["finding_f1"]["std"] is None  # one seed: no error bar
 
+
+
+def test_probe_figure_is_the_probe_stages_last_validation_loss(tmp_path):
+    from medvlm.ablation import probe_validation_loss
+    from medvlm.train import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.csv", enabled=True)
+    assert probe_validation_loss(tmp_path) is None  # a preset without a probe stage
+    log.write(stage="probe", epoch=0, step=12, loss=0.4, val_loss=0.22)
+    log.write(stage="probe", epoch=1, step=20, loss=0.3)  # a step row: no validation
+    log.write(stage="probe", epoch=1, step=24, loss=0.2, val_loss=0.15)
+    log.write(stage="align", epoch=0, step=12, loss=6.0, val_loss=5.0)
+    assert probe_validation_loss(tmp_path) == 0.15
 
 # The command, end to end --------------------------------------------------------------------------
 
