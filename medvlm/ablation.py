@@ -251,6 +251,33 @@ def run_one(run: Run, size: StudySize, folders: dict[str, Path], work: Path) -> 
 
 # Summary ------------------------------------------------------------------------------------------
 
+def image_blind_reference(folders: dict[str, Path]) -> dict:
+    """What a model that ignores the image scores: the floor each run is read against.
+
+    finding_f1: reports that name no finding (every held-out scan read as normal). probe_val_bce: the
+    probe predicting each finding at its (smoothed) frequency among the training scans, on the validation scans,
+    what it scores when the visual tokens tell it nothing. small_lesion_recall: 0. closed_accuracy:
+    0.25, guessing among four choices (an LM can beat it from the questions alone).
+    """
+    from .metrics import finding_metrics
+    from .phantom import findings_from_ground_truth, parse_findings
+    from .train import finding_targets, read_samples
+
+    truth = json.loads((folders["heldout"] / GROUND_TRUTH_FILE).read_text())
+    findings = [findings_from_ground_truth(truth[image]) for image in sorted(truth)]
+    silent = finding_metrics([""] * len(findings), findings, parse_findings)
+    pool = folders["train"]
+    train_images, val_images = ([*dict.fromkeys(s.image for s in read_samples(pool, split))]
+                                for split in ("train", "validation"))
+    _, targets = finding_targets(pool, sorted(train_images + val_images))
+    seen = torch.stack([targets[image] for image in train_images])
+    frequency = (seen.sum(0) + 0.5) / (len(seen) + 1)  # add-one-half: a finding no training scan holds is not 0
+    validation = torch.stack([targets[image] for image in val_images])
+    priors = torch.nn.functional.binary_cross_entropy(frequency.expand_as(validation), validation)
+    return {"finding_f1": silent["finding_f1"], "closed_accuracy": 0.25, "small_lesion_recall": 0.0,
+            "probe_val_bce": round(float(priors), 5)}
+
+
 def mean_std(values: list) -> dict:
     """{"mean", "std" (sample s.d., None for one value), "n"} over the values that are not None."""
     present = [float(v) for v in values if v is not None]
@@ -305,6 +332,9 @@ def summary_table(result: dict) -> str:
     curve = [[f"`{variant}`", fraction, point["train_scans"], point["finding_f1"]["n"],
               *(_figure(point[m]) for m in CURVE_METRICS)]
              for variant, points in summary["data_efficiency"].items() for fraction, point in points.items()]
+    blind = study.get("image_blind", {})
+    headline.append(["image-blind floor", "—",
+                     *(_figure({"mean": blind.get(metric), "std": None}) for metric in HEADLINE_METRICS)])
     lines += [*_table(["variant", "seeds", *HEADLINE_METRICS], headline), "",
               *_table(["data efficiency", "fraction", "training scans", "seeds", *CURVE_METRICS], curve)]
     seconds = [r["wall_seconds"]["total"] for r in result["runs"]]
@@ -353,7 +383,7 @@ def write_results(out: Path, size_name: str, size: StudySize, seeds: int, record
         "study": {"size": size_name, **asdict(size), "seeds": list(range(seeds)), "planned_runs": len(planned),
                   "variants": VARIANTS, "phantoms": counts,
                   "phantom_seeds": {"train": TRAIN_SEED, "heldout": HELDOUT_SEED, "small_lesion": SMALL_LESION_SEED},
-                  "small_lesion_mm": list(SMALL_LESION_MM),
+                  "small_lesion_mm": list(SMALL_LESION_MM), "image_blind": image_blind_reference(folders),
                   "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                               "processor": platform.processor() or platform.machine()}},
         "complete": len(records) == len(planned),

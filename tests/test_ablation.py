@@ -299,6 +299,20 @@ def test_probe_figure_is_the_probe_stages_last_validation_loss(tmp_path):
     log.write(stage="align", epoch=0, step=12, loss=6.0, val_loss=5.0)
     assert probe_validation_loss(tmp_path) == 0.15
 
+
+def test_image_blind_floor_is_every_scan_read_as_normal(tmp_path):
+    from medvlm.ablation import image_blind_reference
+
+    write_phantom_set(tmp_path / "pool", n=10, seed=8, formats=("npy",), matrix=48)
+    write_phantom_set(tmp_path / "heldout", n=8, seed=9, formats=("npy",), matrix=48, split="test")
+    floor = image_blind_reference({"train": tmp_path / "pool", "heldout": tmp_path / "heldout"})
+    truth = json.loads((tmp_path / "heldout" / GROUND_TRUTH_FILE).read_text())
+    normal = sum(not entry["lesions"] for entry in truth.values())
+    lesions = sum(len(entry["lesions"]) for entry in truth.values())
+    precision, recall = normal / len(truth), normal / (normal + lesions)  # one "normal" label per normal scan
+    assert floor["finding_f1"] == pytest.approx(2 * precision * recall / (precision + recall))
+    assert 0 < floor["probe_val_bce"] < float("inf")  # a finding only the validation scans hold costs, but finitely
+
 # The command, end to end --------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -310,7 +324,7 @@ def test_ablate_runs_end_to_end_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads((tmp_path / "results" / "ablations.json").read_text())
     assert result["complete"] and result["study"]["size"] == "tiny"
-    assert {"phantoms", "seeds", "variants", "machine", "planned_runs"} <= set(result["study"])
+    assert {"phantoms", "seeds", "variants", "machine", "planned_runs", "image_blind"} <= set(result["study"])
     assert {(r["variant"], r["fraction"]) for r in result["runs"]} == {
         *((v, 1.0) for v in VARIANTS), ("full", 0.5), ("vit3d", 0.5)}
     for run in result["runs"]:
