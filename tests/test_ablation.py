@@ -13,7 +13,7 @@ import torch
 from tiny_model import tiny_config, tiny_tokenizer
 
 import medvlm.modeling
-from medvlm.ablation import SIZES, Run, plan, summarise, training_subset
+from medvlm.ablation import SIZES, Run, plan, summarise, summary_table, training_subset
 from medvlm.compressor import CrossAttentionBlock, DetailPreservingCompressor
 from medvlm.data import CAP_FILE, GROUND_TRUTH_FILE, VQA_FILES
 from medvlm.encoder import SliceEncoder
@@ -347,3 +347,12 @@ def test_ablate_runs_end_to_end_and_resumes(tmp_path):
     assert [path.stat().st_mtime for path in scores] == stamps  # nothing trained or scored twice
     assert json.loads((tmp_path / "results" / "ablations.json").read_text())["runs"] == result["runs"]
 
+
+def test_readme_quotes_the_committed_study():
+    """The README's tables are the committed run's own summary, and that summary is its ablations.json's."""
+    results = ROOT / "assets" / "results"
+    log = (results / "ablations.log").read_text()
+    assert log == summary_table(json.loads((results / "ablations.json").read_text())) + "\n"
+    readme = (ROOT / "README.md").read_text()
+    assert [line for line in log.splitlines() if line.startswith("|") and line not in readme] == []
+    assert (results / "data_efficiency.png").stat().st_size > 0
