@@ -286,7 +286,6 @@ def test_summary_is_mean_and_sample_sd_over_seeds():
     assert summary["data_efficiency"]["vit3d"]["0.1"]["finding_f1"]["std"] is None  # one seed: no error bar
 
 
-
 def test_probe_figure_is_the_probe_stages_last_validation_loss(tmp_path):
     from medvlm.ablation import probe_validation_loss
     from medvlm.train import MetricsLog
@@ -312,6 +311,7 @@ def test_image_blind_floor_is_every_scan_read_as_normal(tmp_path):
     precision, recall = normal / len(truth), normal / (normal + lesions)  # one "normal" label per normal scan
     assert floor["finding_f1"] == pytest.approx(2 * precision * recall / (precision + recall))
     assert 0 < floor["probe_val_bce"] < float("inf")  # a finding only the validation scans hold costs, but finitely
+
 
 # The command, end to end --------------------------------------------------------------------------
 

@@ -39,6 +39,9 @@ PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
 NIBABEL_FILES = Path(nibabel.tests.__file__).parent / "data"
 CASE_SECONDS = 10.0
 BOMB_PEAK_BYTES = 3_000_000_000
+# Inflating the full voxel budget (1 GB of float32) takes 7-11 s on a 2-core machine, more under load: that case
+# proves the budget's largest volume loads without hanging or exhausting memory, not how fast it loads.
+LARGEST_ALLOWED_SECONDS = 40.0
 
 
 def loads_or_refuses(source) -> Volume | VolumeError:
@@ -336,10 +339,11 @@ def test_bombs_are_refused_within_time_and_memory(tmp_path, name):
     assert path.stat().st_size < 10_000_000
     check = "no-ratio-check" if name.startswith("largest") else "ratio-check"
     result = subprocess.run([sys.executable, "-c", _MEASURE, str(path), check], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout)
-    assert measured["seconds"] < CASE_SECONDS and measured["peak_growth"] < BOMB_PEAK_BYTES, measured
+    seconds = LARGEST_ALLOWED_SECONDS if check == "no-ratio-check" else CASE_SECONDS
+    assert measured["seconds"] < seconds and measured["peak_growth"] < BOMB_PEAK_BYTES, measured
     if refusal is None:
         assert measured["outcome"] == "loaded"  # only the voxels the header declares are inflated
     else:
