@@ -84,15 +84,19 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
     """Read a NIfTI file, a DICOM series (folder, list of files, .zip) or a .npy array.
 
     NIfTI (.nii, .nii.gz): any stored orientation is brought to RAS+; a 4D (or higher) file gives its first
-    volume and meta["frames"] / meta["note"] say so. Modality: the one `writers.save_nifti` stored in the
+    volume and meta["frames"] / meta["notes"] say so. Modality: the one `writers.save_nifti` stored in the
     header description, else "CT" when the values span air and bone in HU (min ≤ -500 and max ≥ 300),
     else "OT".
-    DICOM: the series with most images (meta["other_series"] lists the rest), slices sorted by position
-    along the slice normal, spacing from those positions, rescale slope/intercept applied (CT in HU).
+    DICOM (`medvlm.dicom`): the series with most images (meta["other_series"] lists the rest), one stack of
+    it (one echo, b-value or time point), slices sorted by position along the slice normal, spacing from
+    those positions, rescale slope/intercept applied (CT in HU).
     .npy (M3D style, (1, D, H, W) or (D, H, W), values in [0, 1]): `arr[d]` is an axial slice in display
     order (row 0 anterior, column 0 the patient's right), d increasing toward superior; spacing 1 mm,
     modality "OT", stored orientation "LPS".
-    A folder, list or zip holding exactly one NIfTI or .npy file loads that file.
+    A folder, list or zip holding exactly one NIfTI or .npy file loads that file. Files that operating
+    systems leave beside a scan (macOS `__MACOSX/` and `._*`, `.DS_Store`, `Thumbs.db`) are ignored.
+    meta["notes"] holds one sentence for each thing a reader of the scan should know (what was left out,
+    uneven gaps, tilt); they never name the file or the patient.
 
     Raises VolumeError, with a message that says what was wrong, for anything it cannot read. Size
     limits (medvlm.limits) are checked from headers before any pixel data is read.
@@ -103,7 +107,8 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
         paths = [Path(p) for p in src]
         for path in paths:
             _require_exists(path)
-        return _load_files([file for path in paths for file in _listed_files(path)], "the given files")
+        files = [file for path in paths for file in _listed_files(path) if not _is_system_file(Path(file.name))]
+        return _load_files(files, "the given files")
     path = Path(src)
     _require_exists(path)
     if path.is_dir():
@@ -116,15 +121,17 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
         return _load_nifti(path)
     if kind == "npy":
         return _load_npy(path)
-    return _load_dicom([path], path.name)
+    from .dicom import load_dicom
+
+    return load_dicom([path], path.name)
 
 
 # --- shared: limits, orientation, dispatch -------------------------------------------------------------------
 
-_SCAN_FORMATS = "give a NIfTI (.nii, .nii.gz), an M3D .npy, or a DICOM series (a folder, its files or a .zip)"
+SCAN_FORMATS = "give a NIfTI (.nii, .nii.gz), an M3D .npy, or a DICOM series (a folder, its files or a .zip)"
 
 
-def _reason(error: BaseException) -> str:
+def error_reason(error: BaseException) -> str:
     """The first line of a library's error, short enough to sit inside our one-sentence message."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text[:160]
@@ -147,7 +154,7 @@ def _scan_kind(path: Path) -> str:
     return "dicom"
 
 
-def _check_grid(shape: tuple[int, ...], name: str) -> None:
+def check_grid(shape: tuple[int, ...], name: str) -> None:
     """Refuse, before pixel data is read, a grid that is 2D, has a side over MAX_SIDE or too many voxels."""
     if len(shape) < 3 or min(shape) < MIN_SLICES:
         raise VolumeError(f"{name} is a 2D image of shape {tuple(shape)}, not a volume; give a 3D scan with at "
@@ -167,7 +174,7 @@ def _check_compression(unpacked_bytes: int, stored_bytes: int, name: str) -> Non
                           f"{MAX_COMPRESSION_RATIO}-fold no real scan compresses to; re-export the scan")
 
 
-def _replace_non_finite(data: np.ndarray, name: str) -> dict[str, Any]:
+def _replace_non_finite(data: np.ndarray) -> dict[str, Any]:
     """Set NaN and ±Inf voxels, in place, to the lowest finite value (0 when there is none); meta saying so."""
     finite = np.isfinite(data)
     count = int(finite.size - np.count_nonzero(finite))
@@ -176,11 +183,11 @@ def _replace_non_finite(data: np.ndarray, name: str) -> dict[str, Any]:
     data[~finite] = np.nan
     fill = float(np.fmin.reduce(data, axis=None)) if count < data.size else 0.0  # fmin skips NaN: no copy
     data[~finite] = fill
-    return {"non_finite_voxels": count,
-            "notes": [f"{count:,} voxels of {name} were not numbers (NaN or infinite) and are shown as {fill:g}"]}
+    return {"non_finite_voxels": count,  # the note does not name the file: file names can hold patient names
+            "notes": [f"{count:,} voxels of the scan were not numbers (NaN or infinite) and are shown as {fill:g}"]}
 
 
-def _volume(array_xyz: np.ndarray, affine_ras: np.ndarray, modality: str, source: str, name: str,
+def canonical_volume(array_xyz: np.ndarray, affine_ras: np.ndarray, modality: str, source: str, name: str,
             meta: dict[str, Any]) -> Volume:
     """The one orientation code path of every format: a stored voxel array with its voxel→RAS affine
     (both in the stored axis order) becomes the canonical RAS+ (Z, Y, X) Volume.
@@ -203,7 +210,7 @@ def _volume(array_xyz: np.ndarray, affine_ras: np.ndarray, modality: str, source
     data = np.ascontiguousarray(apply_orientation(array_xyz, ornt).transpose(2, 1, 0), dtype=np.float32)
     affine_zyx = affine[:, [2, 1, 0, 3]]  # the same map for (z, y, x, 1) indices
     spacing = tuple(float(s) for s in np.linalg.norm(affine_zyx[:3, :3], axis=0))
-    repaired = _replace_non_finite(data, name)
+    repaired = _replace_non_finite(data)
     meta = {"modality": modality, "slice_count": int(data.shape[0]),
             "spacing": [round(s, 4) for s in spacing], **meta, **repaired,
             "notes": [*meta.get("notes", []), *repaired.get("notes", [])]}
@@ -213,13 +220,23 @@ def _volume(array_xyz: np.ndarray, affine_ras: np.ndarray, modality: str, source
                   orientation=orientation, meta=meta)
 
 
+# What operating systems put beside files (macOS resource forks and folder settings, Windows thumbnails): never a scan.
+_SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini"}
+
+
+def _is_system_file(path: PurePosixPath | Path) -> bool:
+    return (path.name.lower() in _SYSTEM_FILES or path.name.startswith("._")
+            or any(part == "__MACOSX" for part in path.parts))
+
+
 def _listed_files(path: Path) -> list[Path]:
-    """A file itself, or every file under a folder (recursively), at most MAX_DICOM_FILES of them."""
+    """A file itself, or every file under a folder (recursively, operating-system clutter skipped), at most
+    MAX_DICOM_FILES of them."""
     if not path.is_dir():
         return [path]
     files = []
     for file in path.rglob("*"):
-        if file.is_file():
+        if file.is_file() and not _is_system_file(file.relative_to(path)):
             files.append(file)
             if len(files) > MAX_DICOM_FILES:
                 raise VolumeError(f"folder {path.name} holds more than {MAX_DICOM_FILES} files; upload one "
@@ -237,7 +254,9 @@ def _load_files(files: list[Path], name: str) -> Volume:
         raise VolumeError(f"{name} holds {len(scans)} NIfTI or .npy files; upload one scan at a time")
     if scans:
         return _load_nifti(scans[0]) if _scan_kind(scans[0]) == "nifti" else _load_npy(scans[0])
-    return _load_dicom(files, name)
+    from .dicom import load_dicom
+
+    return load_dicom(files, name)
 
 
 def _extract_zip(path: Path, folder: Path) -> list[Path]:
@@ -248,10 +267,11 @@ def _extract_zip(path: Path, folder: Path) -> list[Path]:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-        raise VolumeError(f"{path.name} is not a readable zip file ({_reason(error)}); zip the scan again and "
+        raise VolumeError(f"{path.name} is not a readable zip file ({error_reason(error)}); zip the scan again and "
                           "re-upload it") from error
     with archive:
-        members = [member for member in archive.infolist() if not member.is_dir()]
+        members = [member for member in archive.infolist()
+                   if not member.is_dir() and not _is_system_file(PurePosixPath(member.filename.replace("\\", "/")))]
         if len(members) > MAX_ZIP_ENTRIES:
             raise VolumeError(f"{path.name} holds {len(members)} files, more than the {MAX_ZIP_ENTRIES} allowed; "
                               "upload one series at a time")
@@ -272,8 +292,8 @@ def _extract_zip(path: Path, folder: Path) -> list[Path]:
                 with archive.open(member) as source, open(target, "wb") as sink:
                     shutil.copyfileobj(source, sink)
             except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, zlib.error) as error:
-                raise VolumeError(f"{path.name} has a damaged or encrypted member ({_reason(error)}); zip the scan "
-                                  "again without a password and re-upload it") from error
+                raise VolumeError(f"{path.name} has a damaged or encrypted member ({error_reason(error)}); zip the "
+                                  "scan again without a password and re-upload it") from error
             files.append(target)
     return files
 
@@ -310,26 +330,29 @@ def _load_nifti(path: Path) -> Volume:
         shape = tuple(int(n) for n in image.shape)  # from the header: no voxel read yet
         affine = np.asarray(image.affine, dtype=np.float64)
     except Exception as error:
-        raise VolumeError(f"{path.name} is not a readable NIfTI file ({_reason(error)}); check that the upload "
+        raise VolumeError(f"{path.name} is not a readable NIfTI file ({error_reason(error)}); check that the upload "
                           "finished, or re-export the scan") from error
-    _check_grid(shape[:3] if len(shape) >= 3 else shape, path.name)
+    check_grid(shape[:3] if len(shape) >= 3 else shape, path.name)
     if path.name.lower().endswith(".gz"):
         voxel_bytes = math.prod(shape[:3]) * image.header.get_data_dtype().itemsize
         _check_compression(voxel_bytes, path.stat().st_size, path.name)
+    if image.header.get_data_dtype().kind not in "biuf":  # RGB (a structured dtype) or complex voxels
+        raise VolumeError(f"{path.name} holds colour (RGB) or complex-valued voxels, which are not supported; give "
+                          "a greyscale CT, MR or PET scan")
     frames = math.prod(shape[3:])
     first_volume = (slice(None),) * 3 + (0,) * (len(shape) - 3)
     try:
         array = np.asarray(image.dataobj[first_volume])  # lazily: only the first volume
     except Exception as error:
-        raise VolumeError(f"{path.name} is damaged or truncated ({_reason(error)}); re-export or re-upload the "
+        raise VolumeError(f"{path.name} is damaged or truncated ({error_reason(error)}); re-export or re-upload the "
                           "scan") from error
     if array.dtype.kind not in "iu":  # integers stay as stored until `_volume` reorients them into float32
         array = array.astype(np.float32, copy=False)
     meta: dict[str, Any] = {}
     if frames > 1:
         meta["frames"] = frames
-        meta["note"] = f"4D input: the first of {frames} volumes is shown"
-    return _volume(array, affine, _nifti_modality(image.header, array), "nifti", path.name, meta)
+        meta["notes"] = [f"the file holds {frames} volumes (4D); the first is shown"]
+    return canonical_volume(array, affine, _nifti_modality(image.header, array), "nifti", path.name, meta)
 
 
 def _nifti_modality(header, array: np.ndarray) -> str:
@@ -357,7 +380,7 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read(handle, max_header_size=10_000)
     except (ValueError, OSError, EOFError, TypeError, SyntaxError, tokenize.TokenError) as error:
-        raise VolumeError(f"{path.name} is not a readable .npy array ({_reason(error)}); save it with numpy.save "
+        raise VolumeError(f"{path.name} is not a readable .npy array ({error_reason(error)}); save it with numpy.save "
                           "as numbers, not objects") from error
     return tuple(shape), dtype
 
@@ -370,279 +393,13 @@ def _load_npy(path: Path) -> Volume:
     if len(shape) != 3:
         raise VolumeError(f"{path.name} has shape {shape}, not (1, D, H, W) or (D, H, W); save one volume "
                           "per file")
-    _check_grid(shape, path.name)  # from the header: before any voxel is read
+    check_grid(shape, path.name)  # from the header: before any voxel is read
     try:
         stored = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickles
     except (ValueError, OSError, EOFError) as error:
-        raise VolumeError(f"{path.name} is not a readable .npy array ({_reason(error)}); it may be truncated, save "
-                          "it again with numpy.save") from error
+        raise VolumeError(f"{path.name} is not a readable .npy array ({error_reason(error)}); it may be "
+                          "truncated, save it again with numpy.save") from error
     stored = stored.reshape(shape)
     display = np.array(stored, dtype=np.float32)  # (D, H, W): row 0 anterior, column 0 the patient's right
     affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0])  # stored (column, row, slice) run toward L, P, S
-    return _volume(display.transpose(2, 1, 0), affine_ras, "OT", "npy", path.name, {})
-
-
-# --- DICOM ---------------------------------------------------------------------------------------------------
-
-@dataclass
-class _DicomImage:
-    """One 2D image of a series: a single-frame file, or one frame of a multi-frame file."""
-
-    path: Path
-    frame: int | None  # frame index in a multi-frame file, None for a single-frame file
-    position: np.ndarray  # (3,) LPS mm of the first transmitted pixel
-    orientation: np.ndarray  # (6,) row then column direction cosines, LPS
-    pixel_spacing: tuple[float, float]  # mm between rows, between columns
-    slope: float
-    intercept: float
-
-
-def _first(value: Any, default: float | None = None) -> float | None:
-    """A finite number from a DICOM value that may be multi-valued, empty or garbage (then `default`)."""
-    numbers = _numbers(value)
-    return numbers[0] if numbers else default
-
-
-def _numbers(value: Any, count: int | None = None) -> list[float] | None:
-    """The finite numbers of a DICOM value (single or multi-valued), or None when it is missing, garbage or does
-    not hold exactly `count` of them."""
-    if value is None:
-        return None
-    items = [value] if isinstance(value, str | bytes | int | float) else value
-    try:
-        numbers = [float(item) for item in items]
-    except (TypeError, ValueError, OverflowError):
-        return None
-    if not numbers or (count is not None and len(numbers) != count) or not all(map(math.isfinite, numbers)):
-        return None
-    return numbers
-
-
-def _count(value: Any) -> int:
-    """A positive whole number from a DICOM value (Rows, NumberOfFrames), else 0."""
-    number = _first(value, 0.0)
-    return int(number) if number >= 1 and number == int(number) else 0
-
-
-def _frame_count(header) -> int:
-    return max(1, _count(header.get("NumberOfFrames")))  # (0028,0008)
-
-
-def _functional(header, frame: int | None, sequence: str, keyword: str) -> Any:
-    """An attribute of an image: in a multi-frame file its per-frame functional group, else the shared one;
-    else (and in a single-frame file, frame None) the top-level attribute."""
-    if frame is None:
-        return header.get(keyword)
-    per_frame = header.get("PerFrameFunctionalGroupsSequence")  # (5200,9230)
-    shared = header.get("SharedFunctionalGroupsSequence")  # (5200,9229)
-    for group in (per_frame[frame] if per_frame and frame < len(per_frame) else None,
-                  shared[0] if shared else None):
-        items = group.get(sequence) if group is not None else None
-        if items and keyword in items[0]:
-            return items[0].get(keyword)
-    return header.get(keyword)
-
-
-def _geometry(position: Any, orientation: Any, spacing: Any, name: str) -> tuple[np.ndarray, np.ndarray,
-                                                                                 tuple[float, float]]:
-    """(position (3,), orientation (6,), pixel spacing (2,)) from DICOM values, or VolumeError saying what is
-    missing or wrong."""
-    position, orientation, spacing = _numbers(position, 3), _numbers(orientation, 6), _numbers(spacing, 2)
-    if position is None or orientation is None:
-        raise VolumeError(f"{name} has images without ImagePositionPatient or ImageOrientationPatient, so they "
-                          "cannot be stacked into a volume; export the series with its geometry or as NIfTI")
-    if spacing is None:
-        raise VolumeError(f"{name} has images without PixelSpacing; export the series with its geometry or "
-                          "as NIfTI")
-    if min(spacing) <= 0:
-        raise VolumeError(f"{name} has a zero or negative PixelSpacing ({spacing[0]:g}, {spacing[1]:g}); fix the "
-                          "header's spacing or re-export the scan")
-    row_cosines, column_cosines = np.array(orientation[:3]), np.array(orientation[3:])
-    if np.linalg.norm(np.cross(row_cosines, column_cosines)) < 0.5 * np.linalg.norm(row_cosines) * np.linalg.norm(
-            column_cosines) or not np.linalg.norm(row_cosines) or not np.linalg.norm(column_cosines):
-        raise VolumeError(f"{name} has an ImageOrientationPatient whose row and column directions are not "
-                          "perpendicular unit vectors; re-export the scan")
-    unit = np.concatenate([row_cosines / np.linalg.norm(row_cosines), column_cosines / np.linalg.norm(column_cosines)])
-    return np.array(position), unit, (spacing[0], spacing[1])
-
-
-def _images_of(path: Path, header, name: str) -> list[_DicomImage]:
-    """The 2D images of one DICOM file with their geometry; raises VolumeError when it has none."""
-    frames = _frame_count(header)
-    if frames > 1 and "PerFrameFunctionalGroupsSequence" not in header:
-        return _legacy_frames(path, header, frames, name)
-    images = []
-    for frame in range(frames):
-        index = frame if frames > 1 else None
-
-        def attribute(sequence: str, keyword: str, index: int | None = index) -> Any:
-            return _functional(header, index, sequence, keyword)
-
-        position, orientation, spacing = _geometry(
-            attribute("PlanePositionSequence", "ImagePositionPatient"),  # (0020,0032)
-            attribute("PlaneOrientationSequence", "ImageOrientationPatient"),  # (0020,0037)
-            attribute("PixelMeasuresSequence", "PixelSpacing"), name)  # (0028,0030)
-        images.append(_DicomImage(
-            path=path, frame=index, position=position, orientation=orientation, pixel_spacing=spacing,
-            slope=_first(attribute("PixelValueTransformationSequence", "RescaleSlope"), 1.0),  # (0028,1053)
-            intercept=_first(attribute("PixelValueTransformationSequence", "RescaleIntercept"), 0.0),  # (0028,1052)
-        ))
-    return images
-
-
-def _legacy_frames(path: Path, header, frames: int, name: str) -> list[_DicomImage]:
-    """The frames of a multi-frame file without per-frame positions (RT dose, legacy MR/NM): one position and
-    orientation for the file, frames stepped along the slice normal by GridFrameOffsetVector or the spacing."""
-    position, orientation, spacing = _geometry(header.get("ImagePositionPatient"),
-                                               header.get("ImageOrientationPatient"), header.get("PixelSpacing"),
-                                               name)
-    offsets = _numbers(header.get("GridFrameOffsetVector"), frames)  # (3004,000C): mm along the normal
-    if offsets is None:
-        step = _first(header.get("SpacingBetweenSlices")) or _first(header.get("SliceThickness"))  # (0018,0088/0050)
-        if not step or step <= 0:
-            raise VolumeError(f"{name} has a multi-frame image without per-frame positions or a slice spacing; "
-                              "export the series as single-frame DICOM files or NIfTI")
-        offsets = [frame * step for frame in range(frames)]
-    normal = np.cross(orientation[:3], orientation[3:])
-    slope, intercept = _first(header.get("RescaleSlope"), 1.0), _first(header.get("RescaleIntercept"), 0.0)
-    scale = _first(header.get("DoseGridScaling"))  # (3004,000E): RT dose in Gy
-    slope = slope * scale if scale else slope
-    return [_DicomImage(path=path, frame=frame, position=position + (offset - offsets[0]) * normal,
-                        orientation=orientation, pixel_spacing=spacing, slope=slope, intercept=intercept)
-            for frame, offset in enumerate(offsets)]
-
-
-def _read_headers(files: list[Path]) -> list[tuple[Path, Any]]:
-    """(path, header) of the files that are DICOM images; anything else (not DICOM, SR, RT, DICOMDIR) is skipped."""
-    import pydicom
-
-    headers = []
-    for path in files:
-        # pydicom raises many error types on arbitrary bytes; every one means "not a DICOM image": skip it.
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
-            for _ in header.iterall():  # convert every (lazily read) element now, so a broken one skips the file
-                pass
-        except Exception:
-            continue
-        if _count(header.get("Rows")) and _count(header.get("Columns")):  # (0028,0010), (0028,0011): an image
-            headers.append((path, header))
-    return headers
-
-
-def _series_summary(headers: list) -> dict[str, Any]:
-    """Description, modality and image count of one series: PHI-free, no UIDs."""
-    header = headers[0][1]
-    return {"description": str(header.get("SeriesDescription", "")), "modality": _dicom_modality(header),
-            "slices": sum(_frame_count(h) for _, h in headers)}
-
-
-def _dicom_modality(header) -> str:
-    modality = str(header.get("Modality", "")).upper()  # (0008,0060)
-    return modality if modality in ("CT", "MR", "PT") else "OT"
-
-
-def _most_common_orientation(images: list[_DicomImage]) -> tuple[list[_DicomImage], int]:
-    """The images that share the series' most common slice orientation (a localizer's other planes are
-    dropped): (those images, how many were dropped)."""
-    groups: dict[tuple, list[_DicomImage]] = {}
-    for image in images:
-        groups.setdefault(tuple(np.round(image.orientation, 2) + 0.0), []).append(image)  # + 0.0: no -0.0 key
-    largest = max(groups.values(), key=len)
-    return largest, len(images) - len(largest)
-
-
-def _sorted_along_normal(images: list[_DicomImage]) -> tuple[list[_DicomImage], np.ndarray, int]:
-    """Images sorted by position along the slice normal, duplicates dropped: (images, positions, duplicates)."""
-    row_cosines, column_cosines = images[0].orientation[:3], images[0].orientation[3:]
-    normal = np.cross(row_cosines, column_cosines)
-    positions = np.array([image.position @ normal for image in images])
-    order = np.argsort(positions, kind="stable")
-    kept, kept_positions = [], []
-    for index in order:
-        if kept_positions and abs(positions[index] - kept_positions[-1]) < 1e-3:
-            continue
-        kept.append(images[index])
-        kept_positions.append(positions[index])
-    return kept, np.array(kept_positions), len(images) - len(kept)
-
-
-def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) -> np.ndarray:
-    """The images' pixels with rescale applied, float32 (slices, rows, columns); each file decoded once, one at
-    a time, whatever order its frames take in the stack."""
-    import pydicom
-
-    pixels = np.empty((len(images), rows, columns), dtype=np.float32)
-    slots: dict[Path, list[tuple[int, _DicomImage]]] = {}
-    for slot, image in enumerate(images):
-        slots.setdefault(image.path, []).append((slot, image))
-    for path, placed in slots.items():
-        try:
-            decoded = pydicom.dcmread(path).pixel_array
-        except Exception as error:  # decoders raise many types for corrupt or unsupported pixel data
-            raise VolumeError(f"{name}: the pixel data of {path.name} cannot be decoded ({_reason(error)}); export "
-                              "the series uncompressed") from error
-        for slot, image in placed:
-            frame = decoded if image.frame is None else decoded[image.frame] if image.frame < len(decoded) else None
-            if frame is None or frame.shape != (rows, columns):
-                shape = "too few frames" if frame is None else f"pixels of shape {frame.shape}"
-                raise VolumeError(f"{name}: {path.name} holds {shape}, not {rows}×{columns} per image; export the "
-                                  "series again")
-            pixels[slot] = frame * np.float32(image.slope) + np.float32(image.intercept)
-    return pixels
-
-
-def _load_dicom(files: list[Path], name: str) -> Volume:
-    headers = _read_headers(files)
-    if not headers:
-        raise VolumeError(f"{name} holds no DICOM images ({len(files)} file(s) skipped); {_SCAN_FORMATS}")
-    series: dict[str, list] = {}
-    for path, header in headers:
-        series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((path, header))  # (0020,000E)
-    ranked = sorted(series.values(), key=lambda group: _series_summary(group)["slices"], reverse=True)
-    chosen, others = ranked[0], ranked[1:]
-    first = chosen[0][1]
-    if _count(first.get("SamplesPerPixel")) > 1:  # (0028,0002)
-        raise VolumeError(f"{name} holds colour images, and colour images are not supported; give a greyscale "
-                          "CT, MR or PET series")
-    rows, columns = _count(first.Rows), _count(first.Columns)
-    if any((_count(h.Rows), _count(h.Columns)) != (rows, columns) for _, h in chosen):
-        raise VolumeError(f"{name} mixes images of different sizes in one series; export the series again")
-    _check_grid((max(MIN_SLICES, _series_summary(chosen)["slices"]), rows, columns), name)  # before any frame loop
-    images = [image for path, header in chosen for image in _images_of(path, header, name)]
-    images, other_orientations = _most_common_orientation(images)
-    images, positions, duplicates = _sorted_along_normal(images)
-    if len(images) < MIN_SLICES <= len(images) + duplicates:
-        raise VolumeError(f"{name}: its {len(images) + duplicates} images all lie at one position, so they cannot "
-                          "be stacked into a volume; export the series with its geometry or as NIfTI")
-    _check_grid((len(images), rows, columns), name)
-    pixels = _read_pixels(images, rows, columns, name)
-
-    meta: dict[str, Any] = {
-        "manufacturer": str(first.get("Manufacturer", "")),  # (0008,0070)
-        "series_description": str(first.get("SeriesDescription", "")),  # (0008,103E)
-    }
-    for key, keyword in (("window_center", "WindowCenter"), ("window_width", "WindowWidth")):  # (0028,1050/1051)
-        value = _first(first.get(keyword)) if keyword in first else None
-        if value is not None:
-            meta[key] = value
-    step = float(np.median(np.diff(positions)))
-    gaps = np.diff(positions)
-    if np.any(np.abs(gaps - step) > 0.1 * step):
-        meta["uneven_gaps"] = (f"slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm (a missing slice?); "
-                               f"the volume is drawn with an even {step:.3g} mm spacing")
-    if duplicates:
-        meta["duplicate_slices"] = duplicates
-    if other_orientations:
-        meta["notes"] = [f"{other_orientations} image(s) in another slice orientation (a localizer?) were left out"]
-    if others:
-        meta["other_series"] = [_series_summary(group) for group in others]
-
-    row_cosines, column_cosines = images[0].orientation[:3], images[0].orientation[3:]
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_cosines * images[0].pixel_spacing[1]  # along a row: column index grows
-    affine_lps[:3, 1] = column_cosines * images[0].pixel_spacing[0]  # down a column: row index grows
-    affine_lps[:3, 2] = np.cross(row_cosines, column_cosines) * step
-    affine_lps[:3, 3] = images[0].position
-    affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
-    return _volume(pixels.transpose(2, 1, 0), affine_ras, _dicom_modality(first), "dicom", name, meta)
+    return canonical_volume(display.transpose(2, 1, 0), affine_ras, "OT", "npy", path.name, {})

@@ -88,6 +88,7 @@ def test_missing_and_duplicated_slices_are_reported(tmp_path, marked_ct):
     assert scan.shape == (7, 20, 24)
     assert "missing slice" in scan.meta["uneven_gaps"]
     assert scan.meta["duplicate_slices"] == 1
+    assert scan.meta["notes"] == [scan.meta["uneven_gaps"], "1 image(s) were in the upload twice; each is used once"]
 
 
 def test_zip_input_loads_and_never_writes_outside_a_temporary_folder(tmp_path, marked_ct):
@@ -131,7 +132,7 @@ def test_4d_nifti_gives_its_first_volume_and_says_so(tmp_path, marked_ct):
     nib.save(nib.Nifti1Image(frames.transpose(2, 1, 0, 3), np.diag([0.7, 0.8, 2.5, 1.0])), path)
     scan = load_volume(path)
     _assert_same_scan(scan, marked_ct)
-    assert scan.meta["frames"] == 5 and "first of 5" in scan.meta["note"]
+    assert scan.meta["frames"] == 5 and scan.meta["notes"] == ["the file holds 5 volumes (4D); the first is shown"]
 
 
 def test_nifti_modality_is_stored_or_guessed(tmp_path, marked_ct):

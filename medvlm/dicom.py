@@ -1,0 +1,428 @@
+"""DICOM series to one canonical `Volume`: headers first (series, stacks, geometry, limits), pixels last.
+
+One upload may hold several series (the one with most images is loaded, the rest listed), and one series
+may hold several stacks at the same positions (echoes, diffusion b-values, time points: one is loaded and a
+note names the rest). Slices are ordered by position along the slice normal, never by file name or
+InstanceNumber; the affine keeps the true slice step, a tilted CT gantry included.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import VolumeError
+from .limits import MIN_SLICES
+from .volume import SCAN_FORMATS, Volume, canonical_volume, check_grid, error_reason
+
+__all__ = ["load_dicom"]
+
+POSITION_TOLERANCE_MM = 1e-3  # two images this close along the normal lie at one position
+TILT_NOTE_DEGREES = 0.5  # a slice step further than this from the slice normal is a tilted gantry
+
+# What tells apart the images of one series that lie at one position, in the order tried:
+# (what it is, its unit, the enhanced file's functional group and keyword, the single-frame file's keyword).
+STACK_TAGS = (
+    ("echo time", "ms", "MREchoSequence", "EffectiveEchoTime", "EchoTime"),  # (0018,9082), (0018,0081)
+    ("b-value", "s/mm²", "MRDiffusionSequence", "DiffusionBValue", "DiffusionBValue"),  # (0018,9087)
+    ("time point", "", "FrameContentSequence", "TemporalPositionIndex", "TemporalPositionIdentifier"),  # (0020,0100)
+    ("trigger time", "ms", "CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime",
+     "TriggerTime"),  # (0018,1060)
+    ("acquisition", "", "FrameContentSequence", "FrameAcquisitionNumber", "AcquisitionNumber"),  # (0020,0012)
+)
+
+
+@dataclass
+class _DicomImage:
+    """One 2D image of a series: a single-frame file, or one frame of a multi-frame file."""
+
+    path: Path
+    frame: int | None  # frame index in a multi-frame file, None for a single-frame file
+    position: np.ndarray  # (3,) LPS mm of the first transmitted pixel
+    orientation: np.ndarray  # (6,) row then column direction cosines, LPS
+    pixel_spacing: tuple[float, float]  # mm between rows, between columns
+    slope: float
+    intercept: float
+    size: tuple[int, int]  # rows, columns
+    identity: tuple  # the same image twice (a copied file) has the same identity
+    labels: tuple[float | None, ...]  # its value of each of STACK_TAGS (None: not stated)
+    instance: float  # InstanceNumber (then frame): the order among images at one position that say nothing else
+
+
+def _first(value: Any, default: float | None = None) -> float | None:
+    """A finite number from a DICOM value that may be multi-valued, empty or garbage (then `default`)."""
+    numbers = _numbers(value)
+    return numbers[0] if numbers else default
+
+
+def _numbers(value: Any, count: int | None = None) -> list[float] | None:
+    """The finite numbers of a DICOM value (single or multi-valued), or None when it is missing, garbage or does
+    not hold exactly `count` of them."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str | bytes | int | float) else value
+    try:
+        numbers = [float(item) for item in items]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not numbers or (count is not None and len(numbers) != count) or not all(map(math.isfinite, numbers)):
+        return None
+    return numbers
+
+
+def _count(value: Any) -> int:
+    """A positive whole number from a DICOM value (Rows, NumberOfFrames), else 0."""
+    number = _first(value, 0.0)
+    return int(number) if number >= 1 and number == int(number) else 0
+
+
+def _frame_count(header) -> int:
+    return max(1, _count(header.get("NumberOfFrames")))  # (0028,0008)
+
+
+def _functional(header, frame: int | None, sequence: str, keyword: str) -> Any:
+    """An attribute of an image: in a multi-frame file its per-frame functional group, else the shared one;
+    else (and in a single-frame file, frame None) the top-level attribute."""
+    if frame is None:
+        return header.get(keyword)
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")  # (5200,9230)
+    shared = header.get("SharedFunctionalGroupsSequence")  # (5200,9229)
+    for group in (per_frame[frame] if per_frame and frame < len(per_frame) else None,
+                  shared[0] if shared else None):
+        items = group.get(sequence) if group is not None else None
+        if items and keyword in items[0]:
+            return items[0].get(keyword)
+    return header.get(keyword)
+
+
+def _geometry(position: Any, orientation: Any, spacing: Any, name: str) -> tuple[np.ndarray, np.ndarray,
+                                                                                 tuple[float, float]]:
+    """(position (3,), orientation (6,), pixel spacing (2,)) from DICOM values, or VolumeError saying what is
+    missing or wrong."""
+    position, orientation, spacing = _numbers(position, 3), _numbers(orientation, 6), _numbers(spacing, 2)
+    if position is None or orientation is None:
+        raise VolumeError(f"{name} has images without ImagePositionPatient or ImageOrientationPatient, so they "
+                          "cannot be stacked into a volume; export the series with its geometry or as NIfTI")
+    if spacing is None:
+        raise VolumeError(f"{name} has images without PixelSpacing; export the series with its geometry or "
+                          "as NIfTI")
+    if min(spacing) <= 0:
+        raise VolumeError(f"{name} has a zero or negative PixelSpacing ({spacing[0]:g}, {spacing[1]:g}); fix the "
+                          "header's spacing or re-export the scan")
+    row_cosines, column_cosines = np.array(orientation[:3]), np.array(orientation[3:])
+    if np.linalg.norm(np.cross(row_cosines, column_cosines)) < 0.5 * np.linalg.norm(row_cosines) * np.linalg.norm(
+            column_cosines) or not np.linalg.norm(row_cosines) or not np.linalg.norm(column_cosines):
+        raise VolumeError(f"{name} has an ImageOrientationPatient whose row and column directions are not "
+                          "perpendicular unit vectors; re-export the scan")
+    unit = np.concatenate([row_cosines / np.linalg.norm(row_cosines), column_cosines / np.linalg.norm(column_cosines)])
+    return np.array(position), unit, (spacing[0], spacing[1])
+
+
+
+
+def _stack_labels(header, frame: int | None) -> tuple[float | None, ...]:
+    """The image's value of each of STACK_TAGS: per frame in an enhanced file, else from the file's header."""
+    labels = []
+    for _, _, sequence, enhanced, single in STACK_TAGS:
+        value = _functional(header, frame, sequence, enhanced) if frame is not None else None
+        labels.append(_first(header.get(single) if value is None else value))
+    return tuple(labels)
+
+
+def _identity(path: Path, header, frame: int | None) -> tuple:
+    uid = str(header.get("SOPInstanceUID", ""))  # (0008,0018); kept in memory only, never in meta
+    return (uid, frame) if uid else (str(path), frame)
+
+
+def _images_of(path: Path, header, name: str) -> list[_DicomImage]:
+    """The 2D images of one DICOM file with their geometry; raises VolumeError when it has none."""
+    frames = _frame_count(header)
+    if frames > 1 and "PerFrameFunctionalGroupsSequence" not in header:
+        return _legacy_frames(path, header, frames, name)
+    size = (_count(header.get("Rows")), _count(header.get("Columns")))
+    instance = _first(header.get("InstanceNumber"), 0.0)  # (0020,0013)
+    images = []
+    for frame in range(frames):
+        index = frame if frames > 1 else None
+
+        def attribute(sequence: str, keyword: str, index: int | None = index) -> Any:
+            return _functional(header, index, sequence, keyword)
+
+        position, orientation, spacing = _geometry(
+            attribute("PlanePositionSequence", "ImagePositionPatient"),  # (0020,0032)
+            attribute("PlaneOrientationSequence", "ImageOrientationPatient"),  # (0020,0037)
+            attribute("PixelMeasuresSequence", "PixelSpacing"), name)  # (0028,0030)
+        images.append(_DicomImage(
+            path=path, frame=index, position=position, orientation=orientation, pixel_spacing=spacing,
+            slope=_first(attribute("PixelValueTransformationSequence", "RescaleSlope"), 1.0),  # (0028,1053)
+            intercept=_first(attribute("PixelValueTransformationSequence", "RescaleIntercept"), 0.0),  # (0028,1052)
+            size=size, identity=_identity(path, header, index), labels=_stack_labels(header, index),
+            instance=instance + frame / frames,
+        ))
+    return images
+
+
+def _legacy_frames(path: Path, header, frames: int, name: str) -> list[_DicomImage]:
+    """The frames of a multi-frame file without per-frame positions (RT dose, legacy MR/NM): one position and
+    orientation for the file, frames stepped along the slice normal by GridFrameOffsetVector or the spacing."""
+    position, orientation, spacing = _geometry(header.get("ImagePositionPatient"),
+                                               header.get("ImageOrientationPatient"), header.get("PixelSpacing"),
+                                               name)
+    offsets = _numbers(header.get("GridFrameOffsetVector"), frames)  # (3004,000C): mm along the normal
+    if offsets is None:
+        step = _first(header.get("SpacingBetweenSlices")) or _first(header.get("SliceThickness"))  # (0018,0088/0050)
+        if not step or step <= 0:
+            raise VolumeError(f"{name} has a multi-frame image without per-frame positions or a slice spacing; "
+                              "export the series as single-frame DICOM files or NIfTI")
+        offsets = [frame * step for frame in range(frames)]
+    normal = np.cross(orientation[:3], orientation[3:])
+    slope, intercept = _first(header.get("RescaleSlope"), 1.0), _first(header.get("RescaleIntercept"), 0.0)
+    scale = _first(header.get("DoseGridScaling"))  # (3004,000E): RT dose in Gy
+    slope = slope * scale if scale else slope
+    size, labels = (_count(header.get("Rows")), _count(header.get("Columns"))), _stack_labels(header, None)
+    instance = _first(header.get("InstanceNumber"), 0.0)
+    return [_DicomImage(path=path, frame=frame, position=position + (offset - offsets[0]) * normal,
+                        orientation=orientation, pixel_spacing=spacing, slope=slope, intercept=intercept,
+                        size=size, identity=_identity(path, header, frame), labels=labels,
+                        instance=instance + frame / frames)
+            for frame, offset in enumerate(offsets)]
+
+
+def _read_header(path: Path):
+    """The file's header without pixels, or None when it is not a DICOM image. A file without the 128-byte
+    preamble and file meta (old exports, ACR-NEMA style) is read too when it states an image's geometry."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        stated = "ImagePositionPatient" in header or "PerFrameFunctionalGroupsSequence" in header
+        return header if stated else None  # forced reads of other bytes rarely hold a position: skipped
+
+
+def _read_headers(files: list[Path]) -> list[tuple[Path, Any]]:
+    """(path, header) of the files that are DICOM images; anything else (not DICOM, SR, RT, DICOMDIR) is skipped."""
+    headers = []
+    for path in files:
+        # pydicom raises many error types on arbitrary bytes; every one means "not a DICOM image": skip it.
+        try:
+            header = _read_header(path)
+            if header is None:
+                continue
+            for _ in header.iterall():  # convert every (lazily read) element now, so a broken one skips the file
+                pass
+        except Exception:
+            continue
+        if _count(header.get("Rows")) and _count(header.get("Columns")):  # (0028,0010), (0028,0011): an image
+            headers.append((path, header))
+    return headers
+
+
+def _decode(path: Path) -> np.ndarray:
+    """A file's pixels as stored; a file without file meta is uncompressed in the encoding it was read in."""
+    import pydicom
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    dataset = pydicom.dcmread(path, force=True)
+    if "TransferSyntaxUID" not in dataset.file_meta:
+        implicit, little = dataset.original_encoding
+        dataset.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                               ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return dataset.pixel_array
+
+
+def _series_summary(headers: list) -> dict[str, Any]:
+    """Description, modality and image count of one series: PHI-free, no UIDs."""
+    header = headers[0][1]
+    return {"description": str(header.get("SeriesDescription", "")), "modality": _dicom_modality(header),
+            "slices": sum(_frame_count(h) for _, h in headers)}
+
+
+def _dicom_modality(header) -> str:
+    modality = str(header.get("Modality", "")).upper()  # (0008,0060)
+    return modality if modality in ("CT", "MR", "PT") else "OT"
+
+
+def _largest_group(images: list[_DicomImage]) -> tuple[list[_DicomImage], int]:
+    """The images that share the series' most common slice orientation and size (a localizer's other planes
+    and matrix are dropped): (those images, how many were dropped)."""
+    groups: dict[tuple, list[_DicomImage]] = {}
+    for image in images:
+        key = (tuple(np.round(image.orientation, 2) + 0.0), image.size)  # + 0.0: no -0.0 key
+        groups.setdefault(key, []).append(image)
+    largest = max(groups.values(), key=len)
+    return largest, len(images) - len(largest)
+
+
+def _without_copies(images: list[_DicomImage]) -> tuple[list[_DicomImage], int]:
+    """The images with each one kept once (a file copied twice into the upload): (images, copies dropped)."""
+    seen: dict[tuple, _DicomImage] = {}
+    for image in images:
+        seen.setdefault(image.identity, image)
+    return list(seen.values()), len(images) - len(seen)
+
+
+def _normal(image: _DicomImage) -> np.ndarray:
+    return np.cross(image.orientation[:3], image.orientation[3:])
+
+
+def _repeats_a_position(images: list[_DicomImage]) -> bool:
+    positions = np.sort([image.position @ _normal(image) for image in images])
+    return bool(np.any(np.diff(positions) < POSITION_TOLERANCE_MM))
+
+
+def _one_stack(images: list[_DicomImage]) -> tuple[list[_DicomImage], str | None]:
+    """One stack of a series whose images share positions (echoes, b-values, time points): (its images, a note
+    naming what was left out, or None when every image has a position of its own).
+
+    The first of STACK_TAGS whose values split the images into stacks without shared positions decides;
+    of those stacks, the one with most images, then the lowest value (the first echo, b = 0, the first time
+    point). Images that state none of them: at each position, the lowest InstanceNumber.
+    """
+    if not _repeats_a_position(images):
+        return images, None
+    for tag, (label, unit, *_) in enumerate(STACK_TAGS):
+        stacks: dict[float | None, list[_DicomImage]] = {}
+        for image in images:
+            stacks.setdefault(image.labels[tag], []).append(image)
+        clean = [value for value, stack in stacks.items() if not _repeats_a_position(stack)]
+        if len(stacks) < 2 or not clean:
+            continue
+        chosen = min(clean, key=lambda value: (-len(stacks[value]), value is None, value or 0.0))
+        values = sorted(value for value in stacks if value is not None)
+        listed = ", ".join(f"{value:g}" for value in values[:6]) + (", …" if len(values) > 6 else "")
+        unit = f" {unit}" if unit else ""
+        shown = f"{label} {chosen:g}{unit}" if chosen is not None else f"the images without a {label}"
+        return stacks[chosen], (f"the series holds {len(stacks)} images at each position ({label}s {listed}"
+                                f"{unit}); {shown} is shown")
+    by_position: list[list[_DicomImage]] = []
+    for image in sorted(images, key=lambda image: image.position @ _normal(image)):
+        if by_position and abs((image.position - by_position[-1][0].position) @ _normal(image)) < POSITION_TOLERANCE_MM:
+            by_position[-1].append(image)
+        else:
+            by_position.append([image])
+    stack = [min(group, key=lambda image: (image.instance, str(image.path))) for group in by_position]
+    return stack, (f"{len(images) - len(stack)} image(s) share a position with another and state no echo time, "
+                   "b-value or time point to tell them apart; at each position the lowest instance number is shown")
+
+
+def _sorted_along_normal(images: list[_DicomImage]) -> tuple[list[_DicomImage], np.ndarray]:
+    """Images sorted by position along the slice normal: (images, their positions along it)."""
+    normal = _normal(images[0])
+    positions = np.array([image.position @ normal for image in images])
+    order = np.argsort(positions, kind="stable")
+    return [images[index] for index in order], positions[order]
+
+
+def _slice_step(images: list[_DicomImage], positions: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """The LPS step from one slice to the next, and the gantry tilt in degrees (None when the step is along the
+    slice normal): the median of the steps, so one missing slice does not skew it."""
+    normal = _normal(images[0])
+    step = float(np.median(np.diff(positions)))
+    vector = np.median(np.diff([image.position for image in images], axis=0), axis=0)
+    tilt = math.degrees(math.acos(min(1.0, abs(vector @ normal) / max(np.linalg.norm(vector), 1e-12))))
+    if tilt <= TILT_NOTE_DEGREES:
+        return normal * step, None
+    return vector, tilt
+
+
+def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) -> np.ndarray:
+    """The images' pixels with rescale applied, float32 (slices, rows, columns); each file decoded once, one at
+    a time, whatever order its frames take in the stack."""
+    pixels = np.empty((len(images), rows, columns), dtype=np.float32)
+    slots: dict[Path, list[tuple[int, _DicomImage]]] = {}
+    for slot, image in enumerate(images):
+        slots.setdefault(image.path, []).append((slot, image))
+    for path, placed in slots.items():
+        try:
+            decoded = _decode(path)
+        except Exception as error:  # decoders raise many types for corrupt or unsupported pixel data
+            raise VolumeError(f"{name}: the pixel data of {path.name} cannot be decoded ({error_reason(error)}); "
+                              "export the series uncompressed") from error
+        for slot, image in placed:
+            frame = decoded if image.frame is None else decoded[image.frame] if image.frame < len(decoded) else None
+            if frame is None or frame.shape != (rows, columns):
+                shape = "too few frames" if frame is None else f"pixels of shape {frame.shape}"
+                raise VolumeError(f"{name}: {path.name} holds {shape}, not {rows}×{columns} per image; export the "
+                                  "series again")
+            pixels[slot] = frame * np.float32(image.slope) + np.float32(image.intercept)
+    return pixels
+
+
+def load_dicom(files: list[Path], name: str) -> Volume:
+    """The upload's DICOM series with most images as a Volume; VolumeError when there is none to stack."""
+    headers = _read_headers(files)
+    if not headers:
+        raise VolumeError(f"{name} holds no DICOM images ({len(files)} file(s) skipped); {SCAN_FORMATS}")
+    series: dict[str, list] = {}
+    for path, header in headers:
+        series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((path, header))  # (0020,000E)
+    ranked = sorted(series.values(), key=lambda group: _series_summary(group)["slices"], reverse=True)
+    chosen, others = ranked[0], ranked[1:]
+    first = chosen[0][1]
+    if _count(first.get("SamplesPerPixel")) > 1:  # (0028,0002)
+        raise VolumeError(f"{name} holds colour images, and colour images are not supported; give a greyscale "
+                          "CT, MR or PET series")
+    check_grid((max(MIN_SLICES, _series_summary(chosen)["slices"]), _count(first.Rows), _count(first.Columns)),
+               name)  # before any frame loop
+    images = [image for path, header in chosen for image in _images_of(path, header, name)]
+    notes = []
+    images, copies = _without_copies(images)
+    images, other_planes = _largest_group(images)
+    stacked, stack_note = _one_stack(images)
+    if len(stacked) < MIN_SLICES <= len(images):
+        raise VolumeError(f"{name}: its {len(images)} images all lie at one position, so they cannot be stacked "
+                          "into a volume; export the series with its geometry or as NIfTI")
+    images, positions = _sorted_along_normal(stacked)
+    rows, columns = images[0].size
+    check_grid((len(images), rows, columns), name)
+    pixels = _read_pixels(images, rows, columns, name)
+
+    meta: dict[str, Any] = {
+        "manufacturer": str(first.get("Manufacturer", "")),  # (0008,0070)
+        "series_description": str(first.get("SeriesDescription", "")),  # (0008,103E)
+    }
+    for key, keyword in (("window_center", "WindowCenter"), ("window_width", "WindowWidth")):  # (0028,1050/1051)
+        value = _first(first.get(keyword)) if keyword in first else None
+        if value is not None:
+            meta[key] = value
+    step_vector, tilt = _slice_step(images, positions)
+    step, gaps = float(np.median(np.diff(positions))), np.diff(positions)
+    if np.any(np.abs(gaps - step) > 0.1 * step):
+        meta["uneven_gaps"] = (f"slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm (a missing slice?); "
+                               f"the volume is drawn with an even {step:.3g} mm spacing")
+        notes.append(meta["uneven_gaps"])
+    if tilt is not None:
+        meta["gantry_tilt_degrees"] = round(tilt, 2)
+        notes.append(f"the slices were acquired with a {tilt:.1f}° gantry tilt and are shown as acquired, so "
+                     "coronal and sagittal views are sheared by it")
+    if copies:
+        meta["duplicate_slices"] = copies
+        notes.append(f"{copies} image(s) were in the upload twice; each is used once")
+    if other_planes:
+        notes.append(f"{other_planes} image(s) in another slice orientation or of another size (a localizer?) "
+                     "were left out")
+    if stack_note:
+        notes.append(stack_note)
+    if others:
+        meta["other_series"] = [_series_summary(group) for group in others]
+        listed = "; ".join(f"{summary['modality']}, {summary['slices']} image(s)" for summary in meta["other_series"])
+        notes.append(f"the upload holds {len(others)} other series, not shown ({listed}); upload one series at a "
+                     "time to see another")
+    if notes:
+        meta["notes"] = notes
+
+    row_cosines, column_cosines = images[0].orientation[:3], images[0].orientation[3:]
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_cosines * images[0].pixel_spacing[1]  # along a row: column index grows
+    affine_lps[:3, 1] = column_cosines * images[0].pixel_spacing[0]  # down a column: row index grows
+    affine_lps[:3, 2] = step_vector
+    affine_lps[:3, 3] = images[0].position
+    affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
+    return canonical_volume(pixels.transpose(2, 1, 0), affine_ras, _dicom_modality(first), "dicom", name, meta)

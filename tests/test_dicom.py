@@ -1,0 +1,141 @@
+"""DICOM series as scanners and PACS export them: several stacks in one series, tilted gantries, localizers,
+files without a preamble. Each volume's content is known, so a mixed-up slice shows."""
+
+import math
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from conftest import MARKED_SPACING
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_dataset
+
+from medvlm.errors import VolumeError
+from medvlm.volume import load_volume
+from medvlm.writers import save_dicom_series, save_nifti
+
+
+def _edit(files, **attributes) -> None:
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+
+
+def _two_stacks(folder, first, second, **labels):
+    """Two stacks of one series at the same positions, file names shuffled together (as PACS exports name
+    files by UID); labels: keyword → (value of the first stack, value of the second)."""
+    uid = pydicom.uid.generate_uid()
+    stacks = [save_dicom_series(folder, data, MARKED_SPACING, "MR", series_uid=uid, file_names="shuffled")
+              for data in (first, second)]
+    for index, files in enumerate(stacks):
+        _edit(files, **{keyword: values[index] for keyword, values in labels.items()})
+    return stacks
+
+
+def test_the_echoes_of_one_series_are_never_mixed(tmp_path, marked_ct):
+    _two_stacks(tmp_path, marked_ct + 3000, marked_ct, EchoTime=(20.0, 5.0))
+    scan = load_volume(tmp_path)
+    np.testing.assert_array_equal(scan.data, marked_ct)  # every slice from the first echo (5 ms)
+    assert any("echo time 5 ms is shown" in note for note in scan.meta["notes"])
+
+
+def test_diffusion_shows_the_b0_stack_not_directions_mixed(tmp_path, marked_ct):
+    uid = pydicom.uid.generate_uid()
+    for b_value, data in ((1000.0, marked_ct + 100), (0.0, marked_ct), (1000.0, marked_ct + 200)):
+        files = save_dicom_series(tmp_path, data, MARKED_SPACING, "MR", series_uid=uid, file_names="shuffled")
+        _edit(files, DiffusionBValue=b_value)  # two directions share b = 1000: that stack repeats its positions
+    scan = load_volume(tmp_path)
+    np.testing.assert_array_equal(scan.data, marked_ct)
+    assert any("b-value 0 s/mm² is shown" in note for note in scan.meta["notes"])
+
+
+def test_stacks_that_state_nothing_take_the_lowest_instance_at_each_position(tmp_path, marked_ct):
+    _, second = _two_stacks(tmp_path, marked_ct, marked_ct + 3000)
+    for offset, path in enumerate(second):
+        _edit([path], InstanceNumber=100 + offset)
+    scan = load_volume(tmp_path)
+    np.testing.assert_array_equal(scan.data, marked_ct)
+    assert any("lowest instance number is shown" in note for note in scan.meta["notes"])
+
+
+def test_a_tilted_gantry_keeps_its_true_slice_step_and_says_so(tmp_path, marked_ct):
+    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, file_names="shuffled")
+    for index, path in enumerate(files):  # each slice 1.25 mm further posterior: a 26.6° tilt
+        ds = pydicom.dcmread(path)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 1.25 * index, z]
+        ds.save_as(path)
+    scan = load_volume(tmp_path)
+    np.testing.assert_array_equal(scan.data, marked_ct)  # shown as acquired
+    # RAS: one slice up is 2.5 mm superior and 1.25 mm posterior (LPS y grows posterior; RAS y anterior)
+    np.testing.assert_allclose(scan.affine[:3, 0], [0.0, -1.25, 2.5], atol=1e-4)
+    assert scan.meta["gantry_tilt_degrees"] == pytest.approx(math.degrees(math.atan(0.5)), abs=0.01)
+    assert any("gantry tilt" in note for note in scan.meta["notes"])
+    untilted = load_volume(save_dicom_series(tmp_path / "straight", marked_ct, MARKED_SPACING)[0].parent)
+    assert "gantry_tilt_degrees" not in untilted.meta and "notes" not in untilted.meta
+
+
+def test_a_localizer_of_another_size_in_the_series_is_left_out(tmp_path, marked_ct):
+    uid = "1.2.3.4"
+    save_dicom_series(tmp_path / "series", marked_ct, MARKED_SPACING, series_uid=uid)
+    localizer = save_dicom_series(tmp_path / "localizer", np.zeros((2, 32, 32), np.float32), MARKED_SPACING,
+                                  series_uid=uid)
+    _edit(localizer[:1], ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
+    localizer[1].unlink()
+    scan = load_volume([tmp_path / "series", localizer[0]])
+    np.testing.assert_array_equal(scan.data, marked_ct)
+    assert any("another slice orientation or of another size" in note for note in scan.meta["notes"])
+
+
+def test_files_without_preamble_or_file_meta_load(tmp_path, marked_ct):
+    for path in save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, intercept=-1024):
+        ds = pydicom.dcmread(path)
+        del ds.file_meta
+        with open(path, "wb") as handle:  # the bare data set, implicit VR little endian, as old exports wrote it
+            raw = DicomFileLike(handle)
+            raw.is_little_endian, raw.is_implicit_VR = True, True
+            write_dataset(raw, ds)
+    with pytest.raises(pydicom.errors.InvalidDicomError):
+        pydicom.dcmread(next(tmp_path.iterdir()))  # not readable without force
+    np.testing.assert_array_equal(load_volume(tmp_path).data, marked_ct)
+
+
+def test_the_upload_names_what_it_left_out(tmp_path, marked_ct):
+    save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, series_description="abdomen")
+    save_dicom_series(tmp_path, np.zeros((3, 6, 6), np.float32), (5.0, 2.0, 2.0), "MR", series_description="scout")
+    notes = load_volume(tmp_path).meta["notes"]
+    assert notes == ["the upload holds 1 other series, not shown (MR, 3 image(s)); upload one series at a time to "
+                     "see another"]
+
+
+def test_macos_and_windows_clutter_beside_a_scan_is_ignored(tmp_path, marked_ct):
+    nifti = save_nifti(tmp_path / "scan.nii.gz", marked_ct, MARKED_SPACING)
+    with zipfile.ZipFile(tmp_path / "finder.zip", "w") as zipped:  # what macOS Finder's "Compress" writes
+        zipped.write(nifti, "scan.nii.gz")
+        zipped.writestr("__MACOSX/._scan.nii.gz", b"\x00\x05\x16\x07resource fork")
+        zipped.writestr(".DS_Store", b"Bud1")
+    folder = tmp_path / "usb"
+    save_dicom_series(folder, marked_ct, MARKED_SPACING)
+    (folder / "._IM0001.dcm").write_bytes(b"\x00\x05\x16\x07")
+    (folder / "Thumbs.db").write_bytes(b"x")
+    for source in (tmp_path / "finder.zip", folder):
+        np.testing.assert_array_equal(load_volume(source).data, marked_ct)
+
+
+def test_colour_nifti_is_refused_in_one_sentence(tmp_path, marked_ct):
+    rgb = np.zeros(marked_ct.shape[::-1], dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    path = tmp_path / "rgb.nii.gz"
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), path)
+    with pytest.raises(VolumeError, match=r"colour \(RGB\) or complex-valued voxels.*greyscale"):
+        load_volume(path)
+
+
+def test_notes_never_name_the_uploaded_file(tmp_path, marked_ct):
+    data = marked_ct.copy()
+    data[0, 0, :3] = np.nan
+    scan = load_volume(save_nifti(tmp_path / "Doe_Janet_20260114.nii.gz", data, MARKED_SPACING))
+    assert scan.meta["notes"] == ["3 voxels of the scan were not numbers (NaN or infinite) and are shown as -1000"]
