@@ -216,7 +216,7 @@ def encoding_model(checkpoint_or_preset: str, revision: str | None = None) -> Me
     To train from the cache, give the same preset as `train`: a saved checkpoint's encoder weights are
     rounded to its save dtype, so its fingerprint differs.
     """
-    from .pipeline import resolve_checkpoint
+    from .pipeline import load_model, resolve_checkpoint
     from .train import PRESETS, build_encoding_model, load_preset
 
     name = str(checkpoint_or_preset)
@@ -226,8 +226,7 @@ def encoding_model(checkpoint_or_preset: str, revision: str | None = None) -> Me
         except (OSError, ValueError) as error:
             raise UserInputError(f"cannot read the preset {name}: {error}") from None
         return build_encoding_model(preset)
-    folder = resolve_checkpoint(name, revision)
-    return MedVLMForConditionalGeneration.from_pretrained(folder)
+    return load_model(resolve_checkpoint(name, revision), name)
 
 
 def encode_data_folder(checkpoint_or_preset: str, data: str | Path, out: str | Path,

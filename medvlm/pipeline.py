@@ -14,6 +14,7 @@ import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.utils import logging as transformers_logging
 
@@ -26,6 +27,7 @@ from .volume import Volume
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 ENCODING_CACHE_SIZE = 16  # scans whose visual tokens are kept for follow-up questions
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a file that git-lfs never fetched begins
 
 
 @dataclass
@@ -73,6 +75,12 @@ def resolve_checkpoint(checkpoint: str | Path | None, revision: str | None = Non
 
 
 def _check_checkpoint_folder(folder: Path, name: str) -> None:
+    """A MedVLM config.json, and real files rather than the pointers a clone without git-lfs leaves."""
+    pointers = [path.name for path in sorted(folder.iterdir())
+                if path.is_file() and path.stat().st_size < 1024 and path.read_bytes().startswith(LFS_POINTER)]
+    if pointers:
+        raise CheckpointError(f"{name!r} holds Git LFS pointers in place of {', '.join(pointers)} (it was cloned "
+                              f"without git-lfs); install git-lfs and run `git lfs pull` in {folder}")
     config_file = folder / "config.json"
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
@@ -80,6 +88,27 @@ def _check_checkpoint_folder(folder: Path, name: str) -> None:
         raise CheckpointError(f"{name!r} has no readable config.json; it is not a MedVLM checkpoint") from None
     if model_type != "medvlm":
         raise CheckpointError(f"{name!r} is a {model_type!r} model, not a MedVLM checkpoint")
+
+
+def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGeneration:
+    """The model in a checkpoint folder (as `resolve_checkpoint` gives it); `name` is what messages call it.
+
+    A folder that holds no MedVLM checkpoint, Git LFS pointers in place of its files, or weights that
+    cannot be read (a damaged or truncated safetensors file) raise CheckpointError.
+    """
+    _check_checkpoint_folder(folder, name)
+    bar_shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar is noise in the CLI's and app's output
+    try:
+        return MedVLMForConditionalGeneration.from_pretrained(folder, **kwargs)
+    except SafetensorError as error:
+        raise CheckpointError(f"the weights of checkpoint {name!r} are damaged ({error}); download or copy the "
+                              "checkpoint again") from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"could not load the checkpoint {name!r}: {error}") from None
+    finally:
+        if bar_shown:
+            transformers_logging.enable_progress_bar()
 
 
 class _StopOnEvent(StoppingCriteria):
@@ -115,20 +144,14 @@ class Pipeline:
         """
         folder = resolve_checkpoint(checkpoint, revision)
         name = "demo checkpoint" if checkpoint is None else str(checkpoint)
-        _check_checkpoint_folder(folder, name)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        bar_shown = transformers_logging.is_progress_bar_enabled()
-        transformers_logging.disable_progress_bar()  # a "Loading weights" bar is noise in the CLI's and app's output
+        model = load_model(folder, name, dtype=dtype).to(device)
         try:
-            model = MedVLMForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device)
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as error:
-            raise CheckpointError(f"could not load the checkpoint {name!r}: {error}") from None
-        finally:
-            if bar_shown:
-                transformers_logging.enable_progress_bar()
+            raise CheckpointError(f"could not load the tokenizer of checkpoint {name!r}: {error}") from None
         return cls(model, tokenizer, name)
 
     @property

@@ -13,7 +13,7 @@ from tiny_model import build_tiny_model, save_tiny_checkpoint
 
 from medvlm.errors import CheckpointError
 from medvlm.modeling import MedVLMForConditionalGeneration
-from medvlm.pipeline import Pipeline, resolve_checkpoint
+from medvlm.pipeline import DEMO_CHECKPOINT, Pipeline, resolve_checkpoint
 from medvlm.volume import Volume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,6 +162,28 @@ def test_stop_event_ends_generation(pipeline):
     stop.set()
     assert len("".join(stream)) < 400
     assert not any(t.name == "medvlm-generate" for t in threading.enumerate())
+
+
+@pytest.fixture
+def demo_copy(tmp_path) -> Path:
+    """A copy of the shipped demo checkpoint to spoil."""
+    return Path(shutil.copytree(DEMO_CHECKPOINT, tmp_path / "demo-model"))
+
+
+def test_a_checkpoint_cloned_without_git_lfs_says_to_pull(demo_copy):
+    (demo_copy / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n"
+                                                 f"oid sha256:{'0' * 64}\nsize 8800000\n")
+    with pytest.raises(CheckpointError, match="git lfs pull") as raised:
+        Pipeline.from_pretrained(demo_copy)
+    assert "model.safetensors" in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_damaged_weights_are_one_sentence(demo_copy):
+    weights = demo_copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # a download cut short
+    with pytest.raises(CheckpointError, match=r"weights of checkpoint .* are damaged") as raised:
+        Pipeline.from_pretrained(demo_copy)
+    assert "\n" not in str(raised.value)
 
 
 def _hub_cache(cache: Path, repo_id: str, checkpoint: Path) -> None:
