@@ -61,6 +61,10 @@ def cmd_view(args: argparse.Namespace) -> None:
 
 
 def _generation_settings(args: argparse.Namespace) -> dict:
+    """--max-new-tokens, --temperature and --top-p, checked before any scan or model is loaded."""
+    from .pipeline import check_sampling
+
+    check_sampling(args.temperature, args.top_p)
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
 
 
@@ -68,9 +72,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     from .pipeline import Pipeline
     from .volume import load_volume
 
+    settings = _generation_settings(args)
     volume = load_volume(_scan_source(args.scan))
     pipeline = Pipeline.from_pretrained(args.checkpoint, revision=args.revision, device=args.device)
-    _stream(pipeline.report(volume, **_generation_settings(args)))
+    _stream(pipeline.report(volume, **settings))
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
@@ -80,10 +85,11 @@ def cmd_ask(args: argparse.Namespace) -> None:
     *scan, question = args.scan_and_question
     if not scan:
         raise UsageError("ask: give one or more scan paths followed by the question")
+    settings = _generation_settings(args)
     volume = load_volume(_scan_source(scan))
     pipeline = Pipeline.from_pretrained(args.checkpoint, revision=args.revision, device=args.device)
     messages = [{"role": "user", "content": question}]
-    _stream(pipeline.chat(volume, messages, **_generation_settings(args)))
+    _stream(pipeline.chat(volume, messages, **settings))
 
 
 def _csv(text: str) -> list[str]:
@@ -101,12 +107,21 @@ def _lesion_size(text: str) -> tuple[float, float]:
     return low, high
 
 
+def _npy_shape(text: str) -> tuple[int, int, int]:
+    """"32,256,256" → (32, 256, 256): the Z,Y,X size of the M3D arrays."""
+    try:
+        npy_shape = tuple(int(side) for side in _csv(text))
+    except ValueError:
+        npy_shape = ()
+    if len(npy_shape) != 3 or min(npy_shape) < 1:
+        raise UsageError("phantom: --npy-shape takes three whole numbers of voxels, Z,Y,X (e.g. 32,256,256)")
+    return npy_shape
+
+
 def cmd_phantom(args: argparse.Namespace) -> None:
     from .phantom import write_phantom_set
 
-    npy_shape = tuple(int(side) for side in _csv(args.npy_shape))
-    if len(npy_shape) != 3:
-        raise UsageError("phantom: --npy-shape takes three sizes, Z,Y,X (e.g. 32,256,256)")
+    npy_shape = _npy_shape(args.npy_shape)
     lesion_size = _lesion_size(args.lesion_size) if args.lesion_size else None
     summary = write_phantom_set(args.out, n=args.n, seed=args.seed, modalities=tuple(_csv(args.modality)),
                                 formats=tuple(_csv(args.format)), split=args.split, matrix=args.matrix,
@@ -181,11 +196,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(json.dumps(figures) if args.json else summary_table(figures))
 
 
+def _device(text: str) -> str:
+    """--device, checked against this machine when it is parsed (argparse reports the sentence)."""
+    from .pipeline import resolve_device
+
+    try:
+        return resolve_device(text)
+    except UserInputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint folder or Hugging Face Hub repo id (default: the demo checkpoint)")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit of --checkpoint")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    parser.add_argument("--device", type=_device, default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when there is one)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -281,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--data", required=True, help="M3D-format data folder")
     evaluation.add_argument("--split", default="test")
     evaluation.add_argument("--limit", type=int, default=None, help="score only the first N scans")
-    evaluation.add_argument("--device", default=None)
+    evaluation.add_argument("--device", type=_device, default=None,
+                            help="cpu, cuda or cuda:N (default: cuda when there is one)")
     evaluation.add_argument("--pretty", action="store_true", help="indent the JSON")
     evaluation.add_argument("--max-new-tokens", type=int, default=256, help="M3D's protocol: 256")
     evaluation.set_defaults(run=cmd_eval)

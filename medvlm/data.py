@@ -4,7 +4,8 @@
     root/M3D_VQA_{train,val,test}.csv    Image Path, Text, Question Type, Question, Choice A..D, Answer, Answer Choice
 
 Every sample is a two-turn chat (user prompt, assistant reference) about one scan, with image
-paths relative to `root`. `build_labels` turns a chat into token ids and training labels.
+paths relative to `root`. `build_labels` turns a chat into token ids and training labels. A folder
+that is not in the M3D layout raises UserInputError.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from .errors import UserInputError
 from .prompt import prompt_text
 
 REPORT_PROMPT = "Write a radiology report for this scan."  # the prompt used at inference and evaluation
@@ -50,9 +52,10 @@ class Sample:
     answer_choice: str | None = None  # "A".."D" for closed-ended questions, else None
 
 
-def _check_split(split: str) -> None:
+def check_split(split: str) -> None:
+    """An M3D split name: train, validation or test."""
     if split not in VQA_FILES:
-        raise ValueError(f"unknown split {split!r}; use one of {', '.join(VQA_FILES)}")
+        raise UserInputError(f"unknown split {split!r}; use one of {', '.join(VQA_FILES)}")
 
 
 def _chat(prompt: str, reference: str) -> list[dict]:
@@ -64,19 +67,27 @@ def read_m3d_cap(root: str | Path, split: str, prompts: tuple[str, ...] = (REPOR
 
     With several `prompts`, item i gets prompts[i % len(prompts)] (deterministic variety for training).
     """
-    _check_split(split)
+    check_split(split)
     root = Path(root)
     path = root / CAP_FILE
     if not path.is_file():
-        raise ValueError(f"no {CAP_FILE} in {root}; point to a folder in the M3D-Cap layout")
-    table = json.loads(path.read_text())
+        raise UserInputError(f"no {CAP_FILE} in {root}; point to a folder in the M3D-Cap layout")
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise UserInputError(f"{path} is not valid JSON ({error}); M3D-Cap needs keys train, validation and "
+                             "test") from None
     if not isinstance(table, dict) or split not in table:
-        raise ValueError(f"{path} has no {split!r} list; M3D-Cap needs keys train, validation and test")
+        raise UserInputError(f"{path} has no {split!r} list; M3D-Cap needs keys train, validation and test")
     samples = []
     for index, item in enumerate(table[split]):
-        if not {"image", "text"} <= set(item):
-            raise ValueError(f"item {index} of {split!r} in {path} lacks 'image' or 'text'; both are required")
-        report = (root / item["text"]).read_text(encoding="utf-8").strip()
+        if not isinstance(item, dict) or not {"image", "text"} <= set(item):
+            raise UserInputError(f"item {index} of {split!r} in {path} lacks 'image' or 'text'; both are required")
+        try:
+            report = (root / item["text"]).read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise UserInputError(f"cannot read the report {item['text']} of item {index} of {split!r} in {path} "
+                                 f"({error.strerror or error}); restore it or fix {CAP_FILE}") from None
         samples.append(Sample(item["image"], _chat(prompts[index % len(prompts)], report), "report"))
     return samples
 
@@ -92,16 +103,16 @@ def read_m3d_vqa(root: str | Path, split: str, closed: bool = True, open: bool =
 
     Closed: prompt `closed_prompt(row)`, reference "<letter>. <answer>"; open: the question, the answer.
     """
-    _check_split(split)
+    check_split(split)
     path = Path(root) / VQA_FILES[split]
     if not path.is_file():
-        raise ValueError(f"no {VQA_FILES[split]} in {root}; point to a folder in the M3D-VQA layout")
+        raise UserInputError(f"no {VQA_FILES[split]} in {root}; point to a folder in the M3D-VQA layout")
     samples = []
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in VQA_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path} lacks the M3D-VQA columns {missing}; expected {', '.join(VQA_COLUMNS)}")
+            raise UserInputError(f"{path} lacks the M3D-VQA columns {missing}; expected {', '.join(VQA_COLUMNS)}")
         for row in reader:
             question_type = int(row["Question Type"])
             letter = row["Answer Choice"].strip()

@@ -23,6 +23,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .data import GROUND_TRUTH_FILE, Sample
+from .errors import UserInputError
 from .features import process_state
 from .metrics import closed_accuracy, finding_metrics, open_metrics, report_metrics
 from .pipeline import Pipeline
@@ -75,7 +76,8 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test
     root = Path(data)
     samples = [s for s in read_samples(root, split) if tasks is None or s.task in tasks]
     if not samples:
-        raise ValueError(f"{root} holds no {split} samples (M3D_Cap.json / M3D_VQA CSVs)")
+        raise UserInputError(f"{root} holds no {split} samples (M3D_Cap.json / M3D_VQA CSVs); point to a folder "
+                             f"with a {split} split")
     images = list(dict.fromkeys(s.image for s in samples))[:limit]
     keep = set(images)
     samples = [s for s in samples if s.image in keep]

@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from .data import GROUND_TRUTH_FILE, VQA_FILES
+from .errors import UserInputError
 from .phantom_text import VQA_COLUMNS
 
 if TYPE_CHECKING:  # phantom.py re-exports write_phantom_set, so it is imported lazily here
@@ -90,7 +91,7 @@ def _write_volume(phantom: Phantom, stem: Path, fmt: str, npy_shape: tuple[int, 
                           series_description=f"phantom {phantom.phase}", slope=slope, intercept=intercept)
         suffix = "_dicom"
     else:
-        raise ValueError(f"unknown phantom format {fmt!r}; use one of {', '.join(FORMATS)}")
+        raise UserInputError(f"unknown phantom format {fmt!r}; use one of {', '.join(FORMATS)}")
     return suffix, {"shape": list(phantom.data.shape), "spacing": list(phantom.spacing),
                     "lesions": _lesion_truth(phantom, None)}
 
@@ -99,7 +100,7 @@ def assign_splits(n: int, seed: int, split: str | None, fractions: tuple[float, 
     """Split name per volume index: all `split`, or shuffled train/validation/test by `fractions`."""
     if split is not None:
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+            raise UserInputError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         return [split] * n
     order = np.random.default_rng([seed, 7919]).permutation(n)
     n_val = max(round(n * fractions[1]), 1 if n >= 3 else 0)  # from 3 volumes on, no split is empty
@@ -117,16 +118,16 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
     Volume i is `make_phantom([seed, i], modality, matrix=matrix, lesion_size_mm=lesion_size_mm)`.
     npy_shape: (Z, Y, X) of the M3D arrays, e.g. (32, 96, 96) for fast training; lesion_size_mm:
     (min, max) diameter of every lesion, e.g. (2, 8) for the small-lesion benchmark. Returns a
-    summary: out, n, per-split counts, files.
+    summary: out, n, per-split counts, files. A bad count, modality, format or split raises UserInputError.
     """
     from .phantom import make_phantom
 
     if n < 1:
-        raise ValueError(f"cannot write {n} phantoms; ask for at least 1")
+        raise UserInputError(f"cannot write {n} phantoms; ask for at least 1")
     bad = [f for f in formats if f not in FORMATS] + [m for m in modalities if m.lower() not in ("ct", "mr", "pt")]
     if bad or not formats or not modalities:
-        raise ValueError(f"cannot write phantoms with modalities {list(modalities)} and formats {list(formats)}; "
-                         "use modalities from ct, mr, pt and formats from npy, nifti, dicom")
+        raise UserInputError(f"cannot write phantoms with modalities {list(modalities)} and formats {list(formats)}; "
+                             "use modalities from ct, mr, pt and formats from npy, nifti, dicom")
     out = Path(out_dir)
     splits = assign_splits(n, seed, split)
     captions: dict[str, list] = {name: [] for name in SPLITS}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -18,7 +19,7 @@ from safetensors import SafetensorError
 from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.utils import logging as transformers_logging
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UserInputError
 from .limits import MAX_NEW_TOKENS
 from .modeling import MedVLMForConditionalGeneration
 from .preprocess import encoder_input
@@ -111,6 +112,33 @@ def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGenerat
             transformers_logging.enable_progress_bar()
 
 
+def resolve_device(device: str | None) -> str:
+    """"cpu", "cuda" or "cuda:N" as given, checked against this machine; None: "cuda" when there is one."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserInputError(f"unknown device {device!r}; use cpu, cuda or cuda:N (N counts the GPUs from 0)")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserInputError(f"device {device!r} needs a CUDA GPU and a CUDA build of torch, and this machine "
+                                 "has none; use cpu")
+        if ":" in device and int(device.split(":")[1]) >= count:
+            raise UserInputError(f"there is no {device}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                                 f"cuda:{count - 1}")
+    return device
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Generation settings a user gives: temperature ≥ 0 (0 is greedy decoding), 0 < top_p ≤ 1."""
+    if not temperature >= 0:
+        raise UserInputError(f"temperature {temperature} is negative; use 0 for greedy decoding or a value above "
+                             "0 to sample")
+    if not 0 < top_p <= 1:
+        raise UserInputError(f"top-p {top_p} is out of range; use a value above 0 and at most 1 (1 keeps every "
+                             "token)")
+
+
 class _StopOnEvent(StoppingCriteria):
     """Ends generation when the event is set: the user pressed stop or the client went away."""
 
@@ -140,11 +168,13 @@ class Pipeline:
                         device: str | None = None, dtype: torch.dtype | str | None = None) -> Pipeline:
         """Load from a folder, a Hub repo id (at `revision`), or None for the demo checkpoint.
 
-        device: "cuda" when available unless given; dtype: bfloat16 on CUDA, float32 on CPU.
+        device: "cpu", "cuda" or "cuda:N" (`resolve_device`), "cuda" when available unless given;
+        dtype: bfloat16 on CUDA, float32 on CPU. Raises CheckpointError or, for a device this machine
+        lacks, UserInputError.
         """
+        device = resolve_device(device)
         folder = resolve_checkpoint(checkpoint, revision)
         name = "demo checkpoint" if checkpoint is None else str(checkpoint)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         model = load_model(folder, name, dtype=dtype).to(device)
@@ -208,11 +238,12 @@ class Pipeline:
         """Stream the assistant's next answer in a conversation about the scan.
 
         messages: [{"role": "user" | "assistant", "content": str}, ...] ending with the user's
-        question. temperature 0 is greedy decoding. Setting `stop` (or closing the generator)
-        ends the generation thread.
+        question. temperature 0 is greedy decoding, above 0 samples within top_p (0 < top_p ≤ 1); other
+        values raise UserInputError. Setting `stop` (or closing the generator) ends the generation thread.
         """
         if not messages or messages[-1]["role"] != "user":
             raise ValueError("the conversation must end with a user message")
+        check_sampling(temperature, top_p)
         encoding = self.encode(volume)
         config = self.model.config
         text = prompt_text(self.tokenizer, messages, config.image_token, config.num_visual_tokens,

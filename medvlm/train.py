@@ -42,6 +42,7 @@ from .data import (
     REPORT_PROMPTS,
     VQA_FILES,
     Sample,
+    check_split,
     read_m3d_cap,
     read_m3d_vqa,
 )
@@ -84,9 +85,11 @@ def load_preset(name_or_path: str) -> dict:
 
 def read_samples(root: Path, split: str, prompts: tuple[str, ...] = (REPORT_PROMPT,)) -> list[Sample]:
     """Report and VQA samples of one split of an M3D-format folder (M3D-Cap, M3D-VQA, or both)."""
+    check_split(split)
     root = Path(root)
     if not (root / CAP_FILE).exists() and not (root / VQA_FILES[split]).exists():
-        raise ValueError(f"{root} holds neither {CAP_FILE} nor {VQA_FILES[split]}; point to an M3D-format folder")
+        raise UserInputError(f"{root} holds neither {CAP_FILE} nor {VQA_FILES[split]}; point to an M3D-format "
+                             "folder")
     samples = read_m3d_cap(root, split, prompts) if (root / CAP_FILE).exists() else []
     return samples + (read_m3d_vqa(root, split) if (root / VQA_FILES[split]).exists() else [])
 
@@ -416,6 +419,12 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     if features is not None and not (Path(features) / "features.json").is_file():
         raise UserInputError(f"no feature cache (features.json) in {features}; run `python -m medvlm features`")
     root, out = Path(data), Path(out)
+    # A data folder of the wrong shape stops the run here, before anything is written.
+    train_samples = read_samples(root, "train", prompts=REPORT_PROMPTS)
+    val_samples = read_samples(root, "validation")
+    if not train_samples:
+        raise UserInputError(f"{root} holds no training samples (M3D_Cap.json / M3D_VQA_train.csv); point to a "
+                             "folder with a train split")
     work = Path(work) if work else out.with_name(out.name + "-training")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -426,10 +435,6 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     set_seed(seed)
     random.seed(seed)
     started = time.perf_counter()
-    train_samples = read_samples(root, "train", prompts=REPORT_PROMPTS)
-    val_samples = read_samples(root, "validation")
-    if not train_samples:
-        raise ValueError(f"{root} holds no training samples (M3D_Cap.json / M3D_VQA_train.csv)")
     tokenizer = build_tokenizer(preset, train_samples)
     images = sorted({s.image for s in train_samples})
     model, encoder_summary = build_model(preset, tokenizer, root, images, accelerator.is_local_main_process, seed,

@@ -93,10 +93,14 @@ def render_slice(volume: Volume, plane: str, index: int | None = None, window: s
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write a uint8 (H, W) grey image as PNG; a folder that does not exist is a user error."""
+    """Write a uint8 (H, W) grey image as PNG; a path that cannot be written (a missing folder, a folder's
+    own name, no permission) is a user error."""
     path = Path(path)
     if not path.parent.is_dir():
         raise UserInputError(f"cannot write {path}: folder {path.parent} does not exist; create it or choose "
                              "another --out")
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path, format="PNG")
+    try:
+        Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path, format="PNG")
+    except OSError as error:
+        raise UserInputError(f"cannot write {path}: {error.strerror or error}; choose another --out") from None
     return path

@@ -11,9 +11,9 @@ import pytest
 import torch
 from tiny_model import build_tiny_model, save_tiny_checkpoint
 
-from medvlm.errors import CheckpointError
+from medvlm.errors import CheckpointError, UserInputError
 from medvlm.modeling import MedVLMForConditionalGeneration
-from medvlm.pipeline import DEMO_CHECKPOINT, Pipeline, resolve_checkpoint
+from medvlm.pipeline import DEMO_CHECKPOINT, Pipeline, resolve_checkpoint, resolve_device
 from medvlm.volume import Volume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,6 +162,26 @@ def test_stop_event_ends_generation(pipeline):
     stop.set()
     assert len("".join(stream)) < 400
     assert not any(t.name == "medvlm-generate" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"temperature": 0.5, "top_p": 5.0}, "top-p 5.0 is out of range"),
+    ({"temperature": 0.5, "top_p": 0.0}, "top-p 0.0 is out of range"),
+    ({"temperature": -1.0, "top_p": 0.9}, "temperature -1.0 is negative"),
+])
+def test_sampling_settings_out_of_range_are_one_sentence(pipeline, settings, message):
+    with pytest.raises(UserInputError, match=message) as raised:
+        pipeline.chat(ct_volume(), [{"role": "user", "content": "Describe."}], max_new_tokens=4, **settings)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_device_this_machine_lacks_is_one_sentence():
+    with pytest.raises(UserInputError, match="unknown device 'gpu'; use cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserInputError, match="needs a CUDA GPU"):
+            resolve_device("cuda:0")
+    assert resolve_device("cpu") == "cpu"
 
 
 @pytest.fixture

@@ -1,0 +1,85 @@
+"""A user's mistake on the command line ends with exit status 2 and one sentence on stderr, never a traceback."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from medvlm.__main__ import main
+from medvlm.pipeline import DEMO_CHECKPOINT
+
+ROOT = Path(__file__).resolve().parent.parent
+SCAN = ROOT / "assets" / "examples" / "ct_chest_abdomen.nii.gz"
+
+
+def refused(capsys, *args) -> str:
+    """Run the command line; it must exit 2 with one line on stderr. That line."""
+    status = main([str(arg) for arg in args])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
+    return error
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--n", "0"], "cannot write 0 phantoms; ask for at least 1"),
+    (["--n", "1", "--modality", "xx"], "use modalities from ct, mr, pt"),
+    (["--n", "1", "--npy-shape", "a,b,c"], "--npy-shape takes three whole numbers"),
+    (["--n", "1", "--npy-shape", "32,0,256"], "--npy-shape takes three whole numbers"),
+    (["--n", "1", "--split", "training"], "unknown split 'training'"),
+])
+def test_phantom_with_a_bad_option(tmp_path, capsys, options, message):
+    assert message in refused(capsys, "phantom", tmp_path / "phantoms", *options)
+    assert not (tmp_path / "phantoms").exists()
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    (lambda tmp_path: tmp_path, "Is a directory"),  # --out names a folder
+    (lambda tmp_path: "/proc/slice.png", "No such file or directory"),  # a folder where no file can be made
+])
+def test_view_to_a_path_that_cannot_be_written(tmp_path, capsys, out, message):
+    error = refused(capsys, "view", SCAN, "--out", out(tmp_path))
+    assert message in error and "choose another --out" in error
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--device", "gpu"], "unknown device 'gpu'; use cpu, cuda or cuda:N"),
+    pytest.param(["--device", "cuda"], "needs a CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
+    (["--device", "cuda:64"], "cuda:64"),
+    (["--temperature", "0.5", "--top-p", "5"], "top-p 5.0 is out of range; use a value above 0 and at most 1"),
+    (["--temperature", "0.5", "--top-p", "-0.5"], "top-p -0.5 is out of range"),
+    (["--temperature", "-1"], "temperature -1.0 is negative"),
+])
+def test_report_and_ask_with_bad_model_options(capsys, options, message):
+    assert message in refused(capsys, "report", SCAN, *options)
+    assert message in refused(capsys, "ask", SCAN, "Where is the lesion?", *options)
+
+
+@pytest.mark.parametrize("weights", ["lfs pointer", "damaged"])
+def test_report_with_a_spoiled_checkpoint(tmp_path, capsys, weights):
+    checkpoint = Path(shutil.copytree(DEMO_CHECKPOINT, tmp_path / "demo-model"))
+    file = checkpoint / "model.safetensors"
+    if weights == "lfs pointer":  # a clone without git-lfs
+        file.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'0' * 64}\nsize 8800000\n")
+    else:  # a download cut short
+        file.write_bytes(file.read_bytes()[:5000])
+    error = refused(capsys, "report", SCAN, "--checkpoint", checkpoint)
+    assert ("git lfs pull" if weights == "lfs pointer" else "are damaged") in error
+
+
+@pytest.mark.parametrize(("command", "message"), [
+    (["eval"], "holds neither M3D_Cap.json nor M3D_VQA_test.csv"),
+    (["eval", "--device", "gpu"], "unknown device 'gpu'"),
+    (["eval", "--split", "testing"], "unknown split 'testing'"),
+    (["train", "--out", "{tmp}/checkpoint"], "holds neither M3D_Cap.json nor M3D_VQA_train.csv"),
+    (["features", "--checkpoint-or-preset", "demo", "--out", "{tmp}/features"], "holds neither M3D_Cap.json"),
+])
+def test_commands_on_a_folder_that_is_not_m3d_data(tmp_path, capsys, command, message):
+    data = tmp_path / "not-m3d"
+    data.mkdir()
+    (data / "notes.txt").write_text("no M3D_Cap.json here\n")
+    args = [arg.format(tmp=tmp_path) for arg in command]
+    assert message in refused(capsys, *args, "--data", data)
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "features").exists()
