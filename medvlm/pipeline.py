@@ -6,6 +6,7 @@ import json
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -160,7 +161,10 @@ class Pipeline:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
-        self._encodings: OrderedDict[str, Encoding] = OrderedDict()
+        self._encodings: OrderedDict[str, Encoding] = OrderedDict()  # by fingerprint, least recently used first
+        # By fingerprint, the volumes (one per session, by id) that use its encoding: the encoding is dropped
+        # when the last one is forgotten. Weak, so a volume dropped without `forget` stops counting.
+        self._holders: dict[str, weakref.WeakValueDictionary[int, Volume]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -198,9 +202,14 @@ class Pipeline:
     # Encoding ---------------------------------------------------------------------------------
 
     def encode(self, volume: Volume) -> Encoding:
-        """Stages 1–5 for one scan, once: a second call with the same content returns the cache."""
+        """Stages 1–5 for one scan, once: a second call with the same content returns the cache.
+
+        The volume holds the cached encoding until `forget(volume)`; a volume forgotten while it was
+        being encoded gets its encoding back, but it is not cached.
+        """
         key = volume.fingerprint
         with self._lock:
+            self._holders.setdefault(key, weakref.WeakValueDictionary())[id(volume)] = volume
             if key in self._encodings:
                 self._encodings.move_to_end(key)
                 return self._encodings[key]
@@ -216,15 +225,25 @@ class Pipeline:
         encoding = Encoding(visual.visual_tokens, kept, scan.total,
                             {"preprocess_s": prepared - start, "encode_s": done - prepared})
         with self._lock:
+            if id(volume) not in self._holders.get(key, {}):  # forgotten meanwhile: its session has ended
+                return encoding
             self._encodings[key] = encoding
             while len(self._encodings) > ENCODING_CACHE_SIZE:
-                self._encodings.popitem(last=False)
+                evicted, _ = self._encodings.popitem(last=False)
+                self._holders.pop(evicted, None)
         return encoding
 
     def forget(self, volume: Volume) -> None:
-        """Drop a scan's cached visual tokens (its session ended)."""
+        """This volume's session is done with the scan: its cached visual tokens are dropped once no
+        other volume with the same content (another session on the same example) holds them."""
+        key = volume.fingerprint
         with self._lock:
-            self._encodings.pop(volume.fingerprint, None)
+            holders = self._holders.get(key)
+            if holders is not None:
+                holders.pop(id(volume), None)
+            if not holders:
+                self._holders.pop(key, None)
+                self._encodings.pop(key, None)
 
     # Text -------------------------------------------------------------------------------------
 

@@ -164,6 +164,36 @@ def test_stop_event_ends_generation(pipeline):
     assert not any(t.name == "medvlm-generate" for t in threading.enumerate())
 
 
+def test_one_session_forgetting_a_shared_scan_keeps_it_for_the_others(pipeline):
+    """Two sessions on the same example hold two volumes with the same content: one closing keeps the other's
+    visual tokens; the last one closing drops them."""
+    first, second = ct_volume(seed=4), ct_volume(seed=4)
+    pipeline.encode(first)
+    pipeline.encode(second)
+    pipeline.encode(first)  # a follow-up turn of the first session holds nothing more
+    pipeline.forget(first)
+    assert first.fingerprint in pipeline._encodings
+    pipeline.forget(first)  # forgetting twice changes nothing either
+    assert first.fingerprint in pipeline._encodings
+    pipeline.forget(second)
+    assert first.fingerprint not in pipeline._encodings
+
+
+def test_a_scan_forgotten_while_it_is_encoded_is_not_cached(pipeline, monkeypatch):
+    """The session ends (a new scan, the tab closed) while its scan is still being encoded."""
+    volume = ct_volume(seed=5)
+    original = pipeline.model.choose_slices
+
+    def choose_slices_then_session_ends(*args, **kwargs):
+        pipeline.forget(volume)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.model, "choose_slices", choose_slices_then_session_ends)
+    encoding = pipeline.encode(volume)
+    assert encoding.kept_slices  # the caller still gets its answer
+    assert volume.fingerprint not in pipeline._encodings
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     ({"temperature": 0.5, "top_p": 5.0}, "top-p 5.0 is out of range"),
     ({"temperature": 0.5, "top_p": 0.0}, "top-p 0.0 is out of range"),
