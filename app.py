@@ -326,12 +326,19 @@ def jump_to_kept(session: ScanSession | None, kept: str | None, window: str | No
 
 
 def encode_scan(session: ScanSession | None, plane: str, window: str | None, slice_number: float | None):
-    """Encode the scan once (the model's slice selection); show which slices it kept."""
+    """Encode the scan once (the model's slice selection); show which slices it kept.
+
+    A scan replaced while it was being encoded changes nothing on the page.
+    """
     if session is None or session.volume is None:
         return gr.skip(), gr.skip(), gr.skip()
+    volume = session.volume
     start = time.perf_counter()
-    session.kept_slices = encode_on_gpu(session.volume)
-    total = slice_count(session.volume, "axial")
+    kept_slices = encode_on_gpu(volume)
+    if _scan_replaced(session, volume):
+        return gr.skip(), gr.skip(), gr.skip()
+    session.kept_slices = kept_slices
+    total = slice_count(volume, "axial")
     status = (f"Ready: the model looked at {len(session.kept_slices)} of {total} axial slices "
               f"({time.perf_counter() - start:.1f} s). Generate a report or ask a question.")
     choices = [str(k + 1) for k in session.kept_slices]
@@ -358,23 +365,26 @@ def model_badge(pipeline: Pipeline) -> str:
 def generate_report(session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float):
     """Stream a report of the session's scan; at the end, offer it as a Markdown download.
 
-    Yields (report markdown, download button update).
+    Yields (report markdown, download button update); nothing more once a new scan replaced this one.
     """
     if session is None or session.volume is None:
         gr.Warning("Upload a scan first.")
         yield "*Upload a scan first.*", gr.skip()
         return
+    volume = session.volume
     session.report = ""
-    for chunk in _stream(session, None, max_new_tokens, temperature, top_p):
+    for chunk in _stream(session, volume, None, max_new_tokens, temperature, top_p):
         session.report += chunk
         yield session.report, gr.skip()
+    if _scan_replaced(session, volume):
+        return
     yield session.report, gr.update(value=str(_write_report(session)), visible=True)
 
 
 def chat(question: str, session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float):
     """One turn: the question joins the conversation about the scan, the answer streams in.
 
-    Yields (chatbot messages, question box value).
+    Yields (chatbot messages, question box value); nothing more once a new scan replaced this one.
     """
     question = (question or "").strip()
     if session is None or session.volume is None:
@@ -384,21 +394,29 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
     if not question:
         yield list(session.messages), ""
         return
+    volume = session.volume
     session.messages.append({"role": "user", "content": question})
     history = [dict(message) for message in session.messages]
     answer = ""
     try:
-        for chunk in _stream(session, history, max_new_tokens, temperature, top_p):
+        for chunk in _stream(session, volume, history, max_new_tokens, temperature, top_p):
             answer += chunk
             yield [*session.messages, {"role": "assistant", "content": answer}], ""
-    finally:  # a stopped answer stays in the conversation as far as it got
-        session.messages.append({"role": "assistant", "content": answer})
+    finally:  # a stopped answer stays in the conversation as far as it got; a replaced scan's conversation is gone
+        if session.volume is volume:
+            session.messages.append({"role": "assistant", "content": answer})
+    if _scan_replaced(session, volume):
+        return
     yield list(session.messages), ""
 
 
-def _stream(session: ScanSession, messages: list[dict] | None, max_new_tokens: float, temperature: float,
-            top_p: float) -> Iterator[str]:
-    """Text chunks of one generation, with a stop event the Stop button (or a new scan) can set."""
+def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, max_new_tokens: float,
+            temperature: float, top_p: float) -> Iterator[str]:
+    """Text chunks of one generation about `volume`, with a stop event the Stop button (or a new scan) can set.
+
+    The chunks stop as soon as the session's scan is no longer `volume`. Settings out of range (an API
+    client can send any) end it with the pipeline's sentence.
+    """
     stop_generation(session)
     key = f"{id(session)}-{time.monotonic_ns()}"
     stop = _STOP_EVENTS[key] = threading.Event()
@@ -406,16 +424,30 @@ def _stream(session: ScanSession, messages: list[dict] | None, max_new_tokens: f
     max_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
     if int(max_new_tokens) > MAX_NEW_TOKENS:
         gr.Warning(f"At most {MAX_NEW_TOKENS} new tokens are generated per answer; asked for {int(max_new_tokens)}.")
-    chunks = stream_on_gpu(session.volume, messages, key, max_tokens, float(temperature), float(top_p))
+    chunks = stream_on_gpu(volume, messages, key, max_tokens, float(temperature), float(top_p))
     try:
         for chunk in chunks:
-            if stop.is_set():
+            if stop.is_set() or session.volume is not volume:
                 break
             yield chunk
+    except UserInputError as error:
+        raise gr.Error(str(error)) from None
     finally:  # closing the pipeline's stream sets its stop event and joins its thread
         stop.set()
         chunks.close()
         _STOP_EVENTS.pop(key, None)
+
+
+def _scan_replaced(session: ScanSession, volume: Volume) -> bool:
+    """Whether a new scan replaced `volume` (the one a handler started on) in this session.
+
+    If so, `volume`'s visual tokens are forgotten once more: the handler's own work may have cached
+    them after the session let them go.
+    """
+    if session.volume is volume:
+        return False
+    PIPELINE.forget(volume)
+    return True
 
 
 def stop_generation(session: ScanSession | None) -> None:
@@ -542,6 +574,7 @@ def build_demo() -> gr.Blocks:
         viewer = {"show_progress": "hidden", "concurrency_limit": 4}
         gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}
         loading = {"show_progress": "minimal", "concurrency_limit": 4}  # reading a big series takes seconds
+        load_triggers = [upload.upload, folder_upload.upload, example_picker.click]
         loads = {
             "scan": upload.upload(load_scan, [upload, session], scan_outputs, api_name="load_scan", **loading),
             "folder": folder_upload.upload(load_scan, [folder_upload, session], scan_outputs, api_name="load_folder",
@@ -549,10 +582,11 @@ def build_demo() -> gr.Blocks:
             "example": example_picker.click(load_example, [example_picker, session], scan_outputs,
                                             api_name="load_example", **loading),
         }
+        encodes = []
         for kind, loaded in loads.items():  # after any load: encode and draw; the upload's chain is the API's
             visibility = "public" if kind == "scan" else "private"
-            loaded.then(encode_scan, [session, plane, window, slice_slider], [status, kept, slice_view],
-                        api_name=f"encode_{kind}", api_visibility=visibility, **gpu)
+            encodes.append(loaded.then(encode_scan, [session, plane, window, slice_slider], [status, kept, slice_view],
+                                       api_name=f"encode_{kind}", api_visibility=visibility, **gpu))
             loaded.then(show_3d, [session, threshold], plot, api_name=f"{kind}_3d", api_visibility=visibility,
                         **viewer)
 
@@ -580,6 +614,8 @@ def build_demo() -> gr.Blocks:
         stop_button.click(stop_generation, session, None, cancels=running, api_name="stop", queue=False)
         clear_button.click(clear_conversation, session, [chatbot, report, download], cancels=running,
                            api_name="clear", queue=False)
+        # A new scan cancels what still works on the old one (a handler already running also stops itself).
+        gr.on(load_triggers, None, None, None, cancels=[*running, *encodes], queue=False, api_visibility="private")
         demo.unload(end_session)
     return demo
 

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import gradio as gr
 import numpy as np
 import pytest
 
@@ -211,6 +212,68 @@ def test_stop_ends_the_generation_thread(app_module, ct_nifti):
     rest = list(stream)
     assert len(rest) < 900
     assert not [t for t in threading.enumerate() if t.name == "medvlm-generate"]
+
+
+def _another_scan(tmp_path, seed: int) -> Path:
+    """A CT of its own content (its visual tokens are cached by no earlier test)."""
+    return save_nifti(tmp_path / f"other-{seed}.nii.gz", torso_ct(seed=seed), (5.0, 1.0, 1.0), modality="CT")
+
+
+def test_a_new_scan_while_the_report_streams_ends_the_report_quietly(app_module, ct_nifti, tmp_path):
+    session, _ = loaded(app_module, [ct_nifti])
+    stream = app_module.generate_report(session, 1000, 0.0, 1.0)
+    next(stream)
+    fresh, _ = loaded(app_module, [_another_scan(tmp_path, 21)], session)  # the user uploads another scan
+    assert list(stream) == []  # no more text, and no download of the old scan's report
+    assert fresh.report == "" and fresh.folder is None
+    assert not [t for t in threading.enumerate() if t.name == "medvlm-generate"]
+
+
+def test_a_new_scan_while_an_answer_streams_keeps_it_out_of_the_new_conversation(app_module, ct_nifti, tmp_path):
+    session, _ = loaded(app_module, [ct_nifti])
+    stream = app_module.chat("Where is the lesion?", session, 1000, 0.0, 1.0)
+    next(stream)
+    fresh, _ = loaded(app_module, [_another_scan(tmp_path, 22)], session)
+    assert list(stream) == []  # the chatbot now shows the new scan's (empty) conversation, and keeps it
+    assert fresh.messages == []
+
+
+def test_an_example_picked_while_the_scan_is_encoded_changes_nothing(app_module, tmp_path, monkeypatch):
+    """The old scan's kept slices do not reach the new scan's page, and its visual tokens are not cached."""
+    session, _ = loaded(app_module, [_another_scan(tmp_path, 23)])
+    old_fingerprint = session.volume.fingerprint
+    model = app_module.PIPELINE.model
+    choose = model.choose_slices
+    replaced = []
+
+    def choose_while_another_scan_loads(*args, **kwargs):
+        replaced.append(loaded(app_module, [_another_scan(tmp_path, 24)], session)[0])
+        return choose(*args, **kwargs)
+
+    monkeypatch.setattr(model, "choose_slices", choose_while_another_scan_loads)
+    outputs = app_module.encode_scan(session, "axial", "soft tissue", 21)
+    assert replaced and outputs == (gr.skip(),) * 3
+    assert replaced[0].kept_slices == []
+    assert old_fingerprint not in app_module.PIPELINE._encodings
+
+
+def test_a_new_scan_cancels_the_model_events_of_the_old_one(app_module):
+    """Uploading, uploading a folder or picking an example cancels a report, an answer or an encoding in flight."""
+    functions = app_module.demo.fns.values()
+    ids = {function.api_name: function._id for function in functions}
+    model_events = {ids[name] for name in ("report", "chat", "chat_submit", "chat_suggested", "encode_scan",
+                                           "encode_folder", "encode_example")}
+    for load in ("load_scan", "load_folder", "load_example"):
+        (target,) = app_module.demo.fns[ids[load]].targets
+        cancelled = {fn_id for function in functions if target in function.targets for fn_id in function.cancels}
+        assert model_events <= cancelled, load
+
+
+def test_generation_settings_out_of_range_get_one_sentence(app_module, ct_nifti):
+    session, _ = loaded(app_module, [ct_nifti])
+    with pytest.raises(gr.Error, match=r"top-p 5\.0 is out of range"):
+        list(app_module.generate_report(session, 16, 0.5, 5.0))
+    assert not app_module._STOP_EVENTS
 
 
 def test_examples_folder_may_be_empty(app_module, tmp_path, monkeypatch):
