@@ -52,6 +52,9 @@ DEMO_WARNING = "trained on synthetic phantoms — not for clinical use"
 PRIVACY_NOTE = ("Nothing you upload is kept: the file is read into memory and deleted, and the scan, "
                 "report and conversation are discarded when you close the page. Do not upload identifiable "
                 "patient data to a public Space.")
+# Uploads are deleted as soon as they are read; as a backstop for one never read (an abandoned or failed
+# request), Gradio deletes its temporary files older than an hour every ten minutes: (every, older than) in s.
+DELETE_CACHE = (600, 3600)
 
 
 # The model ------------------------------------------------------------------------------------
@@ -513,7 +516,7 @@ CSS = """
 def build_demo() -> gr.Blocks:
     """The page: the scan on the left (upload, card, slices, 3D), the assistant on the right."""
     examples = [example_label(path) for path in list_examples()]
-    with gr.Blocks(title="MedVLM 3D") as demo:
+    with gr.Blocks(title="MedVLM 3D", delete_cache=DELETE_CACHE) as demo:
         session = gr.State(None, delete_callback=lambda old: old.release() if old is not None else None)
         with gr.Row(equal_height=False):
             gr.Markdown("### MedVLM 3D — reports and answers about CT, MR and PET scans")
@@ -621,12 +624,13 @@ def build_demo() -> gr.Blocks:
 
 
 def launch(demo: gr.Blocks, **options):
-    """Serve the page: 0.0.0.0:7860 unless GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (or PORT, as Deta Space
-    sets it, or `options`) say otherwise.
+    """Serve the page on this machine only, 127.0.0.1:7860, unless GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
+    (or PORT, as Deta Space sets it, or `options`) say otherwise. Hugging Face Spaces sets
+    GRADIO_SERVER_NAME=0.0.0.0 itself; the Spacefile sets it for Deta Space.
 
     One model event at a time (one GPU); viewer events run four at a time.
     """
-    settings = {"server_name": os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
+    settings = {"server_name": os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                 "server_port": int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860),
                 "max_file_size": MAX_UPLOAD_BYTES, "css": CSS, "theme": gr.themes.Soft(), **options}
     return demo.queue(default_concurrency_limit=1).launch(**settings)

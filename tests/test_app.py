@@ -276,6 +276,27 @@ def test_generation_settings_out_of_range_get_one_sentence(app_module, ct_nifti)
     assert not app_module._STOP_EVENTS
 
 
+def test_the_app_listens_on_this_machine_unless_told_otherwise(app_module, monkeypatch):
+    class Served:  # stands in for gr.Blocks: what launch() would serve with
+        def queue(self, **options):
+            return self
+
+        def launch(self, **settings):
+            return settings
+
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    assert app_module.launch(Served())["server_name"] == "127.0.0.1"
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")  # what a Hugging Face Space sets
+    assert app_module.launch(Served())["server_name"] == "0.0.0.0"
+    spacefile = (ROOT / "Spacefile").read_text()  # Deta Space's proxy must reach the app too
+    assert re.search(r'- name: GRADIO_SERVER_NAME\n(?:\s+\w+: .*\n)*?\s+default: "0\.0\.0\.0"', spacefile)
+
+
+def test_uploads_never_read_are_swept_within_two_hours(app_module):
+    every, older_than = app_module.demo.delete_cache
+    assert every + older_than <= 2 * 3600
+
+
 def test_examples_folder_may_be_empty(app_module, tmp_path, monkeypatch):
     monkeypatch.setattr(app_module, "EXAMPLES_DIR", tmp_path / "none")
     assert app_module.list_examples() == []
