@@ -47,6 +47,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "spacing": [round(float(s), 4) for s in volume.spacing],
         "orientation": volume.orientation,
         "source": volume.source,
+        "notes": volume.meta.get("notes", []),  # what was left out or drawn approximately, one sentence each
     }))
 
 

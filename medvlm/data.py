@@ -113,8 +113,12 @@ def read_m3d_vqa(root: str | Path, split: str, closed: bool = True, open: bool =
         missing = [c for c in VQA_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise UserInputError(f"{path} lacks the M3D-VQA columns {missing}; expected {', '.join(VQA_COLUMNS)}")
-        for row in reader:
-            question_type = int(row["Question Type"])
+        for line, row in enumerate(reader, start=2):
+            try:
+                question_type = int(row["Question Type"])
+            except (TypeError, ValueError):
+                raise UserInputError(f"{path}, line {line}: Question Type {row['Question Type']!r} is not a whole "
+                                     "number (M3D-VQA uses 1 to 5); fix the row") from None
             letter = row["Answer Choice"].strip()
             if closed:
                 samples.append(Sample(row["Image Path"], _chat(closed_prompt(row), f"{letter}. {row['Answer']}"),

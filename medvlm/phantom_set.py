@@ -109,6 +109,9 @@ def assign_splits(n: int, seed: int, split: str | None, fractions: tuple[float, 
     return [names[rank] for rank in np.argsort(order)]
 
 
+MIN_MATRIX, MAX_MATRIX = 16, 1024  # in-plane pixels: below, organs vanish; above, no scanner's matrix
+
+
 def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[str, ...] = ("ct", "mr", "pt"),
                       formats: tuple[str, ...] = ("npy",), split: str | None = None, *,
                       npy_shape: tuple[int, int, int] = M3D_SHAPE, matrix: int | None = None,
@@ -124,6 +127,9 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
 
     if n < 1:
         raise UserInputError(f"cannot write {n} phantoms; ask for at least 1")
+    if matrix is not None and not MIN_MATRIX <= matrix <= MAX_MATRIX:
+        raise UserInputError(f"cannot write phantoms of {matrix}×{matrix} pixels; give a matrix from {MIN_MATRIX} to "
+                             f"{MAX_MATRIX} (the demo's is 160)")
     bad = [f for f in formats if f not in FORMATS] + [m for m in modalities if m.lower() not in ("ct", "mr", "pt")]
     if bad or not formats or not modalities:
         raise UserInputError(f"cannot write phantoms with modalities {list(modalities)} and formats {list(formats)}; "

@@ -28,6 +28,7 @@ def refused(capsys, *args) -> str:
     (["--n", "1", "--npy-shape", "a,b,c"], "--npy-shape takes three whole numbers"),
     (["--n", "1", "--npy-shape", "32,0,256"], "--npy-shape takes three whole numbers"),
     (["--n", "1", "--split", "training"], "unknown split 'training'"),
+    (["--n", "1", "--matrix", "0"], "give a matrix from 16 to 1024"),
 ])
 def test_phantom_with_a_bad_option(tmp_path, capsys, options, message):
     assert message in refused(capsys, "phantom", tmp_path / "phantoms", *options)
@@ -83,3 +84,13 @@ def test_commands_on_a_folder_that_is_not_m3d_data(tmp_path, capsys, command, me
     args = [arg.format(tmp=tmp_path) for arg in command]
     assert message in refused(capsys, *args, "--data", data)
     assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "features").exists()
+
+
+def test_eval_on_a_vqa_row_whose_question_type_is_not_a_number(tmp_path, capsys):
+    from medvlm.data import VQA_COLUMNS, VQA_FILES
+
+    data = tmp_path / "m3d"
+    data.mkdir()
+    row = dict.fromkeys(VQA_COLUMNS, "x") | {"Question Type": "plane", "Answer Choice": "A"}
+    (data / VQA_FILES["test"]).write_text(",".join(VQA_COLUMNS) + "\n" + ",".join(row.values()) + "\n")
+    assert "line 2: Question Type 'plane' is not a whole number" in refused(capsys, "eval", "--data", data)
