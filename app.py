@@ -625,12 +625,13 @@ def build_demo() -> gr.Blocks:
 
 def launch(demo: gr.Blocks, **options):
     """Serve the page on this machine only, 127.0.0.1:7860, unless GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
-    (or PORT, as Deta Space sets it, or `options`) say otherwise. Hugging Face Spaces sets
-    GRADIO_SERVER_NAME=0.0.0.0 itself; the Spacefile sets it for Deta Space.
+    (or PORT, as Deta Space sets it, or `options`) say otherwise. In a Hugging Face Space (SPACE_ID set)
+    it listens on 0.0.0.0, where the Space's proxy reaches it; the Spacefile sets it for Deta Space.
 
     One model event at a time (one GPU); viewer events run four at a time.
     """
-    settings = {"server_name": os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+    in_a_space = bool(os.environ.get("SPACE_ID"))  # Hugging Face sets it in every Space, Docker ones too
+    settings = {"server_name": os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if in_a_space else "127.0.0.1"),
                 "server_port": int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860),
                 "max_file_size": MAX_UPLOAD_BYTES, "css": CSS, "theme": gr.themes.Soft(), **options}
     return demo.queue(default_concurrency_limit=1).launch(**settings)

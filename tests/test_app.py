@@ -285,7 +285,10 @@ def test_the_app_listens_on_this_machine_unless_told_otherwise(app_module, monke
             return settings
 
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
     assert app_module.launch(Served())["server_name"] == "127.0.0.1"
+    monkeypatch.setenv("SPACE_ID", "someone/medvlm-3d")  # a Hugging Face Space, even one that sets nothing else
+    assert app_module.launch(Served())["server_name"] == "0.0.0.0"
     monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")  # what a Hugging Face Space sets
     assert app_module.launch(Served())["server_name"] == "0.0.0.0"
     spacefile = (ROOT / "Spacefile").read_text()  # Deta Space's proxy must reach the app too
