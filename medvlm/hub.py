@@ -4,10 +4,16 @@ The folder `train` writes is already a plain MedVLM checkpoint (LoRA merged, saf
 and chat template); this uploads it with its model card, so that `Pipeline.from_pretrained(REPO_ID)`
 and the app (`MEDVLM_CHECKPOINT=REPO_ID`) load it. The token comes from `HF_TOKEN` or
 `huggingface-cli login`, as huggingface_hub finds it.
+
+The card is the folder's README.md. Push writes it with medvlm.model_card and ends it with a line that
+records the repo id and evaluation it was written for and a digest of the text above; every later push
+rewrites such a card (for the new repo id, with the new evaluation or else the recorded one). A card
+without that line, or edited since, is the user's: it is uploaded as it is, never replaced.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from pathlib import Path
@@ -21,6 +27,7 @@ from .model_card import write_model_card
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 NOT_PUBLISHED = ("*-training/**", "state/**", "features/**", ".cache/**")  # work files that never go up
+CARD_MARK = "<!-- medvlm push: "  # opens the last line of a card push wrote (an HTML comment: the Hub hides it)
 
 
 def check_checkpoint(folder: Path) -> None:
@@ -49,12 +56,42 @@ def training_command(folder: Path) -> str:
     return shlex.join(words).replace("python -m medvlm", prefix, 1)
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def pushed_card(card: Path) -> dict | None:
+    """What push wrote `card` for ({"repo_id", "evaluation", "sha256"}), or None for a card push did not
+    write, or one edited since."""
+    text = card.read_text() if card.exists() else ""
+    if CARD_MARK not in text:
+        return None
+    body, mark = text.rsplit(CARD_MARK, 1)
+    try:
+        record = json.loads(mark.strip().removesuffix("-->"))
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and record.get("sha256") == _digest(body) else None
+
+
+def write_card(folder: Path, repo_id: str, evaluation: dict | None) -> Path:
+    """Write folder/README.md for `repo_id` with medvlm.model_card, marked as push's own (see the module notes)."""
+    card = write_model_card(folder, training_command(folder), evaluation=evaluation, repo_id=repo_id)
+    body = card.read_text()
+    record = {"repo_id": repo_id, "evaluation": evaluation, "sha256": _digest(body)}
+    mark = json.dumps(record).replace(">", "\\u003e")  # still JSON; no text in the evaluation can end the comment
+    card.write_text(f"{body}{CARD_MARK}{mark} -->\n")
+    return card
+
+
 def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None = None, private: bool = False,
                     evaluation: dict | None = None, api: HfApi | None = None) -> str:
     """Upload a checkpoint folder to the Hub model repo `repo_id` (created if needed); returns the commit URL.
 
-    A model card (README.md) is written first unless the folder has one; `evaluation` (the JSON of
-    `python -m medvlm eval`) goes into it. `revision`: a branch, created from main if new.
+    The model card (README.md) is written first, or rewritten if push wrote it, for `repo_id` and with
+    `evaluation` (the JSON of `python -m medvlm eval`; without it, the one the card had). A card the user
+    wrote is uploaded as it is; given `evaluation`, push refuses rather than replace it. `revision`: a
+    branch, created from main if new.
     """
     folder = Path(checkpoint)
     check_checkpoint(folder)
@@ -62,8 +99,14 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None =
         validate_repo_id(repo_id)
     except HFValidationError:
         raise UserInputError(f"{repo_id!r} is not a Hub repo id; write it as 'org/name'") from None
-    if not (folder / "README.md").exists():
-        write_model_card(folder, training_command(folder), evaluation=evaluation, repo_id=repo_id)
+    card = folder / "README.md"
+    written = pushed_card(card)
+    if written is not None or not card.exists():
+        write_card(folder, repo_id, evaluation if evaluation is not None else (written or {}).get("evaluation"))
+    elif evaluation is not None:
+        raise UserInputError(f"{str(card)!r} was not written by push or has been edited, so push will not replace it "
+                             "to add --evaluation; put the figures into it yourself and push without --evaluation, "
+                             "or move it away so that push writes the card")
     api = api or HfApi()
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)

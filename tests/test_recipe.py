@@ -21,7 +21,7 @@ import pytest
 import torch
 from hub_stand_ins import CLIP_REPO, COMMIT, QWEN_REPO, hub_snapshot, smoke_preset, write_stand_ins
 from safetensors import safe_open
-from tiny_model import build_tiny_model
+from tiny_model import build_tiny_model, save_tiny_checkpoint
 
 from medvlm.__main__ import main
 from medvlm.configuration import MedVLMConfig
@@ -301,7 +301,7 @@ class FakeHub:
 
     def upload_folder(self, folder_path, repo_id, **kwargs):
         self.calls.append(("upload_folder", repo_id, kwargs))
-        shutil.copytree(folder_path, hub_snapshot(self.cache, repo_id))
+        shutil.copytree(folder_path, hub_snapshot(self.cache, repo_id), dirs_exist_ok=True)
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{COMMIT}")
 
 
@@ -327,6 +327,51 @@ def test_push_uploads_the_checkpoint_with_its_card_and_the_app_loads_it_by_repo_
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub.cache))
     pipeline = Pipeline.from_pretrained("someorg/medvlm-m3d")
     assert pipeline.describe()["checkpoint"] == "someorg/medvlm-m3d" and not pipeline.describe()["demo"]
+
+
+def uploaded_card(hub: FakeHub, repo_id: str) -> str:
+    return (hub_snapshot(hub.cache, repo_id) / "README.md").read_text()
+
+
+def test_a_later_push_brings_its_evaluation_and_repo_id_to_the_card_push_wrote(tmp_path):
+    torch.manual_seed(0)
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")
+    hub = FakeHub(tmp_path / "hub")
+    push_checkpoint(checkpoint, "someorg/first", api=hub)
+    assert "## Evaluation" not in uploaded_card(hub, "someorg/first")
+    assert "| this checkpoint | not evaluated | not evaluated |" in uploaded_card(hub, "someorg/first")
+
+    push_checkpoint(checkpoint, "someorg/first", api=hub, evaluation={"n": 3, "split": "test", "samples": 9,
+                                                                     "closed_accuracy": 0.5, "report_meteor": 0.25})
+    card = uploaded_card(hub, "someorg/first")
+    assert "## Evaluation" in card and "| this checkpoint | 25.00 | 50.00 |" in card
+
+    push_checkpoint(checkpoint, "someorg/second", api=hub)  # a retry elsewhere keeps the evaluation
+    card = uploaded_card(hub, "someorg/second")
+    assert "Pipeline.from_pretrained('someorg/second')" in card and "someorg/first" not in card
+    assert "| this checkpoint | 25.00 | 50.00 |" in card
+    assert card == (checkpoint / "README.md").read_text()
+
+
+@pytest.mark.parametrize("by_hand", ["written", "edited"])
+def test_push_will_not_replace_a_card_written_or_edited_by_hand(by_hand, tmp_path):
+    torch.manual_seed(0)
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")
+    hub = FakeHub(tmp_path / "hub")
+    if by_hand == "written":
+        (checkpoint / "README.md").write_text("# Our model\n\nTrained by us; see our paper.\n")
+    else:
+        push_checkpoint(checkpoint, "someorg/model", api=hub)
+        card = (checkpoint / "README.md").read_text()
+        (checkpoint / "README.md").write_text(card.replace("## Intended use", "Trained by us.\n\n## Intended use"))
+        hub.calls.clear()
+    card = (checkpoint / "README.md").read_text()
+    with pytest.raises(UserInputError, match=r"README.md' was not written by push or has been edited.*--evaluation"):
+        push_checkpoint(checkpoint, "someorg/model", api=hub, evaluation={"n": 3, "closed_accuracy": 0.5})
+    assert hub.calls == [] and (checkpoint / "README.md").read_text() == card  # nothing uploaded or changed
+
+    push_checkpoint(checkpoint, "someorg/model", api=hub)  # without --evaluation: uploaded as it is
+    assert uploaded_card(hub, "someorg/model") == card
 
 
 def test_push_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
