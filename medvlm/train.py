@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import RNG_STATE_NAME, DistributedType, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -266,6 +267,8 @@ def make_accelerator(preset: dict) -> Accelerator:
 
 
 STAGE_WEIGHTS = "weights.safetensors"  # what a finished stage changed, loaded again when a run resumes
+PARTIAL = ".partial"  # the suffix of an epoch state while its processes write it
+EPOCH_STATE = re.compile(r"epoch-(\d+)(\.partial)?")  # a stage's state after an epoch, epoch-NNN
 
 
 def changed_modules(stage: dict) -> list[str]:
@@ -286,6 +289,48 @@ def load_stage_weights(model: MedVLMForConditionalGeneration, path: Path) -> Non
     if result.unexpected_keys:
         raise ValueError(f"{path} holds weights this model does not have ({result.unexpected_keys[0]}, ...); "
                          "it was trained with another preset: delete the work folder to start again")
+
+
+def epoch_states(state_dir: Path) -> tuple[list[Path], list[Path]]:
+    """A stage's epoch states: (the complete ones, oldest first; the unfinished ones).
+
+    Complete: renamed from epoch-NNN.partial to epoch-NNN (save_epoch_state) and holding the main process's
+    random states, the last file accelerate's save_state writes (which an epoch-NNN cut off by a run of the
+    code before states were renamed into place lacks).
+    """
+    states = [path for path in state_dir.glob("epoch-*") if path.is_dir() and EPOCH_STATE.fullmatch(path.name)]
+    complete = [path for path in states
+                if not path.name.endswith(PARTIAL) and (path / f"{RNG_STATE_NAME}_0.pkl").is_file()]
+    complete.sort(key=lambda path: int(EPOCH_STATE.fullmatch(path.name)[1]))
+    return complete, sorted(set(states) - set(complete))
+
+
+def save_epoch_state(accelerator: Accelerator, state_dir: Path, epoch: int) -> None:
+    """Save the stage's state after `epoch` as state_dir/epoch-NNN, in place of the older one.
+
+    Every process writes its part into epoch-NNN.partial; the main process renames it once all have
+    finished, so a run stopped while saving leaves the previous state, complete, to resume from.
+    """
+    partial = state_dir / f"epoch-{epoch:03d}{PARTIAL}"
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()  # save_state returns when this process has written its own part
+    if accelerator.is_main_process:
+        partial.rename(state_dir / partial.name.removesuffix(PARTIAL))
+        for older in epoch_states(state_dir)[0][:-1]:  # the newest state is enough to resume; older ones fill the disk
+            shutil.rmtree(older)
+
+
+def resume_point(state_dir: Path, accelerator: Accelerator) -> Path | None:
+    """The newest complete epoch state of a stage, or None; unfinished ones (a run stopped while saving) are
+    removed, and said so."""
+    complete, unfinished = epoch_states(state_dir)
+    if unfinished:
+        accelerator.print(f"stage {state_dir.name}: removing {', '.join(path.name for path in unfinished)}, left "
+                          "unfinished by a run stopped while saving it")
+        if accelerator.is_main_process:
+            for path in unfinished:
+                shutil.rmtree(path)
+    return complete[-1] if complete else None
 
 
 def run_stage(stage: dict, model, tokenizer, features: FeatureCache | VolumeFeatures, train_samples: list[Sample],
@@ -321,10 +366,10 @@ def run_stage(stage: dict, model, tokenizer, features: FeatureCache | VolumeFeat
     wrapped, optimizer, loader, val_loader, scheduler = accelerator.prepare(objective, optimizer, loader, val_loader,
                                                                             scheduler)
     first_epoch = 0
-    epochs_done = sorted(state_dir.glob("epoch-*"))
-    if epochs_done:
-        accelerator.load_state(epochs_done[-1])
-        first_epoch = int(epochs_done[-1].name.split("-")[1]) + 1
+    resume = resume_point(state_dir, accelerator)
+    if resume:
+        accelerator.load_state(resume)
+        first_epoch = int(resume.name.removeprefix("epoch-")) + 1
         batches.epoch = first_epoch
         accelerator.print(f"stage {name}: resuming after epoch {first_epoch}")
     start = time.perf_counter()
@@ -354,10 +399,7 @@ def run_stage(stage: dict, model, tokenizer, features: FeatureCache | VolumeFeat
         accelerator.print(f"stage {name} epoch {epoch + 1}: training loss {mean_loss:.4f}, validation loss {val:.4f}")
         log.write(stage=name, epoch=epoch, step=step, loss=round(mean_loss, 5), val_loss=round(val, 5),
                   seconds=round(time.perf_counter() - start, 1))
-        accelerator.save_state(state_dir / f"epoch-{epoch:03d}")
-        if accelerator.is_main_process:  # the newest state is enough to resume; older ones only fill the disk
-            for older in sorted(state_dir.glob("epoch-*"))[:-1]:
-                shutil.rmtree(older)
+        save_epoch_state(accelerator, state_dir, epoch)
     if adapters is not None:
         merge_lora(adapters)
     accelerator.wait_for_everyone()

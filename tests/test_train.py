@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from medvlm.data import Sample
 from medvlm.features import FeatureCache
 from medvlm.modeling import MedVLMForConditionalGeneration
 from medvlm.phantom import write_phantom_set
 from medvlm.pipeline import Pipeline
-from medvlm.train import ScanGroupedBatches, finding_targets, train
+from medvlm.train import ScanGroupedBatches, finding_targets, load_preset, train
 from medvlm.volume import load_volume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +57,44 @@ def test_training_resumes_instead_of_starting_again(trained, phantoms):
     again = train("tiny", phantoms, trained, seed=0)
     assert again == trained and (trained / "model.safetensors").stat().st_mtime >= before
     assert (work / "metrics.csv").read_text().splitlines() == log  # no stage trained twice
+
+
+class StoppedWhileSaving(Exception):
+    """The process killed in the middle of accelerate's save_state."""
+
+
+@pytest.mark.parametrize("left_as", ["epoch-001.partial", "epoch-001"])  # epoch-001: how the code before left it
+def test_a_run_stopped_while_saving_an_epoch_resumes_from_the_epoch_before(left_as, phantoms, tmp_path, monkeypatch,
+                                                                           capsys):
+    preset = load_preset("tiny")
+    preset["stages"][0]["epochs"] = 2  # align saves epoch 1 beside a complete epoch 0
+    two_epochs = tmp_path / "tiny-two-epochs.json"
+    two_epochs.write_text(json.dumps(preset))
+    out = tmp_path / "checkpoint"
+    save_state = Accelerator.save_state
+
+    def stopped_in_epoch_1(self, output_dir, **kwargs):
+        saved = save_state(self, output_dir, **kwargs)
+        if Path(output_dir).name.startswith("epoch-001"):
+            for name in ("optimizer.bin", "random_states_0.pkl"):  # cut off before its last files
+                (Path(output_dir) / name).unlink()
+            raise StoppedWhileSaving
+        return saved
+
+    monkeypatch.setattr(Accelerator, "save_state", stopped_in_epoch_1)
+    with pytest.raises(StoppedWhileSaving):
+        train(str(two_epochs), phantoms, out, seed=0)
+    monkeypatch.undo()
+    align = tmp_path / "checkpoint-training" / "state" / "align"
+    next(align.glob("epoch-001*")).rename(align / left_as)
+    assert sorted(path.name for path in align.iterdir()) == ["epoch-000", left_as]
+
+    capsys.readouterr()
+    assert train(str(two_epochs), phantoms, out, seed=0) == out
+    printed = capsys.readouterr().out
+    assert f"removing {left_as}" in printed and "stage align: resuming after epoch 1" in printed
+    assert sorted(path.name for path in align.iterdir()) == ["done.json", "epoch-001", "weights.safetensors"]
+    assert Pipeline.from_pretrained(out).describe()["demo"] is True
 
 
 def test_feature_cache_round_trips(trained, phantoms, tmp_path):
