@@ -66,12 +66,15 @@ class SliceHeightEmbedding(nn.Module):
 
     def __init__(self, dim: int, frequencies: int = 16):
         super().__init__()
-        self.register_buffer("frequencies", 2.0 ** torch.arange(frequencies) * math.pi, persistent=False)
+        self.frequency_count = frequencies
         self.project = nn.Linear(2 * frequencies, dim)
 
     def forward(self, heights: torch.Tensor) -> torch.Tensor:
-        angles = heights[..., None] * self.frequencies
-        return self.project(torch.cat([angles.sin(), angles.cos()], dim=-1))
+        # Angles in float32 whatever the model's dtype (so no buffer, which .to(bfloat16) would round): at
+        # 2^15·π, bfloat16's 8-bit mantissa would leave sines of noise.
+        frequencies = 2.0 ** torch.arange(self.frequency_count, device=heights.device, dtype=torch.float32) * math.pi
+        angles = heights.float()[..., None] * frequencies
+        return self.project(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.project.weight.dtype))
 
 
 class MultiModalProjector(nn.Module):
@@ -107,8 +110,6 @@ class MedVLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, AxisPositions):
             for table in (module.slices, module.rows, module.cols):
                 init.normal_(table, std=0.02)
-        elif isinstance(module, SliceHeightEmbedding):
-            init.copy_(module.frequencies, 2.0 ** torch.arange(module.frequencies.numel()) * math.pi)
 
 
 class MedVLMForConditionalGeneration(MedVLMPreTrainedModel):
@@ -198,14 +199,14 @@ class MedVLMForConditionalGeneration(MedVLMPreTrainedModel):
         dtype = self.input_projection.weight.dtype
         device = self.input_projection.weight.device
         grid = torch.zeros(len(scans), budget, height, width, self.config.encoder_width, dtype=dtype, device=device)
-        heights = torch.zeros(len(scans), budget, dtype=dtype, device=device)
+        heights = torch.zeros(len(scans), budget, dtype=torch.float32, device=device)  # see SliceHeightEmbedding
         slice_mask = torch.zeros(len(scans), budget, dtype=torch.bool, device=device)
         for row, scan in enumerate(scans):
             count = scan.patches.shape[0]
             if count > budget:
                 raise ValueError(f"cannot take {count} slices, the slice budget is {budget}")
             grid[row, :count] = scan.patches.to(device, dtype)
-            heights[row, :count] = scan.heights.to(device, dtype)
+            heights[row, :count] = scan.heights.to(device, torch.float32)
             slice_mask[row, :count] = True
         tokens = self.input_projection(grid) + self.slice_heights(heights)[:, :, None, None]  # (B, K, h, w, d)
         fused, gate = self.fusion(tokens, slice_mask)

@@ -101,6 +101,16 @@ def test_placeholder_count_mismatch_raises():
         model(too_few, visual_tokens=visual_tokens)
 
 
+def test_slice_heights_mean_the_same_in_bfloat16():
+    """A GPU loads the model in bfloat16: where a kept slice lies must not turn into noise there."""
+    torch.manual_seed(0)
+    model, _ = build_tiny_model()
+    heights = torch.linspace(0, 1, 24)[None]  # float32, as encoder_input gives them and the feature cache keeps them
+    exact = model.slice_heights(heights)
+    half = model.to(torch.bfloat16).slice_heights(heights).float()
+    assert (half - exact).norm() < 0.02 * exact.norm()  # bfloat16's own rounding, not sines of noise
+
+
 def test_training_gradients_skip_the_frozen_encoder():
     torch.manual_seed(0)
     model, _ = build_tiny_model()
