@@ -20,22 +20,42 @@ class SliceFeatures:
     pooled: torch.Tensor
 
 
-class OpenClipTower(nn.Module):
-    """The vision trunk of an open_clip model (BiomedCLIP: a timm ViT-B/16), tokens out.
+# The vision trunk of each open_clip model this backend builds: the timm architecture that the model's
+# open_clip_config.json names (vision_cfg.timm_model_name), written here so that building needs no network.
+OPEN_CLIP_TRUNKS = {
+    "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224": "vit_base_patch16_224",
+}
 
-    Built from the architecture alone (no weights are downloaded here); the checkpoint's
-    safetensors carry the weights. open_clip is optional: only this backend needs it.
+
+class OpenClipTower(nn.Module):
+    """The vision trunk of an open_clip model (BiomedCLIP: a timm ViT-B/16 at 224), tokens out.
+
+    Built from the architecture alone, as `AutoModel.from_config` builds a transformers tower: no network,
+    no weights, and safe on the meta device that `from_pretrained` builds on. A new model gets the open_clip
+    checkpoint's weights from `load_pretrained_encoder` (pretrained.py); a saved MedVLM checkpoint carries
+    them itself. timm is optional: only this backend needs it.
     """
 
-    def __init__(self, name: str):
+    def __init__(self, config: MedVLMConfig):
         super().__init__()
+        name = config.open_clip_name
+        if name not in OPEN_CLIP_TRUNKS:
+            raise ValueError(f"open_clip_name must be one of {', '.join(OPEN_CLIP_TRUNKS)}, not {name!r}")
         try:
-            import open_clip
+            import timm
         except ImportError as error:
-            raise ImportError(
-                "this checkpoint's slice encoder is an open_clip model; install open_clip_torch to use it"
-            ) from error
-        self.trunk = open_clip.create_model(name, pretrained=None).visual.trunk
+            raise ImportError("this checkpoint's slice encoder is BiomedCLIP's timm ViT; install timm "
+                              "(pip install timm) to use it") from error
+        architecture = OPEN_CLIP_TRUNKS[name]
+        # Tokens out, so no classifier and no pooling; a dynamic image size interpolates the position
+        # embeddings for a smaller preview, as the transformers towers' interpolate_pos_encoding does.
+        self.trunk = timm.create_model(architecture, pretrained=False, num_classes=0, global_pool="",
+                                       dynamic_img_size=True)
+        built = (self.trunk.patch_embed.patch_size[0], self.trunk.num_features)
+        if built != (config.encoder_stride, config.encoder_width):
+            raise ValueError(f"the open_clip trunk {architecture} has {built[0]}-pixel patches of width {built[1]} "
+                             f"but vision_config says {config.encoder_stride} and {config.encoder_width}; "
+                             "make vision_config describe the trunk")
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) → tokens (N, T, C), patch tokens last."""
@@ -59,7 +79,7 @@ class SliceEncoder(nn.Module):
         self.batch_size = config.encoder_batch_size
         self.backend = config.encoder_backend
         if self.backend == "open_clip":
-            self.vision_tower = OpenClipTower(config.open_clip_name)
+            self.vision_tower = OpenClipTower(config)
         else:
             self.vision_tower = AutoModel.from_config(config.vision_config)
         # ViT-style towers interpolate their position embeddings for a smaller preview; a CNN has none.

@@ -11,14 +11,17 @@ A preset names them by repo id (and optionally a revision):
 
 Downloads go through huggingface_hub, so HF_HUB_OFFLINE=1 and its cache apply. BiomedCLIP is
 not a transformers model: its preset sets `encoder_backend = "open_clip"` and `open_clip_name`
-instead, and open_clip brings its weights when the tower is built (encoder.py).
+instead; the tower is timm's ViT built from the architecture alone (encoder.py), and its weights are
+the vision trunk's tensors in the open_clip checkpoint of that Hub repo (open_clip itself is not needed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import pickle
 
 import torch
+from huggingface_hub import hf_hub_download
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 from transformers.utils import logging as transformers_logging
@@ -32,17 +35,22 @@ def _source(section: dict) -> tuple[str, str | None]:
     return pretrained["repo_id"], pretrained.get("revision")
 
 
+def _reason(error: Exception) -> str:
+    """The first line of an error's message, or its type's name when it has none."""
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__
+
+
 def _from_hub(load, section: dict, **kwargs):
     """`load(repo_id, revision=..., **kwargs)` for the preset section's source; a repo that cannot be found or
     fetched is the user's to fix (CheckpointError, one line), not a traceback."""
     repo_id, revision = _source(section)
     try:
         return load(repo_id, revision=revision, **kwargs)
-    except OSError as error:  # transformers' way of saying: not found, offline, gated, no network
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except OSError as error:  # transformers' and huggingface_hub's way of saying: not found, offline, gated
         where = repr(repo_id) + (f" at revision {revision!r}" if revision else "")
-        raise CheckpointError(f"could not load {where} from the Hugging Face Hub ({reason}); check the preset's "
-                              "repo id, your network or HF_TOKEN") from None
+        raise CheckpointError(f"could not load {where} from the Hugging Face Hub ({_reason(error)}); check the "
+                              "preset's repo id, your network or HF_TOKEN") from None
 
 
 def end_of_turn_token(tokenizer) -> str | None:
@@ -102,10 +110,55 @@ def _quiet_loading():
         transformers_logging.set_verbosity(verbosity)
 
 
+# The file an open_clip model's Hub repo keeps its weights in (BiomedCLIP's only one), and where in it
+# the vision trunk's tensors lie (open_clip's CLIP.visual is a TimmModel holding the timm model as .trunk).
+OPEN_CLIP_WEIGHTS = "open_clip_pytorch_model.bin"
+OPEN_CLIP_TRUNK_PREFIX = "visual.trunk."
+
+
+def open_clip_trunk_weights(open_clip_name: str) -> dict[str, torch.Tensor]:
+    """The vision trunk's weights in an open_clip checkpoint on the Hub ("hf-hub:ORG/NAME"), by their names in
+    the trunk (`visual.trunk.` removed); a file that cannot be read is a CheckpointError."""
+    section = {"pretrained": {"repo_id": open_clip_name.removeprefix("hf-hub:")}}
+    path = _from_hub(hf_hub_download, section, filename=OPEN_CLIP_WEIGHTS)
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"the open_clip checkpoint {path} cannot be read ({_reason(error)}); "
+                              "delete it from the Hugging Face cache and run again to download it anew") from None
+    return {key.removeprefix(OPEN_CLIP_TRUNK_PREFIX): value for key, value in weights.items()
+            if key.startswith(OPEN_CLIP_TRUNK_PREFIX)}
+
+
+def load_open_clip_trunk(trunk: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `weights` into `trunk` when they are exactly its tensors (names and shapes); else a CheckpointError."""
+    expected = trunk.state_dict()
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    reshaped = sorted(key for key in expected.keys() & weights.keys() if weights[key].shape != expected[key].shape)
+    if missing or unexpected or reshaped:
+        example = OPEN_CLIP_TRUNK_PREFIX + (missing or unexpected or reshaped)[0]
+        raise CheckpointError(f"the open_clip checkpoint of {source} does not hold the vision trunk this model "
+                              f"builds ({len(missing)} tensors missing, {len(unexpected)} unexpected, "
+                              f"{len(reshaped)} of another shape, e.g. {example}); check the config's open_clip_name")
+    trunk.load_state_dict(weights)
+
+
 def load_pretrained_encoder(model, preset: dict) -> None:
-    """Copy the Hub weights of the preset's pretrained vision tower into a freshly built model (strict)."""
+    """Copy the Hub weights of the preset's pretrained vision tower into a freshly built model (strict).
+
+    A transformers tower's come from the preset's `encoder.pretrained` repo; an open_clip trunk's (BiomedCLIP)
+    from the open_clip checkpoint that `open_clip_name` names. Called after the model is built, so its own
+    weight initialisation (post_init) has already run and does not touch them. The 3D baseline has no 2D
+    encoder: nothing to load.
+    """
+    if model.config.visual_path != "slices":
+        return
     encoder = preset.get("encoder", {})
-    if "pretrained" in encoder:
+    if model.config.encoder_backend == "open_clip":
+        name = model.config.open_clip_name
+        load_open_clip_trunk(model.slice_encoder.vision_tower.trunk, open_clip_trunk_weights(name), name)
+    elif "pretrained" in encoder:
         tower_class = type(model.slice_encoder.vision_tower)
         with _quiet_loading():
             tower = _from_hub(tower_class.from_pretrained, encoder, config=model.config.vision_config,
@@ -142,5 +195,6 @@ def merge_lora(adapted: PeftModel) -> torch.nn.Module:
     return adapted.merge_and_unload()
 
 
-__all__ = ["attach_lora", "end_of_turn_token", "load_pretrained_encoder", "load_pretrained_weights", "merge_lora",
-           "pretrained_text_config", "pretrained_tokenizer", "pretrained_vision_config"]
+__all__ = ["attach_lora", "end_of_turn_token", "load_open_clip_trunk", "load_pretrained_encoder",
+           "load_pretrained_weights", "merge_lora", "open_clip_trunk_weights", "pretrained_text_config",
+           "pretrained_tokenizer", "pretrained_vision_config"]
