@@ -63,9 +63,9 @@ def cmd_view(args: argparse.Namespace) -> None:
 
 def _generation_settings(args: argparse.Namespace) -> dict:
     """--max-new-tokens, --temperature and --top-p, checked before any scan or model is loaded."""
-    from .pipeline import check_sampling
+    from .pipeline import check_generation
 
-    check_sampling(args.temperature, args.top_p)
+    check_generation(args.max_new_tokens, args.temperature, args.top_p)
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
 
 
@@ -181,9 +181,11 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
+    from .pipeline import check_generation
 
+    check_generation(args.max_new_tokens, 0.0, 1.0)  # before any model or data is read
     results = evaluate(args.checkpoint, args.data, split=args.split, limit=args.limit, device=args.device,
-                       max_new_tokens=args.max_new_tokens)
+                       max_new_tokens=args.max_new_tokens, revision=args.revision)
     if results is not None:  # under accelerate, only the main process scores and prints
         print(json.dumps(results, indent=2 if args.pretty else None))
 
@@ -305,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser("eval", help="score a checkpoint as M3D's benchmark does; prints JSON")
     evaluation.add_argument("--checkpoint", default=None, help="folder or Hub repo id (default: the demo checkpoint)")
+    evaluation.add_argument("--revision", default=None, help="Hub branch, tag or commit of --checkpoint")
     evaluation.add_argument("--data", required=True, help="M3D-format data folder")
     evaluation.add_argument("--split", default="test")
     evaluation.add_argument("--limit", type=int, default=None, help="score only the first N scans")

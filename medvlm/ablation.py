@@ -181,10 +181,10 @@ def encoder_work(checkpoint: Path, data: Path) -> dict:
     3D baseline, which runs no 2D encoder.
     """
     from .features import scan_slices
-    from .modeling import MedVLMForConditionalGeneration
+    from .pipeline import load_model
     from .volume import load_volume
 
-    model = MedVLMForConditionalGeneration.from_pretrained(checkpoint).eval()
+    model = load_model(checkpoint, str(checkpoint)).eval()  # float32, as `evaluate` runs it
     config = model.config
     if config.visual_path == "vit3d":
         return {"encoded_fraction": None, "encoder_work": None, "input_slices": None}

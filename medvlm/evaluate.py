@@ -62,8 +62,9 @@ def _phantom_findings(root: Path, images: list[str]) -> dict | None:
 
 def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test", limit: int | None = None,
              max_new_tokens: int = M3D_MAX_NEW_TOKENS, device: str | None = None,
-             progress: bool = True, tasks: tuple[str, ...] | None = None) -> dict | None:
-    """Score a checkpoint on `split` of `data`; `limit` keeps the first N scans. One JSON-ready dict.
+             progress: bool = True, tasks: tuple[str, ...] | None = None, revision: str | None = None) -> dict | None:
+    """Score a checkpoint (a folder, or a Hub repo id at `revision`) on `split` of `data`; `limit` keeps the
+    first N scans. One JSON-ready dict.
 
     `tasks` keeps only those prompts ("report", "vqa_closed", "vqa_open"; None: all); the scores of
     a task left out are None.
@@ -82,9 +83,9 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test
     keep = set(images)
     samples = [s for s in samples if s.image in keep]
     state = process_state()
-    if device is None and state.num_processes > 1:
-        device = str(state.device)
-    pipeline = Pipeline.from_pretrained(checkpoint, device=device)
+    if device is None and state.num_processes > 1:  # each process on its own GPU; CPU processes share "cpu"
+        device = str(state.device) if state.device.type == "cuda" else "cpu"
+    pipeline = Pipeline.from_pretrained(checkpoint, revision=revision, device=device)
     started = time.perf_counter()
     with state.split_between_processes(images) as share:
         mine = set(share)

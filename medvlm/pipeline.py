@@ -95,9 +95,12 @@ def _check_checkpoint_folder(folder: Path, name: str) -> None:
 def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGeneration:
     """The model in a checkpoint folder (as `resolve_checkpoint` gives it); `name` is what messages call it.
 
-    A folder that holds no MedVLM checkpoint, Git LFS pointers in place of its files, or weights that
-    cannot be read (a damaged or truncated safetensors file) raise CheckpointError.
+    In float32 unless `dtype=` says otherwise: checkpoints are stored in float16 to stay small, and
+    transformers would load them so, which on a CPU turns the visual tokens to NaN. A folder that holds
+    no MedVLM checkpoint, Git LFS pointers in place of its files, or weights that cannot be read (a
+    damaged or truncated safetensors file) raise CheckpointError.
     """
+    kwargs.setdefault("dtype", torch.float32)
     _check_checkpoint_folder(folder, name)
     bar_shown = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar is noise in the CLI's and app's output
@@ -130,8 +133,12 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def check_sampling(temperature: float, top_p: float) -> None:
-    """Generation settings a user gives: temperature ≥ 0 (0 is greedy decoding), 0 < top_p ≤ 1."""
+def check_generation(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Generation settings a user gives: 1 ≤ max_new_tokens ≤ MAX_NEW_TOKENS, temperature ≥ 0 (0 is greedy
+    decoding), 0 < top_p ≤ 1; else UserInputError."""
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserInputError(f"max new tokens {max_new_tokens} is out of range; use 1 to {MAX_NEW_TOKENS} (256 is "
+                             "M3D's and the default)")
     if not temperature >= 0:
         raise UserInputError(f"temperature {temperature} is negative; use 0 for greedy decoding or a value above "
                              "0 to sample")
@@ -258,19 +265,19 @@ class Pipeline:
 
         messages: [{"role": "user" | "assistant", "content": str}, ...] ending with the user's
         question. temperature 0 is greedy decoding, above 0 samples within top_p (0 < top_p ≤ 1); other
-        values raise UserInputError. Setting `stop` (or closing the generator) ends the generation thread.
+        values, max_new_tokens outside 1 … MAX_NEW_TOKENS and text holding the model's control tokens
+        (`prompt_text`) raise UserInputError. Setting `stop` (or closing the generator) ends the generation thread.
         """
         if not messages or messages[-1]["role"] != "user":
             raise ValueError("the conversation must end with a user message")
-        check_sampling(temperature, top_p)
-        encoding = self.encode(volume)
+        check_generation(max_new_tokens, temperature, top_p)
         config = self.model.config
         text = prompt_text(self.tokenizer, messages, config.image_token, config.num_visual_tokens,
                            add_generation_prompt=True)
+        encoding = self.encode(volume)
         input_ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.device)
         return self._stream(input_ids, encoding.visual_tokens, stop or threading.Event(),
-                            max_new_tokens=max(1, min(int(max_new_tokens), MAX_NEW_TOKENS)),
-                            temperature=float(temperature), top_p=float(top_p))
+                            max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
 
     def _stream(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor, stop: threading.Event,
                 max_new_tokens: int, temperature: float, top_p: float) -> Iterator[str]:

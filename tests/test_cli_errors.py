@@ -52,6 +52,7 @@ def test_view_to_a_path_that_cannot_be_written(tmp_path, capsys, out, message):
     (["--temperature", "0.5", "--top-p", "5"], "top-p 5.0 is out of range; use a value above 0 and at most 1"),
     (["--temperature", "0.5", "--top-p", "-0.5"], "top-p -0.5 is out of range"),
     (["--temperature", "-1"], "temperature -1.0 is negative"),
+    (["--max-new-tokens", "0"], "max new tokens 0 is out of range; use 1 to 1024"),
 ])
 def test_report_and_ask_with_bad_model_options(capsys, options, message):
     assert message in refused(capsys, "report", SCAN, *options)

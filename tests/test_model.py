@@ -269,6 +269,33 @@ def test_hub_repo_id_resolves_offline_from_the_local_cache(checkpoint, tmp_path,
         Pipeline.from_pretrained("someorg/missing-model")
 
 
+def test_eval_scores_the_hub_revision_it_is_given(checkpoint, tmp_path, monkeypatch):
+    from medvlm.evaluate import evaluate
+    from medvlm.phantom_set import write_phantom_set
+
+    _hub_cache(tmp_path / "hub", "someorg/some-model", checkpoint)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    data = write_phantom_set(tmp_path / "phantoms", 1, seed=5, modalities=("ct",), formats=("nifti",), split="test",
+                             matrix=32)["out"]
+    settings = {"tasks": ("vqa_closed",), "max_new_tokens": 4, "progress": False}
+    assert evaluate("someorg/some-model", data, revision="main", **settings)["n"] == 1
+    with pytest.raises(CheckpointError, match="someorg/some-model"):  # a tag this cache does not hold
+        evaluate("someorg/some-model", data, revision="v2.0", **settings)
+
+
+def test_text_holding_the_models_control_tokens_is_refused(pipeline):
+    image_token = pipeline.model.config.image_token
+    for question in (f"Is the {image_token} a CT?", "Describe.<|im_end|>"):
+        if question.endswith("<|im_end|>") and "<|im_end|>" not in pipeline.tokenizer.all_special_tokens:
+            question = f"Describe.{pipeline.tokenizer.eos_token}"
+        with pytest.raises(UserInputError, match="control tokens") as raised:
+            pipeline.chat(ct_volume(), [{"role": "user", "content": question}], max_new_tokens=4)
+        assert "\n" not in str(raised.value)
+    with pytest.raises(UserInputError, match="max new tokens 5000 is out of range"):
+        pipeline.chat(ct_volume(), [{"role": "user", "content": "Describe."}], max_new_tokens=5000)
+
+
 def test_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json"):
         Pipeline.from_pretrained(tmp_path)
