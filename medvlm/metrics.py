@@ -1,10 +1,11 @@
 """The M3D scoring protocol (DESIGN section 7) with established packages, plus phantom clinical metrics.
 
-Reports and open answers: BLEU-1 (sacrebleu), ROUGE-1 F (rouge-score), METEOR (nltk) and, for
-reports, BERTScore F1 (bert-score, its default English model), each per sample then averaged,
-all in [0, 1]. Closed answers: a hit when "<letter>." occurs in the output, as M3D counts it.
-A metric whose resource is not available offline (WordNet for METEOR, BERTScore's model) is
-None with its reason in the result's "notes"; it is never approximated.
+Reports and open answers, as M3D's scripts score them through Hugging Face `evaluate`: BLEU-1
+(sacrebleu), ROUGE-1 F (rouge-score, no stemming: `evaluate`'s default), METEOR (nltk, words by
+`word_tokenize`, as `evaluate`'s METEOR) and BERTScore F1 (bert-score, its default English model),
+each per sample then averaged, all in [0, 1]. Closed answers: a hit when "<letter>." occurs in the
+output, as M3D counts it. A metric whose resource is not available offline (WordNet and Punkt for
+METEOR, BERTScore's model) is None with its reason in the result's "notes"; it is never approximated.
 """
 
 from __future__ import annotations
@@ -34,35 +35,43 @@ def bleu1(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def rouge1(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-1 F-measure (rouge-score, Porter stemmer on), in [0, 1]."""
+    """Mean ROUGE-1 F-measure (rouge-score, no stemming, as M3D's `evaluate.load("rouge")`), in [0, 1]."""
     from rouge_score.rouge_scorer import RougeScorer
 
-    scorer = RougeScorer(["rouge1"], use_stemmer=True)
+    scorer = RougeScorer(["rouge1"], use_stemmer=False)
     return statistics.fmean(scorer.score(target=r, prediction=p)["rouge1"].fmeasure
                             for p, r in zip(predictions, references, strict=True))
 
 
 @functools.cache
 def meteor_unavailable() -> str | None:
-    """Why nltk's METEOR cannot run here (its WordNet corpus is missing), or None when it can."""
+    """Why nltk's METEOR cannot run here (its WordNet corpus or Punkt sentence model is missing), or None."""
     import nltk
     from nltk.corpus import wordnet
+    from nltk.tokenize import word_tokenize
 
+    missing = []
     try:
         wordnet.ensure_loaded()
     except LookupError:
-        return ("METEOR needs the NLTK WordNet corpus, which is not installed and cannot be downloaded here; "
-                f"put it in one of {nltk.data.path[:3]} (nltk.download('wordnet')) to score METEOR")
+        missing.append("wordnet")
+    try:
+        word_tokenize("A test.")
+    except LookupError:
+        missing.append("punkt_tab")
+    if missing:
+        return (f"METEOR needs the NLTK data {' and '.join(missing)}, which cannot be downloaded here; put it in one "
+                f"of {nltk.data.path[:3]} (nltk.download(NAME)) to score METEOR")
     return None
 
 
 def meteor(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean METEOR (nltk.translate.meteor_score, Treebank word tokens, lowercased), in [0, 1]."""
-    from nltk.tokenize import TreebankWordTokenizer
+    """Mean METEOR (nltk.translate.meteor_score on `word_tokenize` words, lowercased, as `evaluate`'s METEOR),
+    in [0, 1]."""
+    from nltk.tokenize import word_tokenize
     from nltk.translate.meteor_score import meteor_score
 
-    tokenize = TreebankWordTokenizer().tokenize
-    return statistics.fmean(meteor_score([tokenize(r.lower())], tokenize(p.lower()))
+    return statistics.fmean(meteor_score([word_tokenize(r)], word_tokenize(p))
                             for p, r in zip(predictions, references, strict=True))
 
 
@@ -118,8 +127,9 @@ def report_metrics(predictions: Sequence[str], references: Sequence[str]) -> dic
 
 
 def open_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
-    """Open-ended VQA scores {"bleu1", "rouge1", "meteor", "notes"}, as in `report_metrics`."""
-    return _text_metrics(predictions, references, {"meteor": (meteor_unavailable, meteor)})
+    """Open-ended VQA scores {"bleu1", "rouge1", "meteor", "bertscore", "notes"}, as in `report_metrics`."""
+    return _text_metrics(predictions, references, {"meteor": (meteor_unavailable, meteor),
+                                                   "bertscore": (bertscore_unavailable, bertscore_f1)})
 
 
 def closed_accuracy(outputs: Sequence[str], answer_choices: Sequence[str]) -> float:

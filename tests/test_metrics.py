@@ -31,7 +31,13 @@ def test_unavailable_metrics_are_none_with_a_reason_never_approximated():
             assert "cannot" in scores["notes"][name]
         else:
             assert scores[name] == pytest.approx(1.0, abs=1e-3) and name not in scores["notes"]
-    assert set(open_metrics(["a"], ["a"])) == {"bleu1", "rouge1", "meteor", "notes"}
+    assert set(open_metrics(["a"], ["a"])) == {"bleu1", "rouge1", "meteor", "bertscore", "notes"}
+
+
+def test_rouge_counts_words_as_written_as_m3d_does():
+    """M3D scores with `evaluate.load("rouge")`, which does not stem: "nodules" is not "nodule"."""
+    scores = open_metrics(["two nodules in the lungs"], ["a nodule in the lung"])
+    assert scores["rouge1"] == pytest.approx(0.4)  # "in" and "the" of five words each (0.8 if stemmed)
 
 
 def test_no_samples_gives_none_not_nan():

@@ -138,4 +138,5 @@ def test_eval_prints_the_m3d_metrics(trained, phantoms):
     scores = json.loads(result.stdout)
     assert set(scores) >= EVAL_KEYS and scores["n"] == 2
     assert scores["report_meteor"] is None and scores["notes"]["report_meteor"]  # no WordNet offline: said so
+    assert scores["open_bertscore"] is None and scores["notes"]["open_bertscore"]  # no roberta-large offline
     assert 0.0 <= scores["closed_accuracy"] <= 1.0
