@@ -9,6 +9,8 @@ from pathlib import Path
 EVAL_ROWS = (
     ("closed_accuracy", "Closed-ended VQA accuracy (answer letter rule)"),
     ("open_rouge1", "Open-ended VQA ROUGE-1"),
+    ("open_meteor", "Open-ended VQA METEOR"),
+    ("open_bertscore", "Open-ended VQA BERTScore F1"),
     ("report_bleu1", "Report BLEU-1"),
     ("report_rouge1", "Report ROUGE-1"),
     ("report_meteor", "Report METEOR"),
