@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medvlm.errors import UserInputError
 from medvlm.phantom import make_phantom
 from medvlm.volume import load_volume
 from medvlm.writers import save_dicom_series, save_nifti
@@ -241,7 +242,7 @@ def test_the_upload_limit_is_passed_to_gradio(app_module, monkeypatch):  # noqa:
     assert seen["max_file_size"] == MAX_UPLOAD_BYTES
 
 
-def test_max_new_tokens_beyond_the_cap_is_capped_and_said(app_module, monkeypatch, tmp_path):  # noqa: F811
+def test_max_new_tokens_beyond_the_cap_is_capped_by_the_app_refused_by_the_library(app_module, monkeypatch, tmp_path):  # noqa: F811
     import medvlm.pipeline
 
     monkeypatch.setattr(app_module, "MAX_NEW_TOKENS", 5)
@@ -255,6 +256,8 @@ def test_max_new_tokens_beyond_the_cap_is_capped_and_said(app_module, monkeypatc
     monkeypatch.setattr(model, "generate", lambda *a, **k: asked.append(k["max_new_tokens"]) or generate(*a, **k))
     with pytest.warns(UserWarning, match="At most 5 new tokens are generated per answer; asked for 50"):
         list(app_module.generate_report(session, 50, 0.0, 1.0))
-    list(app_module.PIPELINE.chat(session.volume, [{"role": "user", "content": "Where?"}], max_new_tokens=10**6))
-    assert asked == [5, 5]  # the app and the pipeline both hold the cap
+    assert asked == [5]  # the app caps what the page asks, and says so
+    with pytest.raises(UserInputError, match="max new tokens 1000000 is out of range; use 1 to 5"):
+        app_module.PIPELINE.chat(session.volume, [{"role": "user", "content": "Where?"}], max_new_tokens=10**6)
+    assert asked == [5]  # the library refuses beyond the cap: nothing generated
     session.release()
