@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -272,9 +273,14 @@ def _normal(image: _DicomImage) -> np.ndarray:
     return np.cross(image.orientation[:3], image.orientation[3:])
 
 
+def _along_normal(images: list[_DicomImage]) -> np.ndarray:
+    """Each image's position (mm) along the slice normal of the first (the images share an orientation)."""
+    normal = _normal(images[0])
+    return np.array([image.position @ normal for image in images])
+
+
 def _repeats_a_position(images: list[_DicomImage]) -> bool:
-    positions = np.sort([image.position @ _normal(image) for image in images])
-    return bool(np.any(np.diff(positions) < POSITION_TOLERANCE_MM))
+    return bool(np.any(np.diff(np.sort(_along_normal(images))) < POSITION_TOLERANCE_MM))
 
 
 def _one_stack(images: list[_DicomImage]) -> tuple[list[_DicomImage], str | None]:
@@ -301,30 +307,26 @@ def _one_stack(images: list[_DicomImage]) -> tuple[list[_DicomImage], str | None
         shown = f"{label} {chosen:g}{unit}" if chosen is not None else f"the images without a {label}"
         return stacks[chosen], (f"the series holds {len(stacks)} images at each position ({label}s {listed}"
                                 f"{unit}); {shown} is shown")
-    by_position: list[list[_DicomImage]] = []
-    for image in sorted(images, key=lambda image: image.position @ _normal(image)):
-        if by_position and abs((image.position - by_position[-1][0].position) @ _normal(image)) < POSITION_TOLERANCE_MM:
-            by_position[-1].append(image)
-        else:
-            by_position.append([image])
-    stack = [min(group, key=lambda image: (image.instance, str(image.path))) for group in by_position]
+    ordered, positions = _sorted_along_normal(images)
+    starts = [0, *np.flatnonzero(np.diff(positions) >= POSITION_TOLERANCE_MM) + 1, len(ordered)]  # of each position
+    stack = [min(ordered[start:end], key=lambda image: (image.instance, str(image.path)))
+             for start, end in pairwise(starts)]
     return stack, (f"{len(images) - len(stack)} image(s) share a position with another and state no echo time, "
                    "b-value or time point to tell them apart; at each position the lowest instance number is shown")
 
 
 def _sorted_along_normal(images: list[_DicomImage]) -> tuple[list[_DicomImage], np.ndarray]:
     """Images sorted by position along the slice normal: (images, their positions along it)."""
-    normal = _normal(images[0])
-    positions = np.array([image.position @ normal for image in images])
+    positions = _along_normal(images)
     order = np.argsort(positions, kind="stable")
     return [images[index] for index in order], positions[order]
 
 
-def _slice_step(images: list[_DicomImage], positions: np.ndarray) -> tuple[np.ndarray, float | None]:
-    """The LPS step from one slice to the next, and the gantry tilt in degrees (None when the step is along the
-    slice normal): the median of the steps, so one missing slice does not skew it."""
+def _slice_step(images: list[_DicomImage], step: float) -> tuple[np.ndarray, float | None]:
+    """The LPS step from one slice to the next (`step` mm along the normal), and the gantry tilt in degrees
+    (None when the step is along the slice normal): the median of the steps, so one missing slice does not
+    skew it."""
     normal = _normal(images[0])
-    step = float(np.median(np.diff(positions)))
     vector = np.median(np.diff([image.position for image in images], axis=0), axis=0)
     tilt = math.degrees(math.acos(min(1.0, abs(vector @ normal) / max(np.linalg.norm(vector), 1e-12))))
     if tilt <= TILT_NOTE_DEGREES:
@@ -392,8 +394,9 @@ def load_dicom(files: list[Path], name: str) -> Volume:
         value = _first(first.get(keyword)) if keyword in first else None
         if value is not None:
             meta[key] = value
-    step_vector, tilt = _slice_step(images, positions)
-    step, gaps = float(np.median(np.diff(positions))), np.diff(positions)
+    gaps = np.diff(positions)
+    step = float(np.median(gaps))
+    step_vector, tilt = _slice_step(images, step)
     if np.any(np.abs(gaps - step) > 0.1 * step):
         meta["uneven_gaps"] = (f"slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm (a missing slice?); "
                                f"the volume is drawn with an even {step:.3g} mm spacing")
