@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import logging
 import math
 import random
 import re
@@ -303,6 +304,24 @@ def epoch_states(state_dir: Path) -> tuple[list[Path], list[Path]]:
                 if not path.name.endswith(PARTIAL) and (path / f"{RNG_STATE_NAME}_0.pkl").is_file()]
     complete.sort(key=lambda path: int(EPOCH_STATE.fullmatch(path.name)[1]))
     return complete, sorted(set(states) - set(complete))
+
+
+class TiedHeadNotice(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {...lm_head.weight} while saving" warning at every epoch save.
+
+    The demo LMs tie their output head to the input embeddings, so the two names share one tensor and
+    safetensors stores it once; loading the state puts it back under both. A shared tensor named anything
+    else still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Removed shared tensor" not in message:
+            return True
+        names = re.findall(r"'([^']+)'", message.partition(" while saving")[0])
+        return not names or not all(name.endswith("lm_head.weight") for name in names)
+
+
+logging.getLogger("accelerate.utils.other").addFilter(TiedHeadNotice())
 
 
 def save_epoch_state(accelerator: Accelerator, state_dir: Path, epoch: int) -> None:

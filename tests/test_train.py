@@ -1,6 +1,7 @@
 """Training, the feature cache and evaluation, end to end on a tiny preset and a few phantoms."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -9,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from tiny_model import tiny_config, tiny_tokenizer
 
 from medvlm.data import Sample
 from medvlm.features import FeatureCache
 from medvlm.modeling import MedVLMForConditionalGeneration
 from medvlm.phantom import write_phantom_set
 from medvlm.pipeline import Pipeline
-from medvlm.train import ScanGroupedBatches, finding_targets, load_preset, train
+from medvlm.train import ScanGroupedBatches, finding_targets, load_preset, save_epoch_state, train
 from medvlm.volume import load_volume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,6 +97,28 @@ def test_a_run_stopped_while_saving_an_epoch_resumes_from_the_epoch_before(left_
     assert f"removing {left_as}" in printed and "stage align: resuming after epoch 1" in printed
     assert sorted(path.name for path in align.iterdir()) == ["done.json", "epoch-001", "weights.safetensors"]
     assert Pipeline.from_pretrained(out).describe()["demo"] is True
+
+
+def test_saving_an_epoch_does_not_warn_about_the_tied_output_head(tmp_path, caplog):
+    """The demo LMs tie their output head to the input embeddings: accelerate stores the tensor once and warned
+    "Removed shared tensor ... check that you don't receive any warning while reloading" at every epoch."""
+    tokenizer = tiny_tokenizer()
+    text_config = {**tiny_config(tokenizer).text_config.to_dict(), "tie_word_embeddings": True}
+    model = MedVLMForConditionalGeneration(tiny_config(tokenizer, text_config=text_config))
+    head, embeddings = model.language_model.lm_head.weight, model.get_input_embeddings().weight
+    assert head.data_ptr() == embeddings.data_ptr()
+    accelerator = Accelerator(cpu=True)
+    prepared = accelerator.prepare(model)
+    caplog.set_level(logging.WARNING)
+    save_epoch_state(accelerator, tmp_path, 0)
+    assert "Removed shared tensor" not in caplog.text
+    with torch.no_grad():
+        embeddings.zero_()
+    accelerator.load_state(tmp_path / "epoch-000")
+    assert prepared.language_model.lm_head.weight.abs().sum() > 0  # the head came back, tied
+    assert prepared.language_model.lm_head.weight.data_ptr() == prepared.get_input_embeddings().weight.data_ptr()
+    logging.getLogger("accelerate.utils.other").warning("Removed shared tensor {'fusion.weight'} while saving.")
+    assert "{'fusion.weight'}" in caplog.text  # any other shared tensor still warns
 
 
 def test_feature_cache_round_trips(trained, phantoms, tmp_path):
