@@ -344,8 +344,9 @@ def summary_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_data_efficiency(summary: dict, path: Path) -> Path:
-    """finding F1 and closed-VQA accuracy against training scans, mean ± s.d. over seeds, one line per variant."""
+def plot_data_efficiency(summary: dict, path: Path, floor: dict | None = None) -> Path:
+    """finding F1 and closed-VQA accuracy against training scans, mean ± s.d. over seeds, one line per variant;
+    `floor` (image_blind_reference's figures) is drawn as a dashed line: a point on it says nothing of the scan."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,6 +360,8 @@ def plot_data_efficiency(summary: dict, path: Path) -> Path:
             axis.errorbar([p["train_scans"] for p in shown], [p[metric]["mean"] for p in shown],
                           yerr=[p[metric]["std"] or 0.0 for p in shown], marker="o", capsize=3,
                           label=labels.get(variant, variant))
+        if floor and floor.get(metric) is not None:
+            axis.axhline(floor[metric], color="grey", linestyle="--", linewidth=1, label="image-blind floor")
         axis.set_xscale("log")
         scans = sorted({p["train_scans"] for points in summary["data_efficiency"].values() for p in points.values()})
         axis.set_xticks(scans, [str(count) for count in scans])
@@ -393,7 +396,7 @@ def write_results(out: Path, size_name: str, size: StudySize, seeds: int, record
     (out / "ablations.json").write_text(json.dumps(result, indent=1))
     (out / "ablations.log").write_text(summary_table(result) + "\n")
     if result["summary"]["data_efficiency"]:
-        plot_data_efficiency(result["summary"], out / "data_efficiency.png")
+        plot_data_efficiency(result["summary"], out / "data_efficiency.png", result["study"]["image_blind"])
     return result
 
 
