@@ -312,19 +312,51 @@ def held_out_detection(encoder: SliceEncoder, heads: PerClassHeads | FactoredHea
     A scan's score for a class is its highest class score over the scan's slices and patches, the
     evidence the later stages can draw on; per class, the ROC AUC of that score between the scans
     that hold the class and the other scans of the same modality (`within_modality_auc`).
+
+    `patch`: per modality, how well the heads' highest class score marks the patches a lesion touches
+    (`patch_detection`). A scan holds thousands of patches to a lesion's few, so a patch AUC that
+    looks high can still leave a scan's highest patch a normal one: its average precision says so.
     """
     scores, labels, modalities = [], [], []
+    patch_scores, patch_labels, patch_modalities = [], [], []
     for image in images:
         volume = load_volume(root / image)
         pixel_values, _ = encoder_input(volume, config)
         features = encoder(pixel_values)
-        scores.append(heads.class_scores(features.patches).amax(dim=(0, 1, 2)).float().numpy())
+        class_scores = heads.class_scores(features.patches).float()  # (Z', h, w, classes)
+        scores.append(class_scores.amax(dim=(0, 1, 2)).numpy())
         found = {lesion_class(lesion) for lesion in ground_truth[image]["lesions"]}
         labels.append([name in found for name in classes])
         modalities.append(volume.modality)
+        coverage, sizes = lesion_maps(volume, ground_truth[image], classes, pixel_values.shape[0], config.image_size)
+        touched, _ = patch_targets(torch.from_numpy(coverage), torch.from_numpy(sizes), encoder.patch_size)
+        patch_scores.append(class_scores.amax(dim=-1).flatten().numpy())
+        patch_labels.append(touched.amax(dim=1).flatten().numpy() > 0)
+        patch_modalities += [volume.modality] * patch_labels[-1].size
     per_class = within_modality_auc(np.array(scores), np.array(labels), modalities, classes)
     mean = round(float(np.mean(list(per_class.values()))), 3) if per_class else None
-    return {"scans": len(images), "mean_auc": mean, "auc": per_class}
+    return {"scans": len(images), "mean_auc": mean, "auc": per_class,
+            "patch": patch_detection(np.concatenate(patch_scores), np.concatenate(patch_labels), patch_modalities)}
+
+
+def patch_detection(scores: np.ndarray, touched: np.ndarray, modalities: list[str]) -> dict:
+    """Per modality, how well `scores` (patches,) mark the patches a lesion touches (`touched`, bool):
+    ROC AUC, average precision (1: every touched patch outranks every other; the base rate, the share of
+    touched patches, is what scores that know nothing get) and that base rate. Modalities without both
+    kinds of patch are left out."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    modalities = np.asarray(modalities)
+    result = {}
+    for modality in dict.fromkeys(modalities.tolist()):
+        mine = modalities == modality
+        labels = touched[mine]
+        if labels.all() or not labels.any():
+            continue
+        result[modality] = {"auc": round(float(roc_auc_score(labels, scores[mine])), 3),
+                            "average_precision": round(float(average_precision_score(labels, scores[mine])), 3),
+                            "base_rate": round(float(labels.mean()), 4), "patches": int(labels.size)}
+    return result
 
 
 def within_modality_auc(scores: np.ndarray, labels: np.ndarray, modalities: list[str], classes: list[str]) -> dict:

@@ -132,6 +132,13 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
                  "hold it against the other scans of its modality, scored by the head's highest logit; 0.5 is "
                  "chance). Per class: " + ", ".join(f"{name} {auc:.2f}" for name, auc in detection["auc"].items())
                  + ".", ""]
+        if detection.get("patch"):
+            body += ["- Per patch (does a lesion touch it; the heads' highest class score), in the same scans: "
+                     + "; ".join(f"{modality} AUC {figures['auc']:.2f}, average precision "
+                                 f"{figures['average_precision']:.3f} (base rate {figures['base_rate']:.4f})"
+                                 for modality, figures in detection["patch"].items())
+                     + ". A scan holds thousands of patches to a lesion's few: unless the average precision is "
+                       "high, a scan's highest patch is a normal one.", ""]
     if training.get("recipe"):
         body += recipe_section(training)
     if evaluation:
