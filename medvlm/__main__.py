@@ -132,7 +132,7 @@ def cmd_phantom(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .configuration import MedVLMConfig
-    from .encoder_pretraining import slice_heads
+    from .encoder_pretraining import hard_negative_share, slice_heads
     from .train import load_preset, train
     from .variants import apply_overrides, variant_overrides
 
@@ -142,6 +142,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         MedVLMConfig(**preset["model"])  # a bad value stops here, before any work
         if preset.get("encoder_pretraining"):
             slice_heads(preset["encoder_pretraining"])
+            hard_negative_share(preset["encoder_pretraining"])
     except ValueError as error:
         raise UsageError(f"train: {error}") from None
     if args.features and args.from_volumes:

@@ -96,6 +96,8 @@ def lesion_maps(volume: Volume, truth: dict, classes: list[str], num_inputs: int
 class SliceHeads(nn.Module):
     """What every pre-training head kind shares: per patch the lesion diameter, per slice the modality."""
 
+    hard_negatives = 0.0  # see `balanced_bce`
+
     def add_size_and_modality(self, width: int) -> None:
         """Made after a subclass's own layers: for a seed, `PerClassHeads` starts from the weights the shipped
         demo encoder's heads started from."""
@@ -127,7 +129,7 @@ class PerClassHeads(SliceHeads):
         """What pre-training minimises for a batch of slices: lesion classes per patch (balanced BCE), diameter
         and modality. `present` (B, classes, h, w) and `size_mm` (B, h, w) are on the grid of
         `features.patches` (B, h, w, width)."""
-        return (balanced_bce(self.coverage(features.patches), present.permute(0, 2, 3, 1))
+        return (balanced_bce(self.coverage(features.patches), present.permute(0, 2, 3, 1), self.hard_negatives)
                 + self.size_and_modality_loss(features, size_mm, modality))
 
 
@@ -152,7 +154,7 @@ class FactoredHeads(SliceHeads):
         `PerClassHeads.loss`."""
         classes = present.permute(0, 2, 3, 1)  # (B, h, w, classes)
         touched = classes.amax(dim=-1)
-        loss = balanced_bce(self.lesion(features.patches)[..., 0], touched)
+        loss = balanced_bce(self.lesion(features.patches)[..., 0], touched, self.hard_negatives)
         lesion = touched > 0
         if lesion.any():
             targets = classes[lesion] / classes[lesion].sum(-1, keepdim=True)
@@ -169,6 +171,14 @@ def slice_heads(settings: dict) -> type[PerClassHeads | FactoredHeads]:
     if kind not in SLICE_HEADS:
         raise ValueError(f"unknown encoder_pretraining heads {kind!r}; choose from {', '.join(SLICE_HEADS)}")
     return SLICE_HEADS[kind]
+
+
+def hard_negative_share(settings: dict) -> float:
+    """`encoder_pretraining.hard_negatives` (default 0: every negative patch weighs alike), checked."""
+    share = settings.get("hard_negatives", 0.0)
+    if not isinstance(share, (int, float)) or not 0 <= share < 1:
+        raise ValueError(f"encoder_pretraining hard_negatives must be a share in [0, 1), not {share!r}")
+    return float(share)
 
 
 @dataclass
@@ -210,12 +220,23 @@ def patch_targets(coverage: torch.Tensor, diameter: torch.Tensor, patch: int) ->
     return F.max_pool2d(coverage.float(), patch), F.max_pool2d(diameter[:, None].float(), patch)[:, 0]
 
 
-def balanced_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def balanced_bce(logits: torch.Tensor, targets: torch.Tensor, hard_negatives: float = 0.0) -> torch.Tensor:
     """Binary cross-entropy with positives and negatives weighted equally: lesions touch <1 % of patches,
-    so a plain mean is minimised by predicting "nothing" everywhere."""
+    so a plain mean is minimised by predicting "nothing" everywhere.
+
+    hard_negatives > 0: the negatives' half is instead the mean of two, the loss over all negatives and
+    over the hardest `hard_negatives` share of them (highest loss first). A scan holds thousands of
+    normal patches to a lesion's few, so what decides whether its highest patch is a lesion is the few
+    normal patches that look most like one; a plain mean weighs them like all the others.
+    """
     losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     positives = targets.sum()
     negative_loss = (losses * (1 - targets)).sum() / (targets.numel() - positives).clamp(min=1)
+    if hard_negatives > 0:
+        negatives = losses[targets == 0]
+        if negatives.numel():
+            hardest = negatives.topk(max(1, int(negatives.numel() * hard_negatives))).values.mean()
+            negative_loss = (negative_loss + hardest) / 2
     return negative_loss + (losses * targets).sum() / positives.clamp(min=1)
 
 
@@ -239,6 +260,7 @@ def pretrain_encoder(config: MedVLMConfig, root: Path, images: list[str], settin
     encoder = SliceEncoder(config)
     slices = build_slice_set(config, root, images, ground_truth, classes, progress)
     heads = heads_kind(config.encoder_width, len(classes))
+    heads.hard_negatives = hard_negative_share(settings)
     encoder.vision_tower.requires_grad_(True)
     parameters = [*encoder.vision_tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=settings["lr"], weight_decay=0.05)

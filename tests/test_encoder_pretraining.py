@@ -149,6 +149,32 @@ def test_lesion_finding_is_judged_within_the_modality_it_occurs_in():
     assert within_modality_auc(finds_them, every_ct_holds_it, modalities, classes) == {}  # nothing to rank against
 
 
+def test_hard_negatives_weigh_the_normal_patches_that_look_like_a_lesion():
+    """Ten lesion patches found; of 1,000 normal patches, 990 clearly normal and 10 scored like lesions. The
+    plain balanced loss barely notices the 10 (they are 1 % of the negatives); with hard_negatives 0.01 the
+    negatives' half is as much about them as about all the rest, and 0 is the plain loss."""
+    targets = torch.cat([torch.ones(10), torch.zeros(1000)])
+    lesion_like = torch.cat([torch.full((10,), 5.0), torch.full((990,), -5.0), torch.full((10,), 3.0)])
+    all_clear = torch.cat([torch.full((10,), 5.0), torch.full((1000,), -5.0)])
+    plain, hard = balanced_bce(lesion_like, targets), balanced_bce(lesion_like, targets, 0.01)
+    assert hard > 10 * plain
+    assert torch.isclose(balanced_bce(all_clear, targets, 0.01), balanced_bce(all_clear, targets))
+    assert balanced_bce(lesion_like, targets, 0.0) == plain
+
+
+def test_a_bad_hard_negative_share_stops_train_with_one_line(tmp_path, capsys):
+    from medvlm.__main__ import main
+    from medvlm.train import load_preset
+
+    preset = load_preset("demo")
+    preset["encoder_pretraining"]["hard_negatives"] = 2
+    (tmp_path / "preset.json").write_text(json.dumps(preset))
+    assert main(["train", "--preset", str(tmp_path / "preset.json"), "--data", str(tmp_path),
+                 "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "error: train: encoder_pretraining hard_negatives must be a share in [0, 1), not 2"
+
+
 def test_patch_detection_shows_what_a_high_auc_hides_among_thousands_of_normal_patches():
     """1,000 CT patches, 10 touched by a lesion. A scorer that puts every lesion patch above 960 normal ones
     but below 30 others has an AUC of 0.97, yet a scan read by its highest patch finds a normal one: its
