@@ -248,3 +248,21 @@ def test_an_unknown_kind_of_pretraining_head_stops_train_with_one_line(tmp_path,
     error = capsys.readouterr().err.strip()
     assert error == "error: train: unknown encoder_pretraining heads 'per_organ'; choose from per_class, factored"
     assert not (tmp_path / "out").exists()
+
+
+def test_the_model_card_gives_per_patch_precision_beside_the_scan_auc(tmp_path):
+    """A checkpoint whose training.json holds per-patch figures shows them in its card, AUC beside average
+    precision and base rate, so a reader sees that a high AUC can still leave a scan's top patch a normal one."""
+    import shutil
+
+    from medvlm.model_card import write_model_card
+    from medvlm.pipeline import DEMO_CHECKPOINT
+
+    shutil.copy(DEMO_CHECKPOINT / "config.json", tmp_path)
+    training = json.loads((DEMO_CHECKPOINT / "training.json").read_text())
+    training["encoder_pretraining"]["held_out_detection"]["patch"] = {
+        "CT": {"auc": 0.918, "average_precision": 0.034, "base_rate": 0.0028, "patches": 54848}}
+    (tmp_path / "training.json").write_text(json.dumps(training))
+    card = write_model_card(tmp_path, "python -m medvlm train ...").read_text()
+    assert "CT AUC 0.92, average precision 0.034 (base rate 0.0028)" in card
+    assert "mean AUC of" in card
