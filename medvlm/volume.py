@@ -299,10 +299,16 @@ def _extract_zip(path: Path, folder: Path) -> list[Path]:
 
 
 def _check_zip_directory(path: Path) -> None:
-    """Refuse, from the zip's end record alone, a central directory too large to list (millions of entries)."""
+    """Refuse, from the zip's end record alone, a central directory too large to list (millions of entries).
+
+    The stdlib's reader of the end record (zip64 too) is private; on a Python without it this check is
+    skipped, and the entry count is still checked once `zipfile` has listed the directory."""
+    read_end_record = getattr(zipfile, "_EndRecData", None)
+    if read_end_record is None:
+        return
     try:
         with open(path, "rb") as handle:
-            end_record = zipfile._EndRecData(handle)  # the stdlib's own reader of the end record (zip64 too)
+            end_record = read_end_record(handle)
     except (OSError, ValueError, EOFError, struct.error):
         return  # unreadable: zipfile.ZipFile says so next
     if end_record is None:

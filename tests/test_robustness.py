@@ -269,6 +269,21 @@ def test_a_zip_of_10000_tiny_files_is_refused_quickly(tmp_path):
     assert time.perf_counter() - start < 2.0
 
 
+
+def test_a_python_without_the_private_zip_end_record_reader_still_refuses_with_one_line(tmp_path, monkeypatch):
+    """The early check reads the zip's end record with the stdlib's private `zipfile._EndRecData`; should a
+    later Python rename it, uploads still load or are refused in one sentence, never with a traceback."""
+    archive = tmp_path / "many.zip"
+    too_many = limits.MAX_ZIP_ENTRIES + 1
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zipped:
+        for number in range(too_many):
+            zipped.writestr(f"{number}.dcm", b"x")
+    without_it = type(zipfile)("zipfile")  # the module as medvlm.volume sees it, less the private reader
+    without_it.__dict__.update({name: value for name, value in vars(zipfile).items() if name != "_EndRecData"})
+    monkeypatch.setattr(volume_module, "zipfile", without_it)
+    with pytest.raises(VolumeError, match=f"{too_many} files, more than the {limits.MAX_ZIP_ENTRIES} allowed"):
+        load_volume(archive)
+
 # --- bombs: refused from sizes, peak memory measured in a subprocess --------------------------------------------
 
 def _gzip_bomb_nifti(path: Path, shape=(2048, 2048, 59), tail_bytes: int = 0, affine=None) -> Path:
