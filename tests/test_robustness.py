@@ -269,7 +269,6 @@ def test_a_zip_of_10000_tiny_files_is_refused_quickly(tmp_path):
     assert time.perf_counter() - start < 2.0
 
 
-
 def test_a_python_without_the_private_zip_end_record_reader_still_refuses_with_one_line(tmp_path, monkeypatch):
     """The early check reads the zip's end record with the stdlib's private `zipfile._EndRecData`; should a
     later Python rename it, uploads still load or are refused in one sentence, never with a traceback."""
@@ -283,6 +282,7 @@ def test_a_python_without_the_private_zip_end_record_reader_still_refuses_with_o
     monkeypatch.setattr(volume_module, "zipfile", without_it)
     with pytest.raises(VolumeError, match=f"{too_many} files, more than the {limits.MAX_ZIP_ENTRIES} allowed"):
         load_volume(archive)
+
 
 # --- bombs: refused from sizes, peak memory measured in a subprocess --------------------------------------------
 
