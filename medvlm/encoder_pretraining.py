@@ -53,6 +53,25 @@ def lesion_classes(ground_truth: dict) -> list[str]:
                    for lesion in entry["lesions"]})
 
 
+def lesion_slabs(lesion: dict, slices: int, num_inputs: int, spacing_z: float) -> dict[int, float]:
+    """The encoder-input slabs a ground-truth lesion reaches, each with how far (mm) its nearest point lies
+    from the lesion's centre along z (0 for the slab that holds the centre).
+
+    The volume's `slices` axial slices (`spacing_z` mm apart) are averaged into `num_inputs` equal slabs, as
+    `encoder_input` does; the lesion is a sphere (`center_voxel`, `diameter_mm`).
+    """
+    z = lesion["center_voxel"][0]
+    radius = lesion["diameter_mm"] / 2
+    half_mm = slices / num_inputs * spacing_z / 2
+    reached = {}
+    for slab in range(num_inputs):
+        centre = (slab + 0.5) * slices / num_inputs - 0.5
+        dz = max(abs(centre - z) * spacing_z - half_mm, 0.0)  # nearest point of the slab
+        if dz < radius:
+            reached[slab] = dz
+    return reached
+
+
 def lesion_maps(volume: Volume, truth: dict, classes: list[str], num_inputs: int,
                 size: int) -> tuple[np.ndarray, np.ndarray]:
     """Which encoder-input pixels each lesion class covers, and the diameter of what covers them.
@@ -73,18 +92,13 @@ def lesion_maps(volume: Volume, truth: dict, classes: list[str], num_inputs: int
     grid = np.arange(size, dtype=np.float32) + 0.5
     coverage = np.zeros((num_inputs, len(classes), size, size), dtype=np.uint8)
     diameter = np.zeros((num_inputs, size, size), dtype=np.uint8)
-    slab_centres = (np.arange(num_inputs) + 0.5) * slices / num_inputs - 0.5
-    slab_half_mm = slices / num_inputs * spacing_z / 2
     for lesion in lesions:
         channel = classes.index(lesion_class(lesion))
-        z, y, x = lesion["center_voxel"]
+        _, y, x = lesion["center_voxel"]
         radius = lesion["diameter_mm"] / 2
         row = (rows - 1 - y + top + 0.5) * scale
         col = (cols - 1 - x + left + 0.5) * scale
-        for slab, centre in enumerate(slab_centres):
-            dz = max(abs(centre - z) * spacing_z - slab_half_mm, 0.0)  # nearest point of the slab
-            if dz >= radius:
-                continue
+        for slab, dz in lesion_slabs(lesion, slices, num_inputs, spacing_z).items():
             in_plane = math.sqrt(radius**2 - dz**2) / pixel_mm
             disk = ((grid[:, None] - row) ** 2 + (grid[None, :] - col) ** 2) <= max(in_plane, 0.5) ** 2
             coverage[slab, channel] |= disk

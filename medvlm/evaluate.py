@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .data import GROUND_TRUTH_FILE, Sample
 from .errors import UserInputError
 from .features import process_state
-from .metrics import closed_accuracy, finding_metrics, open_metrics, report_metrics
+from .metrics import SMALL_LESION_MM, closed_accuracy, finding_metrics, open_metrics, report_metrics
 from .pipeline import Pipeline
 from .volume import load_volume
 
@@ -33,12 +33,14 @@ M3D_MAX_NEW_TOKENS = 256
 
 
 def generate_answers(pipeline: Pipeline, root: Path, samples: list[Sample], max_new_tokens: int,
-                     progress: bool = True) -> list[str]:
-    """The model's greedy answer to each sample's prompt, each scan loaded and encoded once."""
+                     progress: bool = True) -> tuple[list[str], dict[str, tuple[list[int], int]]]:
+    """The model's greedy answer to each sample's prompt, each scan loaded and encoded once; and per scan,
+    which encoder-input slabs the model kept and how many there were."""
     by_image: dict[str, list[int]] = defaultdict(list)
     for index, sample in enumerate(samples):
         by_image[sample.image].append(index)
     answers = [""] * len(samples)
+    kept: dict[str, tuple[list[int], int]] = {}
     with tqdm(total=len(samples), desc="generating", disable=not progress, unit="answer") as bar:
         for image, indices in by_image.items():
             volume = load_volume(root / image)
@@ -46,8 +48,30 @@ def generate_answers(pipeline: Pipeline, root: Path, samples: list[Sample], max_
                 prompt = samples[index].messages[:-1]
                 answers[index] = "".join(pipeline.chat(volume, prompt, max_new_tokens=max_new_tokens)).strip()
                 bar.update()
+            encoding = pipeline.encode(volume)  # the cached encoding the answers came from
+            kept[image] = (encoding.kept_inputs, encoding.total_slices)
             pipeline.forget(volume)
-    return answers
+    return answers, kept
+
+
+def selection_recall(truth: dict, kept: dict[str, tuple[list[int], int]]) -> dict[str, float | None]:
+    """How many ground-truth lesions lie in a slab the model kept: the most finding recall its reports
+    could reach, whatever the later stages make of them. `truth`: ground-truth entries by image;
+    `kept`: per image, (kept slab indices, number of slabs). Overall and for lesions over 8 mm."""
+    from .encoder_pretraining import lesion_slabs
+
+    seen, large = [0, 0], [0, 0]  # [in a kept slab, total]
+    for image, (slabs, total) in kept.items():
+        entry = truth.get(image)
+        if entry is None:
+            continue
+        for lesion in entry["lesions"]:
+            shown = not lesion_slabs(lesion, entry["shape"][0], total, entry["spacing"][0]).keys().isdisjoint(slabs)
+            for bucket in (seen, large) if round(lesion["diameter_mm"]) > SMALL_LESION_MM else (seen,):
+                bucket[0] += shown
+                bucket[1] += 1
+    return {"selection_recall": seen[0] / seen[1] if seen[1] else None,
+            "selection_recall_large": large[0] / large[1] if large[1] else None}
 
 
 def _phantom_findings(root: Path, images: list[str]) -> dict | None:
@@ -90,11 +114,13 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test
     with state.split_between_processes(images) as share:
         mine = set(share)
     indices = [index for index, sample in enumerate(samples) if sample.image in mine]
-    answered = generate_answers(pipeline, root, [samples[i] for i in indices], max_new_tokens,
-                                progress and state.is_local_main_process)
+    answered, kept = generate_answers(pipeline, root, [samples[i] for i in indices], max_new_tokens,
+                                      progress and state.is_local_main_process)
     pairs = list(zip(indices, answered, strict=True))
+    kept_items = list(kept.items())
     if state.num_processes > 1:
         pairs = gather_object(pairs)
+        kept_items = gather_object(kept_items)
     if not state.is_main_process:
         return None
     answers = [answer for _, answer in sorted(pairs)]
@@ -126,6 +152,7 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test
         predicted = {s.image: a for s, a in reports}
         scored = [image for image in images if image in truth and image in predicted]
         results |= finding_metrics([predicted[i] for i in scored], [truth[i] for i in scored], parse_findings)
+        results |= selection_recall(json.loads((root / GROUND_TRUTH_FILE).read_text()), dict(kept_items))
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["notes"] = notes
     return results

@@ -37,14 +37,16 @@ class Encoding:
     """A scan as the LM sees it.
 
     visual_tokens: (1, N, H) on the model's device; kept_slices: axial indices (into
-    `volume.data`) of the slices the model kept; total_slices: slices the encoder input had;
-    timings: seconds per step.
+    `volume.data`) of the slices the model kept, one per kept slab, its middle slice;
+    total_slices: slices (slabs) the encoder input had; timings: seconds per step;
+    kept_inputs: the kept slabs' indices into the encoder input (0 … total_slices − 1).
     """
 
     visual_tokens: torch.Tensor
     kept_slices: list[int]
     total_slices: int
     timings: dict[str, float] = field(default_factory=dict)
+    kept_inputs: list[int] = field(default_factory=list)
 
 
 def resolve_checkpoint(checkpoint: str | Path | None, revision: str | None = None) -> Path:
@@ -230,7 +232,7 @@ class Pipeline:
         per_input_slice = volume.shape[0] / scan.total
         kept = [min(volume.shape[0] - 1, int((index + 0.5) * per_input_slice)) for index in scan.kept.tolist()]
         encoding = Encoding(visual.visual_tokens, kept, scan.total,
-                            {"preprocess_s": prepared - start, "encode_s": done - prepared})
+                            {"preprocess_s": prepared - start, "encode_s": done - prepared}, scan.kept.tolist())
         with self._lock:
             if id(volume) not in self._holders.get(key, {}):  # forgotten meanwhile: its session has ended
                 return encoding

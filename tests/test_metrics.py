@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from medvlm.evaluate import selection_recall
 from medvlm.metrics import closed_accuracy, finding_metrics, open_metrics, report_metrics
 
 REPORT = "A 12 mm solid nodule in the right lower lobe. The liver is normal."
@@ -96,3 +97,18 @@ def test_finding_metrics_normals_and_empty_denominators():
     assert hallucinated["finding_precision"] == 0.0 and hallucinated["finding_recall"] == 0.0
     assert hallucinated["finding_f1"] == 0.0
     assert finding_metrics([], [], parse)["finding_f1"] is None
+
+
+def test_selection_recall_counts_the_lesions_in_kept_slabs():
+    # 40 slices of 1 mm in 10 slabs of 4 mm: slab 5 holds slices 20–23. A 2 mm lesion centred there reaches
+    # slab 5 alone; a 12 mm one reaches slabs 4, 5 and 6.
+    small = {"center_voxel": [21.5, 32, 32], "diameter_mm": 2.0}
+    large = {"center_voxel": [21.5, 32, 32], "diameter_mm": 12.0}
+    truth = {"a": {"shape": [40, 64, 64], "spacing": [1.0, 1.0, 1.0], "lesions": [small, large]},
+             "normal": {"shape": [40, 64, 64], "spacing": [1.0, 1.0, 1.0], "lesions": []}}
+    around = selection_recall(truth, {"a": ([4, 6], 10), "normal": ([0], 10), "not in truth": ([1], 10)})
+    assert around == {"selection_recall": 0.5, "selection_recall_large": 1.0}
+    assert selection_recall(truth, {"a": ([5], 10)}) == {"selection_recall": 1.0, "selection_recall_large": 1.0}
+    assert selection_recall(truth, {"a": ([0, 9], 10)}) == {"selection_recall": 0.0, "selection_recall_large": 0.0}
+    assert selection_recall(truth, {"normal": ([0], 10)}) == {"selection_recall": None,
+                                                              "selection_recall_large": None}

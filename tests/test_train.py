@@ -164,3 +164,4 @@ def test_eval_prints_the_m3d_metrics(trained, phantoms):
     assert scores["report_meteor"] is None and scores["notes"]["report_meteor"]  # no WordNet offline: said so
     assert scores["open_bertscore"] is None and scores["notes"]["open_bertscore"]  # no roberta-large offline
     assert 0.0 <= scores["closed_accuracy"] <= 1.0
+    assert scores["selection_recall"] is None or 0.0 <= scores["selection_recall"] <= 1.0  # None: no lesions
