@@ -198,22 +198,10 @@ def encoder_work(checkpoint: Path, data: Path) -> dict:
             "input_slices": total}
 
 
-def probe_validation_loss(training: Path) -> float | None:
-    """The finding probe's loss on the validation scans after the probe stage (its last epoch in metrics.csv).
-
-    The probe is a linear read-out of which findings a scan holds from its visual tokens, trained with
-    the visual stages before the LM sees them: its loss measures what the visual path passes on, even
-    where the LM has not learnt to put it in words. None when the preset has no probe stage.
-    """
-    with open(training / "metrics.csv", newline="") as handle:
-        losses = [row["val_loss"] for row in csv.DictReader(handle) if row["stage"] == "probe" and row["val_loss"]]
-    return float(losses[-1]) if losses else None
-
-
 def run_one(run: Run, size: StudySize, folders: dict[str, Path], work: Path) -> dict:
     """Train, score and time one run; its record is kept in WORK/runs/NAME/scores.json."""
     from .evaluate import evaluate
-    from .train import train
+    from .train import probe_validation_loss, train
 
     folder = work / "runs" / run.name
     scores_file = folder / "scores.json"
@@ -255,13 +243,15 @@ def image_blind_reference(folders: dict[str, Path]) -> dict:
     """What a model that ignores the image scores: the floor each run is read against.
 
     finding_f1: reports that name no finding (every held-out scan read as normal). probe_val_bce: the
-    probe predicting each finding at its (smoothed) frequency among the training scans, on the validation scans,
-    what it scores when the visual tokens tell it nothing. small_lesion_recall: 0. closed_accuracy:
-    0.25, guessing among four choices (an LM can beat it from the questions alone).
+    probe predicting each finding at its frequency among the training scans, on the validation scans,
+    what it scores when the visual tokens tell it nothing; probe_val_bce_modality: at its frequency among
+    the training scans of the scan's modality, what visual tokens that tell only the modality reach.
+    small_lesion_recall: 0. closed_accuracy: 0.25, guessing among four choices (an LM can beat it from
+    the questions alone).
     """
     from .metrics import finding_metrics
     from .phantom import findings_from_ground_truth, parse_findings
-    from .train import finding_targets, read_samples
+    from .train import probe_floors, read_samples
 
     truth = json.loads((folders["heldout"] / GROUND_TRUTH_FILE).read_text())
     findings = [findings_from_ground_truth(truth[image]) for image in sorted(truth)]
@@ -269,13 +259,9 @@ def image_blind_reference(folders: dict[str, Path]) -> dict:
     pool = folders["train"]
     train_images, val_images = ([*dict.fromkeys(s.image for s in read_samples(pool, split))]
                                 for split in ("train", "validation"))
-    _, targets = finding_targets(pool, sorted(train_images + val_images))
-    seen = torch.stack([targets[image] for image in train_images])
-    frequency = (seen.sum(0) + 0.5) / (len(seen) + 1)  # add-one-half: a finding no training scan holds is not 0
-    validation = torch.stack([targets[image] for image in val_images])
-    priors = torch.nn.functional.binary_cross_entropy(frequency.expand_as(validation), validation)
+    floors = probe_floors(pool, train_images, val_images)
     return {"finding_f1": silent["finding_f1"], "closed_accuracy": 0.25, "small_lesion_recall": 0.0,
-            "probe_val_bce": round(float(priors), 5)}
+            "probe_val_bce": floors["priors"], "probe_val_bce_modality": floors["modality"]}
 
 
 def mean_std(values: list) -> dict:
@@ -335,6 +321,10 @@ def summary_table(result: dict) -> str:
     blind = study.get("image_blind", {})
     headline.append(["image-blind floor", "—",
                      *(_figure({"mean": blind.get(metric), "std": None}) for metric in HEADLINE_METRICS)])
+    if blind.get("probe_val_bce_modality") is not None:  # studies logged before it was measured lack it
+        headline.append(["modality-only floor", "—", *(_figure({"mean": blind["probe_val_bce_modality"]
+                                                                if metric == "probe_val_bce" else None, "std": None})
+                                                       for metric in HEADLINE_METRICS)])
     lines += [*_table(["variant", "seeds", *HEADLINE_METRICS], headline), "",
               *_table(["data efficiency", "fraction", "training scans", "seeds", *CURVE_METRICS], curve)]
     seconds = [r["wall_seconds"]["total"] for r in result["runs"]]

@@ -176,6 +176,50 @@ def finding_targets(root: Path, images: list[str]) -> tuple[list[str], dict[str,
     return classes, targets
 
 
+def probe_floors(root: Path, train_images: list[str], val_images: list[str]) -> dict[str, float] | None:
+    """What the findings probe scores on the validation scans (mean BCE) without reading the visual tokens
+    for findings: `priors`, each finding at its frequency among the training scans; `modality`, at its
+    frequency among the training scans of the same modality, which any visual path that tells CT from MR
+    from PET reaches. A probe near `modality` has learnt nothing about lesions. Frequencies are smoothed
+    (add one half), so a finding no training scan holds costs finitely. None without a ground truth.
+    """
+    classes, targets = finding_targets(root, sorted({*train_images, *val_images}))
+    if not classes or not val_images:
+        return None
+    modality = {image: entry["modality"] for image, entry in json.loads((root / GROUND_TRUTH_FILE).read_text()).items()}
+
+    def frequency(images: list[str]) -> torch.Tensor:
+        return (sum((targets[image] for image in images), torch.zeros(len(classes))) + 0.5) / (len(images) + 1)
+
+    overall = frequency(train_images)
+    within = {name: frequency([i for i in train_images if modality[i] == name])
+              for name in {modality[i] for i in train_images}}
+    truth = torch.stack([targets[image] for image in val_images])
+    floors = {"priors": overall.expand_as(truth),
+              "modality": torch.stack([within.get(modality[i], overall) for i in val_images])}
+    return {name: round(float(F.binary_cross_entropy(guess, truth)), 5) for name, guess in floors.items()}
+
+
+def probe_validation_loss(training: Path) -> float | None:
+    """The finding probe's loss on the validation scans after the probe stage (its last epoch in metrics.csv).
+
+    The probe is a linear read-out of which findings a scan holds from its visual tokens, trained with
+    the visual stages before the LM sees them: its loss measures what the visual path passes on, even
+    where the LM has not learnt to put it in words. None when the preset has no probe stage.
+    """
+    with open(training / "metrics.csv", newline="") as handle:
+        losses = [row["val_loss"] for row in csv.DictReader(handle) if row["stage"] == "probe" and row["val_loss"]]
+    return float(losses[-1]) if losses else None
+
+
+def probe_record(root: Path, train_samples: list[Sample], val_samples: list[Sample], work: Path) -> dict | None:
+    """For training.json: the findings probe's last validation loss beside its floors (`probe_floors`).
+    None when no probe stage ran or the data has no ground truth."""
+    val_bce = probe_validation_loss(work) if (work / "metrics.csv").exists() else None
+    floors = probe_floors(root, sorted({s.image for s in train_samples}), sorted({s.image for s in val_samples}))
+    return {"val_bce": val_bce, **floors} if val_bce is not None and floors else None
+
+
 class TrainingObjective(nn.Module):
     """What a stage minimises: the LM loss on the answers, plus, where the data has a phantom
     ground truth and the stage asks for it (`finding_loss`), a linear probe on the visual tokens
@@ -520,6 +564,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
             "train_samples": len(train_samples), "train_scans": len(images), "encoder_pretraining": encoder_summary,
             "features": "volumes" if from_volumes else str(features or work / "features"),
             "recipe": recipe_summary(preset, accelerator), "wall_seconds": round(time.perf_counter() - started, 1),
+            "probe": probe_record(root, train_samples, val_samples, work),
         }, indent=2))
     accelerator.wait_for_everyone()
     return out

@@ -287,8 +287,7 @@ def test_summary_is_mean_and_sample_sd_over_seeds():
 
 
 def test_probe_figure_is_the_probe_stages_last_validation_loss(tmp_path):
-    from medvlm.ablation import probe_validation_loss
-    from medvlm.train import MetricsLog
+    from medvlm.train import MetricsLog, probe_validation_loss
 
     log = MetricsLog(tmp_path / "metrics.csv", enabled=True)
     assert probe_validation_loss(tmp_path) is None  # a preset without a probe stage
@@ -311,6 +310,7 @@ def test_image_blind_floor_is_every_scan_read_as_normal(tmp_path):
     precision, recall = normal / len(truth), normal / (normal + lesions)  # one "normal" label per normal scan
     assert floor["finding_f1"] == pytest.approx(2 * precision * recall / (precision + recall))
     assert 0 < floor["probe_val_bce"] < float("inf")  # a finding only the validation scans hold costs, but finitely
+    assert 0 < floor["probe_val_bce_modality"] < float("inf")
 
 
 # The command, end to end --------------------------------------------------------------------------

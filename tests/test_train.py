@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from medvlm.features import FeatureCache
 from medvlm.modeling import MedVLMForConditionalGeneration
 from medvlm.phantom import write_phantom_set
 from medvlm.pipeline import Pipeline
-from medvlm.train import ScanGroupedBatches, finding_targets, load_preset, save_epoch_state, train
+from medvlm.train import ScanGroupedBatches, finding_targets, load_preset, probe_floors, save_epoch_state, train
 from medvlm.volume import load_volume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,3 +166,16 @@ def test_eval_prints_the_m3d_metrics(trained, phantoms):
     assert scores["open_bertscore"] is None and scores["notes"]["open_bertscore"]  # no roberta-large offline
     assert 0.0 <= scores["closed_accuracy"] <= 1.0
     assert scores["selection_recall"] is None or 0.0 <= scores["selection_recall"] <= 1.0  # None: no lesions
+
+
+def test_probe_floors_are_the_priors_and_the_modality_rates(tmp_path):
+    # One finding; the training CT scans both hold it, the MR scans never do. Smoothed (add one half):
+    # overall 2.5 / 5 = 0.5; within CT 2.5 / 3, within MR 0.5 / 3. On one CT scan with it and one MR without.
+    cyst = {"organ": "liver", "kind": "cyst", "side": "right", "diameter_mm": 12.0, "center_voxel": [1, 1, 1]}
+    truth = {name: {"modality": modality, "lesions": [cyst] if modality == "CT" else []}
+             for name, modality in (("a", "CT"), ("b", "CT"), ("c", "MR"), ("d", "MR"), ("e", "CT"), ("f", "MR"))}
+    (tmp_path / "ground_truth.json").write_text(json.dumps(truth))
+    floors = probe_floors(tmp_path, ["a", "b", "c", "d"], ["e", "f"])
+    assert floors["priors"] == pytest.approx(math.log(2), abs=1e-4)
+    assert floors["modality"] == pytest.approx(-math.log(2.5 / 3), abs=1e-4)
+    assert probe_floors(tmp_path / "no-truth", ["a"], ["e"]) is None
