@@ -18,6 +18,7 @@ EVAL_ROWS = (
     ("finding_f1", "Finding F1 (organ + kind + side)"),
     ("finding_recall_small", "Finding recall, lesions ≤ 8 mm"),
     ("finding_recall_large", "Finding recall, lesions > 8 mm"),
+    ("selection_recall_large", "Lesions > 8 mm in a kept slab (the most that recall can reach)"),
     ("size_mae_mm", "Lesion size error (mm, mean absolute)"),
 )
 
@@ -139,6 +140,12 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
                                  for modality, figures in detection["patch"].items())
                      + ". A scan holds thousands of patches to a lesion's few: unless the average precision is "
                        "high, a scan's highest patch is a normal one.", ""]
+    probe = training.get("probe")
+    if probe:
+        body += [f"- Findings probe on the visual tokens (trained with the visual stages, not kept): validation loss "
+                 f"{probe['val_bce']:.3f}, against {probe['priors']:.3f} for the class priors and "
+                 f"{probe['modality']:.3f} for each finding's rate within the scan's modality. Near the latter, the "
+                 "tokens tell the modality and little about the lesions.", ""]
     if training.get("recipe"):
         body += recipe_section(training)
     if evaluation:

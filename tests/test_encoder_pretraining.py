@@ -266,3 +266,21 @@ def test_the_model_card_gives_per_patch_precision_beside_the_scan_auc(tmp_path):
     card = write_model_card(tmp_path, "python -m medvlm train ...").read_text()
     assert "CT AUC 0.92, average precision 0.034 (base rate 0.0028)" in card
     assert "mean AUC of" in card
+
+
+def test_the_model_card_reads_the_findings_probe_against_its_floors(tmp_path):
+    """A run's probe loss is shown beside both floors, so a reader can tell tokens that tell only the modality."""
+    import shutil
+
+    from medvlm.model_card import write_model_card
+    from medvlm.pipeline import DEMO_CHECKPOINT
+
+    shutil.copy(DEMO_CHECKPOINT / "config.json", tmp_path)
+    training = json.loads((DEMO_CHECKPOINT / "training.json").read_text())
+    training["probe"] = {"val_bce": 0.1241, "priors": 0.18227, "modality": 0.12395}
+    (tmp_path / "training.json").write_text(json.dumps(training))
+    card = write_model_card(tmp_path, "python -m medvlm train ...").read_text()
+    assert "validation loss 0.124, against 0.182 for the class priors and 0.124 for each finding's rate" in card
+    del training["probe"]
+    (tmp_path / "training.json").write_text(json.dumps(training))
+    assert "Findings probe" not in write_model_card(tmp_path, "python -m medvlm train ...").read_text()
