@@ -2,7 +2,8 @@
 
 Greedy decoding, at most 256 new tokens. Reports: BLEU-1, ROUGE-1, METEOR, BERTScore F1; closed
 VQA: a hit when "<letter>." occurs in the answer; open VQA: BLEU-1 / ROUGE-1 / METEOR. With a
-phantom ground truth beside the data, also finding-level precision / recall / F1 and size error.
+phantom ground truth beside the data, also finding-level precision / recall / F1, size error, and the
+share of lesions that lie in a slab the model kept (`selection_recall`, the most recall can reach).
 
     python -m medvlm eval --checkpoint org/model --data M3D --split test
     accelerate launch --config_file assets/accelerate/ddp.yaml -m medvlm eval --checkpoint ... --data ...
