@@ -75,16 +75,6 @@ def selection_recall(truth: dict, kept: dict[str, tuple[list[int], int]]) -> dic
             "selection_recall_large": large[0] / large[1] if large[1] else None}
 
 
-def _phantom_findings(root: Path, images: list[str]) -> dict | None:
-    path = root / GROUND_TRUTH_FILE
-    if not path.exists():
-        return None
-    from .phantom import findings_from_ground_truth
-
-    truth = json.loads(path.read_text())
-    return {image: findings_from_ground_truth(truth[image]) for image in images if image in truth}
-
-
 def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test", limit: int | None = None,
              max_new_tokens: int = M3D_MAX_NEW_TOKENS, device: str | None = None,
              progress: bool = True, tasks: tuple[str, ...] | None = None, revision: str | None = None) -> dict | None:
@@ -146,14 +136,15 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test
     notes |= {f"open_{k}": v for k, v in open_scores.pop("notes", {}).items()}
     results |= {f"open_{name}": value for name, value in open_scores.items()}
 
-    truth = _phantom_findings(root, images)
-    if truth is not None:
-        from .phantom import parse_findings
+    if (root / GROUND_TRUTH_FILE).exists():  # phantoms: every lesion is known
+        from .phantom import findings_from_ground_truth, parse_findings
 
+        truth = json.loads((root / GROUND_TRUTH_FILE).read_text())
         predicted = {s.image: a for s, a in reports}
         scored = [image for image in images if image in truth and image in predicted]
-        results |= finding_metrics([predicted[i] for i in scored], [truth[i] for i in scored], parse_findings)
-        results |= selection_recall(json.loads((root / GROUND_TRUTH_FILE).read_text()), dict(kept_items))
+        results |= finding_metrics([predicted[i] for i in scored],
+                                   [findings_from_ground_truth(truth[i]) for i in scored], parse_findings)
+        results |= selection_recall(truth, dict(kept_items))
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["notes"] = notes
     return results
