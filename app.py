@@ -109,7 +109,7 @@ class ScanSession:
     """One browser tab's scan and conversation (held in a gr.State, never in a global).
 
     folder: this session's own files (the report download), inside Gradio's upload folder so that
-    Gradio serves them without copying them; deleted by `release`.
+    Gradio serves them without copying them; deleted by `delete_files` (Clear, a new scan, the tab closing).
     """
 
     volume: Volume | None = None
@@ -130,10 +130,29 @@ class ScanSession:
         stop_generation(self)
         if self.volume is not None:
             PIPELINE.forget(self.volume)
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-        self.volume, self.folder, self.kept_slices, self.messages, self.report = None, None, [], [], ""
+        self.delete_files()
+        self.volume, self.kept_slices, self.messages, self.report = None, [], [], ""
 
+    def keep_file(self, path: Path) -> Path:
+        """`path` (in this session's folder) stays downloadable until the session deletes it (see _SESSION_FILES)."""
+        _SESSION_FILES.add(os.path.abspath(path))
+        return path
+
+    def delete_files(self) -> None:
+        """Delete this session's folder and what was in it."""
+        if self.folder is None:
+            return
+        inside = os.path.abspath(self.folder) + os.sep
+        _SESSION_FILES.difference_update([path for path in list(_SESSION_FILES) if path.startswith(inside)])
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder = None
+
+
+# Gradio's `delete_cache` sweep (DELETE_CACHE) ages every file the app hands out, session reports among them,
+# but a report must stay downloadable as long as its session lasts. The sweep spares the paths a component
+# lists in `keep_in_cache`: the download button lists this set, of the files sessions keep (`keep_file`)
+# until they delete them (`delete_files`, at the latest when the tab closes).
+_SESSION_FILES: set[str] = set()
 
 # The sessions with a scan, by Gradio session hash, only to release them when their tab closes;
 # weak references: the gr.State owns each session.
@@ -464,9 +483,7 @@ def clear_conversation(session: ScanSession | None):
     if session is not None:
         stop_generation(session)
         session.messages, session.report = [], ""
-        if session.folder is not None:
-            shutil.rmtree(session.folder, ignore_errors=True)
-            session.folder = None
+        session.delete_files()
     return [], "", gr.update(value=None, visible=False)
 
 
@@ -480,7 +497,7 @@ def _write_report(session: ScanSession) -> Path:
             + (f", {DEMO_WARNING}." if about["demo"] else ". Not a medical device; not for clinical use.") + "\n")
     path = session.own_folder() / "report.md"
     path.write_text(text, encoding="utf-8")
-    return path
+    return session.keep_file(path)
 
 
 # The page -----------------------------------------------------------------------------------------
@@ -557,6 +574,7 @@ def build_demo() -> gr.Blocks:
                     clear_button = gr.Button("Clear", scale=1)
                 report = gr.Markdown("", elem_id="report-box", label="Report")
                 download = gr.DownloadButton("Download report (.md)", visible=False, size="sm")
+                download.keep_in_cache = _SESSION_FILES
                 chatbot = gr.Chatbot(label="Questions about this scan", height=300, elem_id="chatbot",
                                      placeholder="Ask about the scan: organs, lesions, location, size.")
                 with gr.Row():

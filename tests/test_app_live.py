@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,13 +21,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(app_module):  # noqa: F811
-    """The app served on a free local port; yields its URL."""
+def live_demo(app_module):  # noqa: F811
+    """The app served on a free local port; yields (its Blocks, its URL)."""
     demo = app_module.build_demo()
     _, url, _ = app_module.launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                                   quiet=True)
-    yield url
+    yield demo, url
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def server(live_demo):
+    """The served app's URL."""
+    return live_demo[1]
 
 
 def text_of(message: dict) -> str:
@@ -73,3 +80,32 @@ def test_a_wrong_upload_answers_with_a_sentence(server, tmp_path):
     junk.write_bytes(b"this is not a scan")
     status = Client(server, verbose=False).predict([handle_file(str(junk))], api_name="/load_scan")[0]
     assert status.startswith("⚠️") and "\n" not in status
+
+
+def test_a_report_stays_downloadable_while_its_session_lasts(live_demo, app_module, tmp_path):  # noqa: F811
+    """Gradio's cache sweep deletes the files the app handed out once they are an hour old (DELETE_CACHE);
+    a clinician who downloads the report later than that still gets it, until the tab closes."""
+    import urllib.error
+    import urllib.request
+
+    from gradio.route_utils import delete_files_created_by_app
+    from gradio_client import Client, handle_file
+
+    demo, url = live_demo
+    scan = save_nifti(tmp_path / "torso.nii.gz", torso_ct(seed=12), (5.0, 1.0, 1.0), dtype=np.int16, modality="CT")
+    client = Client(url, verbose=False)
+    client.predict([handle_file(str(scan))], api_name="/load_scan")
+    client.predict("axial", "soft tissue", 21, api_name="/encode_scan")
+    text = client.predict(16, 0.0, 1.0, api_name="/report")[0]
+    session = app_module._OPEN_SESSIONS[client.session_hash]
+    report = str(session.folder / "report.md")
+    assert report in set().union(*demo.temp_file_sets)  # handed out: the sweep knows the file
+
+    delete_files_created_by_app(demo, age=0)  # the sweep, with every file past its age
+    with urllib.request.urlopen(f"{url}gradio_api/file={report}") as response:
+        assert text.strip() in response.read().decode()
+
+    session.release()  # the tab closed: the report goes
+    assert not Path(report).exists() and report not in app_module._SESSION_FILES
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"{url}gradio_api/file={report}")

@@ -12,7 +12,7 @@ import pytest
 
 from medvlm.writers import save_nifti
 from tests.test_app import ROOT, app_module, torso_ct  # noqa: F401  (app_module is a fixture)
-from tests.test_app_live import server  # noqa: F401  (a fixture)
+from tests.test_app_live import live_demo, server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 
