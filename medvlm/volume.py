@@ -210,7 +210,7 @@ def canonical_volume(array_xyz: np.ndarray, affine_ras: np.ndarray, modality: st
     data = np.ascontiguousarray(apply_orientation(array_xyz, ornt).transpose(2, 1, 0), dtype=np.float32)
     affine_zyx = affine[:, [2, 1, 0, 3]]  # the same map for (z, y, x, 1) indices
     spacing = tuple(float(s) for s in np.linalg.norm(affine_zyx[:3, :3], axis=0))
-    repaired = _replace_non_finite(data)
+    repaired = {} if array_xyz.dtype.kind in "biu" else _replace_non_finite(data)  # integers are always finite
     meta = {"modality": modality, "slice_count": int(data.shape[0]),
             "spacing": [round(s, 4) for s in spacing], **meta, **repaired,
             "notes": [*meta.get("notes", []), *repaired.get("notes", [])]}
@@ -348,7 +348,7 @@ def _load_nifti(path: Path) -> Volume:
     frames = math.prod(shape[3:])
     first_volume = (slice(None),) * 3 + (0,) * (len(shape) - 3)
     try:
-        array = np.asarray(image.dataobj[first_volume])  # lazily: only the first volume
+        array = _read_voxels(path, image.dataobj, first_volume)  # lazily: only the first volume
     except Exception as error:
         raise VolumeError(f"{path.name} is damaged or truncated ({error_reason(error)}); re-export or re-upload the "
                           "scan") from error
@@ -359,6 +359,19 @@ def _load_nifti(path: Path) -> Volume:
         meta["frames"] = frames
         meta["notes"] = [f"the file holds {frames} volumes (4D); the first is shown"]
     return canonical_volume(array, affine, _nifti_modality(image.header, array), "nifti", path.name, meta)
+
+
+def _read_voxels(path: Path, proxy, index: tuple) -> np.ndarray:
+    """`proxy[index]` (a nibabel ArrayProxy: shape, dtype, offset and scaling from the header), a .gz file
+    inflated by ISA-L (`isal`), about twice as fast as the standard library's zlib that nibabel uses."""
+    from isal import igzip
+    from nibabel.arrayproxy import ArrayProxy
+
+    if not path.name.lower().endswith(".gz"):
+        return np.asarray(proxy[index])
+    with igzip.open(path, "rb") as handle:
+        spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
+        return np.asarray(ArrayProxy(handle, spec, mmap=False, order=proxy.order)[index])
 
 
 def _nifti_modality(header, array: np.ndarray) -> str:

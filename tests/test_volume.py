@@ -135,6 +135,17 @@ def test_4d_nifti_gives_its_first_volume_and_says_so(tmp_path, marked_ct):
     assert scan.meta["frames"] == 5 and scan.meta["notes"] == ["the file holds 5 volumes (4D); the first is shown"]
 
 
+@pytest.mark.parametrize("name", ["scan.nii", "scan.nii.gz"])
+def test_nifti_scaling_gives_hounsfield_units(tmp_path, marked_ct, name):
+    """Raw integers with the header's scl_slope / scl_inter, as scanners write CT: the HU come back, compressed
+    (read through ISA-L) or not."""
+    hu = 2 * np.floor(marked_ct / 2)  # what 2 HU steps can store
+    image = nib.Nifti1Image(((hu.transpose(2, 1, 0) + 1000) / 2).astype(np.int16), np.diag([0.7, 0.8, 2.5, 1]))
+    image.header.set_slope_inter(2.0, -1000.0)
+    nib.save(image, tmp_path / name)
+    _assert_same_scan(load_volume(tmp_path / name), hu)
+
+
 def test_nifti_modality_is_stored_or_guessed(tmp_path, marked_ct):
     assert load_volume(save_nifti(tmp_path / "mr.nii", marked_ct, MARKED_SPACING, modality="MR")).modality == "MR"
     t1 = np.abs(marked_ct) + 10
