@@ -261,7 +261,8 @@ def _load_files(files: list[Path], name: str) -> Volume:
 
 def _extract_zip(path: Path, folder: Path) -> list[Path]:
     """Extract a zip's members into `folder` (a temporary directory) under numbered names, after checking
-    the entry count and total size from the zip's directory; names with ".." or absolute paths are skipped.
+    the entry count and total size from the zip's directory; names with ".." or absolute paths, and entries
+    without a name, are skipped.
     """
     _check_zip_directory(path)
     try:
@@ -270,8 +271,9 @@ def _extract_zip(path: Path, folder: Path) -> list[Path]:
         raise VolumeError(f"{path.name} is not a readable zip file ({error_reason(error)}); zip the scan again and "
                           "re-upload it") from error
     with archive:
-        members = [member for member in archive.infolist()
-                   if not member.is_dir() and not _is_system_file(PurePosixPath(member.filename.replace("\\", "/")))]
+        members = [member for member in archive.infolist()  # a nameless entry holds nothing one could mean
+                   if member.filename and not member.is_dir()
+                   and not _is_system_file(PurePosixPath(member.filename.replace("\\", "/")))]
         if len(members) > MAX_ZIP_ENTRIES:
             raise VolumeError(f"{path.name} holds {len(members)} files, more than the {MAX_ZIP_ENTRIES} allowed; "
                               "upload one series at a time")

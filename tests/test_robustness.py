@@ -258,6 +258,18 @@ def test_zip_paths_never_escape_a_temporary_folder(tmp_path, marked_ct):
     assert not list(tmp_path.parent.rglob("escaped-*"))
 
 
+def test_a_zip_entry_without_a_name_is_skipped(tmp_path, marked_ct):
+    """A damaged zip directory can list an entry whose name is empty (found by tests/fuzz_volume.py)."""
+    files = save_dicom_series(tmp_path / "series", marked_ct, (2.5, 0.8, 0.7))
+    archive = tmp_path / "scan.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr(zipfile.ZipInfo(""), files[0].read_bytes())
+        for path in files:
+            zipped.write(path, f"series/{path.name}")
+    scan = loads_or_refuses(archive)
+    assert isinstance(scan, Volume) and scan.shape == marked_ct.shape
+
+
 def test_a_zip_of_10000_tiny_files_is_refused_quickly(tmp_path):
     archive = tmp_path / "many.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zipped:
