@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from .errors import VolumeError
-from .limits import MIN_SLICES
+from .limits import MAX_DICOM_IMAGES, MIN_SLICES
 from .volume import SCAN_FORMATS, Volume, canonical_volume, check_grid, error_reason
 
 __all__ = ["load_dicom"]
 
 POSITION_TOLERANCE_MM = 1e-3  # two images this close along the normal lie at one position
+STACK_COVERAGE = 0.9  # share of a series' positions that one echo, b-value or time point covers
 TILT_NOTE_DEGREES = 0.5  # a slice step further than this from the slice normal is a tilted gantry
 
 # What tells apart the images of one series that lie at one position, in the order tried:
@@ -146,12 +147,15 @@ def _images_of(path: Path, header, name: str) -> list[_DicomImage]:
         return _legacy_frames(path, header, frames, name)
     size = (_count(header.get("Rows")), _count(header.get("Columns")))
     instance = _first(header.get("InstanceNumber"), 0.0)  # (0020,0013)
+    # An enhanced file, even with one frame, keeps the geometry in its functional groups.
+    enhanced = "PerFrameFunctionalGroupsSequence" in header or "SharedFunctionalGroupsSequence" in header
     images = []
     for frame in range(frames):
-        index = frame if frames > 1 else None
+        index = frame if frames > 1 else None  # which frame's pixels (None: the file's only image)
+        group = frame if enhanced else None
 
-        def attribute(sequence: str, keyword: str, index: int | None = index) -> Any:
-            return _functional(header, index, sequence, keyword)
+        def attribute(sequence: str, keyword: str, group: int | None = group) -> Any:
+            return _functional(header, group, sequence, keyword)
 
         position, orientation, spacing = _geometry(
             attribute("PlanePositionSequence", "ImagePositionPatient"),  # (0020,0032)
@@ -161,7 +165,7 @@ def _images_of(path: Path, header, name: str) -> list[_DicomImage]:
             path=path, frame=index, position=position, orientation=orientation, pixel_spacing=spacing,
             slope=_first(attribute("PixelValueTransformationSequence", "RescaleSlope"), 1.0),  # (0028,1053)
             intercept=_first(attribute("PixelValueTransformationSequence", "RescaleIntercept"), 0.0),  # (0028,1052)
-            size=size, identity=_identity(path, header, index), labels=_stack_labels(header, index),
+            size=size, identity=_identity(path, header, index), labels=_stack_labels(header, group),
             instance=instance + frame / frames,
         ))
     return images
@@ -283,21 +287,30 @@ def _repeats_a_position(images: list[_DicomImage]) -> bool:
     return bool(np.any(np.diff(np.sort(_along_normal(images))) < POSITION_TOLERANCE_MM))
 
 
+def _position_count(images: list[_DicomImage]) -> int:
+    """How many distinct positions along the slice normal the images lie at."""
+    return 1 + int(np.count_nonzero(np.diff(np.sort(_along_normal(images))) >= POSITION_TOLERANCE_MM))
+
+
 def _one_stack(images: list[_DicomImage]) -> tuple[list[_DicomImage], str | None]:
     """One stack of a series whose images share positions (echoes, b-values, time points): (its images, a note
     naming what was left out, or None when every image has a position of its own).
 
-    The first of STACK_TAGS whose values split the images into stacks without shared positions decides;
-    of those stacks, the one with most images, then the lowest value (the first echo, b = 0, the first time
-    point). Images that state none of them: at each position, the lowest InstanceNumber.
+    The first of STACK_TAGS whose values split the images into stacks that each cover the scan (at least
+    STACK_COVERAGE of its positions, each once) decides; of those stacks, the one with most images, then the
+    lowest value (the first echo, b = 0, the first time point). A value that only differs between parts of one
+    scan (two acquisitions that meet at one table position, a trigger time per slice) does not split it. Images
+    that no such tag tells apart: at each position, the lowest InstanceNumber.
     """
     if not _repeats_a_position(images):
         return images, None
+    positions = _position_count(images)
     for tag, (label, unit, *_) in enumerate(STACK_TAGS):
         stacks: dict[float | None, list[_DicomImage]] = {}
         for image in images:
             stacks.setdefault(image.labels[tag], []).append(image)
-        clean = [value for value, stack in stacks.items() if not _repeats_a_position(stack)]
+        clean = [value for value, stack in stacks.items()
+                 if len(stack) >= STACK_COVERAGE * positions and not _repeats_a_position(stack)]
         if len(stacks) < 2 or not clean:
             continue
         chosen = min(clean, key=lambda value: (-len(stacks[value]), value is None, value or 0.0))
@@ -311,8 +324,8 @@ def _one_stack(images: list[_DicomImage]) -> tuple[list[_DicomImage], str | None
     starts = [0, *np.flatnonzero(np.diff(positions) >= POSITION_TOLERANCE_MM) + 1, len(ordered)]  # of each position
     stack = [min(ordered[start:end], key=lambda image: (image.instance, str(image.path)))
              for start, end in pairwise(starts)]
-    return stack, (f"{len(images) - len(stack)} image(s) share a position with another and state no echo time, "
-                   "b-value or time point to tell them apart; at each position the lowest instance number is shown")
+    return stack, (f"{len(images) - len(stack)} image(s) share a position with another, and no echo time, b-value or "
+                   "time point splits the series into stacks; at each position the lowest instance number is shown")
 
 
 def _sorted_along_normal(images: list[_DicomImage]) -> tuple[list[_DicomImage], np.ndarray]:
@@ -371,8 +384,13 @@ def load_dicom(files: list[Path], name: str) -> Volume:
     if _count(first.get("SamplesPerPixel")) > 1:  # (0028,0002)
         raise VolumeError(f"{name} holds colour images, and colour images are not supported; give a greyscale "
                           "CT, MR or PET series")
-    check_grid((max(MIN_SLICES, _series_summary(chosen)["slices"]), _count(first.Rows), _count(first.Columns)),
-               name)  # before any frame loop
+    # Before any frame loop: the image size, and how many images (a dynamic or multi-echo series holds several
+    # stacks; the slices of the one shown are checked once it is chosen).
+    count = _series_summary(chosen)["slices"]
+    if count > MAX_DICOM_IMAGES:
+        raise VolumeError(f"{name} holds {count:,} images in one series, more than the {MAX_DICOM_IMAGES:,} allowed; "
+                          "upload one time point, echo or b-value at a time")
+    check_grid((MIN_SLICES, _count(first.Rows), _count(first.Columns)), name)
     images = [image for path, header in chosen for image in _images_of(path, header, name)]
     notes = []
     images, copies = _without_copies(images)

@@ -18,4 +18,5 @@ MAX_ZIP_DIRECTORY_BYTES = 1024 * MAX_ZIP_ENTRIES  # a zip's central directory, r
 MAX_COMPRESSION_RATIO = 400
 COMPRESSION_CHECK_BYTES = 64_000_000  # smaller payloads are cheap enough to inflate whatever their ratio
 MAX_DICOM_FILES = 5000  # files of one DICOM upload (folder, list or zip)
+MAX_DICOM_IMAGES = 20_000  # images of one series, frames counted: all the stacks of a dynamic series
 MAX_NEW_TOKENS = 1024  # cap on tokens generated for one answer or report

@@ -337,6 +337,7 @@ def _load_nifti(path: Path) -> Volume:
         image = nib.load(path)
         shape = tuple(int(n) for n in image.shape)  # from the header: no voxel read yet
         affine = np.asarray(image.affine, dtype=np.float64)
+        affine[:3] *= NIFTI_MM_PER_UNIT.get(image.header.get_xyzt_units()[0], 1.0)  # spacing and origin in mm
     except Exception as error:
         raise VolumeError(f"{path.name} is not a readable NIfTI file ({error_reason(error)}); check that the upload "
                           "finished, or re-export the scan") from error
@@ -361,6 +362,10 @@ def _load_nifti(path: Path) -> Volume:
         meta["frames"] = frames
         meta["notes"] = [f"the file holds {frames} volumes (4D); the first is shown"]
     return canonical_volume(array, affine, _nifti_modality(image.header, array), "nifti", path.name, meta)
+
+
+# Millimetres per NIfTI spatial unit (xyzt_units) other than mm; "unknown" is read as mm, as every viewer does.
+NIFTI_MM_PER_UNIT = {"meter": 1000.0, "micron": 0.001}
 
 
 def _read_voxels(path: Path, proxy, index: tuple) -> np.ndarray:

@@ -14,7 +14,7 @@ from pydicom.filewriter import write_dataset
 
 from medvlm.errors import VolumeError
 from medvlm.volume import load_volume
-from medvlm.writers import save_dicom_series, save_nifti
+from medvlm.writers import save_dicom_enhanced, save_dicom_series, save_nifti
 
 
 def _edit(files, **attributes) -> None:
@@ -60,6 +60,66 @@ def test_stacks_that_state_nothing_take_the_lowest_instance_at_each_position(tmp
     scan = load_volume(tmp_path)
     np.testing.assert_array_equal(scan.data, marked_ct)
     assert any("lowest instance number is shown" in note for note in scan.meta["notes"])
+
+
+def test_two_acquisitions_meeting_at_one_position_give_the_whole_scan(tmp_path, marked_ct):
+    """A CT in two acquisitions whose ranges share one table position: the acquisition number does not make
+    two stacks of the scan (each covers only part of it), so every position is kept, once."""
+    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, file_names="instance")
+    middle = len(files) // 2
+    for index, path in enumerate(files):
+        _edit([path], AcquisitionNumber=1 if index <= middle else 2)
+    again = pydicom.dcmread(files[middle])
+    again.SOPInstanceUID, again.AcquisitionNumber, again.InstanceNumber = pydicom.uid.generate_uid(), 2, 50
+    again.PixelData = (again.pixel_array + 7).astype(again.pixel_array.dtype).tobytes()
+    again.save_as(tmp_path / "overlap.dcm")
+    scan = load_volume(tmp_path)
+    np.testing.assert_array_equal(scan.data, marked_ct)  # the first reconstruction of the shared position
+    assert any("lowest instance number is shown" in note for note in scan.meta["notes"])
+
+
+def test_a_trigger_time_per_slice_is_not_a_stack_of_its_own(tmp_path, marked_ct):
+    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, "MR", file_names="instance")
+    for index, path in enumerate(files):
+        _edit([path], TriggerTime=400.0 + 7 * index)
+    copy = pydicom.dcmread(files[2])  # one image exported twice, under a new UID
+    copy.SOPInstanceUID, copy.InstanceNumber = pydicom.uid.generate_uid(), 77
+    copy.save_as(tmp_path / "again.dcm")
+    np.testing.assert_array_equal(load_volume(tmp_path).data, marked_ct)
+
+
+def test_a_dynamic_series_is_judged_by_the_stack_it_shows(tmp_path, marked_ct, monkeypatch):
+    """Its time points together hold more images than any grid side may, one time point does not."""
+    import medvlm.volume as volume_module
+
+    uid = pydicom.uid.generate_uid()
+    for time_point in range(1, 5):  # 4 × 8 = 32 images
+        files = save_dicom_series(tmp_path, marked_ct + 100 * (time_point - 1), MARKED_SPACING, "MR", series_uid=uid,
+                                  file_names="shuffled")
+        _edit(files, TemporalPositionIdentifier=time_point)
+    monkeypatch.setattr(volume_module, "MAX_SIDE", 24)  # the grid is 8 × 20 × 24
+    scan = load_volume(tmp_path)
+    np.testing.assert_array_equal(scan.data, marked_ct)
+    assert any("time point 1 is shown" in note for note in scan.meta["notes"])
+
+
+def test_enhanced_files_of_one_frame_each_load(tmp_path, marked_ct):
+    """Some exports write an enhanced series as one file per slice: the geometry is in the functional groups."""
+    whole = pydicom.dcmread(save_dicom_enhanced(tmp_path / "whole.dcm", marked_ct, MARKED_SPACING))
+    (tmp_path / "whole.dcm").unlink()
+    pixels = whole.pixel_array
+    for index in range(len(pixels)):
+        one = pydicom.dcmread(save_dicom_enhanced(tmp_path / "template.dcm", marked_ct, MARKED_SPACING))
+        one.NumberOfFrames = 1
+        one.PerFrameFunctionalGroupsSequence = [whole.PerFrameFunctionalGroupsSequence[index]]
+        one.SeriesInstanceUID = whole.SeriesInstanceUID
+        one.SOPInstanceUID = one.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        one.PixelData = np.ascontiguousarray(pixels[index]).tobytes()
+        one.save_as(tmp_path / f"slice-{index:02d}.dcm")
+    (tmp_path / "template.dcm").unlink()
+    scan = load_volume(tmp_path)
+    np.testing.assert_array_equal(scan.data, marked_ct)
+    np.testing.assert_allclose(scan.spacing, MARKED_SPACING, rtol=1e-6)
 
 
 def test_a_tilted_gantry_keeps_its_true_slice_step_and_says_so(tmp_path, marked_ct):

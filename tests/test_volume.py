@@ -146,6 +146,15 @@ def test_nifti_scaling_gives_hounsfield_units(tmp_path, marked_ct, name):
     _assert_same_scan(load_volume(tmp_path / name), hu)
 
 
+@pytest.mark.parametrize(("unit", "per_mm"), [("mm", 1.0), ("unknown", 1.0), ("meter", 0.001), ("micron", 1000.0)])
+def test_nifti_spacing_comes_out_in_mm_whatever_unit_the_header_states(tmp_path, marked_ct, unit, per_mm):
+    z, y, x = MARKED_SPACING
+    image = nib.Nifti1Image(marked_ct.transpose(2, 1, 0), np.diag([x * per_mm, y * per_mm, z * per_mm, 1]))
+    image.header.set_xyzt_units(unit)
+    nib.save(image, tmp_path / "scan.nii.gz")
+    _assert_same_scan(load_volume(tmp_path / "scan.nii.gz"), marked_ct)
+
+
 def test_nifti_modality_is_stored_or_guessed(tmp_path, marked_ct):
     assert load_volume(save_nifti(tmp_path / "mr.nii", marked_ct, MARKED_SPACING, modality="MR")).modality == "MR"
     t1 = np.abs(marked_ct) + 10
