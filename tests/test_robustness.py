@@ -25,6 +25,7 @@ import pydicom
 import pydicom.data
 import pytest
 
+from medvlm import dicom as dicom_module
 from medvlm import limits
 from medvlm import volume as volume_module
 from medvlm.errors import VolumeError
@@ -549,6 +550,10 @@ def test_zip_size_and_dicom_file_count_limits(tmp_path, monkeypatch, marked_ct):
         load_volume(tmp_path / "series")
     with pytest.raises(VolumeError, match="holds 8 files, more than the 5 allowed"):
         load_volume([str(path) for path in files])
+    monkeypatch.setattr(volume_module, "MAX_DICOM_FILES", limits.MAX_DICOM_FILES)
+    monkeypatch.setattr(dicom_module, "MAX_DICOM_IMAGES", 5)
+    with pytest.raises(VolumeError, match="holds 8 images in one series, more than the 5 allowed; upload one time "):
+        load_volume(tmp_path / "series")
 
 
 def test_compression_ratio_limit_names_itself(tmp_path, monkeypatch):
