@@ -398,14 +398,24 @@ def _nifti_modality(header, array: np.ndarray) -> str:
 
 # --- .npy ----------------------------------------------------------------------------------------------------
 
+NPY_MAX_HEADER_BYTES = 10_000  # a real volume's .npy header is about a hundred bytes
+
+
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) from a .npy file's header alone; VolumeError when it is not one."""
     try:
         with open(path, "rb") as handle:
             version = np.lib.format.read_magic(handle)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(handle, max_header_size=10_000)
-    except (ValueError, OSError, EOFError, TypeError, SyntaxError, tokenize.TokenError) as error:
+            # numpy reads the header's stated length before it checks max_header_size: check it first (a
+            # damaged file can state 4 GB)
+            length_format = "<H" if version == (1, 0) else "<I"
+            stated = struct.unpack(length_format, handle.read(struct.calcsize(length_format)))[0]
+            if stated > NPY_MAX_HEADER_BYTES:
+                raise ValueError(f"its header states {stated:,} bytes")
+            handle.seek(-struct.calcsize(length_format), os.SEEK_CUR)
+            shape, _, dtype = read(handle, max_header_size=NPY_MAX_HEADER_BYTES)
+    except (ValueError, OSError, EOFError, TypeError, SyntaxError, tokenize.TokenError, struct.error) as error:
         raise VolumeError(f"{path.name} is not a readable .npy array ({error_reason(error)}); save it with numpy.save "
                           "as numbers, not objects") from error
     return tuple(shape), dtype

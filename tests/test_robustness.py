@@ -222,6 +222,19 @@ def test_bad_files_are_refused_with_one_sentence(tmp_path, name):
     assert not (tmp_path / "unpickled").exists(), "a .npy was unpickled"
 
 
+def test_an_npy_header_stating_gigabytes_is_refused_before_it_is_read(tmp_path):
+    """numpy would read a v2 header's stated length (up to 4 GB) before checking it (found by the fuzzer)."""
+    path = tmp_path / "scan.npy"
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_2_0(handle, {"descr": "<f4", "fortran_order": False, "shape": (4, 8, 8)})
+        handle.write(b"\x00" * 1024)
+    content = bytearray(path.read_bytes())
+    content[8:12] = (4_000_000_000).to_bytes(4, "little")  # after the magic and version: the header's length
+    path.write_bytes(bytes(content))
+    with pytest.raises(VolumeError, match="its header states 4,000,000,000 bytes"):
+        load_volume(path)
+
+
 def test_huge_headers_are_refused_before_any_voxel_is_read(tmp_path):
     for name in ("nifti1-32767-cubed.nii.gz", "nifti2-65535-cubed.nii", "npy-header-claims-2048-cubed.npy"):
         with pytest.raises(VolumeError, match="allowed"):
