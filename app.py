@@ -28,7 +28,7 @@ from gradio.processing_utils import get_upload_folder
 from PIL import Image
 
 from medvlm.errors import UserInputError
-from medvlm.limits import MAX_NEW_TOKENS, MAX_UPLOAD_BYTES
+from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import Pipeline
 from medvlm.preprocess import default_window, window_names
 from medvlm.view import render_slice, slice_count
@@ -117,6 +117,7 @@ class ScanSession:
     kept_slices: list[int] = field(default_factory=list)
     messages: list[dict] = field(default_factory=list)  # {"role", "content": str}
     report: str = ""
+    cleared: int = 0  # how many times Clear emptied the report and conversation: a generation from before stops there
     folder: Path | None = None
     stop_key: str = ""  # key of the running generation's stop event in _STOP_EVENTS
 
@@ -220,16 +221,17 @@ def load_example(name: str | list[str], session: ScanSession | None, request: gr
 
 def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: gr.Request | None):
     """A fresh session for the scan (the previous one is released): a new conversation starts."""
-    if session is not None:
-        session.release()
-    session = ScanSession(volume=volume, label=label)
-    if request is not None and request.session_hash:
-        _OPEN_SESSIONS[request.session_hash] = session
     plane, window = "axial", default_window(volume.modality)
     count = slice_count(volume, plane)
     middle = count // 2 + 1
     grid = surface_grid(volume)[0]
     low, high, step = threshold_range(volume, grid)
+    threshold = min(high, max(low, default_threshold(volume, grid)))
+    if session is not None:  # only now: until the new scan is ready, the session keeps the one it had
+        session.release()
+    session = ScanSession(volume=volume, label=label)
+    if request is not None and request.session_hash:
+        _OPEN_SESSIONS[request.session_hash] = session
     return (
         session,
         "The model is reading the scan …",
@@ -239,8 +241,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         gr.update(minimum=1, maximum=count, value=middle, interactive=True),
         slice_html(session, plane, window, middle),
         gr.update(choices=[], value=None),
-        gr.update(minimum=low, maximum=high, step=step, value=min(high, max(low, default_threshold(volume, grid))),
-                  interactive=True),
+        gr.update(minimum=low, maximum=high, step=step, value=threshold, interactive=True),
         [],
         "",
         gr.update(value=None, visible=False),
@@ -393,12 +394,12 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
         gr.Warning("Upload a scan first.")
         yield "*Upload a scan first.*", gr.skip()
         return
-    volume = session.volume
+    volume, cleared = session.volume, session.cleared
     session.report = ""
     for chunk in _stream(session, volume, None, max_new_tokens, temperature, top_p):
         session.report += chunk
         yield session.report, gr.skip()
-    if _scan_replaced(session, volume):
+    if _scan_replaced(session, volume) or session.cleared != cleared:
         return
     yield session.report, gr.update(value=str(_write_report(session)), visible=True)
 
@@ -416,18 +417,25 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
     if not question:
         yield list(session.messages), ""
         return
-    volume = session.volume
-    session.messages.append({"role": "user", "content": question})
+    volume, cleared = session.volume, session.cleared
+    asked = {"role": "user", "content": question}
+    session.messages.append(asked)
     history = [dict(message) for message in session.messages]
-    answer = ""
+    answer, refused = "", False
     try:
         for chunk in _stream(session, volume, history, max_new_tokens, temperature, top_p):
             answer += chunk
             yield [*session.messages, {"role": "assistant", "content": answer}], ""
-    finally:  # a stopped answer stays in the conversation as far as it got; a replaced scan's conversation is gone
-        if session.volume is volume:
-            session.messages.append({"role": "assistant", "content": answer})
-    if _scan_replaced(session, volume):
+    except gr.Error:  # refused with a sentence (a control token in the question): it was never asked
+        refused = True
+        raise
+    finally:  # a stopped answer stays as far as it got; a conversation cleared or about a replaced scan is gone
+        if session.volume is volume and session.cleared == cleared:
+            if refused:
+                session.messages = [message for message in session.messages if message is not asked]
+            else:
+                session.messages.append({"role": "assistant", "content": answer})
+    if _scan_replaced(session, volume) or session.cleared != cleared:
         return
     yield list(session.messages), ""
 
@@ -482,7 +490,7 @@ def clear_conversation(session: ScanSession | None):
     """Forget the report and the conversation; the scan stays. Returns (chatbot, report, download)."""
     if session is not None:
         stop_generation(session)
-        session.messages, session.report = [], ""
+        session.messages, session.report, session.cleared = [], "", session.cleared + 1
         session.delete_files()
     return [], "", gr.update(value=None, visible=False)
 
@@ -579,7 +587,7 @@ def build_demo() -> gr.Blocks:
                                      placeholder="Ask about the scan: organs, lesions, location, size.")
                 with gr.Row():
                     question = gr.Textbox(placeholder="Ask a question about this scan …", show_label=False,
-                                          scale=5, elem_id="question", submit_btn=False)
+                                          scale=5, elem_id="question", submit_btn=False, max_length=MAX_QUESTION_CHARS)
                     ask_button = gr.Button("Ask", variant="primary", scale=1, min_width=80)
                 suggestions = gr.Dataset(label="Suggested questions", components=[question],
                                          samples=[[q] for q in SUGGESTED_QUESTIONS], layout="gallery")

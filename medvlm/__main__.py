@@ -185,6 +185,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .pipeline import check_generation
 
     check_generation(args.max_new_tokens, 0.0, 1.0)  # before any model or data is read
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("eval: --limit must be at least 1 (leave it out to score every scan)")
     results = evaluate(args.checkpoint, args.data, split=args.split, limit=args.limit, device=args.device,
                        max_new_tokens=args.max_new_tokens, revision=args.revision)
     if results is not None:  # under accelerate, only the main process scores and prints

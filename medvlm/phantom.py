@@ -58,6 +58,8 @@ CT_LESION_CHOICES = (("lung", "solid nodule"), ("lung", "ground-glass nodule"), 
                      ("liver", "cyst"), ("liver", "hypodense mass"), ("liver", "calcification"),
                      ("kidney", "cyst"), ("kidney", "calcification"))
 SizeRange = tuple[float, float] | None  # (min, max) lesion diameter in mm asked for; None: each kind's own range
+LESION_KINDS = {"ct": sorted({kind for _, kind in CT_LESION_CHOICES}),  # by modality
+                "mr": ["hyperintense lesion", "hypointense lesion"], "pt": ["hypermetabolic focus"]}
 
 
 def _diameter_range(kind: str, size_mm: SizeRange) -> tuple[float, float]:
@@ -69,6 +71,12 @@ def _diameter_range(kind: str, size_mm: SizeRange) -> tuple[float, float]:
 def _can_be_drawn(kind: str, size_mm: SizeRange) -> bool:
     low, high = _diameter_range(kind, size_mm)
     return low <= high
+
+
+def lesion_diameters(modality: str) -> tuple[float, float]:
+    """The smallest and largest diameter (mm) a lesion of the modality ("ct", "mr", "pt") can have."""
+    ranges = [LESION_DIAMETER_MM[kind] for kind in LESION_KINDS[modality]]
+    return min(low for low, _ in ranges), max(high for _, high in ranges)
 
 
 @dataclass
@@ -392,7 +400,7 @@ def make_mr(rng: np.random.Generator, matrix: int | None = None, lesion_size_mm:
         & ~((zs[:, None, None] < -10) & (np.abs(xs)[None, None, :] < 25))  # no cerebellum, brainstem, midline
     lesions = []
     for _ in range(int(rng.integers(0, 4))):
-        kind = str(rng.choice(["hyperintense lesion", "hypointense lesion"]))
+        kind = str(rng.choice(LESION_KINDS["mr"]))
         low, high = _diameter_range(kind, lesion_size_mm)
         diameter = float(round(rng.uniform(max(low, 1.5 * spacing_xy), max(high, 1.5 * spacing_xy))))
         if lesion_size_mm is not None:

@@ -123,7 +123,7 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
     (min, max) diameter of every lesion, e.g. (2, 8) for the small-lesion benchmark. Returns a
     summary: out, n, per-split counts, files. A bad count, modality, format or split raises UserInputError.
     """
-    from .phantom import make_phantom
+    from .phantom import lesion_diameters, make_phantom
 
     if n < 1:
         raise UserInputError(f"cannot write {n} phantoms; ask for at least 1")
@@ -134,7 +134,14 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
     if bad or not formats or not modalities:
         raise UserInputError(f"cannot write phantoms with modalities {list(modalities)} and formats {list(formats)}; "
                              "use modalities from ct, mr, pt and formats from npy, nifti, dicom")
+    for modality in dict.fromkeys(m.lower() for m in modalities):
+        low, high = lesion_diameters(modality)
+        if lesion_size_mm is not None and (lesion_size_mm[0] > high or lesion_size_mm[1] < low):
+            raise UserInputError(f"no {modality.upper()} lesion can be {lesion_size_mm[0]:g}–{lesion_size_mm[1]:g} mm "
+                                 f"across; {modality.upper()} phantom lesions are {low:g} to {high:g} mm")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"{out} is a file, not a folder; give a folder to write the phantoms into")
     splits = assign_splits(n, seed, split)
     captions: dict[str, list] = {name: [] for name in SPLITS}
     vqa_rows: dict[str, list] = {name: [] for name in SPLITS}

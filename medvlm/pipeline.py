@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList, 
 from transformers.utils import logging as transformers_logging
 
 from .errors import CheckpointError, UserInputError
-from .limits import MAX_NEW_TOKENS
+from .limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS
 from .modeling import MedVLMForConditionalGeneration
 from .preprocess import encoder_input
 from .prompt import prompt_text
@@ -135,15 +135,20 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+# Sampling temperatures: below the floor, logits divided by it overflow (and sampling is greedy in all but name);
+# above the ceiling, every token is about as likely as every other.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+
+
 def check_generation(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    """Generation settings a user gives: 1 ≤ max_new_tokens ≤ MAX_NEW_TOKENS, temperature ≥ 0 (0 is greedy
-    decoding), 0 < top_p ≤ 1; else UserInputError."""
+    """Generation settings a user gives: 1 ≤ max_new_tokens ≤ MAX_NEW_TOKENS, temperature 0 (greedy decoding)
+    or MIN_TEMPERATURE … MAX_TEMPERATURE, 0 < top_p ≤ 1; else UserInputError."""
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise UserInputError(f"max new tokens {max_new_tokens} is out of range; use 1 to {MAX_NEW_TOKENS} (256 is "
                              "M3D's and the default)")
-    if not temperature >= 0:
-        raise UserInputError(f"temperature {temperature} is negative; use 0 for greedy decoding or a value above "
-                             "0 to sample")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise UserInputError(f"temperature {temperature:g} is out of range; use 0 for greedy decoding or "
+                             f"{MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g} to sample")
     if not 0 < top_p <= 1:
         raise UserInputError(f"top-p {top_p} is out of range; use a value above 0 and at most 1 (1 keeps every "
                              "token)")
@@ -267,11 +272,16 @@ class Pipeline:
 
         messages: [{"role": "user" | "assistant", "content": str}, ...] ending with the user's
         question. temperature 0 is greedy decoding, above 0 samples within top_p (0 < top_p ≤ 1); other
-        values, max_new_tokens outside 1 … MAX_NEW_TOKENS and text holding the model's control tokens
-        (`prompt_text`) raise UserInputError. Setting `stop` (or closing the generator) ends the generation thread.
+        values, max_new_tokens outside 1 … MAX_NEW_TOKENS, a question over MAX_QUESTION_CHARS and text holding
+        the model's control tokens (`prompt_text`) raise UserInputError. Setting `stop` (or closing the
+        generator) ends the generation thread.
         """
         if not messages or messages[-1]["role"] != "user":
             raise ValueError("the conversation must end with a user message")
+        question = messages[-1]["content"]
+        if len(question) > MAX_QUESTION_CHARS:
+            raise UserInputError(f"the question is {len(question):,} characters long, more than the "
+                                 f"{MAX_QUESTION_CHARS:,} allowed; ask a shorter one")
         check_generation(max_new_tokens, temperature, top_p)
         config = self.model.config
         text = prompt_text(self.tokenizer, messages, config.image_token, config.num_visual_tokens,

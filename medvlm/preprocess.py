@@ -37,10 +37,16 @@ def default_window(modality: str) -> str:
     return "soft tissue" if modality == "CT" else AUTO_WINDOW
 
 
+def open_range(lo: float, hi: float) -> tuple[float, float]:
+    """(lo, hi) as given when hi > lo; else a range from lo wide enough to divide by at any magnitude (a constant
+    scan, even of 1e38, maps to black instead of dividing by zero)."""
+    return (lo, hi) if hi > lo else (lo, lo + max(1.0, abs(lo) * 1e-6))
+
+
 def robust_range(data: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
     """Percentile intensity range of `data`, from a strided sample so it stays fast on big volumes.
 
-    Non-finite voxels are ignored; a constant volume gets a range of width 1.
+    Non-finite voxels are ignored; a constant volume gets a range just above its value (`open_range`).
     """
     step = max(1, data.size // 2_000_000)
     sample = data.reshape(-1)[::step]
@@ -48,9 +54,7 @@ def robust_range(data: np.ndarray, low: float = 0.5, high: float = 99.5) -> tupl
     if sample.size == 0:
         return 0.0, 1.0
     lo, hi = np.percentile(sample, [low, high])
-    if hi <= lo:
-        hi = lo + 1.0
-    return float(lo), float(hi)
+    return open_range(float(lo), float(hi))
 
 
 def window_range(volume: Volume, window: str) -> tuple[float, float]:
@@ -103,7 +107,7 @@ def encoder_input(volume: Volume, config, device: torch.device | str | None = No
     else:
         finite = data[np.isfinite(data)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        ranges = [(lo, hi if hi > lo else lo + 1.0)] * len(config.image_mean)
+        ranges = [open_range(lo, hi)] * len(config.image_mean)
     voxels = torch.from_numpy(data).to(device)  # (Z, Y, X); on the CPU it shares the volume's memory, unwritten
     lowest, highest = (float(v) for v in torch.aminmax(voxels))  # one pass; NaN or ±Inf anywhere shows here
     all_finite = math.isfinite(lowest) and math.isfinite(highest)

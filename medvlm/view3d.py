@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 from skimage.filters import threshold_otsu
 from skimage.measure import marching_cubes
 
+from .preprocess import open_range
 from .volume import Volume
 
 GRID_SIDE = 64  # voxels along the longest physical axis of the grid the surface is drawn from
@@ -64,15 +65,13 @@ def default_threshold(volume: Volume, grid: np.ndarray | None = None) -> float:
         return float(low + PET_FRACTION_OF_MAX * (high - low))
     if float(grid.max()) <= float(grid.min()):
         return float(grid.min())
-    return float(threshold_otsu(grid))
+    return float(threshold_otsu(grid.astype(np.float64)))  # float64: a float32 grid's range can overflow float32
 
 
 def threshold_range(volume: Volume, grid: np.ndarray | None = None) -> tuple[float, float, float]:
     """(minimum, maximum, step) for a threshold slider: the grid's 0.5–99.9 percentile range."""
     grid = surface_grid(volume)[0] if grid is None else grid
-    low, high = (float(v) for v in np.percentile(grid, [0.5, 99.9]))
-    if high <= low:
-        high = low + 1.0
+    low, high = open_range(*(float(v) for v in np.percentile(grid, [0.5, 99.9])))
     step = 10 ** math.floor(math.log10((high - low) / 200))  # ~200–2000 positions, a round step
     return math.floor(low / step) * step, math.ceil(high / step) * step, float(step)
 

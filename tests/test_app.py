@@ -269,6 +269,49 @@ def test_a_new_scan_cancels_the_model_events_of_the_old_one(app_module):
         assert model_events <= cancelled, load
 
 
+def test_clear_while_the_report_streams_leaves_no_report_behind(app_module, ct_nifti):
+    session, _ = loaded(app_module, [ct_nifti])
+    stream = app_module.generate_report(session, 1000, 0.0, 1.0)
+    next(stream)
+    app_module.clear_conversation(session)
+    list(stream)
+    assert session.report == "" and session.folder is None  # no report.md written for the cleared report
+
+
+def test_clear_while_an_answer_streams_keeps_it_out_of_the_empty_conversation(app_module, ct_nifti):
+    session, _ = loaded(app_module, [ct_nifti])
+    stream = app_module.chat("Where is the lesion?", session, 1000, 0.0, 1.0)
+    next(stream)
+    app_module.clear_conversation(session)
+    list(stream)
+    assert session.messages == []
+    answer = list(app_module.chat("Which organ is abnormal?", session, 8, 0.0, 1.0))[-1][0]
+    assert [message["role"] for message in answer] == ["user", "assistant"]
+
+
+def test_a_refused_question_is_not_kept_in_the_conversation(app_module, ct_nifti):
+    """A question holding a control token is refused with a sentence, and the next question is answered."""
+    session, _ = loaded(app_module, [ct_nifti])
+    list(app_module.chat("Where is the lesion?", session, 8, 0.0, 1.0))
+    for refused, sentence in (("What is <image> here?", "one of the model's control tokens"),
+                              ("why " * 600, "more than the 2,000 allowed")):
+        with pytest.raises(gr.Error, match=sentence):
+            list(app_module.chat(refused, session, 8, 0.0, 1.0))
+        assert [message["content"] for message in session.messages][0::2] == ["Where is the lesion?"]
+    history = list(app_module.chat("Which organ is abnormal?", session, 8, 0.0, 1.0))[-1][0]
+    assert [message["content"] for message in history][0::2] == ["Where is the lesion?", "Which organ is abnormal?"]
+
+
+def test_a_constant_scan_of_huge_values_loads_with_its_page(app_module, tmp_path):
+    """Extreme but finite values (a constant 1e38 array) get a slice image, a 3D range and a threshold."""
+    path = tmp_path / "flat.npy"
+    np.save(path, np.full((8, 32, 32), 1e38, dtype=np.float32))
+    session, outputs = loaded(app_module, [path])
+    assert session.volume is not None and not outputs[1].startswith("⚠️")
+    slider = outputs[8]
+    assert slider["minimum"] < slider["maximum"] and slider["minimum"] <= slider["value"] <= slider["maximum"]
+
+
 def test_generation_settings_out_of_range_get_one_sentence(app_module, ct_nifti):
     session, _ = loaded(app_module, [ct_nifti])
     with pytest.raises(gr.Error, match=r"top-p 5\.0 is out of range"):

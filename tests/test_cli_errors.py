@@ -29,10 +29,17 @@ def refused(capsys, *args) -> str:
     (["--n", "1", "--npy-shape", "32,0,256"], "--npy-shape takes three whole numbers"),
     (["--n", "1", "--split", "training"], "unknown split 'training'"),
     (["--n", "1", "--matrix", "0"], "give a matrix from 16 to 1024"),
+    (["--n", "1", "--lesion-size", "60,80"], "no CT lesion can be 60–80 mm across; CT phantom lesions are 2 to 40"),
+    (["--n", "1", "--modality", "pt", "--lesion-size", "35,40"], "no PT lesion can be 35–40 mm across"),
 ])
 def test_phantom_with_a_bad_option(tmp_path, capsys, options, message):
     assert message in refused(capsys, "phantom", tmp_path / "phantoms", *options)
     assert not (tmp_path / "phantoms").exists()
+
+
+def test_phantom_into_a_file(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a folder\n")
+    assert "notes.txt is a file, not a folder" in refused(capsys, "phantom", tmp_path / "notes.txt", "--n", "1")
 
 
 @pytest.mark.parametrize(("out", "message"), [
@@ -51,12 +58,18 @@ def test_view_to_a_path_that_cannot_be_written(tmp_path, capsys, out, message):
     (["--device", "cuda:64"], "cuda:64"),
     (["--temperature", "0.5", "--top-p", "5"], "top-p 5.0 is out of range; use a value above 0 and at most 1"),
     (["--temperature", "0.5", "--top-p", "-0.5"], "top-p -0.5 is out of range"),
-    (["--temperature", "-1"], "temperature -1.0 is negative"),
+    (["--temperature", "-1"], "temperature -1 is out of range; use 0 for greedy decoding or 0.01 to 100"),
+    (["--temperature", "1e-40"], "temperature 1e-40 is out of range"),  # would overflow the logits
+    (["--temperature", "inf"], "temperature inf is out of range"),
     (["--max-new-tokens", "0"], "max new tokens 0 is out of range; use 1 to 1024"),
 ])
 def test_report_and_ask_with_bad_model_options(capsys, options, message):
     assert message in refused(capsys, "report", SCAN, *options)
     assert message in refused(capsys, "ask", SCAN, "Where is the lesion?", *options)
+
+
+def test_ask_with_a_question_too_long_to_read(capsys):
+    assert "more than the 2,000 allowed; ask a shorter one" in refused(capsys, "ask", SCAN, "why " * 600)
 
 
 @pytest.mark.parametrize("weights", ["lfs pointer", "damaged"])
@@ -75,6 +88,7 @@ def test_report_with_a_spoiled_checkpoint(tmp_path, capsys, weights):
     (["eval"], "holds neither M3D_Cap.json nor M3D_VQA_test.csv"),
     (["eval", "--device", "gpu"], "unknown device 'gpu'"),
     (["eval", "--split", "testing"], "unknown split 'testing'"),
+    (["eval", "--limit", "0"], "--limit must be at least 1"),
     (["train", "--out", "{tmp}/checkpoint"], "holds neither M3D_Cap.json nor M3D_VQA_train.csv"),
     (["features", "--checkpoint-or-preset", "demo", "--out", "{tmp}/features"], "holds neither M3D_Cap.json"),
 ])

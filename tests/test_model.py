@@ -207,7 +207,9 @@ def test_a_scan_forgotten_while_it_is_encoded_is_not_cached(pipeline, monkeypatc
 @pytest.mark.parametrize(("settings", "message"), [
     ({"temperature": 0.5, "top_p": 5.0}, "top-p 5.0 is out of range"),
     ({"temperature": 0.5, "top_p": 0.0}, "top-p 0.0 is out of range"),
-    ({"temperature": -1.0, "top_p": 0.9}, "temperature -1.0 is negative"),
+    ({"temperature": -1.0, "top_p": 0.9}, "temperature -1 is out of range"),
+    ({"temperature": 1e-40, "top_p": 0.9}, "temperature 1e-40 is out of range"),
+    ({"temperature": float("nan"), "top_p": 0.9}, "temperature nan is out of range"),
 ])
 def test_sampling_settings_out_of_range_are_one_sentence(pipeline, settings, message):
     with pytest.raises(UserInputError, match=message) as raised:
