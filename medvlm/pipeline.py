@@ -87,11 +87,15 @@ def _check_checkpoint_folder(folder: Path, name: str) -> None:
                               f"without git-lfs); install git-lfs and run `git lfs pull` in {folder}")
     config_file = folder / "config.json"
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text())
     except (OSError, ValueError):
         raise CheckpointError(f"{name!r} has no readable config.json; it is not a MedVLM checkpoint") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "medvlm":
         raise CheckpointError(f"{name!r} is a {model_type!r} model, not a MedVLM checkpoint")
+    if not isinstance(config.get("text_config"), dict):  # transformers would build a default 7B-parameter Llama
+        raise CheckpointError(f"the config.json of {name!r} describes no language model (text_config); save the "
+                              "checkpoint again with save_pretrained")
 
 
 def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGeneration:

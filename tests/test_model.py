@@ -1,5 +1,6 @@
 """The whole model and its pipeline on a tiny random checkpoint."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -301,6 +302,11 @@ def test_text_holding_the_models_control_tokens_is_refused(pipeline):
 def test_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json"):
         Pipeline.from_pretrained(tmp_path)
+    for config, sentence in (([1, 2], "is a None model, not a MedVLM checkpoint"),
+                             ({"model_type": "medvlm"}, "describes no language model")):  # not a 7B default
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=sentence):
+            Pipeline.from_pretrained(tmp_path)
 
 
 def _cli(*args, env=None):
