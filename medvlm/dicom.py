@@ -431,6 +431,13 @@ def load_dicom(files: list[Path], name: str) -> Volume:
                      "were left out")
     if stack_note:
         notes.append(stack_note)
+    modality = _dicom_modality(first)
+    if str(first.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1" and modality in ("MR", "OT"):
+        # White at the lowest value (0028,0004). CT's HU and PET's activity keep their meaning (their windows
+        # decide what shows white); other images are inverted, so that they look as the scanner meant.
+        np.subtract(np.nanmax(pixels) + np.nanmin(pixels), pixels, out=pixels)
+        notes.append("the series is stored with white at its lowest value (MONOCHROME1); its values are inverted "
+                     "so that it shows as meant")
     if others:
         meta["other_series"] = [_series_summary(group) for group in others]
         listed = "; ".join(f"{summary['modality']}, {summary['slices']} image(s)" for summary in meta["other_series"])
@@ -446,4 +453,4 @@ def load_dicom(files: list[Path], name: str) -> Volume:
     affine_lps[:3, 2] = step_vector
     affine_lps[:3, 3] = images[0].position
     affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
-    return canonical_volume(pixels.transpose(2, 1, 0), affine_ras, _dicom_modality(first), "dicom", name, meta)
+    return canonical_volume(pixels.transpose(2, 1, 0), affine_ras, modality, "dicom", name, meta)

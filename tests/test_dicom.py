@@ -122,6 +122,20 @@ def test_enhanced_files_of_one_frame_each_load(tmp_path, marked_ct):
     np.testing.assert_allclose(scan.spacing, MARKED_SPACING, rtol=1e-6)
 
 
+@pytest.mark.parametrize("modality", ["MR", "CT"])
+def test_monochrome1_is_shown_as_meant_without_touching_hounsfield_units(tmp_path, marked_ct, modality):
+    """MONOCHROME1 puts white at the lowest value: an MR is inverted (with a note), a CT keeps its HU."""
+    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, modality)
+    _edit(files, PhotometricInterpretation="MONOCHROME1")
+    scan = load_volume(tmp_path)
+    if modality == "CT":
+        np.testing.assert_array_equal(scan.data, marked_ct)
+        assert not any("MONOCHROME1" in note for note in scan.meta.get("notes", []))
+    else:
+        np.testing.assert_array_equal(scan.data, marked_ct.max() + marked_ct.min() - marked_ct)
+        assert any("values are inverted" in note for note in scan.meta["notes"])
+
+
 def test_a_tilted_gantry_keeps_its_true_slice_step_and_says_so(tmp_path, marked_ct):
     files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, file_names="shuffled")
     for index, path in enumerate(files):  # each slice 1.25 mm further posterior: a 26.6° tilt
