@@ -371,11 +371,11 @@ NIFTI_MM_PER_UNIT = {"meter": 1000.0, "micron": 0.001}
 def _read_voxels(path: Path, proxy, index: tuple) -> np.ndarray:
     """`proxy[index]` (a nibabel ArrayProxy: shape, dtype, offset and scaling from the header), a .gz file
     inflated by ISA-L (`isal`), about twice as fast as the standard library's zlib that nibabel uses."""
+    if not path.name.lower().endswith(".gz"):
+        return np.asarray(proxy[index])
     from isal import igzip
     from nibabel.arrayproxy import ArrayProxy
 
-    if not path.name.lower().endswith(".gz"):
-        return np.asarray(proxy[index])
     with igzip.open(path, "rb") as handle:
         spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
         return np.asarray(ArrayProxy(handle, spec, mmap=False, order=proxy.order)[index])
