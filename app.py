@@ -10,6 +10,7 @@ browser); the model, scans and pictures come from `medvlm`. Nothing here imports
 from __future__ import annotations
 
 import base64
+import html
 import io
 import os
 import shutil
@@ -199,7 +200,7 @@ def load_scan(files: list[str] | str | None, session: ScanSession | None, reques
     try:
         volume = load_volume(paths[0] if len(paths) == 1 else paths)
     except UserInputError as error:
-        gr.Warning(str(error))
+        gr.Warning(shown(str(error)))
         return _unchanged(session, f"⚠️ {error}")
     finally:
         _delete_uploads(paths)
@@ -249,7 +250,13 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
 
 
 def _unchanged(session: ScanSession | None, status: str):
-    return (session, status, *([gr.skip()] * 10))
+    return (session, shown(status), *([gr.skip()] * 10))
+
+
+def shown(sentence: str) -> str:
+    """A sentence as text on the page (toasts render HTML, the status line Markdown): a file name or a question
+    quoted in it, such as '<image>', shows as written."""
+    return html.escape(sentence, quote=False)
 
 
 def _delete_uploads(paths: list[str]) -> None:
@@ -461,7 +468,7 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, m
                 break
             yield chunk
     except UserInputError as error:
-        raise gr.Error(str(error)) from None
+        raise gr.Error(shown(str(error))) from None
     finally:  # closing the pipeline's stream sets its stop event and joins its thread
         stop.set()
         chunks.close()
