@@ -414,7 +414,8 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
 def chat(question: str, session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float):
     """One turn: the question joins the conversation about the scan, the answer streams in.
 
-    Yields (chatbot messages, question box value); nothing more once a new scan replaced this one.
+    Yields (chatbot messages, question box value); nothing more once a new scan replaced this one. A question
+    the model may not read (`Pipeline.chat`) gets a warning with the reason and stays in the box.
     """
     question = (question or "").strip()
     if session is None or session.volume is None:
@@ -433,9 +434,9 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
         for chunk in _stream(session, volume, history, max_new_tokens, temperature, top_p):
             answer += chunk
             yield [*session.messages, {"role": "assistant", "content": answer}], ""
-    except gr.Error:  # refused with a sentence (a control token in the question): it was never asked
+    except gr.Error as error:  # refused with a sentence (a control token, too long): it was never asked
         refused = True
-        raise
+        gr.Warning(error.message)
     finally:  # a stopped answer stays as far as it got; a conversation cleared or about a replaced scan is gone
         if session.volume is volume and session.cleared == cleared:
             if refused:
@@ -444,7 +445,7 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
                 session.messages.append({"role": "assistant", "content": answer})
     if _scan_replaced(session, volume) or session.cleared != cleared:
         return
-    yield list(session.messages), ""
+    yield list(session.messages), question if refused else ""  # a refused question stays in the box, to edit
 
 
 def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, max_new_tokens: float,

@@ -295,8 +295,10 @@ def test_a_refused_question_is_not_kept_in_the_conversation(app_module, ct_nifti
     list(app_module.chat("Where is the lesion?", session, 8, 0.0, 1.0))
     for refused, sentence in (("What is <image> here?", "holds '&lt;image&gt;', one of the model's control tokens"),
                               ("why " * 600, "more than the 2,000 allowed")):  # the toast renders HTML
-        with pytest.raises(gr.Error, match=sentence):
-            list(app_module.chat(refused, session, 8, 0.0, 1.0))
+        with pytest.warns(UserWarning, match=sentence):  # gr.Warning outside a running app
+            history, box = list(app_module.chat(refused, session, 8, 0.0, 1.0))[-1]
+        assert box == refused.strip()  # left in the box, to edit
+        assert [message["content"] for message in history][0::2] == ["Where is the lesion?"]
         assert [message["content"] for message in session.messages][0::2] == ["Where is the lesion?"]
     history = list(app_module.chat("Which organ is abnormal?", session, 8, 0.0, 1.0))[-1][0]
     assert [message["content"] for message in history][0::2] == ["Where is the lesion?", "Which organ is abnormal?"]
