@@ -296,10 +296,15 @@ def scan_card(session: ScanSession) -> str:
     if len(rows) % 2:
         rows.append(("", ""))
     half = len(rows) // 2  # two facts per table row keeps the card short on a laptop screen
-    table = "\n".join(f"| **{a}** | {x} | **{b}** | {y} |" for (a, x), (b, y) in zip(rows[:half], rows[half:],
-                                                                                        strict=True))
+    table = "\n".join(f"| **{a}** | {_cell(x)} | **{b}** | {_cell(y)} |"
+                      for (a, x), (b, y) in zip(rows[:half], rows[half:], strict=True))
     notes = "".join(f"\n\nNote: {note}" for note in meta.get("notes", []) or [])
     return f"| | | | |\n|---|---|---|---|\n{table}{notes}"
+
+
+def _cell(text: str) -> str:
+    """A value as a Markdown table cell shows it as written (a series description is free text from the file)."""
+    return shown(text).replace("|", "\\|")
 
 
 # Slices -------------------------------------------------------------------------------------------

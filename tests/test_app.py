@@ -86,6 +86,12 @@ def test_scan_card_gives_the_facts_and_never_identifiers(app_module, dicom_with_
             assert part not in shown, f"{part!r} reached the page"
 
 
+def test_a_series_description_with_markup_shows_as_written(app_module, tmp_path):
+    files = save_dicom_series(tmp_path / "series", torso_ct(), (5.0, 1.0, 1.0), series_description="<b>AX</b> | T1")
+    card = app_module.scan_card(loaded(app_module, files)[0])
+    assert "&lt;b&gt;AX&lt;/b&gt; \\| T1" in card and "<b>" not in card
+
+
 def test_slice_image_follows_the_slider_and_the_window(app_module, ct_nifti):
     session, outputs = loaded(app_module, [ct_nifti])
     assert outputs[5]["maximum"] == 40 and outputs[5]["value"] == 21  # slider counts slices from 1
