@@ -283,13 +283,13 @@ def _along_normal(images: list[_DicomImage]) -> np.ndarray:
     return np.array([image.position @ normal for image in images])
 
 
-def _repeats_a_position(images: list[_DicomImage]) -> bool:
-    return bool(np.any(np.diff(np.sort(_along_normal(images))) < POSITION_TOLERANCE_MM))
-
-
 def _position_count(images: list[_DicomImage]) -> int:
     """How many distinct positions along the slice normal the images lie at."""
     return 1 + int(np.count_nonzero(np.diff(np.sort(_along_normal(images))) >= POSITION_TOLERANCE_MM))
+
+
+def _repeats_a_position(images: list[_DicomImage]) -> bool:
+    return _position_count(images) < len(images)
 
 
 def _one_stack(images: list[_DicomImage]) -> tuple[list[_DicomImage], str | None]:
