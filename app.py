@@ -289,8 +289,8 @@ def scan_card(session: ScanSession) -> str:
         ("Orientation", f"{volume.orientation} as stored, shown radiologically"),
         ("Source", f"{SOURCE_NAMES.get(volume.source, volume.source)}, {session.label}"),
     ]
-    if meta.get("series_description"):
-        rows.append(("Series", str(meta["series_description"])))
+    if meta.get("series_number") is not None:
+        rows.append(("Series", f"number {meta['series_number']}"))
     if meta.get("manufacturer"):
         rows.append(("Manufacturer", str(meta["manufacturer"])))
     if len(rows) % 2:
@@ -303,7 +303,7 @@ def scan_card(session: ScanSession) -> str:
 
 
 def _cell(text: str) -> str:
-    """A value as a Markdown table cell shows it as written (a series description is free text from the file)."""
+    """A value as a Markdown table cell shows it as written (a manufacturer's name is text from the file)."""
     return shown(text).replace("|", "\\|")
 
 

@@ -243,10 +243,23 @@ def _decode(path: Path) -> np.ndarray:
 
 
 def _series_summary(headers: list) -> dict[str, Any]:
-    """Description, modality and image count of one series: PHI-free, no UIDs."""
+    """Series number, modality and image count of one series: PHI-free, no UIDs, no free text."""
     header = headers[0][1]
-    return {"description": str(header.get("SeriesDescription", "")), "modality": _dicom_modality(header),
+    return {"series_number": _series_number(header), "modality": _dicom_modality(header),
             "slices": sum(_frame_count(h) for _, h in headers)}
+
+
+def _series_number(header) -> int | None:
+    """The series' number on the scanner (0020,0011), None where absent or not a number.
+
+    The number is what tells series apart on the page, not the Series Description (0008,103E): that is free
+    text, and DICOM's Basic Application Level Confidentiality Profile (PS3.15 Table E.1-1) removes it because
+    it can carry a patient's name; an export de-identified less carefully may still hold one.
+    """
+    try:
+        return int(header.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        return None
 
 
 def _dicom_modality(header) -> str:
@@ -406,7 +419,7 @@ def load_dicom(files: list[Path], name: str) -> Volume:
 
     meta: dict[str, Any] = {
         "manufacturer": str(first.get("Manufacturer", "")),  # (0008,0070)
-        "series_description": str(first.get("SeriesDescription", "")),  # (0008,103E)
+        "series_number": _series_number(first),
     }
     for key, keyword in (("window_center", "WindowCenter"), ("window_width", "WindowWidth")):  # (0028,1050/1051)
         value = _first(first.get(keyword)) if keyword in first else None
@@ -440,7 +453,8 @@ def load_dicom(files: list[Path], name: str) -> Volume:
                      "so that it shows as meant")
     if others:
         meta["other_series"] = [_series_summary(group) for group in others]
-        listed = "; ".join(f"{summary['modality']}, {summary['slices']} image(s)" for summary in meta["other_series"])
+        listed = "; ".join(("" if summary["series_number"] is None else f"series {summary['series_number']}: ")
+                           + f"{summary['modality']}, {summary['slices']} image(s)" for summary in meta["other_series"])
         notes.append(f"the upload holds {len(others)} other series, not shown ({listed}); upload one series at a "
                      "time to see another")
     if notes:

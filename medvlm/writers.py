@@ -86,7 +86,7 @@ def _stored_pixels(values: np.ndarray, slope: float, intercept: float) -> np.nda
 
 
 def _base_dataset(modality: str, sop_class: str, series_uid: str, study_uid: str, series_description: str,
-                  patient: dict | None):
+                  patient: dict | None, series_number: int | None):
     """A Dataset with file meta, patient, study and series modules filled; pixel modules are the caller's."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -105,6 +105,8 @@ def _base_dataset(modality: str, sop_class: str, series_uid: str, study_uid: str
     ds.SeriesInstanceUID = series_uid
     ds.FrameOfReferenceUID = study_uid
     ds.SeriesDescription = series_description
+    if series_number is not None:
+        ds.SeriesNumber = series_number
     ds.StudyDate = ds.SeriesDate = "20000101"
     for keyword, value in {**ANONYMOUS_PATIENT, **(patient or {})}.items():
         setattr(ds, keyword, value)
@@ -148,17 +150,18 @@ def _file_name(number: int, file_names: str) -> str:
 
 
 def save_dicom_series(folder: str | Path, data: np.ndarray, spacing: Sequence[float], modality: str = "CT", *,
-                      series_description: str = "", patient: dict | None = None, slope: float = 1.0,
-                      intercept: float = 0.0, file_names: str = "instance", series_uid: str | None = None,
-                      transfer_syntax: str | None = None) -> list[Path]:
+                      series_description: str = "", series_number: int | None = 1, patient: dict | None = None,
+                      slope: float = 1.0, intercept: float = 0.0, file_names: str = "instance",
+                      series_uid: str | None = None, transfer_syntax: str | None = None) -> list[Path]:
     """Write canonical (Z, Y, X) RAS+ `data` as an axial DICOM series, one file per slice, into `folder`.
 
     Standard axial geometry: ImageOrientationPatient [1, 0, 0, 0, 1, 0] (LPS: columns toward the patient's
     left, rows toward posterior), ImagePositionPatient per slice, PixelSpacing (y, x), SliceThickness z.
     Pixels are stored as 16-bit integers round((value - intercept) / slope) with RescaleSlope/Intercept.
     patient: PatientName, PatientID, PatientBirthDate, AccessionNumber, InstitutionName to write (default:
-    made-up anonymous values). file_names: "instance" (IM0001.dcm, ...) or "shuffled" (random names, no
-    extension). transfer_syntax: a pydicom UID such as RLELossless to compress (default: uncompressed).
+    made-up anonymous values). series_number: (0020,0011), None to leave it out. file_names: "instance"
+    (IM0001.dcm, ...) or "shuffled" (random names, no extension). transfer_syntax: a pydicom UID such as
+    RLELossless to compress (default: uncompressed).
     Returns the written paths, in slice order (inferior first).
     """
     from pydicom.uid import generate_uid
@@ -172,7 +175,7 @@ def save_dicom_series(folder: str | Path, data: np.ndarray, spacing: Sequence[fl
     paths = []
     for index, (pixels, position) in enumerate(zip(stored, positions, strict=True)):
         ds = _base_dataset(modality, _SOP_CLASS.get(modality, _SECONDARY_CAPTURE), series_uid, study_uid,
-                           series_description, patient)
+                           series_description, patient, series_number)
         ds.InstanceNumber = index + 1
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]  # (0020,0037)
         ds.ImagePositionPatient = [round(float(v), 6) for v in position]  # (0020,0032)
@@ -187,8 +190,8 @@ def save_dicom_series(folder: str | Path, data: np.ndarray, spacing: Sequence[fl
 
 
 def save_dicom_enhanced(path: str | Path, data: np.ndarray, spacing: Sequence[float], modality: str = "CT", *,
-                        series_description: str = "", patient: dict | None = None, slope: float = 1.0,
-                        intercept: float = 0.0, series_uid: str | None = None) -> Path:
+                        series_description: str = "", series_number: int | None = 1, patient: dict | None = None,
+                        slope: float = 1.0, intercept: float = 0.0, series_uid: str | None = None) -> Path:
     """Write canonical (Z, Y, X) RAS+ `data` as one multi-frame (enhanced) DICOM file, one frame per slice.
 
     Geometry as `save_dicom_series`, carried by the functional groups: PlaneOrientationSequence,
@@ -200,7 +203,7 @@ def save_dicom_enhanced(path: str | Path, data: np.ndarray, spacing: Sequence[fl
 
     path = Path(path)
     ds = _base_dataset(modality, _ENHANCED_SOP_CLASS.get(modality, _SECONDARY_CAPTURE),
-                       series_uid or generate_uid(), generate_uid(), series_description, patient)
+                       series_uid or generate_uid(), generate_uid(), series_description, patient, series_number)
     ds.InstanceNumber = 1
     ds.NumberOfFrames = data.shape[0]
     shared = Dataset()

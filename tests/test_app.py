@@ -79,17 +79,27 @@ def test_scan_card_gives_the_facts_and_never_identifiers(app_module, dicom_with_
     assert "CT (computed tomography)" in card
     assert "64 × 64 voxels × 40 axial slices" in card
     assert "1.00 × 1.00 mm in-plane, 5.00 mm between slices" in card
-    assert "CHEST AX" in card
+    assert "**Series** | number 1 |" in card
     shown = repr(outputs) + app_module.scan_card(session)
     for identifier in MADE_UP_PATIENT.values():
         for part in re.split(r"\^", identifier):
             assert part not in shown, f"{part!r} reached the page"
 
 
-def test_a_series_description_with_markup_shows_as_written(app_module, tmp_path):
-    files = save_dicom_series(tmp_path / "series", torso_ct(), (5.0, 1.0, 1.0), series_description="<b>AX</b> | T1")
-    card = app_module.scan_card(loaded(app_module, files)[0])
-    assert "&lt;b&gt;AX&lt;/b&gt; \\| T1" in card and "<b>" not in card
+def test_a_series_description_is_never_shown_because_it_can_name_the_patient(app_module, tmp_path):
+    files = save_dicom_series(tmp_path / "series", torso_ct(), (5.0, 1.0, 1.0), series_description="DOE JOHN CT AX",
+                              series_number=7)
+    session, outputs = loaded(app_module, files)
+    shown = repr(outputs) + app_module.scan_card(session)
+    assert "DOE" not in shown and "DOE" not in repr(session.volume.meta)
+    assert "**Series** | number 7 |" in shown
+
+
+def test_text_from_the_file_shows_as_written_on_the_scan_card(app_module, dicom_with_identifiers):
+    session, _ = loaded(app_module, dicom_with_identifiers)
+    session.volume.meta["manufacturer"] = "<b>Acme</b> | CT"
+    card = app_module.scan_card(session)
+    assert "&lt;b&gt;Acme&lt;/b&gt; \\| CT" in card and "<b>" not in card
 
 
 def test_slice_image_follows_the_slider_and_the_window(app_module, ct_nifti):

@@ -180,10 +180,11 @@ def test_files_without_preamble_or_file_meta_load(tmp_path, marked_ct):
 
 def test_the_upload_names_what_it_left_out(tmp_path, marked_ct):
     save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, series_description="abdomen")
-    save_dicom_series(tmp_path, np.zeros((3, 6, 6), np.float32), (5.0, 2.0, 2.0), "MR", series_description="scout")
+    save_dicom_series(tmp_path, np.zeros((3, 6, 6), np.float32), (5.0, 2.0, 2.0), "MR", series_description="scout",
+                      series_number=4)
     notes = load_volume(tmp_path).meta["notes"]
-    assert notes == ["the upload holds 1 other series, not shown (MR, 3 image(s)); upload one series at a time to "
-                     "see another"]
+    assert notes == ["the upload holds 1 other series, not shown (series 4: MR, 3 image(s)); upload one series at a "
+                     "time to see another"]
 
 
 def test_macos_and_windows_clutter_beside_a_scan_is_ignored(tmp_path, marked_ct):
