@@ -93,14 +93,19 @@ def stream_on_gpu(volume: Volume, messages: list[dict] | None, stop_key: str, ma
                   temperature: float, top_p: float) -> Iterator[str]:
     """Stream a report (messages None) or the next chat answer, chunk by chunk, on the GPU when there is one.
 
-    The stop event is looked up by key, because ZeroGPU passes arguments to another process.
+    The stop event is looked up by key, because ZeroGPU passes arguments to another process. A refused
+    request ends it with gr.Error and the pipeline's sentence: ZeroGPU hands any other exception raised in
+    its worker back as just the exception's class name.
     """
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                 "stop": _STOP_EVENTS.get(stop_key)}
-    if messages is None:
-        yield from PIPELINE.report(volume, **settings)
-    else:
-        yield from PIPELINE.chat(volume, messages, **settings)
+    try:
+        if messages is None:
+            yield from PIPELINE.report(volume, **settings)
+        else:
+            yield from PIPELINE.chat(volume, messages, **settings)
+    except UserInputError as error:
+        raise gr.Error(shown(str(error))) from None
 
 
 # Per-session state ------------------------------------------------------------------------------
@@ -207,6 +212,12 @@ def load_scan(files: list[str] | str | None, session: ScanSession | None, reques
     return _new_scan(volume, "uploaded scan", session, request)
 
 
+def empty_upload() -> None:
+    """The upload box lets go of the files it showed: they were deleted once read, and an upload added to them
+    would send them again."""
+    return None
+
+
 def load_example(name: str | list[str], session: ScanSession | None, request: gr.Request | None = None):
     """One of the example scans in assets/examples, by its label (the examples table gives [label])."""
     name = name[0] if isinstance(name, list) and name else name
@@ -296,10 +307,15 @@ def scan_card(session: ScanSession) -> str:
     if len(rows) % 2:
         rows.append(("", ""))
     half = len(rows) // 2  # two facts per table row keeps the card short on a laptop screen
-    table = "\n".join(f"| **{a}** | {_cell(x)} | **{b}** | {_cell(y)} |"
+    table = "\n".join(f"| {_name(a)} | {_cell(x)} | {_name(b)} | {_cell(y)} |"
                       for (a, x), (b, y) in zip(rows[:half], rows[half:], strict=True))
     notes = "".join(f"\n\nNote: {note}" for note in meta.get("notes", []) or [])
     return f"| | | | |\n|---|---|---|---|\n{table}{notes}"
+
+
+def _name(text: str) -> str:
+    """A fact's name in bold; the empty cell that pads an odd number of facts stays empty."""
+    return f"**{text}**" if text else ""
 
 
 def _cell(text: str) -> str:
@@ -365,7 +381,7 @@ def encode_scan(session: ScanSession | None, plane: str, window: str | None, sli
 
     A scan replaced while it was being encoded changes nothing on the page.
     """
-    if session is None or session.volume is None:
+    if session is None or session.volume is None or session.kept_slices:  # kept: an upload failed over this scan
         return gr.skip(), gr.skip(), gr.skip()
     volume = session.volume
     start = time.perf_counter()
@@ -473,8 +489,6 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, m
             if stop.is_set() or session.volume is not volume:
                 break
             yield chunk
-    except UserInputError as error:
-        raise gr.Error(shown(str(error))) from None
     finally:  # closing the pipeline's stream sets its stop event and joins its thread
         stop.set()
         chunks.close()
@@ -624,6 +638,7 @@ def build_demo() -> gr.Blocks:
             "example": example_picker.click(load_example, [example_picker, session], scan_outputs,
                                             api_name="load_example", **loading),
         }
+        loads["scan"].then(empty_upload, None, upload, api_visibility="private", **viewer)
         encodes = []
         for kind, loaded in loads.items():  # after any load: encode and draw; the upload's chain is the API's
             visibility = "public" if kind == "scan" else "private"

@@ -381,3 +381,40 @@ def test_an_unreachable_checkpoint_stops_the_app_with_one_line():
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_refusal_reaches_the_page_as_its_sentence_from_a_zerogpu_worker(app_module, ct_nifti):
+    """ZeroGPU hands back only gr.Error's message from its worker process (any other exception becomes its
+    class name), so the GPU function itself ends a refused request with gr.Error and the sentence."""
+    session, _ = loaded(app_module, [ct_nifti])
+    with pytest.raises(gr.Error, match="one of the model's control tokens"):
+        list(app_module.stream_on_gpu(session.volume, [{"role": "user", "content": "Is <image> normal?"}], "none",
+                                      8, 0.0, 1.0))
+    with pytest.raises(gr.Error, match="temperature 500 is out of range"):
+        list(app_module.stream_on_gpu(session.volume, None, "none", 8, 500.0, 1.0))
+
+
+def test_a_failed_upload_over_a_loaded_scan_keeps_its_warning(app_module, ct_nifti, tmp_path):
+    session, _ = loaded(app_module, [ct_nifti])
+    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    bad = tmp_path / "notes.nii"
+    bad.write_text("not a scan")
+    with pytest.warns(UserWarning):
+        session, outputs = loaded(app_module, [bad], session)
+    assert outputs[1].startswith("⚠️") and session.volume is not None
+    status, _, _ = app_module.encode_scan(session, "axial", "soft tissue", 21)  # the load's chain runs on
+    assert not (isinstance(status, str) and status.startswith("Ready")), "the warning was overwritten"
+
+
+def test_the_scan_card_pads_an_odd_number_of_facts_with_an_empty_cell(app_module, tmp_path):
+    files = save_dicom_series(tmp_path / "series", torso_ct(), (5.0, 1.0, 1.0), series_number=None)
+    card = app_module.scan_card(loaded(app_module, files)[0])
+    last_row = card.splitlines()[-1]
+    assert last_row.endswith("|  |  |") and card.count("\n| **") == 4  # seven facts, then an empty pair
+
+
+def test_the_upload_box_is_emptied_once_its_files_are_read(app_module):
+    """The box would otherwise still list the deleted files, and send them again with the next upload."""
+    emptying = [block for block in app_module.demo.fns.values() if block.fn is app_module.empty_upload]
+    assert len(emptying) == 1 and emptying[0].outputs[0].label.startswith("Scan:")
+    assert app_module.empty_upload() is None
