@@ -65,11 +65,12 @@ def test_dicom_rescale_gives_hounsfield_units(tmp_path, slope, intercept):
 def test_the_larger_of_two_interleaved_series_is_chosen_and_the_other_listed(tmp_path, marked_ct):
     save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, series_description="abdomen", file_names="shuffled")
     scout = np.zeros((3, 6, 6), dtype=np.float32)
-    save_dicom_series(tmp_path, scout, (5.0, 2.0, 2.0), series_description="scout", file_names="shuffled")
+    save_dicom_series(tmp_path, scout, (5.0, 2.0, 2.0), series_description="scout", file_names="shuffled",
+                      series_number=2)
     scan = load_volume(tmp_path)
     _assert_same_scan(scan, marked_ct)
-    assert scan.meta["series_description"] == "abdomen"
-    assert scan.meta["other_series"] == [{"description": "scout", "modality": "CT", "slices": 3}]
+    assert scan.meta["series_number"] == 1
+    assert scan.meta["other_series"] == [{"series_number": 2, "modality": "CT", "slices": 3}]
 
 
 def test_spacing_comes_from_positions_not_slice_thickness(tmp_path, marked_ct):
