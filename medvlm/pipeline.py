@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -30,6 +31,7 @@ from .volume import Volume
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 ENCODING_CACHE_SIZE = 16  # scans whose visual tokens are kept for follow-up questions
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a file that git-lfs never fetched begins
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a checkpoint holds one or both
 
 
 @dataclass
@@ -55,6 +57,10 @@ def resolve_checkpoint(checkpoint: str | Path | None, revision: str | None = Non
     None means the demo checkpoint shipped in assets/. Hub downloads go through
     huggingface_hub (so HF_HUB_OFFLINE=1 and its cache apply). Raises CheckpointError.
     """
+    if revision and (checkpoint is None or Path(checkpoint).expanduser().is_dir()):
+        where = "the demo checkpoint" if checkpoint is None else f"{str(checkpoint)!r}, a local folder"
+        raise CheckpointError(f"a revision ({revision!r}) names a version of a Hub repo, and the checkpoint is "
+                              f"{where}; give a Hub repo id with it, or no revision")
     if checkpoint is None:
         if not DEMO_CHECKPOINT.is_dir():
             raise CheckpointError(f"the demo checkpoint is missing from {DEMO_CHECKPOINT}; restore assets/ "
@@ -79,7 +85,8 @@ def resolve_checkpoint(checkpoint: str | Path | None, revision: str | None = Non
 
 
 def _check_checkpoint_folder(folder: Path, name: str) -> None:
-    """A MedVLM config.json, and real files rather than the pointers a clone without git-lfs leaves."""
+    """A MedVLM config.json, a tokenizer, and real files rather than the pointers a clone without git-lfs
+    leaves."""
     pointers = [path.name for path in sorted(folder.iterdir())
                 if path.is_file() and path.stat().st_size < 1024 and path.read_bytes().startswith(LFS_POINTER)]
     if pointers:
@@ -96,6 +103,9 @@ def _check_checkpoint_folder(folder: Path, name: str) -> None:
     if not isinstance(config.get("text_config"), dict):  # transformers would build a default 7B-parameter Llama
         raise CheckpointError(f"the config.json of {name!r} describes no language model (text_config); save the "
                               "checkpoint again with save_pretrained")
+    if not any((folder / file).is_file() for file in TOKENIZER_FILES):  # checked before minutes of weight loading
+        raise CheckpointError(f"{name!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); save the tokenizer "
+                              "beside the weights with tokenizer.save_pretrained")
 
 
 def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGeneration:
@@ -115,7 +125,7 @@ def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGenerat
     except SafetensorError as error:
         raise CheckpointError(f"the weights of checkpoint {name!r} are damaged ({error}); download or copy the "
                               "checkpoint again") from None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:  # ImportError: an optional backend (timm) is missing
         raise CheckpointError(f"could not load the checkpoint {name!r}: {error}") from None
     finally:
         if bar_shown:
@@ -168,6 +178,17 @@ class _StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+def weights_digest(folder: Path) -> str:
+    """sha256 of a checkpoint's weights (its safetensors files, by name and content): which weights an
+    evaluation scored, so that a model card never shows figures of other weights."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with path.open("rb") as file:
+            digest.update(hashlib.file_digest(file, "sha256").digest())
+    return digest.hexdigest()
+
+
 class Pipeline:
     """A loaded MedVLM checkpoint ready to describe scans.
 
@@ -175,10 +196,11 @@ class Pipeline:
     Safe to share between threads (one model, many sessions).
     """
 
-    def __init__(self, model: MedVLMForConditionalGeneration, tokenizer, name: str):
+    def __init__(self, model: MedVLMForConditionalGeneration, tokenizer, name: str, folder: Path | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
+        self.folder = folder  # the checkpoint folder it was loaded from (a Hub repo's snapshot), if any
         self._encodings: OrderedDict[str, Encoding] = OrderedDict()  # by fingerprint, least recently used first
         # By fingerprint, the volumes (one per session, by id) that use its encoding: the encoding is dropped
         # when the last one is forgotten. Weak, so a volume dropped without `forget` stops counting.
@@ -204,7 +226,7 @@ class Pipeline:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as error:
             raise CheckpointError(f"could not load the tokenizer of checkpoint {name!r}: {error}") from None
-        return cls(model, tokenizer, name)
+        return cls(model, tokenizer, name, folder)
 
     @property
     def device(self) -> torch.device:

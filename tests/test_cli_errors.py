@@ -1,6 +1,8 @@
 """A user's mistake on the command line ends with exit status 2 and one sentence on stderr, never a traceback."""
 
+import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,16 +74,29 @@ def test_ask_with_a_question_too_long_to_read(capsys):
     assert "more than the 2,000 allowed; ask a shorter one" in refused(capsys, "ask", SCAN, "why " * 600)
 
 
-@pytest.mark.parametrize("weights", ["lfs pointer", "damaged"])
-def test_report_with_a_spoiled_checkpoint(tmp_path, capsys, weights):
+@pytest.mark.parametrize(("spoiled", "message"), [
+    ("lfs pointer", "git lfs pull"),
+    ("damaged", "are damaged"),
+    ("no tokenizer", "has no tokenizer (tokenizer.json or tokenizer_config.json)"),
+    ("needs timm", "install timm (pip install timm)"),
+])
+def test_report_with_a_spoiled_checkpoint(tmp_path, capsys, monkeypatch, spoiled, message):
     checkpoint = Path(shutil.copytree(DEMO_CHECKPOINT, tmp_path / "demo-model"))
     file = checkpoint / "model.safetensors"
-    if weights == "lfs pointer":  # a clone without git-lfs
+    if spoiled == "lfs pointer":  # a clone without git-lfs
         file.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'0' * 64}\nsize 8800000\n")
-    else:  # a download cut short
+    elif spoiled == "damaged":  # a download cut short
         file.write_bytes(file.read_bytes()[:5000])
-    error = refused(capsys, "report", SCAN, "--checkpoint", checkpoint)
-    assert ("git lfs pull" if weights == "lfs pointer" else "are damaged") in error
+    elif spoiled == "no tokenizer":  # weights copied without the tokenizer
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (checkpoint / name).unlink()
+    else:  # a BiomedCLIP checkpoint on a machine without timm (an optional dependency)
+        monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` fails, whether or not it is installed
+        config = json.loads((checkpoint / "config.json").read_text())
+        config.update(encoder_backend="open_clip",
+                      open_clip_name="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
+        (checkpoint / "config.json").write_text(json.dumps(config))
+    assert message in refused(capsys, "report", SCAN, "--checkpoint", checkpoint)
 
 
 @pytest.mark.parametrize(("command", "message"), [
