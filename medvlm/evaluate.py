@@ -27,7 +27,7 @@ from .data import GROUND_TRUTH_FILE, Sample
 from .errors import UserInputError
 from .features import process_state
 from .metrics import SMALL_LESION_MM, closed_accuracy, finding_metrics, open_metrics, report_metrics
-from .pipeline import Pipeline
+from .pipeline import Pipeline, weights_digest
 from .volume import load_volume
 
 M3D_MAX_NEW_TOKENS = 256
@@ -121,8 +121,9 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test
     for sample, answer in zip(samples, answers, strict=True):
         by_task[sample.task].append((sample, answer))
 
-    results: dict = {"checkpoint": pipeline.describe()["checkpoint"], "split": split, "n": len(images),
-                     "samples": len(samples), "processes": state.num_processes}
+    results: dict = {"checkpoint": pipeline.describe()["checkpoint"], "revision": revision,
+                     "weights_sha256": weights_digest(pipeline.folder), "split": split, "n": len(images),
+                     "samples": len(samples), "max_new_tokens": max_new_tokens, "processes": state.num_processes}
     notes: dict[str, str] = {}
     reports = by_task.get("report", [])
     report_scores = report_metrics([a for _, a in reports], [s.messages[-1]["content"] for s, _ in reports])

@@ -6,9 +6,11 @@ and the app (`MEDVLM_CHECKPOINT=REPO_ID`) load it. The token comes from `HF_TOKE
 `huggingface-cli login`, as huggingface_hub finds it.
 
 The card is the folder's README.md. Push writes it with medvlm.model_card and ends it with a line that
-records the repo id and evaluation it was written for and a digest of the text above; every later push
-rewrites such a card (for the new repo id, with the new evaluation or else the recorded one). A card
-without that line, or edited since, is the user's: it is uploaded as it is, never replaced.
+records the repo id and evaluation it was written for, a digest of the weights it describes and one of
+the text above; every later push rewrites such a card (for the new repo id, with the new evaluation or
+else the recorded one, which push refuses to carry over to weights that have changed since). A card
+without that line, or edited since, is the user's: it is uploaded as it is, never replaced. An
+evaluation from `eval` names the weights it scored (weights_sha256); push refuses it for others.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import HfApi
@@ -24,6 +28,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from .errors import CheckpointError, UserInputError
 from .model_card import write_model_card
+from .pipeline import weights_digest
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 NOT_PUBLISHED = ("*-training/**", "state/**", "features/**", ".cache/**")  # work files that never go up
@@ -74,14 +79,27 @@ def pushed_card(card: Path) -> dict | None:
     return record if isinstance(record, dict) and record.get("sha256") == _digest(body) else None
 
 
-def write_card(folder: Path, repo_id: str, evaluation: dict | None) -> Path:
-    """Write folder/README.md for `repo_id` with medvlm.model_card, marked as push's own (see the module notes)."""
-    card = write_model_card(folder, training_command(folder), evaluation=evaluation, repo_id=repo_id)
+def write_card(folder: Path, repo_id: str, evaluation: dict | None, revision: str | None = None) -> Path:
+    """Write folder/README.md for `repo_id` (at branch `revision`) with medvlm.model_card, marked as push's own
+    (see the module notes) with the digest of the weights it describes."""
+    card = write_model_card(folder, training_command(folder), evaluation=evaluation, repo_id=repo_id,
+                            revision=revision)
     body = card.read_text()
-    record = {"repo_id": repo_id, "evaluation": evaluation, "sha256": _digest(body)}
+    record = {"repo_id": repo_id, "evaluation": evaluation, "weights": weights_digest(folder), "sha256": _digest(body)}
     mark = json.dumps(record).replace(">", "\\u003e")  # still JSON; no text in the evaluation can end the comment
     card.write_text(f"{body}{CARD_MARK}{mark} -->\n")
     return card
+
+
+@contextmanager
+def _refusal_explained(repo_id: str) -> Iterator[None]:
+    """Turn whatever the Hub raised into one UserInputError sentence."""
+    try:
+        yield
+    except Exception as error:  # huggingface_hub raises many types: no token, forbidden, network
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserInputError(f"could not upload to {repo_id!r} on the Hugging Face Hub ({reason}); check HF_TOKEN "
+                             "(write access), the repo id and your network") from None
 
 
 def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None = None, private: bool = False,
@@ -101,23 +119,34 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None =
         raise UserInputError(f"{repo_id!r} is not a Hub repo id; write it as 'org/name'") from None
     card = folder / "README.md"
     written = pushed_card(card)
+    weights = weights_digest(folder)
+    if evaluation is not None and evaluation.get("weights_sha256") not in (None, weights):
+        raise UserInputError(f"the evaluation scored other weights than {str(folder)!r} holds (its weights_sha256 "
+                             "differs); run `python -m medvlm eval` on this checkpoint and pass that JSON")
+    if written is not None and evaluation is None and written.get("evaluation") \
+            and written.get("weights", weights) != weights:
+        raise UserInputError(f"the evaluation in {str(card)!r} scored the weights pushed before, and the checkpoint "
+                             "has changed since; evaluate it again and pass --evaluation, or move README.md away "
+                             "to publish without figures")
     if written is not None or not card.exists():
-        write_card(folder, repo_id, evaluation if evaluation is not None else (written or {}).get("evaluation"))
+        write_card(folder, repo_id, evaluation if evaluation is not None else (written or {}).get("evaluation"),
+                   revision)
     elif evaluation is not None:
         raise UserInputError(f"{str(card)!r} was not written by push or has been edited, so push will not replace it "
                              "to add --evaluation; put the figures into it yourself and push without --evaluation, "
                              "or move it away so that push writes the card")
     api = api or HfApi()
-    try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    with _refusal_explained(repo_id):
+        api.create_repo(repo_id, repo_type="model", private=private or None, exist_ok=True)  # None: org default
+        public = api.repo_info(repo_id, repo_type="model").private is False
+    if private and public:  # create_repo leaves an existing repo's visibility as it is
+        raise UserInputError(f"{repo_id!r} is public, so a --private push would publish the checkpoint; make it "
+                             "private on the Hub first, or push to a new repo id")
+    with _refusal_explained(repo_id):
         if revision:
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
         commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", revision=revision,
                                    commit_message="Upload MedVLM 3D checkpoint", ignore_patterns=list(NOT_PUBLISHED))
-    except Exception as error:  # huggingface_hub raises many types: no token, forbidden, network
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserInputError(f"could not upload to {repo_id!r} on the Hugging Face Hub ({reason}); check HF_TOKEN "
-                             "(write access), the repo id and your network") from None
     return str(getattr(commit, "commit_url", commit))
 
 

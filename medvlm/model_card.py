@@ -83,10 +83,10 @@ def _encoder_line(vision: dict, image_size: int) -> str:
 
 def write_model_card(folder: str | Path, command: str, evaluation: dict | None = None,
                      targets: dict[str, str] | None = None, evaluation_command: str | None = None,
-                     repo_id: str | None = None) -> Path:
+                     repo_id: str | None = None, revision: str | None = None) -> Path:
     """Write folder/README.md from the checkpoint's config.json and training.json and an eval result.
 
-    `repo_id`: the Hub repo the card goes to, named in its usage example.
+    `repo_id`, `revision`: the Hub repo (and branch) the card goes to, named in its usage example.
     """
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -152,19 +152,29 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
         body += ["## Evaluation", ""]
         if evaluation_command:
             body += [f"```bash\n{evaluation_command}\n```", ""]
+        scored = f" at revision `{evaluation['revision']}`" if evaluation.get("revision") else ""
         body += [f"{evaluation.get('n')} held-out scans ({evaluation.get('samples')} prompts), split "
-                 f"`{evaluation.get('split')}`, greedy decoding, at most 256 new tokens.", "",
+                 f"`{evaluation.get('split')}`{scored}, greedy decoding, at most "
+                 f"{evaluation.get('max_new_tokens', 256)} new tokens.", "",
                  evaluation_table(evaluation, targets), ""]
     if not demo:
         body += ["## Published results on M3D (for comparison)", "", published_table(evaluation), ""]
     limitations = [LIMITATIONS[0], DEMO_LIMITATION, *LIMITATIONS[2:]] if demo else list(LIMITATIONS)
     body += ["## Intended use", "", INTENDED_USE, "", "## Limitations", "", *limitations, ""]
     body += ["## Use", "", "```python", "from medvlm import Pipeline, load_volume", "",
-             f"pipeline = Pipeline.from_pretrained({'None' if demo else repr(repo_id or str(folder))})",
+             f"pipeline = Pipeline.from_pretrained({_checkpoint_argument(folder, demo, repo_id, revision)})",
              "print(''.join(pipeline.report(load_volume('scan.nii.gz'))))", "```", ""]
     path = folder / "README.md"
     path.write_text("\n".join([*front, "", *body]))
     return path
+
+
+def _checkpoint_argument(folder: Path, demo: bool, repo_id: str | None, revision: str | None) -> str:
+    """What the card's usage example passes to Pipeline.from_pretrained: the Hub repo (and branch) the card
+    goes to; else None for the demo checkpoint (bundled with MedVLM 3D), or the folder."""
+    if repo_id:
+        return repr(repo_id) + (f", revision={revision!r}" if revision else "")
+    return "None" if demo else repr(str(folder))
 
 
 def _source(source) -> str:

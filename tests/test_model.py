@@ -14,7 +14,7 @@ from tiny_model import build_tiny_model, save_tiny_checkpoint
 
 from medvlm.errors import CheckpointError, UserInputError
 from medvlm.modeling import MedVLMForConditionalGeneration
-from medvlm.pipeline import DEMO_CHECKPOINT, Pipeline, resolve_checkpoint, resolve_device
+from medvlm.pipeline import DEMO_CHECKPOINT, Pipeline, resolve_checkpoint, resolve_device, weights_digest
 from medvlm.volume import Volume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,7 +282,9 @@ def test_eval_scores_the_hub_revision_it_is_given(checkpoint, tmp_path, monkeypa
     data = write_phantom_set(tmp_path / "phantoms", 1, seed=5, modalities=("ct",), formats=("nifti",), split="test",
                              matrix=32)["out"]
     settings = {"tasks": ("vqa_closed",), "max_new_tokens": 4, "progress": False}
-    assert evaluate("someorg/some-model", data, revision="main", **settings)["n"] == 1
+    scores = evaluate("someorg/some-model", data, revision="main", **settings)
+    assert scores["n"] == 1 and scores["revision"] == "main" and scores["max_new_tokens"] == 4
+    assert scores["weights_sha256"] == weights_digest(checkpoint)  # which weights the figures belong to
     with pytest.raises(CheckpointError, match="someorg/some-model"):  # a tag this cache does not hold
         evaluate("someorg/some-model", data, revision="v2.0", **settings)
 
@@ -297,6 +299,12 @@ def test_text_holding_the_models_control_tokens_is_refused(pipeline):
         assert "\n" not in str(raised.value)
     with pytest.raises(UserInputError, match="max new tokens 5000 is out of range"):
         pipeline.chat(ct_volume(), [{"role": "user", "content": "Describe."}], max_new_tokens=5000)
+
+
+def test_a_revision_with_a_local_folder_is_refused_not_ignored(checkpoint):
+    for folder, named in ((checkpoint, "a local folder"), (None, "the demo checkpoint")):
+        with pytest.raises(CheckpointError, match=f"a revision \\('v2'\\) names a version of a Hub repo.*{named}"):
+            Pipeline.from_pretrained(folder, revision="v2")
 
 
 def test_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path):

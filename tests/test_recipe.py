@@ -29,7 +29,7 @@ from medvlm.errors import UserInputError
 from medvlm.features import FeatureCache, VolumeFeatures, encoder_fingerprint
 from medvlm.hub import push_checkpoint
 from medvlm.phantom import write_phantom_set
-from medvlm.pipeline import Pipeline
+from medvlm.pipeline import Pipeline, weights_digest
 from medvlm.train import PRESETS, Collator, TrainingObjective, load_preset, read_samples
 from medvlm.volume import load_volume
 
@@ -292,9 +292,14 @@ class FakeHub:
 
     def __init__(self, cache: Path):
         self.cache, self.calls = cache, []
+        self.private: dict[str, bool] = {}  # by repo id, the repos created
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", repo_id, kwargs))
+        self.private.setdefault(repo_id, bool(kwargs.get("private")))  # an existing repo keeps its visibility
+
+    def repo_info(self, repo_id, **kwargs):
+        return SimpleNamespace(private=self.private[repo_id])
 
     def create_branch(self, repo_id, **kwargs):
         self.calls.append(("create_branch", repo_id, kwargs))
@@ -351,6 +356,44 @@ def test_a_later_push_brings_its_evaluation_and_repo_id_to_the_card_push_wrote(t
     assert "Pipeline.from_pretrained('someorg/second')" in card and "someorg/first" not in card
     assert "| this checkpoint | 25.00 | 50.00 |" in card
     assert card == (checkpoint / "README.md").read_text()
+
+
+def test_push_never_shows_figures_of_other_weights(tmp_path):
+    torch.manual_seed(0)
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")
+    hub = FakeHub(tmp_path / "hub")
+    scores = {"n": 3, "split": "test", "samples": 9, "closed_accuracy": 0.5, "max_new_tokens": 64,
+              "revision": "v1", "weights_sha256": weights_digest(checkpoint)}
+    push_checkpoint(checkpoint, "someorg/model", revision="v1", api=hub, evaluation=scores)
+    card = uploaded_card(hub, "someorg/model")
+    assert "at revision `v1`, greedy decoding, at most 64 new tokens" in card
+    assert "Pipeline.from_pretrained('someorg/model', revision='v1')" in card
+
+    torch.manual_seed(1)
+    save_tiny_checkpoint(checkpoint)  # trained again into the same folder
+    hub.calls.clear()
+    with pytest.raises(UserInputError, match=r"scored other weights than .* holds"):
+        push_checkpoint(checkpoint, "someorg/model", api=hub, evaluation=scores)
+    with pytest.raises(UserInputError, match=r"scored the weights pushed before.*evaluate it again"):
+        push_checkpoint(checkpoint, "someorg/model", api=hub)  # the card's figures would be carried over
+    assert hub.calls == []
+    retrained = scores | {"closed_accuracy": 0.75, "weights_sha256": weights_digest(checkpoint)}
+    push_checkpoint(checkpoint, "someorg/model", api=hub, evaluation=retrained)
+    assert "| this checkpoint | not evaluated | 75.00 |" in uploaded_card(hub, "someorg/model")
+
+
+def test_a_private_push_to_a_public_repo_is_refused_before_uploading(tmp_path):
+    torch.manual_seed(0)
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")
+    hub = FakeHub(tmp_path / "hub")
+    push_checkpoint(checkpoint, "someorg/model", api=hub)
+    hub.calls.clear()
+    with pytest.raises(UserInputError, match=r"'someorg/model' is public.*make it private on the Hub first"):
+        push_checkpoint(checkpoint, "someorg/model", private=True, api=hub)
+    assert [call[0] for call in hub.calls] == ["create_repo"]  # nothing uploaded
+    assert not hub.private["someorg/model"]
+    push_checkpoint(checkpoint, "someorg/private", private=True, api=hub)
+    assert hub.private["someorg/private"] and hub.calls[-1][0] == "upload_folder"
 
 
 @pytest.mark.parametrize("by_hand", ["written", "edited"])
