@@ -387,6 +387,8 @@ def load_dicom(files: list[Path], name: str) -> Volume:
     """The upload's DICOM series with most images as a Volume; VolumeError when there is none to stack."""
     headers = _read_headers(files)
     if not headers:
+        if len(files) == 1:
+            raise VolumeError(f"{name} is not a scan (neither NIfTI, .npy nor DICOM); {SCAN_FORMATS}")
         raise VolumeError(f"{name} holds no DICOM images ({len(files)} file(s) skipped); {SCAN_FORMATS}")
     series: dict[str, list] = {}
     for path, header in headers:

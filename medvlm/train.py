@@ -15,7 +15,9 @@ keys for the accelerator: `mixed_precision` ("no", "bf16"), `gradient_accumulati
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -494,6 +496,46 @@ def _load_scan(root: Path, image: str):
     return load_volume(root / image)
 
 
+RUN_RECORD = "run.json"  # in the work folder: what its stages and states were trained from
+RECORDED = {"preset": "another preset", "seed": "another seed", "data": "other data"}  # run.json's keys, in words
+
+
+def run_record(preset: dict, seed: int, samples: list[Sample]) -> dict[str, str | int]:
+    """What a run's stages depend on: the preset after overrides, the seed, and the data as read (every
+    sample's scan path, task and text; a volume rewritten under the same path with the same text is not
+    seen). Digests, so the record stays small for M3D's 600 k samples."""
+    data = hashlib.sha256()
+    for sample in samples:
+        data.update(json.dumps(dataclasses.astuple(sample), ensure_ascii=False).encode())
+    return {"preset": hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest(), "seed": seed,
+            "data": data.hexdigest()}
+
+
+def claim_work_folder(work: Path, record: dict, is_main_process: bool) -> None:
+    """Resume only a run of the same preset, seed and data: the work folder's stages and states were trained
+    from what its run.json records, and loading them into another run would pass them off as its own
+    (another tokenizer reads their token ids as other words). The main process records a new run."""
+    path = work / RUN_RECORD
+    if path.exists():
+        try:
+            kept = json.loads(path.read_text())
+        except ValueError:
+            kept = {}
+        differ = [RECORDED[key] for key in record if kept.get(key) != record[key]]
+        if differ:
+            raise UserInputError(f"{work} holds a run trained with {' and '.join(differ)}, and its stages "
+                                 "would be resumed as this run's; give another --out (or --work), or delete that "
+                                 "folder to train from the start")
+    elif (work / "state").exists():
+        raise UserInputError(f"{work} holds stages of a run that recorded no settings ({RUN_RECORD}), so it cannot "
+                             "be resumed safely; delete that folder to train from the start")
+    elif is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        written = path.with_suffix(".partial")  # renamed when whole: the other processes may read it meanwhile
+        written.write_text(json.dumps(record, indent=2))
+        written.replace(path)
+
+
 def recipe_summary(preset: dict, accelerator: Accelerator) -> dict:
     """How the checkpoint was trained, for training.json and the model card."""
     language_model, encoder = preset["language_model"], preset.get("encoder", {})
@@ -531,12 +573,13 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
         raise UserInputError(f"{root} holds no training samples (M3D_Cap.json / M3D_VQA_train.csv); point to a "
                              "folder with a train split")
     work = Path(work) if work else out.with_name(out.name + "-training")
-    out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(preset)
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UserInputError("train does not support FSDP yet (merging LoRA and saving a stage need the sharded "
                              "weights gathered); launch with assets/accelerate/ddp.yaml or deepspeed-zero2.yaml")
+    claim_work_folder(work, run_record(preset, seed, train_samples + val_samples), accelerator.is_main_process)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     set_seed(seed)
     random.seed(seed)
     started = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -131,9 +132,16 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
 SCAN_FORMATS = "give a NIfTI (.nii, .nii.gz), an M3D .npy, or a DICOM series (a folder, its files or a .zip)"
 
 
+# A file path inside a library's message (POSIX or Windows), whose folders are the server's business: an
+# upload's temporary folder means nothing to the person who sent it.
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[/\\][^\s'\"/\\:]+){2,}[/\\]?")
+
+
 def error_reason(error: BaseException) -> str:
-    """The first line of a library's error, short enough to sit inside our one-sentence message."""
+    """The first line of a library's error, short enough to sit inside our one-sentence message; a file path
+    in it is cut to the file's name."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = _PATH.sub(lambda match: re.split(r"[/\\]", match.group().rstrip("/\\"))[-1], text)
     return text[:160]
 
 

@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from accelerate import Accelerator
 from tiny_model import tiny_config, tiny_tokenizer
 
 from medvlm.data import Sample
+from medvlm.errors import UserInputError
 from medvlm.features import FeatureCache
 from medvlm.modeling import MedVLMForConditionalGeneration
 from medvlm.phantom import write_phantom_set
@@ -60,6 +62,24 @@ def test_training_resumes_instead_of_starting_again(trained, phantoms):
     again = train("tiny", phantoms, trained, seed=0)
     assert again == trained and (trained / "model.safetensors").stat().st_mtime >= before
     assert (work / "metrics.csv").read_text().splitlines() == log  # no stage trained twice
+
+
+@pytest.mark.parametrize(("change", "differs"), [({"seed": 1}, "another seed"),
+                                                ({"config_overrides": {"fusion_dim": 48}}, "another preset")])
+def test_a_run_with_other_settings_is_refused_not_resumed(trained, phantoms, change, differs):
+    work = trained.with_name(trained.name + "-training")
+    before = {path: path.stat().st_mtime for path in [*work.rglob("*"), *trained.iterdir()]}
+    with pytest.raises(UserInputError, match=f"holds a run trained with {differs}.*give another --out"):
+        train("tiny", phantoms, trained, **{"seed": 0, **change})
+    assert {path: path.stat().st_mtime for path in [*work.rglob("*"), *trained.iterdir()]} == before
+
+
+def test_a_run_on_other_data_is_refused_not_resumed(trained, phantoms, tmp_path):
+    other = shutil.copytree(phantoms, tmp_path / "phantoms")
+    report = other / json.loads((other / "M3D_Cap.json").read_text())["train"][0]["text"]
+    report.write_text(report.read_text() + " A new finding.")  # a report written again, differently
+    with pytest.raises(UserInputError, match="holds a run trained with other data"):
+        train("tiny", other, trained, seed=0)
 
 
 class StoppedWhileSaving(Exception):

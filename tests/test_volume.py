@@ -194,15 +194,16 @@ def _garbage(tmp_path, name, content: bytes):
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("notes.nii.gz", b"this is a text file\n", "NIfTI"),
     ("empty.nii", b"", "NIfTI"),
-    ("noise.dcm", bytes(range(256)) * 8, "no DICOM images"),
+    ("noise.dcm", bytes(range(256)) * 8, r"noise\.dcm is not a scan \(neither NIfTI, \.npy nor DICOM\)"),
     ("noise.zip", b"PK\x03\x04" + bytes(500), "zip"),
     ("noise.npy", b"\x93NUMPY garbage", r"\.npy"),
-    ("scan.xyz", b"hello", "no DICOM images"),
+    ("chest.png", b"\x89PNG\r\n\x1a\n" + bytes(100), r"chest\.png is not a scan"),
 ])
 def test_unreadable_files_raise_one_clear_error(tmp_path, name, content, message):
     with pytest.raises(VolumeError, match=message) as caught:
         load_volume(_garbage(tmp_path, name, content))
     assert "\n" not in str(caught.value)
+    assert str(tmp_path) not in str(caught.value)  # an upload's server-side folder means nothing to its sender
 
 
 def test_missing_path_is_named(tmp_path):
