@@ -238,7 +238,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     middle = count // 2 + 1
     grid = surface_grid(volume)[0]
     low, high, step = threshold_range(volume, grid)
-    threshold = min(high, max(low, default_threshold(volume, grid)))
+    threshold = min(high, max(low, round(default_threshold(volume, grid) / step) * step))  # on the slider's steps
     if session is not None:  # only now: until the new scan is ready, the session keeps the one it had
         session.release()
     session = ScanSession(volume=volume, label=label)
@@ -253,7 +253,8 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         gr.update(minimum=1, maximum=count, value=middle, interactive=True),
         slice_html(session, plane, window, middle),
         gr.update(choices=[], value=None),
-        gr.update(minimum=low, maximum=high, step=step, value=threshold, interactive=True),
+        gr.update(minimum=low, maximum=high, step=step, value=threshold, interactive=True,
+                  label=f"Surface threshold ({'HU' if volume.modality == 'CT' else 'intensity'})"),
         [],
         "",
         gr.update(value=None, visible=False),
@@ -367,13 +368,15 @@ def change_plane(session: ScanSession | None, plane: str, window: str | None):
 
 
 def jump_to_kept(session: ScanSession | None, kept: str | None, window: str | None):
-    """Show one of the slices the model kept (axial slice number, from 1)."""
+    """Show one of the slices the model kept (axial slice number, from 1). Returns (plane, slider, slice view,
+    kept-slice choice): the choice is cleared, so that the same number can be clicked again after scrolling
+    away (a radio button sends no event for the option already chosen)."""
     if session is None or session.volume is None or not kept:
-        return gr.skip(), gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     count = slice_count(session.volume, "axial")
     number = int(kept)
     return ("axial", gr.update(minimum=1, maximum=count, value=number),
-            slice_html(session, "axial", window, number))
+            slice_html(session, "axial", window, number), gr.update(value=None))
 
 
 def encode_scan(session: ScanSession | None, plane: str, window: str | None, slice_number: float | None):
@@ -562,6 +565,10 @@ CSS = """
 #scan-card td:nth-child(odd) {white-space: nowrap;}
 .demo-warning {color: #b91c1c; font-weight: 600;}
 #privacy-note {font-size: 12px; color: var(--body-text-color-subdued, #666);}
+@media (max-width: 640px) {  /* a phone: one fact (name, value) per line instead of two per table row */
+  #scan-card tr {display: grid; grid-template-columns: max-content 1fr; column-gap: 10px;}
+  #scan-card td {border: none; padding: 1px 6px;}
+}
 """
 
 
@@ -610,7 +617,9 @@ def build_demo() -> gr.Blocks:
                 report = gr.Markdown("", elem_id="report-box", label="Report")
                 download = gr.DownloadButton("Download report (.md)", visible=False, size="sm")
                 download.keep_in_cache = _SESSION_FILES
+                # Copy buttons only: the default Share button posts the conversation to the Space's Discussions.
                 chatbot = gr.Chatbot(label="Questions about this scan", height=300, elem_id="chatbot",
+                                     buttons=["copy", "copy_all"],
                                      placeholder="Ask about the scan: organs, lesions, location, size.")
                 with gr.Row():
                     question = gr.Textbox(placeholder="Ask a question about this scan …", show_label=False,
@@ -653,8 +662,8 @@ def build_demo() -> gr.Blocks:
                      **viewer)
         slice_slider.input(slice_html, [session, plane, window, slice_slider], slice_view, api_name="show_slice",
                            trigger_mode="always_last", **viewer)
-        kept.select(jump_to_kept, [session, kept, window], [plane, slice_slider, slice_view], api_name="jump_to_kept",
-                    **viewer)
+        kept.select(jump_to_kept, [session, kept, window], [plane, slice_slider, slice_view, kept],
+                    api_name="jump_to_kept", **viewer)
         threshold.release(show_3d, [session, threshold], plot, api_name="show_3d", **viewer)
 
         report_event = report_button.click(generate_report, [session, *settings], [report, download],
@@ -671,6 +680,10 @@ def build_demo() -> gr.Blocks:
         stop_button.click(stop_generation, session, None, cancels=running, api_name="stop", queue=False)
         clear_button.click(clear_conversation, session, [chatbot, report, download], cancels=running,
                            api_name="clear", queue=False)
+        # The chatbot's own trash icon does what Clear does; else it would empty only the screen, and the next
+        # question would bring the conversation back.
+        chatbot.clear(clear_conversation, session, [chatbot, report, download], cancels=running, queue=False,
+                      api_visibility="private")
         # A new scan cancels what still works on the old one (a handler already running also stops itself).
         gr.on(load_triggers, None, None, None, cancels=[*running, *encodes], queue=False, api_visibility="private")
         demo.unload(end_session)

@@ -96,15 +96,40 @@ def figure_3d(volume: Volume, threshold: float | None = None) -> go.Figure:
             x=vertices[:, 2], y=vertices[:, 1], z=vertices[:, 0], i=faces[:, 0], j=faces[:, 1], k=faces[:, 2],
             color=_COLOURS.get(volume.modality, "#cccccc"), flatshading=False, hoverinfo="skip",
             lighting={"ambient": 0.45, "diffuse": 0.8, "specular": 0.15, "roughness": 0.6},
-            lightposition={"x": 0, "y": 1e5, "z": 1e5}, name=f"{level:g}"))
-    axis = {"showbackground": False, "showgrid": False, "zeroline": False, "showticklabels": False}
+            name=f"{level:g}"))
+    axis = {"showbackground": False, "showgrid": False, "zeroline": False, "showticklabels": False,
+            "title": {"text": ""}}
     figure.update_layout(
         template="none", margin={"l": 0, "r": 0, "t": 0, "b": 0}, height=420, showlegend=False,
         paper_bgcolor="rgba(0,0,0,0)",
-        scene={"aspectmode": "data", "camera": {"eye": {"x": 0, "y": 2.4, "z": 0.5}, "up": {"x": 0, "y": 0, "z": 1}},
-               "xaxis": {**axis, "title": {"text": "right →"}}, "yaxis": {**axis, "title": {"text": "anterior →"}},
-               "zaxis": {**axis, "title": {"text": "superior →"}}})
+        scene={**_box_and_camera(grid.shape, spacing),
+               "xaxis": axis, "yaxis": axis, "zaxis": axis,
+               "annotations": _side_labels(mesh[0]) if mesh is not None else []})
     return figure
+
+
+def _box_and_camera(shape: tuple[int, ...], spacing: tuple[float, float, float]) -> dict:
+    """The scene in the scan's own proportions, seen from the front (the patient's right on the viewer's left),
+    head up, without perspective, so that the side labels stay beside the surface. An orthographic view's
+    size is the box's: scaled so that the width (right to left) and the height (foot to head) fill the
+    420-pixel plot, a wide CT and a tall whole-body PET alike (factors found by eye on the examples)."""
+    extent = [n * s for n, s in zip(shape, spacing, strict=True)]  # (z, y, x) mm
+    height, depth, width = (side / max(extent) for side in extent)
+    scale = min(3.0 / width, 1.9 / height)
+    return {"aspectmode": "manual", "aspectratio": {"x": width * scale, "y": depth * scale, "z": height * scale},
+            "camera": {"eye": {"x": 0, "y": 2.0, "z": 0.4}, "up": {"x": 0, "y": 0, "z": 1},
+                       "projection": {"type": "orthographic"}}}
+
+
+def _side_labels(vertices: np.ndarray) -> list[dict]:
+    """The patient's sides as letters beside the surface, R L S I (plotly x is RAS right, z superior): they turn
+    with it, where an axis title's arrow would read left to right whichever way the axis points."""
+    low, high = vertices.min(axis=0), vertices.max(axis=0)  # (z, y, x) mm
+    middle, margin = (low + high) / 2, 0.12 * float((high - low).max())
+    places = {"R": (middle[0], middle[1], high[2] + margin), "L": (middle[0], middle[1], low[2] - margin),
+              "S": (high[0] + margin, middle[1], middle[2]), "I": (low[0] - margin, middle[1], middle[2])}
+    return [{"x": float(x), "y": float(y), "z": float(z), "text": f"<b>{side}</b>", "showarrow": False,
+             "font": {"size": 15, "color": "#888888"}} for side, (z, y, x) in places.items()]
 
 
 def _surface(grid: np.ndarray, spacing: tuple[float, float, float],

@@ -126,9 +126,10 @@ def test_kept_slices_are_shown_after_encoding(app_module, ct_nifti):
     assert f"looked at {len(session.kept_slices)} of 40 axial slices" in status
     assert kept["choices"] == [str(k + 1) for k in session.kept_slices]
     assert html.count('class="kept-mark"') == len(session.kept_slices)
-    plane, slider, jumped = app_module.jump_to_kept(session, kept["choices"][0], "soft tissue")
+    plane, slider, jumped, choice = app_module.jump_to_kept(session, kept["choices"][0], "soft tissue")
     assert plane == "axial" and slider["value"] == session.kept_slices[0] + 1
     assert "kept by the model" in jumped
+    assert choice["value"] is None  # the same number can be clicked again once the user has scrolled away
 
 
 def test_3d_figure_stays_under_2_mb_for_a_large_ct():
@@ -143,6 +144,24 @@ def test_3d_figure_stays_under_2_mb_for_a_large_ct():
     assert len(figure.data) == 1 and len(figure.data[0].i) > 100  # a surface, not an empty plot
     low, high, _ = threshold_range(volume)
     assert low <= default_threshold(volume) <= high
+
+
+def test_3d_labels_the_patients_sides_where_they_are():
+    from medvlm.view3d import figure_3d
+
+    data = np.full((30, 40, 50), -1000.0, dtype=np.float32)
+    data[10:20, 10:30, 30:45] = 40.0  # a block in the patient's right half (x toward the right) and upper part
+    data[2:8, 10:30, 5:15] = 40.0  # a smaller one low on the left
+    figure = figure_3d(Volume(data, (2.0, 1.0, 1.0), np.eye(4), "CT", "nifti", "RAS"), threshold=-500.0)
+    labels = {annotation.text.strip("<b>/"): annotation for annotation in figure.layout.scene.annotations}
+    assert set(labels) == {"R", "L", "S", "I"}
+    mesh = figure.data[0]
+    assert labels["R"].x > max(mesh.x) > min(mesh.x) > labels["L"].x
+    assert labels["S"].z > max(mesh.z) > min(mesh.z) > labels["I"].z
+    upper = [x for x, z in zip(mesh.x, mesh.z, strict=True) if z > 19]  # the right-hand block's surface
+    assert min(upper) > (labels["R"].x + labels["L"].x) / 2  # on the R label's side of the figure
+    for axis in ("xaxis", "yaxis", "zaxis"):  # no arrow that reads left to right whichever way the axis points
+        assert not figure.layout.scene[axis].title.text
 
 
 def test_3d_threshold_without_a_surface_says_so(app_module, ct_nifti):
@@ -418,3 +437,29 @@ def test_the_upload_box_is_emptied_once_its_files_are_read(app_module):
     emptying = [block for block in app_module.demo.fns.values() if block.fn is app_module.empty_upload]
     assert len(emptying) == 1 and emptying[0].outputs[0].label.startswith("Scan:")
     assert app_module.empty_upload() is None
+
+
+def test_the_chatbot_shares_nothing_and_its_trash_icon_clears_the_conversation(app_module, ct_nifti):
+    config = app_module.build_demo().get_config_file()
+    chatbot = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "chatbot")
+    assert "share" not in chatbot["props"]["buttons"]  # Share would post the conversation to the Space's Discussions
+    on_trash = [d for d in config["dependencies"]
+                if [chatbot["id"], "clear"] in map(list, d["targets"]) and d["outputs"]]
+    assert [d["api_name"] for d in on_trash] == ["clear_conversation"]
+    session, _ = loaded(app_module, [ct_nifti])
+    session.messages = [{"role": "user", "content": "Where is the lesion?"}, {"role": "assistant", "content": "Liver."}]
+    assert app_module.clear_conversation(session)[0] == [] and session.messages == []  # the next turn starts afresh
+
+
+@pytest.mark.parametrize(("modality", "unit"), [("CT", "HU"), ("PT", "intensity")])
+def test_the_surface_threshold_opens_on_a_step_of_its_slider_and_names_its_unit(app_module, modality, unit):
+    data = np.random.default_rng(4).gamma(2.0, 1.4803, (20, 32, 32)).astype(np.float32)  # PET-like, unround values
+    if modality == "CT":
+        data = data * 317.3 - 1000.0
+    outputs = app_module._new_scan(Volume(data, (4.0, 2.0, 2.0), np.eye(4), modality, "nifti", "RAS"), "test",
+                                   None, None)
+    threshold = outputs[8]
+    steps = threshold["value"] / threshold["step"]
+    assert abs(steps - round(steps)) < 1e-6 and threshold["minimum"] <= threshold["value"] <= threshold["maximum"]
+    assert threshold["label"] == f"Surface threshold ({unit})"
+    outputs[0].release()

@@ -83,6 +83,15 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.wait_for_function("() => !document.querySelector('#chatbot .generating, #chatbot .pending')")
     assert "Where is the lesion?" in page.locator("#chatbot").inner_text()
 
+    chatbot = page.locator("#chatbot")
+    chatbot.get_by_role("button", name="Clear").click()  # the chatbot's own trash icon
+    page.wait_for_function("() => !document.querySelector('#chatbot').innerText.includes('Where is the lesion?')")
+    page.locator("#question textarea").fill("Which organ is abnormal?")
+    page.get_by_role("button", name="Ask", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('Which organ is abnormal?')")
+    page.wait_for_function("() => !document.querySelector('#chatbot .generating, #chatbot .pending')")
+    assert "Where is the lesion?" not in chatbot.inner_text()  # the cleared conversation does not come back
+
     screenshot = tmp_path / "app.png"
     page.screenshot(path=str(screenshot), full_page=True)
     (ROOT / "test-output").mkdir(exist_ok=True)
