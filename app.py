@@ -30,7 +30,7 @@ from PIL import Image
 
 from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
-from medvlm.pipeline import Pipeline
+from medvlm.pipeline import Encoding, Pipeline
 from medvlm.preprocess import default_window, window_names
 from medvlm.view import render_slice, slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
@@ -83,15 +83,20 @@ PIPELINE = load_pipeline(os.environ.get("MEDVLM_CHECKPOINT") or None, os.environ
 
 
 @spaces.GPU
-def encode_on_gpu(volume: Volume) -> list[int]:
-    """Run the five stages once for this scan (the pipeline caches the visual tokens); the kept slices."""
-    return PIPELINE.encode(volume).kept_slices
+def encode_on_gpu(volume: Volume) -> Encoding:
+    """Run the five stages for this scan: its visual tokens (on the CPU) and kept slices, for the session to keep.
+
+    Returned, not only left in the pipeline's cache: on ZeroGPU this runs in a worker process, whose cache
+    the next GPU call may not see, and the tokens are small where the volume is not (300 MB for a large CT).
+    """
+    return PIPELINE.encode(volume).to("cpu")
 
 
 @spaces.GPU
-def stream_on_gpu(volume: Volume, messages: list[dict] | None, stop_key: str, max_new_tokens: int,
+def stream_on_gpu(encoding: Encoding, messages: list[dict] | None, stop_key: str, max_new_tokens: int,
                   temperature: float, top_p: float) -> Iterator[str]:
-    """Stream a report (messages None) or the next chat answer, chunk by chunk, on the GPU when there is one.
+    """Stream a report (messages None) or the next chat answer about an encoded scan, chunk by chunk, on the
+    GPU when there is one.
 
     The stop event is looked up by key, because ZeroGPU passes arguments to another process. A refused
     request ends it with gr.Error and the pipeline's sentence: ZeroGPU hands any other exception raised in
@@ -101,9 +106,9 @@ def stream_on_gpu(volume: Volume, messages: list[dict] | None, stop_key: str, ma
                 "stop": _STOP_EVENTS.get(stop_key)}
     try:
         if messages is None:
-            yield from PIPELINE.report(volume, **settings)
+            yield from PIPELINE.report(encoding, **settings)
         else:
-            yield from PIPELINE.chat(volume, messages, **settings)
+            yield from PIPELINE.chat(encoding, messages, **settings)
     except UserInputError as error:
         raise gr.Error(shown(str(error))) from None
 
@@ -120,12 +125,17 @@ class ScanSession:
 
     volume: Volume | None = None
     label: str = ""  # what the scan card calls the scan: an example's name, or "uploaded scan"
-    kept_slices: list[int] = field(default_factory=list)
+    encoding: Encoding | None = None  # the scan as the model sees it, from `encode_on_gpu`
     messages: list[dict] = field(default_factory=list)  # {"role", "content": str}
     report: str = ""
     cleared: int = 0  # how many times Clear emptied the report and conversation: a generation from before stops there
     folder: Path | None = None
     stop_key: str = ""  # key of the running generation's stop event in _STOP_EVENTS
+
+    @property
+    def kept_slices(self) -> list[int]:
+        """Axial indices of the slices the model kept; empty until the scan is encoded."""
+        return self.encoding.kept_slices if self.encoding is not None else []
 
     def own_folder(self) -> Path:
         if self.folder is None:
@@ -138,7 +148,7 @@ class ScanSession:
         if self.volume is not None:
             PIPELINE.forget(self.volume)
         self.delete_files()
-        self.volume, self.kept_slices, self.messages, self.report = None, [], [], ""
+        self.volume, self.encoding, self.messages, self.report = None, None, [], ""
 
     def keep_file(self, path: Path) -> Path:
         """`path` (in this session's folder) stays downloadable until the session deletes it (see _SESSION_FILES)."""
@@ -384,14 +394,14 @@ def encode_scan(session: ScanSession | None, plane: str, window: str | None, sli
 
     A scan replaced while it was being encoded changes nothing on the page.
     """
-    if session is None or session.volume is None or session.kept_slices:  # kept: an upload failed over this scan
+    if session is None or session.volume is None or session.encoding is not None:  # encoded: an upload failed
         return gr.skip(), gr.skip(), gr.skip()
     volume = session.volume
     start = time.perf_counter()
-    kept_slices = encode_on_gpu(volume)
+    encoding = encode_on_gpu(volume)
     if _scan_replaced(session, volume):
         return gr.skip(), gr.skip(), gr.skip()
-    session.kept_slices = kept_slices
+    session.encoding = encoding
     total = slice_count(volume, "axial")
     status = (f"Ready: the model looked at {len(session.kept_slices)} of {total} axial slices "
               f"({time.perf_counter() - start:.1f} s). Generate a report or ask a question.")
@@ -486,7 +496,12 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, m
     max_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
     if int(max_new_tokens) > MAX_NEW_TOKENS:
         gr.Warning(f"At most {MAX_NEW_TOKENS} new tokens are generated per answer; asked for {int(max_new_tokens)}.")
-    chunks = stream_on_gpu(volume, messages, key, max_tokens, float(temperature), float(top_p))
+    encoding = session.encoding
+    if encoding is None:  # an API client that asks before /encode_scan
+        encoding = encode_on_gpu(volume)
+        if session.volume is volume:
+            session.encoding = encoding
+    chunks = stream_on_gpu(encoding, messages, key, max_tokens, float(temperature), float(top_p))
     try:
         for chunk in chunks:
             if stop.is_set() or session.volume is not volume:

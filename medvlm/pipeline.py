@@ -10,7 +10,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +49,10 @@ class Encoding:
     total_slices: int
     timings: dict[str, float] = field(default_factory=dict)
     kept_inputs: list[int] = field(default_factory=list)
+
+    def to(self, device: str | torch.device) -> Encoding:
+        """The same encoding with its visual tokens on `device` (the CPU, to pass it to another process)."""
+        return replace(self, visual_tokens=self.visual_tokens.to(device))
 
 
 def resolve_checkpoint(checkpoint: str | Path | None, revision: str | None = None) -> Path:
@@ -287,14 +291,15 @@ class Pipeline:
 
     # Text -------------------------------------------------------------------------------------
 
-    def report(self, volume: Volume, **settings) -> Iterator[str]:
+    def report(self, scan: Volume | Encoding, **settings) -> Iterator[str]:
         """Stream a radiology-style report of the scan, chunk by chunk."""
         messages = [{"role": "user", "content": self.model.config.report_prompt}]
-        return self.chat(volume, messages, **settings)
+        return self.chat(scan, messages, **settings)
 
-    def chat(self, volume: Volume, messages: list[dict], *, max_new_tokens: int = 256,
+    def chat(self, scan: Volume | Encoding, messages: list[dict], *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, stop: threading.Event | None = None) -> Iterator[str]:
-        """Stream the assistant's next answer in a conversation about the scan.
+        """Stream the assistant's next answer in a conversation about the scan: a volume (encoded once, then
+        from the cache), or its encoding from `encode`, kept by the caller.
 
         messages: [{"role": "user" | "assistant", "content": str}, ...] ending with the user's
         question. temperature 0 is greedy decoding, above 0 samples within top_p (0 < top_p ≤ 1); other
@@ -312,9 +317,9 @@ class Pipeline:
         config = self.model.config
         text = prompt_text(self.tokenizer, messages, config.image_token, config.num_visual_tokens,
                            add_generation_prompt=True)
-        encoding = self.encode(volume)
+        encoding = scan if isinstance(scan, Encoding) else self.encode(scan)
         input_ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.device)
-        return self._stream(input_ids, encoding.visual_tokens, stop or threading.Event(),
+        return self._stream(input_ids, encoding.visual_tokens.to(self.device), stop or threading.Event(),
                             max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
 
     def _stream(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor, stop: threading.Event,

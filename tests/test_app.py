@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -406,11 +407,31 @@ def test_a_refusal_reaches_the_page_as_its_sentence_from_a_zerogpu_worker(app_mo
     """ZeroGPU hands back only gr.Error's message from its worker process (any other exception becomes its
     class name), so the GPU function itself ends a refused request with gr.Error and the sentence."""
     session, _ = loaded(app_module, [ct_nifti])
+    encoding = app_module.encode_on_gpu(session.volume)
     with pytest.raises(gr.Error, match="one of the model's control tokens"):
-        list(app_module.stream_on_gpu(session.volume, [{"role": "user", "content": "Is <image> normal?"}], "none",
+        list(app_module.stream_on_gpu(encoding, [{"role": "user", "content": "Is <image> normal?"}], "none",
                                       8, 0.0, 1.0))
     with pytest.raises(gr.Error, match="temperature 500 is out of range"):
-        list(app_module.stream_on_gpu(session.volume, None, "none", 8, 500.0, 1.0))
+        list(app_module.stream_on_gpu(encoding, None, "none", 8, 500.0, 1.0))
+
+
+def test_a_gpu_worker_gets_the_sessions_encoding_never_the_volume(app_module, ct_nifti, monkeypatch):
+    """On ZeroGPU each GPU call may run in a worker process whose pipeline cache is empty, and its arguments are
+    pickled across: the report and the answers reuse the encoding the session kept, and no volume crosses."""
+    session, _ = loaded(app_module, [ct_nifti])
+    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    crossed = []
+    stream = app_module.stream_on_gpu
+    monkeypatch.setattr(app_module, "stream_on_gpu", lambda *args: crossed.append(args) or stream(*args))
+    encodings = []
+    model = app_module.PIPELINE.model
+    choose = model.choose_slices
+    monkeypatch.setattr(model, "choose_slices", lambda *a, **k: encodings.append(1) or choose(*a, **k))
+    app_module.PIPELINE._encodings.clear()  # what a fresh worker process holds
+    assert list(app_module.generate_report(session, 8, 0.0, 1.0))
+    assert list(app_module.chat("Where is the lesion?", session, 8, 0.0, 1.0))
+    assert encodings == [] and len(crossed) == 2  # the scan was not encoded again
+    assert all(len(pickle.dumps(args)) < 100_000 for args in crossed)  # the volume alone is 655 kB
 
 
 def test_a_failed_upload_over_a_loaded_scan_keeps_its_warning(app_module, ct_nifti, tmp_path):
