@@ -330,14 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RESUMABLE = (cmd_train, cmd_ablate)  # commands that continue where they stopped when run again
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
         args.run(args)
     except (UsageError, UserInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; 130 is the shell's status for an interrupted program
+        resume = getattr(args, "run", None) in RESUMABLE
+        print("stopped" + ("; run the same command again to resume from the last finished epoch" if resume else ""),
+              file=sys.stderr)
         return 130
     return 0
 

@@ -124,3 +124,19 @@ def test_eval_on_a_vqa_row_whose_question_type_is_not_a_number(tmp_path, capsys)
     row = dict.fromkeys(VQA_COLUMNS, "x") | {"Question Type": "plane", "Answer Choice": "A"}
     (data / VQA_FILES["test"]).write_text(",".join(VQA_COLUMNS) + "\n" + ",".join(row.values()) + "\n")
     assert "line 2: Question Type 'plane' is not a whole number" in refused(capsys, "eval", "--data", data)
+
+
+@pytest.mark.parametrize(("command", "says"), [
+    (["train", "--preset", "tiny", "--data", "data", "--out", "checkpoint"], "stopped; run the same command again"),
+    (["report", SCAN], "stopped"),
+])
+def test_ctrl_c_says_it_stopped_and_how_to_resume(monkeypatch, capsys, command, says):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("medvlm.train.train", interrupted)
+    monkeypatch.setattr("medvlm.pipeline.Pipeline.from_pretrained", interrupted)
+    assert main([str(word) for word in command]) == 130
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(says) and "Traceback" not in error
+    assert ("resume" in error) == (command[0] == "train")  # a report starts again from nothing
