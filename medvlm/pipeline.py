@@ -153,6 +153,14 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def default_dtype(device: str) -> torch.dtype:
+    """bfloat16 on a GPU that computes in it natively (compute capability 8.0 on: A10G, A100, L4, H100), else
+    float32: a T4 (7.5) only emulates bfloat16, slowly, and float16 can overflow in LLMs trained in bfloat16."""
+    if torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16
+    return torch.float32
+
+
 # Sampling temperatures: below the floor, logits divided by it overflow (and sampling is greedy in all but name);
 # above the ceiling, every token is about as likely as every other.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
@@ -217,14 +225,14 @@ class Pipeline:
         """Load from a folder, a Hub repo id (at `revision`), or None for the demo checkpoint.
 
         device: "cpu", "cuda" or "cuda:N" (`resolve_device`), "cuda" when available unless given;
-        dtype: bfloat16 on CUDA, float32 on CPU. Raises CheckpointError or, for a device this machine
+        dtype: `default_dtype(device)`. Raises CheckpointError or, for a device this machine
         lacks, UserInputError.
         """
         device = resolve_device(device)
         folder = resolve_checkpoint(checkpoint, revision)
         name = "demo checkpoint" if checkpoint is None else str(checkpoint)
         if dtype is None:
-            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+            dtype = default_dtype(device)
         model = load_model(folder, name, dtype=dtype).to(device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)

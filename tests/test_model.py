@@ -14,7 +14,14 @@ from tiny_model import build_tiny_model, save_tiny_checkpoint
 
 from medvlm.errors import CheckpointError, UserInputError
 from medvlm.modeling import MedVLMForConditionalGeneration
-from medvlm.pipeline import DEMO_CHECKPOINT, Pipeline, resolve_checkpoint, resolve_device, weights_digest
+from medvlm.pipeline import (
+    DEMO_CHECKPOINT,
+    Pipeline,
+    default_dtype,
+    resolve_checkpoint,
+    resolve_device,
+    weights_digest,
+)
 from medvlm.volume import Volume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -299,6 +306,14 @@ def test_text_holding_the_models_control_tokens_is_refused(pipeline):
         assert "\n" not in str(raised.value)
     with pytest.raises(UserInputError, match="max new tokens 5000 is out of range"):
         pipeline.chat(ct_volume(), [{"role": "user", "content": "Describe."}], max_new_tokens=5000)
+
+
+@pytest.mark.parametrize(("capability", "dtype"), [((7, 5), torch.float32), ((8, 6), torch.bfloat16),
+                                                   ((9, 0), torch.bfloat16)])
+def test_bfloat16_only_on_gpus_that_compute_in_it(monkeypatch, capability, dtype):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)  # T4, A10G, H100
+    assert default_dtype("cuda") == dtype and default_dtype("cuda:1") == dtype
+    assert default_dtype("cpu") == torch.float32
 
 
 def test_a_revision_with_a_local_folder_is_refused_not_ignored(checkpoint):
