@@ -79,13 +79,13 @@ def pushed_card(card: Path) -> dict | None:
     return record if isinstance(record, dict) and record.get("sha256") == _digest(body) else None
 
 
-def write_card(folder: Path, repo_id: str, evaluation: dict | None, revision: str | None = None) -> Path:
+def write_card(folder: Path, repo_id: str, evaluation: dict | None, revision: str | None, weights: str) -> Path:
     """Write folder/README.md for `repo_id` (at branch `revision`) with medvlm.model_card, marked as push's own
-    (see the module notes) with the digest of the weights it describes."""
+    (see the module notes) with `weights`, the digest of the weights it describes."""
     card = write_model_card(folder, training_command(folder), evaluation=evaluation, repo_id=repo_id,
                             revision=revision)
     body = card.read_text()
-    record = {"repo_id": repo_id, "evaluation": evaluation, "weights": weights_digest(folder), "sha256": _digest(body)}
+    record = {"repo_id": repo_id, "evaluation": evaluation, "weights": weights, "sha256": _digest(body)}
     mark = json.dumps(record).replace(">", "\\u003e")  # still JSON; no text in the evaluation can end the comment
     card.write_text(f"{body}{CARD_MARK}{mark} -->\n")
     return card
@@ -130,7 +130,7 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None =
                              "to publish without figures")
     if written is not None or not card.exists():
         write_card(folder, repo_id, evaluation if evaluation is not None else (written or {}).get("evaluation"),
-                   revision)
+                   revision, weights)
     elif evaluation is not None:
         raise UserInputError(f"{str(card)!r} was not written by push or has been edited, so push will not replace it "
                              "to add --evaluation; put the figures into it yourself and push without --evaluation, "
