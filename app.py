@@ -31,7 +31,7 @@ from PIL import Image
 from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import Encoding, Pipeline
-from medvlm.preprocess import default_window, window_names
+from medvlm.preprocess import CT_WINDOWS, default_window, window_names
 from medvlm.view import render_slice, slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.volume import Volume, load_volume
@@ -56,6 +56,7 @@ PRIVACY_NOTE = ("Nothing you upload is kept: the file is read into memory and de
 # Uploads are deleted as soon as they are read; as a backstop for one never read (an abandoned or failed
 # request), Gradio deletes its temporary files older than an hour every ten minutes: (every, older than) in s.
 DELETE_CACHE = (600, 3600)
+REPORT_PLACEHOLDER = "*The report appears here: press **Generate report**.*"
 
 
 # The model ------------------------------------------------------------------------------------
@@ -259,14 +260,14 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         "The model is reading the scan …",
         scan_card(session),
         gr.update(value=plane),
-        gr.update(choices=window_names(volume.modality), value=window),
+        gr.update(choices=window_choices(volume.modality), value=window),
         gr.update(minimum=1, maximum=count, value=middle, interactive=True),
         slice_html(session, plane, window, middle),
         gr.update(choices=[], value=None),
         gr.update(minimum=low, maximum=high, step=step, value=threshold, interactive=True,
                   label=f"Surface threshold ({'HU' if volume.modality == 'CT' else 'intensity'})"),
         [],
-        "",
+        REPORT_PLACEHOLDER,
         gr.update(value=None, visible=False),
     )
 
@@ -293,6 +294,13 @@ def _delete_uploads(paths: list[str]) -> None:
             if parent == uploads or not parent.is_dir() or any(parent.iterdir()):
                 break
             parent.rmdir()
+
+
+def window_choices(modality: str) -> list[tuple[str, str]]:
+    """The window presets as (label, name): a CT window labelled with its width and level, as radiologists
+    name them (lung · W 1500 / L −600)."""
+    return [(f"{name} · W {CT_WINDOWS[name][1]:g} / L {CT_WINDOWS[name][0]:g}".replace("-", "−")
+             if name in CT_WINDOWS else f"{name} (robust intensity range)", name) for name in window_names(modality)]
 
 
 def scan_card(session: ScanSession) -> str:
@@ -537,7 +545,7 @@ def clear_conversation(session: ScanSession | None):
         stop_generation(session)
         session.messages, session.report, session.cleared = [], "", session.cleared + 1
         session.delete_files()
-    return [], "", gr.update(value=None, visible=False)
+    return [], REPORT_PLACEHOLDER, gr.update(value=None, visible=False)
 
 
 def _write_report(session: ScanSession) -> Path:
@@ -615,7 +623,7 @@ def build_demo() -> gr.Blocks:
                                                  elem_id="slice-slider")
                         with gr.Row():
                             plane = gr.Radio(PLANES, value="axial", label="Plane", scale=3)
-                            window = gr.Dropdown(window_names("CT"), value=default_window("CT"), label="Window",
+                            window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), label="Window",
                                                  scale=2)
                         kept = gr.Radio([], label="Slices the model kept (axial, green marks) — click one to view it",
                                         elem_id="kept-slices")
@@ -629,7 +637,7 @@ def build_demo() -> gr.Blocks:
                     report_button = gr.Button("Generate report", variant="primary", scale=2, elem_id="report-button")
                     stop_button = gr.Button("Stop", variant="stop", scale=1)
                     clear_button = gr.Button("Clear", scale=1)
-                report = gr.Markdown("", elem_id="report-box", label="Report")
+                report = gr.Markdown(REPORT_PLACEHOLDER, elem_id="report-box", label="Report")
                 download = gr.DownloadButton("Download report (.md)", visible=False, size="sm")
                 download.keep_in_cache = _SESSION_FILES
                 # Copy buttons only: the default Share button posts the conversation to the Space's Discussions.

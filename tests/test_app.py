@@ -117,7 +117,9 @@ def test_slice_image_follows_the_slider_and_the_window(app_module, ct_nifti):
 def test_window_choices_follow_the_modality(app_module, tmp_path):
     brain = save_nifti(tmp_path / "brain.nii.gz", torso_ct() + 1000, (1.0, 1.0, 1.0), modality="MR")
     _, outputs = loaded(app_module, [brain])
-    assert outputs[4]["choices"] == ["auto"] and outputs[4]["value"] == "auto"
+    assert [value for _, value in outputs[4]["choices"]] == ["auto"] and outputs[4]["value"] == "auto"
+    labels = dict((value, label) for label, value in app_module.window_choices("CT"))
+    assert labels["lung"] == "lung · W 1500 / L −600" and labels["soft tissue"] == "soft tissue · W 400 / L 40"
 
 
 def test_kept_slices_are_shown_after_encoding(app_module, ct_nifti):
