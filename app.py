@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import os
 import shutil
 import sys
@@ -249,7 +250,8 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     middle = count // 2 + 1
     grid = surface_grid(volume)[0]
     low, high, step = threshold_range(volume, grid)
-    threshold = min(high, max(low, round(default_threshold(volume, grid) / step) * step))  # on the slider's steps
+    decimals = max(0, -math.floor(math.log10(step)))  # the step is a power of ten: no float noise in the box
+    threshold = min(high, max(low, round(round(default_threshold(volume, grid) / step) * step, decimals)))
     if session is not None:  # only now: until the new scan is ready, the session keeps the one it had
         session.release()
     session = ScanSession(volume=volume, label=label)
@@ -504,20 +506,22 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, m
     max_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
     if int(max_new_tokens) > MAX_NEW_TOKENS:
         gr.Warning(f"At most {MAX_NEW_TOKENS} new tokens are generated per answer; asked for {int(max_new_tokens)}.")
-    encoding = session.encoding
-    if encoding is None:  # an API client that asks before /encode_scan
-        encoding = encode_on_gpu(volume)
-        if session.volume is volume:
-            session.encoding = encoding
-    chunks = stream_on_gpu(encoding, messages, key, max_tokens, float(temperature), float(top_p))
+    chunks = None
     try:
+        encoding = session.encoding
+        if encoding is None:  # an API client that asks before /encode_scan
+            encoding = encode_on_gpu(volume)
+            if session.volume is volume:
+                session.encoding = encoding
+        chunks = stream_on_gpu(encoding, messages, key, max_tokens, float(temperature), float(top_p))
         for chunk in chunks:
             if stop.is_set() or session.volume is not volume:
                 break
             yield chunk
     finally:  # closing the pipeline's stream sets its stop event and joins its thread
         stop.set()
-        chunks.close()
+        if chunks is not None:
+            chunks.close()
         _STOP_EVENTS.pop(key, None)
 
 

@@ -383,12 +383,14 @@ def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) 
     return pixels
 
 
-def load_dicom(files: list[Path], name: str) -> Volume:
-    """The upload's DICOM series with most images as a Volume; VolumeError when there is none to stack."""
+def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volume:
+    """The upload's DICOM series with most images as a Volume; VolumeError when there is none to stack.
+
+    single_file: `files` is one file given as the scan itself (not found in a folder or a zip)."""
     headers = _read_headers(files)
     if not headers:
-        if len(files) == 1:
-            raise VolumeError(f"{name} is not a scan (neither NIfTI, .npy nor DICOM); {SCAN_FORMATS}")
+        if single_file:  # a picture, a document, a DICOM report: nothing to say about its contents
+            raise VolumeError(f"{name} is not a scan file MedVLM 3D reads; {SCAN_FORMATS}")
         raise VolumeError(f"{name} holds no DICOM images ({len(files)} file(s) skipped); {SCAN_FORMATS}")
     series: dict[str, list] = {}
     for path, header in headers:

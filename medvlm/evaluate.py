@@ -121,7 +121,9 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test
     for sample, answer in zip(samples, answers, strict=True):
         by_task[sample.task].append((sample, answer))
 
+    snapshot = pipeline.folder is not None and pipeline.folder.parent.name == "snapshots"  # a Hub download
     results: dict = {"checkpoint": pipeline.describe()["checkpoint"], "revision": revision,
+                     "commit": pipeline.folder.name if snapshot else None,
                      "weights_sha256": weights_digest(pipeline.folder), "split": split, "n": len(images),
                      "samples": len(samples), "max_new_tokens": max_new_tokens, "processes": state.num_processes}
     notes: dict[str, str] = {}

@@ -124,10 +124,11 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None =
         raise UserInputError(f"the evaluation scored other weights than {str(folder)!r} holds (its weights_sha256 "
                              "differs); run `python -m medvlm eval` on this checkpoint and pass that JSON")
     if written is not None and evaluation is None and written.get("evaluation") \
-            and written.get("weights", weights) != weights:
-        raise UserInputError(f"the evaluation in {str(card)!r} scored the weights pushed before, and the checkpoint "
-                             "has changed since; evaluate it again and pass --evaluation, or move README.md away "
-                             "to publish without figures")
+            and written.get("weights") != weights:  # no record (a card from before push kept one): unknown
+        raise UserInputError(f"the evaluation in {str(card)!r} is not known to score the weights the folder holds "
+                             "now (trained again since the last push, or a card from before push recorded them); "
+                             "evaluate it again and pass --evaluation, or move README.md away to publish without "
+                             "figures")
     if written is not None or not card.exists():
         write_card(folder, repo_id, evaluation if evaluation is not None else (written or {}).get("evaluation"),
                    revision, weights)
@@ -138,10 +139,11 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None =
     api = api or HfApi()
     with _refusal_explained(repo_id):
         api.create_repo(repo_id, repo_type="model", private=private or None, exist_ok=True)  # None: org default
-        public = api.repo_info(repo_id, repo_type="model").private is False
-    if private and public:  # create_repo leaves an existing repo's visibility as it is
-        raise UserInputError(f"{repo_id!r} is public, so a --private push would publish the checkpoint; make it "
-                             "private on the Hub first, or push to a new repo id")
+        shown = api.repo_info(repo_id, repo_type="model").private is not True  # None: the Hub did not say
+    if private and shown:  # create_repo leaves an existing repo's visibility as it is
+        raise UserInputError(f"{repo_id!r} is public (or the Hub does not say it is private), so a --private push "
+                             "could publish the checkpoint; make it private on the Hub first, or push to a new "
+                             "repo id")
     with _refusal_explained(repo_id):
         if revision:
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)

@@ -152,7 +152,9 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
         body += ["## Evaluation", ""]
         if evaluation_command:
             body += [f"```bash\n{evaluation_command}\n```", ""]
-        scored = f" at revision `{evaluation['revision']}`" if evaluation.get("revision") else ""
+        commit, revision = evaluation.get("commit"), evaluation.get("revision")
+        scored = (f" at commit `{commit}`" + (f" (`{revision}`)" if revision and revision != commit else "")
+                  if commit else f" at revision `{revision}`" if revision else "")
         body += [f"{evaluation.get('n')} held-out scans ({evaluation.get('samples')} prompts), split "
                  f"`{evaluation.get('split')}`{scored}, greedy decoding, at most "
                  f"{evaluation.get('max_new_tokens', 256)} new tokens.", "",

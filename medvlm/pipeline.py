@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import threading
 import time
@@ -17,7 +18,7 @@ import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.utils import logging as transformers_logging
 
@@ -153,12 +154,30 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def default_dtype(device: str) -> torch.dtype:
-    """bfloat16 on a GPU that computes in it natively (compute capability 8.0 on: A10G, A100, L4, H100), else
-    float32: a T4 (7.5) only emulates bfloat16, slowly, and float16 can overflow in LLMs trained in bfloat16."""
-    if torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+def default_dtype(device: str, parameters: int = 0) -> torch.dtype:
+    """float32 on a CPU; bfloat16 on a GPU that computes in it natively (compute capability 8.0 on: A10G, L4,
+    A100, H100). An older GPU (a T4, 7.5) only emulates bfloat16, slowly, and float16 can overflow in LLMs
+    trained in bfloat16: float32 there for a model of `parameters` that fits in float32 with room to spare
+    (60 % of the GPU's memory), else bfloat16 after all, slow rather than out of memory."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    if torch.cuda.get_device_capability(device) >= (8, 0):
         return torch.bfloat16
-    return torch.float32
+    fits = 4 * parameters <= 0.6 * torch.cuda.get_device_properties(device).total_memory
+    return torch.float32 if fits else torch.bfloat16
+
+
+def checkpoint_parameters(folder: Path) -> int:
+    """How many numbers a checkpoint's weights hold, from its safetensors headers (no tensor is read); 0 for
+    weights that cannot be read, which `load_model` then names."""
+    total = 0
+    try:
+        for path in Path(folder).glob("*.safetensors"):
+            with safe_open(path, framework="pt") as weights:
+                total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError):
+        return 0
+    return total
 
 
 # Sampling temperatures: below the floor, logits divided by it overflow (and sampling is greedy in all but name);
@@ -232,7 +251,7 @@ class Pipeline:
         folder = resolve_checkpoint(checkpoint, revision)
         name = "demo checkpoint" if checkpoint is None else str(checkpoint)
         if dtype is None:
-            dtype = default_dtype(device)
+            dtype = default_dtype(device, checkpoint_parameters(folder))
         model = load_model(folder, name, dtype=dtype).to(device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)

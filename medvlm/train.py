@@ -527,8 +527,9 @@ def claim_work_folder(work: Path, record: dict, is_main_process: bool) -> None:
                                  "would be resumed as this run's; give another --out (or --work), or delete that "
                                  "folder to train from the start")
     elif (work / "state").exists():
-        raise UserInputError(f"{work} holds stages of a run that recorded no settings ({RUN_RECORD}), so it cannot "
-                             "be resumed safely; delete that folder to train from the start")
+        raise UserInputError(f"{work} holds stages of a run that recorded no settings ({RUN_RECORD}, written since "
+                             "December 2026), so they cannot be resumed safely; delete its state folder to train "
+                             "the stages from the start (the feature cache beside it is reused)")
     elif is_main_process:
         work.mkdir(parents=True, exist_ok=True)
         written = path.with_suffix(".partial")  # renamed when whole: the other processes may read it meanwhile

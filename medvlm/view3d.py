@@ -102,30 +102,39 @@ def figure_3d(volume: Volume, threshold: float | None = None) -> go.Figure:
     figure.update_layout(
         template="none", margin={"l": 0, "r": 0, "t": 0, "b": 0}, height=420, showlegend=False,
         paper_bgcolor="rgba(0,0,0,0)",
-        scene={**_box_and_camera(grid.shape, spacing),
-               "xaxis": axis, "yaxis": axis, "zaxis": axis,
-               "annotations": _side_labels(mesh[0]) if mesh is not None else []})
+        scene=_scene(grid.shape, spacing, axis, mesh[0] if mesh is not None else None))
     return figure
 
 
-def _box_and_camera(shape: tuple[int, ...], spacing: tuple[float, float, float]) -> dict:
-    """The scene in the scan's own proportions, seen from the front (the patient's right on the viewer's left),
-    head up, without perspective, so that the side labels stay beside the surface. An orthographic view's
-    size is the box's: scaled so that the width (right to left) and the height (foot to head) fill the
-    420-pixel plot, a wide CT and a tall whole-body PET alike (factors found by eye on the examples)."""
+LABEL_MARGIN = 0.06  # of the scan's longest side: from the surface to a side letter, and again to the scene's edge
+
+
+def _scene(shape: tuple[int, ...], spacing: tuple[float, float, float], axis: dict,
+           vertices: np.ndarray | None) -> dict:
+    """The scene: each axis spans the scan's own extent in mm (plus room for the side letters) and the box
+    has the proportions of those spans, so that the anatomy keeps its true shape whatever part of the scan
+    the surface fills. Seen from the front (the patient's right on the viewer's left), head up, without
+    perspective, so that the letters stay beside the surface; an orthographic view's size is the box's,
+    scaled so that the width (right to left) and the height (foot to head) fill the 420-pixel plot, a wide
+    CT and a tall whole-body PET alike (factors found by eye on the examples)."""
     extent = [n * s for n, s in zip(shape, spacing, strict=True)]  # (z, y, x) mm
-    height, depth, width = (side / max(extent) for side in extent)
+    pad = 2 * LABEL_MARGIN * max(extent)
+    spans = [side + 2 * pad for side in extent]
+    height, depth, width = (span / max(spans) for span in spans)
     scale = min(3.0 / width, 1.9 / height)
+    ranges = {name: {**axis, "range": [-pad, side + pad], "autorange": False}
+              for name, side in zip(("zaxis", "yaxis", "xaxis"), extent, strict=True)}
     return {"aspectmode": "manual", "aspectratio": {"x": width * scale, "y": depth * scale, "z": height * scale},
+            **ranges, "annotations": _side_labels(vertices, LABEL_MARGIN * max(extent)) if vertices is not None else [],
             "camera": {"eye": {"x": 0, "y": 2.0, "z": 0.4}, "up": {"x": 0, "y": 0, "z": 1},
                        "projection": {"type": "orthographic"}}}
 
 
-def _side_labels(vertices: np.ndarray) -> list[dict]:
-    """The patient's sides as letters beside the surface, R L S I (plotly x is RAS right, z superior): they turn
-    with it, where an axis title's arrow would read left to right whichever way the axis points."""
+def _side_labels(vertices: np.ndarray, margin: float) -> list[dict]:
+    """The patient's sides as letters `margin` mm beside the surface, R L S I (plotly x is RAS right, z superior):
+    they turn with it, where an axis title's arrow would read left to right whichever way the axis points."""
     low, high = vertices.min(axis=0), vertices.max(axis=0)  # (z, y, x) mm
-    middle, margin = (low + high) / 2, 0.12 * float((high - low).max())
+    middle = (low + high) / 2
     places = {"R": (middle[0], middle[1], high[2] + margin), "L": (middle[0], middle[1], low[2] - margin),
               "S": (high[0] + margin, middle[1], middle[2]), "I": (low[0] - margin, middle[1], middle[2])}
     return [{"x": float(x), "y": float(y), "z": float(z), "text": f"<b>{side}</b>", "showarrow": False,

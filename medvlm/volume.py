@@ -124,7 +124,7 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
         return _load_npy(path)
     from .dicom import load_dicom
 
-    return load_dicom([path], path.name)
+    return load_dicom([path], path.name, single_file=True)
 
 
 # --- shared: limits, orientation, dispatch -------------------------------------------------------------------
@@ -132,16 +132,23 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
 SCAN_FORMATS = "give a NIfTI (.nii, .nii.gz), an M3D .npy, or a DICOM series (a folder, its files or a .zip)"
 
 
-# A file path inside a library's message (POSIX or Windows), whose folders are the server's business: an
-# upload's temporary folder means nothing to the person who sent it.
-_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[/\\][^\s'\"/\\:]+){2,}[/\\]?")
+# A file path inside a library's message, whose folders are the server's business (an upload's temporary
+# folder means nothing to the person who sent it): POSIX or Windows (a message may double its backslashes),
+# quoted (then it may hold spaces) or bare, at least two parts deep; never a URL's path (scheme://…).
+_QUOTED_PATH = re.compile(r"""(['"])((?:[A-Za-z]:)?(?:[/\\]{1,2}[^'"/\\]+){2,})\1""")
+_BARE_PATH = re.compile(r"(?<![\w.:/\\])(?:[A-Za-z]:)?(?:[/\\]{1,2}[^\s'\"/\\:]+){2,}")
+
+
+def _file_name(path: str) -> str:
+    return re.split(r"[/\\]+", path)[-1]
 
 
 def error_reason(error: BaseException) -> str:
     """The first line of a library's error, short enough to sit inside our one-sentence message; a file path
     in it is cut to the file's name."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    text = _PATH.sub(lambda match: re.split(r"[/\\]", match.group().rstrip("/\\"))[-1], text)
+    text = _QUOTED_PATH.sub(lambda match: match[1] + _file_name(match[2]) + match[1], text)
+    text = _BARE_PATH.sub(lambda match: _file_name(match[0]), text)
     return text[:160]
 
 

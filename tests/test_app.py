@@ -167,6 +167,24 @@ def test_3d_labels_the_patients_sides_where_they_are():
         assert not figure.layout.scene[axis].title.text
 
 
+def test_3d_keeps_the_anatomys_true_proportions():
+    """A 30 mm cube in a scan that is wide, shallow and of middling height is drawn as a cube: every axis gets
+    the same screen length per millimetre, however little of the scan the surface fills."""
+    from medvlm.view3d import figure_3d
+
+    data = np.full((60, 50, 250), -1000.0, dtype=np.float32)  # 120 × 100 × 500 mm (z, y, x)
+    data[20:35, 10:40, 100:130] = 40.0  # 30 × 30 × 30 mm
+    figure = figure_3d(Volume(data, (2.0, 2.0, 2.0), np.eye(4), "CT", "nifti", "RAS"), threshold=-500.0)
+    scene, mesh = figure.layout.scene, figure.data[0]
+    per_mm = [scene.aspectratio[name] / (scene[f"{name}axis"].range[1] - scene[f"{name}axis"].range[0])
+              for name in "xyz"]
+    assert max(per_mm) == pytest.approx(min(per_mm), rel=1e-6)
+    for name in "xyz":  # the surface and its letters lie inside the scene
+        low, high = scene[f"{name}axis"].range
+        places = [*mesh[name], *(annotation[name] for annotation in scene.annotations)]
+        assert low < min(places) and max(places) < high
+
+
 def test_3d_threshold_without_a_surface_says_so(app_module, ct_nifti):
     session, _ = loaded(app_module, [ct_nifti])
     figure = app_module.show_3d(session, 5000.0)
@@ -484,5 +502,18 @@ def test_the_surface_threshold_opens_on_a_step_of_its_slider_and_names_its_unit(
     threshold = outputs[8]
     steps = threshold["value"] / threshold["step"]
     assert abs(steps - round(steps)) < 1e-6 and threshold["minimum"] <= threshold["value"] <= threshold["maximum"]
+    assert threshold["value"] == round(threshold["value"], 6)  # the number box shows 0.7, not 0.7000000000000001
     assert threshold["label"] == f"Surface threshold ({unit})"
     outputs[0].release()
+
+
+def test_a_failed_encoding_leaves_no_stop_event_behind(app_module, ct_nifti, monkeypatch):
+    session, _ = loaded(app_module, [ct_nifti])  # not encoded yet, as for an API client that asks at once
+
+    def out_of_memory(volume):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(app_module, "encode_on_gpu", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(app_module.generate_report(session, 8, 0.0, 1.0))
+    assert not any(key.startswith(f"{id(session)}-") for key in app_module._STOP_EVENTS)

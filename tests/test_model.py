@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from medvlm.modeling import MedVLMForConditionalGeneration
 from medvlm.pipeline import (
     DEMO_CHECKPOINT,
     Pipeline,
+    checkpoint_parameters,
     default_dtype,
     resolve_checkpoint,
     resolve_device,
@@ -291,6 +293,7 @@ def test_eval_scores_the_hub_revision_it_is_given(checkpoint, tmp_path, monkeypa
     settings = {"tasks": ("vqa_closed",), "max_new_tokens": 4, "progress": False}
     scores = evaluate("someorg/some-model", data, revision="main", **settings)
     assert scores["n"] == 1 and scores["revision"] == "main" and scores["max_new_tokens"] == 4
+    assert scores["commit"] == "0123456789abcdef0123456789abcdef01234567"  # what "main" was when it was scored
     assert scores["weights_sha256"] == weights_digest(checkpoint)  # which weights the figures belong to
     with pytest.raises(CheckpointError, match="someorg/some-model"):  # a tag this cache does not hold
         evaluate("someorg/some-model", data, revision="v2.0", **settings)
@@ -308,12 +311,27 @@ def test_text_holding_the_models_control_tokens_is_refused(pipeline):
         pipeline.chat(ct_volume(), [{"role": "user", "content": "Describe."}], max_new_tokens=5000)
 
 
-@pytest.mark.parametrize(("capability", "dtype"), [((7, 5), torch.float32), ((8, 6), torch.bfloat16),
-                                                   ((9, 0), torch.bfloat16)])
-def test_bfloat16_only_on_gpus_that_compute_in_it(monkeypatch, capability, dtype):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)  # T4, A10G, H100
-    assert default_dtype("cuda") == dtype and default_dtype("cuda:1") == dtype
-    assert default_dtype("cpu") == torch.float32
+@pytest.mark.parametrize(("capability", "parameters", "dtype"), [
+    ((7, 5), 1_540_000_000, torch.float32),  # a T4 and Qwen2.5-1.5B: 6.2 GB in float32 of its 16 GB
+    ((7, 5), 3_820_000_000, torch.bfloat16),  # a T4 and Phi-3-mini: 15.3 GB would not fit, emulated bfloat16 does
+    ((8, 6), 1_540_000_000, torch.bfloat16),  # an A10G
+    ((9, 0), 3_820_000_000, torch.bfloat16),  # an H100
+])
+def test_bfloat16_on_gpus_that_compute_in_it_float32_on_older_ones_where_it_fits(monkeypatch, capability, parameters,
+                                                                                  dtype):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=16e9))
+    assert default_dtype("cuda", parameters) == dtype and default_dtype("cuda:1", parameters) == dtype
+    assert default_dtype("cpu", parameters) == torch.float32
+
+
+def test_the_parameters_of_a_checkpoint_are_counted_from_its_headers(checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = load_file(checkpoint / "model.safetensors")
+    assert checkpoint_parameters(checkpoint) == sum(tensor.numel() for tensor in tensors.values()) > 0
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 100)  # damaged: load_model says so, not this count
+    assert checkpoint_parameters(tmp_path) == 0
 
 
 def test_a_revision_with_a_local_folder_is_refused_not_ignored(checkpoint):

@@ -27,7 +27,7 @@ from medvlm.__main__ import main
 from medvlm.configuration import MedVLMConfig
 from medvlm.errors import UserInputError
 from medvlm.features import FeatureCache, VolumeFeatures, encoder_fingerprint
-from medvlm.hub import push_checkpoint
+from medvlm.hub import CARD_MARK, push_checkpoint
 from medvlm.phantom import write_phantom_set
 from medvlm.pipeline import Pipeline, weights_digest
 from medvlm.train import PRESETS, Collator, TrainingObjective, load_preset, read_samples
@@ -363,18 +363,26 @@ def test_push_never_shows_figures_of_other_weights(tmp_path):
     checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")
     hub = FakeHub(tmp_path / "hub")
     scores = {"n": 3, "split": "test", "samples": 9, "closed_accuracy": 0.5, "max_new_tokens": 64,
-              "revision": "v1", "weights_sha256": weights_digest(checkpoint)}
+              "revision": "v1", "commit": COMMIT, "weights_sha256": weights_digest(checkpoint)}
     push_checkpoint(checkpoint, "someorg/model", revision="v1", api=hub, evaluation=scores)
     card = uploaded_card(hub, "someorg/model")
-    assert "at revision `v1`, greedy decoding, at most 64 new tokens" in card
+    assert f"at commit `{COMMIT}` (`v1`), greedy decoding, at most 64 new tokens" in card
     assert "Pipeline.from_pretrained('someorg/model', revision='v1')" in card
+
+    card = checkpoint / "README.md"  # as push wrote it before it recorded the weights
+    body, mark = card.read_text().rsplit(CARD_MARK, 1)
+    record = json.loads(mark.strip().removesuffix("-->"))
+    record.pop("weights")
+    card.write_text(f"{body}{CARD_MARK}{json.dumps(record)} -->\n")
+    with pytest.raises(UserInputError, match=r"is not known to score the weights"):
+        push_checkpoint(checkpoint, "someorg/model", api=hub)  # which weights those figures scored is unknown
 
     torch.manual_seed(1)
     save_tiny_checkpoint(checkpoint)  # trained again into the same folder
     hub.calls.clear()
     with pytest.raises(UserInputError, match=r"scored other weights than .* holds"):
         push_checkpoint(checkpoint, "someorg/model", api=hub, evaluation=scores)
-    with pytest.raises(UserInputError, match=r"scored the weights pushed before.*evaluate it again"):
+    with pytest.raises(UserInputError, match=r"is not known to score the weights.*evaluate it again"):
         push_checkpoint(checkpoint, "someorg/model", api=hub)  # the card's figures would be carried over
     assert hub.calls == []
     retrained = scores | {"closed_accuracy": 0.75, "weights_sha256": weights_digest(checkpoint)}
@@ -394,6 +402,9 @@ def test_a_private_push_to_a_public_repo_is_refused_before_uploading(tmp_path):
     assert not hub.private["someorg/model"]
     push_checkpoint(checkpoint, "someorg/private", private=True, api=hub)
     assert hub.private["someorg/private"] and hub.calls[-1][0] == "upload_folder"
+    hub.private["someorg/unsaid"] = None  # a repo whose visibility the Hub's answer leaves out
+    with pytest.raises(UserInputError, match="or the Hub does not say it is private"):
+        push_checkpoint(checkpoint, "someorg/unsaid", private=True, api=hub)
 
 
 @pytest.mark.parametrize("by_hand", ["written", "edited"])

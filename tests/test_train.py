@@ -74,6 +74,13 @@ def test_a_run_with_other_settings_is_refused_not_resumed(trained, phantoms, cha
     assert {path: path.stat().st_mtime for path in [*work.rglob("*"), *trained.iterdir()]} == before
 
 
+def test_stages_of_a_run_that_recorded_no_settings_are_not_resumed(phantoms, tmp_path):
+    (tmp_path / "work" / "state" / "align").mkdir(parents=True)  # a work folder from before run.json
+    with pytest.raises(UserInputError, match=r"recorded no settings.*delete its state folder"):
+        train("tiny", phantoms, tmp_path / "checkpoint", seed=0, work=tmp_path / "work")
+    assert not (tmp_path / "checkpoint").exists()
+
+
 def test_a_run_on_other_data_is_refused_not_resumed(trained, phantoms, tmp_path):
     other = shutil.copytree(phantoms, tmp_path / "phantoms")
     report = other / json.loads((other / "M3D_Cap.json").read_text())["train"][0]["text"]

@@ -13,7 +13,7 @@ from pydicom.uid import RLELossless
 
 from medvlm import volume as volume_module
 from medvlm.errors import VolumeError
-from medvlm.volume import load_volume
+from medvlm.volume import error_reason, load_volume
 from medvlm.writers import save_dicom_enhanced, save_dicom_series, save_nifti, save_npy
 
 PHI = {"PatientName": "Doe^Janet", "PatientID": "MRN-5551234", "PatientBirthDate": "19610214",
@@ -185,25 +185,44 @@ def test_save_npy_round_trips(tmp_path, marked_ct):
     np.testing.assert_array_equal(load_volume(path).data, unit.astype(np.float32))
 
 
-def _garbage(tmp_path, name, content: bytes):
+def _garbage(tmp_path, name, content: bytes | None):
+    """A file of `content`; None: a zip holding one text file."""
     path = tmp_path / name
-    path.write_bytes(content)
+    if content is None:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("notes.txt", "not a scan")
+    else:
+        path.write_bytes(content)
     return path
 
 
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("notes.nii.gz", b"this is a text file\n", "NIfTI"),
     ("empty.nii", b"", "NIfTI"),
-    ("noise.dcm", bytes(range(256)) * 8, r"noise\.dcm is not a scan \(neither NIfTI, \.npy nor DICOM\)"),
+    ("noise.dcm", bytes(range(256)) * 8, r"noise\.dcm is not a scan file MedVLM 3D reads"),
     ("noise.zip", b"PK\x03\x04" + bytes(500), "zip"),
     ("noise.npy", b"\x93NUMPY garbage", r"\.npy"),
-    ("chest.png", b"\x89PNG\r\n\x1a\n" + bytes(100), r"chest\.png is not a scan"),
+    ("chest.png", b"\x89PNG\r\n\x1a\n" + bytes(100), r"chest\.png is not a scan file"),
+    ("study.zip", None, r"study\.zip holds no DICOM images \(1 file\(s\) skipped\)"),
 ])
 def test_unreadable_files_raise_one_clear_error(tmp_path, name, content, message):
     with pytest.raises(VolumeError, match=message) as caught:
         load_volume(_garbage(tmp_path, name, content))
     assert "\n" not in str(caught.value)
     assert str(tmp_path) not in str(caught.value)  # an upload's server-side folder means nothing to its sender
+
+
+@pytest.mark.parametrize(("message", "shown"), [
+    ("Empty file: '/tmp/gradio/65b4ab/empty.nii'", "Empty file: 'empty.nii'"),
+    ("Empty file: '/srv/app data/gradio/ab/scan.nii'", "Empty file: 'scan.nii'"),  # a folder with a space
+    ("No such file: 'C:\\\\Users\\\\bob\\\\scan.nii.gz'", "No such file: 'scan.nii.gz'"),  # doubled backslashes
+    ("File /a/b/c.dcm: truncated", "File c.dcm: truncated"),
+    ("see https://nipy.org/nibabel/errors.html", "see https://nipy.org/nibabel/errors.html"),  # a URL stays whole
+    ("512/512/300 and/or (0020,0011) pylibjpeg/pylibjpeg-openjpeg", "512/512/300 and/or (0020,0011) "
+     "pylibjpeg/pylibjpeg-openjpeg"),
+])
+def test_a_library_message_names_the_file_never_its_folders(message, shown):
+    assert error_reason(ValueError(message)) == shown
 
 
 def test_missing_path_is_named(tmp_path):
