@@ -599,6 +599,25 @@ CSS = """
 """
 
 
+# The mouse wheel over the slice image steps through the slices, as in a radiology viewer: down toward slice 1
+# (the patient's feet in the axial plane), up away from it. It moves the slider as a drag would (an input event).
+WHEEL_SCROLLS_SLICES = """
+() => {
+  document.addEventListener("wheel", (event) => {
+    const image = event.target.closest && event.target.closest("#slice-view");
+    const slider = document.querySelector("#slice-slider input[type=range]");
+    if (!image || !slider || slider.disabled || event.deltaY === 0) return;
+    event.preventDefault();
+    const value = Math.min(Number(slider.max), Math.max(Number(slider.min),
+                                                         Number(slider.value) + (event.deltaY > 0 ? -1 : 1)));
+    if (value === Number(slider.value)) return;
+    slider.value = String(value);
+    slider.dispatchEvent(new Event("input", {bubbles: true}));
+  }, {passive: false});
+}
+"""
+
+
 def build_demo() -> gr.Blocks:
     """The page: the scan on the left (upload, card, slices, 3D), the assistant on the right."""
     examples = [example_label(path) for path in list_examples()]
@@ -727,7 +746,8 @@ def launch(demo: gr.Blocks, **options):
     in_a_space = bool(os.environ.get("SPACE_ID"))  # Hugging Face sets it in every Space, Docker ones too
     settings = {"server_name": os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if in_a_space else "127.0.0.1"),
                 "server_port": int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860),
-                "max_file_size": MAX_UPLOAD_BYTES, "css": CSS, "theme": gr.themes.Soft(), **options}
+                "max_file_size": MAX_UPLOAD_BYTES, "css": CSS, "js": WHEEL_SCROLLS_SLICES, "theme": gr.themes.Soft(),
+                **options}
     return demo.queue(default_concurrency_limit=1).launch(**settings)
 
 

@@ -58,6 +58,11 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.locator("#slice-slider input[type=range]").fill("5")
     page.wait_for_function("before => document.querySelector('#slice-view img').src !== before", arg=before)
     assert "Axial 5 /" in page.locator("#slice-view").inner_text()
+    page.locator("#slice-view img").hover()
+    page.mouse.wheel(0, 120)  # one notch down: one slice toward the feet, as in a radiology viewer
+    page.locator("#slice-view", has_text="Axial 4 /").wait_for()
+    page.mouse.wheel(0, -120)
+    page.locator("#slice-view", has_text="Axial 5 /").wait_for()
 
     page.get_by_role("tab", name="3D").click()
     page.locator("#plot-3d .js-plotly-plot").wait_for()
