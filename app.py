@@ -634,8 +634,9 @@ def build_demo() -> gr.Blocks:
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 with gr.Row(equal_height=False):
+                    # min_width: on a phone the examples go below, and the label leaves room for "Drop File Here"
                     upload = gr.File(label="Scan: NIfTI, .npy, DICOM files or a .zip", file_count="multiple",
-                                     height=110, scale=3, elem_id="scan-upload")
+                                     height=110, scale=3, min_width=300, elem_id="scan-upload")
                     with gr.Column(scale=1, min_width=150):
                         folder_upload = gr.UploadButton("Upload a DICOM folder", file_count="directory", size="md")
                         example_picker = gr.Dataset(

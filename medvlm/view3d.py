@@ -101,7 +101,7 @@ def figure_3d(volume: Volume, threshold: float | None = None) -> go.Figure:
             "title": {"text": ""}}
     figure.update_layout(
         template="none", margin={"l": 0, "r": 0, "t": 0, "b": 0}, height=420, showlegend=False,
-        paper_bgcolor="rgba(0,0,0,0)",
+        paper_bgcolor="rgba(0,0,0,0)", modebar={"orientation": "v"},  # down the right edge, clear of the label
         scene=_scene(grid.shape, spacing, axis, mesh[0] if mesh is not None else None))
     return figure
 
