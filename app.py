@@ -753,7 +753,9 @@ def launch(demo: gr.Blocks, **options):
     settings = {"server_name": os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if in_a_space else "127.0.0.1"),
                 "server_port": int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860),
                 "max_file_size": MAX_UPLOAD_BYTES, "css": CSS, "js": WHEEL_SCROLLS_SLICES, "theme": gr.themes.Soft(),
-                **options}
+                # Gradio would keep every run (questions, reports, slice images, upload names) in the browser's
+                # storage, past the tab's closing: on a shared ward computer the next user would see them.
+                "run_history": False, **options}
     return demo.queue(default_concurrency_limit=1).launch(**settings)
 
 

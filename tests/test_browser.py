@@ -96,6 +96,8 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('Which organ is abnormal?')")
     page.wait_for_function("() => !document.querySelector('#chatbot .generating, #chatbot .pending')")
     assert "Where is the lesion?" not in chatbot.inner_text()  # the cleared conversation does not come back
+    stored = page.evaluate("Object.keys(localStorage).filter(key => key.includes('run-history'))")
+    assert stored == []  # no run (question, report, slice images) is kept in the browser for the next user
 
     screenshot = tmp_path / "app.png"
     page.screenshot(path=str(screenshot), full_page=True)
