@@ -131,6 +131,8 @@ class ScanSession:
     messages: list[dict] = field(default_factory=list)  # {"role", "content": str}
     report: str = ""
     cleared: int = 0  # how many times Clear emptied the report and conversation: a generation from before stops there
+    chat_cleared: int = 0  # how many times the conversation was emptied (Clear, or the chat's bin icon)
+    interrupted: bool = False  # whether the last generation was stopped (Stop, Clear, a new one) before it ended
     folder: Path | None = None
     stop_key: str = ""  # key of the running generation's stop event in _STOP_EVENTS
 
@@ -413,8 +415,9 @@ def encode_scan(session: ScanSession | None, plane: str, window: str | None, sli
         return gr.skip(), gr.skip(), gr.skip()
     session.encoding = encoding
     total = slice_count(volume, "axial")
+    notes = "".join(f" Note: {note}." for note in volume.meta.get("notes", []) or [])  # e.g. a series left out
     status = (f"Ready: the model looked at {len(session.kept_slices)} of {total} axial slices "
-              f"({time.perf_counter() - start:.1f} s). Generate a report or ask a question.")
+              f"({time.perf_counter() - start:.1f} s). Generate a report or ask a question.{notes}")
     choices = [str(k + 1) for k in session.kept_slices]
     return status, gr.update(choices=choices, value=None), slice_html(session, plane, window, slice_number)
 
@@ -447,10 +450,15 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
         return
     volume, cleared = session.volume, session.cleared
     session.report = ""
+    hidden = gr.update(value=None, visible=False)  # the previous report's download goes while this one streams
     for chunk in _stream(session, volume, None, max_new_tokens, temperature, top_p):
         session.report += chunk
-        yield session.report, gr.skip()
+        yield session.report, hidden
+        hidden = gr.skip()
     if _scan_replaced(session, volume) or session.cleared != cleared:
+        return
+    if session.interrupted:  # stopped: marked so, and not offered as a finished report
+        yield f"{session.report}\n\n*Stopped: this report is incomplete.*", gr.update(value=None, visible=False)
         return
     yield session.report, gr.update(value=str(_write_report(session)), visible=True)
 
@@ -469,7 +477,7 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
     if not question:
         yield list(session.messages), ""
         return
-    volume, cleared = session.volume, session.cleared
+    volume, cleared = session.volume, session.chat_cleared
     asked = {"role": "user", "content": question}
     session.messages.append(asked)
     history = [dict(message) for message in session.messages]
@@ -482,12 +490,12 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
         refused = True
         gr.Warning(error.message)
     finally:  # a stopped answer stays as far as it got; a conversation cleared or about a replaced scan is gone
-        if session.volume is volume and session.cleared == cleared:
+        if session.volume is volume and session.chat_cleared == cleared:
             if refused:
                 session.messages = [message for message in session.messages if message is not asked]
             else:
                 session.messages.append({"role": "assistant", "content": answer})
-    if _scan_replaced(session, volume) or session.cleared != cleared:
+    if _scan_replaced(session, volume) or session.chat_cleared != cleared:
         return
     yield list(session.messages), question if refused else ""  # a refused question stays in the box, to edit
 
@@ -502,7 +510,7 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, m
     stop_generation(session)
     key = f"{id(session)}-{time.monotonic_ns()}"
     stop = _STOP_EVENTS[key] = threading.Event()
-    session.stop_key = key
+    session.stop_key, session.interrupted = key, False
     max_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
     if int(max_new_tokens) > MAX_NEW_TOKENS:
         gr.Warning(f"At most {MAX_NEW_TOKENS} new tokens are generated per answer; asked for {int(max_new_tokens)}.")
@@ -540,6 +548,7 @@ def _scan_replaced(session: ScanSession, volume: Volume) -> bool:
 def stop_generation(session: ScanSession | None) -> None:
     """End the session's running generation: its thread stops at the next token."""
     if session is not None and session.stop_key in _STOP_EVENTS:
+        session.interrupted = True
         _STOP_EVENTS[session.stop_key].set()
 
 
@@ -548,8 +557,16 @@ def clear_conversation(session: ScanSession | None):
     if session is not None:
         stop_generation(session)
         session.messages, session.report, session.cleared = [], "", session.cleared + 1
+        session.chat_cleared += 1
         session.delete_files()
     return [], REPORT_PLACEHOLDER, gr.update(value=None, visible=False)
+
+
+def clear_chat(session: ScanSession | None) -> list:
+    """The chat's own bin icon: forget the conversation (an answer streaming stops); the report stays."""
+    if session is not None:
+        session.messages, session.chat_cleared = [], session.chat_cleared + 1
+    return []
 
 
 def _write_report(session: ScanSession) -> Path:
@@ -653,7 +670,7 @@ def build_demo() -> gr.Blocks:
                         with gr.Row():
                             plane = gr.Radio(PLANES, value="axial", label="Plane", scale=3)
                             window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), label="Window",
-                                                 scale=2)
+                                                 scale=2, min_width=240)  # on a phone: below Plane, W/L legible
                         kept = gr.Radio([], label="Slices the model kept (axial, green marks) — click one to view it",
                                         elem_id="kept-slices")
                     with gr.Tab("3D", id="3d"):
@@ -716,7 +733,9 @@ def build_demo() -> gr.Blocks:
                            trigger_mode="always_last", **viewer)
         kept.select(jump_to_kept, [session, kept, window], [plane, slice_slider, slice_view, kept],
                     api_name="jump_to_kept", **viewer)
-        threshold.release(show_3d, [session, threshold], plot, api_name="show_3d", **viewer)
+        # Dragging, the number box (Enter) and the arrow keys all redraw; while one redraw runs, only the last
+        # value asked for waits.
+        threshold.input(show_3d, [session, threshold], plot, api_name="show_3d", trigger_mode="always_last", **viewer)
 
         report_event = report_button.click(generate_report, [session, *settings], [report, download],
                                            api_name="report", **gpu)
@@ -732,9 +751,9 @@ def build_demo() -> gr.Blocks:
         stop_button.click(stop_generation, session, None, cancels=running, api_name="stop", queue=False)
         clear_button.click(clear_conversation, session, [chatbot, report, download], cancels=running,
                            api_name="clear", queue=False)
-        # The chatbot's own trash icon does what Clear does; else it would empty only the screen, and the next
+        # The chatbot's own bin icon forgets the conversation; else it would empty only the screen, and the next
         # question would bring the conversation back.
-        chatbot.clear(clear_conversation, session, [chatbot, report, download], cancels=running, queue=False,
+        chatbot.clear(clear_chat, session, chatbot, cancels=[*chat_events, suggestion_event], queue=False,
                       api_visibility="private")
         # A new scan cancels what still works on the old one (a handler already running also stops itself).
         gr.on(load_triggers, None, None, None, cancels=[*running, *encodes], queue=False, api_visibility="private")

@@ -40,9 +40,10 @@ def surface_grid(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]
     fz, fy, fx = factors
     nz, ny, nx = (n // f for n, f in zip(data.shape, factors, strict=True))
     grid = np.empty((nz, ny, nx), dtype=np.float32)
+    pool = np.max if volume.modality == "PT" else np.mean  # PET: a small hot spot must not average away
     for z in range(nz):
         slab = np.asarray(data[z * fz:(z + 1) * fz, :ny * fy, :nx * fx], dtype=np.float32)
-        grid[z] = slab.reshape(fz, ny, fy, nx, fx).mean(axis=(0, 2, 4))
+        grid[z] = pool(slab.reshape(fz, ny, fy, nx, fx), axis=(0, 2, 4))
     finite = np.isfinite(grid)
     if not finite.all():
         grid[~finite] = grid[finite].min() if finite.any() else 0.0
@@ -98,10 +99,12 @@ def figure_3d(volume: Volume, threshold: float | None = None) -> go.Figure:
             lighting={"ambient": 0.45, "diffuse": 0.8, "specular": 0.15, "roughness": 0.6},
             name=f"{level:g}"))
     axis = {"showbackground": False, "showgrid": False, "zeroline": False, "showticklabels": False,
-            "title": {"text": ""}}
+            "showspikes": False, "title": {"text": ""}}  # spikes: lines to the walls under the pointer
     figure.update_layout(
         template="none", margin={"l": 0, "r": 0, "t": 0, "b": 0}, height=420, showlegend=False,
-        paper_bgcolor="rgba(0,0,0,0)", modebar={"orientation": "v"},  # down the right edge, clear of the label
+        # The toolbar runs down the right edge, clear of the label; its "home" would leave the front view for
+        # plotly's oblique default (the camera icon returns to the figure's own view).
+        paper_bgcolor="rgba(0,0,0,0)", modebar={"orientation": "v", "remove": ["resetCameraDefault3d"]},
         scene=_scene(grid.shape, spacing, axis, mesh[0] if mesh is not None else None))
     return figure
 
@@ -115,13 +118,13 @@ def _scene(shape: tuple[int, ...], spacing: tuple[float, float, float], axis: di
     has the proportions of those spans, so that the anatomy keeps its true shape whatever part of the scan
     the surface fills. Seen from the front (the patient's right on the viewer's left), head up, without
     perspective, so that the letters stay beside the surface; an orthographic view's size is the box's,
-    scaled so that the width (right to left) and the height (foot to head) fill the 420-pixel plot, a wide
-    CT and a tall whole-body PET alike (factors found by eye on the examples)."""
+    scaled so that the width (right to left) and the height (foot to head) fit the 420-pixel-high plot, on a
+    phone's screen too, a wide CT and a tall whole-body PET alike (factors found by eye on the examples)."""
     extent = [n * s for n, s in zip(shape, spacing, strict=True)]  # (z, y, x) mm
     pad = 2 * LABEL_MARGIN * max(extent)
     spans = [side + 2 * pad for side in extent]
     height, depth, width = (span / max(spans) for span in spans)
-    scale = min(3.0 / width, 1.9 / height)
+    scale = min(1.8 / width, 1.9 / height)
     ranges = {name: {**axis, "range": [-pad, side + pad], "autorange": False}
               for name, side in zip(("zaxis", "yaxis", "xaxis"), extent, strict=True)}
     return {"aspectmode": "manual", "aspectratio": {"x": width * scale, "y": depth * scale, "z": height * scale},
@@ -135,8 +138,9 @@ def _side_labels(vertices: np.ndarray, margin: float) -> list[dict]:
     they turn with it, where an axis title's arrow would read left to right whichever way the axis points."""
     low, high = vertices.min(axis=0), vertices.max(axis=0)  # (z, y, x) mm
     middle = (low + high) / 2
+    # The camera looks a little down from the front: S at the back and I at the front project clear of the surface.
     places = {"R": (middle[0], middle[1], high[2] + margin), "L": (middle[0], middle[1], low[2] - margin),
-              "S": (high[0] + margin, middle[1], middle[2]), "I": (low[0] - margin, middle[1], middle[2])}
+              "S": (high[0] + margin, low[1], middle[2]), "I": (low[0] - margin, high[1], middle[2])}
     return [{"x": float(x), "y": float(y), "z": float(z), "text": f"<b>{side}</b>", "showarrow": False,
              "font": {"size": 15, "color": "#888888"}} for side, (z, y, x) in places.items()]
 

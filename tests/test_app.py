@@ -480,16 +480,19 @@ def test_the_upload_box_is_emptied_once_its_files_are_read(app_module):
     assert app_module.empty_upload() is None
 
 
-def test_the_chatbot_shares_nothing_and_its_trash_icon_clears_the_conversation(app_module, ct_nifti):
+def test_the_page_shares_nothing_and_its_bin_icon_and_threshold_box_act(app_module):
     config = app_module.build_demo().get_config_file()
-    chatbot = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "chatbot")
+    by_id = {c.get("props", {}).get("elem_id"): c for c in config["components"]}
+    chatbot, threshold = by_id["chatbot"], by_id["threshold-slider"]
     assert "share" not in chatbot["props"]["buttons"]  # Share would post the conversation to the Space's Discussions
-    on_trash = [d for d in config["dependencies"]
-                if [chatbot["id"], "clear"] in map(list, d["targets"]) and d["outputs"]]
-    assert [d["api_name"] for d in on_trash] == ["clear_conversation"]
-    session, _ = loaded(app_module, [ct_nifti])
-    session.messages = [{"role": "user", "content": "Where is the lesion?"}, {"role": "assistant", "content": "Liver."}]
-    assert app_module.clear_conversation(session)[0] == [] and session.messages == []  # the next turn starts afresh
+
+    def handlers(component, event):
+        return [d for d in config["dependencies"] if [component["id"], event] in map(list, d["targets"])
+                and d["outputs"]]
+
+    assert [d["api_name"] for d in handlers(chatbot, "clear")] == ["clear_chat"]  # else it empties only the screen
+    redraw = handlers(threshold, "input")  # dragging, the number box's Enter, the arrow keys
+    assert [d["api_name"] for d in redraw] == ["show_3d"] and redraw[0]["trigger_mode"] == "always_last"
 
 
 @pytest.mark.parametrize(("modality", "unit"), [("CT", "HU"), ("PT", "intensity")])
@@ -517,3 +520,49 @@ def test_a_failed_encoding_leaves_no_stop_event_behind(app_module, ct_nifti, mon
     with pytest.raises(RuntimeError, match="out of memory"):
         list(app_module.generate_report(session, 8, 0.0, 1.0))
     assert not any(key.startswith(f"{id(session)}-") for key in app_module._STOP_EVENTS)
+
+
+def test_a_stopped_report_says_it_is_incomplete_and_is_not_offered_for_download(app_module, ct_nifti):
+    session, _ = loaded(app_module, [ct_nifti])
+    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    finished = list(app_module.generate_report(session, 16, 0.0, 1.0))
+    assert finished[-1][1]["visible"] is True  # a whole report: its download is offered
+
+    stream = app_module.generate_report(session, 64, 0.0, 1.0)
+    first_text, download = next(stream)
+    assert download == {"__type__": "update", "value": None, "visible": False}  # the old report's download goes
+    app_module.stop_generation(session)  # what the Stop button does besides cancelling the event
+    text, download = list(stream)[-1]
+    assert text.startswith(first_text) and text.endswith("*Stopped: this report is incomplete.*")
+    assert download["visible"] is False
+
+
+def test_the_chat_bin_forgets_the_conversation_and_keeps_the_report(app_module, ct_nifti):
+    session, _ = loaded(app_module, [ct_nifti])
+    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    list(app_module.generate_report(session, 8, 0.0, 1.0))
+    list(app_module.chat("Where is the lesion?", session, 8, 0.0, 1.0))
+    report = session.report
+    assert app_module.clear_chat(session) == [] and session.messages == []
+    assert session.report == report and report
+    history = list(app_module.chat("Which organ is abnormal?", session, 8, 0.0, 1.0))[-1][0]
+    assert history[0]["content"] == "Which organ is abnormal?" and len(history) == 2  # the old turns are gone
+
+
+def test_the_ready_line_says_what_the_upload_left_out(app_module, tmp_path):
+    files = save_dicom_series(tmp_path / "a", torso_ct(), (5.0, 1.0, 1.0), "CT")
+    files += save_dicom_series(tmp_path / "b", np.zeros((3, 8, 8), np.float32), (5.0, 2.0, 2.0), "MR",
+                               series_number=4)
+    session, _ = loaded(app_module, files)
+    status, _, _ = app_module.encode_scan(session, "axial", "soft tissue", 21)
+    assert status.startswith("Ready") and "Note: the upload holds 1 other series, not shown (series 4: MR" in status
+
+
+def test_a_small_pet_hot_spot_survives_the_3d_downsampling():
+    from medvlm.view3d import figure_3d
+
+    data = np.zeros((160, 160, 160), dtype=np.float32)  # 640 mm across at 4 mm: grid blocks of several voxels
+    data[40:120, 40:120, 40:120] = 1.0  # a body
+    data[78:80, 98:100, 58:60] = 10.0  # an 8 mm focus, ten times the body's uptake
+    figure = figure_3d(Volume(data, (4.0, 4.0, 4.0), np.eye(4), "PT", "nifti", "RAS"), threshold=5.0)
+    assert figure.data and len(figure.data[0].i) > 0  # the focus has a surface of its own
