@@ -7,6 +7,7 @@ config) share the same windowing function, so the model sees what the viewer sho
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -108,7 +109,9 @@ def encoder_input(volume: Volume, config, device: torch.device | str | None = No
         finite = data[np.isfinite(data)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         ranges = [open_range(lo, hi)] * len(config.image_mean)
-    voxels = torch.from_numpy(data).to(device)  # (Z, Y, X); on the CPU it shares the volume's memory, unwritten
+    with warnings.catch_warnings():  # a memory-mapped .npy is read-only, and torch warns; nothing here writes
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        voxels = torch.from_numpy(data).to(device)  # (Z, Y, X); on the CPU it shares the volume's memory, unwritten
     lowest, highest = (float(v) for v in torch.aminmax(voxels))  # one pass; NaN or ±Inf anywhere shows here
     all_finite = math.isfinite(lowest) and math.isfinite(highest)
     background = lowest if all_finite else float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
