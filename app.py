@@ -300,11 +300,17 @@ def _delete_uploads(paths: list[str]) -> None:
             parent.rmdir()
 
 
+def window_label(name: str) -> str:
+    """A window preset as radiologists name it: a CT window with its width and level (lung · W 1500 / L −600)."""
+    if name in CT_WINDOWS:
+        level, width = CT_WINDOWS[name]
+        return f"{name} · W {width:g} / L {level:g}".replace("-", "−")
+    return f"{name} (robust intensity range)"
+
+
 def window_choices(modality: str) -> list[tuple[str, str]]:
-    """The window presets as (label, name): a CT window labelled with its width and level, as radiologists
-    name them (lung · W 1500 / L −600)."""
-    return [(f"{name} · W {CT_WINDOWS[name][1]:g} / L {CT_WINDOWS[name][0]:g}".replace("-", "−")
-             if name in CT_WINDOWS else f"{name} (robust intensity range)", name) for name in window_names(modality)]
+    """The window presets of a modality as the dropdown's (label, name) pairs."""
+    return [(window_label(name), name) for name in window_names(modality)]
 
 
 def scan_card(session: ScanSession) -> str:
@@ -376,8 +382,8 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
             f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
             f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span></div>'
             f'<div class="slice-track">{marks}{cursor}</div>'
-            f'<div class="slice-caption">{plane.title()} {index + 1} / {count} · window {window}{kept_note}'
-            '</div></div>')
+            f'<div class="slice-caption">{plane.title()} {index + 1} / {count} · window {window_label(window)}'
+            f'{kept_note}</div></div>')
 
 
 def change_plane(session: ScanSession | None, plane: str, window: str | None):
@@ -610,7 +616,7 @@ CSS = """
 .demo-warning {color: #b91c1c; font-weight: 600;}
 #privacy-note {font-size: 12px; color: var(--body-text-color-subdued, #666);}
 @media (max-width: 640px) {  /* a phone: one fact (name, value) per line instead of two per table row */
-  #scan-card tr {display: grid; grid-template-columns: max-content 1fr; column-gap: 10px;}
+  #scan-card tr {display: grid; grid-template-columns: 8.5em 1fr; column-gap: 10px;}
   #scan-card td {border: none; padding: 1px 6px;}
 }
 """
@@ -650,10 +656,10 @@ def build_demo() -> gr.Blocks:
             gr.Markdown(model_badge(PIPELINE), elem_id="model-badge")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
-                with gr.Row(equal_height=False):
+                with gr.Row(equal_height=True):  # the drop zone as tall as the examples beside it: no gap below
                     # min_width: on a phone the examples go below, and the label leaves room for "Drop File Here"
                     upload = gr.File(label="Scan: NIfTI, .npy, DICOM files or a .zip", file_count="multiple",
-                                     height=110, scale=3, min_width=300, elem_id="scan-upload")
+                                     height=200, scale=3, min_width=300, elem_id="scan-upload")
                     with gr.Column(scale=1, min_width=150):
                         folder_upload = gr.UploadButton("Upload a DICOM folder", file_count="directory", size="md")
                         example_picker = gr.Dataset(
