@@ -268,7 +268,11 @@ def _load_files(files: list[Path], name: str) -> Volume:
     if len(scans) > 1:
         raise VolumeError(f"{name} holds {len(scans)} NIfTI or .npy files; upload one scan at a time")
     if scans:
-        return _load_nifti(scans[0]) if _scan_kind(scans[0]) == "nifti" else _load_npy(scans[0])
+        volume = _load_nifti(scans[0]) if _scan_kind(scans[0]) == "nifti" else _load_npy(scans[0])
+        if len(files) > 1:  # counted, never named: a file's name can be a patient's
+            volume.meta.setdefault("notes", []).append(f"{len(files) - 1} other file(s) in the upload are not "
+                                                       "part of the scan and were left out")
+        return volume
     from .dicom import load_dicom
 
     return load_dicom(files, name)

@@ -225,6 +225,15 @@ def test_a_library_message_names_the_file_never_its_folders(message, shown):
     assert error_reason(ValueError(message)) == shown
 
 
+def test_files_beside_a_nifti_are_counted_as_left_out(tmp_path, marked_ct):
+    nifti = save_nifti(tmp_path / "scan.nii.gz", marked_ct, MARKED_SPACING)
+    picture = _garbage(tmp_path, "Doe_John.png", b"\x89PNG\r\n\x1a\n" + bytes(100))
+    scan = load_volume([nifti, picture])
+    _assert_same_scan(scan, marked_ct)
+    assert scan.meta["notes"] == ["1 other file(s) in the upload are not part of the scan and were left out"]
+    assert "notes" not in load_volume(nifti).meta
+
+
 def test_missing_path_is_named(tmp_path):
     with pytest.raises(VolumeError, match=r"nowhere\.nii\.gz does not exist"):
         load_volume(tmp_path / "nowhere.nii.gz")
