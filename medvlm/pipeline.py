@@ -174,7 +174,8 @@ def checkpoint_parameters(folder: Path) -> int:
     try:
         for path in Path(folder).glob("*.safetensors"):
             with safe_open(path, framework="pt") as weights:
-                total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118 (safe_open has no __iter__)
+                names = weights.keys()  # safe_open cannot be iterated itself
+                total += sum(math.prod(weights.get_slice(name).get_shape()) for name in names)
     except (SafetensorError, OSError):
         return 0
     return total
