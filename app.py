@@ -135,6 +135,7 @@ class ScanSession:
     interrupted: bool = False  # whether the last generation was stopped (Stop, Clear, a new one) before it ended
     folder: Path | None = None
     stop_key: str = ""  # key of the running generation's stop event in _STOP_EVENTS
+    stop_kind: str = ""  # what that generation writes: "report" or "chat"
 
     @property
     def kept_slices(self) -> list[int]:
@@ -517,6 +518,7 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, m
     key = f"{id(session)}-{time.monotonic_ns()}"
     stop = _STOP_EVENTS[key] = threading.Event()
     session.stop_key, session.interrupted = key, False
+    session.stop_kind = "report" if messages is None else "chat"
     max_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
     if int(max_new_tokens) > MAX_NEW_TOKENS:
         gr.Warning(f"At most {MAX_NEW_TOKENS} new tokens are generated per answer; asked for {int(max_new_tokens)}.")
@@ -569,8 +571,14 @@ def clear_conversation(session: ScanSession | None):
 
 
 def clear_chat(session: ScanSession | None) -> list:
-    """The chat's own bin icon: forget the conversation (an answer streaming stops); the report stays."""
+    """The chat's own bin icon: forget the conversation (an answer streaming stops); the report stays.
+
+    It stops an answer through its stop event rather than by cancelling the chat events: a cancel can reach
+    the queue after the next question and end that one instead.
+    """
     if session is not None:
+        if session.stop_kind == "chat":
+            stop_generation(session)
         session.messages, session.chat_cleared = [], session.chat_cleared + 1
     return []
 
@@ -759,8 +767,7 @@ def build_demo() -> gr.Blocks:
                            api_name="clear", queue=False)
         # The chatbot's own bin icon forgets the conversation; else it would empty only the screen, and the next
         # question would bring the conversation back.
-        chatbot.clear(clear_chat, session, chatbot, cancels=[*chat_events, suggestion_event], queue=False,
-                      api_visibility="private")
+        chatbot.clear(clear_chat, session, chatbot, queue=False, api_visibility="private")
         # A new scan cancels what still works on the old one (a handler already running also stops itself).
         gr.on(load_triggers, None, None, None, cancels=[*running, *encodes], queue=False, api_visibility="private")
         demo.unload(end_session)

@@ -549,6 +549,16 @@ def test_the_chat_bin_forgets_the_conversation_and_keeps_the_report(app_module, 
     history = list(app_module.chat("Which organ is abnormal?", session, 8, 0.0, 1.0))[-1][0]
     assert history[0]["content"] == "Which organ is abnormal?" and len(history) == 2  # the old turns are gone
 
+    answering = app_module.chat("Where is the lesion?", session, 64, 0.0, 1.0)
+    next(answering)
+    app_module.clear_chat(session)  # while the answer streams: it stops, and is not kept
+    list(answering)
+    assert session.messages == [] and session.interrupted
+    reporting = app_module.generate_report(session, 16, 0.0, 1.0)
+    next(reporting)
+    app_module.clear_chat(session)  # a report streaming goes on to its end and its download
+    assert list(reporting)[-1][1]["visible"] is True
+
 
 def test_the_ready_line_says_what_the_upload_left_out(app_module, tmp_path):
     files = save_dicom_series(tmp_path / "a", torso_ct(), (5.0, 1.0, 1.0), "CT")
