@@ -252,7 +252,8 @@ class Pipeline:
         folder = resolve_checkpoint(checkpoint, revision)
         name = "demo checkpoint" if checkpoint is None else str(checkpoint)
         if dtype is None:
-            dtype = default_dtype(device, checkpoint_parameters(folder))
+            on_gpu = torch.device(device).type == "cuda"  # only a GPU's choice depends on the model's size
+            dtype = default_dtype(device, checkpoint_parameters(folder) if on_gpu else 0)
         model = load_model(folder, name, dtype=dtype).to(device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
