@@ -283,23 +283,52 @@ def validation_loss(model, loader, accelerator: Accelerator) -> float:
     return total / max(count, 1)
 
 
+class RunClock:
+    """The wall time a work folder's run has taken over every `train` of it: a run stopped and resumed counts
+    both parts, a finished run run again adds its few seconds. Kept in WORK/clock.json by the main process,
+    which adds this invocation's time when it ends (`save`), however it ends."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        try:
+            kept = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            kept = {}
+        self.before = float(kept.get("seconds", 0.0))
+        self.invocations = int(kept.get("invocations", 0)) + 1
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Seconds the run has taken so far, this invocation included."""
+        return self.before + time.perf_counter() - self.started
+
+    def save(self) -> None:
+        if self.enabled:
+            written = self.path.with_suffix(PARTIAL)
+            written.write_text(json.dumps({"seconds": round(self.seconds(), 1), "invocations": self.invocations}))
+            written.replace(self.path)
+
+
 class MetricsLog:
     """Training figures as CSV rows (stage, epoch, step, loss, lr, val_loss, seconds).
 
     Every 20 steps a row with the step's loss; at the end of each epoch a row with the epoch's mean
-    training loss and the validation loss.
+    training loss and the validation loss. `seconds`: the run's wall time so far, from `clock` (a resumed
+    run's rows go on from where the stopped one's ended).
     """
 
     columns = ("stage", "epoch", "step", "loss", "lr", "val_loss", "seconds")
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, clock: RunClock | None = None):
         self.path, self.enabled = path, enabled
+        self.clock = clock or RunClock(path.with_name("clock.json"), enabled=False)
         if enabled and not path.exists():
             with path.open("w", newline="") as handle:
                 csv.writer(handle).writerow(self.columns)
 
     def write(self, **row) -> None:
         if self.enabled:
+            row.setdefault("seconds", round(self.clock.seconds(), 1))
             with self.path.open("a", newline="") as handle:
                 csv.writer(handle).writerow([row.get(column, "") for column in self.columns])
 
@@ -458,12 +487,11 @@ def run_stage(stage: dict, model, tokenizer, features: FeatureCache | VolumeFeat
             progress.set_postfix(loss=f"{losses[-1]:.3f}")
             if step % 20 == 0:
                 log.write(stage=name, epoch=epoch, step=step, loss=round(losses[-1], 5),
-                          lr=scheduler.get_last_lr()[0], seconds=round(time.perf_counter() - start, 1))
+                          lr=scheduler.get_last_lr()[0])
         val = validation_loss(wrapped, val_loader, accelerator) if validation else float("nan")
         mean_loss = sum(losses) / max(len(losses), 1)
         accelerator.print(f"stage {name} epoch {epoch + 1}: training loss {mean_loss:.4f}, validation loss {val:.4f}")
-        log.write(stage=name, epoch=epoch, step=step, loss=round(mean_loss, 5), val_loss=round(val, 5),
-                  seconds=round(time.perf_counter() - start, 1))
+        log.write(stage=name, epoch=epoch, step=step, loss=round(mean_loss, 5), val_loss=round(val, 5))
         save_epoch_state(accelerator, state_dir, epoch)
     if adapters is not None:
         merge_lora(adapters)
@@ -573,7 +601,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     if not train_samples:
         raise UserInputError(f"{root} holds no training samples (M3D_Cap.json / M3D_VQA_train.csv); point to a "
                              "folder with a train split")
-    work = Path(work) if work else out.with_name(out.name + "-training")
+    work_given, work = work, Path(work) if work else out.with_name(out.name + "-training")
     accelerator = make_accelerator(preset)
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UserInputError("train does not support FSDP yet (merging LoRA and saving a stage need the sharded "
@@ -581,34 +609,40 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     claim_work_folder(work, run_record(preset, seed, train_samples + val_samples), accelerator.is_main_process)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    set_seed(seed)
-    random.seed(seed)
-    started = time.perf_counter()
-    tokenizer = build_tokenizer(preset, train_samples)
-    images = sorted({s.image for s in train_samples})
-    model, encoder_summary = build_model(preset, tokenizer, root, images, accelerator.is_local_main_process, seed,
-                                         Path(encoder_cache) if encoder_cache else work / "encoder",
-                                         held_out=sorted({s.image for s in val_samples}))
-    if preset["language_model"].get("gradient_checkpointing"):
-        model.language_model.activation_checkpointing_enable({"use_reentrant": False})
-    model.to(accelerator.device)
-    scans = scan_features(model, train_samples + val_samples, root, work, features, from_volumes)
-    log = MetricsLog(work / "metrics.csv", accelerator.is_main_process)
-    findings = finding_targets(root, sorted({s.image for s in train_samples + val_samples}))
-    for stage in preset["stages"]:
-        run_stage(stage, model, tokenizer, scans, train_samples, val_samples, preset, work, log, seed, findings)
-    if accelerator.is_main_process:
-        if model.language_model.is_activation_checkpointing:
-            model.language_model.activation_checkpointing_disable()
-        model.requires_grad_(False)
-        model.to(getattr(torch, preset.get("save_dtype", "float32"))).save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        (out / "training.json").write_text(json.dumps({
-            "preset": preset_name, "config_overrides": config_overrides or {}, "data": str(root), "seed": seed,
-            "train_samples": len(train_samples), "train_scans": len(images), "encoder_pretraining": encoder_summary,
-            "features": "volumes" if from_volumes else str(features or work / "features"),
-            "recipe": recipe_summary(preset, accelerator), "wall_seconds": round(time.perf_counter() - started, 1),
-            "probe": probe_record(root, train_samples, val_samples, work),
-        }, indent=2))
+    clock = RunClock(work / "clock.json", accelerator.is_main_process)
+    try:
+        set_seed(seed)
+        random.seed(seed)
+        tokenizer = build_tokenizer(preset, train_samples)
+        images = sorted({s.image for s in train_samples})
+        model, encoder_summary = build_model(preset, tokenizer, root, images, accelerator.is_local_main_process,
+                                             seed, Path(encoder_cache) if encoder_cache else work / "encoder",
+                                             held_out=sorted({s.image for s in val_samples}))
+        if preset["language_model"].get("gradient_checkpointing"):
+            model.language_model.activation_checkpointing_enable({"use_reentrant": False})
+        model.to(accelerator.device)
+        scans = scan_features(model, train_samples + val_samples, root, work, features, from_volumes)
+        log = MetricsLog(work / "metrics.csv", accelerator.is_main_process, clock)
+        findings = finding_targets(root, sorted({s.image for s in train_samples + val_samples}))
+        for stage in preset["stages"]:
+            run_stage(stage, model, tokenizer, scans, train_samples, val_samples, preset, work, log, seed, findings)
+        if accelerator.is_main_process:
+            if model.language_model.is_activation_checkpointing:
+                model.language_model.activation_checkpointing_disable()
+            model.requires_grad_(False)
+            model.to(getattr(torch, preset.get("save_dtype", "float32"))).save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            (out / "training.json").write_text(json.dumps({
+                "preset": preset_name, "config_overrides": config_overrides or {}, "data": str(root), "seed": seed,
+                "options": {"work": None if work_given is None else str(work_given),
+                            "features": None if features is None else str(features), "from_volumes": from_volumes},
+                "train_samples": len(train_samples), "train_scans": len(images),
+                "encoder_pretraining": encoder_summary,
+                "features": "volumes" if from_volumes else str(features or work / "features"),
+                "recipe": recipe_summary(preset, accelerator), "wall_seconds": round(clock.seconds(), 1),
+                "invocations": clock.invocations, "probe": probe_record(root, train_samples, val_samples, work),
+            }, indent=2))
+    finally:
+        clock.save()
     accelerator.wait_for_everyone()
     return out

@@ -115,7 +115,10 @@ def test_a_run_stopped_while_saving_an_epoch_resumes_from_the_epoch_before(left_
     with pytest.raises(StoppedWhileSaving):
         train(str(two_epochs), phantoms, out, seed=0)
     monkeypatch.undo()
-    align = tmp_path / "checkpoint-training" / "state" / "align"
+    work = tmp_path / "checkpoint-training"
+    stopped = json.loads((work / "clock.json").read_text())  # the stopped run's time is kept for the card
+    assert stopped["invocations"] == 1 and stopped["seconds"] > 0
+    align = work / "state" / "align"
     next(align.glob("epoch-001*")).rename(align / left_as)
     assert sorted(path.name for path in align.iterdir()) == ["epoch-000", left_as]
 
@@ -125,6 +128,11 @@ def test_a_run_stopped_while_saving_an_epoch_resumes_from_the_epoch_before(left_
     assert f"removing {left_as}" in printed and "stage align: resuming after epoch 1" in printed
     assert sorted(path.name for path in align.iterdir()) == ["done.json", "epoch-001", "weights.safetensors"]
     assert Pipeline.from_pretrained(out).describe()["demo"] is True
+    # The card's wall time is both runs', and metrics.csv's clock goes on from where the stopped run's ended.
+    training = json.loads((out / "training.json").read_text())
+    assert training["invocations"] == 2 and training["wall_seconds"] > stopped["seconds"]
+    seconds = [float(line.split(",")[-1]) for line in (work / "metrics.csv").read_text().splitlines()[1:]]
+    assert seconds == sorted(seconds) and seconds[-1] > stopped["seconds"]
 
 
 def test_saving_an_epoch_does_not_warn_about_the_tied_output_head(tmp_path, caplog):
