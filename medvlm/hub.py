@@ -27,7 +27,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .errors import CheckpointError, UserInputError
-from .model_card import write_model_card
+from .model_card import published_path, write_model_card
 from .pipeline import weights_digest
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -47,15 +47,21 @@ def check_checkpoint(folder: Path) -> None:
 
 
 def training_command(folder: Path) -> str:
-    """The `train` command that made the checkpoint, from its training.json (for the model card)."""
+    """The `train` command that made the checkpoint, from its training.json (for the model card). Folders
+    are written as they were typed, except that an absolute one is shown by its name alone: a card does not
+    publish the folders of the machine that trained it."""
     path = folder / "training.json"
     if not path.exists():
         return "# training command not recorded (no training.json)"
     training = json.loads(path.read_text())
-    words = ["python", "-m", "medvlm", "train", "--preset", training["preset"], "--data", training["data"],
-             "--out", folder.name, "--seed", str(training["seed"])]
+    options = training.get("options", {})
+    words = ["python", "-m", "medvlm", "train", "--preset", training["preset"], "--data",
+             published_path(training["data"]), "--out", folder.name, "--seed", str(training["seed"])]
     words += [item for key, value in training.get("config_overrides", {}).items()
               for item in ("--set", f"{key}={json.dumps(value)}")]
+    words += [item for flag in ("work", "features") if options.get(flag)
+              for item in (f"--{flag}", published_path(options[flag]))]
+    words += ["--from-volumes"] if options.get("from_volumes") else []
     processes = training.get("recipe", {}).get("processes", 1)
     prefix = f"accelerate launch --num_processes {processes} -m medvlm" if processes > 1 else "python -m medvlm"
     return shlex.join(words).replace("python -m medvlm", prefix, 1)

@@ -46,7 +46,6 @@ def rouge1(predictions: Sequence[str], references: Sequence[str]) -> float:
 @functools.cache
 def meteor_unavailable() -> str | None:
     """Why nltk's METEOR cannot run here (its WordNet corpus or Punkt sentence model is missing), or None."""
-    import nltk
     from nltk.corpus import wordnet
     from nltk.tokenize import word_tokenize
 
@@ -60,8 +59,8 @@ def meteor_unavailable() -> str | None:
     except LookupError:
         missing.append("punkt_tab")
     if missing:
-        return (f"METEOR needs the NLTK data {' and '.join(missing)}, which cannot be downloaded here; put it in one "
-                f"of {nltk.data.path[:3]} (nltk.download(NAME)) to score METEOR")
+        return (f"METEOR needs the NLTK data {' and '.join(missing)}, which cannot be found here; install it with "
+                f"`python -m nltk.downloader {' '.join(missing)}` (or into the folder NLTK_DATA names) to score METEOR")
     return None
 
 

@@ -54,6 +54,11 @@ DEMO_NOTICE = (
 )
 
 
+def published_path(path: str) -> str:
+    """A folder as a model card shows it: as typed when relative, by its name when absolute."""
+    return Path(path).name if Path(path).is_absolute() else path
+
+
 def _value(value) -> str:
     if value is None:
         return "n/a"
@@ -125,7 +130,9 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
     if training:
         body += [f"- Seed {training.get('seed')}, {training.get('train_scans')} training scans, "
                  f"{training.get('train_samples')} training samples; wall time "
-                 f"{training.get('wall_seconds', 0) / 60:.1f} minutes on the machine that trained it.", ""]
+                 f"{training.get('wall_seconds', 0) / 60:.1f} minutes on the machine that trained it"
+                 + (f", over {runs} runs of the command (stopped and resumed)."
+                    if (runs := training.get("invocations", 1)) > 1 else "."), ""]
     detection = training.get("encoder_pretraining", {}).get("held_out_detection")
     if detection and detection.get("mean_auc") is not None:
         body += [f"- Slice encoder pre-training, judged on {detection['scans']} validation scans: the head finds "
@@ -189,7 +196,8 @@ def _source(source) -> str:
 def recipe_section(training: dict) -> list[str]:
     """Data and recipe lines from training.json: sources, stages, precision, processes."""
     recipe = training["recipe"]
-    lines = ["### Data", "", f"- `{training.get('data')}` (M3D layout: M3D_Cap.json, M3D_VQA_*.csv): "
+    data = published_path(str(training.get("data")))
+    lines = ["### Data", "", f"- `{data}` (M3D layout: M3D_Cap.json, M3D_VQA_*.csv): "
              f"{training.get('train_scans')} training scans, {training.get('train_samples')} samples "
              "(reports, closed- and open-ended questions).", "", "### Recipe", "",
              f"- Slice encoder: {_source(recipe['encoder'])}, frozen.",

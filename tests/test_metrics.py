@@ -28,8 +28,8 @@ def test_scores_are_per_sample_means():
 def test_unavailable_metrics_are_none_with_a_reason_never_approximated():
     scores = report_metrics([REPORT], [REPORT])
     for name in ("meteor", "bertscore"):
-        if scores[name] is None:
-            assert "cannot" in scores["notes"][name]
+        if scores[name] is None:  # the reason says what to do, without this machine's folders (cards publish it)
+            assert "cannot" in scores["notes"][name] and not re.search(r"['\s]/\w", scores["notes"][name])
         else:
             assert scores[name] == pytest.approx(1.0, abs=1e-3) and name not in scores["notes"]
     assert set(open_metrics(["a"], ["a"])) == {"bleu1", "rouge1", "meteor", "bertscore", "notes"}

@@ -390,6 +390,22 @@ def test_push_never_shows_figures_of_other_weights(tmp_path):
     assert "| this checkpoint | not evaluated | 75.00 |" in uploaded_card(hub, "someorg/model")
 
 
+def test_the_card_gives_the_command_that_trained_it_without_the_trainers_folders(tmp_path):
+    torch.manual_seed(0)
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")
+    training = json.loads((ROOT / "assets" / "demo-model" / "training.json").read_text())
+    training |= {"data": "/home/someone/data/phantoms", "invocations": 2, "wall_seconds": 600.0,
+                 "options": {"work": "/scratch/someone/run-work", "features": None, "from_volumes": True}}
+    (checkpoint / "training.json").write_text(json.dumps(training))
+    hub = FakeHub(tmp_path / "hub")
+    push_checkpoint(checkpoint, "someorg/model", api=hub)
+    card = uploaded_card(hub, "someorg/model")
+    assert ("python -m medvlm train --preset demo --data phantoms --out checkpoint --seed 0 --work run-work "
+            "--from-volumes") in card
+    assert "wall time 10.0 minutes on the machine that trained it, over 2 runs of the command" in card
+    assert "/home/someone" not in card and "/scratch" not in card
+
+
 def test_a_private_push_to_a_public_repo_is_refused_before_uploading(tmp_path):
     torch.manual_seed(0)
     checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")
