@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from medvlm.encoder_pretraining import lesion_class, lesion_maps
 from medvlm.evaluate import evaluate
 from medvlm.modeling import MedVLMForConditionalGeneration
 from medvlm.phantom import write_phantom_set
+from medvlm.phantom_set import write_examples
 from medvlm.pipeline import DEMO_CHECKPOINT, Pipeline
 from medvlm.preprocess import encoder_input
 from medvlm.volume import load_volume
@@ -44,6 +46,17 @@ def test_report_on_the_example_ct_names_its_lesion():
 SELECTION_DROPS_THE_MR_LESION = pytest.mark.xfail(
     strict=True, reason="the shipped checkpoint keeps 24 of the MR example's 46 slabs, none through its lesion "
     "(README, The demo checkpoint)")
+
+
+def test_the_shipped_examples_are_what_the_code_writes_now(tmp_path):
+    """assets/examples is `write_examples`'s: the same scans, facts and ground truth as the phantom and writer
+    code make today (a DICOM series gets new UIDs and file names each time; the rest is the same)."""
+    truth = write_examples(tmp_path)
+    assert json.loads(json.dumps(truth)) == json.loads((EXAMPLES / "examples.json").read_text())
+    for name in truth:
+        shipped, made = load_volume(EXAMPLES / name), load_volume(tmp_path / name)
+        assert np.array_equal(shipped.data, made.data) and shipped.spacing == made.spacing, name
+        assert (shipped.modality, shipped.meta.get("series_number")) == (made.modality, made.meta.get("series_number"))
 
 
 @pytest.mark.parametrize("name", ["ct_chest_abdomen.nii.gz",
