@@ -112,7 +112,7 @@ def test_slice_image_follows_the_slider_and_the_window(app_module, ct_nifti):
     assert image_source(app_module.slice_html(session, "axial", "lung", 21)) != middle
     assert "window lung · W 1500 / L −600" in app_module.slice_html(session, "axial", "lung", 21)
     slider, html = app_module.change_plane(session, "coronal", "soft tissue")
-    assert slider["maximum"] == 64 and "Coronal 33 / 64" in html
+    assert slider["maximum"] == 64 and "Coronal 33 / 64 from posterior" in html
 
 
 def test_window_choices_follow_the_modality(app_module, tmp_path):

@@ -47,6 +47,19 @@ def test_sagittal_shows_anterior_on_the_left_and_superior_at_the_top(marked_ct):
     assert through_cap[0, 5:-5].min() > WHITE and through_cap[-1, 5:-5].max() < WHITE
 
 
+def test_slices_count_from_inferior_posterior_and_the_patients_left(tmp_path, marked_ct):
+    """The viewer's caption says where slice 1 is (app.PLANE_START): the last slice of each plane is the other
+    end, through the superior cap, the anterior marker and the right-side marker."""
+    save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, intercept=-1024, file_names="shuffled")
+    volume = load_volume(tmp_path)
+    last = {plane: slice_count(volume, plane) - 1 for plane in ("axial", "coronal", "sagittal")}
+    assert np.median(render_slice(volume, "axial", last["axial"])) > WHITE  # the cap covers half the last slice
+    assert np.median(render_slice(volume, "axial", 0)) < WHITE
+    for plane in ("coronal", "sagittal"):  # the marker runs head to foot: a white column in the far end's slice
+        first, end = (render_slice(volume, plane, index) for index in (0, last[plane]))
+        assert (end > WHITE).all(axis=0).any() and not (first > WHITE).all(axis=0).any(), plane
+
+
 def test_pixels_are_square_in_millimetres():
     volume = _volume(np.zeros((6, 16, 16), dtype=np.float32), spacing=(5.0, 0.5, 0.5))
     assert render_slice(volume, "coronal").shape == (60, 16)  # 10 rows per 5 mm slice, not 1
