@@ -32,7 +32,7 @@ from PIL import Image
 from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import Encoding, Pipeline
-from medvlm.preprocess import CT_WINDOWS, default_window, window_names
+from medvlm.preprocess import CT_WINDOWS, INVERTED_WINDOW, default_window, window_names
 from medvlm.view import render_slice, slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.volume import Volume, load_volume
@@ -307,6 +307,8 @@ def window_label(name: str) -> str:
     if name in CT_WINDOWS:
         level, width = CT_WINDOWS[name]
         return f"{name} · W {width:g} / L {level:g}".replace("-", "−")
+    if name == INVERTED_WINDOW:
+        return "inverted · uptake dark on white"
     return f"{name} (robust intensity range)"
 
 

@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("scan", nargs="+")
     view.add_argument("--plane", choices=["axial", "coronal", "sagittal"], default="axial")
     view.add_argument("--index", type=int, default=None, help="slice index (default: the middle slice)")
-    view.add_argument("--window", default=None, help="CT: soft tissue, lung, bone, brain, liver; or auto")
+    view.add_argument("--window", default=None,
+                      help="CT: soft tissue, lung, bone, brain, liver; PET: inverted; or auto")
     view.add_argument("--out", required=True, help="PNG file to write")
     view.set_defaults(run=cmd_view)
 

@@ -26,11 +26,15 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
     "liver": (30.0, 150.0),
 }
 AUTO_WINDOW = "auto"  # robust percentile range: MR, PET and already-normalised volumes
+INVERTED_WINDOW = "inverted"  # PET: the same range in inverted grey, uptake dark on white, as PET is often read
 
 
 def window_names(modality: str) -> list[str]:
-    """The window presets offered for a modality: the CT presets for CT, else only "auto"."""
-    return [*CT_WINDOWS, AUTO_WINDOW] if modality == "CT" else [AUTO_WINDOW]
+    """The window presets offered for a modality: the CT presets and "auto" for CT, "auto" and "inverted" for
+    PET, else only "auto"."""
+    if modality == "CT":
+        return [*CT_WINDOWS, AUTO_WINDOW]
+    return [AUTO_WINDOW, INVERTED_WINDOW] if modality == "PT" else [AUTO_WINDOW]
 
 
 def default_window(modality: str) -> str:
@@ -59,12 +63,14 @@ def robust_range(data: np.ndarray, low: float = 0.5, high: float = 99.5) -> tupl
 
 
 def window_range(volume: Volume, window: str) -> tuple[float, float]:
-    """(lowest, highest) intensity mapped to black and white for a named window.
+    """The intensities mapped to black and to white by a named window (`apply_window`'s lo, hi).
 
-    CT presets are level/width in HU; "auto" is the robust percentile range of the volume.
+    CT presets are level/width in HU; "auto" is the robust percentile range of the volume, and "inverted"
+    the same range the other way round (the highest intensity black).
     """
-    if window == AUTO_WINDOW:
-        return robust_range(volume.data)
+    if window in (AUTO_WINDOW, INVERTED_WINDOW):
+        lo, hi = robust_range(volume.data)
+        return (hi, lo) if window == INVERTED_WINDOW else (lo, hi)
     if window not in CT_WINDOWS:
         raise ValueError(f"unknown window {window!r}; choose one of {', '.join(window_names('CT'))}")
     level, width = CT_WINDOWS[window]
@@ -72,7 +78,8 @@ def window_range(volume: Volume, window: str) -> tuple[float, float]:
 
 
 def apply_window(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map intensities linearly so `lo` → 0 and `hi` → 1, clipped; NaN becomes 0. float32, same shape."""
+    """Map intensities linearly so `lo` → 0 and `hi` → 1 (lo > hi inverts), clipped; NaN becomes 0. float32,
+    same shape."""
     scaled = (np.asarray(data, dtype=np.float32) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
     np.clip(scaled, 0.0, 1.0, out=scaled)
     return np.nan_to_num(scaled, copy=False, nan=0.0)

@@ -16,7 +16,15 @@ from PIL import Image
 
 from .errors import UserInputError
 from .limits import MAX_SIDE
-from .preprocess import AUTO_WINDOW, apply_window, default_window, to_uint8, window_names, window_range
+from .preprocess import (
+    AUTO_WINDOW,
+    INVERTED_WINDOW,
+    apply_window,
+    default_window,
+    to_uint8,
+    window_names,
+    window_range,
+)
 from .volume import Volume
 
 __all__ = ["PLANES", "render_slice", "save_png", "slice_count"]
@@ -38,15 +46,16 @@ def slice_count(volume: Volume, plane: str) -> int:
 
 
 def _window_limits(volume: Volume, window: str) -> tuple[float, float]:
-    """`preprocess.window_range`, with the whole-volume "auto" percentiles computed once per volume,
-    so that scrolling stays fast (volumes are not modified after loading)."""
-    if window != AUTO_WINDOW:
+    """`preprocess.window_range`, with the whole-volume "auto" percentiles computed once per volume (the
+    "inverted" window reads them too), so that scrolling stays fast (volumes are not modified after loading)."""
+    if window not in (AUTO_WINDOW, INVERTED_WINDOW):
         return window_range(volume, window)
     key = id(volume)
     if key not in _AUTO_RANGES:
-        _AUTO_RANGES[key] = window_range(volume, window)
+        _AUTO_RANGES[key] = window_range(volume, AUTO_WINDOW)
         weakref.finalize(volume, _AUTO_RANGES.pop, key, None)
-    return _AUTO_RANGES[key]
+    lo, hi = _AUTO_RANGES[key]
+    return (hi, lo) if window == INVERTED_WINDOW else (lo, hi)
 
 
 def _display_slice(volume: Volume, plane: str, index: int) -> tuple[np.ndarray, float, float]:

@@ -121,6 +121,7 @@ def test_window_choices_follow_the_modality(app_module, tmp_path):
     assert [value for _, value in outputs[4]["choices"]] == ["auto"] and outputs[4]["value"] == "auto"
     labels = dict((value, label) for label, value in app_module.window_choices("CT"))
     assert labels["lung"] == "lung · W 1500 / L −600" and labels["soft tissue"] == "soft tissue · W 400 / L 40"
+    assert [value for _, value in app_module.window_choices("PT")] == ["auto", "inverted"]
 
 
 def test_kept_slices_are_shown_after_encoding(app_module, ct_nifti):

@@ -87,6 +87,20 @@ def test_windows_change_the_picture(marked_ct):
     assert mr.dtype == np.uint8 and mr.max() == 255
 
 
+def test_pet_inverted_shows_uptake_dark_on_white():
+    data = np.zeros((5, 32, 32), np.float32)
+    data[:, 4:28, 4:28] = 1.0  # body, background uptake
+    data[2, 14:18, 14:18] = 8.0  # a hot spot
+    pet = _volume(data, spacing=(4.0, 4.0, 4.0), modality="PT")
+    auto, inverted = render_slice(pet, "axial", 2), render_slice(pet, "axial", 2, window="inverted")
+    spot, air = (slice(14, 18), slice(14, 18)), (slice(0, 2), slice(0, 2))
+    assert auto[spot].min() == 255 and auto[air].max() == 0
+    assert inverted[spot].max() == 0 and inverted[air].min() == 255
+    assert np.array_equal(inverted, 255 - auto)
+    with pytest.raises(UserInputError, match="unknown window 'inverted' for a CT scan"):
+        render_slice(_volume(data), "axial", window="inverted")
+
+
 def test_a_512_axial_slice_renders_fast():
     volume = _volume(np.random.default_rng(0).normal(40, 200, (40, 512, 512)).astype(np.float32), (1.0, 0.7, 0.7))
     render_slice(volume, "axial")
