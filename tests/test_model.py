@@ -102,6 +102,27 @@ def test_a_convolutional_slice_encoder_keeps_its_batch_statistics(tmp_path):
     torch.testing.assert_close(before, after)
 
 
+def test_thin_slices_reach_the_encoder_as_the_mean_of_their_slab():
+    """A CT of 1 mm slices goes to a checkpoint of 4 mm slabs as a thick-slice reconstruction: slab i is the
+    mean of slices floor(i·Z/Z') to ceil((i+1)·Z/Z'), the bins of torch's adaptive average pooling."""
+    from medvlm.preprocess import encoder_input
+
+    model, _ = build_tiny_model()
+    config = model.config
+    config.slice_spacing_mm, config.max_input_slices = 4.0, 64
+    hu = np.linspace(-300.0, 300.0, 30, dtype=np.float32)  # each slice one value: slab means are known
+    data = np.broadcast_to(hu[:, None, None], (30, 8, 8)).copy()
+    volume = Volume(data=data, spacing=(1.0, 1.0, 1.0), affine=np.eye(4), modality="CT", source="nifti",
+                    orientation="RAS")
+    pixel_values, heights = encoder_input(volume, config)
+    assert pixel_values.shape[0] == heights.shape[0] == 8  # round(30 × 1 / 4) slabs
+    slabs = torch.nn.functional.adaptive_avg_pool1d(torch.from_numpy(hu)[None, None], 8)[0, 0]
+    one_slab = encoder_input(Volume(data=np.broadcast_to(slabs[:, None, None].numpy(), (8, 8, 8)).copy(),
+                                    spacing=(4.0, 1.0, 1.0), affine=np.eye(4), modality="CT", source="nifti",
+                                    orientation="RAS"), config)[0]
+    torch.testing.assert_close(pixel_values, one_slab)
+
+
 def test_placeholder_count_mismatch_raises():
     model, _ = build_tiny_model()
     n = model.config.num_visual_tokens
