@@ -380,7 +380,8 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
                         for k in session.kept_slices)
         kept_note = " · kept by the model" if index in session.kept_slices else ""
     cursor = f'<span class="cursor-mark" style="left:{100 * (index + 0.5) / count:.2f}%"></span>'
-    return (f'<div class="slice-view"><div class="slice-frame">'
+    frame = "slice-frame inverted" if window == INVERTED_WINDOW else "slice-frame"  # white around a white image
+    return (f'<div class="slice-view"><div class="{frame}">'
             f'<img class="slice-image" src="data:image/png;base64,{source}" '
             f'alt="{plane} slice {index + 1} of {count}">'
             f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
@@ -608,6 +609,8 @@ CSS = """
               display: flex; justify-content: center;}
 .slice-image {width: 100%; height: 300px; object-fit: contain;}
 .edge {position: absolute; color: #ffd54f; font: 600 13px system-ui, sans-serif;}
+.slice-frame.inverted {background: #fff; outline: 1px solid #ddd;}
+.slice-frame.inverted .edge {color: #a15c00;}
 .edge-left {left: 5px; top: 50%; transform: translateY(-50%);}
 .edge-right {right: 5px; top: 50%; transform: translateY(-50%);}
 .edge-top {top: 1px; left: 50%; transform: translateX(-50%);}

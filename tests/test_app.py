@@ -122,6 +122,10 @@ def test_window_choices_follow_the_modality(app_module, tmp_path):
     labels = dict((value, label) for label, value in app_module.window_choices("CT"))
     assert labels["lung"] == "lung · W 1500 / L −600" and labels["soft tissue"] == "soft tissue · W 400 / L 40"
     assert [value for _, value in app_module.window_choices("PT")] == ["auto", "inverted"]
+    pet = save_nifti(tmp_path / "pet.nii.gz", np.abs(torso_ct()) / 100, (4.0, 4.0, 4.0), modality="PT")
+    session, _ = loaded(app_module, [pet])
+    assert 'class="slice-frame inverted"' in app_module.slice_html(session, "axial", "inverted", 3)  # white frame
+    assert 'class="slice-frame"' in app_module.slice_html(session, "axial", "auto", 3)
 
 
 def test_kept_slices_are_shown_after_encoding(app_module, ct_nifti):
