@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .data import CAP_FILE, GROUND_TRUTH_FILE, VQA_FILES
+from .errors import UserInputError
 from .variants import VARIANTS
 
 HEADLINE_METRICS = ("finding_f1", "closed_accuracy", "small_lesion_recall", "probe_val_bce", "encoded_fraction",
@@ -98,19 +99,30 @@ def plan(size: StudySize, seeds: int) -> list[Run]:
     return runs
 
 
-def finished_runs(out: Path, size_name: str) -> dict[str, dict]:
-    """The runs that OUT/ablations.json already records for this study size, by name.
+def finished_runs(out: Path, size_name: str, planned: list[Run]) -> dict[str, dict]:
+    """The runs that OUT/ablations.json already records for this study, by name.
 
     The results file is the study's ledger: a fresh checkout that holds it (the work folder gone)
-    goes on with the runs still missing instead of starting over.
+    goes on with the runs still missing instead of starting over. A ledger of another study size, or
+    with runs this plan lacks (more seeds), is refused (UserInputError): writing this study's results
+    would drop them.
     """
     path = out / "ablations.json"
     if not path.exists():
         return {}
     result = json.loads(path.read_text())
-    if result.get("study", {}).get("size") != size_name:
-        return {}
-    return {record["name"]: record for record in result.get("runs", [])}
+    recorded = {record["name"]: record for record in result.get("runs", [])}
+    kept_size = result.get("study", {}).get("size")
+    if kept_size != size_name and recorded:
+        raise UserInputError(f"{out} holds the results of the {kept_size!r} study ({len(recorded)} runs), which "
+                             f"the {size_name!r} study's would replace; give another --out")
+    dropped = sorted(set(recorded) - {run.name for run in planned})
+    if dropped:
+        seeds = len(result.get("study", {}).get("seeds", [])) or "more"
+        raise UserInputError(f"{out} holds {len(dropped)} finished runs this study does not plan (e.g. "
+                             f"{dropped[0]}), which its results would drop; run it with --seeds {seeds}, or give "
+                             "another --out")
+    return recorded
 
 
 # Data ---------------------------------------------------------------------------------------------
@@ -399,9 +411,9 @@ def run_study(out: str | Path, size: str = "small", seeds: int = 2, work: str | 
         raise ValueError(f"cannot run the study with {seeds} seeds; give at least 1 (2 for error bars)")
     study, out = SIZES[size], Path(out)
     work = (Path(work) if work else out.with_name(out.name + "-training")) / size
-    folders = write_study_data(work, study)
     planned = plan(study, seeds)
-    finished = finished_runs(out, size)
+    finished = finished_runs(out, size, planned)  # before anything is written
+    folders = write_study_data(work, study)
     records = []
     for number, run in enumerate(planned, 1):
         if run.name in finished:

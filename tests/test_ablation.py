@@ -18,6 +18,7 @@ from medvlm.compressor import CrossAttentionBlock, DetailPreservingCompressor
 from medvlm.data import CAP_FILE, GROUND_TRUTH_FILE, VQA_FILES
 from medvlm.encoder import SliceEncoder
 from medvlm.encoder3d import VolumeViT
+from medvlm.errors import UserInputError
 from medvlm.features import FeatureCache
 from medvlm.fusion import SpatialFrequencyFusion
 from medvlm.modeling import MedVLMForConditionalGeneration
@@ -269,6 +270,25 @@ def test_a_checkout_holding_the_results_goes_on_where_they_stop(tmp_path, monkey
     result = ablation.run_study(out, size="tiny", seeds=1, work=tmp_path / "work", progress=False)
     assert trained == [planned[-1].name] and result["complete"]
     assert [r["name"] for r in result["runs"]] == [r.name for r in planned]
+
+
+def test_a_study_never_replaces_finished_runs_it_does_not_plan(tmp_path, monkeypatch):
+    """Hours of finished runs are kept: another study size, or fewer seeds, in the same OUT is refused before
+    anything is trained or written."""
+    import medvlm.ablation as ablation
+
+    two_seeds = plan(SIZES["tiny"], seeds=2)
+    recorded = [{"variant": r.variant, "seed": r.seed, "fraction": r.fraction, "name": r.name} for r in two_seeds]
+    out = tmp_path / "results"
+    out.mkdir()
+    ledger = json.dumps({"study": {"size": "tiny", "seeds": [0, 1]}, "runs": recorded})
+    (out / "ablations.json").write_text(ledger)
+    monkeypatch.setattr(ablation, "run_one", lambda *args: pytest.fail("trained a run"))
+    with pytest.raises(UserInputError, match=r"holds 9 finished runs this study does not plan .*--seeds 2"):
+        ablation.run_study(out, size="tiny", seeds=1, work=tmp_path / "work", progress=False)
+    with pytest.raises(UserInputError, match=r"holds the results of the 'tiny' study \(18 runs\).*another --out"):
+        ablation.run_study(out, size="small", seeds=2, work=tmp_path / "work", progress=False)
+    assert (out / "ablations.json").read_text() == ledger and not (tmp_path / "work").exists()
 
 
 def test_summary_is_mean_and_sample_sd_over_seeds():
