@@ -88,6 +88,8 @@ def pushed_card(card: Path) -> dict | None:
 def write_card(folder: Path, repo_id: str, evaluation: dict | None, revision: str | None, weights: str) -> Path:
     """Write folder/README.md for `repo_id` (at branch `revision`) with medvlm.model_card, marked as push's own
     (see the module notes) with `weights`, the digest of the weights it describes."""
+    if evaluation and isinstance(evaluation.get("checkpoint"), str):  # as eval was given it: maybe a local path
+        evaluation = {**evaluation, "checkpoint": published_path(evaluation["checkpoint"])}
     card = write_model_card(folder, training_command(folder), evaluation=evaluation, repo_id=repo_id,
                             revision=revision)
     body = card.read_text()
@@ -126,9 +128,13 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None =
     card = folder / "README.md"
     written = pushed_card(card)
     weights = weights_digest(folder)
-    if evaluation is not None and evaluation.get("weights_sha256") not in (None, weights):
-        raise UserInputError(f"the evaluation scored other weights than {str(folder)!r} holds (its weights_sha256 "
-                             "differs); run `python -m medvlm eval` on this checkpoint and pass that JSON")
+    if evaluation is not None and not isinstance(evaluation, dict):
+        raise UserInputError("the evaluation is not the JSON object `python -m medvlm eval` prints; pass that")
+    if evaluation is not None and evaluation.get("weights_sha256") != weights:
+        scored = ("scored another checkpoint than " + repr(str(folder)) + " holds (other weights or config.json)"
+                  if evaluation.get("weights_sha256") else "does not say which weights it scored (no weights_sha256)")
+        raise UserInputError(f"the evaluation {scored}; run `python -m medvlm eval` on this checkpoint and pass "
+                             "that JSON")
     if written is not None and evaluation is None and written.get("evaluation") \
             and written.get("weights") != weights:  # no record (a card from before push kept one): unknown
         raise UserInputError(f"the evaluation in {str(card)!r} is not known to score the weights the folder holds "

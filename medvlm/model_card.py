@@ -131,7 +131,7 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
         body += [f"- Seed {training.get('seed')}, {training.get('train_scans')} training scans, "
                  f"{training.get('train_samples')} training samples; wall time "
                  f"{training.get('wall_seconds', 0) / 60:.1f} minutes on the machine that trained it"
-                 + (f", over {runs} runs of the command (stopped and resumed)."
+                 + (f", over {runs} runs of the command (a run stopped and resumed, or run again)."
                     if (runs := training.get("invocations", 1)) > 1 else "."), ""]
     detection = training.get("encoder_pretraining", {}).get("held_out_detection")
     if detection and detection.get("mean_auc") is not None:
@@ -162,7 +162,8 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
         commit, revision = evaluation.get("commit"), evaluation.get("revision")
         scored = (f" at commit `{commit}`" + (f" (`{revision}`)" if revision and revision != commit else "")
                   if commit else f" at revision `{revision}`" if revision else "")
-        body += [f"{evaluation.get('n')} held-out scans ({evaluation.get('samples')} prompts), split "
+        held_out = " held-out" if evaluation.get("split") in ("test", "validation") else ""  # not trained on
+        body += [f"{evaluation.get('n')}{held_out} scans ({evaluation.get('samples')} prompts), split "
                  f"`{evaluation.get('split')}`{scored}, greedy decoding, at most "
                  f"{evaluation.get('max_new_tokens', 256)} new tokens.", "",
                  evaluation_table(evaluation, targets), ""]

@@ -211,10 +211,13 @@ class _StopOnEvent(StoppingCriteria):
 
 
 def weights_digest(folder: Path) -> str:
-    """sha256 of a checkpoint's weights (its safetensors files, by name and content): which weights an
-    evaluation scored, so that a model card never shows figures of other weights."""
+    """sha256 of a checkpoint's weights and configuration (its safetensors files and config.json, by name and
+    content): which model an evaluation scored, so that a model card never shows figures of another (the same
+    weights with another slice selection, budget or τ in config.json score differently)."""
     digest = hashlib.sha256()
-    for path in sorted(Path(folder).glob("*.safetensors")):
+    for path in sorted([*Path(folder).glob("*.safetensors"), Path(folder) / "config.json"]):
+        if not path.is_file():
+            continue
         digest.update(path.name.encode())
         with path.open("rb") as file:
             digest.update(hashlib.file_digest(file, "sha256").digest())

@@ -316,7 +316,8 @@ def test_push_uploads_the_checkpoint_with_its_card_and_the_app_loads_it_by_repo_
     checkpoint = shutil.copytree(single, tmp_path / "checkpoint")
     hub = FakeHub(tmp_path / "hub")
     url = push_checkpoint(checkpoint, "someorg/medvlm-m3d", private=True, api=hub,
-                          evaluation={"n": 1, "split": "test", "samples": 11, "closed_accuracy": 0.25})
+                          evaluation={"n": 1, "split": "test", "samples": 11, "closed_accuracy": 0.25,
+                                      "weights_sha256": weights_digest(checkpoint)})
     assert url.endswith(COMMIT)
     assert hub.calls[0] == ("create_repo", "someorg/medvlm-m3d", {"repo_type": "model", "private": True,
                                                                   "exist_ok": True})
@@ -346,8 +347,9 @@ def test_a_later_push_brings_its_evaluation_and_repo_id_to_the_card_push_wrote(t
     assert "## Evaluation" not in uploaded_card(hub, "someorg/first")
     assert "| this checkpoint | not evaluated | not evaluated |" in uploaded_card(hub, "someorg/first")
 
-    push_checkpoint(checkpoint, "someorg/first", api=hub, evaluation={"n": 3, "split": "test", "samples": 9,
-                                                                     "closed_accuracy": 0.5, "report_meteor": 0.25})
+    push_checkpoint(checkpoint, "someorg/first", api=hub, evaluation={
+        "n": 3, "split": "test", "samples": 9, "closed_accuracy": 0.5, "report_meteor": 0.25,
+        "weights_sha256": weights_digest(checkpoint), "checkpoint": str(checkpoint)})
     card = uploaded_card(hub, "someorg/first")
     assert "## Evaluation" in card and "| this checkpoint | 25.00 | 50.00 |" in card
 
@@ -356,6 +358,7 @@ def test_a_later_push_brings_its_evaluation_and_repo_id_to_the_card_push_wrote(t
     assert "Pipeline.from_pretrained('someorg/second')" in card and "someorg/first" not in card
     assert "| this checkpoint | 25.00 | 50.00 |" in card
     assert card == (checkpoint / "README.md").read_text()
+    assert str(tmp_path) not in card  # eval was given a local folder; the card's record keeps its name alone
 
 
 def test_push_never_shows_figures_of_other_weights(tmp_path):
@@ -380,7 +383,7 @@ def test_push_never_shows_figures_of_other_weights(tmp_path):
     torch.manual_seed(1)
     save_tiny_checkpoint(checkpoint)  # trained again into the same folder
     hub.calls.clear()
-    with pytest.raises(UserInputError, match=r"scored other weights than .* holds"):
+    with pytest.raises(UserInputError, match=r"scored another checkpoint than .* holds"):
         push_checkpoint(checkpoint, "someorg/model", api=hub, evaluation=scores)
     with pytest.raises(UserInputError, match=r"is not known to score the weights.*evaluate it again"):
         push_checkpoint(checkpoint, "someorg/model", api=hub)  # the card's figures would be carried over
@@ -404,6 +407,26 @@ def test_the_card_gives_the_command_that_trained_it_without_the_trainers_folders
             "--from-volumes") in card
     assert "wall time 10.0 minutes on the machine that trained it, over 2 runs of the command" in card
     assert "/home/someone" not in card and "/scratch" not in card
+
+
+def test_push_takes_only_an_evaluation_of_this_very_checkpoint(tmp_path, capsys):
+    """The digest covers config.json: the same weights with another slice selection score differently. An
+    evaluation that names no weights, or is no eval JSON at all, is refused too."""
+    torch.manual_seed(0)
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")
+    hub = FakeHub(tmp_path / "hub")
+    scores = {"n": 3, "split": "test", "samples": 9, "closed_accuracy": 0.5,
+              "weights_sha256": weights_digest(checkpoint)}
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps(config | {"slice_selection": "uniform"}))
+    with pytest.raises(UserInputError, match=r"scored another checkpoint .*\(other weights or config.json\)"):
+        push_checkpoint(checkpoint, "someorg/model", api=hub, evaluation=scores)
+    with pytest.raises(UserInputError, match=r"does not say which weights it scored"):
+        push_checkpoint(checkpoint, "someorg/model", api=hub, evaluation={"n": 5, "closed_accuracy": "high"})
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert main(["push", str(checkpoint), "someorg/model", "--evaluation", str(tmp_path / "list.json")]) == 2
+    assert "is not the JSON object `python -m medvlm eval` prints" in capsys.readouterr().err
+    assert hub.calls == []
 
 
 def test_a_private_push_to_a_public_repo_is_refused_before_uploading(tmp_path):
@@ -437,7 +460,8 @@ def test_push_will_not_replace_a_card_written_or_edited_by_hand(by_hand, tmp_pat
         hub.calls.clear()
     card = (checkpoint / "README.md").read_text()
     with pytest.raises(UserInputError, match=r"README.md' was not written by push or has been edited.*--evaluation"):
-        push_checkpoint(checkpoint, "someorg/model", api=hub, evaluation={"n": 3, "closed_accuracy": 0.5})
+        push_checkpoint(checkpoint, "someorg/model", api=hub, evaluation={"n": 3, "closed_accuracy": 0.5,
+                                                                          "weights_sha256": weights_digest(checkpoint)})
     assert hub.calls == [] and (checkpoint / "README.md").read_text() == card  # nothing uploaded or changed
 
     push_checkpoint(checkpoint, "someorg/model", api=hub)  # without --evaluation: uploaded as it is
