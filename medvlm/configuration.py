@@ -82,6 +82,26 @@ class MedVLMConfig(PreTrainedConfig):
         }.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        for name in ("image_size", "max_input_slices", "encoder_batch_size", "slice_budget", "fusion_dim",
+                     "compressor_layers", "compressor_heads", "volume_layers", "volume_heads"):
+            _check_whole(name, getattr(self, name))
+        for name in ("compressor_grid", "volume_shape", "volume_patch"):
+            sides = getattr(self, name)
+            if not isinstance(sides, (list, tuple)) or len(sides) != 3:
+                raise ValueError(f"{name} must be three whole numbers [depth, rows, columns], not {sides!r}")
+            for side in sides:
+                _check_whole(name, side)
+        if self.selection_preview_size is not None:
+            _check_whole("selection_preview_size", self.selection_preview_size)
+        spacing, threshold = self.slice_spacing_mm, self.similarity_threshold
+        if spacing is not None and not (_is_number(spacing) and spacing > 0):
+            raise ValueError(f"slice_spacing_mm must be a thickness in mm above 0, or null, not {spacing!r}")
+        if not (_is_number(threshold) and -1.0 <= threshold <= 1.0):
+            raise ValueError(f"similarity_threshold is a cosine similarity from -1 to 1, not {threshold!r}")
+        for heads in ("compressor_heads", "volume_heads"):
+            if self.fusion_dim % getattr(self, heads):
+                raise ValueError(f"fusion_dim {self.fusion_dim} must divide into {heads} {getattr(self, heads)} "
+                                 "attention heads of equal width")
         if self.visual_path == "vit3d":
             grid = self.volume_grid
             if any(side % patch for side, patch in zip(self.volume_shape, self.volume_patch, strict=True)):
@@ -123,6 +143,16 @@ class MedVLMConfig(PreTrainedConfig):
     def num_visual_tokens(self) -> int:
         """N: visual tokens handed to the LM per scan."""
         return math.prod(self.compressor_grid)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_whole(name: str, value) -> None:
+    """A count or a size: a whole number of at least 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
 
 
 __all__ = ["MedVLMConfig"]

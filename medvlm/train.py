@@ -139,7 +139,7 @@ def build_model(preset: dict, tokenizer, root: Path, images: list[str], progress
 
     encoder = pretrain_encoder_once(encoder_cache, config, root, images, settings, preset.get("keep_fraction"),
                                     progress, seed, held_out)
-    if encoder.similarity_threshold is not None:
+    if encoder.similarity_threshold is not None and preset.get("calibrate_threshold", True):
         config = build_config(preset, tokenizer, similarity_threshold=encoder.similarity_threshold)
     model = MedVLMForConditionalGeneration(config)
     model.slice_encoder.load_state_dict(encoder.state_dict)
@@ -326,6 +326,18 @@ class MetricsLog:
             with path.open("w", newline="") as handle:
                 csv.writer(handle).writerow(self.columns)
 
+    def forget(self, stage: str, first_epoch: int) -> None:
+        """Drop the rows of `stage` from `first_epoch` on: an epoch stopped before its state was saved, trained
+        again when the run resumes, is logged once."""
+        if not (self.enabled and self.path.exists()):
+            return
+        with self.path.open(newline="") as handle:
+            rows = list(csv.reader(handle))
+        kept = [row for row in rows[1:] if not (row[0] == stage and int(row[1]) >= first_epoch)]
+        if len(kept) < len(rows) - 1:
+            with self.path.open("w", newline="") as handle:
+                csv.writer(handle).writerows([rows[0], *kept])
+
     def write(self, **row) -> None:
         if self.enabled:
             row.setdefault("seconds", round(self.clock.seconds(), 1))
@@ -466,6 +478,7 @@ def run_stage(stage: dict, model, tokenizer, features: FeatureCache | VolumeFeat
         first_epoch = int(resume.name.removeprefix("epoch-")) + 1
         batches.epoch = first_epoch
         accelerator.print(f"stage {name}: resuming after epoch {first_epoch}")
+    log.forget(name, first_epoch)
     start = time.perf_counter()
     step = first_epoch * len(loader)
     wrapped.train()
@@ -525,6 +538,8 @@ def _load_scan(root: Path, image: str):
 
 
 RUN_RECORD = "run.json"  # in the work folder: what its stages and states were trained from
+CLOCK = "clock.json"  # in the work folder: the run's wall time over every invocation (RunClock)
+METRICS = "metrics.csv"  # in the work folder: the training figures (MetricsLog)
 RECORDED = {"preset": "another preset", "seed": "another seed", "data": "other data"}  # run.json's keys, in words
 
 
@@ -542,23 +557,27 @@ def run_record(preset: dict, seed: int, samples: list[Sample]) -> dict[str, str 
 def claim_work_folder(work: Path, record: dict, is_main_process: bool) -> None:
     """Resume only a run of the same preset, seed and data: the work folder's stages and states were trained
     from what its run.json records, and loading them into another run would pass them off as its own
-    (another tokenizer reads their token ids as other words). The main process records a new run."""
+    (another tokenizer reads their token ids as other words). A run that left no stage or epoch state (it
+    failed or was stopped before one) is replaced. The main process records the run."""
     path = work / RUN_RECORD
-    if path.exists():
-        try:
-            kept = json.loads(path.read_text())
-        except ValueError:
-            kept = {}
+    trained = any((work / "state").glob("*/*"))  # an epoch's state or a finished stage: what a run would resume
+    try:
+        kept = json.loads(path.read_text()) if path.exists() else None
+    except ValueError:
+        kept = {}
+    if kept is not None and trained:
         differ = [RECORDED[key] for key in record if kept.get(key) != record[key]]
         if differ:
             raise UserInputError(f"{work} holds a run trained with {' and '.join(differ)}, and its stages "
                                  "would be resumed as this run's; give another --out (or --work), or delete that "
                                  "folder to train from the start")
-    elif (work / "state").exists():
+    elif trained:
         raise UserInputError(f"{work} holds stages of a run that recorded no settings ({RUN_RECORD}, written since "
                              "December 2026), so they cannot be resumed safely; delete its state folder to train "
                              "the stages from the start (the feature cache beside it is reused)")
-    elif is_main_process:
+    elif is_main_process and kept != record:
+        for left in (CLOCK, METRICS):  # another run's time and figures, from before it trained anything
+            (work / left).unlink(missing_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         written = path.with_suffix(".partial")  # renamed when whole: the other processes may read it meanwhile
         written.write_text(json.dumps(record, indent=2))
@@ -609,7 +628,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     claim_work_folder(work, run_record(preset, seed, train_samples + val_samples), accelerator.is_main_process)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    clock = RunClock(work / "clock.json", accelerator.is_main_process)
+    clock = RunClock(work / CLOCK, accelerator.is_main_process)
     try:
         set_seed(seed)
         random.seed(seed)
@@ -622,7 +641,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
             model.language_model.activation_checkpointing_enable({"use_reentrant": False})
         model.to(accelerator.device)
         scans = scan_features(model, train_samples + val_samples, root, work, features, from_volumes)
-        log = MetricsLog(work / "metrics.csv", accelerator.is_main_process, clock)
+        log = MetricsLog(work / METRICS, accelerator.is_main_process, clock)
         findings = finding_targets(root, sorted({s.image for s in train_samples + val_samples}))
         for stage in preset["stages"]:
             run_stage(stage, model, tokenizer, scans, train_samples, val_samples, preset, work, log, seed, findings)

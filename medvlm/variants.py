@@ -58,6 +58,9 @@ def variant_overrides(variant: str | None, items: list[str] = ()) -> dict:
 def check_overrides(overrides: dict) -> None:
     """Raise ValueError unless every key is a MedVLMConfig setting a preset may override."""
     fields = {field.name for field in dataclasses.fields(MedVLMConfig)} - set(PRESET_BUILT)
+    built = sorted(set(overrides) & set(PRESET_BUILT))
+    if built:
+        raise ValueError(f"cannot override {', '.join(built)}: set from the preset's language model and tokenizer")
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"cannot override {', '.join(unknown)}: not a MedVLMConfig setting (see "
@@ -68,11 +71,14 @@ def apply_overrides(preset: dict, overrides: dict) -> dict:
     """A copy of `preset` whose model settings take `overrides`; each key must be a MedVLMConfig field.
 
     The 3D baseline (`visual_path="vit3d"`) has no 2D encoder to pre-train, and trains its 3D
-    encoder in every stage that trains the fusion or the compressor, the stages it replaces.
+    encoder in every stage that trains the fusion or the compressor, the stages it replaces. A
+    `similarity_threshold` given here replaces the one a preset with `keep_fraction` calibrates.
     """
     check_overrides(overrides)
     preset = copy.deepcopy(preset)
     preset["model"] = {**preset["model"], **copy.deepcopy(overrides)}
+    if "similarity_threshold" in overrides and preset.get("keep_fraction"):
+        preset["calibrate_threshold"] = False  # the encoder's pre-training (and its cache) stay as they are
     if preset["model"].get("visual_path") == "vit3d":
         preset.pop("encoder_pretraining", None)
         preset.pop("keep_fraction", None)

@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 from tiny_model import tiny_config, tiny_tokenizer
 
+from medvlm.__main__ import main
 from medvlm.data import Sample
 from medvlm.errors import UserInputError
 from medvlm.features import FeatureCache
@@ -76,9 +77,49 @@ def test_a_run_with_other_settings_is_refused_not_resumed(trained, phantoms, cha
 
 def test_stages_of_a_run_that_recorded_no_settings_are_not_resumed(phantoms, tmp_path):
     (tmp_path / "work" / "state" / "align").mkdir(parents=True)  # a work folder from before run.json
+    (tmp_path / "work" / "state" / "align" / "done.json").write_text("{}")
     with pytest.raises(UserInputError, match=r"recorded no settings.*delete its state folder"):
         train("tiny", phantoms, tmp_path / "checkpoint", seed=0, work=tmp_path / "work")
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_a_run_that_trained_nothing_gives_way_to_the_corrected_command(phantoms, tmp_path, monkeypatch):
+    """A run stopped (or failed) before any stage or epoch state leaves nothing to resume: the next command,
+    with other settings, trains, and its card counts only its own time."""
+    import medvlm.train
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medvlm.train, "build_model", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train("tiny", phantoms, tmp_path / "checkpoint", seed=1)
+    monkeypatch.undo()
+    assert train("tiny", phantoms, tmp_path / "checkpoint", seed=0) == tmp_path / "checkpoint"
+    training = json.loads((tmp_path / "checkpoint" / "training.json").read_text())
+    assert training["seed"] == 0 and training["invocations"] == 1
+
+
+def test_a_similarity_threshold_given_replaces_the_calibrated_one(phantoms, tmp_path):
+    out = train("tiny", phantoms, tmp_path / "checkpoint", seed=0, config_overrides={"similarity_threshold": 0.5})
+    assert json.loads((out / "config.json").read_text())["similarity_threshold"] == 0.5
+
+
+@pytest.mark.parametrize(("setting", "says"), [
+    ("slice_budget=-1", "slice_budget must be a whole number of at least 1, not -1"),
+    ("slice_budget=abc", "slice_budget must be a whole number of at least 1, not 'abc'"),
+    ("image_size=0", "image_size must be a whole number of at least 1, not 0"),
+    ("compressor_heads=3", "fusion_dim 16 must divide into compressor_heads 3 attention heads"),
+    ("compressor_grid=[1]", "compressor_grid must be three whole numbers"),
+    ("similarity_threshold=5", "similarity_threshold is a cosine similarity from -1 to 1, not 5"),
+    ("image_token_id=5", "cannot override image_token_id: set from the preset's language model and tokenizer"),
+])
+def test_a_bad_model_setting_is_one_sentence_before_any_work(phantoms, tmp_path, capsys, setting, says):
+    out = tmp_path / "checkpoint"
+    assert main(["train", "--preset", "tiny", "--data", str(phantoms), "--out", str(out), "--set", setting]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and says in error, error
+    assert not out.exists() and not out.with_name("checkpoint-training").exists()
 
 
 def test_a_run_on_other_data_is_refused_not_resumed(trained, phantoms, tmp_path):
@@ -131,8 +172,11 @@ def test_a_run_stopped_while_saving_an_epoch_resumes_from_the_epoch_before(left_
     # The card's wall time is both runs', and metrics.csv's clock goes on from where the stopped run's ended.
     training = json.loads((out / "training.json").read_text())
     assert training["invocations"] == 2 and training["wall_seconds"] > stopped["seconds"]
-    seconds = [float(line.split(",")[-1]) for line in (work / "metrics.csv").read_text().splitlines()[1:]]
+    rows = [line.split(",") for line in (work / "metrics.csv").read_text().splitlines()[1:]]
+    seconds = [float(row[-1]) for row in rows]
     assert seconds == sorted(seconds) and seconds[-1] > stopped["seconds"]
+    logged = [(row[0], row[1], row[2], row[5] != "") for row in rows]  # stage, epoch, step, epoch's end
+    assert len(logged) == len(set(logged))  # the stopped epoch, trained again, is logged once
 
 
 def test_saving_an_epoch_does_not_warn_about_the_tied_output_head(tmp_path, caplog):
