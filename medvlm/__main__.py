@@ -52,9 +52,10 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_view(args: argparse.Namespace) -> None:
-    from .view import render_slice, save_png
+    from .view import png_path, render_slice, save_png
     from .volume import load_volume
 
+    png_path(args.out)
     volume = load_volume(_scan_source(args.scan))
     image = render_slice(volume, args.plane, args.index, args.window)
     save_png(image, args.out)
@@ -154,6 +155,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_features(args: argparse.Namespace) -> None:
     from .features import encode_data_folder
 
+    if args.shard_size < 1:
+        raise UsageError("features: --shard-size is the number of scans per file, at least 1")
+
     print(encode_data_folder(args.checkpoint_or_preset, args.data, args.out, splits=tuple(_csv(args.split)),
                              revision=args.revision, shard_size=args.shard_size))
 
@@ -245,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(report)
     report.set_defaults(run=cmd_report)
 
-    ask = commands.add_parser("ask", help="stream the answer to one question about a scan")
+    ask = commands.add_parser("ask", help="stream the answer to one question about a scan",
+                              usage="python -m medvlm ask [options] SCAN [SCAN ...] QUESTION")
     ask.add_argument("scan_and_question", nargs="+", metavar="SCAN... QUESTION")
     _add_model_options(ask)
     ask.set_defaults(run=cmd_ask)

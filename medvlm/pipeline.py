@@ -342,6 +342,8 @@ class Pipeline:
         if not messages or messages[-1]["role"] != "user":
             raise ValueError("the conversation must end with a user message")
         question = messages[-1]["content"]
+        if not question.strip():
+            raise UserInputError("the question is empty; ask something about the scan")
         if len(question) > MAX_QUESTION_CHARS:
             raise UserInputError(f"the question is {len(question):,} characters long, more than the "
                                  f"{MAX_QUESTION_CHARS:,} allowed; ask a shorter one")

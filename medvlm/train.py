@@ -621,6 +621,9 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
         raise UserInputError(f"{root} holds no training samples (M3D_Cap.json / M3D_VQA_train.csv); point to a "
                              "folder with a train split")
     work_given, work = work, Path(work) if work else out.with_name(out.name + "-training")
+    for folder, option in ((out, "--out"), (work, "--work")):
+        if folder.exists() and not folder.is_dir():
+            raise UserInputError(f"{folder} is a file, not a folder; give {option} a folder to write")
     accelerator = make_accelerator(preset)
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UserInputError("train does not support FSDP yet (merging LoRA and saving a stage need the sharded "

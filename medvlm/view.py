@@ -27,7 +27,7 @@ from .preprocess import (
 )
 from .volume import Volume
 
-__all__ = ["PLANES", "render_slice", "save_png", "slice_count"]
+__all__ = ["PLANES", "png_path", "render_slice", "save_png", "slice_count"]
 
 PLANES = ("axial", "coronal", "sagittal")
 _PLANE_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}  # the axis of data (Z, Y, X) each plane steps along
@@ -101,10 +101,18 @@ def render_slice(volume: Volume, plane: str, index: int | None = None, window: s
     return _square_pixels(to_uint8(apply_window(image, lo, hi)), row_mm, column_mm)
 
 
+def png_path(path: str | Path) -> Path:
+    """`path` as a Path when it names a .png file (checked before a scan is loaded to be written there)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise UserInputError(f"cannot write {path.name}: slices are written as PNG; give a name ending in .png")
+    return path
+
+
 def save_png(image: np.ndarray, path: str | Path) -> Path:
     """Write a uint8 (H, W) grey image as PNG; a path that cannot be written (a missing folder, a folder's
-    own name, no permission) is a user error."""
-    path = Path(path)
+    own name, no permission) or does not end in .png is a user error."""
+    path = png_path(path)
     if not path.parent.is_dir():
         raise UserInputError(f"cannot write {path}: folder {path.parent} does not exist; create it or choose "
                              "another --out")

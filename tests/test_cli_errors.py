@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from medvlm.__main__ import main
+from medvlm.phantom import write_phantom_set
 from medvlm.pipeline import DEMO_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,12 +46,14 @@ def test_phantom_into_a_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("out", "message"), [
-    (lambda tmp_path: tmp_path, "Is a directory"),  # --out names a folder
+    (lambda tmp_path: (tmp_path / "slices.png").mkdir() or tmp_path / "slices.png", "Is a directory"),  # a folder
     (lambda tmp_path: "/proc/slice.png", "No such file or directory"),  # a folder where no file can be made
+    (lambda tmp_path: tmp_path / "slice.jpg", "slices are written as PNG; give a name ending in .png"),
 ])
 def test_view_to_a_path_that_cannot_be_written(tmp_path, capsys, out, message):
     error = refused(capsys, "view", SCAN, "--out", out(tmp_path))
-    assert message in error and "choose another --out" in error
+    assert message in error
+    assert not (tmp_path / "slice.jpg").exists()
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -72,6 +75,25 @@ def test_report_and_ask_with_bad_model_options(capsys, options, message):
 
 def test_ask_with_a_question_too_long_to_read(capsys):
     assert "more than the 2,000 allowed; ask a shorter one" in refused(capsys, "ask", SCAN, "why " * 600)
+    assert "the question is empty; ask something about the scan" in refused(capsys, "ask", SCAN, "   ")
+
+
+def test_ask_usage_shows_one_question_after_the_scan_files(capsys):
+    with pytest.raises(SystemExit):
+        main(["ask", "--help"])
+    assert "ask [options] SCAN [SCAN ...] QUESTION" in capsys.readouterr().out
+
+
+def test_train_into_a_file_and_features_with_no_shard(tmp_path, capsys):
+    (tmp_path / "afile.txt").write_text("notes")
+    data = tmp_path / "data"
+    write_phantom_set(data, n=2, seed=5, formats=("nifti",), matrix=32)
+    assert "afile.txt is a file, not a folder; give --out a folder" in refused(
+        capsys, "train", "--preset", "tiny", "--data", data, "--out", tmp_path / "afile.txt")
+    assert not (tmp_path / "afile.txt-training").exists()
+    assert "--shard-size is the number of scans per file, at least 1" in refused(
+        capsys, "features", "--checkpoint-or-preset", "demo", "--data", data, "--out", tmp_path / "f",
+        "--shard-size", "0")
 
 
 @pytest.mark.parametrize(("spoiled", "message"), [
