@@ -86,6 +86,22 @@ def _encoder_line(vision: dict, image_size: int) -> str:
             f"{image_size} px input, patch {vision['patch_size']})")
 
 
+def _visual_lines(config: dict, vision: dict) -> list[str]:
+    """The visual path in a few lines: the five stages, or the 3D ViT baseline that replaces stages 1–4."""
+    tokens = f"grid {config['compressor_grid']} → {math.prod(config['compressor_grid'])} visual tokens"
+    if config.get("visual_path") == "vit3d":
+        return [f"- Visual path: the 3D baseline, a 3D ViT trained from scratch (no 2D encoder, slice selection, "
+                f"fusion or compressor): the scan resampled to {config['volume_shape']} voxels, patches of "
+                f"{config['volume_patch']}, {config['volume_layers']} layers of width {config['fusion_dim']}, pooled "
+                f"to a {tokens}."]
+    return [f"- Slice encoder: {_encoder_line(vision, config['image_size'])}, frozen.",
+            f"- Slice selection: {config['slice_selection']}, τ = {config['similarity_threshold']}, "
+            f"budget K = {config['slice_budget']}; slabs of {config['slice_spacing_mm']} mm, at most "
+            f"{config['max_input_slices']} per scan.",
+            f"- Fusion: {config['fusion_mode']}, width {config['fusion_dim']}; compressor: "
+            f"{config['compressor_mode']}, {tokens}."]
+
+
 def write_model_card(folder: str | Path, command: str, evaluation: dict | None = None,
                      targets: dict[str, str] | None = None, evaluation_command: str | None = None,
                      repo_id: str | None = None, revision: str | None = None) -> Path:
@@ -113,12 +129,7 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
         "",
         "## Model",
         "",
-        f"- Slice encoder: {_encoder_line(vision, config['image_size'])}, frozen.",
-        f"- Slice selection: {config['slice_selection']}, τ = {config['similarity_threshold']}, "
-        f"budget K = {config['slice_budget']}; slabs of {config['slice_spacing_mm']} mm, at most "
-        f"{config['max_input_slices']} per scan.",
-        f"- Fusion: {config['fusion_mode']}, width {config['fusion_dim']}; compressor: {config['compressor_mode']}, "
-        f"grid {config['compressor_grid']} → {math.prod(config['compressor_grid'])} visual tokens.",
+        *_visual_lines(config, vision),
         f"- Language model: {text['model_type']} (hidden {text['hidden_size']}, {text['num_hidden_layers']} layers, "
         f"vocabulary {text['vocab_size']}).",
         "",

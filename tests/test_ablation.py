@@ -21,6 +21,7 @@ from medvlm.encoder3d import VolumeViT
 from medvlm.errors import UserInputError
 from medvlm.features import FeatureCache
 from medvlm.fusion import SpatialFrequencyFusion
+from medvlm.model_card import write_model_card
 from medvlm.modeling import MedVLMForConditionalGeneration
 from medvlm.phantom import make_phantom, write_phantom_set
 from medvlm.pipeline import Pipeline
@@ -195,6 +196,8 @@ def test_3d_baseline_trains_end_to_end_and_the_pipeline_reads_it(phantoms, tmp_p
     assert isinstance(pipeline.model.volume_encoder, VolumeViT)
     volume = load_volume(phantoms / "ct" / "phantom_00000.nii.gz")
     assert isinstance("".join(pipeline.report(volume, max_new_tokens=4)), str)
+    card = write_model_card(checkpoint, "python -m medvlm train ...").read_text()  # describes the model it is
+    assert "a 3D ViT trained from scratch" in card and "Slice selection" not in card and "Fusion" not in card
 
 
 # The small-lesion split ---------------------------------------------------------------------------
