@@ -146,6 +146,7 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
     captions: dict[str, list] = {name: [] for name in SPLITS}
     vqa_rows: dict[str, list] = {name: [] for name in SPLITS}
     ground_truth = {}
+    lesions = 0
     for index in range(n):
         modality = modalities[index % len(modalities)].lower()
         phantom = make_phantom([seed, index], modality, matrix=matrix, lesion_size_mm=lesion_size_mm)
@@ -153,6 +154,7 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
         (out / modality).mkdir(parents=True, exist_ok=True)
         written = [_write_volume(phantom, out / rel, fmt, npy_shape) for fmt in formats]
         image = rel + written[0][0]
+        lesions += len(phantom.lesions)
         (out / f"{rel}.txt").write_text(phantom.report + "\n")
         captions[splits[index]].append({"image": image, "text": f"{rel}.txt"})
         vqa_rows[splits[index]] += phantom.vqa(image, np.random.default_rng([seed, index, 1]))
@@ -167,7 +169,7 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
             writer.writerows(rows)
     (out / GROUND_TRUTH_FILE).write_text(json.dumps(ground_truth, indent=1))
     return {"out": str(out), "n": n, "splits": {name: len(items) for name, items in captions.items()},
-            "vqa_rows": sum(len(rows) for rows in vqa_rows.values()), "formats": list(formats)}
+            "vqa_rows": sum(len(rows) for rows in vqa_rows.values()), "formats": list(formats), "lesions": lesions}
 
 
 EXAMPLES = (  # (file name, modality, format): the app's example scans

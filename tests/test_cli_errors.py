@@ -40,6 +40,14 @@ def test_phantom_with_a_bad_option(tmp_path, capsys, options, message):
     assert not (tmp_path / "phantoms").exists()
 
 
+def test_phantoms_too_coarse_for_the_lesion_size_asked_say_so(tmp_path, capsys):
+    args = ["phantom", str(tmp_path / "p"), "--n", "2", "--modality", "pt", "--lesion-size", "2,8", "--matrix", "64"]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["lesions"] == 0
+    assert "no lesion of 2,8 mm could be drawn at --matrix 64" in printed.err
+
+
 def test_phantom_into_a_file(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a folder\n")
     assert "notes.txt is a file, not a folder" in refused(capsys, "phantom", tmp_path / "notes.txt", "--n", "1")
