@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import field
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -84,21 +85,23 @@ class MedVLMConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         for name in ("image_size", "max_input_slices", "encoder_batch_size", "slice_budget", "fusion_dim",
                      "compressor_layers", "compressor_heads", "volume_layers", "volume_heads"):
-            _check_whole(name, getattr(self, name))
+            setattr(self, name, _whole(name, getattr(self, name)))
         for name in ("compressor_grid", "volume_shape", "volume_patch"):
             sides = getattr(self, name)
             if not isinstance(sides, (list, tuple)) or len(sides) != 3:
                 raise ValueError(f"{name} must be three whole numbers [depth, rows, columns], not {sides!r}")
-            for side in sides:
-                _check_whole(name, side)
-        if self.selection_preview_size is not None:
-            _check_whole("selection_preview_size", self.selection_preview_size)
+            setattr(self, name, [_whole(name, side) for side in sides])
+        # 0 switches the preview and the slab averaging off, as null does.
+        if self.selection_preview_size is not None and self.selection_preview_size != 0:
+            self.selection_preview_size = _whole("selection_preview_size", self.selection_preview_size)
         spacing, threshold = self.slice_spacing_mm, self.similarity_threshold
-        if spacing is not None and not (_is_number(spacing) and spacing > 0):
-            raise ValueError(f"slice_spacing_mm must be a thickness in mm above 0, or null, not {spacing!r}")
+        if spacing is not None and not (_is_number(spacing) and spacing >= 0):
+            raise ValueError(f"slice_spacing_mm must be a thickness in mm (0 or null: no slabs), not {spacing!r}")
         if not (_is_number(threshold) and -1.0 <= threshold <= 1.0):
             raise ValueError(f"similarity_threshold is a cosine similarity from -1 to 1, not {threshold!r}")
-        for heads in ("compressor_heads", "volume_heads"):
+        built_heads = ["volume_heads"] if self.visual_path == "vit3d" else \
+            ["compressor_heads"] if self.compressor_mode == "cross_attention" else []
+        for heads in built_heads:
             if self.fusion_dim % getattr(self, heads):
                 raise ValueError(f"fusion_dim {self.fusion_dim} must divide into {heads} {getattr(self, heads)} "
                                  "attention heads of equal width")
@@ -146,13 +149,16 @@ class MedVLMConfig(PreTrainedConfig):
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number: int, float or a numpy scalar (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_whole(name: str, value) -> None:
-    """A count or a size: a whole number of at least 1."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
+def _whole(name: str, value) -> int:
+    """A count or a size as an int: a whole number of at least 1 (224.0 and numpy integers are read as such)."""
+    if _is_number(value) and float(value).is_integer() and value >= 1:
+        return int(value)
+    shown = repr(value) if isinstance(value, str) else value
+    raise ValueError(f"{name} must be a whole number of at least 1, not {shown}")
 
 
 __all__ = ["MedVLMConfig"]

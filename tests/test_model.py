@@ -123,6 +123,20 @@ def test_thin_slices_reach_the_encoder_as_the_mean_of_their_slab():
     torch.testing.assert_close(pixel_values, one_slab)
 
 
+def test_a_config_takes_whole_floats_numpy_numbers_and_zero_for_off():
+    """A config edited by hand or saved by another tool (224.0, numpy scalars) loads as before; heads the model
+    does not build are not checked."""
+    from medvlm.configuration import MedVLMConfig
+
+    config = MedVLMConfig(image_size=224.0, compressor_grid=[4.0, 8, 8], slice_budget=np.int64(32),
+                          similarity_threshold=np.float32(0.95), slice_spacing_mm=0, selection_preview_size=0)
+    assert (config.image_size, config.compressor_grid, config.slice_budget) == (224, [4, 8, 8], 32)
+    assert type(config.slice_budget) is int and config.num_visual_tokens == 256
+    MedVLMConfig(fusion_dim=18, compressor_heads=6)  # the 3D ViT's volume_heads 4 are never built here
+    with pytest.raises(ValueError, match="fusion_dim 18 must divide into compressor_heads 4"):
+        MedVLMConfig(fusion_dim=18, compressor_heads=4)
+
+
 def test_placeholder_count_mismatch_raises():
     model, _ = build_tiny_model()
     n = model.config.num_visual_tokens
