@@ -67,6 +67,23 @@ def training_command(folder: Path) -> str:
     return shlex.join(words).replace("python -m medvlm", prefix, 1)
 
 
+def publishable_training_record(folder: Path) -> None:
+    """training.json's folders as a card shows them (`published_path`), for a record written before train did
+    so: it is uploaded with the checkpoint."""
+    path = folder / "training.json"
+    if not path.exists():
+        return
+    training = json.loads(path.read_text())
+    published = {**training, **{key: published_path(training[key]) for key in ("data", "features")
+                                if isinstance(training.get(key), str)}}
+    options = training.get("options")
+    if isinstance(options, dict):
+        published["options"] = {**options, **{key: published_path(options[key]) for key in ("work", "features")
+                                              if isinstance(options.get(key), str)}}
+    if published != training:
+        path.write_text(json.dumps(published, indent=2))
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -141,6 +158,7 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None =
                              "now (trained again since the last push, or a card from before push recorded them); "
                              "evaluate it again and pass --evaluation, or move README.md away to publish without "
                              "figures")
+    publishable_training_record(folder)
     if written is not None or not card.exists():
         write_card(folder, repo_id, evaluation if evaluation is not None else (written or {}).get("evaluation"),
                    revision, weights)

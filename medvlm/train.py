@@ -52,6 +52,7 @@ from .data import (
 )
 from .errors import UserInputError
 from .features import FeatureCache, VolumeFeatures, build_feature_cache, encoder_fingerprint
+from .model_card import published_path
 from .modeling import MedVLMForConditionalGeneration
 from .pretrained import (
     attach_lora,
@@ -125,10 +126,12 @@ def build_config(preset: dict, tokenizer, **overrides) -> MedVLMConfig:
 
 
 def build_model(preset: dict, tokenizer, root: Path, images: list[str], progress: bool, seed: int,
-                encoder_cache: Path, held_out: list[str] = ()) -> tuple[MedVLMForConditionalGeneration, dict]:
+                encoder_cache: Path, held_out: list[str] = (),
+                keep_threshold: bool = False) -> tuple[MedVLMForConditionalGeneration, dict]:
     """A fresh model from a preset: pretrained parts from the Hub; with `encoder_pretraining`, its slice
     encoder is pre-trained first (or taken from `encoder_cache`, where an equal one was kept) and judged
-    on the `held_out` scans."""
+    on the `held_out` scans, and τ calibrated to the preset's `keep_fraction` unless `keep_threshold` (a τ
+    given with --set)."""
     config = build_config(preset, tokenizer)
     settings = preset.get("encoder_pretraining")
     if not settings:
@@ -139,7 +142,7 @@ def build_model(preset: dict, tokenizer, root: Path, images: list[str], progress
 
     encoder = pretrain_encoder_once(encoder_cache, config, root, images, settings, preset.get("keep_fraction"),
                                     progress, seed, held_out)
-    if encoder.similarity_threshold is not None and preset.get("calibrate_threshold", True):
+    if encoder.similarity_threshold is not None and not keep_threshold:
         config = build_config(preset, tokenizer, similarity_threshold=encoder.similarity_threshold)
     model = MedVLMForConditionalGeneration(config)
     model.slice_encoder.load_state_dict(encoder.state_dict)
@@ -286,7 +289,8 @@ def validation_loss(model, loader, accelerator: Accelerator) -> float:
 class RunClock:
     """The wall time a work folder's run has taken over every `train` of it: a run stopped and resumed counts
     both parts, a finished run run again adds its few seconds. Kept in WORK/clock.json by the main process,
-    which adds this invocation's time when it ends (`save`), however it ends."""
+    saved as the run goes (every metrics row, every finished phase) and when it ends, so a run killed
+    without warning loses at most the time since its last row."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
@@ -294,6 +298,7 @@ class RunClock:
             kept = json.loads(path.read_text()) if path.exists() else {}
         except ValueError:
             kept = {}
+        kept = kept if isinstance(kept, dict) else {}
         self.before = float(kept.get("seconds", 0.0))
         self.invocations = int(kept.get("invocations", 0)) + 1
         self.started = time.perf_counter()
@@ -303,6 +308,7 @@ class RunClock:
         return self.before + time.perf_counter() - self.started
 
     def save(self) -> None:
+        """Record the run's time so far (the main process; written whole, then renamed)."""
         if self.enabled:
             written = self.path.with_suffix(PARTIAL)
             written.write_text(json.dumps({"seconds": round(self.seconds(), 1), "invocations": self.invocations}))
@@ -333,7 +339,8 @@ class MetricsLog:
             return
         with self.path.open(newline="") as handle:
             rows = list(csv.reader(handle))
-        kept = [row for row in rows[1:] if not (row[0] == stage and int(row[1]) >= first_epoch)]
+        kept = [row for row in rows[1:] if len(row) == len(self.columns) and row[1].isdigit()  # a killed run's
+                and not (row[0] == stage and int(row[1]) >= first_epoch)]  # half-written row goes too
         if len(kept) < len(rows) - 1:
             with self.path.open("w", newline="") as handle:
                 csv.writer(handle).writerows([rows[0], *kept])
@@ -343,6 +350,7 @@ class MetricsLog:
             row.setdefault("seconds", round(self.clock.seconds(), 1))
             with self.path.open("a", newline="") as handle:
                 csv.writer(handle).writerow([row.get(column, "") for column in self.columns])
+            self.clock.save()
 
 
 def make_accelerator(preset: dict) -> Accelerator:
@@ -560,7 +568,8 @@ def claim_work_folder(work: Path, record: dict, is_main_process: bool) -> None:
     (another tokenizer reads their token ids as other words). A run that left no stage or epoch state (it
     failed or was stopped before one) is replaced. The main process records the run."""
     path = work / RUN_RECORD
-    trained = any((work / "state").glob("*/*"))  # an epoch's state or a finished stage: what a run would resume
+    trained = any(path.name == "done.json" or (EPOCH_STATE.fullmatch(path.name) and not path.name.endswith(PARTIAL))
+                  for path in (work / "state").glob("*/*"))  # a finished stage or epoch: what a run would resume
     try:
         kept = json.loads(path.read_text()) if path.exists() else None
     except ValueError:
@@ -639,11 +648,14 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
         images = sorted({s.image for s in train_samples})
         model, encoder_summary = build_model(preset, tokenizer, root, images, accelerator.is_local_main_process,
                                              seed, Path(encoder_cache) if encoder_cache else work / "encoder",
-                                             held_out=sorted({s.image for s in val_samples}))
+                                             held_out=sorted({s.image for s in val_samples}),
+                                             keep_threshold="similarity_threshold" in (config_overrides or {}))
         if preset["language_model"].get("gradient_checkpointing"):
             model.language_model.activation_checkpointing_enable({"use_reentrant": False})
         model.to(accelerator.device)
+        clock.save()  # the encoder's pre-training can take a quarter of an hour
         scans = scan_features(model, train_samples + val_samples, root, work, features, from_volumes)
+        clock.save()
         log = MetricsLog(work / METRICS, accelerator.is_main_process, clock)
         findings = finding_targets(root, sorted({s.image for s in train_samples + val_samples}))
         for stage in preset["stages"]:
@@ -655,12 +667,14 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
             model.to(getattr(torch, preset.get("save_dtype", "float32"))).save_pretrained(out)
             tokenizer.save_pretrained(out)
             (out / "training.json").write_text(json.dumps({
-                "preset": preset_name, "config_overrides": config_overrides or {}, "data": str(root), "seed": seed,
-                "options": {"work": None if work_given is None else str(work_given),
-                            "features": None if features is None else str(features), "from_volumes": from_volumes},
+                # Published with the checkpoint: folders as typed, an absolute one by its name (model_card).
+                "preset": preset_name, "config_overrides": config_overrides or {}, "data": published_path(str(root)),
+                "seed": seed, "options": {"work": None if work_given is None else published_path(str(work_given)),
+                                          "features": None if features is None else published_path(str(features)),
+                                          "from_volumes": from_volumes},
                 "train_samples": len(train_samples), "train_scans": len(images),
                 "encoder_pretraining": encoder_summary,
-                "features": "volumes" if from_volumes else str(features or work / "features"),
+                "features": "volumes" if from_volumes else published_path(str(features or work / "features")),
                 "recipe": recipe_summary(preset, accelerator), "wall_seconds": round(clock.seconds(), 1),
                 "invocations": clock.invocations, "probe": probe_record(root, train_samples, val_samples, work),
             }, indent=2))

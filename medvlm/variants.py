@@ -71,14 +71,11 @@ def apply_overrides(preset: dict, overrides: dict) -> dict:
     """A copy of `preset` whose model settings take `overrides`; each key must be a MedVLMConfig field.
 
     The 3D baseline (`visual_path="vit3d"`) has no 2D encoder to pre-train, and trains its 3D
-    encoder in every stage that trains the fusion or the compressor, the stages it replaces. A
-    `similarity_threshold` given here replaces the one a preset with `keep_fraction` calibrates.
+    encoder in every stage that trains the fusion or the compressor, the stages it replaces.
     """
     check_overrides(overrides)
     preset = copy.deepcopy(preset)
     preset["model"] = {**preset["model"], **copy.deepcopy(overrides)}
-    if "similarity_threshold" in overrides and preset.get("keep_fraction"):
-        preset["calibrate_threshold"] = False  # the encoder's pre-training (and its cache) stay as they are
     if preset["model"].get("visual_path") == "vit3d":
         preset.pop("encoder_pretraining", None)
         preset.pop("keep_fraction", None)

@@ -407,6 +407,8 @@ def test_the_card_gives_the_command_that_trained_it_without_the_trainers_folders
             "--from-volumes") in card
     assert "wall time 10.0 minutes on the machine that trained it, over 2 runs of the command" in card
     assert "/home/someone" not in card and "/scratch" not in card
+    uploaded = (hub_snapshot(hub.cache, "someorg/model") / "training.json").read_text()  # published with it
+    assert "/home/someone" not in uploaded and "/scratch" not in uploaded and '"data": "phantoms"' in uploaded
 
 
 def test_push_takes_only_an_evaluation_of_this_very_checkpoint(tmp_path, capsys):

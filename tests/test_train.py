@@ -95,9 +95,22 @@ def test_a_run_that_trained_nothing_gives_way_to_the_corrected_command(phantoms,
     with pytest.raises(KeyboardInterrupt):
         train("tiny", phantoms, tmp_path / "checkpoint", seed=1)
     monkeypatch.undo()
+    (tmp_path / "checkpoint-training" / "state" / "align" / "epoch-000.partial").mkdir(parents=True)  # half saved
     assert train("tiny", phantoms, tmp_path / "checkpoint", seed=0) == tmp_path / "checkpoint"
     training = json.loads((tmp_path / "checkpoint" / "training.json").read_text())
     assert training["seed"] == 0 and training["invocations"] == 1
+
+
+def test_a_run_killed_without_warning_keeps_its_time_up_to_its_last_metrics_row(tmp_path):
+    """SIGKILL or the OOM killer skip every `finally`: the clock is saved with each metrics row."""
+    from medvlm.train import MetricsLog, RunClock
+
+    (tmp_path / "clock.json").write_text(json.dumps({"seconds": 900.0, "invocations": 1}))
+    log = MetricsLog(tmp_path / "metrics.csv", True, RunClock(tmp_path / "clock.json", True))
+    log.write(stage="align", epoch=0, step=20, loss=1.0)
+    kept = json.loads((tmp_path / "clock.json").read_text())
+    assert kept["invocations"] == 2 and kept["seconds"] >= 900.0
+    assert float((tmp_path / "metrics.csv").read_text().splitlines()[-1].split(",")[-1]) >= 900.0
 
 
 def test_a_similarity_threshold_given_replaces_the_calibrated_one(phantoms, tmp_path):
