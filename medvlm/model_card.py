@@ -45,6 +45,8 @@ LIMITATIONS = (
     "- M3D's automatic metrics (BLEU, ROUGE, METEOR, BERTScore, the answer-letter rule) measure agreement "
     "with reference text, not clinical correctness.",
 )
+VIT3D_LIMITATION = ("- It sees the whole scan resampled to its 3D ViT's input volume: findings smaller than a few "
+                    "voxels there can be missed.")
 DEMO_LIMITATION = "- Trained on synthetic phantoms only: what it says about a real scan means nothing."
 
 DEMO_NOTICE = (
@@ -165,7 +167,7 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
                  f"{probe['modality']:.3f} for each finding's rate within the scan's modality. Near the latter, the "
                  "tokens tell the modality and little about the lesions.", ""]
     if training.get("recipe"):
-        body += recipe_section(training)
+        body += recipe_section(training, config.get("visual_path", "slices"))
     if evaluation:
         body += ["## Evaluation", ""]
         if evaluation_command:
@@ -181,6 +183,8 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
     if not demo:
         body += ["## Published results on M3D (for comparison)", "", published_table(evaluation), ""]
     limitations = [LIMITATIONS[0], DEMO_LIMITATION, *LIMITATIONS[2:]] if demo else list(LIMITATIONS)
+    if config.get("visual_path") == "vit3d":
+        limitations[2] = VIT3D_LIMITATION
     body += ["## Intended use", "", INTENDED_USE, "", "## Limitations", "", *limitations, ""]
     body += ["## Use", "", "```python", "from medvlm import Pipeline, load_volume", "",
              f"pipeline = Pipeline.from_pretrained({_checkpoint_argument(folder, demo, repo_id, revision)})",
@@ -205,14 +209,15 @@ def _source(source) -> str:
     return str(source)
 
 
-def recipe_section(training: dict) -> list[str]:
+def recipe_section(training: dict, visual_path: str = "slices") -> list[str]:
     """Data and recipe lines from training.json: sources, stages, precision, processes."""
     recipe = training["recipe"]
     data = published_path(str(training.get("data")))
     lines = ["### Data", "", f"- `{data}` (M3D layout: M3D_Cap.json, M3D_VQA_*.csv): "
              f"{training.get('train_scans')} training scans, {training.get('train_samples')} samples "
              "(reports, closed- and open-ended questions).", "", "### Recipe", "",
-             f"- Slice encoder: {_source(recipe['encoder'])}, frozen.",
+             (f"- Slice encoder: {_source(recipe['encoder'])}, frozen." if visual_path != "vit3d"
+              else "- 3D ViT: trained from scratch in the stages below."),
              f"- Language model: {_source(recipe['language_model'])}.",
              f"- Mixed precision {recipe['mixed_precision']}, gradient accumulation "
              f"{recipe['gradient_accumulation_steps']}, gradient checkpointing "
