@@ -129,9 +129,10 @@ def cmd_phantom(args: argparse.Namespace) -> None:
                                 formats=tuple(_csv(args.format)), split=args.split, matrix=args.matrix,
                                 npy_shape=npy_shape, lesion_size_mm=lesion_size)
     print(json.dumps(summary))
-    if lesion_size and not summary["lesions"] and summary["n"]:  # pixels too coarse for lesions that small
-        print(f"note: no lesion of {args.lesion_size} mm could be drawn at --matrix {args.matrix} (a lesion needs "
-              "1.5 pixels across); use a larger --matrix, e.g. 160, for small lesions", file=sys.stderr)
+    if summary["too_coarse"]:
+        print(f"note: {summary['too_coarse']} of {summary['n']} phantoms have pixels too coarse for lesions of "
+              f"{args.lesion_size} mm (a lesion needs 1.5 pixels across) and hold none; use a larger --matrix, "
+              "e.g. 160", file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

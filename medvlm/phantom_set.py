@@ -146,7 +146,7 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
     captions: dict[str, list] = {name: [] for name in SPLITS}
     vqa_rows: dict[str, list] = {name: [] for name in SPLITS}
     ground_truth = {}
-    lesions = 0
+    lesions = too_coarse = 0
     for index in range(n):
         modality = modalities[index % len(modalities)].lower()
         phantom = make_phantom([seed, index], modality, matrix=matrix, lesion_size_mm=lesion_size_mm)
@@ -155,6 +155,8 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
         written = [_write_volume(phantom, out / rel, fmt, npy_shape) for fmt in formats]
         image = rel + written[0][0]
         lesions += len(phantom.lesions)
+        # A lesion needs 1.5 pixels across in-plane (phantom.py): a --lesion-size below that draws none.
+        too_coarse += lesion_size_mm is not None and 1.5 * phantom.spacing[1] > lesion_size_mm[1]
         (out / f"{rel}.txt").write_text(phantom.report + "\n")
         captions[splits[index]].append({"image": image, "text": f"{rel}.txt"})
         vqa_rows[splits[index]] += phantom.vqa(image, np.random.default_rng([seed, index, 1]))
@@ -169,7 +171,8 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
             writer.writerows(rows)
     (out / GROUND_TRUTH_FILE).write_text(json.dumps(ground_truth, indent=1))
     return {"out": str(out), "n": n, "splits": {name: len(items) for name, items in captions.items()},
-            "vqa_rows": sum(len(rows) for rows in vqa_rows.values()), "formats": list(formats), "lesions": lesions}
+            "vqa_rows": sum(len(rows) for rows in vqa_rows.values()), "formats": list(formats), "lesions": lesions,
+            "too_coarse": too_coarse}
 
 
 EXAMPLES = (  # (file name, modality, format): the app's example scans

@@ -45,7 +45,10 @@ def test_phantoms_too_coarse_for_the_lesion_size_asked_say_so(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr()
     assert json.loads(printed.out)["lesions"] == 0
-    assert "no lesion of 2,8 mm could be drawn at --matrix 64" in printed.err
+    assert "2 of 2 phantoms have pixels too coarse for lesions of 2,8 mm" in printed.err
+    assert main(["phantom", str(tmp_path / "q"), "--n", "1", "--modality", "pt", "--lesion-size", "10,12",
+                 "--matrix", "96"]) == 0  # this one draws no lesion by chance: no note
+    assert "too coarse" not in capsys.readouterr().err
 
 
 def test_phantom_into_a_file(tmp_path, capsys):

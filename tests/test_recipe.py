@@ -421,7 +421,7 @@ def test_push_takes_only_an_evaluation_of_this_very_checkpoint(tmp_path, capsys)
               "weights_sha256": weights_digest(checkpoint)}
     config = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps(config | {"slice_selection": "uniform"}))
-    with pytest.raises(UserInputError, match=r"scored another checkpoint .*\(other weights or config.json\)"):
+    with pytest.raises(UserInputError, match=r"another checkpoint .*\(other weights or config.json, or"):
         push_checkpoint(checkpoint, "someorg/model", api=hub, evaluation=scores)
     with pytest.raises(UserInputError, match=r"does not say which weights it scored"):
         push_checkpoint(checkpoint, "someorg/model", api=hub, evaluation={"n": 5, "closed_accuracy": "high"})
