@@ -33,7 +33,7 @@ from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import Encoding, Pipeline
 from medvlm.preprocess import CT_WINDOWS, INVERTED_WINDOW, default_window, window_names
-from medvlm.view import render_slice, slice_count
+from medvlm.view import SLICE_ONE, render_slice, slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.volume import Volume, load_volume
 
@@ -41,7 +41,6 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 PLANES = ["axial", "coronal", "sagittal"]
 # Letters at the image edges (left, right, top, bottom), radiological convention as `render_slice` draws.
 PLANE_EDGES = {"axial": "RLAP", "coronal": "RLSI", "sagittal": "APSI"}
-PLANE_START = {"axial": "inferior", "coronal": "posterior", "sagittal": "the patient's left"}  # slice 1 (view.py)
 SOURCE_NAMES = {"nifti": "NIfTI", "dicom": "DICOM", "npy": "NumPy .npy"}
 MODALITY_NAMES = {"CT": "CT (computed tomography)", "MR": "MR (magnetic resonance)", "PT": "PET", "OT": "Other"}
 SUGGESTED_QUESTIONS = [
@@ -387,7 +386,7 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
             f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
             f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span></div>'
             f'<div class="slice-track">{marks}{cursor}</div>'
-            f'<div class="slice-caption">{plane.title()} {index + 1} / {count} from {PLANE_START[plane]} · window '
+            f'<div class="slice-caption">{plane.title()} {index + 1} / {count} from {SLICE_ONE[plane]} · window '
             f'{window_label(window)}'
             f'{kept_note}</div></div>')
 

@@ -62,14 +62,14 @@ def robust_range(data: np.ndarray, low: float = 0.5, high: float = 99.5) -> tupl
     return open_range(float(lo), float(hi))
 
 
-def window_range(volume: Volume, window: str) -> tuple[float, float]:
+def window_range(volume: Volume, window: str, robust: tuple[float, float] | None = None) -> tuple[float, float]:
     """The intensities mapped to black and to white by a named window (`apply_window`'s lo, hi).
 
-    CT presets are level/width in HU; "auto" is the robust percentile range of the volume, and "inverted"
-    the same range the other way round (the highest intensity black).
+    CT presets are level/width in HU; "auto" is the robust percentile range of the volume (`robust`, where
+    the caller keeps it), and "inverted" the same range the other way round (the highest intensity black).
     """
     if window in (AUTO_WINDOW, INVERTED_WINDOW):
-        lo, hi = robust_range(volume.data)
+        lo, hi = robust or robust_range(volume.data)
         return (hi, lo) if window == INVERTED_WINDOW else (lo, hi)
     if window not in CT_WINDOWS:
         raise ValueError(f"unknown window {window!r}; choose one of {', '.join(window_names('CT'))}")

@@ -21,15 +21,17 @@ from .preprocess import (
     INVERTED_WINDOW,
     apply_window,
     default_window,
+    robust_range,
     to_uint8,
     window_names,
     window_range,
 )
 from .volume import Volume
 
-__all__ = ["PLANES", "png_path", "render_slice", "save_png", "slice_count"]
+__all__ = ["PLANES", "SLICE_ONE", "png_path", "render_slice", "save_png", "slice_count"]
 
 PLANES = ("axial", "coronal", "sagittal")
+SLICE_ONE = {"axial": "inferior", "coronal": "posterior", "sagittal": "the patient's left"}  # each plane's index 0
 _PLANE_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}  # the axis of data (Z, Y, X) each plane steps along
 _AUTO_RANGES: dict[int, tuple[float, float]] = {}  # id(volume) → its "auto" range, dropped when the volume is freed
 
@@ -52,10 +54,9 @@ def _window_limits(volume: Volume, window: str) -> tuple[float, float]:
         return window_range(volume, window)
     key = id(volume)
     if key not in _AUTO_RANGES:
-        _AUTO_RANGES[key] = window_range(volume, AUTO_WINDOW)
+        _AUTO_RANGES[key] = robust_range(volume.data)
         weakref.finalize(volume, _AUTO_RANGES.pop, key, None)
-    lo, hi = _AUTO_RANGES[key]
-    return (hi, lo) if window == INVERTED_WINDOW else (lo, hi)
+    return window_range(volume, window, robust=_AUTO_RANGES[key])
 
 
 def _display_slice(volume: Volume, plane: str, index: int) -> tuple[np.ndarray, float, float]:

@@ -48,7 +48,7 @@ def test_sagittal_shows_anterior_on_the_left_and_superior_at_the_top(marked_ct):
 
 
 def test_slices_count_from_inferior_posterior_and_the_patients_left(tmp_path, marked_ct):
-    """The viewer's caption says where slice 1 is (app.PLANE_START): the last slice of each plane is the other
+    """The viewer's caption says where slice 1 is (view.SLICE_ONE): the last slice of each plane is the other
     end, through the superior cap, the anterior marker and the right-side marker."""
     save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, intercept=-1024, file_names="shuffled")
     volume = load_volume(tmp_path)
