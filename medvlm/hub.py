@@ -148,8 +148,8 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None =
     if evaluation is not None and not isinstance(evaluation, dict):
         raise UserInputError("the evaluation is not the JSON object `python -m medvlm eval` prints; pass that")
     if evaluation is not None and evaluation.get("weights_sha256") != weights:
-        scored = ("scored another checkpoint than " + repr(str(folder)) + " holds (other weights or config.json, "
-                  "or it is from before eval covered config.json)"
+        scored = ("scored another checkpoint than " + repr(str(folder)) + " holds (other weights, config.json or "
+                  "tokenizer, or it is from before eval covered them)"
                   if evaluation.get("weights_sha256") else "does not say which weights it scored (no weights_sha256)")
         raise UserInputError(f"the evaluation {scored}; run `python -m medvlm eval` on this checkpoint and pass "
                              "that JSON")
@@ -157,7 +157,7 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None =
             and written.get("weights") != weights:  # no record (a card from before push kept one): unknown
         raise UserInputError(f"the evaluation in {str(card)!r} is not known to score the weights the folder holds "
                              "now (trained again since the last push, or a card from before push recorded the "
-                             "weights and config.json, December 2026); "
+                             "weights, config.json and tokenizer, December 2026); "
                              "evaluate it again and pass --evaluation, or move README.md away to publish without "
                              "figures")
     publishable_training_record(folder)

@@ -211,11 +211,13 @@ class _StopOnEvent(StoppingCriteria):
 
 
 def weights_digest(folder: Path) -> str:
-    """sha256 of a checkpoint's weights and configuration (its safetensors files and config.json, by name and
-    content): which model an evaluation scored, so that a model card never shows figures of another (the same
-    weights with another slice selection, budget or τ in config.json score differently)."""
+    """sha256 of what a checkpoint's scores depend on: its safetensors files, config.json and tokenizer files
+    (by name and content). Which model an evaluation scored, so that a model card never shows figures of
+    another: the same weights with another slice selection, budget or τ, or another chat template, score
+    differently."""
     digest = hashlib.sha256()
-    for path in sorted([*Path(folder).glob("*.safetensors"), Path(folder) / "config.json"]):
+    scored = ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+    for path in sorted([*Path(folder).glob("*.safetensors"), *(Path(folder) / name for name in scored)]):
         if not path.is_file():
             continue
         digest.update(path.name.encode())

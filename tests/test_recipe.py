@@ -421,7 +421,11 @@ def test_push_takes_only_an_evaluation_of_this_very_checkpoint(tmp_path, capsys)
               "weights_sha256": weights_digest(checkpoint)}
     config = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps(config | {"slice_selection": "uniform"}))
-    with pytest.raises(UserInputError, match=r"another checkpoint .*\(other weights or config.json, or"):
+    with pytest.raises(UserInputError, match=r"another checkpoint .*\(other weights, config.json or tokenizer, or"):
+        push_checkpoint(checkpoint, "someorg/model", api=hub, evaluation=scores)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    (checkpoint / "chat_template.jinja").write_text("{{ messages[-1]['content'] }}")  # another prompt format
+    with pytest.raises(UserInputError, match=r"another checkpoint"):
         push_checkpoint(checkpoint, "someorg/model", api=hub, evaluation=scores)
     with pytest.raises(UserInputError, match=r"does not say which weights it scored"):
         push_checkpoint(checkpoint, "someorg/model", api=hub, evaluation={"n": 5, "closed_accuracy": "high"})
