@@ -161,7 +161,6 @@ def cmd_features(args: argparse.Namespace) -> None:
 
     if args.shard_size < 1:
         raise UsageError("features: --shard-size is the number of scans per file, at least 1")
-
     print(encode_data_folder(args.checkpoint_or_preset, args.data, args.out, splits=tuple(_csv(args.split)),
                              revision=args.revision, shard_size=args.shard_size))
 

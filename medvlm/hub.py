@@ -47,20 +47,18 @@ def check_checkpoint(folder: Path) -> None:
 
 
 def training_command(folder: Path) -> str:
-    """The `train` command that made the checkpoint, from its training.json (for the model card). Folders
-    are written as they were typed, except that an absolute one is shown by its name alone: a card does not
-    publish the folders of the machine that trained it."""
+    """The `train` command that made the checkpoint, from its training.json (for the model card), whose folders
+    are already as a card shows them (`publishable_training_record`)."""
     path = folder / "training.json"
     if not path.exists():
         return "# training command not recorded (no training.json)"
     training = json.loads(path.read_text())
     options = training.get("options", {})
-    words = ["python", "-m", "medvlm", "train", "--preset", training["preset"], "--data",
-             published_path(training["data"]), "--out", folder.name, "--seed", str(training["seed"])]
+    words = ["python", "-m", "medvlm", "train", "--preset", training["preset"], "--data", training["data"],
+             "--out", folder.name, "--seed", str(training["seed"])]
     words += [item for key, value in training.get("config_overrides", {}).items()
               for item in ("--set", f"{key}={json.dumps(value)}")]
-    words += [item for flag in ("work", "features") if options.get(flag)
-              for item in (f"--{flag}", published_path(options[flag]))]
+    words += [item for flag in ("work", "features") if options.get(flag) for item in (f"--{flag}", options[flag])]
     words += ["--from-volumes"] if options.get("from_volumes") else []
     processes = training.get("recipe", {}).get("processes", 1)
     prefix = f"accelerate launch --num_processes {processes} -m medvlm" if processes > 1 else "python -m medvlm"

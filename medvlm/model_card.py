@@ -212,8 +212,7 @@ def _source(source) -> str:
 def recipe_section(training: dict, visual_path: str = "slices") -> list[str]:
     """Data and recipe lines from training.json: sources, stages, precision, processes."""
     recipe = training["recipe"]
-    data = published_path(str(training.get("data")))
-    lines = ["### Data", "", f"- `{data}` (M3D layout: M3D_Cap.json, M3D_VQA_*.csv): "
+    lines = ["### Data", "", f"- `{training.get('data')}` (M3D layout: M3D_Cap.json, M3D_VQA_*.csv): "
              f"{training.get('train_scans')} training scans, {training.get('train_samples')} samples "
              "(reports, closed- and open-ended questions).", "", "### Recipe", "",
              (f"- Slice encoder: {_source(recipe['encoder'])}, frozen." if visual_path != "vit3d"
