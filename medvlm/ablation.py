@@ -118,10 +118,13 @@ def finished_runs(out: Path, size_name: str, planned: list[Run]) -> dict[str, di
                              f"the {size_name!r} study's would replace; give another --out")
     dropped = sorted(set(recorded) - {run.name for run in planned})
     if dropped:
-        seeds = len(result.get("study", {}).get("seeds", [])) or "more"
-        raise UserInputError(f"{out} holds {len(dropped)} finished runs this study does not plan (e.g. "
-                             f"{dropped[0]}), which its results would drop; run it with --seeds {seeds}, or give "
-                             "another --out")
+        seeds = len(result.get("study", {}).get("seeds", []))
+        covers = seeds > 0 and set(recorded) <= {run.name for run in plan(SIZES[size_name], seeds)}
+        remedy = (f"run it with --seeds {seeds}, or give another --out" if covers else
+                  "give another --out (they are not runs of this version's variants and seeds)")
+        runs = "1 finished run" if len(dropped) == 1 else f"{len(dropped)} finished runs"
+        raise UserInputError(f"{out} holds {runs} this study does not plan (e.g. {dropped[0]}), which its results "
+                             f"would drop; {remedy}")
     return recorded
 
 

@@ -294,6 +294,13 @@ def test_a_study_never_replaces_finished_runs_it_does_not_plan(tmp_path, monkeyp
         ablation.run_study(out, size="small", seeds=2, work=tmp_path / "work", progress=False)
     assert (out / "ablations.json").read_text() == ledger and not (tmp_path / "work").exists()
 
+    renamed = json.dumps({"study": {"size": "tiny", "seeds": [0, 1]},
+                          "runs": [*recorded, {"name": "gone-variant-100pct-seed0"}]})
+    (out / "ablations.json").write_text(renamed)  # a run of a variant this version no longer has: no seed count helps
+    with pytest.raises(UserInputError, match=r"holds 1 finished run .*gone-variant.*not runs of this") as err:
+        ablation.run_study(out, size="tiny", seeds=2, work=tmp_path / "work", progress=False)
+    assert "--seeds" not in str(err.value)
+
 
 def test_summary_is_mean_and_sample_sd_over_seeds():
     def record(variant, seed, fraction, f1, scans):

@@ -1,5 +1,6 @@
 """The whole model and its pipeline on a tiny random checkpoint."""
 
+import copy
 import json
 import os
 import shutil
@@ -108,7 +109,7 @@ def test_thin_slices_reach_the_encoder_as_the_mean_of_their_slab():
     from medvlm.preprocess import encoder_input
 
     model, _ = build_tiny_model()
-    config = model.config
+    config = copy.deepcopy(model.config)  # encoder_input reads only the preprocessing fields
     config.slice_spacing_mm, config.max_input_slices = 4.0, 64
     hu = np.linspace(-300.0, 300.0, 30, dtype=np.float32)  # each slice one value: slab means are known
     data = np.broadcast_to(hu[:, None, None], (30, 8, 8)).copy()
