@@ -134,17 +134,19 @@ def build_model(preset: dict, tokenizer, root: Path, images: list[str], progress
     given with --set)."""
     config = build_config(preset, tokenizer)
     settings = preset.get("encoder_pretraining")
-    if not settings:
-        model = MedVLMForConditionalGeneration(config)
+    encoder = None
+    if settings:
+        from .encoder_pretraining import pretrain_encoder_once
+
+        encoder = pretrain_encoder_once(encoder_cache, config, root, images, settings, preset.get("keep_fraction"),
+                                        progress, seed, held_out)
+        if encoder.similarity_threshold is not None and not keep_threshold:
+            config = build_config(preset, tokenizer, similarity_threshold=encoder.similarity_threshold)
+    set_seed(seed)  # the new parts start the same whether the encoder was pre-trained just now or came from its cache
+    model = MedVLMForConditionalGeneration(config)
+    if encoder is None:
         load_pretrained_weights(model, preset)
         return model, {}
-    from .encoder_pretraining import pretrain_encoder_once
-
-    encoder = pretrain_encoder_once(encoder_cache, config, root, images, settings, preset.get("keep_fraction"),
-                                    progress, seed, held_out)
-    if encoder.similarity_threshold is not None and not keep_threshold:
-        config = build_config(preset, tokenizer, similarity_threshold=encoder.similarity_threshold)
-    model = MedVLMForConditionalGeneration(config)
     model.slice_encoder.load_state_dict(encoder.state_dict)
     return model, encoder.summary
 
@@ -658,7 +660,10 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
         clock.save()
         log = MetricsLog(work / METRICS, accelerator.is_main_process, clock)
         findings = finding_targets(root, sorted({s.image for s in train_samples + val_samples}))
-        for stage in preset["stages"]:
+        for number, stage in enumerate(preset["stages"]):
+            # Each stage draws from its own seed, so it trains the same whether the stages before it trained in
+            # this process or were loaded from their saved weights (a resume); an epoch resumed restores its own.
+            set_seed(seed + number)
             run_stage(stage, model, tokenizer, scans, train_samples, val_samples, preset, work, log, seed, findings)
         if accelerator.is_main_process:
             if model.language_model.is_activation_checkpointing:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 from tiny_model import tiny_config, tiny_tokenizer
 
 from medvlm.__main__ import main
@@ -63,6 +64,26 @@ def test_training_resumes_instead_of_starting_again(trained, phantoms):
     again = train("tiny", phantoms, trained, seed=0)
     assert again == trained and (trained / "model.safetensors").stat().st_mtime >= before
     assert (work / "metrics.csv").read_text().splitlines() == log  # no stage trained twice
+
+
+def test_a_resumed_run_trains_the_same_weights_as_one_from_nothing(phantoms, tmp_path):
+    """The same command gives the same checkpoint whether it ran once or was stopped and run again: with the
+    encoder taken from its cache, or a stage loaded from its saved weights before a stage that draws random
+    numbers (here its findings probe)."""
+    preset = load_preset("tiny")
+    for stage in preset["stages"]:
+        stage["finding_loss"] = 1.0  # the probe's head is drawn at each stage's start
+    probed = tmp_path / "tiny-probed.json"
+    probed.write_text(json.dumps(preset))
+    train(str(probed), phantoms, tmp_path / "once", seed=0)
+    for name, kept in (("encoder-cached", "encoder"), ("stage-resumed", "state/align")):
+        shutil.copytree(tmp_path / "once-training" / kept, tmp_path / f"{name}-training" / kept)
+        shutil.copy(tmp_path / "once-training" / "run.json", tmp_path / f"{name}-training")
+        train(str(probed), phantoms, tmp_path / name, seed=0)
+    once = load_file(tmp_path / "once" / "model.safetensors")
+    for name in ("encoder-cached", "stage-resumed"):
+        again = load_file(tmp_path / name / "model.safetensors")
+        assert [key for key in once if not torch.equal(once[key], again[key])] == [], name
 
 
 @pytest.mark.parametrize(("change", "differs"), [({"seed": 1}, "another seed"),
