@@ -188,7 +188,10 @@ def write_model_card(folder: str | Path, command: str, evaluation: dict | None =
     body += ["## Intended use", "", INTENDED_USE, "", "## Limitations", "", *limitations, ""]
     body += ["## Use", "", "```python", "from medvlm import Pipeline, load_volume", "",
              f"pipeline = Pipeline.from_pretrained({_checkpoint_argument(folder, demo, repo_id, revision)})",
-             "print(''.join(pipeline.report(load_volume('scan.nii.gz'))))", "```", ""]
+             "print(''.join(pipeline.report(load_volume('scan.nii.gz'))))", "```", "",
+             "`pipeline.model` is the `transformers` model, `medvlm.MedVLMForConditionalGeneration`; importing it "
+             "registers the model type `medvlm` with transformers' Auto classes (`AutoModelForImageTextToText`), "
+             "which then load this checkpoint too.", ""]
     path = folder / "README.md"
     path.write_text("\n".join([*front, "", *body]))
     return path

@@ -22,12 +22,14 @@ import torch
 from hub_stand_ins import CLIP_REPO, COMMIT, QWEN_REPO, hub_snapshot, smoke_preset, write_stand_ins
 from safetensors import safe_open
 from tiny_model import build_tiny_model, save_tiny_checkpoint
+from transformers import AutoModelForImageTextToText
 
 from medvlm.__main__ import main
 from medvlm.configuration import MedVLMConfig
 from medvlm.errors import UserInputError
 from medvlm.features import FeatureCache, VolumeFeatures, encoder_fingerprint
 from medvlm.hub import CARD_MARK, push_checkpoint
+from medvlm.modeling import MedVLMForConditionalGeneration
 from medvlm.phantom import write_phantom_set
 from medvlm.pipeline import Pipeline, weights_digest
 from medvlm.train import PRESETS, Collator, TrainingObjective, load_preset, read_samples
@@ -333,6 +335,8 @@ def test_push_uploads_the_checkpoint_with_its_card_and_the_app_loads_it_by_repo_
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub.cache))
     pipeline = Pipeline.from_pretrained("someorg/medvlm-m3d")
     assert pipeline.describe()["checkpoint"] == "someorg/medvlm-m3d" and not pipeline.describe()["demo"]
+    assert "importing it registers the model type `medvlm`" in card  # as the card says:
+    assert isinstance(AutoModelForImageTextToText.from_pretrained("someorg/medvlm-m3d"), MedVLMForConditionalGeneration)
 
 
 def uploaded_card(hub: FakeHub, repo_id: str) -> str:
