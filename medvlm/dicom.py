@@ -25,6 +25,8 @@ __all__ = ["load_dicom"]
 POSITION_TOLERANCE_MM = 1e-3  # two images this close along the normal lie at one position
 STACK_COVERAGE = 0.9  # share of a series' positions that one echo, b-value or time point covers
 TILT_NOTE_DEGREES = 0.5  # a slice step further than this from the slice normal is a tilted gantry
+GAP_TOLERANCE = 0.1  # slice gaps within this share of the step are even
+POSITION_PRECISION_MM = 0.1  # ... and within this: some exporters round ImagePositionPatient to 0.1 mm
 
 # What tells apart the images of one series that lie at one position, in the order tried:
 # (what it is, its unit, the enhanced file's functional group and keyword, the single-frame file's keyword).
@@ -242,6 +244,17 @@ def _decode(path: Path) -> np.ndarray:
     return dataset.pixel_array
 
 
+def _is_compressed(path: Path) -> bool:
+    """Whether the file's pixel data is stored compressed (its transfer syntax); False when that cannot be read."""
+    import pydicom
+
+    try:
+        syntax = pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta.get("TransferSyntaxUID")
+    except Exception:  # the file was read once already; whatever fails now, it is not known to be compressed
+        return False
+    return bool(syntax is not None and syntax.is_compressed)
+
+
 def _series_summary(headers: list) -> dict[str, Any]:
     """Series number, modality and image count of one series: PHI-free, no UIDs, no free text."""
     header = headers[0][1]
@@ -281,8 +294,8 @@ def _largest_group(images: list[_DicomImage]) -> tuple[list[_DicomImage], int]:
 def _without_copies(images: list[_DicomImage]) -> tuple[list[_DicomImage], int]:
     """The images with each one kept once (a file copied twice into the upload): (images, copies dropped)."""
     seen: dict[tuple, _DicomImage] = {}
-    for image in images:
-        seen.setdefault(image.identity, image)
+    for image in images:  # the position too: a careless de-identifier can give every image one SOPInstanceUID
+        seen.setdefault((image.identity, *np.round(image.position / POSITION_TOLERANCE_MM)), image)
     return list(seen.values()), len(images) - len(seen)
 
 
@@ -354,10 +367,46 @@ def _slice_step(images: list[_DicomImage], step: float) -> tuple[np.ndarray, flo
     skew it."""
     normal = _normal(images[0])
     vector = np.median(np.diff([image.position for image in images], axis=0), axis=0)
-    tilt = math.degrees(math.acos(min(1.0, abs(vector @ normal) / max(np.linalg.norm(vector), 1e-12))))
+    along = abs(vector @ normal)
+    tilt = math.degrees(math.acos(min(1.0, along / max(np.linalg.norm(vector), 1e-12))))
     if tilt <= TILT_NOTE_DEGREES:
         return normal * step, None
-    return vector, tilt
+    return vector * (step / along), tilt  # `step` along the normal, as the stack's slots are
+
+
+def _slice_slots(positions: np.ndarray) -> tuple[float, np.ndarray | None]:
+    """The slice step (mm) of a stack at these ascending positions along its normal, and each slice's place on
+    the even grid of that step: (step, slots), slot 0 for the first slice; slots None when the gaps are no
+    whole multiples of one step (the stack is drawn evenly at the median gap, and said to be).
+
+    A gap within GAP_TOLERANCE of the step, or within POSITION_PRECISION_MM of it (exporters that round
+    positions to 0.1 mm), is one step; about two or more steps, a missing slice (at most as many as the stack
+    holds). The step is the least-squares fit of the positions to their slots, exact to far below the rounding.
+    """
+    gaps = np.diff(positions)
+    median = float(np.median(gaps))
+    step = median
+    for _ in range(2):  # slots from the median gap, then from the fitted step
+        counted = np.maximum(np.rint(gaps / step), 1.0)
+        slots = np.concatenate([[0.0], np.cumsum(counted)])
+        step = float(np.polyfit(slots, positions, 1)[0])
+    even = np.all(np.abs(gaps - counted * step) <= GAP_TOLERANCE * step + POSITION_PRECISION_MM)
+    if not even or counted.sum() > 2 * len(gaps):
+        return median, None
+    return step, slots.astype(int)
+
+
+def _fill_missing_slices(pixels: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """(slices, rows, columns) at `slots` of an even grid → every slot of it, an empty one linearly
+    interpolated from the slices on either side."""
+    filled = np.empty((int(slots[-1]) + 1, *pixels.shape[1:]), dtype=pixels.dtype)
+    for index, (below, above) in enumerate(pairwise(slots)):
+        filled[below] = pixels[index]
+        for slot in range(below + 1, above):
+            weight = np.float32((slot - below) / (above - below))
+            filled[slot] = (1 - weight) * pixels[index] + weight * pixels[index + 1]
+    filled[slots[-1]] = pixels[-1]
+    return filled
 
 
 def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) -> np.ndarray:
@@ -371,8 +420,10 @@ def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) 
         try:
             decoded = _decode(path)
         except Exception as error:  # decoders raise many types for corrupt or unsupported pixel data
+            remedy = ("export the series uncompressed" if _is_compressed(path) else
+                      "the file is cut short or damaged; copy or export the series again")
             raise VolumeError(f"{name}: the pixel data of {path.name} cannot be decoded ({error_reason(error)}); "
-                              "export the series uncompressed") from error
+                              f"{remedy}") from error
         for slot, image in placed:
             frame = decoded if image.frame is None else decoded[image.frame] if image.frame < len(decoded) else None
             if frame is None or frame.shape != (rows, columns):
@@ -395,7 +446,10 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     series: dict[str, list] = {}
     for path, header in headers:
         series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((path, header))  # (0020,000E)
-    ranked = sorted(series.values(), key=lambda group: _series_summary(group)["slices"], reverse=True)
+    # The scan, not what was planned on it: a CT/MR/PET series before others (an RT dose grid often has more
+    # frames than the CT it was computed on), then the series with most images.
+    ranked = sorted(series.values(), key=lambda group: (_series_summary(group)["modality"] != "OT",
+                                                        _series_summary(group)["slices"]), reverse=True)
     chosen, others = ranked[0], ranked[1:]
     first = chosen[0][1]
     if _count(first.get("SamplesPerPixel")) > 1:  # (0028,0002)
@@ -430,11 +484,18 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         if value is not None:
             meta[key] = value
     gaps = np.diff(positions)
-    step = float(np.median(gaps))
+    step, slots = _slice_slots(positions)
     step_vector, tilt = _slice_step(images, step)
-    if np.any(np.abs(gaps - step) > 0.1 * step):
-        meta["uneven_gaps"] = (f"slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm (a missing slice?); "
-                               f"the volume is drawn with an even {step:.3g} mm spacing")
+    if slots is not None and slots[-1] + 1 > len(images):
+        pixels = _fill_missing_slices(pixels, slots)
+        missing = int(slots[-1] + 1 - len(images))
+        meta["missing_slices"] = missing
+        notes.append(f"{missing} slice(s) are missing from the series (gaps of up to {gaps.max():.3g} mm between "
+                     f"slices {step:.3g} mm apart); each is drawn from its two neighbours, so that every slice "
+                     "lies at its true position")
+    elif slots is None:
+        meta["uneven_gaps"] = (f"slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm; the volume is drawn "
+                               f"with an even {step:.3g} mm spacing, so distances along it are approximate")
         notes.append(meta["uneven_gaps"])
     if tilt is not None:
         meta["gantry_tilt_degrees"] = round(tilt, 2)

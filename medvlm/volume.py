@@ -149,7 +149,7 @@ def error_reason(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     text = _QUOTED_PATH.sub(lambda match: match[1] + _file_name(match[2]) + match[1], text)
     text = _BARE_PATH.sub(lambda match: _file_name(match[0]), text)
-    return text[:160]
+    return text if len(text) <= 160 else text[:160].rsplit(" ", 1)[0].rstrip(",;:-") + " …"  # whole words
 
 
 def _require_exists(path: Path) -> None:
@@ -278,8 +278,11 @@ def _load_files(files: list[Path], name: str) -> Volume:
     return load_dicom(files, name)
 
 
+_SAFE_NAME = re.compile(r"[^\w.\- ]")  # what a file name inside a zip keeps when extracted
+
+
 def _extract_zip(path: Path, folder: Path) -> list[Path]:
-    """Extract a zip's members into `folder` (a temporary directory) under numbered names, after checking
+    """Extract a zip's members into `folder` (a temporary directory), each in a numbered folder, after checking
     the entry count and total size from the zip's directory; names with ".." or absolute paths, and entries
     without a name, are skipped.
     """
@@ -307,8 +310,10 @@ def _extract_zip(path: Path, folder: Path) -> list[Path]:
             name = PurePosixPath(member.filename.replace("\\", "/"))
             if name.is_absolute() or ".." in name.parts or ":" in name.parts[0]:
                 continue
-            suffix = ".nii.gz" if name.name.lower().endswith(".nii.gz") else name.suffix.lower()[:8]
-            target = folder / f"{number:05d}{suffix}"  # our own name: nothing can land outside `folder`
+            # A folder of our own per member, so nothing can land outside `folder`; the member's own file name
+            # (its characters made safe) so that a message about it names what the user zipped.
+            target = folder / f"{number:05d}" / (_SAFE_NAME.sub("_", name.name)[-100:].lstrip(".") or "member")
+            target.parent.mkdir()
             try:
                 with archive.open(member) as source, open(target, "wb") as sink:
                     shutil.copyfileobj(source, sink)

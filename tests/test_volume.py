@@ -81,15 +81,66 @@ def test_spacing_comes_from_positions_not_slice_thickness(tmp_path, marked_ct):
     assert load_volume(tmp_path).spacing[0] == pytest.approx(MARKED_SPACING[0])
 
 
-def test_missing_and_duplicated_slices_are_reported(tmp_path, marked_ct):
-    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING)
+def test_a_missing_slice_is_drawn_from_its_neighbours_and_every_slice_keeps_its_position(tmp_path, marked_ct):
+    whole = load_volume(save_nifti(tmp_path / "whole.nii.gz", marked_ct, MARKED_SPACING, "LPS"))
+    files = save_dicom_series(tmp_path / "dicom", marked_ct, MARKED_SPACING)
     files[3].unlink()
-    shutil.copy(files[5], tmp_path / "copy-of-slice-6")
+    shutil.copy(files[5], tmp_path / "dicom" / "copy-of-slice-6")
+    scan = load_volume(tmp_path / "dicom")
+    assert scan.shape == whole.shape and scan.meta["missing_slices"] == 1 and scan.meta["duplicate_slices"] == 1
+    np.testing.assert_allclose(scan.affine, whole.affine, atol=1e-4)  # the slices above the gap are not moved down
+    kept = [0, 1, 2, 4, 5, 6, 7]
+    np.testing.assert_array_equal(scan.data[kept], marked_ct[kept])
+    np.testing.assert_allclose(scan.data[3], (marked_ct[2] + marked_ct[4]) / 2)
+    assert scan.meta["notes"] == ["1 slice(s) are missing from the series (gaps of up to 5 mm between slices 2.5 mm "
+                                  "apart); each is drawn from its two neighbours, so that every slice lies at its "
+                                  "true position", "1 image(s) were in the upload twice; each is used once"]
+
+
+def test_positions_rounded_by_the_exporter_give_the_true_slice_spacing(tmp_path):
+    """0.625 mm slices whose positions an exporter wrote to 0.1 mm: gaps of 0.6 and 0.7 mm, even all the same."""
+    data = np.zeros((24, 6, 6), dtype=np.float32)
+    for path in save_dicom_series(tmp_path, data, (0.625, 1.0, 1.0)):
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [float(f"{value:.1f}") for value in ds.ImagePositionPatient]
+        ds.save_as(path)
     scan = load_volume(tmp_path)
-    assert scan.shape == (7, 20, 24)
-    assert "missing slice" in scan.meta["uneven_gaps"]
-    assert scan.meta["duplicate_slices"] == 1
-    assert scan.meta["notes"] == [scan.meta["uneven_gaps"], "1 image(s) were in the upload twice; each is used once"]
+    assert scan.spacing[0] == pytest.approx(0.625, abs=1e-3) and "notes" not in scan.meta
+
+
+def test_uneven_gaps_that_are_no_missing_slices_are_said(tmp_path, marked_ct):
+    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING)
+    for path in files[4:]:  # the upper half 1.5 mm higher: a gap of 1.6 steps
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], ds.ImagePositionPatient[2] + 1.5]
+        ds.save_as(path)
+    scan = load_volume(tmp_path)
+    assert scan.shape == marked_ct.shape and scan.spacing[0] == pytest.approx(2.5)
+    assert scan.meta["notes"] == ["slice gaps vary from 2.5 to 4 mm; the volume is drawn with an even 2.5 mm "
+                                  "spacing, so distances along it are approximate"]
+
+
+def test_images_that_share_one_uid_but_not_a_position_are_all_kept(tmp_path, marked_ct):
+    """A careless de-identifier gives every image the same SOPInstanceUID: they are still different slices."""
+    for path in save_dicom_series(tmp_path, marked_ct, MARKED_SPACING):
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+        ds.save_as(path)
+    scan = load_volume(tmp_path)
+    _assert_same_scan(scan, marked_ct)
+    assert "duplicate_slices" not in scan.meta
+
+
+def test_the_scan_is_chosen_over_a_dose_grid_of_more_frames(tmp_path, marked_ct):
+    """An RT export: the CT beside its RTDOSE grid, which has more frames than the CT has slices."""
+    save_dicom_series(tmp_path, marked_ct, MARKED_SPACING)
+    dose = save_dicom_enhanced(tmp_path / "dose.dcm", np.full((12, 10, 12), 2.0, dtype=np.float32), (2.0, 2.0, 2.0))
+    ds = pydicom.dcmread(dose)
+    ds.Modality = "RTDOSE"
+    ds.save_as(dose)
+    scan = load_volume(tmp_path)
+    _assert_same_scan(scan, marked_ct)
+    assert scan.modality == "CT" and scan.meta["other_series"][0]["slices"] == 12
 
 
 def test_zip_input_loads_and_never_writes_outside_a_temporary_folder(tmp_path, marked_ct):
@@ -223,6 +274,24 @@ def test_unreadable_files_raise_one_clear_error(tmp_path, name, content, message
 ])
 def test_a_library_message_names_the_file_never_its_folders(message, shown):
     assert error_reason(ValueError(message)) == shown
+
+
+def test_a_long_library_message_is_cut_between_words():
+    shown = error_reason(ValueError("The number of bytes of pixel data is less than expected " + "word " * 40))
+    assert len(shown) <= 162 and shown.endswith("word …")
+
+
+def test_a_file_cut_short_in_a_zip_is_named_as_zipped_and_not_called_compressed(tmp_path, marked_ct):
+    files = save_dicom_series(tmp_path / "series", marked_ct, MARKED_SPACING)
+    files[2].write_bytes(files[2].read_bytes()[:-300])  # uncompressed, its last rows lost in a copy
+    with zipfile.ZipFile(tmp_path / "study.zip", "w") as zipped:
+        for path in files:
+            zipped.write(path, f"CT/{path.name}")
+    with pytest.raises(VolumeError) as caught:
+        load_volume(tmp_path / "study.zip")
+    message = str(caught.value)
+    assert f"the pixel data of {files[2].name} cannot be decoded" in message
+    assert message.endswith("the file is cut short or damaged; copy or export the series again")
 
 
 def test_files_beside_a_nifti_are_counted_as_left_out(tmp_path, marked_ct):
