@@ -90,8 +90,12 @@ def encode_on_gpu(volume: Volume) -> Encoding:
 
     Returned, not only left in the pipeline's cache: on ZeroGPU this runs in a worker process, whose cache
     the next GPU call may not see, and the tokens are small where the volume is not (300 MB for a large CT).
+    A scan the model cannot read raises gr.Error with the pipeline's sentence (see `stream_on_gpu`).
     """
-    return PIPELINE.encode(volume).to("cpu")
+    try:
+        return PIPELINE.encode(volume).to("cpu")
+    except UserInputError as error:
+        raise gr.Error(shown(str(error))) from None
 
 
 @spaces.GPU
@@ -136,6 +140,7 @@ class ScanSession:
     folder: Path | None = None
     stop_key: str = ""  # key of the running generation's stop event in _STOP_EVENTS
     stop_kind: str = ""  # what that generation writes: "report" or "chat"
+    threshold_range: tuple[float, float] = (-math.inf, math.inf)  # the 3D threshold slider's, for this scan
 
     @property
     def kept_slices(self) -> list[int]:
@@ -257,7 +262,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     threshold = min(high, max(low, round(round(default_threshold(volume, grid) / step) * step, decimals)))
     if session is not None:  # only now: until the new scan is ready, the session keeps the one it had
         session.release()
-    session = ScanSession(volume=volume, label=label)
+    session = ScanSession(volume=volume, label=label, threshold_range=(low, high))
     if request is not None and request.session_hash:
         _OPEN_SESSIONS[request.session_hash] = session
     return (
@@ -366,7 +371,7 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     if volume is None:
         return '<div class="slice-empty">Upload a scan or pick an example to see its slices.</div>'
     count = slice_count(volume, plane)
-    index = min(count, max(1, int(slice_number or count // 2 + 1))) - 1
+    index = _slice_number(slice_number, count) - 1
     window = window if window in window_names(volume.modality) else default_window(volume.modality)
     pixels = render_slice(volume, plane, index, window)
     buffer = io.BytesIO()
@@ -389,6 +394,21 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
             f'<div class="slice-caption">{plane.title()} {index + 1} / {count} from {SLICE_ONE[plane]} · window '
             f'{window_label(window)}'
             f'{kept_note}</div></div>')
+
+
+def _slice_number(typed: float | None, count: int) -> int:
+    """The slice (from 1) a slider value asks for: the nearest of 1 … count, the middle one for none."""
+    return count // 2 + 1 if typed is None else min(count, max(1, int(typed)))
+
+
+def show_slice(session: ScanSession | None, plane: str, window: str | None, slice_number: float | None):
+    """The slice the slider asks for. A number typed into its box beyond the first or last slice shows that
+    slice, an emptied box the middle one, and the box then says which: (slice view, slider)."""
+    view = slice_html(session, plane, window, slice_number)
+    if session is None or session.volume is None:
+        return view, gr.skip()
+    number = _slice_number(slice_number, slice_count(session.volume, plane))
+    return view, gr.skip() if number == slice_number else number
 
 
 def change_plane(session: ScanSession | None, plane: str, window: str | None):
@@ -421,7 +441,13 @@ def encode_scan(session: ScanSession | None, plane: str, window: str | None, sli
         return gr.skip(), gr.skip(), gr.skip()
     volume = session.volume
     start = time.perf_counter()
-    encoding = encode_on_gpu(volume)
+    try:
+        encoding = encode_on_gpu(volume)
+    except gr.Error as error:  # a scan the model cannot read (a blank one): the viewer still shows it
+        if _scan_replaced(session, volume):
+            return gr.skip(), gr.skip(), gr.skip()
+        gr.Warning(error.message)
+        return f"⚠️ The model cannot read this scan: {error.message}.", gr.skip(), gr.skip()
     if _scan_replaced(session, volume):
         return gr.skip(), gr.skip(), gr.skip()
     session.encoding = encoding
@@ -438,6 +464,16 @@ def show_3d(session: ScanSession | None, threshold: float | None):
     if session is None or session.volume is None:
         return None
     return figure_3d(session.volume, threshold)
+
+
+def redraw_3d(session: ScanSession | None, threshold: float | None):
+    """The surface at the threshold the slider asks for; a number typed into its box outside the slider's
+    range draws the nearest end of it, and the box then says so: (plot, slider)."""
+    if session is None or session.volume is None or threshold is None:
+        return gr.skip(), gr.skip()
+    low, high = session.threshold_range
+    level = min(high, max(low, threshold))
+    return figure_3d(session.volume, level), gr.skip() if level == threshold else level
 
 
 # Assistant ----------------------------------------------------------------------------------------
@@ -709,6 +745,7 @@ def build_demo() -> gr.Blocks:
                 # Copy buttons only: the default Share button posts the conversation to the Space's Discussions.
                 chatbot = gr.Chatbot(label="Questions about this scan", height=300, elem_id="chatbot",
                                      buttons=["copy", "copy_all"],
+                                     render_markdown=False,  # "3*4*5 mm" shows as typed, not with an italic 4
                                      placeholder="Ask about the scan: organs, lesions, location, size.")
                 with gr.Row():
                     question = gr.Textbox(placeholder="Ask a question about this scan …", show_label=False,
@@ -749,13 +786,17 @@ def build_demo() -> gr.Blocks:
                     **viewer)
         window.input(slice_html, [session, plane, window, slice_slider], slice_view, api_name="change_window",
                      **viewer)
-        slice_slider.input(slice_html, [session, plane, window, slice_slider], slice_view, api_name="show_slice",
-                           trigger_mode="always_last", **viewer)
+        # preprocess=False: a number typed into a slider's box past its ends (or an emptied box) reaches the
+        # handler, which shows the nearest end and sets the box to it; gr.Slider's own check would answer with a
+        # bare "Value … is greater than maximum value …" and leave the number in the box.
+        slice_slider.input(show_slice, [session, plane, window, slice_slider], [slice_view, slice_slider],
+                           api_name="show_slice", trigger_mode="always_last", preprocess=False, **viewer)
         kept.select(jump_to_kept, [session, kept, window], [plane, slice_slider, slice_view, kept],
                     api_name="jump_to_kept", **viewer)
         # Dragging, the number box (Enter) and the arrow keys all redraw; while one redraw runs, only the last
         # value asked for waits.
-        threshold.input(show_3d, [session, threshold], plot, api_name="show_3d", trigger_mode="always_last", **viewer)
+        threshold.input(redraw_3d, [session, threshold], [plot, threshold], api_name="show_3d",
+                        trigger_mode="always_last", preprocess=False, **viewer)
 
         report_event = report_button.click(generate_report, [session, *settings], [report, download],
                                            api_name="report", **gpu)

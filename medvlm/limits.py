@@ -21,3 +21,4 @@ MAX_DICOM_FILES = 5000  # files of one DICOM upload (folder, list or zip)
 MAX_DICOM_IMAGES = 20_000  # images of one series, frames counted: all the stacks of a dynamic series
 MAX_NEW_TOKENS = 1024  # cap on tokens generated for one answer or report
 MAX_QUESTION_CHARS = 2000  # one chat question; the demo model reads 1024 tokens in all, scan included
+MIN_ANSWER_TOKENS = 32  # room an answer needs within the LM's context: a longer conversation is refused

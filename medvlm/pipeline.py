@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList, 
 from transformers.utils import logging as transformers_logging
 
 from .errors import CheckpointError, UserInputError
-from .limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS
+from .limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MIN_ANSWER_TOKENS
 from .modeling import MedVLMForConditionalGeneration
 from .preprocess import encoder_input
 from .prompt import prompt_text
@@ -293,6 +293,9 @@ class Pipeline:
                 return self._encodings[key]
         start = time.perf_counter()
         pixel_values, heights = encoder_input(volume, self.model.config, device=self.device)
+        if bool((pixel_values == pixel_values[:1, :, :1, :1]).all()):  # each channel one value: a blank picture
+            raise UserInputError("the scan holds one value everywhere, so there is nothing in it for the model to "
+                                 "read; check that the file holds the image you meant")
         prepared = time.perf_counter()
         with torch.inference_mode():
             scan = self.model.choose_slices(pixel_values, heights)
@@ -355,8 +358,14 @@ class Pipeline:
                            add_generation_prompt=True)
         encoding = scan if isinstance(scan, Encoding) else self.encode(scan)
         input_ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self.device)
+        # The LM reads at most its context, the scan's visual tokens included: past it the answer is noise.
+        context, length = config.text_config.max_position_embeddings, input_ids.shape[1]
+        if context - length < min(int(max_new_tokens), MIN_ANSWER_TOKENS):
+            raise UserInputError(f"the conversation has grown to {length:,} tokens with the scan, and the model reads "
+                                 f"{context:,} in all, too few to answer in; start a new conversation")
         return self._stream(input_ids, encoding.visual_tokens.to(self.device), stop or threading.Event(),
-                            max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
+                            max_new_tokens=min(int(max_new_tokens), context - length), temperature=float(temperature),
+                            top_p=float(top_p))
 
     def _stream(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor, stop: threading.Event,
                 max_new_tokens: int, temperature: float, top_p: float) -> Iterator[str]:

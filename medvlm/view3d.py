@@ -90,6 +90,8 @@ def figure_3d(volume: Volume, threshold: float | None = None) -> go.Figure:
     if mesh is None:
         figure.add_annotation(text=f"No surface at threshold {level:g}: move the threshold slider.",
                               showarrow=False, font={"size": 14})
+        figure.update_xaxes(visible=False)  # the sentence alone, not on an empty chart's grid and numbers
+        figure.update_yaxes(visible=False)
     else:
         vertices, faces = mesh
         # vertices are (z, y, x) mm: plotly's x is the patient's right, y anterior, z superior

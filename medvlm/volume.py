@@ -381,11 +381,15 @@ def _load_nifti(path: Path) -> Volume:
                           "scan") from error
     if array.dtype.kind not in "iu":  # integers stay as stored until `_volume` reorients them into float32
         array = array.astype(np.float32, copy=False)
-    meta: dict[str, Any] = {}
+    meta: dict[str, Any] = {"notes": []}
     if frames > 1:
         meta["frames"] = frames
-        meta["notes"] = [f"the file holds {frames} volumes (4D); the first is shown"]
-    return canonical_volume(array, affine, _nifti_modality(image.header, array), "nifti", path.name, meta)
+        meta["notes"].append(f"the file holds {frames} volumes (4D); the first is shown")
+    modality, guessed = _nifti_modality(image.header, array)
+    if guessed:
+        meta["modality_guessed"] = True
+        meta["notes"].append(GUESSED_MODALITY[modality])
+    return canonical_volume(array, affine, modality, "nifti", path.name, meta)
 
 
 # Millimetres per NIfTI spatial unit (xyzt_units) other than mm; "unknown" is read as mm, as every viewer does.
@@ -405,19 +409,29 @@ def _read_voxels(path: Path, proxy, index: tuple) -> np.ndarray:
         return np.asarray(ArrayProxy(handle, spec, mmap=False, order=proxy.order)[index])
 
 
-def _nifti_modality(header, array: np.ndarray) -> str:
-    """The modality `save_nifti` wrote in the description, else "CT" when values span air to bone, else "OT"."""
+# What the scan card says when a NIfTI file does not state its modality (NIfTI has no field for it).
+GUESSED_MODALITY = {
+    "CT": "the file does not say which modality it is; it is read as CT because its values run from air to bone "
+          "in Hounsfield units",
+    "OT": "the file does not say which modality it is, and its values are not a CT's Hounsfield units; it is read "
+          "as 'other' and shown over its whole range of values",
+}
+
+
+def _nifti_modality(header, array: np.ndarray) -> tuple[str, bool]:
+    """(modality, guessed): the one `save_nifti` wrote in the description; else guessed, "CT" when the values
+    span air to bone, else "OT"."""
     from .writers import MODALITY_TAG
 
     description = bytes(np.asarray(header.get("descrip", b""))).decode("latin-1").strip("\x00 ")
     stored = description.removeprefix(MODALITY_TAG)
     if description.startswith(MODALITY_TAG) and stored in ("CT", "MR", "PT", "OT"):
-        return stored
+        return stored, False
     lowest, highest = np.fmin.reduce(array, axis=None), np.fmax.reduce(array, axis=None)  # skip NaN, copy nothing
     if not (np.isfinite(lowest) and np.isfinite(highest)):  # ±Inf voxels: the rare case worth a masked copy
         finite = array[np.isfinite(array)]
         lowest, highest = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
-    return "CT" if lowest <= CT_AIR_HU and highest >= CT_BONE_HU else "OT"
+    return ("CT" if lowest <= CT_AIR_HU and highest >= CT_BONE_HU else "OT"), True
 
 
 # --- .npy ----------------------------------------------------------------------------------------------------

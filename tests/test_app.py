@@ -195,6 +195,7 @@ def test_3d_threshold_without_a_surface_says_so(app_module, ct_nifti):
     session, _ = loaded(app_module, [ct_nifti])
     figure = app_module.show_3d(session, 5000.0)
     assert not figure.data and "No surface" in figure.layout.annotations[0].text
+    assert figure.layout.xaxis.visible is False and figure.layout.yaxis.visible is False  # no bare chart around it
 
 
 def test_a_wrong_file_gives_one_sentence_and_keeps_the_scan(app_module, ct_nifti, tmp_path):
@@ -366,6 +367,42 @@ def test_a_refused_question_is_not_kept_in_the_conversation(app_module, ct_nifti
     assert [message["content"] for message in history][0::2] == ["Where is the lesion?", "Which organ is abnormal?"]
 
 
+def test_a_blank_scan_shows_in_the_viewer_and_the_model_says_it_cannot_read_it(app_module, tmp_path):
+    """Every voxel NaN (read as 0): the slices show what the file holds, and the status line says why there will
+    be no report instead of the model making one up."""
+    path = save_nifti(tmp_path / "blank.nii.gz", np.full((20, 32, 32), np.nan, np.float32), (2.0, 1.0, 1.0))
+    session, _ = loaded(app_module, [path])
+    with pytest.warns(UserWarning, match="holds one value everywhere"):
+        status, kept, view = app_module.encode_scan(session, "axial", "auto", 10)
+    assert status.startswith("⚠️ The model cannot read this scan: the scan holds one value everywhere")
+    assert kept == gr.skip() and view == gr.skip()  # no kept slices offered; the slice shown stays
+    assert session.encoding is None and "slice-image" in app_module.slice_html(session, "axial", "auto", 10)
+
+
+def test_numbers_typed_past_a_sliders_ends_go_to_the_nearest_end_and_the_box_says_so(app_module, ct_nifti):
+    """The slice and threshold boxes take any number (their events skip gr.Slider's range check): past an end
+    it shows the last (or first) slice, or the surface at that end, and the box is set to it; an emptied slice
+    box shows the middle slice."""
+    session, outputs = loaded(app_module, [ct_nifti])
+    count, (low, high) = outputs[5]["maximum"], session.threshold_range
+    for typed, shown_number in ((999, count), (-5, 1), (None, count // 2 + 1)):
+        view, box = app_module.show_slice(session, "axial", "soft tissue", typed)
+        assert f"Axial {shown_number} / {count}" in view and box == shown_number
+    view, box = app_module.show_slice(session, "axial", "soft tissue", 3)
+    assert "Axial 3 /" in view and box == gr.skip()  # in range: the box is left as typed
+    plot, box = app_module.redraw_3d(session, 99999.0)
+    drawn_at = plot.data[0].name if plot.data else plot.layout.annotations[0].text
+    assert box == high and f"{high:g}" in drawn_at
+    assert app_module.redraw_3d(session, (low + high) / 2)[1] == gr.skip()
+
+
+def test_a_question_shows_in_the_chat_as_typed_not_as_markdown(app_module):
+    """"3*4*5 mm" must not show with an italic 4: the chat does not render Markdown."""
+    config = app_module.build_demo().get_config_file()
+    chatbot = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "chatbot")
+    assert chatbot["props"]["render_markdown"] is False
+
+
 def test_a_constant_scan_of_huge_values_loads_with_its_page(app_module, tmp_path):
     """Extreme but finite values (a constant 1e38 array) get a slice image, a 3D range and a threshold."""
     path = tmp_path / "flat.npy"
@@ -487,7 +524,8 @@ def test_the_upload_box_is_emptied_once_its_files_are_read(app_module):
 
 
 def test_the_page_shares_nothing_and_its_bin_icon_and_threshold_box_act(app_module):
-    config = app_module.build_demo().get_config_file()
+    demo = app_module.build_demo()
+    config = demo.get_config_file()
     by_id = {c.get("props", {}).get("elem_id"): c for c in config["components"]}
     chatbot, threshold = by_id["chatbot"], by_id["threshold-slider"]
     assert "share" not in chatbot["props"]["buttons"]  # Share would post the conversation to the Space's Discussions
@@ -499,6 +537,10 @@ def test_the_page_shares_nothing_and_its_bin_icon_and_threshold_box_act(app_modu
     assert [d["api_name"] for d in handlers(chatbot, "clear")] == ["clear_chat"]  # else it empties only the screen
     redraw = handlers(threshold, "input")  # dragging, the number box's Enter, the arrow keys
     assert [d["api_name"] for d in redraw] == ["show_3d"] and redraw[0]["trigger_mode"] == "always_last"
+    assert threshold["id"] in redraw[0]["outputs"]  # a number typed past an end is set back to it
+    assert by_id["slice-slider"]["id"] in handlers(by_id["slice-slider"], "input")[0]["outputs"]
+    typed = {fn.api_name: fn.preprocess for fn in demo.fns.values() if fn.api_name in ("show_3d", "show_slice")}
+    assert typed == {"show_3d": False, "show_slice": False}  # a number typed past an end reaches the handler
 
 
 @pytest.mark.parametrize(("modality", "unit"), [("CT", "HU"), ("PT", "intensity")])

@@ -63,6 +63,12 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.locator("#slice-view", has_text="Axial 4 /").wait_for()
     page.mouse.wheel(0, -120)
     page.locator("#slice-view", has_text="Axial 5 /").wait_for()
+    box = page.locator("#slice-slider input[type=number]")
+    box.fill("999")  # past the last slice: that slice, and the box says which
+    box.press("Enter")
+    count = page.locator("#slice-slider input[type=range]").get_attribute("max")
+    page.locator("#slice-view", has_text=f"Axial {count} / {count}").wait_for()
+    page.wait_for_function(f"() => document.querySelector('#slice-slider input[type=number]').value === '{count}'")
 
     page.get_by_role("tab", name="3D").click()
     page.locator("#plot-3d .js-plotly-plot").wait_for()

@@ -23,7 +23,7 @@ def _cli(*args):
 
 def test_info_prints_the_scan_facts(tmp_path, marked_ct):
     files = save_dicom_series(tmp_path / "dicom", marked_ct, MARKED_SPACING, file_names="shuffled")
-    nifti = save_nifti(tmp_path / "scan.nii.gz", marked_ct, MARKED_SPACING, "LAS")
+    nifti = save_nifti(tmp_path / "scan.nii.gz", marked_ct, MARKED_SPACING, "LAS", modality="CT")
     for scan, source, orientation in (([tmp_path / "dicom"], "dicom", "LPS"), (files, "dicom", "LPS"),
                                       ([nifti], "nifti", "LAS")):
         result = _cli("info", *scan)

@@ -13,7 +13,7 @@ from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_dataset
 
 from medvlm.errors import VolumeError
-from medvlm.volume import load_volume
+from medvlm.volume import GUESSED_MODALITY, load_volume
 from medvlm.writers import save_dicom_enhanced, save_dicom_series, save_nifti
 
 
@@ -213,4 +213,5 @@ def test_notes_never_name_the_uploaded_file(tmp_path, marked_ct):
     data = marked_ct.copy()
     data[0, 0, :3] = np.nan
     scan = load_volume(save_nifti(tmp_path / "Doe_Janet_20260114.nii.gz", data, MARKED_SPACING))
-    assert scan.meta["notes"] == ["3 voxels of the scan were not numbers (NaN or infinite) and are shown as -1000"]
+    assert scan.meta["notes"] == [GUESSED_MODALITY["CT"],
+                                  "3 voxels of the scan were not numbers (NaN or infinite) and are shown as -1000"]

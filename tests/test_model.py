@@ -347,6 +347,38 @@ def test_text_holding_the_models_control_tokens_is_refused(pipeline):
         pipeline.chat(ct_volume(), [{"role": "user", "content": "Describe."}], max_new_tokens=5000)
 
 
+def test_a_blank_scan_is_refused_before_the_model_makes_up_a_report(pipeline):
+    """A scan of one value everywhere (all zeros; all NaN, read as zeros) holds nothing to report on."""
+    blank = Volume(np.zeros((20, 40, 48), np.float32), (2.0, 1.0, 1.0), np.eye(4), "CT", "nifti", "RAS")
+    for ask in (lambda: pipeline.encode(blank), lambda: "".join(pipeline.report(blank, max_new_tokens=4))):
+        with pytest.raises(UserInputError, match="the scan holds one value everywhere, so there is nothing in it"):
+            ask()
+    pipeline.encode(ct_volume())  # a scan with something in it is read
+
+
+def test_a_conversation_longer_than_the_model_reads_is_refused_and_an_answer_ends_within_it(pipeline, monkeypatch):
+    """The LM reads its context (the scan's tokens included) and no further: an answer is cut to fit, and a
+    conversation that leaves no room for one is refused with what to do."""
+    from medvlm.prompt import prompt_text
+
+    config = pipeline.model.config
+    context = config.text_config.max_position_embeddings
+    asked = []
+    generate = pipeline.model.generate
+    monkeypatch.setattr(pipeline.model, "generate", lambda *args, **kwargs: (asked.append(kwargs["max_new_tokens"]),
+                                                                            generate(*args, **kwargs))[1])
+    question = [{"role": "user", "content": "And its size?"}]
+    prompt = prompt_text(pipeline.tokenizer, question, config.image_token, config.num_visual_tokens,
+                         add_generation_prompt=True)
+    length = len(pipeline.tokenizer(prompt, add_special_tokens=False).input_ids)
+    assert context - length < 1024  # else this checkpoint cannot show the cut
+    "".join(pipeline.chat(ct_volume(), question, max_new_tokens=1024))
+    assert asked == [context - length]
+    turn = [{"role": "user", "content": "Where is the lesion? " * 40}, {"role": "assistant", "content": "Liver."}]
+    with pytest.raises(UserInputError, match=r"the conversation has grown to [\d,]+ tokens .*start a new conversation"):
+        pipeline.chat(ct_volume(), [dict(m) for _ in range(context // 40) for m in turn] + question, max_new_tokens=64)
+
+
 @pytest.mark.parametrize(("capability", "parameters", "dtype"), [
     ((7, 5), 1_540_000_000, torch.float32),  # a T4 and Qwen2.5-1.5B: 6.2 GB in float32 of its 16 GB
     ((7, 5), 3_820_000_000, torch.bfloat16),  # a T4 and Phi-3-mini: 15.3 GB would not fit, emulated bfloat16 does

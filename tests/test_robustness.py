@@ -497,7 +497,7 @@ def test_nan_and_inf_voxels_load_as_the_lowest_finite_value(tmp_path, marked_ct)
     data = marked_ct.copy()
     data[0, 0, :3] = [np.nan, np.inf, -np.inf]
     np.save(tmp_path / "scan.npy", np.where(np.isfinite(data), 0.5, data))
-    for path in (save_nifti(tmp_path / "scan.nii.gz", data, (2.5, 0.8, 0.7)), tmp_path / "scan.npy"):
+    for path in (save_nifti(tmp_path / "scan.nii.gz", data, (2.5, 0.8, 0.7), modality="CT"), tmp_path / "scan.npy"):
         scan = loads_or_refuses(path)
         assert scan.meta["non_finite_voxels"] == 3 and "not numbers" in scan.meta["notes"][0]
         finite = scan.data[0, 0, 3:]

@@ -13,7 +13,7 @@ from pydicom.uid import RLELossless
 
 from medvlm import volume as volume_module
 from medvlm.errors import VolumeError
-from medvlm.volume import error_reason, load_volume
+from medvlm.volume import GUESSED_MODALITY, error_reason, load_volume
 from medvlm.writers import save_dicom_enhanced, save_dicom_series, save_nifti, save_npy
 
 PHI = {"PatientName": "Doe^Janet", "PatientID": "MRN-5551234", "PatientBirthDate": "19610214",
@@ -184,7 +184,19 @@ def test_4d_nifti_gives_its_first_volume_and_says_so(tmp_path, marked_ct):
     nib.save(nib.Nifti1Image(frames.transpose(2, 1, 0, 3), np.diag([0.7, 0.8, 2.5, 1.0])), path)
     scan = load_volume(path)
     _assert_same_scan(scan, marked_ct)
-    assert scan.meta["frames"] == 5 and scan.meta["notes"] == ["the file holds 5 volumes (4D); the first is shown"]
+    assert scan.meta["frames"] == 5 and scan.meta["notes"] == ["the file holds 5 volumes (4D); the first is shown",
+                                                               GUESSED_MODALITY["CT"]]
+
+
+def test_a_nifti_that_does_not_state_its_modality_says_it_was_guessed(tmp_path, marked_ct):
+    """NIfTI has no modality field: a CT's range of values reads as CT, anything else as "other", and the scan
+    card says that this was read from the values, not from the file."""
+    for data, modality in ((marked_ct, "CT"), (marked_ct + 1000.0, "OT")):  # an MR's values: no air in HU
+        nib.save(nib.Nifti1Image(data.transpose(2, 1, 0), np.diag([0.7, 0.8, 2.5, 1.0])), tmp_path / "scan.nii")
+        scan = load_volume(tmp_path / "scan.nii")
+        assert scan.modality == modality and scan.meta["notes"] == [GUESSED_MODALITY[modality]]
+    stated = load_volume(save_nifti(tmp_path / "stated.nii.gz", marked_ct, MARKED_SPACING, modality="CT"))
+    assert stated.modality == "CT" and "notes" not in stated.meta
 
 
 @pytest.mark.parametrize("name", ["scan.nii", "scan.nii.gz"])
@@ -295,7 +307,7 @@ def test_a_file_cut_short_in_a_zip_is_named_as_zipped_and_not_called_compressed(
 
 
 def test_files_beside_a_nifti_are_counted_as_left_out(tmp_path, marked_ct):
-    nifti = save_nifti(tmp_path / "scan.nii.gz", marked_ct, MARKED_SPACING)
+    nifti = save_nifti(tmp_path / "scan.nii.gz", marked_ct, MARKED_SPACING, modality="CT")
     picture = _garbage(tmp_path, "Doe_John.png", b"\x89PNG\r\n\x1a\n" + bytes(100))
     scan = load_volume([nifti, picture])
     _assert_same_scan(scan, marked_ct)
