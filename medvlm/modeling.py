@@ -138,10 +138,11 @@ class MedVLMForConditionalGeneration(MedVLMPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> MedVLMForConditionalGeneration:
-        """As PreTrainedModel.from_pretrained; the slice encoder comes back frozen."""
-        model = super().from_pretrained(*args, **kwargs)
-        model._freeze_slice_encoder()
-        return model
+        """As PreTrainedModel.from_pretrained (with `output_loading_info`, (model, info)); the slice encoder comes
+        back frozen."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze_slice_encoder()
+        return loaded
 
     def _freeze_slice_encoder(self) -> None:
         if self.config.visual_path == "slices":  # the 3D baseline's encoder trains from scratch

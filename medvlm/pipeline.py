@@ -123,18 +123,30 @@ def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGenerat
     """
     kwargs.setdefault("dtype", torch.float32)
     _check_checkpoint_folder(folder, name)
-    bar_shown = transformers_logging.is_progress_bar_enabled()
+    bar_shown, verbosity = transformers_logging.is_progress_bar_enabled(), transformers_logging.get_verbosity()
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar is noise in the CLI's and app's output
+    transformers_logging.set_verbosity_error()  # so is its load report: what it finds wrong is refused below
+    mismatch = (f"the weights of checkpoint {name!r} do not fit the model its config.json describes ({{}}); its "
+                "weights and config.json do not belong together: download or copy the checkpoint again")
     try:
-        return MedVLMForConditionalGeneration.from_pretrained(folder, **kwargs)
+        model, info = MedVLMForConditionalGeneration.from_pretrained(folder, output_loading_info=True, **kwargs)
     except SafetensorError as error:
         raise CheckpointError(f"the weights of checkpoint {name!r} are damaged ({error}); download or copy the "
                               "checkpoint again") from None
+    except RuntimeError as error:  # transformers refuses weights of another shape (ignore_mismatched_sizes)
+        if "mismatched_sizes" not in str(error):
+            raise
+        raise CheckpointError(mismatch.format("weights of other shapes")) from None
     except (OSError, ValueError, ImportError) as error:  # ImportError: an optional backend (timm) is missing
         raise CheckpointError(f"could not load the checkpoint {name!r}: {error}") from None
     finally:
+        transformers_logging.set_verbosity(verbosity)
         if bar_shown:
             transformers_logging.enable_progress_bar()
+    missing = sorted(info["missing_keys"])  # transformers would draw them at random and go on
+    if missing:
+        raise CheckpointError(mismatch.format(f"{len(missing)} weights missing, e.g. {missing[0]}"))
+    return model
 
 
 def resolve_device(device: str | None) -> str:

@@ -294,6 +294,25 @@ def test_damaged_weights_are_one_sentence(demo_copy):
     assert "\n" not in str(raised.value)
 
 
+def test_weights_that_do_not_fit_the_config_are_refused_not_drawn_at_random(demo_copy, capsys):
+    """A config.json edited after training, or weights of another model beside it: transformers would draw the
+    missing weights at random, and serve nonsense from them, with only a table on stderr to say so."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(demo_copy / "model.safetensors")
+    save_file({key: value for key, value in weights.items() if not key.startswith("multi_modal_projector.")},
+              demo_copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"do not fit .*\(4 weights missing, e\.g\. multi_modal_projector"):
+        Pipeline.from_pretrained(demo_copy)
+    save_file(weights, demo_copy / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((demo_copy / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (demo_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"do not fit .*\(weights of other shapes\).*do not belong together"):
+        Pipeline.from_pretrained(demo_copy)
+    assert capsys.readouterr().err == ""  # transformers' load report is not printed beside the sentence
+
+
 def _hub_cache(cache: Path, repo_id: str, checkpoint: Path) -> None:
     """Lay out a Hugging Face Hub cache entry for repo_id at branch main, as huggingface_hub does."""
     commit = "0123456789abcdef0123456789abcdef01234567"
