@@ -56,7 +56,9 @@ PRIVACY_NOTE = ("Nothing you upload is kept: the file is read into memory and de
                 "patient data to a public Space.")
 # Uploads are deleted as soon as they are read; as a backstop for one never read (an abandoned or failed
 # request), Gradio deletes its temporary files older than an hour every ten minutes: (every, older than) in s.
+# `sweep_upload_leftovers` does the same, on the same clock, for what Gradio leaves and never deletes.
 DELETE_CACHE = (600, 3600)
+SESSION_FOLDER_PREFIX = "medvlm-session-"  # a session's own folder in the upload folder (its report download)
 REPORT_PLACEHOLDER = "*The report appears here: press **Generate report**.*"
 
 
@@ -149,7 +151,7 @@ class ScanSession:
 
     def own_folder(self) -> Path:
         if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix="medvlm-session-", dir=get_upload_folder()))
+            self.folder = Path(tempfile.mkdtemp(prefix=SESSION_FOLDER_PREFIX, dir=get_upload_folder()))
         return self.folder
 
     def release(self) -> None:
@@ -304,6 +306,35 @@ def _delete_uploads(paths: list[str]) -> None:
             if parent == uploads or not parent.is_dir() or any(parent.iterdir()):
                 break
             parent.rmdir()
+
+
+def sweep_upload_leftovers(folder: Path, older_than: float) -> list[Path]:
+    """Delete, from Gradio's upload folder, what Gradio leaves there and its own sweep never deletes, once older
+    than `older_than` seconds (so nothing that is being uploaded or read): the partial file of an upload cut
+    off half-way (it can hold a DICOM header, the patient's name in it), the empty file its File component
+    makes beside every upload (both named tmp…), and the emptied folders of abandoned uploads. Returns them."""
+    cutoff = time.time() - older_than
+    removed = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            if path.is_symlink() or path.lstat().st_mtime >= cutoff or str(path) in _SESSION_FILES:
+                continue
+            if path.is_file() and path.name.startswith("tmp"):
+                path.unlink()
+            elif path.is_dir() and not path.name.startswith(SESSION_FOLDER_PREFIX) and not any(path.iterdir()):
+                path.rmdir()
+            else:
+                continue
+        except OSError:  # gone meanwhile, or being written: the next sweep looks again
+            continue
+        removed.append(path)
+    return removed
+
+
+def _sweep_uploads_forever(every: float, older_than: float) -> None:
+    while True:
+        time.sleep(every)
+        sweep_upload_leftovers(Path(get_upload_folder()), older_than)
 
 
 def window_label(name: str) -> str:
@@ -826,8 +857,11 @@ def launch(demo: gr.Blocks, **options):
     (or PORT, as Deta Space sets it, or `options`) say otherwise. In a Hugging Face Space (SPACE_ID set)
     it listens on 0.0.0.0, where the Space's proxy reaches it; the Spacefile sets it for Deta Space.
 
-    One model event at a time (one GPU); viewer events run four at a time.
+    One model event at a time (one GPU); viewer events run four at a time. A thread sweeps the upload
+    folder for what Gradio leaves there (`sweep_upload_leftovers`).
     """
+    threading.Thread(target=_sweep_uploads_forever, args=DELETE_CACHE, name="medvlm-upload-sweep",
+                     daemon=True).start()
     in_a_space = bool(os.environ.get("SPACE_ID"))  # Hugging Face sets it in every Space, Docker ones too
     settings = {"server_name": os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if in_a_space else "127.0.0.1"),
                 "server_port": int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860),

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -401,6 +402,37 @@ def test_a_question_shows_in_the_chat_as_typed_not_as_markdown(app_module):
     config = app_module.build_demo().get_config_file()
     chatbot = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "chatbot")
     assert chatbot["props"]["render_markdown"] is False
+
+
+def test_what_gradio_leaves_in_its_upload_folder_is_swept_after_an_hour(app_module, tmp_path, monkeypatch):
+    """An upload cut off half-way leaves a partial file (here with a patient's name in its DICOM header) that
+    Gradio never deletes; the app's sweep does, as it does Gradio's empty tmp files and emptied folders, and
+    leaves what is recent, what a session keeps, and what Gradio's own sweep looks after."""
+    uploads = tmp_path / "uploads"
+    old = {"partial": uploads / "tmpab12cd34", "empty": uploads / "tmpq9x8w7v6", "folder": uploads / "0123abcd"}
+    kept = {"recent": uploads / "tmpnew12345", "session file": uploads / "tmpkept1234", "gradio's": uploads / "feed",
+            "session": uploads / f"{app_module.SESSION_FOLDER_PREFIX}x1", "other": uploads / "scan.png"}
+    for path in [*old.values(), *kept.values()]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.name in ("0123abcd", "feed") or path.name.startswith(app_module.SESSION_FOLDER_PREFIX):
+            path.mkdir()
+        else:
+            path.write_bytes(b"DICM PatientName=Quimby^Harriet" if path.name == "tmpab12cd34" else b"")
+    (kept["gradio's"] / "scan.nii.gz").write_bytes(b"scan")
+    hour_ago = time.time() - 3700
+    for path in [*old.values(), *kept.values()]:
+        if path is not kept["recent"]:
+            os.utime(path, (hour_ago, hour_ago))
+    monkeypatch.setattr(app_module, "_SESSION_FILES", {str(kept["session file"])})
+    assert sorted(app_module.sweep_upload_leftovers(uploads, 3600)) == sorted(old.values())
+    assert all(path.exists() for path in kept.values()) and not any(path.exists() for path in old.values())
+
+
+def test_serving_the_page_starts_the_upload_sweep(app_module, monkeypatch):
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **settings: settings)
+    settings = app_module.launch(app_module.build_demo(), server_port=7999)
+    assert settings["server_port"] == 7999
+    assert any(thread.name == "medvlm-upload-sweep" and thread.daemon for thread in threading.enumerate())
 
 
 def test_a_constant_scan_of_huge_values_loads_with_its_page(app_module, tmp_path):
