@@ -511,7 +511,8 @@ def redraw_3d(session: ScanSession | None, threshold: float | None):
 
 def model_badge(pipeline: Pipeline) -> str:
     about = pipeline.describe()
-    badge = f"**Model:** `{about['checkpoint']}` on **{about['device']}** ({about['dtype']})"
+    revision = f" at revision `{about['revision']}`" if about["revision"] else ""
+    badge = f"**Model:** `{about['checkpoint']}`{revision} on **{about['device']}** ({about['dtype']})"
     if about["demo"]:
         badge += f' — <span class="demo-warning">{DEMO_WARNING}</span>'
     return badge

@@ -245,11 +245,13 @@ class Pipeline:
     Safe to share between threads (one model, many sessions).
     """
 
-    def __init__(self, model: MedVLMForConditionalGeneration, tokenizer, name: str, folder: Path | None = None):
+    def __init__(self, model: MedVLMForConditionalGeneration, tokenizer, name: str, folder: Path | None = None,
+                 revision: str | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.folder = folder  # the checkpoint folder it was loaded from (a Hub repo's snapshot), if any
+        self.revision = revision  # the Hub revision asked for (branch, tag or commit), if any
         self._encodings: OrderedDict[str, Encoding] = OrderedDict()  # by fingerprint, least recently used first
         # By fingerprint, the volumes (one per session, by id) that use its encoding: the encoding is dropped
         # when the last one is forgotten. Weak, so a volume dropped without `forget` stops counting.
@@ -276,16 +278,18 @@ class Pipeline:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as error:
             raise CheckpointError(f"could not load the tokenizer of checkpoint {name!r}: {error}") from None
-        return cls(model, tokenizer, name, folder)
+        return cls(model, tokenizer, name, folder, revision)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     def describe(self) -> dict:
-        """What runs: checkpoint name, device, dtype, whether it is the phantom-trained demo."""
+        """What runs: checkpoint name (and the Hub revision asked for), device, dtype, whether it is the
+        phantom-trained demo."""
         config = self.model.config
-        return {"checkpoint": self.name, "device": str(self.device), "dtype": str(self.model.dtype).split(".")[-1],
+        return {"checkpoint": self.name, "revision": self.revision, "device": str(self.device),
+                "dtype": str(self.model.dtype).split(".")[-1],
                 "demo": bool(config.demo), "visual_tokens": config.num_visual_tokens,
                 "slice_budget": config.slice_budget}
 

@@ -487,6 +487,9 @@ def test_model_badge_names_checkpoint_and_device(app_module):
     badge = app_module.model_badge(app_module.PIPELINE)
     assert "cpu" in badge or "cuda" in badge
     assert app_module.PIPELINE.describe()["checkpoint"] in badge
+    pinned = SimpleNamespace(describe=lambda: {**app_module.PIPELINE.describe(), "checkpoint": "org/model",
+                                               "revision": "v1.2"})
+    assert "`org/model` at revision `v1.2` on" in app_module.model_badge(pinned)  # which version serves the Space
 
 
 def test_an_unreachable_checkpoint_stops_the_app_with_one_line():

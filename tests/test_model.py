@@ -124,6 +124,23 @@ def test_thin_slices_reach_the_encoder_as_the_mean_of_their_slab():
     torch.testing.assert_close(pixel_values, one_slab)
 
 
+def test_non_square_pixels_reach_the_encoder_as_the_anatomy_looks():
+    """A 40 mm disc on 1 × 2 mm pixels (half as many columns) is the same disc to the encoder as on 1 × 1 mm
+    pixels, not an ellipse twice as tall as wide (the viewer draws it so, from the spacing, too)."""
+    from medvlm.preprocess import encoder_input
+
+    config = build_tiny_model()[0].config
+
+    def disc(columns: int, column_mm: float) -> Volume:
+        y = np.arange(64) + 0.5 - 32.0
+        x = (np.arange(columns) + 0.5) * column_mm - columns * column_mm / 2
+        data = np.where(y[:, None] ** 2 + x[None, :] ** 2 < 20.0**2, 100.0, -1000.0).astype(np.float32)
+        return Volume(np.repeat(data[None], 4, axis=0), (8.0, 1.0, column_mm), np.eye(4), "CT", "nifti", "RAS")
+
+    square, wide = encoder_input(disc(64, 1.0), config)[0], encoder_input(disc(32, 2.0), config)[0]
+    assert (square - wide).abs().mean() < 0.05 * (square - square.mean()).abs().mean()
+
+
 def test_a_config_takes_whole_floats_numpy_numbers_and_zero_for_off():
     """A config edited by hand or saved by another tool (224.0, numpy scalars) loads as before; heads the model
     does not build are not checked."""
@@ -350,6 +367,7 @@ def test_eval_scores_the_hub_revision_it_is_given(checkpoint, tmp_path, monkeypa
     assert scores["n"] == 1 and scores["revision"] == "main" and scores["max_new_tokens"] == 4
     assert scores["commit"] == "0123456789abcdef0123456789abcdef01234567"  # what "main" was when it was scored
     assert scores["weights_sha256"] == weights_digest(checkpoint)  # which weights the figures belong to
+    assert Pipeline.from_pretrained("someorg/some-model", revision="main").describe()["revision"] == "main"
     with pytest.raises(CheckpointError, match="someorg/some-model"):  # a tag this cache does not hold
         evaluate("someorg/some-model", data, revision="v2.0", **settings)
 
@@ -386,16 +404,24 @@ def test_a_conversation_longer_than_the_model_reads_is_refused_and_an_answer_end
     generate = pipeline.model.generate
     monkeypatch.setattr(pipeline.model, "generate", lambda *args, **kwargs: (asked.append(kwargs["max_new_tokens"]),
                                                                             generate(*args, **kwargs))[1])
+
+    def length(messages: list[dict]) -> int:
+        text = prompt_text(pipeline.tokenizer, messages, config.image_token, config.num_visual_tokens,
+                           add_generation_prompt=True)
+        return len(pipeline.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def earlier_turns(messages: list[dict], at_least: int) -> list[dict]:
+        while length(messages) < at_least:
+            messages = [{"role": "user", "content": "Where is the lesion? " * 40},
+                        {"role": "assistant", "content": "Liver."}, *messages]
+        return messages
+
     question = [{"role": "user", "content": "And its size?"}]
-    prompt = prompt_text(pipeline.tokenizer, question, config.image_token, config.num_visual_tokens,
-                         add_generation_prompt=True)
-    length = len(pipeline.tokenizer(prompt, add_special_tokens=False).input_ids)
-    assert context - length < 1024  # else this checkpoint cannot show the cut
-    "".join(pipeline.chat(ct_volume(), question, max_new_tokens=1024))
-    assert asked == [context - length]
-    turn = [{"role": "user", "content": "Where is the lesion? " * 40}, {"role": "assistant", "content": "Liver."}]
+    near_the_end = earlier_turns(question, context - 600)
+    "".join(pipeline.chat(ct_volume(), near_the_end, max_new_tokens=1024))
+    assert asked == [context - length(near_the_end)] and asked[0] < 1024
     with pytest.raises(UserInputError, match=r"the conversation has grown to [\d,]+ tokens .*start a new conversation"):
-        pipeline.chat(ct_volume(), [dict(m) for _ in range(context // 40) for m in turn] + question, max_new_tokens=64)
+        pipeline.chat(ct_volume(), earlier_turns(near_the_end, context - 16), max_new_tokens=64)
 
 
 @pytest.mark.parametrize(("capability", "parameters", "dtype"), [

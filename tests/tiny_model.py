@@ -26,7 +26,7 @@ def tiny_config(tokenizer, **overrides) -> MedVLMConfig:
                        "num_attention_heads": 2, "intermediate_size": 64, "image_size": 32, "patch_size": 8},
         text_config={"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                      "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": len(tokenizer),
-                     "max_position_embeddings": 512},
+                     "max_position_embeddings": 2048},
         image_size=32, slice_budget=6, fusion_dim=16, compressor_grid=[2, 2, 2], compressor_heads=2,
         compressor_layers=1, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
