@@ -1,6 +1,6 @@
 """DICOM series to one canonical `Volume`: headers first (series, stacks, geometry, limits), pixels last.
 
-One upload may hold several series (the one with most images is loaded, the rest listed), and one series
+One upload may hold several series (the scan is loaded, `_series_rank`, the rest listed), and one series
 may hold several stacks at the same positions (echoes, diffusion b-values, time points: one is loaded and a
 note names the rest). Slices are ordered by position along the slice normal, never by file name or
 InstanceNumber; the affine keeps the true slice step, a tilted CT gantry included.
@@ -27,6 +27,7 @@ STACK_COVERAGE = 0.9  # share of a series' positions that one echo, b-value or t
 TILT_NOTE_DEGREES = 0.5  # a slice step further than this from the slice normal is a tilted gantry
 GAP_TOLERANCE = 0.1  # slice gaps within this share of the step are even
 POSITION_PRECISION_MM = 0.1  # ... and within this: some exporters round ImagePositionPatient to 0.1 mm
+MAX_MISSING_IN_A_GAP = 2  # missing slices drawn from their neighbours in one gap; a wider gap is not filled
 
 # What tells apart the images of one series that lie at one position, in the order tried:
 # (what it is, its unit, the enhanced file's functional group and keyword, the single-frame file's keyword).
@@ -252,7 +253,10 @@ def _is_compressed(path: Path) -> bool:
         syntax = pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta.get("TransferSyntaxUID")
     except Exception:  # the file was read once already; whatever fails now, it is not known to be compressed
         return False
-    return bool(syntax is not None and syntax.is_compressed)
+    try:
+        return bool(syntax is not None and syntax.is_compressed)
+    except ValueError:  # a private or unknown transfer syntax (GE's 1.2.840.113619.5.2): none pydicom decodes
+        return True
 
 
 def _series_summary(headers: list) -> dict[str, Any]:
@@ -260,6 +264,13 @@ def _series_summary(headers: list) -> dict[str, Any]:
     header = headers[0][1]
     return {"series_number": _series_number(header), "modality": _dicom_modality(header),
             "slices": sum(_frame_count(h) for _, h in headers)}
+
+
+def _series_rank(headers: list) -> tuple[bool, bool, int]:
+    """Which series of an upload is the scan: one with enough images to stack first (not a scout), then a CT,
+    MR or PET one (an RT dose grid often has more frames than the CT it was computed on), then most images."""
+    summary = _series_summary(headers)
+    return summary["slices"] >= MIN_SLICES, summary["modality"] != "OT", summary["slices"]
 
 
 def _series_number(header) -> int | None:
@@ -380,8 +391,9 @@ def _slice_slots(positions: np.ndarray) -> tuple[float, np.ndarray | None]:
     whole multiples of one step (the stack is drawn evenly at the median gap, and said to be).
 
     A gap within GAP_TOLERANCE of the step, or within POSITION_PRECISION_MM of it (exporters that round
-    positions to 0.1 mm), is one step; about two or more steps, a missing slice (at most as many as the stack
-    holds). The step is the least-squares fit of the positions to their slots, exact to far below the rounding.
+    positions to 0.1 mm), is one step; about two or three steps, one or two missing slices (MAX_MISSING_IN_A_GAP:
+    a wider gap is left as it is, not filled with slices made up across it). The step is the least-squares fit
+    of the positions to their slots, its error a small fraction of the rounding.
     """
     gaps = np.diff(positions)
     median = float(np.median(gaps))
@@ -391,7 +403,7 @@ def _slice_slots(positions: np.ndarray) -> tuple[float, np.ndarray | None]:
         slots = np.concatenate([[0.0], np.cumsum(counted)])
         step = float(np.polyfit(slots, positions, 1)[0])
     even = np.all(np.abs(gaps - counted * step) <= GAP_TOLERANCE * step + POSITION_PRECISION_MM)
-    if not even or counted.sum() > 2 * len(gaps):
+    if not even or counted.max() > 1 + MAX_MISSING_IN_A_GAP:
         return median, None
     return step, slots.astype(int)
 
@@ -435,7 +447,8 @@ def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) 
 
 
 def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volume:
-    """The upload's DICOM series with most images as a Volume; VolumeError when there is none to stack.
+    """The upload's scan (its series ranked first by `_series_rank`) as a Volume; VolumeError when there is
+    none to stack.
 
     single_file: `files` is one file given as the scan itself (not found in a folder or a zip)."""
     headers = _read_headers(files)
@@ -446,10 +459,7 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     series: dict[str, list] = {}
     for path, header in headers:
         series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((path, header))  # (0020,000E)
-    # The scan, not what was planned on it: a CT/MR/PET series before others (an RT dose grid often has more
-    # frames than the CT it was computed on), then the series with most images.
-    ranked = sorted(series.values(), key=lambda group: (_series_summary(group)["modality"] != "OT",
-                                                        _series_summary(group)["slices"]), reverse=True)
+    ranked = sorted(series.values(), key=_series_rank, reverse=True)
     chosen, others = ranked[0], ranked[1:]
     first = chosen[0][1]
     if _count(first.get("SamplesPerPixel")) > 1:  # (0028,0002)
@@ -473,6 +483,9 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     images, positions = _sorted_along_normal(stacked)
     rows, columns = images[0].size
     check_grid((len(images), rows, columns), name)
+    step, slots = _slice_slots(positions)
+    if slots is not None:
+        check_grid((int(slots[-1]) + 1, rows, columns), name)  # the missing slices drawn too
     pixels = _read_pixels(images, rows, columns, name)
 
     meta: dict[str, Any] = {
@@ -484,7 +497,6 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         if value is not None:
             meta[key] = value
     gaps = np.diff(positions)
-    step, slots = _slice_slots(positions)
     step_vector, tilt = _slice_step(images, step)
     if slots is not None and slots[-1] + 1 > len(images):
         pixels = _fill_missing_slices(pixels, slots)

@@ -88,9 +88,10 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
     volume and meta["frames"] / meta["notes"] say so. Modality: the one `writers.save_nifti` stored in the
     header description, else "CT" when the values span air and bone in HU (min ≤ -500 and max ≥ 300),
     else "OT".
-    DICOM (`medvlm.dicom`): the series with most images (meta["other_series"] lists the rest), one stack of
-    it (one echo, b-value or time point), slices sorted by position along the slice normal, spacing from
-    those positions, rescale slope/intercept applied (CT in HU).
+    DICOM (`medvlm.dicom`): the scan's series (one that stacks, CT, MR or PET before others such as an RT dose
+    grid, then most images; meta["other_series"] lists the rest), one stack of it (one echo, b-value or time
+    point), slices sorted by position along the slice normal, spacing from those positions (one or two
+    missing slices drawn from their neighbours), rescale slope/intercept applied (CT in HU).
     .npy (M3D style, (1, D, H, W) or (D, H, W), values in [0, 1]): `arr[d]` is an axial slice in display
     order (row 0 anterior, column 0 the patient's right), d increasing toward superior; spacing 1 mm,
     modality "OT", stored orientation "LPS".
@@ -312,7 +313,8 @@ def _extract_zip(path: Path, folder: Path) -> list[Path]:
                 continue
             # A folder of our own per member, so nothing can land outside `folder`; the member's own file name
             # (its characters made safe) so that a message about it names what the user zipped.
-            target = folder / f"{number:05d}" / (_SAFE_NAME.sub("_", name.name)[-100:].lstrip(".") or "member")
+            safe = _SAFE_NAME.sub("_", name.name).encode()[-100:].decode(errors="ignore")  # 100 bytes: any file system
+            target = folder / f"{number:05d}" / (safe.lstrip(".") or "member")
             target.parent.mkdir()
             try:
                 with archive.open(member) as source, open(target, "wb") as sink:

@@ -97,6 +97,47 @@ def test_a_missing_slice_is_drawn_from_its_neighbours_and_every_slice_keeps_its_
                                   "true position", "1 image(s) were in the upload twice; each is used once"]
 
 
+def test_a_wide_gap_is_not_filled_with_slices_made_up_across_it(tmp_path):
+    """Two blocks of a series with 50 mm missing between them: nothing is drawn across 20 slices of nothing."""
+    data = np.zeros((20, 6, 6), dtype=np.float32)
+    files = save_dicom_series(tmp_path, data, (2.5, 1.0, 1.0))
+    for path in files[10:]:
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], ds.ImagePositionPatient[2] + 50.0]
+        ds.save_as(path)
+    scan = load_volume(tmp_path)
+    assert scan.shape[0] == 20 and "missing_slices" not in scan.meta and "uneven_gaps" in scan.meta
+
+
+def test_missing_slices_count_against_the_slice_limit_before_pixels_are_read(tmp_path, monkeypatch):
+    from medvlm import dicom
+
+    files = save_dicom_series(tmp_path, np.zeros((12, 6, 6), dtype=np.float32), (2.5, 1.0, 1.0))
+    for path in (files[3], files[7]):
+        path.unlink()  # 10 images left, 12 slices once drawn
+    monkeypatch.setattr(volume_module, "MAX_SIDE", 11)
+    monkeypatch.setattr(dicom, "_read_pixels", lambda *args: pytest.fail("pixels read"))
+    with pytest.raises(VolumeError, match="12 voxels along one side, more than the 11 allowed"):
+        load_volume(tmp_path)
+
+
+def test_the_scan_is_chosen_over_a_scout_of_too_few_images(tmp_path, marked_ct):
+    """A one-image CT scout beside a stackable series of another modality: the series that stacks is shown."""
+    save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, modality="OT")
+    save_dicom_series(tmp_path / "scout", np.zeros((1, 6, 6), dtype=np.float32), (5.0, 2.0, 2.0), series_number=2)
+    scan = load_volume(tmp_path)
+    assert scan.shape == marked_ct.shape and scan.meta["other_series"][0]["slices"] == 1
+
+
+def test_a_private_transfer_syntax_is_one_sentence(tmp_path, marked_ct):
+    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING)
+    ds = pydicom.dcmread(files[0])
+    ds.file_meta.TransferSyntaxUID = "1.2.840.113619.5.2"  # GE's private syntax: no decoder reads it
+    ds.save_as(files[0], enforce_file_format=False)
+    with pytest.raises(VolumeError, match=r"cannot be decoded .*export the series uncompressed"):
+        load_volume(tmp_path)
+
+
 def test_positions_rounded_by_the_exporter_give_the_true_slice_spacing(tmp_path):
     """0.625 mm slices whose positions an exporter wrote to 0.1 mm: gaps of 0.6 and 0.7 mm, even all the same."""
     data = np.zeros((24, 6, 6), dtype=np.float32)
@@ -304,6 +345,15 @@ def test_a_file_cut_short_in_a_zip_is_named_as_zipped_and_not_called_compressed(
     message = str(caught.value)
     assert f"the pixel data of {files[2].name} cannot be decoded" in message
     assert message.endswith("the file is cut short or damaged; copy or export the series again")
+
+
+def test_a_zipped_file_with_a_long_name_in_any_script_loads(tmp_path, marked_ct):
+    """Member names are kept (for messages about them) within the 255 bytes a file system allows a name."""
+    files = save_dicom_series(tmp_path / "series", marked_ct, MARKED_SPACING)
+    with zipfile.ZipFile(tmp_path / "study.zip", "w") as zipped:
+        for number, path in enumerate(files):
+            zipped.write(path, f"{'断层扫描' * 30}{number}.dcm")
+    _assert_same_scan(load_volume(tmp_path / "study.zip"), marked_ct)
 
 
 def test_files_beside_a_nifti_are_counted_as_left_out(tmp_path, marked_ct):
