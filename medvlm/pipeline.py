@@ -30,6 +30,7 @@ from .prompt import prompt_text
 from .volume import Volume
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+BLANK_SPREAD = 1e-3  # a channel of the encoder input spanning less (in its normalised units) shows nothing
 ENCODING_CACHE_SIZE = 16  # scans whose visual tokens are kept for follow-up questions
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a file that git-lfs never fetched begins
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a checkpoint holds one or both
@@ -143,9 +144,11 @@ def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGenerat
         transformers_logging.set_verbosity(verbosity)
         if bar_shown:
             transformers_logging.enable_progress_bar()
-    missing = sorted(info["missing_keys"])  # transformers would draw them at random and go on
-    if missing:
+    missing, unused = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])  # transformers would go on
+    if missing:  # ... drawing these at random
         raise CheckpointError(mismatch.format(f"{len(missing)} weights missing, e.g. {missing[0]}"))
+    if unused:  # ... without these (another variant's parts, LoRA weights never merged)
+        raise CheckpointError(mismatch.format(f"{len(unused)} weights the model has no place for, e.g. {unused[0]}"))
     return model
 
 
@@ -309,7 +312,8 @@ class Pipeline:
                 return self._encodings[key]
         start = time.perf_counter()
         pixel_values, heights = encoder_input(volume, self.model.config, device=self.device)
-        if bool((pixel_values == pixel_values[:1, :, :1, :1]).all()):  # each channel one value: a blank picture
+        spread = pixel_values.amax(dim=(0, 2, 3)) - pixel_values.amin(dim=(0, 2, 3))  # per channel
+        if bool((spread < BLANK_SPREAD).all()):  # one value everywhere, give or take the resizing's rounding
             raise UserInputError("the scan holds one value everywhere, so there is nothing in it for the model to "
                                  "read; check that the file holds the image you meant")
         prepared = time.perf_counter()

@@ -94,9 +94,9 @@ def encoder_input(volume: Volume, config, device: torch.device | str | None = No
                                                                                            torch.Tensor]:
     """The fixed, per-checkpoint preprocessing from a volume to the slice encoder's input.
 
-    Slices are taken as a radiologist sees them (row 0 anterior, column 0 the patient's right), with
-    square pixels (non-square ones resampled to the finer spacing), padded square with the volume's
-    lowest value, resized to `config.image_size`, averaged into
+    Slices are taken as a radiologist sees them (row 0 anterior, column 0 the patient's right),
+    padded square with the volume's lowest value, resized to `config.image_size` (non-square pixels:
+    each axis to its share of the square in mm, then padded), averaged into
     slabs of `config.slice_spacing_mm` (at most `config.max_input_slices`), then mapped to one
     channel per CT window (MR/PET: robust percentile range; OT: min-max) and normalised.
 
@@ -134,18 +134,22 @@ def encoder_input(volume: Volume, config, device: torch.device | str | None = No
         # commutes with the in-plane flip, pad and resize below: done first, they touch Z' slices instead of Z.
         voxels = _slab_means(voxels, target)  # (Z', Y, X)
     slices = voxels.flip(1, 2)  # display orientation: row 0 anterior, column 0 the patient's right
-    row_mm, col_mm = volume.spacing[1:]
-    if not math.isclose(row_mm, col_mm, rel_tol=1e-3):  # pixels not square: squared first, or the picture stretches
-        finer = min(row_mm, col_mm)
-        rows, cols = max(1, round(rows * row_mm / finer)), max(1, round(cols * col_mm / finer))
-        slices = F.interpolate(slices[:, None], size=(rows, cols), mode="bilinear", align_corners=False)[:, 0]
-    side = max(rows, cols)
-    top, left = (side - rows) // 2, (side - cols) // 2
-    if rows != cols:
-        slices = F.pad(slices, (left, side - cols - left, top, side - rows - top), value=background)
     size = config.image_size
-    slices = F.interpolate(slices[:, None], size=(size, size), mode="bilinear", antialias=side > size,
-                           align_corners=False)[:, 0]  # (Z', S, S)
+    row_mm, col_mm = volume.spacing[1:]
+    if math.isclose(row_mm, col_mm, rel_tol=1e-3):
+        side = max(rows, cols)
+        top, left = (side - rows) // 2, (side - cols) // 2
+        if rows != cols:
+            slices = F.pad(slices, (left, side - cols - left, top, side - rows - top), value=background)
+        slices = F.interpolate(slices[:, None], size=(size, size), mode="bilinear", antialias=side > size,
+                               align_corners=False)[:, 0]  # (Z', S, S)
+    else:  # pixels not square: each axis resized to its share of the square in mm, or the picture stretches
+        side_mm = max(rows * row_mm, cols * col_mm)
+        height, width = (max(1, round(size * n * mm / side_mm)) for n, mm in ((rows, row_mm), (cols, col_mm)))
+        slices = F.interpolate(slices[:, None], size=(height, width), mode="bilinear",
+                               antialias=rows > height or cols > width, align_corners=False)[:, 0]
+        top, left = (size - height) // 2, (size - width) // 2
+        slices = F.pad(slices, (left, size - width - left, top, size - height - top), value=background)
 
     channels = [((slices - lo) / (hi - lo)).clamp_(0.0, 1.0) for lo, hi in ranges]
     pixel_values = torch.stack(channels, dim=1)  # (Z', 3, S, S)

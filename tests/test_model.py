@@ -321,6 +321,10 @@ def test_weights_that_do_not_fit_the_config_are_refused_not_drawn_at_random(demo
               demo_copy / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"do not fit .*\(4 weights missing, e\.g\. multi_modal_projector"):
         Pipeline.from_pretrained(demo_copy)
+    save_file({**weights, "lora_A.weight": torch.zeros(2, 2)}, demo_copy / "model.safetensors",
+              metadata={"format": "pt"})  # weights never merged, which the model would leave unused
+    with pytest.raises(CheckpointError, match=r"do not fit .*\(1 weights the model has no place for, e\.g\. lora_A"):
+        Pipeline.from_pretrained(demo_copy)
     save_file(weights, demo_copy / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((demo_copy / "config.json").read_text())
     config["text_config"]["intermediate_size"] *= 2
@@ -385,12 +389,18 @@ def test_text_holding_the_models_control_tokens_is_refused(pipeline):
 
 
 def test_a_blank_scan_is_refused_before_the_model_makes_up_a_report(pipeline):
-    """A scan of one value everywhere (all zeros; all NaN, read as zeros) holds nothing to report on."""
-    blank = Volume(np.zeros((20, 40, 48), np.float32), (2.0, 1.0, 1.0), np.eye(4), "CT", "nifti", "RAS")
-    for ask in (lambda: pipeline.encode(blank), lambda: "".join(pipeline.report(blank, max_new_tokens=4))):
-        with pytest.raises(UserInputError, match="the scan holds one value everywhere, so there is nothing in it"):
-            ask()
-    pipeline.encode(ct_volume())  # a scan with something in it is read
+    """A scan of one value everywhere (air in HU, an empty PET, all NaN read as zeros, ...) holds nothing to report
+    on, whatever rounding the slabs and resizing leave in the model's input."""
+    for modality, value in (("CT", -1000.0), ("PT", 37.3), ("OT", 1234.5), ("MR", 0.0)):
+        blank = Volume(np.full((20, 40, 48), value, np.float32), (2.0, 1.0, 1.0), np.eye(4), modality, "nifti", "RAS")
+        with pytest.raises(UserInputError, match="the scan holds one value everywhere, so there is nothing in"):
+            pipeline.encode(blank)
+        with pytest.raises(UserInputError, match="the scan holds one value everywhere"):
+            "".join(pipeline.report(blank, max_new_tokens=4))
+    faint = ct_volume()
+    faint.data[:] = -1000.0
+    faint.data[10, 20, 20:30] = -990.0  # one faint streak in one slice is something to read
+    pipeline.encode(faint)
 
 
 def test_a_conversation_longer_than_the_model_reads_is_refused_and_an_answer_ends_within_it(pipeline, monkeypatch):
