@@ -449,6 +449,12 @@ def resume_point(state_dir: Path, accelerator: Accelerator) -> Path | None:
     return complete[-1] if complete else None
 
 
+def stage_seed(seed: int, stage: str) -> int:
+    """The seed a training stage's random numbers start from, one for each run seed and stage: no stage of one
+    seed draws the numbers of a stage of another (seed + index would give seed 0's second stage seed 1's first)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{stage}".encode()).digest()[:4], "little")
+
+
 def run_stage(stage: dict, model, tokenizer, features: FeatureCache | VolumeFeatures, train_samples: list[Sample],
               val_samples: list[Sample], preset: dict, out: Path, log: MetricsLog, seed: int,
               findings: tuple[list[str], dict[str, torch.Tensor]] = ([], {})) -> None:
@@ -660,10 +666,10 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
         clock.save()
         log = MetricsLog(work / METRICS, accelerator.is_main_process, clock)
         findings = finding_targets(root, sorted({s.image for s in train_samples + val_samples}))
-        for number, stage in enumerate(preset["stages"]):
+        for stage in preset["stages"]:
             # Each stage draws from its own seed, so it trains the same whether the stages before it trained in
             # this process or were loaded from their saved weights (a resume); an epoch resumed restores its own.
-            set_seed(seed + number)
+            set_seed(stage_seed(seed, stage["name"]))
             run_stage(stage, model, tokenizer, scans, train_samples, val_samples, preset, work, log, seed, findings)
         if accelerator.is_main_process:
             if model.language_model.is_activation_checkpointing:
