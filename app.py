@@ -14,6 +14,7 @@ import html
 import io
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -313,15 +314,21 @@ def sweep_upload_leftovers(folder: Path, older_than: float) -> list[Path]:
     than `older_than` seconds (so nothing that is being uploaded or read): the partial file of an upload cut
     off half-way (it can hold a DICOM header, the patient's name in it), the empty file its File component
     makes beside every upload (both named tmp…), and the emptied folders of abandoned uploads. Returns them."""
+    if folder.resolve() == Path(tempfile.gettempdir()).resolve():  # GRADIO_TEMP_DIR set to the system's: shared
+        return []  # with other programs, whose temporary files are not ours to delete
     cutoff = time.time() - older_than
     removed = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:  # no such folder (yet): nothing uploaded
+        return []
+    for path in entries:
         try:
             if path.is_symlink() or path.lstat().st_mtime >= cutoff or str(path) in _SESSION_FILES:
                 continue
-            if path.is_file() and path.name.startswith("tmp"):
+            if path.is_file() and _TEMPORARY_FILE.fullmatch(path.name):
                 path.unlink()
-            elif path.is_dir() and not path.name.startswith(SESSION_FOLDER_PREFIX) and not any(path.iterdir()):
+            elif path.is_dir() and _UPLOAD_FOLDER.fullmatch(path.name) and not any(path.iterdir()):
                 path.rmdir()
             else:
                 continue
@@ -331,10 +338,18 @@ def sweep_upload_leftovers(folder: Path, older_than: float) -> list[Path]:
     return removed
 
 
+_TEMPORARY_FILE = re.compile(r"tmp[a-z0-9_]{8}")  # Python's tempfile names, which Gradio's uploads take
+_UPLOAD_FOLDER = re.compile(r"[0-9a-f]{64}")  # Gradio's folder per uploaded file: its SHA-256
+
+
 def _sweep_uploads_forever(every: float, older_than: float) -> None:
     while True:
         time.sleep(every)
-        sweep_upload_leftovers(Path(get_upload_folder()), older_than)
+        try:
+            sweep_upload_leftovers(Path(get_upload_folder()), older_than)
+        except Exception as error:  # a sweep that fails must not end the thread: the next one tries again
+            print(f"MedVLM 3D: the upload folder's sweep failed ({type(error).__name__}); it runs again in "
+                  f"{every:.0f} s", file=sys.stderr, flush=True)
 
 
 def window_label(name: str) -> str:
@@ -432,9 +447,22 @@ def _slice_number(typed: float | None, count: int) -> int:
     return count // 2 + 1 if typed is None else min(count, max(1, int(typed)))
 
 
-def show_slice(session: ScanSession | None, plane: str, window: str | None, slice_number: float | None):
+def _typed_number(value) -> float | None:
+    """A slider's value as its box or an API client sent it, unchecked (`preprocess=False`): the number, or None
+    for anything that is not a finite one."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def show_slice(session: ScanSession | None, plane: str, window: str | None, slice_number):
     """The slice the slider asks for. A number typed into its box beyond the first or last slice shows that
-    slice, an emptied box the middle one, and the box then says which: (slice view, slider)."""
+    slice, an emptied box the middle one, and the box then says which: (slice view, slider). The values come
+    unchecked (`preprocess=False`)."""
+    plane = plane if plane in PLANES else "axial"
+    slice_number = _typed_number(slice_number)
     view = slice_html(session, plane, window, slice_number)
     if session is None or session.volume is None:
         return view, gr.skip()
@@ -497,9 +525,11 @@ def show_3d(session: ScanSession | None, threshold: float | None):
     return figure_3d(session.volume, threshold)
 
 
-def redraw_3d(session: ScanSession | None, threshold: float | None):
+def redraw_3d(session: ScanSession | None, threshold):
     """The surface at the threshold the slider asks for; a number typed into its box outside the slider's
-    range draws the nearest end of it, and the box then says so: (plot, slider)."""
+    range draws the nearest end of it, and the box then says so: (plot, slider). The value comes unchecked
+    (`preprocess=False`); an emptied box changes nothing."""
+    threshold = _typed_number(threshold)
     if session is None or session.volume is None or threshold is None:
         return gr.skip(), gr.skip()
     low, high = session.threshold_range

@@ -395,6 +395,10 @@ def test_numbers_typed_past_a_sliders_ends_go_to_the_nearest_end_and_the_box_say
     drawn_at = plot.data[0].name if plot.data else plot.layout.annotations[0].text
     assert box == high and f"{high:g}" in drawn_at
     assert app_module.redraw_3d(session, (low + high) / 2)[1] == gr.skip()
+    for sent in ("abc", [3], float("nan"), float("inf")):  # what an API client can send, unchecked
+        view, box = app_module.show_slice(session, "no such plane", "soft tissue", sent)
+        assert f"Axial {count // 2 + 1} / {count}" in view and box == count // 2 + 1
+        assert app_module.redraw_3d(session, sent) == (gr.skip(), gr.skip())
 
 
 def test_a_question_shows_in_the_chat_as_typed_not_as_markdown(app_module):
@@ -409,12 +413,13 @@ def test_what_gradio_leaves_in_its_upload_folder_is_swept_after_an_hour(app_modu
     Gradio never deletes; the app's sweep does, as it does Gradio's empty tmp files and emptied folders, and
     leaves what is recent, what a session keeps, and what Gradio's own sweep looks after."""
     uploads = tmp_path / "uploads"
-    old = {"partial": uploads / "tmpab12cd34", "empty": uploads / "tmpq9x8w7v6", "folder": uploads / "0123abcd"}
-    kept = {"recent": uploads / "tmpnew12345", "session file": uploads / "tmpkept1234", "gradio's": uploads / "feed",
-            "session": uploads / f"{app_module.SESSION_FOLDER_PREFIX}x1", "other": uploads / "scan.png"}
+    old = {"partial": uploads / "tmpab12cd34", "empty": uploads / "tmpq9x8w7v6", "folder": uploads / ("ab" * 32)}
+    kept = {"recent": uploads / "tmpnew12345", "session file": uploads / "tmpkept1234",
+            "gradio's": uploads / ("cd" * 32), "session": uploads / f"{app_module.SESSION_FOLDER_PREFIX}x1",
+            "other": uploads / "scan.png", "not gradio's": uploads / "tmp", "empty, not gradio's": uploads / "data"}
     for path in [*old.values(), *kept.values()]:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.name in ("0123abcd", "feed") or path.name.startswith(app_module.SESSION_FOLDER_PREFIX):
+        if path.name in ("ab" * 32, "cd" * 32, "data") or path.name.startswith(app_module.SESSION_FOLDER_PREFIX):
             path.mkdir()
         else:
             path.write_bytes(b"DICM PatientName=Quimby^Harriet" if path.name == "tmpab12cd34" else b"")
@@ -424,15 +429,23 @@ def test_what_gradio_leaves_in_its_upload_folder_is_swept_after_an_hour(app_modu
         if path is not kept["recent"]:
             os.utime(path, (hour_ago, hour_ago))
     monkeypatch.setattr(app_module, "_SESSION_FILES", {str(kept["session file"])})
+    monkeypatch.setattr(app_module.tempfile, "gettempdir", lambda: str(uploads))
+    assert app_module.sweep_upload_leftovers(uploads, 3600) == []  # the system's temporary folder is shared
+    monkeypatch.undo()
+    monkeypatch.setattr(app_module, "_SESSION_FILES", {str(kept["session file"])})
     assert sorted(app_module.sweep_upload_leftovers(uploads, 3600)) == sorted(old.values())
     assert all(path.exists() for path in kept.values()) and not any(path.exists() for path in old.values())
+    assert app_module.sweep_upload_leftovers(tmp_path / "never made", 3600) == []
 
 
 def test_serving_the_page_starts_the_upload_sweep(app_module, monkeypatch):
+    def sweeps() -> int:
+        return sum(thread.name == "medvlm-upload-sweep" and thread.daemon for thread in threading.enumerate())
+
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **settings: settings)
+    before = sweeps()
     settings = app_module.launch(app_module.build_demo(), server_port=7999)
-    assert settings["server_port"] == 7999
-    assert any(thread.name == "medvlm-upload-sweep" and thread.daemon for thread in threading.enumerate())
+    assert settings["server_port"] == 7999 and sweeps() == before + 1
 
 
 def test_a_constant_scan_of_huge_values_loads_with_its_page(app_module, tmp_path):
