@@ -584,6 +584,7 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
         yield [], question
         return
     if not question:
+        gr.Warning("Type a question about the scan first.")
         yield list(session.messages), ""
         return
     volume, cleared = session.volume, session.chat_cleared

@@ -364,6 +364,8 @@ def test_a_refused_question_is_not_kept_in_the_conversation(app_module, ct_nifti
         assert box == refused.strip()  # left in the box, to edit
         assert [message["content"] for message in history][0::2] == ["Where is the lesion?"]
         assert [message["content"] for message in session.messages][0::2] == ["Where is the lesion?"]
+    with pytest.warns(UserWarning, match="Type a question about the scan first"):  # Enter on an empty box
+        assert list(app_module.chat("   ", session, 8, 0.0, 1.0))[-1][1] == ""
     history = list(app_module.chat("Which organ is abnormal?", session, 8, 0.0, 1.0))[-1][0]
     assert [message["content"] for message in history][0::2] == ["Where is the lesion?", "Which organ is abnormal?"]
 
