@@ -110,11 +110,11 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
         for path in paths:
             _require_exists(path)
         files = [file for path in paths for file in _listed_files(path) if not _is_system_file(Path(file.name))]
-        return _load_files(files, "the given files")
+        return _load_files(files, "the given files", zip_alone=True)
     path = Path(src)
     _require_exists(path)
     if path.is_dir():
-        return _load_files(_listed_files(path), f"folder {path.name}")
+        return _load_files(_listed_files(path), f"folder {path.name}", zip_alone=True)
     kind = _scan_kind(path)
     if kind == "zip":
         with tempfile.TemporaryDirectory(prefix="medvlm-zip-") as folder:
@@ -260,8 +260,11 @@ def _listed_files(path: Path) -> list[Path]:
     return sorted(files)
 
 
-def _load_files(files: list[Path], name: str) -> Volume:
-    """Files of one upload: its single NIfTI or .npy file if it holds one, else a DICOM series."""
+def _load_files(files: list[Path], name: str, zip_alone: bool = False) -> Volume:
+    """Files of one upload: its single NIfTI or .npy file if it holds one, else a DICOM series; with
+    `zip_alone` (a folder or list, never a zip's own members: no zip in a zip), a lone .zip is the scan."""
+    if zip_alone and len(files) == 1 and _scan_kind(files[0]) == "zip":
+        return load_volume(files[0])
     if len(files) > MAX_DICOM_FILES:
         raise VolumeError(f"{name} holds {len(files)} files, more than the {MAX_DICOM_FILES} allowed; upload one "
                           "series at a time")

@@ -347,6 +347,21 @@ def test_a_file_cut_short_in_a_zip_is_named_as_zipped_and_not_called_compressed(
     assert message.endswith("the file is cut short or damaged; copy or export the series again")
 
 
+def test_a_folder_holding_only_a_zip_loads_the_zip_but_a_zip_in_a_zip_is_not_opened(tmp_path, marked_ct):
+    files = save_dicom_series(tmp_path / "series", marked_ct, MARKED_SPACING)
+    (tmp_path / "upload").mkdir()
+    with zipfile.ZipFile(tmp_path / "upload" / "study.zip", "w") as zipped:
+        for path in files:
+            zipped.write(path, path.name)
+    (tmp_path / "upload" / ".DS_Store").write_bytes(b"clutter")
+    _assert_same_scan(load_volume(tmp_path / "upload"), marked_ct)
+    _assert_same_scan(load_volume([tmp_path / "upload" / "study.zip", tmp_path / "upload" / ".DS_Store"]), marked_ct)
+    with zipfile.ZipFile(tmp_path / "outer.zip", "w") as zipped:
+        zipped.write(tmp_path / "upload" / "study.zip", "study.zip")
+    with pytest.raises(VolumeError, match="holds no DICOM images"):
+        load_volume(tmp_path / "outer.zip")
+
+
 def test_a_zipped_file_with_a_long_name_in_any_script_loads(tmp_path, marked_ct):
     """Member names are kept (for messages about them) within the 255 bytes a file system allows a name."""
     files = save_dicom_series(tmp_path / "series", marked_ct, MARKED_SPACING)
