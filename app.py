@@ -447,17 +447,19 @@ def _slice_number(typed: float | None, count: int) -> int:
     return count // 2 + 1 if typed is None else min(count, max(1, int(typed)))
 
 
-def _typed_number(value) -> float | None:
+def _typed_number(value: object) -> float | None:
     """A slider's value as its box or an API client sent it, unchecked (`preprocess=False`): the number, or None
-    for anything that is not a finite one."""
+    for anything that is not a finite one (text, a list, true/false, NaN, a number past float's range)."""
+    if isinstance(value, bool):
+        return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return number if math.isfinite(number) else None
 
 
-def show_slice(session: ScanSession | None, plane: str, window: str | None, slice_number):
+def show_slice(session: ScanSession | None, plane: str, window: str | None, slice_number: object):
     """The slice the slider asks for. A number typed into its box beyond the first or last slice shows that
     slice, an emptied box the middle one, and the box then says which: (slice view, slider). The values come
     unchecked (`preprocess=False`)."""
@@ -506,7 +508,7 @@ def encode_scan(session: ScanSession | None, plane: str, window: str | None, sli
         if _scan_replaced(session, volume):
             return gr.skip(), gr.skip(), gr.skip()
         gr.Warning(error.message)
-        return f"⚠️ The model cannot read this scan: {error.message}.", gr.skip(), gr.skip()
+        return f"⚠️ {error.message[:1].upper()}{error.message[1:]}.", gr.skip(), gr.skip()
     if _scan_replaced(session, volume):
         return gr.skip(), gr.skip(), gr.skip()
     session.encoding = encoding
@@ -525,7 +527,7 @@ def show_3d(session: ScanSession | None, threshold: float | None):
     return figure_3d(session.volume, threshold)
 
 
-def redraw_3d(session: ScanSession | None, threshold):
+def redraw_3d(session: ScanSession | None, threshold: object):
     """The surface at the threshold the slider asks for; a number typed into its box outside the slider's
     range draws the nearest end of it, and the box then says so: (plot, slider). The value comes unchecked
     (`preprocess=False`); an emptied box changes nothing."""

@@ -91,7 +91,14 @@ def to_uint8(unit: np.ndarray) -> np.ndarray:
 
 
 def encoder_input(volume: Volume, config, device: torch.device | str | None = None) -> tuple[torch.Tensor,
-                                                                                           torch.Tensor]:
+                                                                                          torch.Tensor]:
+    """(pixel_values, heights) of `scan_encoder_input`: what the slice encoder reads of the volume."""
+    pixel_values, heights, _ = scan_encoder_input(volume, config, device)
+    return pixel_values, heights
+
+
+def scan_encoder_input(volume: Volume, config, device: torch.device | str | None = None) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor, bool]:
     """The fixed, per-checkpoint preprocessing from a volume to the slice encoder's input.
 
     Slices are taken as a radiologist sees them (row 0 anterior, column 0 the patient's right),
@@ -102,7 +109,9 @@ def encoder_input(volume: Volume, config, device: torch.device | str | None = No
 
     Returns pixel_values (Z', 3, S, S) float32 and the height of each slice in the scan as a
     fraction (Z',), 0 at the lowest (most inferior) slice and 1 at the highest, both on `device`
-    (None: the CPU); on a GPU the voxels go over once and the resizing runs there.
+    (None: the CPU), and whether the scan is blank (one value in every voxel, not counting NaN and ±Inf:
+    nothing for a model to read, which its input cannot tell exactly after the resizing's rounding); on a
+    GPU the voxels go over once and the resizing runs there.
     """
     import torch
     import torch.nn.functional as F
@@ -122,7 +131,13 @@ def encoder_input(volume: Volume, config, device: torch.device | str | None = No
         voxels = torch.from_numpy(data).to(device)  # (Z, Y, X); on the CPU it shares the volume's memory, unwritten
     lowest, highest = (float(v) for v in torch.aminmax(voxels))  # one pass; NaN or ±Inf anywhere shows here
     all_finite = math.isfinite(lowest) and math.isfinite(highest)
-    background = lowest if all_finite else float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
+    if all_finite:
+        blank = lowest == highest
+    else:  # rare (a loaded volume has none): the finite values, copied
+        finite = data[np.isfinite(data)]
+        blank = finite.size == 0 or float(finite.min()) == float(finite.max())
+        lowest = float(finite.min()) if finite.size else 0.0
+    background = lowest
     if not all_finite:
         voxels = torch.nan_to_num(voxels, nan=background, posinf=background, neginf=background)
     target = num_slices
@@ -156,7 +171,7 @@ def encoder_input(volume: Volume, config, device: torch.device | str | None = No
     mean = torch.tensor(config.image_mean, device=slices.device).view(1, -1, 1, 1)
     std = torch.tensor(config.image_std, device=slices.device).view(1, -1, 1, 1)
     heights = (torch.arange(target, dtype=torch.float32, device=slices.device) + 0.5) / target
-    return (pixel_values - mean) / std, heights
+    return (pixel_values - mean) / std, heights, blank
 
 
 def _slab_means(voxels: torch.Tensor, target: int) -> torch.Tensor:

@@ -375,9 +375,9 @@ def test_a_blank_scan_shows_in_the_viewer_and_the_model_says_it_cannot_read_it(a
     be no report instead of the model making one up."""
     path = save_nifti(tmp_path / "blank.nii.gz", np.full((20, 32, 32), np.nan, np.float32), (2.0, 1.0, 1.0))
     session, _ = loaded(app_module, [path])
-    with pytest.warns(UserWarning, match="holds one value everywhere"):
+    with pytest.warns(UserWarning, match="holds nothing for the model to read"):
         status, kept, view = app_module.encode_scan(session, "axial", "auto", 10)
-    assert status.startswith("⚠️ The model cannot read this scan: the scan holds one value everywhere")
+    assert status.startswith("⚠️ The scan holds nothing for the model to read (one value everywhere")
     assert kept == gr.skip() and view == gr.skip()  # no kept slices offered; the slice shown stays
     assert session.encoding is None and "slice-image" in app_module.slice_html(session, "axial", "auto", 10)
 
@@ -397,7 +397,7 @@ def test_numbers_typed_past_a_sliders_ends_go_to_the_nearest_end_and_the_box_say
     drawn_at = plot.data[0].name if plot.data else plot.layout.annotations[0].text
     assert box == high and f"{high:g}" in drawn_at
     assert app_module.redraw_3d(session, (low + high) / 2)[1] == gr.skip()
-    for sent in ("abc", [3], float("nan"), float("inf")):  # what an API client can send, unchecked
+    for sent in ("abc", [3], float("nan"), float("inf"), True, 10**400):  # what an API client can send, unchecked
         view, box = app_module.show_slice(session, "no such plane", "soft tissue", sent)
         assert f"Axial {count // 2 + 1} / {count}" in view and box == count // 2 + 1
         assert app_module.redraw_3d(session, sent) == (gr.skip(), gr.skip())

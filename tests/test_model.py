@@ -391,16 +391,22 @@ def test_text_holding_the_models_control_tokens_is_refused(pipeline):
 def test_a_blank_scan_is_refused_before_the_model_makes_up_a_report(pipeline):
     """A scan of one value everywhere (air in HU, an empty PET, all NaN read as zeros, ...) holds nothing to report
     on, whatever rounding the slabs and resizing leave in the model's input."""
-    for modality, value in (("CT", -1000.0), ("PT", 37.3), ("OT", 1234.5), ("MR", 0.0)):
+    for modality, value in (("CT", -1000.0), ("PT", 37.3), ("OT", 1234.5), ("MR", 0.0), ("OT", -32768.0),
+                            ("MR", 4095.0)):
         blank = Volume(np.full((20, 40, 48), value, np.float32), (2.0, 1.0, 1.0), np.eye(4), modality, "nifti", "RAS")
-        with pytest.raises(UserInputError, match="the scan holds one value everywhere, so there is nothing in"):
+        with pytest.raises(UserInputError, match=r"holds nothing for the model to read \(one value everywhere"):
             pipeline.encode(blank)
-        with pytest.raises(UserInputError, match="the scan holds one value everywhere"):
+        with pytest.raises(UserInputError, match="the scan holds nothing for the model to read"):
             "".join(pipeline.report(blank, max_new_tokens=4))
     faint = ct_volume()
     faint.data[:] = -1000.0
     faint.data[10, 20, 20:30] = -990.0  # one faint streak in one slice is something to read
     pipeline.encode(faint)
+    bright = ct_volume()
+    bright.data[:] = 3000.0
+    bright.data[10] = 3500.0  # a CT whose every value lies above every window: nothing the model can see
+    with pytest.raises(UserInputError, match="the scan holds nothing for the model to read"):
+        pipeline.encode(bright)
 
 
 def test_a_conversation_longer_than_the_model_reads_is_refused_and_an_answer_ends_within_it(pipeline, monkeypatch):
