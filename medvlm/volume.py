@@ -385,15 +385,15 @@ def _load_nifti(path: Path) -> Volume:
         raise VolumeError(f"{path.name} is damaged or truncated ({error_reason(error)}); re-export or re-upload the "
                           "scan") from error
     meta: dict[str, Any] = {"notes": []}
-    if array.dtype.itemsize > 4 and array.dtype.kind == "f":  # float64: values past float32's range would be ±Inf
-        largest = float(np.finfo(np.float32).max)
-        beyond = int(np.count_nonzero(np.abs(array) > largest))  # NaN compares False: left to canonical_volume
-        if beyond:
-            array = np.clip(array, -largest, largest)
-            meta["notes"].append(f"{beyond:,} voxels hold values beyond what 32-bit numbers can (±{largest:.1e}) "
-                                 "and are shown at that limit")
     if array.dtype.kind not in "iu":  # integers stay as stored until `_volume` reorients them into float32
-        array = array.astype(np.float32, copy=False)
+        wide, array = array, array.astype(np.float32, copy=False)
+        if wide.dtype.itemsize > 4 and np.isinf(array).any():  # float64 values past float32's range became ±Inf
+            beyond = np.isinf(array) & np.isfinite(wide)  # (a real ±Inf stays one, for canonical_volume)
+            if beyond.any():
+                largest = np.finfo(np.float32).max
+                array[beyond] = np.where(wide[beyond] > 0, largest, -largest)
+                meta["notes"].append(f"{int(beyond.sum()):,} voxels hold values beyond what 32-bit numbers can "
+                                     f"(±{largest:.1e}) and are shown at that limit")
     if frames > 1:
         meta["frames"] = frames
         meta["notes"].append(f"the file holds {frames} volumes (4D); the first is shown")

@@ -518,6 +518,11 @@ def test_huge_values_and_float64_overflow_stay_finite(tmp_path):
     assert np.isfinite(scan.data).all() and "non_finite_voxels" not in scan.meta
     assert (scan.data > 0).sum() == 40 and (scan.data < 0).sum() == 20  # +1e300 at the top of the range, not the bottom
     assert "60 voxels hold values beyond what 32-bit numbers can" in scan.meta["notes"][0]
+    data = np.linspace(0.0, 1000.0, 60).reshape(3, 4, 5)
+    data[0, 0, :2] = np.inf  # a real ±Inf in a float64 file is no number, as in a float32 one: not a huge value
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    scan = loads_or_refuses(path)
+    assert scan.meta["non_finite_voxels"] == 2 and scan.modality == "OT" and scan.data.max() < 1001
 
 
 @pytest.mark.parametrize("modality", ["CT", "MR", "PT", "OT"])
