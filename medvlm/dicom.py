@@ -267,10 +267,16 @@ def _series_summary(headers: list) -> dict[str, Any]:
 
 
 def _series_rank(headers: list) -> tuple[bool, bool, int]:
-    """Which series of an upload is the scan: one with enough images to stack first (not a scout), then a CT,
-    MR or PET one (an RT dose grid often has more frames than the CT it was computed on), then most images."""
+    """Which series of an upload is the scan: one with enough images of one orientation and size to stack
+    first (not a scout, whose views lie in different planes), then a CT, MR or PET one (an RT dose grid often
+    has more frames than the CT it was computed on), then most images. From the headers alone."""
     summary = _series_summary(headers)
-    return summary["slices"] >= MIN_SLICES, summary["modality"] != "OT", summary["slices"]
+    planes: dict[tuple, int] = {}
+    for _, header in headers:  # an enhanced file states its orientation per frame: its frames count as one plane
+        orientation = tuple(np.round(_numbers(header.get("ImageOrientationPatient"), 6) or [0.0] * 6, 2) + 0.0)
+        key = (orientation, _count(header.get("Rows")), _count(header.get("Columns")))
+        planes[key] = planes.get(key, 0) + _frame_count(header)
+    return max(planes.values()) >= MIN_SLICES, summary["modality"] != "OT", summary["slices"]
 
 
 def _series_number(header) -> int | None:

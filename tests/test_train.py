@@ -22,7 +22,15 @@ from medvlm.features import FeatureCache
 from medvlm.modeling import MedVLMForConditionalGeneration
 from medvlm.phantom import write_phantom_set
 from medvlm.pipeline import Pipeline
-from medvlm.train import ScanGroupedBatches, finding_targets, load_preset, probe_floors, save_epoch_state, train
+from medvlm.train import (
+    ScanGroupedBatches,
+    finding_targets,
+    load_preset,
+    probe_floors,
+    save_epoch_state,
+    stage_seed,
+    train,
+)
 from medvlm.volume import load_volume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +92,12 @@ def test_a_resumed_run_trains_the_same_weights_as_one_from_nothing(phantoms, tmp
     for name in ("encoder-cached", "stage-resumed"):
         again = load_file(tmp_path / name / "model.safetensors")
         assert [key for key in once if not torch.equal(once[key], again[key])] == [], name
+
+
+def test_each_stage_of_each_seed_draws_numbers_of_its_own():
+    """Seed 0's second stage must not replay seed 1's first (seed + index would): replicate runs are independent."""
+    stages = ("probe", "align", "instruct")
+    assert len({stage_seed(seed, stage) for seed in range(50) for stage in stages}) == 50 * len(stages)
 
 
 @pytest.mark.parametrize(("change", "differs"), [({"seed": 1}, "another seed"),

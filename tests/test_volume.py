@@ -98,12 +98,13 @@ def test_a_missing_slice_is_drawn_from_its_neighbours_and_every_slice_keeps_its_
 
 
 def test_a_wide_gap_is_not_filled_with_slices_made_up_across_it(tmp_path):
-    """Two blocks of a series with 50 mm missing between them: nothing is drawn across 20 slices of nothing."""
+    """Two blocks of a series with three slices missing between them (more than MAX_MISSING_IN_A_GAP): nothing is
+    drawn across the gap."""
     data = np.zeros((20, 6, 6), dtype=np.float32)
     files = save_dicom_series(tmp_path, data, (2.5, 1.0, 1.0))
     for path in files[10:]:
         ds = pydicom.dcmread(path)
-        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], ds.ImagePositionPatient[2] + 50.0]
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], ds.ImagePositionPatient[2] + 7.5]
         ds.save_as(path)
     scan = load_volume(tmp_path)
     assert scan.shape[0] == 20 and "missing_slices" not in scan.meta and "uneven_gaps" in scan.meta
@@ -122,11 +123,18 @@ def test_missing_slices_count_against_the_slice_limit_before_pixels_are_read(tmp
 
 
 def test_the_scan_is_chosen_over_a_scout_of_too_few_images(tmp_path, marked_ct):
-    """A one-image CT scout beside a stackable series of another modality: the series that stacks is shown."""
+    """A CT scout (a frontal and a lateral view, or one view) beside a stackable series of another modality: the
+    series that stacks is shown."""
     save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, modality="OT")
-    save_dicom_series(tmp_path / "scout", np.zeros((1, 6, 6), dtype=np.float32), (5.0, 2.0, 2.0), series_number=2)
+    views = save_dicom_series(tmp_path / "scout", np.zeros((2, 6, 6), dtype=np.float32), (5.0, 2.0, 2.0),
+                              series_number=2)
+    lateral = pydicom.dcmread(views[1])
+    lateral.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # the second view in the sagittal plane
+    lateral.save_as(views[1])
     scan = load_volume(tmp_path)
-    assert scan.shape == marked_ct.shape and scan.meta["other_series"][0]["slices"] == 1
+    assert scan.shape == marked_ct.shape and scan.meta["other_series"][0]["slices"] == 2
+    views[1].unlink()
+    assert load_volume(tmp_path).meta["other_series"][0]["slices"] == 1
 
 
 def test_a_private_transfer_syntax_is_one_sentence(tmp_path, marked_ct):
