@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from .errors import UserInputError
 from .prompt import prompt_text
+from .volume import error_reason
 
 REPORT_PROMPT = "Write a radiology report for this scan."  # the prompt used at inference and evaluation
 REPORT_PROMPTS = (  # paraphrases for training variety; REPORT_PROMPT first
@@ -73,21 +74,23 @@ def read_m3d_cap(root: str | Path, split: str, prompts: tuple[str, ...] = (REPOR
     if not path.is_file():
         raise UserInputError(f"no {CAP_FILE} in {root}; point to a folder in the M3D-Cap layout")
     try:
-        table = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise UserInputError(f"{path} is not valid JSON ({error}); M3D-Cap needs keys train, validation and "
-                             "test") from None
-    if not isinstance(table, dict) or split not in table:
+        table = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark some editors write
+    except ValueError as error:  # UnicodeDecodeError among them
+        raise UserInputError(f"{path} is not valid UTF-8 JSON ({error_reason(error)}); M3D-Cap needs keys train, "
+                             "validation and test") from None
+    if not isinstance(table, dict) or not isinstance(table.get(split), list):
         raise UserInputError(f"{path} has no {split!r} list; M3D-Cap needs keys train, validation and test")
     samples = []
     for index, item in enumerate(table[split]):
-        if not isinstance(item, dict) or not {"image", "text"} <= set(item):
-            raise UserInputError(f"item {index} of {split!r} in {path} lacks 'image' or 'text'; both are required")
+        if not isinstance(item, dict) or not all(isinstance(item.get(key), str) for key in ("image", "text")):
+            raise UserInputError(f"item {index} of {split!r} in {path} lacks 'image' or 'text' (a path each); both "
+                                 "are required")
         try:
-            report = (root / item["text"]).read_text(encoding="utf-8").strip()
-        except OSError as error:
+            report = (root / item["text"]).read_text(encoding="utf-8-sig").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else "not UTF-8 text"
             raise UserInputError(f"cannot read the report {item['text']} of item {index} of {split!r} in {path} "
-                                 f"({error.strerror or error}); restore it or fix {CAP_FILE}") from None
+                                 f"({reason}); restore it, save it as UTF-8, or fix {CAP_FILE}") from None
         samples.append(Sample(item["image"], _chat(prompts[index % len(prompts)], report), "report"))
     return samples
 
@@ -107,25 +110,34 @@ def read_m3d_vqa(root: str | Path, split: str, closed: bool = True, open: bool =
     path = Path(root) / VQA_FILES[split]
     if not path.is_file():
         raise UserInputError(f"no {VQA_FILES[split]} in {root}; point to a folder in the M3D-VQA layout")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark Excel writes
+            reader = csv.DictReader(handle)
+            fields, rows = reader.fieldnames, list(reader)
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path} is not UTF-8 text; save it as UTF-8 (CSV UTF-8 in Excel)") from None
+    missing = [c for c in VQA_COLUMNS if c not in (fields or [])]
+    if missing:
+        raise UserInputError(f"{path} lacks the M3D-VQA columns {missing}; expected {', '.join(VQA_COLUMNS)}")
     samples = []
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in VQA_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserInputError(f"{path} lacks the M3D-VQA columns {missing}; expected {', '.join(VQA_COLUMNS)}")
-        for line, row in enumerate(reader, start=2):
-            try:
-                question_type = int(row["Question Type"])
-            except (TypeError, ValueError):
-                raise UserInputError(f"{path}, line {line}: Question Type {row['Question Type']!r} is not a whole "
-                                     "number (M3D-VQA uses 1 to 5); fix the row") from None
-            letter = row["Answer Choice"].strip()
-            if closed:
-                samples.append(Sample(row["Image Path"], _chat(closed_prompt(row), f"{letter}. {row['Answer']}"),
-                                      "vqa_closed", question_type, letter))
-            if open:
-                samples.append(Sample(row["Image Path"], _chat(row["Question"], row["Answer"]), "vqa_open",
-                                      question_type))
+    for line, row in enumerate(rows, start=2):
+        if any(row.get(column) is None for column in VQA_COLUMNS):
+            raise UserInputError(f"{path}, line {line}: the row has fewer fields than the header; fix the row")
+        try:
+            question_type = int(row["Question Type"])
+        except (TypeError, ValueError):
+            raise UserInputError(f"{path}, line {line}: Question Type {row['Question Type']!r} is not a whole "
+                                 "number (M3D-VQA uses 1 to 5); fix the row") from None
+        letter = row["Answer Choice"].strip().rstrip(".").upper()  # "b", "B." are B; the reference says "B."
+        if letter not in CHOICE_LETTERS:
+            raise UserInputError(f"{path}, line {line}: Answer Choice {row['Answer Choice']!r} is not one of "
+                                 f"{', '.join(CHOICE_LETTERS)}; the closed-ended score would be wrong, so fix the row")
+        if closed:
+            samples.append(Sample(row["Image Path"], _chat(closed_prompt(row), f"{letter}. {row['Answer']}"),
+                                  "vqa_closed", question_type, letter))
+        if open:
+            samples.append(Sample(row["Image Path"], _chat(row["Question"], row["Answer"]), "vqa_open",
+                                  question_type))
     return samples
 
 

@@ -97,6 +97,10 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test
     images = list(dict.fromkeys(s.image for s in samples))[:limit]
     keep = set(images)
     samples = [s for s in samples if s.image in keep]
+    absent = [image for image in images if not (root / image).exists()]
+    if absent:  # found now, not after hours of answers about the scans before it
+        raise UserInputError(f"{len(absent)} of the {len(images)} scans that {root}'s {split} split names are not "
+                             f"there (e.g. {absent[0]}); restore them or fix the split's JSON and CSV")
     state = process_state()
     if device is None and state.num_processes > 1:  # each process on its own GPU; CPU processes share "cpu"
         device = str(state.device) if state.device.type == "cuda" else "cpu"
@@ -134,6 +138,8 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test
     closed = by_task.get("vqa_closed", [])
     results["closed_accuracy"] = closed_accuracy([a for _, a in closed], [s.answer_choice for s, _ in closed]) \
         if closed else None
+    if not closed:
+        notes["closed_accuracy"] = "no samples to score"
     opened = by_task.get("vqa_open", [])
     open_scores = open_metrics([a for _, a in opened], [s.messages[-1]["content"] for s, _ in opened])
     notes |= {f"open_{k}": v for k, v in open_scores.pop("notes", {}).items()}

@@ -78,6 +78,58 @@ def test_missing_file_and_wrong_columns_say_what_is_wrong(m3d_root, tmp_path_fac
         read_m3d_cap(m3d_root, "val")
 
 
+def _write_vqa(path, rows, encoding="utf-8"):
+    with path.open("w", newline="", encoding=encoding) as handle:
+        writer = csv.DictWriter(handle, fieldnames=VQA_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.mark.parametrize(("written", "read"), [("b", "B"), ("B.", "B"), (" C ", "C")])
+def test_an_answer_choice_written_loosely_is_read_as_its_letter(m3d_root, written, read):
+    _write_vqa(m3d_root / "M3D_VQA_test.csv", [{**VQA_ROW, "Answer Choice": written}])
+    closed, _ = read_m3d_vqa(m3d_root, "test")
+    assert closed.answer_choice == read and closed.messages[1]["content"].startswith(f"{read}. ")
+
+
+@pytest.mark.parametrize("written", ["", "E", "B. lung"])
+def test_an_answer_choice_that_is_no_letter_is_refused_not_scored(m3d_root, written):
+    """An empty letter would score nearly every answer right ("." is in most), another nearly every one wrong."""
+    _write_vqa(m3d_root / "M3D_VQA_test.csv", [VQA_ROW, {**VQA_ROW, "Answer Choice": written}])
+    with pytest.raises(ValueError, match=r"M3D_VQA_test\.csv, line 3: Answer Choice .* is not one of A, B, C, D"):
+        read_m3d_vqa(m3d_root, "test")
+
+
+def test_files_as_editors_and_spreadsheets_save_them_are_read_or_refused_in_one_sentence(m3d_root):
+    _write_vqa(m3d_root / "M3D_VQA_test.csv", [VQA_ROW], encoding="utf-8-sig")  # Excel's CSV UTF-8: a BOM
+    assert read_m3d_vqa(m3d_root, "test")[0].answer_choice == "B"
+    cap = m3d_root / "M3D_Cap.json"
+    cap.write_text(cap.read_text(), encoding="utf-8-sig")
+    (m3d_root / "ct" / "0003.txt").write_text("No focal lesion.", encoding="utf-8-sig")
+    assert read_m3d_cap(m3d_root, "test")[0].messages[1]["content"] == "No focal lesion."  # the BOM is no text
+    refusals = {
+        "M3D_VQA_test.csv": ("Image Path,Question Type\nct/0003.npy,caf\xe9\n".encode("latin-1"), "is not UTF-8"),
+        "M3D_Cap.json": (json.dumps({"test": None}).encode(), "has no 'test' list"),
+    }
+    for name, (content, says) in refusals.items():
+        before = (m3d_root / name).read_bytes()
+        (m3d_root / name).write_bytes(content)
+        with pytest.raises(ValueError, match=says):
+            read_m3d_vqa(m3d_root, "test") if name.endswith(".csv") else read_m3d_cap(m3d_root, "test")
+        (m3d_root / name).write_bytes(before)
+    short = ",".join(VQA_COLUMNS) + "\nct/0003.npy,A report.\n"  # a row with two of its ten fields
+    (m3d_root / "M3D_VQA_test.csv").write_text(short)
+    with pytest.raises(ValueError, match="line 2: the row has fewer fields than the header"):
+        read_m3d_vqa(m3d_root, "test")
+    cap.write_text(json.dumps({"test": [{"image": None, "text": "ct/0003.txt"}]}))
+    with pytest.raises(ValueError, match=r"item 0 of 'test' .* lacks 'image' or 'text'"):
+        read_m3d_cap(m3d_root, "test")
+    (m3d_root / "ct" / "0003.txt").write_bytes("Lésion".encode("latin-1"))
+    cap.write_text(json.dumps({"test": [{"image": "ct/0003.npy", "text": "ct/0003.txt"}]}))
+    with pytest.raises(ValueError, match=r"\(not UTF-8 text\); restore it, save it as UTF-8"):
+        read_m3d_cap(m3d_root, "test")
+
+
 def test_image_loads_as_zyx_float32_and_dataset_serves_arrays_or_cache_keys(m3d_root):
     volume = load_m3d_image(m3d_root, "ct/0001.npy")
     assert volume.shape == (2, 4, 4) and volume.dtype == np.float32 and volume.max() == 1.0
