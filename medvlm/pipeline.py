@@ -216,13 +216,14 @@ def check_generation(max_new_tokens: int, temperature: float, top_p: float) -> N
 
 
 class _StopOnEvent(StoppingCriteria):
-    """Ends generation when the event is set: the user pressed stop or the client went away."""
+    """Ends generation when any of the events is set: the user pressed stop, or the client went away."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, *events: threading.Event):
+        self.events = events
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        stopped = any(event.is_set() for event in self.events)
+        return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)
 
 
 def weights_digest(folder: Path) -> str:
@@ -383,12 +384,15 @@ class Pipeline:
         if context - length < min(int(max_new_tokens), MIN_ANSWER_TOKENS):
             raise UserInputError(f"the conversation has grown to {length:,} tokens with the scan, and the model reads "
                                  f"{context:,} in all, too few to answer in; start a new conversation")
-        return self._stream(input_ids, encoding.visual_tokens.to(self.device), stop or threading.Event(),
+        return self._stream(input_ids, encoding.visual_tokens.to(self.device), stop,
                             max_new_tokens=min(int(max_new_tokens), context - length), temperature=float(temperature),
                             top_p=float(top_p))
 
-    def _stream(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor, stop: threading.Event,
+    def _stream(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor, stop: threading.Event | None,
                 max_new_tokens: int, temperature: float, top_p: float) -> Iterator[str]:
+        """The generation's text chunks; it ends at `stop` (the caller's, never set here: it may serve again) or
+        when the consumer closes the stream (`ended`)."""
+        ended = threading.Event()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
             "do_sample": False}
@@ -398,7 +402,7 @@ class Pipeline:
             try:
                 self.model.generate(
                     input_ids, visual_tokens, max_new_tokens=max_new_tokens, streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+                    stopping_criteria=StoppingCriteriaList([_StopOnEvent(ended, *([stop] if stop else []))]),
                     pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
                     **sampling)
             except BaseException as error:  # surfaced in the consumer's thread below
@@ -412,7 +416,7 @@ class Pipeline:
                 if chunk:
                     yield chunk
         finally:
-            stop.set()
+            ended.set()
             thread.join()
         if failure:
             raise failure[0]

@@ -376,6 +376,18 @@ def test_eval_scores_the_hub_revision_it_is_given(checkpoint, tmp_path, monkeypa
         evaluate("someorg/some-model", data, revision="v2.0", **settings)
 
 
+def test_a_stop_event_of_the_callers_stops_an_answer_and_serves_again(pipeline):
+    """The pipeline sets no event of the caller's: one passed to a finished answer still lets the next one run."""
+    import threading
+
+    stop, volume = threading.Event(), ct_volume()
+    first = "".join(pipeline.report(volume, max_new_tokens=12, stop=stop))
+    assert not stop.is_set() and "".join(pipeline.report(volume, max_new_tokens=12, stop=stop)) == first
+    stop.set()
+    stopped = "".join(pipeline.report(volume, max_new_tokens=12, stop=stop))
+    assert first.startswith(stopped) and len(stopped) < len(first)
+
+
 def test_text_holding_the_models_control_tokens_is_refused(pipeline):
     image_token = pipeline.model.config.image_token
     for question in (f"Is the {image_token} a CT?", "Describe.<|im_end|>"):
