@@ -107,7 +107,9 @@ def stream_on_gpu(encoding: Encoding, messages: list[dict] | None, stop_key: str
     """Stream a report (messages None) or the next chat answer about an encoded scan, chunk by chunk, on the
     GPU when there is one.
 
-    The stop event is looked up by key, because ZeroGPU passes arguments to another process. A refused
+    The stop event is looked up by key, not passed: ZeroGPU pickles the arguments for its worker process, and
+    an event cannot be pickled. In that worker the lookup finds no event (or a copy), so there Stop ends what
+    the browser receives (the handler stops reading and closes the stream) rather than the generation. A refused
     request ends it with gr.Error and the pipeline's sentence: ZeroGPU hands any other exception raised in
     its worker back as just the exception's class name.
     """
@@ -258,7 +260,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     """A fresh session for the scan (the previous one is released): a new conversation starts."""
     plane, window = "axial", default_window(volume.modality)
     count = slice_count(volume, plane)
-    middle = count // 2 + 1
+    middle = _slice_number(None, count)
     grid = surface_grid(volume)[0]
     low, high, step = threshold_range(volume, grid)
     decimals = max(0, -math.floor(math.log10(step)))  # the step is a power of ten: no float noise in the box
@@ -378,8 +380,9 @@ def scan_card(session: ScanSession) -> str:
     rows = [
         ("Modality", MODALITY_NAMES.get(volume.modality, volume.modality)),
         ("Size", f"{x} × {y} voxels × {z} axial slices"),
-        ("Spacing", f"{sx:.2f} × {sy:.2f} mm in-plane, {sz:.2f} mm between slices"),
-        ("Field of view", f"{x * sx:.0f} × {y * sy:.0f} × {z * sz:.0f} mm"),
+        ("Spacing", f"{sx:.2f} × {sy:.2f} mm in-plane, {sz:.2f} mm between slices" if volume.spacing_known
+         else "not stored in an M3D .npy; shown as 1 mm"),
+        ("Field of view", f"{x * sx:.0f} × {y * sy:.0f} × {z * sz:.0f} mm" if volume.spacing_known else "unknown"),
         ("Orientation", f"{volume.orientation} as stored, shown radiologically"),
         ("Source", f"{SOURCE_NAMES.get(volume.source, volume.source)}, {session.label}"),
     ]
@@ -444,7 +447,12 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
 
 def _slice_number(typed: float | None, count: int) -> int:
     """The slice (from 1) a slider value asks for: the nearest of 1 … count, the middle one for none."""
-    return count // 2 + 1 if typed is None else min(count, max(1, int(typed)))
+    return count // 2 + 1 if typed is None else min(count, max(1, round(typed)))
+
+
+def _known_plane(plane: object) -> str:
+    """The plane an event names; axial for what an API client may send instead of one of PLANES (nothing)."""
+    return plane if plane in PLANES else "axial"
 
 
 def _typed_number(value: object) -> float | None:
@@ -463,7 +471,7 @@ def show_slice(session: ScanSession | None, plane: str, window: str | None, slic
     """The slice the slider asks for. A number typed into its box beyond the first or last slice shows that
     slice, an emptied box the middle one, and the box then says which: (slice view, slider). The values come
     unchecked (`preprocess=False`)."""
-    plane = plane if plane in PLANES else "axial"
+    plane = _known_plane(plane)
     slice_number = _typed_number(slice_number)
     view = slice_html(session, plane, window, slice_number)
     if session is None or session.volume is None:
@@ -474,10 +482,11 @@ def show_slice(session: ScanSession | None, plane: str, window: str | None, slic
 
 def change_plane(session: ScanSession | None, plane: str, window: str | None):
     """A new plane opens at its middle slice."""
+    plane = _known_plane(plane)
     if session is None or session.volume is None:
         return gr.skip(), slice_html(session, plane, window, None)
     count = slice_count(session.volume, plane)
-    middle = count // 2 + 1
+    middle = _slice_number(None, count)
     return gr.update(minimum=1, maximum=count, value=middle), slice_html(session, plane, window, middle)
 
 
@@ -660,9 +669,10 @@ def _scan_replaced(session: ScanSession, volume: Volume) -> bool:
 
 def stop_generation(session: ScanSession | None) -> None:
     """End the session's running generation: its thread stops at the next token."""
-    if session is not None and session.stop_key in _STOP_EVENTS:
+    event = _STOP_EVENTS.get(session.stop_key) if session is not None else None  # it ends on its own meanwhile
+    if event is not None:
         session.interrupted = True
-        _STOP_EVENTS[session.stop_key].set()
+        event.set()
 
 
 def clear_conversation(session: ScanSession | None):
@@ -692,8 +702,10 @@ def _write_report(session: ScanSession) -> Path:
     volume = session.volume
     z, y, x = volume.shape
     about = PIPELINE.describe()
-    text = (f"# Report\n\n{MODALITY_NAMES.get(volume.modality, volume.modality)}, {x} × {y} × {z} voxels, "
-            f"spacing {volume.spacing[2]:.2f} × {volume.spacing[1]:.2f} × {volume.spacing[0]:.2f} mm.\n\n"
+    spacing = (f"spacing {volume.spacing[2]:.2f} × {volume.spacing[1]:.2f} × {volume.spacing[0]:.2f} mm"
+               if volume.spacing_known else "spacing not stored")
+    modality = MODALITY_NAMES.get(volume.modality, volume.modality)
+    text = (f"# Report\n\n{modality}, {x} × {y} × {z} voxels, {spacing}.\n\n"
             f"{session.report.strip()}\n\n---\n\nWritten by MedVLM 3D (`{about['checkpoint']}`)"
             + (f", {DEMO_WARNING}." if about["demo"] else ". Not a medical device; not for clinical use.") + "\n")
     path = session.own_folder() / "report.md"

@@ -9,6 +9,8 @@ from dataclasses import field
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+REPORT_PROMPT = "Write a radiology report for this scan."  # the default `report_prompt`
+
 
 class MedVLMConfig(PreTrainedConfig):
     """Configuration of `MedVLMForConditionalGeneration`, the five stages of DESIGN section 1.
@@ -60,7 +62,7 @@ class MedVLMConfig(PreTrainedConfig):
     projector_hidden_act: str = "gelu"
     image_token: str = "<image>"  # placeholder in the prompt, expanded to num_visual_tokens copies
     image_token_id: int = -1  # its id in the tokenizer; set when the tokenizer is attached
-    report_prompt: str = "Write a radiology report for this scan."
+    report_prompt: str = REPORT_PROMPT  # what `report`, the app and `eval` ask for a report; training asks it too
     demo: bool = False  # trained on synthetic phantoms only: the app says "not for clinical use"
 
     # The 3D baseline of the ablation study (M3D-style): a 3D ViT trained from scratch replaces stages 1–4.

@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from torch.utils.data import Dataset
-
+from .configuration import REPORT_PROMPT
 from .errors import UserInputError
 from .prompt import prompt_text
 from .volume import error_reason
 
-REPORT_PROMPT = "Write a radiology report for this scan."  # the prompt used at inference and evaluation
-REPORT_PROMPTS = (  # paraphrases for training variety; REPORT_PROMPT first
-    REPORT_PROMPT,
+# Other wordings of a checkpoint's `report_prompt`, which training asks too, for variety.
+REPORT_PARAPHRASES = (
     "Describe the findings of this scan.",
     "Please write the findings for this medical image.",
     "What are the findings in this volume? Write a report.",
@@ -139,32 +134,6 @@ def read_m3d_vqa(root: str | Path, split: str, closed: bool = True, open: bool =
             samples.append(Sample(row["Image Path"], _chat(row["Question"], row["Answer"]), "vqa_open",
                                   question_type))
     return samples
-
-
-def load_m3d_image(root: str | Path, rel: str) -> np.ndarray:
-    """An M3D .npy volume (1, Z, Y, X) in [0, 1] as a float32 array (Z, Y, X)."""
-    volume = np.load(Path(root) / rel, allow_pickle=False).astype(np.float32, copy=False)
-    return volume[0] if volume.ndim == 4 and volume.shape[0] == 1 else volume
-
-
-class M3DDataset(Dataset):
-    """Samples as dicts {"image", "messages", "task"}.
-
-    "image" is `image_loader(root, sample.image)` (default: the (Z, Y, X) array), or, with
-    `image_loader=None`, the relative path itself, the key of a cache of precomputed features.
-    """
-
-    def __init__(self, samples: list[Sample], root: str | Path,
-                 image_loader: Callable[[Path, str], Any] | None = load_m3d_image):
-        self.samples, self.root, self.image_loader = samples, Path(root), image_loader
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        image = sample.image if self.image_loader is None else self.image_loader(self.root, sample.image)
-        return {"image": image, "messages": sample.messages, "task": sample.task}
 
 
 def build_labels(tokenizer, messages: list[dict], image_token: str, num_image_tokens: int,

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .configuration import MedVLMConfig
 from .data import GROUND_TRUTH_FILE
 from .encoder import SliceEncoder
-from .preprocess import encoder_input
+from .preprocess import PREPROCESSING_VERSION, encoder_input
 from .volume import Volume, load_volume
 
 MODALITIES = ("CT", "MR", "PT", "OT")
@@ -430,6 +430,7 @@ def pretrain_encoder_once(cache: Path, config: MedVLMConfig, root: Path, images:
     from .features import FEATURE_FIELDS
 
     key = json.dumps({"root": str(Path(root).resolve()), "images": images, "settings": settings,
+                      "preprocessing": PREPROCESSING_VERSION,
                       "keep_fraction": keep_fraction, "seed": seed, "held_out": list(held_out),
                       "vision": config.vision_config.to_dict(),
                       **{name: getattr(config, name) for name in FEATURE_FIELDS if name not in SELECTION_FIELDS}},

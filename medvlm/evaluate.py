@@ -47,6 +47,8 @@ def generate_answers(pipeline: Pipeline, root: Path, samples: list[Sample], max_
             volume = load_volume(root / image)
             for index in indices:
                 prompt = samples[index].messages[:-1]
+                if samples[index].task == "report":  # asked as the app asks this checkpoint
+                    prompt = [{"role": "user", "content": pipeline.model.config.report_prompt}]
                 answers[index] = "".join(pipeline.chat(volume, prompt, max_new_tokens=max_new_tokens)).strip()
                 bar.update()
             encoding = pipeline.encode(volume)  # the cached encoding the answers came from

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserInputError
 from .modeling import MedVLMForConditionalGeneration, ScanSlices
-from .preprocess import encoder_input
+from .preprocess import PREPROCESSING_VERSION, encoder_input
 from .volume import Volume
 
 INDEX_FILE = "features.json"
@@ -53,6 +53,7 @@ def encoder_fingerprint(model: MedVLMForConditionalGeneration) -> str:
     """
     digest = hashlib.blake2b(digest_size=12)
     settings = {name: getattr(model.config, name) for name in FEATURE_FIELDS}
+    settings["preprocessing"] = PREPROCESSING_VERSION
     frozen = model.slice_encoder.state_dict() if model.config.visual_path == "slices" else {}
     if model.config.visual_path == "vit3d":
         settings["volume_shape"] = list(model.config.volume_shape)

@@ -25,6 +25,10 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
     "liver": (30.0, 150.0),
 }
+# The version of `scan_encoder_input`: raise it whenever what the encoder reads of some scan changes, so that
+# feature caches, pre-trained encoders and training runs made from the old input are not taken for new ones.
+# 2: an M3D .npy (spacing unknown) keeps its slices instead of being averaged into slabs as 1 mm slices.
+PREPROCESSING_VERSION = 2
 AUTO_WINDOW = "auto"  # robust percentile range: MR, PET and already-normalised volumes
 INVERTED_WINDOW = "inverted"  # PET: the same range in inverted grey, uptake dark on white, as PET is often read
 
@@ -104,12 +108,13 @@ def scan_encoder_input(volume: Volume, config, device: torch.device | str | None
     Slices are taken as a radiologist sees them (row 0 anterior, column 0 the patient's right),
     padded square with the volume's lowest value, resized to `config.image_size` (non-square pixels:
     each axis to its share of the square in mm, then padded), averaged into
-    slabs of `config.slice_spacing_mm` (at most `config.max_input_slices`), then mapped to one
+    slabs of `config.slice_spacing_mm` (a volume whose spacing is unknown, an M3D .npy, keeps its slices;
+    at most `config.max_input_slices` either way), then mapped to one
     channel per CT window (MR/PET: robust percentile range; OT: min-max) and normalised.
 
-    Returns pixel_values (Z', 3, S, S) float32 and the height of each slice in the scan as a
-    fraction (Z',), 0 at the lowest (most inferior) slice and 1 at the highest, both on `device`
-    (None: the CPU), and whether the scan is blank (one value in every voxel, not counting NaN and ±Inf:
+    Returns pixel_values (Z', 3, S, S) float32 and the height of each slice's centre in the scan as a
+    fraction (Z',), 0 at the bottom of the lowest (most inferior) slice and 1 at the top of the highest, both
+    on `device` (None: the CPU), and whether the scan is blank (one value in every voxel, not counting NaN and ±Inf:
     nothing for a model to read, which its input cannot tell exactly after the resizing's rounding); on a
     GPU the voxels go over once and the resizing runs there.
     """
@@ -141,7 +146,7 @@ def scan_encoder_input(volume: Volume, config, device: torch.device | str | None
     if not all_finite:
         voxels = torch.nan_to_num(voxels, nan=background, posinf=background, neginf=background)
     target = num_slices
-    if config.slice_spacing_mm and volume.spacing[0] < config.slice_spacing_mm:
+    if config.slice_spacing_mm and volume.spacing_known and volume.spacing[0] < config.slice_spacing_mm:
         target = max(1, round(num_slices * volume.spacing[0] / config.slice_spacing_mm))
     target = min(target, config.max_input_slices)
     if target < num_slices:

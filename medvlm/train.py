@@ -42,8 +42,8 @@ from .configuration import MedVLMConfig
 from .data import (
     CAP_FILE,
     GROUND_TRUTH_FILE,
+    REPORT_PARAPHRASES,
     REPORT_PROMPT,
-    REPORT_PROMPTS,
     VQA_FILES,
     Sample,
     check_split,
@@ -54,6 +54,7 @@ from .errors import UserInputError
 from .features import FeatureCache, VolumeFeatures, build_feature_cache, encoder_fingerprint
 from .model_card import published_path
 from .modeling import MedVLMForConditionalGeneration
+from .preprocess import PREPROCESSING_VERSION
 from .pretrained import (
     attach_lora,
     load_pretrained_encoder,
@@ -556,18 +557,23 @@ def _load_scan(root: Path, image: str):
 RUN_RECORD = "run.json"  # in the work folder: what its stages and states were trained from
 CLOCK = "clock.json"  # in the work folder: the run's wall time over every invocation (RunClock)
 METRICS = "metrics.csv"  # in the work folder: the training figures (MetricsLog)
-RECORDED = {"preset": "another preset", "seed": "another seed", "data": "other data"}  # run.json's keys, in words
+RECORDED = {"preset": "another preset", "seed": "another seed", "data": "other data",  # run.json's keys, in words
+            "version": "an older version of medvlm (other stage seeds or preprocessing)"}
+# Raise it when the same preset, seed and data would train other weights (how a stage draws its random numbers):
+# stages trained before cannot be resumed as this version's. 2: each stage's seed from `stage_seed`.
+TRAINING_VERSION = 2
 
 
 def run_record(preset: dict, seed: int, samples: list[Sample]) -> dict[str, str | int]:
-    """What a run's stages depend on: the preset after overrides, the seed, and the data as read (every
+    """What a run's stages depend on: the preset after overrides, the seed, the data as read (every
     sample's scan path, task and text; a volume rewritten under the same path with the same text is not
-    seen). Digests, so the record stays small for M3D's 600 k samples."""
+    seen), and the versions of the training and preprocessing code. Digests, so the record stays small for
+    M3D's 600 k samples."""
     data = hashlib.sha256()
     for sample in samples:
         data.update(json.dumps(dataclasses.astuple(sample), ensure_ascii=False).encode())
     return {"preset": hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest(), "seed": seed,
-            "data": data.hexdigest()}
+            "data": data.hexdigest(), "version": f"training {TRAINING_VERSION}, preprocessing {PREPROCESSING_VERSION}"}
 
 
 def claim_work_folder(work: Path, record: dict, is_main_process: bool) -> None:
@@ -632,8 +638,9 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
         raise UserInputError(f"no feature cache (features.json) in {features}; run `python -m medvlm features`")
     root, out = Path(data), Path(out)
     # A data folder of the wrong shape stops the run here, before anything is written.
-    train_samples = read_samples(root, "train", prompts=REPORT_PROMPTS)
-    val_samples = read_samples(root, "validation")
+    report_prompt = preset["model"].get("report_prompt", REPORT_PROMPT)  # the checkpoint's, as the app asks
+    train_samples = read_samples(root, "train", prompts=(report_prompt, *REPORT_PARAPHRASES))
+    val_samples = read_samples(root, "validation", prompts=(report_prompt,))
     if not train_samples:
         raise UserInputError(f"{root} holds no training samples (M3D_Cap.json / M3D_VQA_train.csv); point to a "
                              "folder with a train split")

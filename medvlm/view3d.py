@@ -54,8 +54,8 @@ def surface_grid(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]
 def default_threshold(volume: Volume, grid: np.ndarray | None = None) -> float:
     """The surface a viewer opens with, per modality.
 
-    CT: bone (300 HU), or the body surface (−300 HU) when there is little bone; PET: 40 % of the
-    robust maximum (hot spots); MR and others: Otsu's threshold (the head or body outline).
+    CT: bone (300 HU), or the body surface (−300 HU) when there is little bone; PET: 40 % of the way from
+    the 1st to the 99.9th percentile (hot spots); MR and others: Otsu's threshold (the head or body outline).
     """
     grid = surface_grid(volume)[0] if grid is None else grid
     if volume.modality == "CT":

@@ -63,6 +63,11 @@ class Volume:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.data.shape)  # type: ignore[return-value]
 
+    @property
+    def spacing_known(self) -> bool:
+        """Whether the file stored its voxel spacing; an M3D .npy does not, and its `spacing` is 1 mm by convention."""
+        return bool(self.meta.get("spacing_known", True))
+
     @cached_property
     def fingerprint(self) -> str:
         """Content hash of the voxels and their spacing: equal scans share encoded features.
@@ -93,8 +98,9 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
     point), slices sorted by position along the slice normal, spacing from those positions (one or two
     missing slices drawn from their neighbours), rescale slope/intercept applied (CT in HU).
     .npy (M3D style, (1, D, H, W) or (D, H, W), values in [0, 1]): `arr[d]` is an axial slice in display
-    order (row 0 anterior, column 0 the patient's right), d increasing toward superior; spacing 1 mm,
-    modality "OT", stored orientation "LPS".
+    order (row 0 anterior, column 0 the patient's right), d increasing toward superior; modality "OT", stored
+    orientation "LPS"; no spacing is stored (M3D resampled every scan to one shape), so `spacing` is 1 mm and
+    `spacing_known` False.
     A folder, list or zip holding exactly one NIfTI or .npy file loads that file. Files that operating
     systems leave beside a scan (macOS `__MACOSX/` and `._*`, `.DS_Store`, `Thumbs.db`) are ignored.
     meta["notes"] holds one sentence for each thing a reader of the scan should know (what was left out,
@@ -379,13 +385,15 @@ def _load_nifti(path: Path) -> Volume:
                           "a greyscale CT, MR or PET scan")
     frames = math.prod(shape[3:])
     first_volume = (slice(None),) * 3 + (0,) * (len(shape) - 3)
+    from isal.igzip_lib import IsalError  # outside the try: a package missing here is not a damaged file
+
     try:
         array = _read_voxels(path, image.dataobj, first_volume)  # lazily: only the first volume
-    except Exception as error:
+    except (OSError, EOFError, ValueError, zlib.error, IsalError) as error:  # cut short, bad CRC or deflate data
         raise VolumeError(f"{path.name} is damaged or truncated ({error_reason(error)}); re-export or re-upload the "
                           "scan") from error
     meta: dict[str, Any] = {"notes": []}
-    if array.dtype.kind not in "iu":  # integers stay as stored until `_volume` reorients them into float32
+    if array.dtype.kind not in "iu":  # integers stay as stored until `canonical_volume` reorients them
         wide, array = array, array.astype(np.float32, copy=False)
         if wide.dtype.itemsize > 4 and np.isinf(array).any():  # float64 values past float32's range became ±Inf
             beyond = np.isinf(array) & np.isfinite(wide)  # (a real ±Inf stays one, for canonical_volume)
@@ -488,4 +496,5 @@ def _load_npy(path: Path) -> Volume:
     stored = stored.reshape(shape)
     display = np.array(stored, dtype=np.float32)  # (D, H, W): row 0 anterior, column 0 the patient's right
     affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0])  # stored (column, row, slice) run toward L, P, S
-    return canonical_volume(display.transpose(2, 1, 0), affine_ras, "OT", "npy", path.name, {})
+    return canonical_volume(display.transpose(2, 1, 0), affine_ras, "OT", "npy", path.name,
+                            {"spacing_known": False})

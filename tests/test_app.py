@@ -88,6 +88,14 @@ def test_scan_card_gives_the_facts_and_never_identifiers(app_module, dicom_with_
             assert part not in shown, f"{part!r} reached the page"
 
 
+def test_an_m3d_npy_is_not_given_a_spacing_it_does_not_store(app_module, tmp_path):
+    """M3D resampled every scan to one shape and kept no spacing: the card must not claim 1 mm slices."""
+    np.save(tmp_path / "scan.npy", np.random.default_rng(0).random((1, 32, 48, 48), dtype=np.float32))
+    _, outputs = loaded(app_module, [tmp_path / "scan.npy"])
+    assert "not stored in an M3D .npy" in outputs[2] and "mm between slices" not in outputs[2]
+    assert "**Field of view** | unknown |" in outputs[2]
+
+
 def test_a_series_description_is_never_shown_because_it_can_name_the_patient(app_module, tmp_path):
     files = save_dicom_series(tmp_path / "series", torso_ct(), (5.0, 1.0, 1.0), series_description="DOE JOHN CT AX",
                               series_number=7)
@@ -393,6 +401,10 @@ def test_numbers_typed_past_a_sliders_ends_go_to_the_nearest_end_and_the_box_say
         assert f"Axial {shown_number} / {count}" in view and box == shown_number
     view, box = app_module.show_slice(session, "axial", "soft tissue", 3)
     assert "Axial 3 /" in view and box == gr.skip()  # in range: the box is left as typed
+    view, box = app_module.show_slice(session, "axial", "soft tissue", 2.9)
+    assert "Axial 3 /" in view and box == 3  # the nearest slice, and the box says which
+    slider, view = app_module.change_plane(session, None, "soft tissue")  # an API client's plane: none
+    assert f"Axial {count // 2 + 1} / {count}" in view and slider["value"] == count // 2 + 1
     plot, box = app_module.redraw_3d(session, 99999.0)
     drawn_at = plot.data[0].name if plot.data else plot.layout.annotations[0].text
     assert box == high and f"{high:g}" in drawn_at

@@ -13,11 +13,8 @@ from transformers import PreTrainedTokenizerFast
 from medvlm.data import (
     IGNORE_INDEX,
     REPORT_PROMPT,
-    REPORT_PROMPTS,
     VQA_COLUMNS,
-    M3DDataset,
     build_labels,
-    load_m3d_image,
     read_m3d_cap,
     read_m3d_vqa,
 )
@@ -51,7 +48,6 @@ def test_cap_reads_report_text_with_the_inference_prompt(m3d_root):
     assert sample.image == "ct/0002.npy" and sample.task == "report"
     assert sample.messages == [{"role": "user", "content": REPORT_PROMPT},
                                {"role": "assistant", "content": "Report 0002: no focal lesion."}]
-    assert REPORT_PROMPTS[0] == REPORT_PROMPT
 
 
 def test_vqa_closed_and_open_follow_m3d_prompts(m3d_root):
@@ -128,15 +124,6 @@ def test_files_as_editors_and_spreadsheets_save_them_are_read_or_refused_in_one_
     cap.write_text(json.dumps({"test": [{"image": "ct/0003.npy", "text": "ct/0003.txt"}]}))
     with pytest.raises(ValueError, match=r"\(not UTF-8 text\); restore it, save it as UTF-8"):
         read_m3d_cap(m3d_root, "test")
-
-
-def test_image_loads_as_zyx_float32_and_dataset_serves_arrays_or_cache_keys(m3d_root):
-    volume = load_m3d_image(m3d_root, "ct/0001.npy")
-    assert volume.shape == (2, 4, 4) and volume.dtype == np.float32 and volume.max() == 1.0
-    samples = read_m3d_cap(m3d_root, "train")
-    item = M3DDataset(samples, m3d_root)[0]
-    assert item["image"].shape == (2, 4, 4) and item["task"] == "report"
-    assert M3DDataset(samples, m3d_root, image_loader=None)[0]["image"] == "ct/0001.npy"
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

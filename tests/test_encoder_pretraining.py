@@ -129,6 +129,10 @@ def test_pretrained_encoder_is_kept_and_reused(tmp_path, monkeypatch):
     other_seed = pretraining.pretrain_encoder_once(tmp_path / "cache", config, tmp_path / "data", images, settings,
                                                    0.6, progress=False, seed=1, held_out=images[:2])
     assert other_seed is first and len(calls) == 1  # a different seed is a different encoder: trained anew
+    monkeypatch.setattr(pretraining, "PREPROCESSING_VERSION", pretraining.PREPROCESSING_VERSION + 1)
+    pretraining.pretrain_encoder_once(tmp_path / "cache", config, tmp_path / "data", images, settings, 0.6,
+                                      progress=False, held_out=images[:2])
+    assert len(calls) == 2  # slices read otherwise by a newer version: not the cached encoder's training data
 
 
 def test_lesion_finding_is_judged_within_the_modality_it_occurs_in():

@@ -25,7 +25,8 @@ from medvlm.pipeline import (
     resolve_device,
     weights_digest,
 )
-from medvlm.volume import Volume
+from medvlm.volume import Volume, load_volume
+from medvlm.writers import save_nifti
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,6 +123,25 @@ def test_thin_slices_reach_the_encoder_as_the_mean_of_their_slab():
                                     spacing=(4.0, 1.0, 1.0), affine=np.eye(4), modality="CT", source="nifti",
                                     orientation="RAS"), config)[0]
     torch.testing.assert_close(pixel_values, one_slab)
+
+
+def test_an_m3d_npy_reaches_the_encoder_slice_by_slice_not_averaged_as_1_mm_slices(tmp_path):
+    """An M3D .npy stores no spacing (M3D resampled every scan to 32 slices, each several mm): a checkpoint of
+    4 mm slabs must not average its 32 slices into 8 as if they were 1 mm apart."""
+    from medvlm.preprocess import encoder_input
+
+    config = copy.deepcopy(build_tiny_model()[0].config)
+    config.slice_spacing_mm, config.max_input_slices = 4.0, 64
+    ramp = np.broadcast_to(np.linspace(0.0, 1.0, 32, dtype=np.float32)[:, None, None], (32, 16, 16)).copy()
+    np.save(tmp_path / "scan.npy", ramp[None])
+    scan = load_volume(tmp_path / "scan.npy")
+    assert not scan.spacing_known
+    pixel_values, heights = encoder_input(scan, config)
+    assert pixel_values.shape[0] == heights.shape[0] == 32
+    assert len({round(float(value), 4) for value in pixel_values[:, 0, 8, 8]}) == 32  # every slice its own
+    save_nifti(tmp_path / "scan.nii.gz", ramp, (1.0, 1.0, 1.0))  # the same slices 1 mm apart: 8 slabs of 4 mm
+    assert load_volume(tmp_path / "scan.nii.gz").spacing_known
+    assert encoder_input(load_volume(tmp_path / "scan.nii.gz"), config)[0].shape[0] == 8
 
 
 def test_non_square_pixels_reach_the_encoder_as_the_anatomy_looks():
@@ -374,6 +394,23 @@ def test_eval_scores_the_hub_revision_it_is_given(checkpoint, tmp_path, monkeypa
     assert Pipeline.from_pretrained("someorg/some-model", revision="main").describe()["revision"] == "main"
     with pytest.raises(CheckpointError, match="someorg/some-model"):  # a tag this cache does not hold
         evaluate("someorg/some-model", data, revision="v2.0", **settings)
+
+
+def test_eval_asks_for_a_report_as_the_app_asks_this_checkpoint(checkpoint, tmp_path, monkeypatch):
+    """A checkpoint with a report prompt of its own is scored on the request the app sends it, not the default."""
+    from medvlm.evaluate import evaluate
+    from medvlm.phantom_set import write_phantom_set
+
+    own = Path(shutil.copytree(checkpoint, tmp_path / "own-prompt"))
+    config = json.loads((own / "config.json").read_text())
+    (own / "config.json").write_text(json.dumps(config | {"report_prompt": "Summarise this volume."}))
+    data = write_phantom_set(tmp_path / "phantoms", 1, seed=5, modalities=("ct",), formats=("nifti",), split="test",
+                             matrix=32)["out"]
+    asked, chat = [], Pipeline.chat
+    monkeypatch.setattr(Pipeline, "chat", lambda self, scan, messages, **kw: asked.append(messages) or chat(
+        self, scan, messages, **kw))
+    evaluate(own, data, tasks=("report",), max_new_tokens=2, progress=False)
+    assert asked == [[{"role": "user", "content": "Summarise this volume."}]]
 
 
 def test_a_stop_event_of_the_callers_stops_an_answer_and_serves_again(pipeline):

@@ -27,7 +27,7 @@ from transformers import AutoModelForImageTextToText
 from medvlm.__main__ import main
 from medvlm.configuration import MedVLMConfig
 from medvlm.errors import UserInputError
-from medvlm.features import FeatureCache, VolumeFeatures, encoder_fingerprint
+from medvlm.features import FeatureCache, VolumeFeatures, build_feature_cache, encoder_fingerprint
 from medvlm.hub import CARD_MARK, push_checkpoint
 from medvlm.modeling import MedVLMForConditionalGeneration
 from medvlm.phantom import write_phantom_set
@@ -238,6 +238,24 @@ def test_cached_features_give_the_loss_the_volumes_give(recipe):
             losses.append(objective(**batch).item())
     # The cache stores patches in float16: equal up to that rounding.
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def test_a_feature_cache_of_older_preprocessing_is_encoded_again(recipe, tmp_path, monkeypatch):
+    """Features cached from the encoder input of an older version are not this version's: encoded again."""
+    import medvlm.features
+
+    model, _ = build_tiny_model()
+    images = sorted({s.image for s in read_samples(recipe.data, "train")})[:2]
+
+    def load(image):
+        return load_volume(recipe.data / image)
+
+    first = build_feature_cache(model, images, load, tmp_path)
+    assert build_feature_cache(model, images, load, tmp_path).fingerprint == first.fingerprint  # reused
+    monkeypatch.setattr(medvlm.features, "PREPROCESSING_VERSION", medvlm.features.PREPROCESSING_VERSION + 1)
+    again = build_feature_cache(model, images, load, tmp_path)
+    assert again.fingerprint != first.fingerprint
+    assert json.loads((tmp_path / "features.json").read_text())["fingerprint"] == again.fingerprint
 
 
 def test_features_refuses_what_it_cannot_encode(recipe, tmp_path, capsys):

@@ -110,12 +110,43 @@ def test_a_run_with_other_settings_is_refused_not_resumed(trained, phantoms, cha
     assert {path: path.stat().st_mtime for path in [*work.rglob("*"), *trained.iterdir()]} == before
 
 
+def test_stages_trained_by_an_older_version_are_not_resumed(trained, phantoms, monkeypatch):
+    """A version that draws its stages' random numbers, or reads the scans, otherwise would train other weights:
+    the stages it finds are not passed off as its own."""
+    import medvlm.train
+
+    monkeypatch.setattr(medvlm.train, "TRAINING_VERSION", medvlm.train.TRAINING_VERSION + 1)
+    with pytest.raises(UserInputError, match=r"holds a run trained with an older version of medvlm.*another --out"):
+        train("tiny", phantoms, trained, seed=0)
+
+
 def test_stages_of_a_run_that_recorded_no_settings_are_not_resumed(phantoms, tmp_path):
     (tmp_path / "work" / "state" / "align").mkdir(parents=True)  # a work folder from before run.json
     (tmp_path / "work" / "state" / "align" / "done.json").write_text("{}")
     with pytest.raises(UserInputError, match=r"recorded no settings.*delete its state folder"):
         train("tiny", phantoms, tmp_path / "checkpoint", seed=0, work=tmp_path / "work")
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_training_asks_for_reports_as_the_checkpoint_will_be_asked(phantoms, tmp_path, monkeypatch):
+    """A preset's own report prompt is what its training and validation reports answer (paraphrases beside it)."""
+    import medvlm.train
+
+    asked, read = {}, medvlm.train.read_samples
+
+    def reading(root, split, prompts=()):
+        asked[split] = prompts
+        return read(root, split, prompts)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medvlm.train, "read_samples", reading)
+    monkeypatch.setattr(medvlm.train, "build_model", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train("tiny", phantoms, tmp_path / "checkpoint", config_overrides={"report_prompt": "Summarise this volume."})
+    assert asked["validation"] == ("Summarise this volume.",)
+    assert asked["train"][0] == "Summarise this volume." and len(asked["train"]) > 1
 
 
 def test_a_run_that_trained_nothing_gives_way_to_the_corrected_command(phantoms, tmp_path, monkeypatch):
