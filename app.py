@@ -38,7 +38,8 @@ from medvlm.view import SLICE_ONE, render_slice, slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.volume import Volume, load_volume
 
-EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+EXAMPLES_DIR = ASSETS_DIR / "examples"
 PLANES = ["axial", "coronal", "sagittal"]
 # Letters at the image edges (left, right, top, bottom), radiological convention as `render_slice` draws.
 PLANE_EDGES = {"axial": "RLAP", "coronal": "RLSI", "sagittal": "APSI"}
@@ -715,62 +716,9 @@ def _write_report(session: ScanSession) -> Path:
 
 # The page -----------------------------------------------------------------------------------------
 
-CSS = """
-.slice-view {display: flex; flex-direction: column; align-items: center; gap: 4px;}
-.slice-frame {position: relative; background: #000; border-radius: 6px; padding: 18px; width: 100%;
-              display: flex; justify-content: center;}
-.slice-image {width: 100%; height: 300px; object-fit: contain;}
-.edge {position: absolute; color: #ffd54f; font: 600 13px system-ui, sans-serif;}
-.slice-frame.inverted {background: #fff; outline: 1px solid #ddd;}
-.slice-frame.inverted .edge {color: #a15c00;}
-.edge-left {left: 5px; top: 50%; transform: translateY(-50%);}
-.edge-right {right: 5px; top: 50%; transform: translateY(-50%);}
-.edge-top {top: 1px; left: 50%; transform: translateX(-50%);}
-.edge-bottom {bottom: 1px; left: 50%; transform: translateX(-50%);}
-.slice-track {position: relative; width: 100%; height: 10px; background: var(--neutral-200, #e5e7eb);
-              border-radius: 5px;}
-.kept-mark {position: absolute; top: 0; width: 2px; height: 10px; background: #16a34a;}
-.cursor-mark {position: absolute; top: -2px; width: 4px; height: 14px; margin-left: -1px; background: #2563eb;
-              border-radius: 2px;}
-.slice-caption {font-size: 13px; color: var(--body-text-color-subdued, #666);}
-.slice-empty {padding: 80px 16px; text-align: center; color: var(--body-text-color-subdued, #666);
-              border: 1px dashed var(--border-color-primary, #ccc); border-radius: 6px;}
-#report-box {min-height: 120px; max-height: 260px; overflow-y: auto; padding: 8px 12px;
-             border: 1px solid var(--border-color-primary, #ddd); border-radius: 6px;}
-#status-line p {margin: 0;}
-#scan-card table {font-size: 13px; margin: 0;} #scan-card thead {display: none;}
-#scan-card td:nth-child(odd) {white-space: nowrap;}
-.demo-warning {color: #b91c1c; font-weight: 600;}
-#privacy-note {font-size: 12px; color: var(--body-text-color-subdued, #666);}
-@media (max-width: 640px) {  /* a phone: one fact (name, value) per line instead of two per table row */
-  #scan-card tr {display: grid; grid-template-columns: 8.5em 1fr; column-gap: 10px;}
-  #scan-card td {border: none; padding: 1px 6px;}
-}
-"""
-
-
-# The mouse wheel over the slice image steps through the slices, as in a radiology viewer: one slice per notch
-# (about 100 px; a touchpad's small deltas add up to it), down toward slice 1 (the patient's feet in the axial
-# plane), up away from it. It moves the slider as a drag would (an input event).
-WHEEL_SCROLLS_SLICES = """
-() => {
-  let pending = 0;
-  document.addEventListener("wheel", (event) => {
-    const image = event.target.closest && event.target.closest("#slice-view");
-    const slider = document.querySelector("#slice-slider input[type=range]");
-    if (!image || !slider || slider.disabled) return;
-    event.preventDefault();
-    pending += event.deltaMode === 1 ? 40 * event.deltaY : event.deltaY;  // Firefox counts lines
-    const steps = Math.trunc(pending / 100);
-    if (steps === 0) return;
-    pending -= 100 * steps;
-    const value = Math.min(Number(slider.max), Math.max(Number(slider.min), Number(slider.value) - steps));
-    if (value === Number(slider.value)) return;
-    slider.value = String(value);
-    slider.dispatchEvent(new Event("input", {bubbles: true}));
-  }, {passive: false});
-}
-"""
+PAGE_CSS = (ASSETS_DIR / "app" / "page.css").read_text(encoding="utf-8")
+# The mouse wheel over the slice image steps through the slices, as in a radiology viewer.
+WHEEL_SCROLLS_SLICES = (ASSETS_DIR / "app" / "wheel.js").read_text(encoding="utf-8")
 
 
 def build_demo() -> gr.Blocks:
@@ -911,7 +859,8 @@ def launch(demo: gr.Blocks, **options):
     in_a_space = bool(os.environ.get("SPACE_ID"))  # Hugging Face sets it in every Space, Docker ones too
     settings = {"server_name": os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if in_a_space else "127.0.0.1"),
                 "server_port": int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860),
-                "max_file_size": MAX_UPLOAD_BYTES, "css": CSS, "js": WHEEL_SCROLLS_SLICES, "theme": gr.themes.Soft(),
+                "max_file_size": MAX_UPLOAD_BYTES, "css": PAGE_CSS, "js": WHEEL_SCROLLS_SLICES,
+                "theme": gr.themes.Soft(),
                 # Gradio would keep every run (questions, reports, slice images, upload names) in the browser's
                 # storage, past the tab's closing: on a shared ward computer the next user would see them.
                 "run_history": False, **options}
