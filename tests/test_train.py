@@ -113,9 +113,9 @@ def test_a_run_with_other_settings_is_refused_not_resumed(trained, phantoms, cha
 def test_stages_trained_by_an_older_version_are_not_resumed(trained, phantoms, monkeypatch):
     """A version that draws its stages' random numbers, or reads the scans, otherwise would train other weights:
     the stages it finds are not passed off as its own."""
-    import medvlm.train
+    import medvlm.work_folder
 
-    monkeypatch.setattr(medvlm.train, "TRAINING_VERSION", medvlm.train.TRAINING_VERSION + 1)
+    monkeypatch.setattr(medvlm.work_folder, "TRAINING_VERSION", medvlm.work_folder.TRAINING_VERSION + 1)
     with pytest.raises(UserInputError, match=r"holds a run trained with an older version of medvlm.*another --out"):
         train("tiny", phantoms, trained, seed=0)
 
