@@ -36,7 +36,7 @@ from medvlm.pipeline import Encoding, Pipeline
 from medvlm.preprocess import CT_WINDOWS, INVERTED_WINDOW, default_window, window_names
 from medvlm.view import SLICE_ONE, render_slice, slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
-from medvlm.volume import Volume, load_volume
+from medvlm.volume import Volume, load_volume, remove_stale_zip_folders
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 EXAMPLES_DIR = ASSETS_DIR / "examples"
@@ -54,12 +54,22 @@ SUGGESTED_QUESTIONS = [
 ]
 DEMO_WARNING = "trained on synthetic phantoms — not for clinical use"
 PRIVACY_NOTE = ("Nothing you upload is kept: the file is read into memory and deleted, and the scan, "
-                "report and conversation are discarded when you close the page. Do not upload identifiable "
-                "patient data to a public Space.")
+                "report and conversation are discarded when you close the page, or after an hour without use. Do "
+                "not upload identifiable patient data to a public Space.")
 # Uploads are deleted as soon as they are read; as a backstop for one never read (an abandoned or failed
 # request), Gradio deletes its temporary files older than an hour every ten minutes: (every, older than) in s.
 # `sweep_upload_leftovers` does the same, on the same clock, for what Gradio leaves and never deletes.
 DELETE_CACHE = (600, 3600)
+# A session's scan is released after an hour without use (a tab left open, or an API client that never said
+# goodbye: Gradio ends only the sessions whose page closes); the visitor then loads it again.
+SESSION_IDLE_S = 3600
+# The scans all sessions hold may take at most this many bytes of memory together (MEDVLM_SCAN_MEMORY_MB; by default
+# half the machine's): a scan past it first releases scans unused for MAKE_ROOM_IDLE_S, least recently used
+# first, and is otherwise refused, so that visitors uploading big CTs cannot take the server down.
+MAKE_ROOM_IDLE_S = 600
+# Requests that may wait in the queue; one more is told the queue is full (a script cannot queue hours of work).
+QUEUE_SIZE = 64
+OUT_OF_MEMORY = "The server ran out of memory reading this scan; try again in a few minutes, or with a smaller scan"
 SESSION_FOLDER_PREFIX = "medvlm-session-"  # a session's own folder in the upload folder (its report download)
 REPORT_PLACEHOLDER = "*The report appears here: press **Generate report**.*"
 
@@ -84,8 +94,39 @@ def load_pipeline(checkpoint: str | None, revision: str | None) -> Pipeline:
     return pipeline
 
 
+def machine_memory_bytes() -> int:
+    """This machine's memory, or its container's limit where that is lower (a Space's, under cgroups)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): a laptop's worth
+        total = 16 * 2**30
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            total = min(total, int(Path(limit).read_text().strip()))
+        except (OSError, ValueError):  # not there, or "max": no limit
+            continue
+    return total
+
+
+def scan_memory_budget(setting: str | None) -> int:
+    """Bytes the sessions' scans may take together: MEDVLM_SCAN_MEMORY_MB's megabytes, else half this machine's
+    memory. A setting that is not a number above 0 ends the program with one line (exit status 2)."""
+    if not (setting or "").strip():
+        return machine_memory_bytes() // 2
+    try:
+        megabytes = float(setting)
+    except ValueError:
+        megabytes = math.nan
+    if not (math.isfinite(megabytes) and megabytes > 0):
+        print(f"MedVLM 3D cannot start: MEDVLM_SCAN_MEMORY_MB must be a number of megabytes above 0, not "
+              f"{setting!r}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    return int(megabytes * 2**20)
+
+
 # Loaded at import, outside any GPU function, as ZeroGPU requires; moved to CUDA when there is one.
 PIPELINE = load_pipeline(os.environ.get("MEDVLM_CHECKPOINT") or None, os.environ.get("MEDVLM_REVISION") or None)
+SCAN_MEMORY_BYTES = scan_memory_budget(os.environ.get("MEDVLM_SCAN_MEMORY_MB"))
 
 
 @spaces.GPU
@@ -147,6 +188,8 @@ class ScanSession:
     stop_key: str = ""  # key of the running generation's stop event in _STOP_EVENTS
     stop_kind: str = ""  # what that generation writes: "report" or "chat"
     threshold_range: tuple[float, float] = (-math.inf, math.inf)  # the 3D threshold slider's, for this scan
+    last_used: float = field(default_factory=time.monotonic)  # when the visitor last looked or asked (monotonic s)
+    closed: str = ""  # why the scan was released for the visitor (unused too long), said when they come back
 
     @property
     def kept_slices(self) -> list[int]:
@@ -157,6 +200,15 @@ class ScanSession:
         if self.folder is None:
             self.folder = Path(tempfile.mkdtemp(prefix=SESSION_FOLDER_PREFIX, dir=get_upload_folder()))
         return self.folder
+
+    def in_use(self) -> None:
+        """The visitor looked at the scan or asked about it: it is not idle."""
+        self.last_used = time.monotonic()
+
+    def close(self, reason: str) -> None:
+        """Release the scan for the server's sake, and say why when the visitor comes back."""
+        self.release()
+        self.closed = reason
 
     def release(self) -> None:
         """Forget the scan: its cached visual tokens, its files, the conversation."""
@@ -187,18 +239,49 @@ class ScanSession:
 # until they delete them (`delete_files`, at the latest when the tab closes).
 _SESSION_FILES: set[str] = set()
 
-# The sessions with a scan, by Gradio session hash, only to release them when their tab closes;
-# weak references: the gr.State owns each session.
+# The sessions with a scan, by Gradio session hash, to release them when their tab closes or they sit unused,
+# and to count the memory their scans take; weak references: the gr.State owns each session.
 _OPEN_SESSIONS: weakref.WeakValueDictionary[str, ScanSession] = weakref.WeakValueDictionary()
+_OPEN_SESSIONS_LOCK = threading.Lock()
 # Stop events of running generations, by key; an entry lives as long as its generation.
 _STOP_EVENTS: dict[str, threading.Event] = {}
 
 
 def end_session(request: gr.Request) -> None:
     """The tab closed: release its scan now rather than when Gradio drops the state an hour later."""
-    session = _OPEN_SESSIONS.pop(request.session_hash, None) if request and request.session_hash else None
+    with _OPEN_SESSIONS_LOCK:
+        session = _OPEN_SESSIONS.pop(request.session_hash, None) if request and request.session_hash else None
     if session is not None:
         session.release()
+
+
+def _sessions_with_scans() -> list[ScanSession]:
+    with _OPEN_SESSIONS_LOCK:
+        return [session for session in list(_OPEN_SESSIONS.values()) if session.volume is not None]
+
+
+def release_idle_sessions(idle_for: float) -> int:
+    """Release the scans of sessions unused for `idle_for` seconds or more; returns how many."""
+    idle = [session for session in _sessions_with_scans() if time.monotonic() - session.last_used >= idle_for]
+    for session in idle:
+        session.close(f"The scan was closed after {idle_for / 60:.0f} minutes without use; load it again.")
+    return len(idle)
+
+
+def make_room(needed: int, replacing: ScanSession | None) -> bool:
+    """Whether a scan of `needed` bytes fits SCAN_MEMORY_BYTES beside the other sessions' scans (not the one it
+    replaces), once the scans unused for MAKE_ROOM_IDLE_S are released, least recently used first, as far as
+    that takes."""
+    held = [session for session in _sessions_with_scans() if session is not replacing]
+    total = sum(session.volume.data.nbytes for session in held)
+    now = time.monotonic()
+    for session in sorted(held, key=lambda session: session.last_used):
+        if total + needed <= SCAN_MEMORY_BYTES or now - session.last_used < MAKE_ROOM_IDLE_S:
+            break
+        total -= session.volume.data.nbytes
+        session.close(f"The scan was closed after {MAKE_ROOM_IDLE_S / 60:.0f} minutes without use, to make room "
+                      "for other visitors; load it again.")
+    return total + needed <= SCAN_MEMORY_BYTES
 
 
 # Scan in ------------------------------------------------------------------------------------------
@@ -233,6 +316,9 @@ def load_scan(files: list[str] | str | None, session: ScanSession | None, reques
     except UserInputError as error:
         gr.Warning(shown(str(error)))
         return _unchanged(session, f"⚠️ {error}")
+    except MemoryError:  # the server's memory, not the file: others' scans fill it, or the scan is very large
+        gr.Warning(OUT_OF_MEMORY)
+        return _unchanged(session, f"⚠️ {OUT_OF_MEMORY}.")
     finally:
         _delete_uploads(paths)
     return _new_scan(volume, "uploaded scan", session, request)
@@ -244,17 +330,27 @@ def empty_upload() -> None:
     return None
 
 
-def load_example(name: str | list[str], session: ScanSession | None, request: gr.Request | None = None):
-    """One of the example scans in assets/examples, by its label (the examples table gives [label])."""
-    name = name[0] if isinstance(name, list) and name else name
-    chosen = next((path for path in list_examples() if example_label(path) == name), None)
+def load_example(choice: object, session: ScanSession | None, request: gr.Request | None = None):
+    """One of the example scans in assets/examples: the examples table sends its row's index, an API client that
+    or the example's name ([name] too). The value comes unchecked (`preprocess=False`)."""
+    examples = list_examples()
+    choice = choice[0] if isinstance(choice, list) and choice else choice
+    if isinstance(choice, int) and not isinstance(choice, bool) and 0 <= choice < len(examples):
+        chosen = examples[choice]
+    else:
+        chosen = next((path for path in examples if example_label(path) == choice), None)
+    if chosen is None and not examples:
+        return _unchanged(session, "⚠️ This server has no example scans; upload one.")
     if chosen is None:
-        return _unchanged(session, f"⚠️ There is no example called {name!r}.")
+        names = ", ".join(repr(example_label(path)) for path in examples)
+        return _unchanged(session, f"⚠️ There is no example {str(choice)[:40]!r}; choose one of {names}.")
     try:
         volume = load_volume(chosen)
     except UserInputError as error:
         return _unchanged(session, f"⚠️ {error}")
-    return _new_scan(volume, f"example: {name}", session, request)
+    except MemoryError:
+        return _unchanged(session, f"⚠️ {OUT_OF_MEMORY}.")
+    return _new_scan(volume, f"example: {example_label(chosen)}", session, request)
 
 
 def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: gr.Request | None):
@@ -266,11 +362,17 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     low, high, step = threshold_range(volume, grid)
     decimals = max(0, -math.floor(math.log10(step)))  # the step is a power of ten: no float noise in the box
     threshold = min(high, max(low, round(round(default_threshold(volume, grid) / step) * step, decimals)))
+    if not make_room(volume.data.nbytes, session):
+        message = ("The server holds as many scans as its memory allows; try again in a few minutes, or run the "
+                   "app on your own machine")
+        gr.Warning(message)
+        return _unchanged(session, f"⚠️ {message}.")
     if session is not None:  # only now: until the new scan is ready, the session keeps the one it had
         session.release()
     session = ScanSession(volume=volume, label=label, threshold_range=(low, high))
     if request is not None and request.session_hash:
-        _OPEN_SESSIONS[request.session_hash] = session
+        with _OPEN_SESSIONS_LOCK:
+            _OPEN_SESSIONS[request.session_hash] = session
     return (
         session,
         "The model is reading the scan …",
@@ -345,14 +447,18 @@ _TEMPORARY_FILE = re.compile(r"tmp[a-z0-9_]{8}")  # Python's tempfile names, whi
 _UPLOAD_FOLDER = re.compile(r"[0-9a-f]{64}")  # Gradio's folder per uploaded file: its SHA-256
 
 
-def _sweep_uploads_forever(every: float, older_than: float) -> None:
+def _sweep_forever(every: float, older_than: float) -> None:
+    """Every `every` seconds: what Gradio leaves in its upload folder, the folders of zips whose reading was cut
+    off by a crash (both once older than `older_than` s), and the scans of sessions unused for SESSION_IDLE_S."""
     while True:
         time.sleep(every)
         try:
             sweep_upload_leftovers(Path(get_upload_folder()), older_than)
+            remove_stale_zip_folders(older_than)
+            release_idle_sessions(SESSION_IDLE_S)
         except Exception as error:  # a sweep that fails must not end the thread: the next one tries again
-            print(f"MedVLM 3D: the upload folder's sweep failed ({type(error).__name__}); it runs again in "
-                  f"{every:.0f} s", file=sys.stderr, flush=True)
+            print(f"MedVLM 3D: the sweep of uploads and idle scans failed ({type(error).__name__}); it runs again "
+                  f"in {every:.0f} s", file=sys.stderr, flush=True)
 
 
 def window_label(name: str) -> str:
@@ -420,6 +526,8 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     volume = session.volume if session else None
     if volume is None:
         return '<div class="slice-empty">Upload a scan or pick an example to see its slices.</div>'
+    session.in_use()
+    plane, slice_number = _known_plane(plane), _typed_number(slice_number)  # as an API client may send them
     count = slice_count(volume, plane)
     index = _slice_number(slice_number, count) - 1
     window = window if window in window_names(volume.modality) else default_window(volume.modality)
@@ -544,6 +652,7 @@ def redraw_3d(session: ScanSession | None, threshold: object):
     threshold = _typed_number(threshold)
     if session is None or session.volume is None or threshold is None:
         return gr.skip(), gr.skip()
+    session.in_use()
     low, high = session.threshold_range
     level = min(high, max(low, threshold))
     return figure_3d(session.volume, level), gr.skip() if level == threshold else level
@@ -560,14 +669,19 @@ def model_badge(pipeline: Pipeline) -> str:
     return badge
 
 
+def _no_scan(session: ScanSession | None) -> str:
+    """What to do when a session asks about a scan it does not hold: why it was closed, if it was."""
+    return session.closed if session is not None and session.closed else "Upload a scan first."
+
+
 def generate_report(session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float):
     """Stream a report of the session's scan; at the end, offer it as a Markdown download.
 
     Yields (report markdown, download button update); nothing more once a new scan replaced this one.
     """
     if session is None or session.volume is None:
-        gr.Warning("Upload a scan first.")
-        yield "*Upload a scan first.*", gr.skip()
+        gr.Warning(_no_scan(session))
+        yield f"*{_no_scan(session)}*", gr.skip()
         return
     volume, cleared = session.volume, session.cleared
     session.report = ""
@@ -592,7 +706,7 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
     """
     question = (question or "").strip()
     if session is None or session.volume is None:
-        gr.Warning("Upload a scan first.")
+        gr.Warning(_no_scan(session))
         yield [], question
         return
     if not question:
@@ -630,6 +744,7 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, m
     client can send any) end it with the pipeline's sentence.
     """
     stop_generation(session)
+    session.in_use()
     key = f"{id(session)}-{time.monotonic_ns()}"
     stop = _STOP_EVENTS[key] = threading.Event()
     session.stop_key, session.interrupted = key, False
@@ -789,28 +904,32 @@ def build_demo() -> gr.Blocks:
                         report, download]
         viewer = {"show_progress": "hidden", "concurrency_limit": 4}
         gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}
-        loading = {"show_progress": "minimal", "concurrency_limit": 4}  # reading a big series takes seconds
+        # Reading a big series takes seconds and, for a moment, twice its memory: two at a time, whatever the source.
+        loading = {"show_progress": "minimal", "concurrency_limit": 2, "concurrency_id": "load"}
         load_triggers = [upload.upload, folder_upload.upload, example_picker.click]
         loads = {
             "scan": upload.upload(load_scan, [upload, session], scan_outputs, api_name="load_scan", **loading),
             "folder": folder_upload.upload(load_scan, [folder_upload, session], scan_outputs, api_name="load_folder",
                                            **loading),
             "example": example_picker.click(load_example, [example_picker, session], scan_outputs,
-                                            api_name="load_example", **loading),
+                                            api_name="load_example", preprocess=False, **loading),
         }
         loads["scan"].then(empty_upload, None, upload, api_visibility="private", **viewer)
+        # preprocess=False on the events that take the window, the slice or an example's row: what an API client
+        # sends that the page would not (another modality's window, an example's name) reaches the handler, which
+        # reads it as the default or by name, instead of Gradio's check, a traceback in the log and a bare error.
         encodes = []
         for kind, loaded in loads.items():  # after any load: encode and draw; the upload's chain is the API's
             visibility = "public" if kind == "scan" else "private"
             encodes.append(loaded.then(encode_scan, [session, plane, window, slice_slider], [status, kept, slice_view],
-                                       api_name=f"encode_{kind}", api_visibility=visibility, **gpu))
+                                       api_name=f"encode_{kind}", api_visibility=visibility, preprocess=False, **gpu))
             loaded.then(show_3d, [session, threshold], plot, api_name=f"{kind}_3d", api_visibility=visibility,
                         **viewer)
 
         plane.input(change_plane, [session, plane, window], [slice_slider, slice_view], api_name="change_plane",
                     **viewer)
         window.input(slice_html, [session, plane, window, slice_slider], slice_view, api_name="change_window",
-                     **viewer)
+                     preprocess=False, **viewer)
         # preprocess=False: a number typed into a slider's box past its ends (or an emptied box) reaches the
         # handler, which shows the nearest end and sets the box to it; gr.Slider's own check would answer with a
         # bare "Value … is greater than maximum value …" and leave the number in the box.
@@ -854,7 +973,7 @@ def launch(demo: gr.Blocks, **options):
     One model event at a time (one GPU); viewer events run four at a time. A thread sweeps the upload
     folder for what Gradio leaves there (`sweep_upload_leftovers`).
     """
-    threading.Thread(target=_sweep_uploads_forever, args=DELETE_CACHE, name="medvlm-upload-sweep",
+    threading.Thread(target=_sweep_forever, args=DELETE_CACHE, name="medvlm-sweep",
                      daemon=True).start()
     in_a_space = bool(os.environ.get("SPACE_ID"))  # Hugging Face sets it in every Space, Docker ones too
     settings = {"server_name": os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if in_a_space else "127.0.0.1"),
@@ -864,7 +983,7 @@ def launch(demo: gr.Blocks, **options):
                 # Gradio would keep every run (questions, reports, slice images, upload names) in the browser's
                 # storage, past the tab's closing: on a shared ward computer the next user would see them.
                 "run_history": False, **options}
-    return demo.queue(default_concurrency_limit=1).launch(**settings)
+    return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE).launch(**settings)
 
 
 demo = build_demo()

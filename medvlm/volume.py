@@ -13,6 +13,7 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 import tokenize
 import zipfile
 import zlib
@@ -40,6 +41,7 @@ from .limits import (
 __all__ = ["Volume", "VolumeError", "load_volume"]
 
 FINGERPRINT_CHUNK = 16 * 2**20  # bytes of voxels per hashing thread's task
+ZIP_FOLDER_PREFIX = "medvlm-zip-"  # a zip's files while its series is read, in the system's temporary folder
 
 
 @dataclass
@@ -123,7 +125,7 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
         return _load_files(_listed_files(path), f"folder {path.name}", zip_alone=True)
     kind = _scan_kind(path)
     if kind == "zip":
-        with tempfile.TemporaryDirectory(prefix="medvlm-zip-") as folder:
+        with tempfile.TemporaryDirectory(prefix=ZIP_FOLDER_PREFIX) as folder:
             return _load_files(_extract_zip(path, Path(folder)), path.name)
     if kind == "nifti":
         return _load_nifti(path)
@@ -135,6 +137,21 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
 
 
 # --- shared: limits, orientation, dispatch -------------------------------------------------------------------
+
+def remove_stale_zip_folders(older_than: float) -> list[Path]:
+    """Delete the folders a zip was extracted into by a process killed while reading it (they hold the series'
+    files, patient names in their headers), once untouched for `older_than` seconds. Returns them."""
+    cutoff = time.time() - older_than
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{ZIP_FOLDER_PREFIX}*"):
+        try:
+            if folder.is_dir() and not folder.is_symlink() and folder.lstat().st_mtime < cutoff:
+                shutil.rmtree(folder)
+                removed.append(folder)
+        except OSError:  # gone meanwhile, or not ours to delete
+            continue
+    return removed
+
 
 SCAN_FORMATS = "give a NIfTI (.nii, .nii.gz), an M3D .npy, or a DICOM series (a folder, its files or a .zip)"
 

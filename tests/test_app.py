@@ -276,6 +276,63 @@ def test_closing_the_tab_releases_the_scan_and_its_files(app_module, ct_nifti):
     assert not folder.exists() and fingerprint not in app_module.PIPELINE._encodings
 
 
+def _upload_as(app_module, tmp_path, tab: str, seed: int = 0):
+    """load_scan of a fresh CT file from the browser tab `tab` (the upload is deleted once read)."""
+    scan = save_nifti(tmp_path / f"{tab}.nii.gz", torso_ct(seed=seed), (5.0, 1.0, 1.0), modality="CT")
+    return app_module.load_scan([str(scan)], None, SimpleNamespace(session_hash=tab))
+
+
+def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_path, monkeypatch):
+    """Visitors uploading big scans cannot take the server down: past the budget a new scan is refused while
+    every other scan is in use, and takes the place of one unused for ten minutes, whose visitor is told why."""
+    first = _upload_as(app_module, tmp_path, "tab-a")[0]
+    monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(first.volume.data.nbytes * 1.5))
+    try:
+        refused = _upload_as(app_module, tmp_path, "tab-b")
+        assert refused[0] is None and "holds as many scans as its memory allows" in refused[1]
+        first.last_used -= app_module.MAKE_ROOM_IDLE_S  # ten minutes without a look or a question
+        second = _upload_as(app_module, tmp_path, "tab-c", seed=1)[0]
+        assert second.volume is not None and first.volume is None
+        said = list(app_module.generate_report(first, 8, 0.0, 1.0))[-1][0]
+        assert "closed after 10 minutes without use, to make room for other visitors; load it again" in said
+        monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", 10 * second.volume.data.nbytes)
+        again = _upload_as(app_module, tmp_path, "tab-a", seed=2)[0]  # the visitor loads a scan again
+        assert again.volume is not None and second.volume is not None
+    finally:
+        for tab in ("tab-a", "tab-b", "tab-c"):
+            app_module.end_session(SimpleNamespace(session_hash=tab))
+
+
+def test_a_scan_unused_for_an_hour_is_released_and_its_visitor_told(app_module, tmp_path):
+    """A tab left open, or an API client that never says goodbye, does not hold a scan (and its report file)
+    for good: the sweep releases it after an hour without use."""
+    session = _upload_as(app_module, tmp_path, "tab-idle")[0]
+    list(app_module.generate_report(session, 8, 0.0, 1.0))
+    folder = session.folder
+    assert app_module.release_idle_sessions(app_module.SESSION_IDLE_S) == 0  # just used
+    session.last_used -= app_module.SESSION_IDLE_S
+    assert app_module.release_idle_sessions(app_module.SESSION_IDLE_S) == 1
+    assert session.volume is None and not folder.exists()
+    _, question = list(app_module.chat("Where is the lesion?", session, 8, 0.0, 1.0))[-1]
+    assert question == "Where is the lesion?"  # kept in the box, to ask again once the scan is loaded
+
+
+def test_an_example_is_picked_by_its_row_or_its_name(app_module, tmp_path, monkeypatch):
+    """The examples table sends the row's index (unchecked); an API client may send the name: both load it, and
+    anything else is one sentence that names the examples."""
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    for name in ("b_scan", "a_scan"):
+        save_nifti(folder / f"{name}.nii.gz", torso_ct(), (5.0, 1.0, 1.0), modality="CT")
+    monkeypatch.setattr(app_module, "EXAMPLES_DIR", folder)
+    assert app_module.load_example(1, None)[0].label == "example: b scan"
+    assert app_module.load_example("a scan", None)[0].label == "example: a scan"
+    assert app_module.load_example(["a scan"], None)[0].label == "example: a scan"
+    for junk in (99, -1, True, "c scan", None, {"x": 1}):
+        outputs = app_module.load_example(junk, None)
+        assert outputs[0] is None and "choose one of 'a scan', 'b scan'" in outputs[1], junk
+
+
 def test_stop_ends_the_generation_thread(app_module, ct_nifti):
     session, _ = loaded(app_module, [ct_nifti])
     stream = app_module.generate_report(session, 1000, 0.0, 1.0)
@@ -454,7 +511,7 @@ def test_what_gradio_leaves_in_its_upload_folder_is_swept_after_an_hour(app_modu
 
 def test_serving_the_page_starts_the_upload_sweep(app_module, monkeypatch):
     def sweeps() -> int:
-        return sum(thread.name == "medvlm-upload-sweep" and thread.daemon for thread in threading.enumerate())
+        return sum(thread.name == "medvlm-sweep" and thread.daemon for thread in threading.enumerate())
 
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **settings: settings)
     before = sweeps()

@@ -451,3 +451,23 @@ def test_a_zip_or_folder_holding_one_nifti_loads_it(tmp_path, marked_ct):
         scan = load_volume(source)
         _assert_same_scan(scan, marked_ct)
         assert scan.source == "nifti" and scan.orientation == "LPS"
+
+
+def test_zip_folders_left_by_a_crash_are_removed_once_stale(tmp_path, monkeypatch):
+    """A process killed while reading a zip leaves its extracted series (patient names in the headers) in the
+    temporary folder; the app's sweep removes such folders once untouched for an hour, not one being read."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from medvlm.volume import ZIP_FOLDER_PREFIX, remove_stale_zip_folders
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale, fresh = (Path(tempfile.mkdtemp(prefix=ZIP_FOLDER_PREFIX)) for _ in range(2))
+    (stale / "00001").mkdir()
+    (stale / "00001" / "slice.dcm").write_bytes(b"DICM")
+    other = Path(tempfile.mkdtemp(prefix="someone-else-"))
+    for path in (stale, other):
+        os.utime(path, (0, 0))
+    assert remove_stale_zip_folders(3600) == [stale]
+    assert not stale.exists() and fresh.is_dir() and other.is_dir()
