@@ -136,6 +136,25 @@ def read_m3d_vqa(root: str | Path, split: str, closed: bool = True, open: bool =
     return samples
 
 
+def scan_stamps(root: str | Path, images: list[str]) -> dict[str, list[int]]:
+    """Per scan path (relative to `root`): [size in bytes, modification time in ns] of its file, or of the files
+    of a DICOM folder (their total size and newest time). A scan rewritten since a cache was made shows here;
+    the files themselves are not read (M3D holds 120 k volumes). A scan that is not there gets [-1, -1]."""
+    stamps = {}
+    for image in images:
+        path = Path(root) / image
+        try:
+            if path.is_dir():
+                files = [entry.stat() for entry in path.rglob("*") if entry.is_file()]
+                stamps[image] = [sum(f.st_size for f in files), max((f.st_mtime_ns for f in files), default=0)]
+            else:
+                info = path.stat()
+                stamps[image] = [info.st_size, info.st_mtime_ns]
+        except OSError:
+            stamps[image] = [-1, -1]
+    return stamps
+
+
 def build_labels(tokenizer, messages: list[dict], image_token: str, num_image_tokens: int,
                  max_length: int) -> tuple[list[int], list[int]]:
     """Token ids and labels for a chat whose last turn is the assistant's answer.

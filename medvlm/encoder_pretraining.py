@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .configuration import MedVLMConfig
-from .data import GROUND_TRUTH_FILE
+from .data import GROUND_TRUTH_FILE, scan_stamps
 from .encoder import SliceEncoder
 from .preprocess import PREPROCESSING_VERSION, encoder_input
 from .volume import Volume, load_volume
@@ -422,7 +422,8 @@ SELECTION_FIELDS = ("slice_selection", "similarity_threshold", "slice_budget")
 def pretrain_encoder_once(cache: Path, config: MedVLMConfig, root: Path, images: list[str], settings: dict,
                           keep_fraction: float | None, progress: bool = True, seed: int = 0,
                           held_out: list[str] = ()) -> PretrainedEncoder:
-    """`pretrain_encoder`, kept in the folder `cache` under a key of everything it depends on.
+    """`pretrain_encoder`, kept in the folder `cache` under a key of everything it depends on (the scans' files
+    as they are now among it: a scan rewritten in place trains a new encoder).
 
     A resumed training run, and the ablation study's variants that share data and seed, pre-train
     the encoder once instead of once each.
@@ -430,6 +431,7 @@ def pretrain_encoder_once(cache: Path, config: MedVLMConfig, root: Path, images:
     from .features import FEATURE_FIELDS
 
     key = json.dumps({"root": str(Path(root).resolve()), "images": images, "settings": settings,
+                      "stamps": scan_stamps(root, [*images, *held_out]),  # the scans as they are now
                       "preprocessing": PREPROCESSING_VERSION,
                       "keep_fraction": keep_fraction, "seed": seed, "held_out": list(held_out),
                       "vision": config.vision_config.to_dict(),

@@ -72,11 +72,13 @@ def scan_slices(model: MedVLMForConditionalGeneration, volume: Volume) -> ScanSl
 
 
 class FeatureCache:
-    """Kept-slice features per scan (`ScanSlices` on the CPU), keyed by the scan's path."""
+    """Kept-slice features per scan (`ScanSlices` on the CPU), keyed by the scan's path; `stamps`: each scan
+    file's size and modification time when it was encoded (`data.scan_stamps`), to tell a rewritten scan."""
 
-    def __init__(self, entries: dict[str, ScanSlices], fingerprint: str):
+    def __init__(self, entries: dict[str, ScanSlices], fingerprint: str, stamps: dict[str, list[int]] | None = None):
         self.entries = entries
         self.fingerprint = fingerprint
+        self.stamps = stamps or {}
 
     def __getitem__(self, image: str) -> ScanSlices:
         return self.entries[image]
@@ -86,6 +88,11 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def changed(self, stamps: dict[str, list[int]]) -> list[str]:
+        """The scans of `stamps` this cache holds that were rewritten since it encoded them (or that it holds
+        without a stamp, as caches made before stamps were kept)."""
+        return [image for image, stamp in stamps.items() if image in self.entries and self.stamps.get(image) != stamp]
 
     @classmethod
     def build(cls, model: MedVLMForConditionalGeneration, images: Iterable[str],
@@ -121,7 +128,7 @@ class FeatureCache:
                 shards[image] = [name, key]
                 counts[image] = [scan.total, scan.encoded, scan.previewed]
             save_file(tensors, folder / name)
-        index = {"fingerprint": self.fingerprint, "shards": shards, "counts": counts}
+        index = {"fingerprint": self.fingerprint, "shards": shards, "counts": counts, "stamps": self.stamps}
         (folder / (f"{prefix}.json" if part else INDEX_FILE)).write_text(json.dumps(index))
         return folder
 
@@ -135,10 +142,11 @@ class FeatureCache:
         if len(fingerprints) != 1:
             raise ValueError(f"the feature shards in {folder} come from {len(fingerprints)} different encoders or "
                              "settings; delete the folder and encode again")
-        merged = {"fingerprint": fingerprints.pop(), "shards": {}, "counts": {}}
+        merged = {"fingerprint": fingerprints.pop(), "shards": {}, "counts": {}, "stamps": {}}
         for index in indexes:
             merged["shards"] |= index["shards"]
             merged["counts"] |= index["counts"]
+            merged["stamps"] |= index.get("stamps", {})
         (folder / INDEX_FILE).write_text(json.dumps(merged))
         for path in parts:
             path.unlink()
@@ -160,23 +168,30 @@ class FeatureCache:
             total, encoded, previewed = index["counts"][image]
             entries[image] = ScanSlices(handle.get_tensor(f"{key}.patches"), handle.get_tensor(f"{key}.kept"),
                                         handle.get_tensor(f"{key}.heights"), total, encoded, previewed)
-        return cls(entries, index["fingerprint"])
+        return cls(entries, index["fingerprint"], index.get("stamps", {}))
 
 
-def build_feature_cache(model: MedVLMForConditionalGeneration, images: Iterable[str], load: Callable[[str], Volume],
+def build_feature_cache(model: MedVLMForConditionalGeneration, root: str | Path, images: Iterable[str],
                         folder: str | Path, shard_size: int = 512) -> FeatureCache:
-    """The cache of `images` in `folder`: reused when it was made by this encoder and holds them all,
-    else encoded, each process (accelerate) taking its share, and merged. Every process returns the
-    whole cache, memory-mapped."""
-    folder, images = Path(folder), sorted(set(images))
+    """The cache in `folder` of the scans `images` (paths relative to `root`): reused when it was made by this
+    encoder and holds them all as they are now (same file sizes and times), else encoded, each process
+    (accelerate) taking its share, and merged. Every process returns the whole cache, memory-mapped."""
+    from .data import scan_stamps
+    from .volume import load_volume
+
+    root, folder, images = Path(root), Path(folder), sorted(set(images))
     state = process_state()
     fingerprint = encoder_fingerprint(model)
+    stamps = scan_stamps(root, images)
     if (folder / INDEX_FILE).exists():
         try:
             cache = FeatureCache.load(folder, fingerprint)
-            if all(image in cache for image in images):
+            changed = cache.changed(stamps)
+            if not changed and all(image in cache for image in images):
                 return cache
-            state.print(f"the feature cache in {folder} lacks some scans: encoding again")
+            state.print(f"the feature cache in {folder} holds {len(changed)} scans rewritten since it was made (e.g. "
+                        f"{changed[0]}): encoding again" if changed else
+                        f"the feature cache in {folder} lacks some scans: encoding again")
         except ValueError as stale:
             state.print(f"{stale}: encoding again")
     state.wait_for_everyone()
@@ -185,7 +200,9 @@ def build_feature_cache(model: MedVLMForConditionalGeneration, images: Iterable[
             old.unlink()
     state.wait_for_everyone()
     with state.split_between_processes(images) as share:
-        part = FeatureCache.build(model, share, load, progress=state.is_local_main_process)
+        part = FeatureCache.build(model, share, lambda image: load_volume(root / image),
+                                  progress=state.is_local_main_process)
+    part.stamps = {image: stamps[image] for image in part.entries}
     part.save(folder, shard_size, part=f"part{state.process_index:03d}")
     state.wait_for_everyone()
     if state.is_main_process:
@@ -238,7 +255,6 @@ def encode_data_folder(checkpoint_or_preset: str, data: str | Path, out: str | P
     Under accelerate each process encodes its share on its own device.
     """
     from .train import read_samples
-    from .volume import load_volume
 
     root = Path(data)
     try:
@@ -248,5 +264,5 @@ def encode_data_folder(checkpoint_or_preset: str, data: str | Path, out: str | P
     if not images:
         raise UserInputError(f"{root} holds no scans in the splits {', '.join(splits)}")
     model = encoding_model(checkpoint_or_preset, revision).to(process_state().device)
-    build_feature_cache(model, images, lambda image: load_volume(root / image), out, shard_size)
+    build_feature_cache(model, root, images, out, shard_size)
     return Path(out) / INDEX_FILE

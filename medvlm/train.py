@@ -45,6 +45,7 @@ from .data import (
     check_split,
     read_m3d_cap,
     read_m3d_vqa,
+    scan_stamps,
 )
 from .errors import UserInputError
 from .features import FeatureCache, VolumeFeatures, build_feature_cache, encoder_fingerprint
@@ -417,12 +418,17 @@ def scan_features(model: MedVLMForConditionalGeneration, samples: list[Sample], 
         return VolumeFeatures(model, load)
     images = sorted({s.image for s in samples})
     if features is None:
-        return build_feature_cache(model, images, load, work / "features")
+        return build_feature_cache(model, root, images, work / "features")
     cache = FeatureCache.load(features, encoder_fingerprint(model))
     missing = [image for image in images if image not in cache]
     if missing:
         raise UserInputError(f"the feature cache in {features} lacks {len(missing)} of the {len(images)} scans "
                              f"(e.g. {missing[0]}); run `python -m medvlm features` on {root}")
+    changed = cache.changed(scan_stamps(root, images))
+    if changed:
+        raise UserInputError(f"{len(changed)} of the {len(images)} scans changed since the feature cache in {features} "
+                             f"was made (e.g. {changed[0]}: other file size or time); run `python -m medvlm features` "
+                             f"on {root} again")
     return cache
 
 

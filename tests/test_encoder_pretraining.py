@@ -133,6 +133,10 @@ def test_pretrained_encoder_is_kept_and_reused(tmp_path, monkeypatch):
     pretraining.pretrain_encoder_once(tmp_path / "cache", config, tmp_path / "data", images, settings, 0.6,
                                       progress=False, held_out=images[:2])
     assert len(calls) == 2  # slices read otherwise by a newer version: not the cached encoder's training data
+    (tmp_path / "data" / images[-1]).touch()  # a scan rewritten in place (phantoms made again, a volume fixed)
+    pretraining.pretrain_encoder_once(tmp_path / "cache", config, tmp_path / "data", images, settings, 0.6,
+                                      progress=False, held_out=images[:2])
+    assert len(calls) == 3
 
 
 def test_lesion_finding_is_judged_within_the_modality_it_occurs_in():

@@ -26,13 +26,14 @@ from transformers import AutoModelForImageTextToText
 
 from medvlm.__main__ import main
 from medvlm.configuration import MedVLMConfig
+from medvlm.data import scan_stamps
 from medvlm.errors import UserInputError
 from medvlm.features import FeatureCache, VolumeFeatures, build_feature_cache, encoder_fingerprint
 from medvlm.hub import CARD_MARK, push_checkpoint
 from medvlm.modeling import MedVLMForConditionalGeneration
 from medvlm.phantom import write_phantom_set
 from medvlm.pipeline import Pipeline, weights_digest
-from medvlm.train import PRESETS, Collator, TrainingObjective, load_preset, read_samples
+from medvlm.train import PRESETS, Collator, TrainingObjective, load_preset, read_samples, scan_features
 from medvlm.volume import load_volume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,16 +247,32 @@ def test_a_feature_cache_of_older_preprocessing_is_encoded_again(recipe, tmp_pat
 
     model, _ = build_tiny_model()
     images = sorted({s.image for s in read_samples(recipe.data, "train")})[:2]
-
-    def load(image):
-        return load_volume(recipe.data / image)
-
-    first = build_feature_cache(model, images, load, tmp_path)
-    assert build_feature_cache(model, images, load, tmp_path).fingerprint == first.fingerprint  # reused
+    first = build_feature_cache(model, recipe.data, images, tmp_path)
+    assert build_feature_cache(model, recipe.data, images, tmp_path).fingerprint == first.fingerprint  # reused
     monkeypatch.setattr(medvlm.features, "PREPROCESSING_VERSION", medvlm.features.PREPROCESSING_VERSION + 1)
-    again = build_feature_cache(model, images, load, tmp_path)
+    again = build_feature_cache(model, recipe.data, images, tmp_path)
     assert again.fingerprint != first.fingerprint
     assert json.loads((tmp_path / "features.json").read_text())["fingerprint"] == again.fingerprint
+
+
+def test_a_scan_rewritten_in_place_is_encoded_again_not_served_from_the_cache(tmp_path):
+    """Phantoms made again under the same paths (or one M3D volume fixed): the cache must not hand the model
+    the old scans' features, nor `train --features` train on them."""
+    data = Path(write_phantom_set(tmp_path / "data", 2, seed=5, modalities=("ct",), formats=("nifti",), matrix=32,
+                                  split="train")["out"])
+    model, _ = build_tiny_model()
+    images = sorted({s.image for s in read_samples(data, "train")})
+    first = build_feature_cache(model, data, images, tmp_path / "features")
+    before = {image: first[image].patches.clone() for image in images}
+    assert build_feature_cache(model, data, images, tmp_path / "features").changed(scan_stamps(data, images)) == []
+    write_phantom_set(tmp_path / "data", 2, seed=6, modalities=("ct",), formats=("nifti",), matrix=32,
+                      split="train")  # other phantoms, the same file names
+    again = build_feature_cache(model, data, images, tmp_path / "features")
+    assert any(not torch.equal(before[image], again[image].patches) for image in images)
+    assert again.changed(scan_stamps(data, images)) == []
+    (data / images[0]).touch()  # rewritten after the cache was made
+    with pytest.raises(UserInputError, match=r"1 of the 2 scans changed since the feature cache .* again"):
+        scan_features(model, read_samples(data, "train"), data, tmp_path, tmp_path / "features", from_volumes=False)
 
 
 def test_features_refuses_what_it_cannot_encode(recipe, tmp_path, capsys):
