@@ -669,6 +669,11 @@ def model_badge(pipeline: Pipeline) -> str:
     return badge
 
 
+def suggested_question(sample: list[str] | None) -> str:
+    """The question of a suggestion clicked (the table gives [question]); nothing for what else a client sends."""
+    return sample[0] if isinstance(sample, list) and sample and isinstance(sample[0], str) else ""
+
+
 def _no_scan(session: ScanSession | None) -> str:
     """What to do when a session asks about a scan it does not hold: why it was closed, if it was."""
     return session.closed if session is not None and session.closed else "Upload a scan first."
@@ -949,7 +954,7 @@ def build_demo() -> gr.Blocks:
             for trigger, name in ((ask_button.click, "chat"), (question.submit, "chat_submit"))
         ]
         suggestion_event = suggestions.click(
-            lambda sample: sample[0], suggestions, question, api_name="suggest", api_visibility="private", queue=False,
+            suggested_question, suggestions, question, api_name="suggest", api_visibility="private", queue=False,
         ).then(chat, [question, session, *settings], [chatbot, question], api_name="chat_suggested",
                api_visibility="private", **gpu)
         running = [report_event, *chat_events, suggestion_event]

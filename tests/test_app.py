@@ -743,3 +743,10 @@ def test_a_small_pet_hot_spot_survives_the_3d_downsampling():
     data[78:80, 98:100, 58:60] = 10.0  # an 8 mm focus, ten times the body's uptake
     figure = figure_3d(Volume(data, (4.0, 4.0, 4.0), np.eye(4), "PT", "nifti", "RAS"), threshold=5.0)
     assert figure.data and len(figure.data[0].i) > 0  # the focus has a surface of its own
+
+
+def test_a_suggestion_puts_its_question_in_the_box_and_junk_puts_nothing(app_module):
+    """The table sends the clicked row ([question]); an API client may send nothing, which used to be a traceback."""
+    assert app_module.suggested_question(["Where is the lesion?"]) == "Where is the lesion?"
+    for junk in (None, [], [3], "Where?"):
+        assert app_module.suggested_question(junk) == ""
