@@ -96,6 +96,10 @@ class MedVLMConfig(PreTrainedConfig):
         # 0 switches the preview and the slab averaging off, as null does.
         if self.selection_preview_size is not None and self.selection_preview_size != 0:
             self.selection_preview_size = _whole("selection_preview_size", self.selection_preview_size)
+        _check_channels(self.image_mean, self.image_std)
+        _check_windows(self.ct_windows, len(self.image_mean))
+        if not isinstance(self.demo, bool):
+            raise ValueError(f"demo must be true or false (trained on phantoms only or not), not {self.demo!r}")
         spacing, threshold = self.slice_spacing_mm, self.similarity_threshold
         if spacing is not None and not (_is_number(spacing) and spacing >= 0):
             raise ValueError(f"slice_spacing_mm must be a thickness in mm (0 or null: no slabs), not {spacing!r}")
@@ -153,6 +157,24 @@ class MedVLMConfig(PreTrainedConfig):
 def _is_number(value) -> bool:
     """A finite real number: int, float or a numpy scalar (not a bool)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_channels(mean, std) -> None:
+    """Per-channel normalisation: as many means as standard deviations, numbers, each deviation above 0."""
+    if not (isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) and len(mean) == len(std) >= 1
+            and all(map(_is_number, [*mean, *std])) and min(std) > 0):
+        raise ValueError(f"image_mean and image_std must be lists of numbers, one per encoder channel, each "
+                         f"image_std above 0, not {mean!r} and {std!r}")
+
+
+def _check_windows(windows, channels: int) -> None:
+    """CT windows as preprocessing reads them: one [level, width] pair in HU per encoder channel, width above 0."""
+    pairs = windows if isinstance(windows, (list, tuple)) else []
+    if len(pairs) != channels or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(_is_number, pair)) and pair[1] > 0
+            for pair in pairs):
+        raise ValueError(f"ct_windows must be {channels} [level, width] pairs in HU, one per encoder channel, each "
+                         f"width above 0 (e.g. [[40, 400], [-600, 1500], [400, 1800]]), not {windows!r}")
 
 
 def _whole(name: str, value) -> int:

@@ -239,11 +239,7 @@ def encoding_model(checkpoint_or_preset: str, revision: str | None = None) -> Me
 
     name = str(checkpoint_or_preset)
     if name.endswith(".json") or (PRESETS / f"{name}.json").exists():
-        try:
-            preset = load_preset(name)
-        except (OSError, ValueError) as error:
-            raise UserInputError(f"cannot read the preset {name}: {error}") from None
-        return build_encoding_model(preset)
+        return build_encoding_model(load_preset(name))  # a file that is not a preset: UserInputError, naming it
     return load_model(resolve_checkpoint(name, revision), name)
 
 

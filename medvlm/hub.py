@@ -28,7 +28,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from .errors import CheckpointError, UserInputError
 from .model_card import published_path, write_model_card
-from .pipeline import weights_digest
+from .pipeline import load_tokenizer, weights_digest
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 NOT_PUBLISHED = ("*-training/**", "state/**", "features/**", ".cache/**")  # work files that never go up
@@ -36,14 +36,14 @@ CARD_MARK = "<!-- medvlm push: "  # opens the last line of a card push wrote (an
 
 
 def check_checkpoint(folder: Path) -> None:
-    """Raise CheckpointError unless `folder` holds a MedVLM checkpoint ready to publish."""
+    """Raise CheckpointError unless `folder` holds a MedVLM checkpoint ready to publish: its files, and a
+    tokenizer that `Pipeline.from_pretrained` will take (`load_tokenizer`: a chat template, the scan placeholder)."""
     if not folder.is_dir():
         raise CheckpointError(f"no checkpoint folder at {str(folder)!r}; give the folder `train --out` wrote")
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"{str(folder)!r} lacks {', '.join(missing)}; it is not a complete MedVLM checkpoint")
-    if json.loads((folder / "config.json").read_text()).get("model_type") != "medvlm":
-        raise CheckpointError(f"{str(folder)!r} is not a MedVLM checkpoint (config.json model_type is not 'medvlm')")
+    load_tokenizer(folder, str(folder))
 
 
 def training_command(folder: Path) -> str:
@@ -66,13 +66,13 @@ def training_command(folder: Path) -> str:
 
 
 def publishable_training_record(folder: Path) -> None:
-    """training.json's folders as a card shows them (`published_path`), for a record written before train did
-    so: it is uploaded with the checkpoint."""
+    """training.json's folders and preset file as a card shows them (`published_path`), for a record written
+    before train did so: it is uploaded with the checkpoint."""
     path = folder / "training.json"
     if not path.exists():
         return
     training = json.loads(path.read_text())
-    published = {**training, **{key: published_path(training[key]) for key in ("data", "features")
+    published = {**training, **{key: published_path(training[key]) for key in ("preset", "data", "features")
                                 if isinstance(training.get(key), str)}}
     options = training.get("options")
     if isinstance(options, dict):

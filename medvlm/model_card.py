@@ -57,7 +57,7 @@ DEMO_NOTICE = (
 
 
 def published_path(path: str) -> str:
-    """A folder as a model card shows it: as typed when relative, by its name when absolute."""
+    """A folder or file (a preset) as a model card shows it: as typed when relative, by its name when absolute."""
     return Path(path).name if Path(path).is_absolute() else path
 
 
@@ -96,10 +96,11 @@ def _visual_lines(config: dict, vision: dict) -> list[str]:
                 f"fusion or compressor): the scan resampled to {config['volume_shape']} voxels, patches of "
                 f"{config['volume_patch']}, {config['volume_layers']} layers of width {config['fusion_dim']}, pooled "
                 f"to a {tokens}."]
+    spacing = config.get("slice_spacing_mm")  # null or 0: the scan's own slices, not averaged into slabs
+    slabs = f"slabs of {spacing} mm" if spacing else "the scan's slices kept as they are (no slabs)"
     return [f"- Slice encoder: {_encoder_line(vision, config['image_size'])}, frozen.",
             f"- Slice selection: {config['slice_selection']}, τ = {config['similarity_threshold']}, "
-            f"budget K = {config['slice_budget']}; slabs of {config['slice_spacing_mm']} mm, at most "
-            f"{config['max_input_slices']} per scan.",
+            f"budget K = {config['slice_budget']}; {slabs}, at most {config['max_input_slices']} per scan.",
             f"- Fusion: {config['fusion_mode']}, width {config['fusion_dim']}; compressor: "
             f"{config['compressor_mode']}, {tokens}."]
 

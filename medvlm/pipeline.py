@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.utils import logging as transformers_logging
 
+from .configuration import MedVLMConfig
 from .errors import CheckpointError, UserInputError
 from .limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MIN_ANSWER_TOKENS
 from .modeling import MedVLMForConditionalGeneration
@@ -90,9 +91,9 @@ def resolve_checkpoint(checkpoint: str | Path | None, revision: str | None = Non
                               "check the repo id, your network or HF_TOKEN") from None
 
 
-def _check_checkpoint_folder(folder: Path, name: str) -> None:
-    """A MedVLM config.json, a tokenizer, and real files rather than the pointers a clone without git-lfs
-    leaves."""
+def _check_checkpoint_folder(folder: Path, name: str) -> dict:
+    """A MedVLM config.json (returned, as read), a tokenizer, and real files rather than the pointers a clone
+    without git-lfs leaves."""
     pointers = [path.name for path in sorted(folder.iterdir())
                 if path.is_file() and path.stat().st_size < 1024 and path.read_bytes().startswith(LFS_POINTER)]
     if pointers:
@@ -112,6 +113,38 @@ def _check_checkpoint_folder(folder: Path, name: str) -> None:
     if not any((folder / file).is_file() for file in TOKENIZER_FILES):  # checked before minutes of weight loading
         raise CheckpointError(f"{name!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); save the tokenizer "
                               "beside the weights with tokenizer.save_pretrained")
+    return config
+
+
+def load_tokenizer(folder: Path, name: str):
+    """The tokenizer of a checkpoint folder (as `resolve_checkpoint` gives it), checked against its config.json
+    as every report needs it: a chat template, and the scan placeholder (config.image_token) read as the one
+    token config.image_token_id. Raises CheckpointError naming what is missing or does not fit."""
+    config = _check_checkpoint_folder(folder, name)
+    # Without tokenizer.json transformers builds the vocabulary from whatever else is there, or fails.
+    no_vocabulary = (f"{name!r} has no tokenizer.json (the tokenizer's vocabulary); save the tokenizer beside the "
+                     "weights with tokenizer.save_pretrained")
+    has_vocabulary = (folder / "tokenizer.json").is_file()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        if not has_vocabulary:
+            raise CheckpointError(no_vocabulary) from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"could not load the tokenizer of checkpoint {name!r} ({reason}); download or copy "
+                              "the checkpoint again") from None
+    if not tokenizer.chat_template:
+        raise CheckpointError(f"{name!r} has no chat template (chat_template.jinja), so no prompt can be written; "
+                              "save the tokenizer with its chat template beside the weights")
+    image_token = config.get("image_token", MedVLMConfig.image_token)
+    image_token_id = config.get("image_token_id", MedVLMConfig.image_token_id)
+    if tokenizer(image_token, add_special_tokens=False).input_ids != [image_token_id]:
+        if not has_vocabulary:
+            raise CheckpointError(no_vocabulary)
+        raise CheckpointError(f"the tokenizer of checkpoint {name!r} does not read the scan placeholder "
+                              f"{image_token!r} as token {image_token_id}, as its config.json says; they do not "
+                              "belong together: download or copy the checkpoint again")
+    return tokenizer
 
 
 def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGeneration:
@@ -274,14 +307,11 @@ class Pipeline:
         device = resolve_device(device)
         folder = resolve_checkpoint(checkpoint, revision)
         name = "demo checkpoint" if checkpoint is None else str(checkpoint)
+        tokenizer = load_tokenizer(folder, name)  # before the weights, which take minutes for a large LM
         if dtype is None:
             on_gpu = torch.device(device).type == "cuda"  # only a GPU's choice depends on the model's size
             dtype = default_dtype(device, checkpoint_parameters(folder) if on_gpu else 0)
         model = load_model(folder, name, dtype=dtype).to(device)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"could not load the tokenizer of checkpoint {name!r}: {error}") from None
         return cls(model, tokenizer, name, folder, revision)
 
     @property

@@ -84,15 +84,73 @@ TRAINABLE_PARTS = {
 }
 
 
+PRESET_OBJECTS = ("model", "language_model", "tokenizer")  # the sections of a preset that training reads
+STAGE_KEYS = ("name", "tasks", "trainable", "epochs", "lr", "batch_size")  # what each stage must say
+
+
 def load_preset(name_or_path: str) -> dict:
-    """A preset by name (medvlm/presets/NAME.json) or a path to a JSON file."""
+    """A preset by name (medvlm/presets/NAME.json) or a path to a JSON file; a file that is not a preset
+    (`preset_problem`) raises UserInputError naming it."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESETS / f"{name_or_path}.json"
     if not path.exists():
         names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.json")))
-        raise ValueError(f"no preset {name_or_path!r}; choose one of {names} or give a JSON file")
-    return json.loads(path.read_text())
+        raise UserInputError(f"no preset {name_or_path!r}; choose one of {names} or give a JSON file")
+    try:
+        preset = json.loads(path.read_text())
+    except OSError as error:
+        raise UserInputError(f"cannot read the preset {path} ({error.strerror}); give a JSON file") from None
+    except ValueError as error:  # also a file that is not UTF-8 text
+        raise UserInputError(f"the preset {path} is not valid JSON ({error}); fix the file") from None
+    problem = preset_problem(preset)
+    if problem:
+        raise UserInputError(f"the preset {path} {problem}; see medvlm/presets/demo.json for one that trains")
+    return preset
+
+
+def _json_kind(value) -> str:
+    """What JSON calls a parsed value's type, with its article."""
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "true or false", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def preset_problem(preset) -> str | None:
+    """What keeps a parsed preset from training, as a phrase, or None. It must be a JSON object with the
+    objects of PRESET_OBJECTS, a language model (`pretrained` with a `repo_id`, or `from_scratch` with a
+    `model_type`), a tokenizer (`from_language_model` true, or a `vocab_size`), a whole `max_length`, and
+    a list of `stages`, each an object with STAGE_KEYS whose `trainable` parts are TRAINABLE_PARTS."""
+    if not isinstance(preset, dict):
+        return f"holds {_json_kind(preset)}, not a JSON object"
+    for key in PRESET_OBJECTS:
+        if not isinstance(preset.get(key), dict):
+            return f"has {_json_kind(preset[key])} as {key!r}, not an object" if key in preset else f"lacks {key!r}"
+    language_model, tokenizer = preset["language_model"], preset["tokenizer"]
+    pretrained, scratch = language_model.get("pretrained"), language_model.get("from_scratch")
+    if not ((isinstance(pretrained, dict) and isinstance(pretrained.get("repo_id"), str))
+            or (isinstance(scratch, dict) and isinstance(scratch.get("model_type"), str))):
+        return ("names no language model (language_model needs 'pretrained' with a 'repo_id', or 'from_scratch' "
+                "with a 'model_type')")
+    if tokenizer.get("from_language_model") is not True and not _is_whole(tokenizer.get("vocab_size")):
+        return "names no tokenizer (tokenizer needs 'from_language_model': true, or a whole 'vocab_size')"
+    if not _is_whole(preset.get("max_length")):
+        return "has no whole 'max_length' (the most tokens a sample may have)"
+    stages = preset.get("stages")
+    if not isinstance(stages, list) or not stages:
+        return "has no 'stages' (a list of training stages)"
+    for number, stage in enumerate(stages, 1):
+        missing = [key for key in STAGE_KEYS if key not in stage] if isinstance(stage, dict) else list(STAGE_KEYS)
+        if missing:
+            return f"has a stage {number} without {', '.join(map(repr, missing))}"
+        trainable = stage["trainable"] if isinstance(stage["trainable"], list) else [stage["trainable"]]
+        unknown = [part for part in trainable if part not in list(TRAINABLE_PARTS)]
+        if unknown:
+            return f"has a stage {number} that trains {unknown[0]!r}, not one of {', '.join(TRAINABLE_PARTS)}"
+    return None
 
 
 def read_samples(root: Path, split: str, prompts: tuple[str, ...] = (REPORT_PROMPT,)) -> list[Sample]:
@@ -514,8 +572,10 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
             model.to(getattr(torch, preset.get("save_dtype", "float32"))).save_pretrained(out)
             tokenizer.save_pretrained(out)
             (out / "training.json").write_text(json.dumps({
-                # Published with the checkpoint: folders as typed, an absolute one by its name (model_card).
-                "preset": preset_name, "config_overrides": config_overrides or {}, "data": published_path(str(root)),
+                # Published with the checkpoint: folders and a preset file as typed, an absolute one by its
+                # name (model_card).
+                "preset": published_path(preset_name), "config_overrides": config_overrides or {},
+                "data": published_path(str(root)),
                 "seed": seed, "options": {"work": None if work_given is None else published_path(str(work_given)),
                                           "features": None if features is None else published_path(str(features)),
                                           "from_volumes": from_volumes},

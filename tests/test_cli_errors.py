@@ -108,6 +108,33 @@ def test_train_into_a_file_and_features_with_no_shard(tmp_path, capsys):
         "--shard-size", "0")
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"model": {}}', "lacks 'language_model'; see medvlm/presets/demo.json"),
+    ("[1, 2]", "holds a list, not a JSON object"),
+    ('{"model": {"image_size": 32,}', "is not valid JSON (Expecting property name"),
+    ('{"model": {}, "language_model": {"from_scratch": {"model_type": "llama"}}, "tokenizer": {}}',
+     "names no tokenizer (tokenizer needs 'from_language_model': true, or a whole 'vocab_size')"),
+])
+def test_train_with_a_preset_file_that_is_no_preset(tmp_path, capsys, text, message):
+    preset = tmp_path / "my.json"
+    preset.write_text(text)
+    error = refused(capsys, "train", "--preset", preset, "--data", tmp_path, "--out", tmp_path / "checkpoint")
+    assert f"the preset {preset} " in error and message in error
+    assert not (tmp_path / "checkpoint").exists()
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ('ct_windows=["nope"]', "ct_windows must be 3 [level, width] pairs in HU, one per encoder channel"),
+    ("ct_windows=[[40, 400], [-600, 0], [400, 1800]]", "each width above 0"),
+    ("demo=maybe", "demo must be true or false"),
+    ("image_std=[0.5, 0.5]", "image_mean and image_std must be lists of numbers, one per encoder channel"),
+])
+def test_train_with_a_preprocessing_setting_that_cannot_work(tmp_path, capsys, setting, message):
+    out = tmp_path / "checkpoint"
+    assert message in refused(capsys, "train", "--preset", "tiny", "--data", tmp_path, "--out", out, "--set", setting)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(("spoiled", "message"), [
     ("lfs pointer", "git lfs pull"),
     ("damaged", "are damaged"),
