@@ -239,6 +239,9 @@ def encoding_model(checkpoint_or_preset: str, revision: str | None = None) -> Me
 
     name = str(checkpoint_or_preset)
     if name.endswith(".json") or (PRESETS / f"{name}.json").exists():
+        if revision is not None:
+            raise UserInputError(f"--revision picks a version of a Hub checkpoint, and {name} is a preset; leave "
+                                 "it out, or name the checkpoint")
         return build_encoding_model(load_preset(name))  # a file that is not a preset: UserInputError, naming it
     return load_model(resolve_checkpoint(name, revision), name)
 

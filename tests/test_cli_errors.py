@@ -106,6 +106,12 @@ def test_train_into_a_file_and_features_with_no_shard(tmp_path, capsys):
     assert "--shard-size is the number of scans per file, at least 1" in refused(
         capsys, "features", "--checkpoint-or-preset", "demo", "--data", data, "--out", tmp_path / "f",
         "--shard-size", "0")
+    assert "pre-trains its encoder in the run, so no feature cache made before can fit it" in refused(
+        capsys, "train", "--preset", "tiny", "--data", data, "--out", tmp_path / "m", "--features", tmp_path / "f")
+    assert not (tmp_path / "m-training").exists()
+    assert "--revision picks a version of a Hub checkpoint, and tiny is a preset" in refused(
+        capsys, "features", "--checkpoint-or-preset", "tiny", "--data", data, "--out", tmp_path / "f",
+        "--revision", "v9")
 
 
 @pytest.mark.parametrize(("text", "message"), [
