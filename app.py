@@ -190,6 +190,7 @@ class ScanSession:
     threshold_range: tuple[float, float] = (-math.inf, math.inf)  # the 3D threshold slider's, for this scan
     last_used: float = field(default_factory=time.monotonic)  # when the visitor last looked or asked (monotonic s)
     closed: str = ""  # why the scan was released for the visitor (unused too long), said when they come back
+    unreadable: bool = False  # the model refused the scan (a blank one): it will never be encoded
 
     @property
     def kept_slices(self) -> list[int]:
@@ -200,6 +201,16 @@ class ScanSession:
         if self.folder is None:
             self.folder = Path(tempfile.mkdtemp(prefix=SESSION_FOLDER_PREFIX, dir=get_upload_folder()))
         return self.folder
+
+    @property
+    def generating(self) -> bool:
+        """Whether a report or an answer is being written for it."""
+        return self.stop_key in _STOP_EVENTS
+
+    @property
+    def busy(self) -> bool:
+        """Whether the model works for it, or will: its scan still to be encoded, or an answer being written."""
+        return (self.volume is not None and self.encoding is None and not self.unreadable) or self.generating
 
     def in_use(self) -> None:
         """The visitor looked at the scan or asked about it: it is not idle."""
@@ -255,14 +266,23 @@ def end_session(request: gr.Request) -> None:
         session.release()
 
 
-def _sessions_with_scans() -> list[ScanSession]:
-    with _OPEN_SESSIONS_LOCK:
-        return [session for session in list(_OPEN_SESSIONS.values()) if session.volume is not None]
+def _sessions_with_scans() -> list[tuple[ScanSession, int]]:
+    """(session, bytes of its scan) of the open sessions that hold one; with _OPEN_SESSIONS_LOCK held."""
+    held = []
+    for session in list(_OPEN_SESSIONS.values()):
+        volume = session.volume  # read once: another thread may release it meanwhile
+        if volume is not None:
+            held.append((session, volume.data.nbytes))
+    return held
 
 
 def release_idle_sessions(idle_for: float) -> int:
-    """Release the scans of sessions unused for `idle_for` seconds or more; returns how many."""
-    idle = [session for session in _sessions_with_scans() if time.monotonic() - session.last_used >= idle_for]
+    """Release the scans of sessions unused for `idle_for` seconds or more (not while an answer is being
+    written for one); returns how many."""
+    now = time.monotonic()
+    with _OPEN_SESSIONS_LOCK:
+        idle = [session for session, _ in _sessions_with_scans()
+                if now - session.last_used >= idle_for and not session.generating]
     for session in idle:
         session.close(f"The scan was closed after {idle_for / 60:.0f} minutes without use; load it again.")
     return len(idle)
@@ -270,18 +290,29 @@ def release_idle_sessions(idle_for: float) -> int:
 
 def make_room(needed: int, replacing: ScanSession | None) -> bool:
     """Whether a scan of `needed` bytes fits SCAN_MEMORY_BYTES beside the other sessions' scans (not the one it
-    replaces), once the scans unused for MAKE_ROOM_IDLE_S are released, least recently used first, as far as
-    that takes."""
-    held = [session for session in _sessions_with_scans() if session is not replacing]
-    total = sum(session.volume.data.nbytes for session in held)
+    replaces): as they are, or once enough of the scans unused for MAKE_ROOM_IDLE_S (and not waiting for the
+    model) are released, least recently used first; none is released when that would not be enough. Call it
+    with _OPEN_SESSIONS_LOCK held, and register the new scan before letting go of the lock."""
+    held = [(session, size) for session, size in _sessions_with_scans() if session is not replacing]
+    total = sum(size for _, size in held)
+    if total + needed <= SCAN_MEMORY_BYTES:
+        return True
     now = time.monotonic()
-    for session in sorted(held, key=lambda session: session.last_used):
-        if total + needed <= SCAN_MEMORY_BYTES or now - session.last_used < MAKE_ROOM_IDLE_S:
+    idle = sorted(((session, size) for session, size in held
+                   if not session.busy and now - session.last_used >= MAKE_ROOM_IDLE_S),
+                  key=lambda item: item[0].last_used)
+    chosen, freed = [], 0
+    for session, size in idle:
+        if total - freed + needed <= SCAN_MEMORY_BYTES:
             break
-        total -= session.volume.data.nbytes
-        session.close(f"The scan was closed after {MAKE_ROOM_IDLE_S / 60:.0f} minutes without use, to make room "
-                      "for other visitors; load it again.")
-    return total + needed <= SCAN_MEMORY_BYTES
+        chosen.append(session)
+        freed += size
+    if total - freed + needed > SCAN_MEMORY_BYTES:
+        return False
+    for session in chosen:
+        session.close(f"The scan was closed to make room for other visitors, after {MAKE_ROOM_IDLE_S / 60:.0f} "
+                      "minutes without use; load it again.")
+    return True
 
 
 # Scan in ------------------------------------------------------------------------------------------
@@ -331,8 +362,8 @@ def empty_upload() -> None:
 
 
 def load_example(choice: object, session: ScanSession | None, request: gr.Request | None = None):
-    """One of the example scans in assets/examples: the examples table sends its row's index, an API client that
-    or the example's name ([name] too). The value comes unchecked (`preprocess=False`)."""
+    """One of the example scans in assets/examples: the examples table sends its row's index; an API client may
+    send that, or the example's name (also as [name]). The value comes unchecked (`preprocess=False`)."""
     examples = list_examples()
     choice = choice[0] if isinstance(choice, list) and choice else choice
     if isinstance(choice, int) and not isinstance(choice, bool) and 0 <= choice < len(examples):
@@ -362,16 +393,16 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     low, high, step = threshold_range(volume, grid)
     decimals = max(0, -math.floor(math.log10(step)))  # the step is a power of ten: no float noise in the box
     threshold = min(high, max(low, round(round(default_threshold(volume, grid) / step) * step, decimals)))
-    if not make_room(volume.data.nbytes, session):
-        message = ("The server holds as many scans as its memory allows; try again in a few minutes, or run the "
-                   "app on your own machine")
-        gr.Warning(message)
-        return _unchanged(session, f"⚠️ {message}.")
-    if session is not None:  # only now: until the new scan is ready, the session keeps the one it had
-        session.release()
-    session = ScanSession(volume=volume, label=label, threshold_range=(low, high))
-    if request is not None and request.session_hash:
-        with _OPEN_SESSIONS_LOCK:
+    with _OPEN_SESSIONS_LOCK:  # from the memory check to the new scan's registration: two loads at once add up
+        if not make_room(volume.data.nbytes, session):
+            message = ("The server holds as many scans as its memory allows; try again in a few minutes, or run "
+                       "the app on your own machine")
+            gr.Warning(message)
+            return _unchanged(session, f"⚠️ {message}.")
+        if session is not None:  # only now: until the new scan is ready, the session keeps the one it had
+            session.release()
+        session = ScanSession(volume=volume, label=label, threshold_range=(low, high))
+        if request is not None and request.session_hash:
             _OPEN_SESSIONS[request.session_hash] = session
     return (
         session,
@@ -525,7 +556,9 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     """
     volume = session.volume if session else None
     if volume is None:
-        return '<div class="slice-empty">Upload a scan or pick an example to see its slices.</div>'
+        said = (shown(session.closed) if session is not None and session.closed
+                else "Upload a scan or pick an example to see its slices.")
+        return f'<div class="slice-empty">{said}</div>'
     session.in_use()
     plane, slice_number = _known_plane(plane), _typed_number(slice_number)  # as an API client may send them
     count = slice_count(volume, plane)
@@ -616,6 +649,8 @@ def encode_scan(session: ScanSession | None, plane: str, window: str | None, sli
 
     A scan replaced while it was being encoded changes nothing on the page.
     """
+    if session is not None and session.volume is None and session.closed:  # released before its turn came
+        return f"⚠️ {session.closed}", gr.skip(), slice_html(session, plane, window, slice_number)
     if session is None or session.volume is None or session.encoding is not None:  # encoded: an upload failed
         return gr.skip(), gr.skip(), gr.skip()
     volume = session.volume
@@ -625,6 +660,7 @@ def encode_scan(session: ScanSession | None, plane: str, window: str | None, sli
     except gr.Error as error:  # a scan the model cannot read (a blank one): the viewer still shows it
         if _scan_replaced(session, volume):
             return gr.skip(), gr.skip(), gr.skip()
+        session.unreadable = True
         gr.Warning(error.message)
         return f"⚠️ {error.message[:1].upper()}{error.message[1:]}.", gr.skip(), gr.skip()
     if _scan_replaced(session, volume):
@@ -768,6 +804,7 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, m
         for chunk in chunks:
             if stop.is_set() or session.volume is not volume:
                 break
+            session.in_use()
             yield chunk
     finally:  # closing the pipeline's stream sets its stop event and joins its thread
         stop.set()
@@ -988,7 +1025,9 @@ def launch(demo: gr.Blocks, **options):
                 # Gradio would keep every run (questions, reports, slice images, upload names) in the browser's
                 # storage, past the tab's closing: on a shared ward computer the next user would see them.
                 "run_history": False, **options}
-    return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE).launch(**settings)
+    # api_open=False: Gradio would otherwise open, outside Hugging Face Spaces, REST routes that skip the queue,
+    # its size and every concurrency limit (gradio_client goes through the queue).
+    return demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE, api_open=False).launch(**settings)
 
 
 demo = build_demo()

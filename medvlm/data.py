@@ -18,7 +18,7 @@ from pathlib import Path
 from .configuration import REPORT_PROMPT
 from .errors import UserInputError
 from .prompt import prompt_text
-from .volume import error_reason
+from .volume import error_reason, listed_files
 
 # Other wordings of a checkpoint's `report_prompt`, which training asks too, for variety.
 REPORT_PARAPHRASES = (
@@ -138,19 +138,15 @@ def read_m3d_vqa(root: str | Path, split: str, closed: bool = True, open: bool =
 
 def scan_stamps(root: str | Path, images: list[str]) -> dict[str, list[int]]:
     """Per scan path (relative to `root`): [size in bytes, modification time in ns] of its file, or of the files
-    of a DICOM folder (their total size and newest time). A scan rewritten since a cache was made shows here;
-    the files themselves are not read (M3D holds 120 k volumes). A scan that is not there gets [-1, -1]."""
+    of a DICOM folder that the loader reads (their total size and newest time). A scan rewritten since a cache
+    was made shows here; the files themselves are not read (M3D holds 120 k volumes). A scan that is not there
+    gets [-1, -1]."""
     stamps = {}
     for image in images:
-        path = Path(root) / image
         try:
-            if path.is_dir():
-                files = [entry.stat() for entry in path.rglob("*") if entry.is_file()]
-                stamps[image] = [sum(f.st_size for f in files), max((f.st_mtime_ns for f in files), default=0)]
-            else:
-                info = path.stat()
-                stamps[image] = [info.st_size, info.st_mtime_ns]
-        except OSError:
+            files = [file.stat() for file in listed_files(Path(root) / image)]  # the files the loader reads
+            stamps[image] = [sum(f.st_size for f in files), max((f.st_mtime_ns for f in files), default=0)]
+        except (OSError, UserInputError):  # not there, or not a scan: loading it will say why
             stamps[image] = [-1, -1]
     return stamps
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -183,17 +183,24 @@ def build_feature_cache(model: MedVLMForConditionalGeneration, root: str | Path,
     state = process_state()
     fingerprint = encoder_fingerprint(model)
     stamps = scan_stamps(root, images)
-    if (folder / INDEX_FILE).exists():
+    # The main process decides whether the cache serves as it is, for all: processes on other machines may see
+    # other file times, and one that went on alone would wait for the others for ever.
+    reuse = [False]
+    if state.is_main_process and (folder / INDEX_FILE).exists():
         try:
             cache = FeatureCache.load(folder, fingerprint)
             changed = cache.changed(stamps)
-            if not changed and all(image in cache for image in images):
-                return cache
-            state.print(f"the feature cache in {folder} holds {len(changed)} scans rewritten since it was made (e.g. "
-                        f"{changed[0]}): encoding again" if changed else
-                        f"the feature cache in {folder} lacks some scans: encoding again")
+            reuse[0] = not changed and all(image in cache for image in images)
+            if not reuse[0]:
+                print(f"the feature cache in {folder} holds {len(changed)} scans rewritten since it was made (e.g. "
+                      f"{changed[0]}): encoding again" if changed else
+                      f"the feature cache in {folder} lacks some scans: encoding again")
         except ValueError as stale:
-            state.print(f"{stale}: encoding again")
+            print(f"{stale}: encoding again")
+    if state.num_processes > 1:
+        broadcast_object_list(reuse)
+    if reuse[0]:
+        return FeatureCache.load(folder, fingerprint)
     state.wait_for_everyone()
     if state.is_main_process:  # a stale or partial cache: only its own files go
         for old in [*folder.glob("features-*.safetensors"), *folder.glob("features*.json")]:

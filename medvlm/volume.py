@@ -72,7 +72,7 @@ class Volume:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Content hash of the voxels and their spacing: equal scans share encoded features.
+        """Content hash of the voxels, their spacing and modality: equal scans share encoded features.
 
         SHA-256 (hardware-accelerated on current x86 and ARM CPUs) of each FINGERPRINT_CHUNK bytes of voxels,
         in threads (hashlib lets go of the GIL), then BLAKE2b of those digests: a 300×512×512 CT hashes on
@@ -84,7 +84,9 @@ class Volume:
             chunk_digests = list(pool.map(lambda chunk: hashlib.sha256(chunk).digest(), chunks))
         digest = hashlib.blake2b(b"".join(chunk_digests), digest_size=16)
         digest.update(np.asarray(self.spacing, dtype=np.float64).tobytes())
-        digest.update(str(self.data.shape).encode())
+        # What else the model's input depends on: the same voxels as CT (windows) or MR (percentiles), or as an
+        # M3D .npy (its slices kept) and a 1 mm NIfTI (4 mm slabs), are other scans to it.
+        digest.update(f"{self.data.shape} {self.modality} {self.spacing_known}".encode())
         return digest.hexdigest()
 
 
@@ -117,12 +119,12 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
         paths = [Path(p) for p in src]
         for path in paths:
             _require_exists(path)
-        files = [file for path in paths for file in _listed_files(path) if not _is_system_file(Path(file.name))]
+        files = [file for path in paths for file in listed_files(path) if not _is_system_file(Path(file.name))]
         return _load_files(files, "the given files", zip_alone=True)
     path = Path(src)
     _require_exists(path)
     if path.is_dir():
-        return _load_files(_listed_files(path), f"folder {path.name}", zip_alone=True)
+        return _load_files(listed_files(path), f"folder {path.name}", zip_alone=True)
     kind = _scan_kind(path)
     if kind == "zip":
         with tempfile.TemporaryDirectory(prefix=ZIP_FOLDER_PREFIX) as folder:
@@ -268,7 +270,7 @@ def _is_system_file(path: PurePosixPath | Path) -> bool:
             or any(part == "__MACOSX" for part in path.parts))
 
 
-def _listed_files(path: Path) -> list[Path]:
+def listed_files(path: Path) -> list[Path]:
     """A file itself, or every file under a folder (recursively, operating-system clutter skipped), at most
     MAX_DICOM_FILES of them."""
     if not path.is_dir():

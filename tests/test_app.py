@@ -283,20 +283,30 @@ def _upload_as(app_module, tmp_path, tab: str, seed: int = 0):
 
 
 def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_path, monkeypatch):
-    """Visitors uploading big scans cannot take the server down: past the budget a new scan is refused while
-    every other scan is in use, and takes the place of one unused for ten minutes, whose visitor is told why."""
+    """Visitors uploading big scans cannot take the server down: past the budget a new scan takes the place of
+    one unused for ten minutes, whose visitor is told why, and is otherwise refused with a sentence; a scan still
+    waiting for the model, or one whose release would not make room, is not released."""
     first = _upload_as(app_module, tmp_path, "tab-a")[0]
-    monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(first.volume.data.nbytes * 1.5))
+    size = first.volume.data.nbytes
+    monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(size * 1.5))
     try:
+        first.last_used -= app_module.MAKE_ROOM_IDLE_S  # ten minutes, but its encoding has not run yet
         refused = _upload_as(app_module, tmp_path, "tab-b")
         assert refused[0] is None and "holds as many scans as its memory allows" in refused[1]
-        first.last_used -= app_module.MAKE_ROOM_IDLE_S  # ten minutes without a look or a question
-        second = _upload_as(app_module, tmp_path, "tab-c", seed=1)[0]
+        assert first.volume is not None
+        app_module.encode_scan(first, "axial", "soft tissue", 1)
+        first.last_used -= app_module.MAKE_ROOM_IDLE_S  # encoded, then ten minutes without a look or a question
+        monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(size * 0.5))  # no room even without it
+        assert _upload_as(app_module, tmp_path, "tab-b", seed=1)[0] is None and first.volume is not None
+        monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(size * 1.5))
+        second = _upload_as(app_module, tmp_path, "tab-c", seed=2)[0]
         assert second.volume is not None and first.volume is None
-        said = list(app_module.generate_report(first, 8, 0.0, 1.0))[-1][0]
-        assert "closed after 10 minutes without use, to make room for other visitors; load it again" in said
-        monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", 10 * second.volume.data.nbytes)
-        again = _upload_as(app_module, tmp_path, "tab-a", seed=2)[0]  # the visitor loads a scan again
+        told = "closed to make room for other visitors, after 10 minutes without use; load it again"
+        assert told in list(app_module.generate_report(first, 8, 0.0, 1.0))[-1][0]
+        assert told in app_module.slice_html(first, "axial", "soft tissue", 1)
+        assert told in app_module.encode_scan(first, "axial", "soft tissue", 1)[0]  # its encoding's turn came late
+        monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", 10 * size)
+        again = _upload_as(app_module, tmp_path, "tab-a", seed=3)[0]  # the visitor loads a scan again
         assert again.volume is not None and second.volume is not None
     finally:
         for tab in ("tab-a", "tab-b", "tab-c"):
@@ -305,7 +315,7 @@ def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_p
 
 def test_a_scan_unused_for_an_hour_is_released_and_its_visitor_told(app_module, tmp_path):
     """A tab left open, or an API client that never says goodbye, does not hold a scan (and its report file)
-    for good: the sweep releases it after an hour without use."""
+    for good: the sweep releases it after an hour without use, and the visitor is told so."""
     session = _upload_as(app_module, tmp_path, "tab-idle")[0]
     list(app_module.generate_report(session, 8, 0.0, 1.0))
     folder = session.folder
@@ -313,6 +323,8 @@ def test_a_scan_unused_for_an_hour_is_released_and_its_visitor_told(app_module, 
     session.last_used -= app_module.SESSION_IDLE_S
     assert app_module.release_idle_sessions(app_module.SESSION_IDLE_S) == 1
     assert session.volume is None and not folder.exists()
+    told = "closed after 60 minutes without use; load it again"
+    assert told in list(app_module.generate_report(session, 8, 0.0, 1.0))[-1][0]
     _, question = list(app_module.chat("Where is the lesion?", session, 8, 0.0, 1.0))[-1]
     assert question == "Where is the lesion?"  # kept in the box, to ask again once the scan is loaded
 

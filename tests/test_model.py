@@ -144,6 +144,20 @@ def test_an_m3d_npy_reaches_the_encoder_slice_by_slice_not_averaged_as_1_mm_slic
     assert encoder_input(load_volume(tmp_path / "scan.nii.gz"), config)[0].shape[0] == 8
 
 
+def test_the_same_voxels_read_otherwise_are_another_scan_to_the_encoding_cache(tmp_path):
+    """An M3D .npy (slices kept) and a 1 mm NIfTI (4 mm slabs) of the same voxels, or the same voxels as CT
+    (windows) and as MR (percentiles), reach the encoder differently: they must not share a cached encoding."""
+    ramp = np.broadcast_to(np.linspace(0.0, 1.0, 32, dtype=np.float32)[:, None, None], (32, 16, 16)).copy()
+    np.save(tmp_path / "scan.npy", ramp[None])
+    save_nifti(tmp_path / "scan.nii.gz", ramp, (1.0, 1.0, 1.0), modality="OT")
+    npy, nifti = load_volume(tmp_path / "scan.npy"), load_volume(tmp_path / "scan.nii.gz")
+    assert np.array_equal(npy.data, nifti.data) and npy.spacing == nifti.spacing
+    assert npy.fingerprint != nifti.fingerprint
+    as_ct, as_mr = (Volume(nifti.data, nifti.spacing, nifti.affine, modality, "nifti", "RAS")
+                    for modality in ("CT", "MR"))
+    assert as_ct.fingerprint != as_mr.fingerprint
+
+
 def test_non_square_pixels_reach_the_encoder_as_the_anatomy_looks():
     """A 40 mm disc on 1 × 2 mm pixels (half as many columns) is the same disc to the encoder as on 1 × 1 mm
     pixels, not an ellipse twice as tall as wide (the viewer draws it so, from the spacing, too)."""
