@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 import math
 import os
 import re
@@ -29,6 +30,7 @@ import gradio as gr
 import spaces
 from gradio.processing_utils import get_upload_folder
 from PIL import Image
+from starlette.requests import ClientDisconnect
 
 from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
@@ -1007,6 +1009,15 @@ def build_demo() -> gr.Blocks:
     return demo
 
 
+class CutOffUploadNotice(logging.Filter):
+    """Drops the traceback uvicorn logs when an upload is cut off half-way (starlette's ClientDisconnect): the
+    visitor went away or lost the connection, nothing failed, and the partial file is swept
+    (`sweep_upload_leftovers`). Any other error is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ClientDisconnect))
+
+
 def launch(demo: gr.Blocks, **options):
     """Serve the page on this machine only, 127.0.0.1:7860, unless GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
     (or PORT, as Deta Space sets it, or `options`) say otherwise. In a Hugging Face Space (SPACE_ID set)
@@ -1015,6 +1026,7 @@ def launch(demo: gr.Blocks, **options):
     One model event at a time (one GPU); viewer events run four at a time. A thread sweeps the upload
     folder for what Gradio leaves there (`sweep_upload_leftovers`).
     """
+    logging.getLogger("uvicorn.error").addFilter(CutOffUploadNotice())
     threading.Thread(target=_sweep_forever, args=DELETE_CACHE, name="medvlm-sweep",
                      daemon=True).start()
     in_a_space = bool(os.environ.get("SPACE_ID"))  # Hugging Face sets it in every Space, Docker ones too

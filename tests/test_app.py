@@ -762,3 +762,22 @@ def test_a_suggestion_puts_its_question_in_the_box_and_junk_puts_nothing(app_mod
     assert app_module.suggested_question(["Where is the lesion?"]) == "Where is the lesion?"
     for junk in (None, [], [3], "Where?"):
         assert app_module.suggested_question(junk) == ""
+
+
+def test_an_upload_cut_off_leaves_no_traceback_in_the_log_and_other_errors_still_do(app_module):
+    """A visitor who goes away mid-upload is no failure of the server's (the partial file is swept)."""
+    import logging
+    import sys
+
+    from starlette.requests import ClientDisconnect
+
+    def record(error: Exception) -> logging.LogRecord:
+        try:
+            raise error
+        except Exception:
+            return logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI application",
+                                     None, sys.exc_info())
+
+    notice = app_module.CutOffUploadNotice()
+    assert not notice.filter(record(ClientDisconnect()))
+    assert notice.filter(record(RuntimeError("a real failure")))
