@@ -69,8 +69,10 @@ SESSION_IDLE_S = 3600
 # half the machine's): a scan past it first releases scans unused for MAKE_ROOM_IDLE_S, least recently used
 # first, and is otherwise refused, so that visitors uploading big CTs cannot take the server down.
 MAKE_ROOM_IDLE_S = 600
-# Requests that may wait in the queue; one more is told the queue is full (a script cannot queue hours of work).
-QUEUE_SIZE = 64
+# Requests that may wait in the queue, of every kind together; one more is told the queue is full. It bounds what
+# a script can pile up, but scrolling waits in the same queue, so it is set well above what visitors queue: a
+# lower one would let one client's burst of reports refuse everyone's slices.
+QUEUE_SIZE = 500
 OUT_OF_MEMORY = "The server ran out of memory reading this scan; try again in a few minutes, or with a smaller scan"
 SESSION_FOLDER_PREFIX = "medvlm-session-"  # a session's own folder in the upload folder (its report download)
 REPORT_PLACEHOLDER = "*The report appears here: press **Generate report**.*"
