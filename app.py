@@ -192,6 +192,7 @@ class ScanSession:
     stop_key: str = ""  # key of the running generation's stop event in _STOP_EVENTS
     stop_kind: str = ""  # what that generation writes: "report" or "chat"
     threshold_range: tuple[float, float] = (-math.inf, math.inf)  # the 3D threshold slider's, for this scan
+    loaded_at: float = field(default_factory=time.monotonic)  # when the scan was loaded (monotonic s)
     last_used: float = field(default_factory=time.monotonic)  # when the visitor last looked or asked (monotonic s)
     closed: str = ""  # why the scan was released for the visitor (unused too long), said when they come back
     unreadable: bool = False  # the model refused the scan (a blank one): it will never be encoded
@@ -213,8 +214,12 @@ class ScanSession:
 
     @property
     def busy(self) -> bool:
-        """Whether the model works for it, or will: its scan still to be encoded, or an answer being written."""
-        return (self.volume is not None and self.encoding is None and not self.unreadable) or self.generating
+        """Whether the model works for it, or will: an answer being written, or its scan loaded less than
+        MAKE_ROOM_IDLE_S ago and not yet encoded (after that, an API client that never asks for the encoding
+        would hold its scan for good)."""
+        waiting = (self.volume is not None and self.encoding is None and not self.unreadable
+                   and time.monotonic() - self.loaded_at < MAKE_ROOM_IDLE_S)
+        return waiting or self.generating
 
     def in_use(self) -> None:
         """The visitor looked at the scan or asked about it: it is not idle."""

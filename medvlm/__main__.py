@@ -152,9 +152,6 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise UsageError(f"train: {error}") from None
     if args.features and args.from_volumes:
         raise UsageError("train: give --features or --from-volumes, not both")
-    if args.features and preset.get("encoder_pretraining"):  # else found out after minutes of pre-training
-        raise UsageError("train: this preset pre-trains its encoder in the run, so no feature cache made before "
-                         "can fit it; leave out --features (train caches the features itself)")
     print(train(args.preset, args.data, args.out, seed=args.seed, work=args.work, config_overrides=overrides,
                 features=args.features, from_volumes=args.from_volumes))
 

@@ -90,9 +90,17 @@ class FeatureCache:
         return len(self.entries)
 
     def changed(self, stamps: dict[str, list[int]]) -> list[str]:
-        """The scans of `stamps` this cache holds that were rewritten since it encoded them (or that it holds
-        without a stamp, as caches made before stamps were kept)."""
-        return [image for image, stamp in stamps.items() if image in self.entries and self.stamps.get(image) != stamp]
+        """The scans of `stamps` this cache holds that were rewritten since it encoded them. A cache made before
+        stamps were kept (`unstamped`) cannot tell: none."""
+        return [image for image, stamp in stamps.items()
+                if image in self.entries and image in self.stamps and self.stamps[image] != stamp]
+
+    @property
+    def unstamped(self) -> str:
+        """A sentence for a cache that kept no file stamps (made before December 2026), else ""."""
+        return ("" if self.stamps or not self.entries else
+                "the feature cache records no file stamps (it was made before they were kept), so scans rewritten "
+                "since cannot be told; run `python -m medvlm features` again if they were")
 
     @classmethod
     def build(cls, model: MedVLMForConditionalGeneration, images: Iterable[str],
@@ -185,21 +193,26 @@ def build_feature_cache(model: MedVLMForConditionalGeneration, root: str | Path,
     stamps = scan_stamps(root, images)
     # The main process decides whether the cache serves as it is, for all: processes on other machines may see
     # other file times, and one that went on alone would wait for the others for ever.
-    reuse = [False]
+    # The main process's stamps are every process's: a scan seen with other times elsewhere is not "changed".
+    decision = [False, stamps]
     if state.is_main_process and (folder / INDEX_FILE).exists():
         try:
             cache = FeatureCache.load(folder, fingerprint)
             changed = cache.changed(stamps)
-            reuse[0] = not changed and all(image in cache for image in images)
-            if not reuse[0]:
-                print(f"the feature cache in {folder} holds {len(changed)} scans rewritten since it was made (e.g. "
-                      f"{changed[0]}): encoding again" if changed else
-                      f"the feature cache in {folder} lacks some scans: encoding again")
+            decision[0] = not changed and all(image in cache for image in images)
+            if decision[0] and cache.unstamped:
+                print(f"note: {cache.unstamped}")
+            elif changed:
+                print(f"the feature cache in {folder} holds {len(changed)} scan(s) rewritten since it was made (e.g. "
+                      f"{changed[0]}): encoding again")
+            elif not decision[0]:
+                print(f"the feature cache in {folder} lacks some scans: encoding again")
         except ValueError as stale:
             print(f"{stale}: encoding again")
     if state.num_processes > 1:
-        broadcast_object_list(reuse)
-    if reuse[0]:
+        broadcast_object_list(decision)
+    reuse, stamps = decision
+    if reuse:
         return FeatureCache.load(folder, fingerprint)
     state.wait_for_everyone()
     if state.is_main_process:  # a stale or partial cache: only its own files go

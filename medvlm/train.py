@@ -48,7 +48,7 @@ from .data import (
     scan_stamps,
 )
 from .errors import UserInputError
-from .features import FeatureCache, VolumeFeatures, build_feature_cache, encoder_fingerprint
+from .features import FeatureCache, VolumeFeatures, build_feature_cache, encoder_fingerprint, process_state
 from .model_card import published_path
 from .modeling import MedVLMForConditionalGeneration
 from .pretrained import (
@@ -146,7 +146,9 @@ def preset_problem(preset) -> str | None:
         missing = [key for key in STAGE_KEYS if key not in stage] if isinstance(stage, dict) else list(STAGE_KEYS)
         if missing:
             return f"has a stage {number} without {', '.join(map(repr, missing))}"
-        trainable = stage["trainable"] if isinstance(stage["trainable"], list) else [stage["trainable"]]
+        trainable = stage["trainable"]
+        if not isinstance(trainable, list):
+            return f"has a stage {number} whose 'trainable' is not a list of parts (e.g. [\"projector\"])"
         unknown = [part for part in trainable if part not in list(TRAINABLE_PARTS)]
         if unknown:
             return f"has a stage {number} that trains {unknown[0]!r}, not one of {', '.join(TRAINABLE_PARTS)}"
@@ -487,6 +489,8 @@ def scan_features(model: MedVLMForConditionalGeneration, samples: list[Sample], 
         raise UserInputError(f"{len(changed)} of the {len(images)} scans changed since the feature cache in {features} "
                              f"was made (e.g. {changed[0]}: other file size or time); run `python -m medvlm features` "
                              f"on {root} again")
+    if cache.unstamped:
+        process_state().print(f"note: {cache.unstamped}")
     return cache
 
 

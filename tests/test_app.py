@@ -313,6 +313,20 @@ def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_p
             app_module.end_session(SimpleNamespace(session_hash=tab))
 
 
+def test_a_scan_never_encoded_makes_room_after_ten_minutes(app_module, tmp_path, monkeypatch):
+    """An API client that loads scans and never asks for their encoding holds them no longer than anyone."""
+    first = _upload_as(app_module, tmp_path, "tab-x")[0]
+    monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(first.volume.data.nbytes * 1.5))
+    try:
+        first.loaded_at -= app_module.MAKE_ROOM_IDLE_S
+        first.last_used -= app_module.MAKE_ROOM_IDLE_S
+        second = _upload_as(app_module, tmp_path, "tab-y", seed=1)[0]
+        assert second.volume is not None and first.volume is None
+    finally:
+        for tab in ("tab-x", "tab-y"):
+            app_module.end_session(SimpleNamespace(session_hash=tab))
+
+
 def test_a_scan_unused_for_an_hour_is_released_and_its_visitor_told(app_module, tmp_path):
     """A tab left open, or an API client that never says goodbye, does not hold a scan (and its report file)
     for good: the sweep releases it after an hour without use, and the visitor is told so."""

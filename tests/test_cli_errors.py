@@ -106,9 +106,6 @@ def test_train_into_a_file_and_features_with_no_shard(tmp_path, capsys):
     assert "--shard-size is the number of scans per file, at least 1" in refused(
         capsys, "features", "--checkpoint-or-preset", "demo", "--data", data, "--out", tmp_path / "f",
         "--shard-size", "0")
-    assert "pre-trains its encoder in the run, so no feature cache made before can fit it" in refused(
-        capsys, "train", "--preset", "tiny", "--data", data, "--out", tmp_path / "m", "--features", tmp_path / "f")
-    assert not (tmp_path / "m-training").exists()
     assert "--revision picks a version of a Hub checkpoint, and tiny is a preset" in refused(
         capsys, "features", "--checkpoint-or-preset", "tiny", "--data", data, "--out", tmp_path / "f",
         "--revision", "v9")
@@ -120,6 +117,9 @@ def test_train_into_a_file_and_features_with_no_shard(tmp_path, capsys):
     ('{"model": {"image_size": 32,}', "is not valid JSON (Expecting property name"),
     ('{"model": {}, "language_model": {"from_scratch": {"model_type": "llama"}}, "tokenizer": {}}',
      "names no tokenizer (tokenizer needs 'from_language_model': true, or a whole 'vocab_size')"),
+    ('{"model": {}, "language_model": {"from_scratch": {"model_type": "llama"}}, "tokenizer": {"vocab_size": 99}, '
+     '"max_length": 64, "stages": [{"name": "a", "tasks": ["report"], "trainable": "projector", "epochs": 1, '
+     '"lr": 0.001, "batch_size": 2}]}', "has a stage 1 whose 'trainable' is not a list of parts"),
 ])
 def test_train_with_a_preset_file_that_is_no_preset(tmp_path, capsys, text, message):
     preset = tmp_path / "my.json"
