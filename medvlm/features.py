@@ -8,8 +8,10 @@ the scan's path, with a fingerprint of everything that determines them.
     accelerate launch -m medvlm features ...    # each process encodes its share; the shards merge
 
 Several processes (accelerate) each encode their share of the scans and save their own shards
-(`features-part003-00000.safetensors`, index `features-part003.json`); the main process then
-merges the indexes into `features.json`. On several nodes the folder must be on a shared disk.
+(`features-r<round>-part003-00000.safetensors`, index `features-r<round>-part003.json`); the main process
+then merges the indexes into `features.json`. A cache that lacks some scans, or holds some rewritten since,
+encodes only those, and shards that hold nothing the index points to any more are deleted. On several nodes
+the folder must be on a shared disk.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -33,7 +36,7 @@ from .preprocess import PREPROCESSING_VERSION, encoder_input
 from .volume import Volume
 
 INDEX_FILE = "features.json"
-PART_INDEX = re.compile(r"features-(part\d+)\.json")
+PART_INDEX = re.compile(r"features-((?:r\d+-)?part\d+)\.json")
 FEATURE_FIELDS = ("image_size", "ct_windows", "image_mean", "image_std", "slice_spacing_mm", "max_input_slices",
                   "slice_selection", "similarity_threshold", "slice_budget", "selection_preview_size")
 
@@ -141,16 +144,22 @@ class FeatureCache:
         return folder
 
     @staticmethod
-    def merge_parts(folder: str | Path) -> Path:
-        """Merge the part indexes of `folder` (one per process) into its `features.json`; returns that file."""
+    def merge_parts(folder: str | Path, kept: dict | None = None) -> Path:
+        """Merge the part indexes of `folder` (one per process) into its `features.json`, over the entries of
+        `kept` (an index of scans not encoded again); delete the shards nothing points to. Returns the index."""
         folder = Path(folder)
-        parts = sorted(path for path in folder.glob("features-part*.json") if PART_INDEX.fullmatch(path.name))
+        parts = sorted(path for path in folder.glob("features-*.json") if PART_INDEX.fullmatch(path.name))
         indexes = [json.loads(path.read_text()) for path in parts]
         fingerprints = {index["fingerprint"] for index in indexes}
         if len(fingerprints) != 1:
             raise ValueError(f"the feature shards in {folder} come from {len(fingerprints)} different encoders or "
                              "settings; delete the folder and encode again")
         merged = {"fingerprint": fingerprints.pop(), "shards": {}, "counts": {}, "stamps": {}}
+        if kept is not None:
+            if kept["fingerprint"] != merged["fingerprint"]:
+                raise ValueError(f"the feature shards in {folder} come from 2 different encoders or settings; "
+                                 "delete the folder and encode again")
+            merged |= {key: dict(kept.get(key, {})) for key in ("shards", "counts", "stamps")}
         for index in indexes:
             merged["shards"] |= index["shards"]
             merged["counts"] |= index["counts"]
@@ -158,6 +167,7 @@ class FeatureCache:
         (folder / INDEX_FILE).write_text(json.dumps(merged))
         for path in parts:
             path.unlink()
+        _delete_unused_shards(folder, merged)
         return folder / INDEX_FILE
 
     @classmethod
@@ -179,54 +189,72 @@ class FeatureCache:
         return cls(entries, index["fingerprint"], index.get("stamps", {}))
 
 
+def _delete_unused_shards(folder: Path, index: dict | None) -> None:
+    """Delete the shards of `folder` that `index` does not point to (all, for None), and part indexes left
+    unmerged by a run that stopped."""
+    used = set() if index is None else {shard for shard, _ in index["shards"].values()}
+    for path in [*folder.glob("features-*.safetensors"), *folder.glob("features-*.json")]:
+        if path.name not in used:
+            path.unlink()
+    if index is None:
+        (folder / INDEX_FILE).unlink(missing_ok=True)
+
+
 def build_feature_cache(model: MedVLMForConditionalGeneration, root: str | Path, images: Iterable[str],
                         folder: str | Path, shard_size: int = 512) -> FeatureCache:
-    """The cache in `folder` of the scans `images` (paths relative to `root`): reused when it was made by this
-    encoder and holds them all as they are now (same file sizes and times), else encoded, each process
-    (accelerate) taking its share, and merged. Every process returns the whole cache, memory-mapped."""
+    """The cache in `folder` of the scans `images` (paths relative to `root`), each process (accelerate) encoding
+    its share. A cache made by this encoder and settings is kept: only the scans it lacks, or holds rewritten since
+    (other file size or time), are encoded and merged into it; one made otherwise is replaced. Every process
+    returns the whole cache, memory-mapped."""
     from .data import scan_stamps
     from .volume import load_volume
 
     root, folder, images = Path(root), Path(folder), sorted(set(images))
     state = process_state()
     fingerprint = encoder_fingerprint(model)
-    stamps = scan_stamps(root, images)
-    # The main process decides whether the cache serves as it is, for all: processes on other machines may see
-    # other file times, and one that went on alone would wait for the others for ever.
-    # The main process's stamps are every process's: a scan seen with other times elsewhere is not "changed".
-    decision = [False, stamps]
+    # The main process plans for all, with its own stamps: processes on other machines may see other file times,
+    # and one that went on alone would wait for the others for ever.
+    plan = [{"encode": images, "kept": None, "stamps": scan_stamps(root, images), "round": time.time_ns()}]
     if state.is_main_process and (folder / INDEX_FILE).exists():
         try:
             cache = FeatureCache.load(folder, fingerprint)
-            changed = cache.changed(stamps)
-            decision[0] = not changed and all(image in cache for image in images)
-            if decision[0] and cache.unstamped:
-                print(f"note: {cache.unstamped}")
-            elif changed:
+            changed = cache.changed(plan[0]["stamps"])
+            lacking = [image for image in images if image not in cache]
+            if changed:
                 print(f"the feature cache in {folder} holds {len(changed)} scan(s) rewritten since it was made (e.g. "
-                      f"{changed[0]}): encoding again")
-            elif not decision[0]:
-                print(f"the feature cache in {folder} lacks some scans: encoding again")
+                      f"{changed[0]}): encoding them again")
+            if lacking:
+                print(f"the feature cache in {folder} lacks {len(lacking)} of the scans: encoding them")
+            if cache.unstamped and not lacking:
+                print(f"note: {cache.unstamped}")
+            again = set(changed) | set(lacking)
+            index = json.loads((folder / INDEX_FILE).read_text())
+            plan[0]["encode"] = sorted(again)
+            plan[0]["kept"] = {"fingerprint": fingerprint, **{key: {image: value for image, value in
+                                                                    index.get(key, {}).items() if image not in again}
+                                                              for key in ("shards", "counts", "stamps")}}
         except ValueError as stale:
             print(f"{stale}: encoding again")
     if state.num_processes > 1:
-        broadcast_object_list(decision)
-    reuse, stamps = decision
-    if reuse:
+        broadcast_object_list(plan)
+    plan = plan[0]
+    if not plan["encode"]:
         return FeatureCache.load(folder, fingerprint)
     state.wait_for_everyone()
-    if state.is_main_process:  # a stale or partial cache: only its own files go
-        for old in [*folder.glob("features-*.safetensors"), *folder.glob("features*.json")]:
-            old.unlink()
+    if state.is_main_process:  # a stale cache goes whole; a kept one loses only what it no longer points to
+        folder.mkdir(parents=True, exist_ok=True)
+        if plan["kept"] is not None:  # first the index, so that a run stopped now leaves a cache that loads
+            (folder / INDEX_FILE).write_text(json.dumps(plan["kept"]))
+        _delete_unused_shards(folder, plan["kept"])
     state.wait_for_everyone()
-    with state.split_between_processes(images) as share:
+    with state.split_between_processes(plan["encode"]) as share:
         part = FeatureCache.build(model, share, lambda image: load_volume(root / image),
                                   progress=state.is_local_main_process)
-    part.stamps = {image: stamps[image] for image in part.entries}
-    part.save(folder, shard_size, part=f"part{state.process_index:03d}")
+    part.stamps = {image: plan["stamps"][image] for image in part.entries}
+    part.save(folder, shard_size, part=f"r{plan['round']}-part{state.process_index:03d}")
     state.wait_for_everyone()
     if state.is_main_process:
-        FeatureCache.merge_parts(folder)
+        FeatureCache.merge_parts(folder, plan["kept"])
     state.wait_for_everyone()
     return FeatureCache.load(folder, fingerprint)
 

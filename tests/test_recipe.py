@@ -208,8 +208,9 @@ def test_each_process_encodes_its_share_and_the_shards_merge(double, recipe):
     images = {s.image for split in ("train", "validation") for s in read_samples(recipe.data, split)}
     assert set(index["shards"]) == images
     shards = {shard for shard, _ in index["shards"].values()}
-    assert {name.split("-")[1] for name in shards} == {"part000", "part001"}  # both processes wrote scans
-    assert not list(double.features.glob("features-part*.json"))  # the part indexes were merged away
+    assert {name.split("-")[2] for name in shards} == {"part000", "part001"}  # both processes wrote scans
+    assert len({name.split("-")[1] for name in shards}) == 1  # in one round (one time stamp, from the main process)
+    assert not list(double.features.glob("features-*.json"))  # the part indexes were merged away
     cache = FeatureCache.load(double.features)
     assert all(cache[image].patches.shape[1:] == (4, 4, 32) for image in images)  # 32 px / 8 px patches, width 32
 
@@ -285,13 +286,19 @@ def test_a_scan_rewritten_in_place_is_encoded_again_not_served_from_the_cache(tm
     (data / images[0]).touch()  # rewritten after the cache was made
     with pytest.raises(UserInputError, match=r"1 of the 2 scans changed since the feature cache .* again"):
         scan_features(model, read_samples(data, "train"), data, tmp_path, tmp_path / "features", from_volumes=False)
+    third = build_feature_cache(model, data, images, tmp_path / "features")
+    assert encoded == [*images, *images, images[0]]  # only the rewritten scan: M3D's cache is a terabyte
+    assert torch.equal(third[images[1]].patches, again[images[1]].patches)
+    index = json.loads((tmp_path / "features" / "features.json").read_text())
+    shards = {path.name for path in (tmp_path / "features").glob("*.safetensors")}
+    assert shards == {shard for shard, _ in index["shards"].values()}  # no shard left that nothing points to
     index = json.loads((tmp_path / "features" / "features.json").read_text())
     del index["stamps"]  # as a cache made before stamps were kept
     (tmp_path / "features" / "features.json").write_text(json.dumps(index))
     capsys.readouterr()
     scan_features(model, read_samples(data, "train"), data, tmp_path, tmp_path / "features", from_volumes=False)
     build_feature_cache(model, data, images, tmp_path / "features")
-    assert encoded == images * 2 and capsys.readouterr().out.count("records no file stamps") == 2
+    assert encoded == [*images, *images, images[0]] and capsys.readouterr().out.count("records no file stamps") == 2
 
 
 def test_features_refuses_what_it_cannot_encode(recipe, tmp_path, capsys):
