@@ -69,9 +69,6 @@ SESSION_IDLE_S = 3600
 # half the machine's): a scan past it first releases scans unused for MAKE_ROOM_IDLE_S, least recently used
 # first, and is otherwise refused, so that visitors uploading big CTs cannot take the server down.
 MAKE_ROOM_IDLE_S = 600
-# Reports and answers one page may start in a minute. A person reads between them; a script's burst past it is
-# answered at once with a sentence, instead of queueing minutes of generation in front of every other visitor.
-MODEL_REQUESTS_PER_MINUTE = 20
 # Requests that may wait in the queue, of every kind together; one more is told the queue is full. It bounds what
 # a script can pile up, but scrolling waits in the same queue, so it is set well above what visitors queue: a
 # lower one would let one client's burst of reports refuse everyone's slices.
@@ -199,7 +196,6 @@ class ScanSession:
     last_used: float = field(default_factory=time.monotonic)  # when the visitor last looked or asked (monotonic s)
     closed: str = ""  # why the scan was released for the visitor (unused too long), said when they come back
     unreadable: bool = False  # the model refused the scan (a blank one): it will never be encoded
-    model_starts: list[float] = field(default_factory=list)  # when its reports and answers of the last minute began
 
     @property
     def kept_slices(self) -> list[int]:
@@ -795,14 +791,8 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, m
     """Text chunks of one generation about `volume`, with a stop event the Stop button (or a new scan) can set.
 
     The chunks stop as soon as the session's scan is no longer `volume`. Settings out of range (an API
-    client can send any), or a page's request past MODEL_REQUESTS_PER_MINUTE, end it with a sentence.
+    client can send any) end it with the pipeline's sentence.
     """
-    now = time.monotonic()
-    session.model_starts = [start for start in session.model_starts if now - start < 60.0]
-    if len(session.model_starts) >= MODEL_REQUESTS_PER_MINUTE:
-        raise gr.Error(f"This page asked for more than {MODEL_REQUESTS_PER_MINUTE} reports and answers in a minute; "
-                       "wait a moment, then ask again.")
-    session.model_starts.append(now)
     stop_generation(session)
     session.in_use()
     key = f"{id(session)}-{time.monotonic_ns()}"
