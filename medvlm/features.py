@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -93,17 +94,18 @@ class FeatureCache:
         return len(self.entries)
 
     def changed(self, stamps: dict[str, list[int]]) -> list[str]:
-        """The scans of `stamps` this cache holds that were rewritten since it encoded them. A cache made before
-        stamps were kept (`unstamped`) cannot tell: none."""
+        """The scans of `stamps` this cache holds that were rewritten since it encoded them. For scans encoded
+        before stamps were kept (`unstamped`) it cannot tell: not among them."""
         return [image for image, stamp in stamps.items()
                 if image in self.entries and image in self.stamps and self.stamps[image] != stamp]
 
-    @property
-    def unstamped(self) -> str:
-        """A sentence for a cache that kept no file stamps (made before December 2026), else ""."""
-        return ("" if self.stamps or not self.entries else
-                "the feature cache records no file stamps (it was made before they were kept), so scans rewritten "
-                "since cannot be told; run `python -m medvlm features` again if they were")
+    def unstamped(self, images: Iterable[str]) -> str:
+        """A sentence when the cache holds some of `images` without a file stamp (encoded before December 2026,
+        when stamps were first kept), else ""."""
+        count = sum(image in self.entries and image not in self.stamps for image in images)
+        return ("" if not count else
+                f"the feature cache holds {count} scan(s) encoded before file stamps were kept, so whether they "
+                "were rewritten since cannot be told; run `python -m medvlm features` again if they were")
 
     @classmethod
     def build(cls, model: MedVLMForConditionalGeneration, images: Iterable[str],
@@ -140,7 +142,7 @@ class FeatureCache:
                 counts[image] = [scan.total, scan.encoded, scan.previewed]
             save_file(tensors, folder / name)
         index = {"fingerprint": self.fingerprint, "shards": shards, "counts": counts, "stamps": self.stamps}
-        (folder / (f"{prefix}.json" if part else INDEX_FILE)).write_text(json.dumps(index))
+        _write_index(folder / (f"{prefix}.json" if part else INDEX_FILE), index)
         return folder
 
     @staticmethod
@@ -164,7 +166,7 @@ class FeatureCache:
             merged["shards"] |= index["shards"]
             merged["counts"] |= index["counts"]
             merged["stamps"] |= index.get("stamps", {})
-        (folder / INDEX_FILE).write_text(json.dumps(merged))
+        _write_index(folder / INDEX_FILE, merged)
         for path in parts:
             path.unlink()
         _delete_unused_shards(folder, merged)
@@ -187,6 +189,13 @@ class FeatureCache:
             entries[image] = ScanSlices(handle.get_tensor(f"{key}.patches"), handle.get_tensor(f"{key}.kept"),
                                         handle.get_tensor(f"{key}.heights"), total, encoded, previewed)
         return cls(entries, index["fingerprint"], index.get("stamps", {}))
+
+
+def _write_index(path: Path, index: dict) -> None:
+    """Write an index whole or not at all (written beside it, then renamed): one cut off would cost the cache."""
+    written = path.with_name(f"{path.name}.partial")
+    written.write_text(json.dumps(index))
+    os.replace(written, path)
 
 
 def _delete_unused_shards(folder: Path, index: dict | None) -> None:
@@ -225,14 +234,15 @@ def build_feature_cache(model: MedVLMForConditionalGeneration, root: str | Path,
                       f"{changed[0]}): encoding them again")
             if lacking:
                 print(f"the feature cache in {folder} lacks {len(lacking)} of the scans: encoding them")
-            if cache.unstamped and not lacking:
-                print(f"note: {cache.unstamped}")
+            if cache.unstamped(images):
+                print(f"note: {cache.unstamped(images)}")
             again = set(changed) | set(lacking)
             index = json.loads((folder / INDEX_FILE).read_text())
             plan[0]["encode"] = sorted(again)
             plan[0]["kept"] = {"fingerprint": fingerprint, **{key: {image: value for image, value in
                                                                     index.get(key, {}).items() if image not in again}
                                                               for key in ("shards", "counts", "stamps")}}
+            del cache  # its memory maps: the shards it no longer needs are deleted below
         except ValueError as stale:
             print(f"{stale}: encoding again")
     if state.num_processes > 1:
@@ -244,7 +254,7 @@ def build_feature_cache(model: MedVLMForConditionalGeneration, root: str | Path,
     if state.is_main_process:  # a stale cache goes whole; a kept one loses only what it no longer points to
         folder.mkdir(parents=True, exist_ok=True)
         if plan["kept"] is not None:  # first the index, so that a run stopped now leaves a cache that loads
-            (folder / INDEX_FILE).write_text(json.dumps(plan["kept"]))
+            _write_index(folder / INDEX_FILE, plan["kept"])
         _delete_unused_shards(folder, plan["kept"])
     state.wait_for_everyone()
     with state.split_between_processes(plan["encode"]) as share:

@@ -489,8 +489,8 @@ def scan_features(model: MedVLMForConditionalGeneration, samples: list[Sample], 
         raise UserInputError(f"{len(changed)} of the {len(images)} scans changed since the feature cache in {features} "
                              f"was made (e.g. {changed[0]}: other file size or time); run `python -m medvlm features` "
                              f"on {root} again")
-    if cache.unstamped:
-        process_state().print(f"note: {cache.unstamped}")
+    if cache.unstamped(images):
+        process_state().print(f"note: {cache.unstamped(images)}")
     return cache
 
 
