@@ -70,9 +70,10 @@ def encoder_fingerprint(model: MedVLMForConditionalGeneration) -> str:
 
 @torch.inference_mode()
 def scan_slices(model: MedVLMForConditionalGeneration, volume: Volume) -> ScanSlices:
-    """Stages 1–2 for one scan on the model's device: the kept slices and their patch grids."""
-    pixel_values, heights = encoder_input(volume, model.config)
-    return model.choose_slices(pixel_values.to(model.device), heights.to(model.device))
+    """Stages 1–2 for one scan on the model's device, its preprocessing too (on a GPU the resizing runs there,
+    as `Pipeline.encode`'s does): the kept slices and their patch grids."""
+    pixel_values, heights = encoder_input(volume, model.config, device=model.device)
+    return model.choose_slices(pixel_values, heights)
 
 
 class FeatureCache:
