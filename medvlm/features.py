@@ -31,10 +31,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .data import scan_stamps
 from .errors import UserInputError
 from .modeling import MedVLMForConditionalGeneration, ScanSlices
 from .preprocess import PREPROCESSING_VERSION, encoder_input
-from .volume import Volume
+from .volume import Volume, load_volume
 
 INDEX_FILE = "features.json"
 PART_INDEX = re.compile(r"features-((?:r\d+-)?part\d+)\.json")
@@ -174,10 +175,11 @@ class FeatureCache:
         return folder / INDEX_FILE
 
     @classmethod
-    def load(cls, folder: str | Path, fingerprint: str | None = None) -> FeatureCache:
-        """Read a saved cache (tensors memory-mapped); refuse one made by another encoder or settings."""
+    def load(cls, folder: str | Path, fingerprint: str | None = None, index: dict | None = None) -> FeatureCache:
+        """Read a saved cache (tensors memory-mapped), or the one `index` (its features.json, already read)
+        describes; refuse one made by another encoder or settings."""
         folder = Path(folder)
-        index = json.loads((folder / INDEX_FILE).read_text())
+        index = json.loads((folder / INDEX_FILE).read_text()) if index is None else index
         if fingerprint is not None and index["fingerprint"] != fingerprint:
             raise UserInputError(f"the feature cache in {folder} was made with another encoder or other "
                                  "preprocessing settings; delete it or run `python -m medvlm features` again")
@@ -216,9 +218,6 @@ def build_feature_cache(model: MedVLMForConditionalGeneration, root: str | Path,
     its share. A cache made by this encoder and settings is kept: only the scans it lacks, or holds rewritten since
     (other file size or time), are encoded and merged into it; one made otherwise is replaced. Every process
     returns the whole cache, memory-mapped."""
-    from .data import scan_stamps
-    from .volume import load_volume
-
     root, folder, images = Path(root), Path(folder), sorted(set(images))
     state = process_state()
     fingerprint = encoder_fingerprint(model)
@@ -227,7 +226,8 @@ def build_feature_cache(model: MedVLMForConditionalGeneration, root: str | Path,
     plan = [{"encode": images, "kept": None, "stamps": scan_stamps(root, images), "round": time.time_ns()}]
     if state.is_main_process and (folder / INDEX_FILE).exists():
         try:
-            cache = FeatureCache.load(folder, fingerprint)
+            index = json.loads((folder / INDEX_FILE).read_text())
+            cache = FeatureCache.load(folder, fingerprint, index)
             changed = cache.changed(plan[0]["stamps"])
             lacking = [image for image in images if image not in cache]
             if changed:
@@ -238,7 +238,6 @@ def build_feature_cache(model: MedVLMForConditionalGeneration, root: str | Path,
             if cache.unstamped(images):
                 print(f"note: {cache.unstamped(images)}")
             again = set(changed) | set(lacking)
-            index = json.loads((folder / INDEX_FILE).read_text())
             plan[0]["encode"] = sorted(again)
             plan[0]["kept"] = {"fingerprint": fingerprint, **{key: {image: value for image, value in
                                                                     index.get(key, {}).items() if image not in again}
