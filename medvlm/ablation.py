@@ -206,7 +206,7 @@ def encoder_work(checkpoint: Path, data: Path) -> dict:
     truth = json.loads((data / GROUND_TRUTH_FILE).read_text())
     total = encoded = previewed = 0
     for image in sorted(truth):
-        scan = scan_slices(model, load_volume(data / image))
+        scan = scan_slices(model, load_volume(data / image), image)
         total, encoded, previewed = total + scan.total, encoded + scan.encoded, previewed + scan.previewed
     preview_share = ((config.selection_preview_size or config.image_size) / config.image_size) ** 2
     return {"encoded_fraction": encoded / total, "encoder_work": (encoded + preview_share * previewed) / total,

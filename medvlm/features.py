@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .data import scan_stamps
 from .errors import UserInputError
 from .modeling import MedVLMForConditionalGeneration, ScanSlices
-from .preprocess import PREPROCESSING_VERSION, encoder_input
+from .preprocess import PREPROCESSING_VERSION, readable_encoder_input
 from .volume import Volume, load_volume
 
 INDEX_FILE = "features.json"
@@ -70,10 +70,14 @@ def encoder_fingerprint(model: MedVLMForConditionalGeneration) -> str:
 
 
 @torch.inference_mode()
-def scan_slices(model: MedVLMForConditionalGeneration, volume: Volume) -> ScanSlices:
+def scan_slices(model: MedVLMForConditionalGeneration, volume: Volume, image: str) -> ScanSlices:
     """Stages 1–2 for one scan on the model's device, its preprocessing too (on a GPU the resizing runs there,
-    as `Pipeline.encode`'s does): the kept slices and their patch grids."""
-    pixel_values, heights = encoder_input(volume, model.config, device=model.device)
+    as `Pipeline.encode`'s does): the kept slices and their patch grids. A blank scan is refused, as there,
+    naming `image` (its path in the data folder): training on it would teach reports of nothing."""
+    try:
+        pixel_values, heights = readable_encoder_input(volume, model.config, device=model.device)
+    except UserInputError as refusal:
+        raise UserInputError(f"{image}: {refusal}") from None
     return model.choose_slices(pixel_values, heights)
 
 
@@ -116,7 +120,7 @@ class FeatureCache:
         images = sorted(set(images))
         entries = {}
         for image in tqdm(images, desc="encoding slices", disable=not progress, unit="scan"):
-            scan = scan_slices(model, load(image))
+            scan = scan_slices(model, load(image), image)
             entries[image] = ScanSlices(scan.patches.to("cpu", torch.float16), scan.kept.cpu(), scan.heights.cpu(),
                                         scan.total, scan.encoded, scan.previewed)
         return cls(entries, encoder_fingerprint(model))
@@ -280,7 +284,7 @@ class VolumeFeatures:
         self.model, self.load = model, load
 
     def __getitem__(self, image: str) -> ScanSlices:
-        return scan_slices(self.model, self.load(image))
+        return scan_slices(self.model, self.load(image), image)
 
     def __contains__(self, image: str) -> bool:
         return True

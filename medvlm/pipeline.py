@@ -26,12 +26,11 @@ from .configuration import MedVLMConfig
 from .errors import CheckpointError, UserInputError
 from .limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MIN_ANSWER_TOKENS
 from .modeling import MedVLMForConditionalGeneration
-from .preprocess import scan_encoder_input
+from .preprocess import readable_encoder_input
 from .prompt import prompt_text
 from .volume import Volume
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
-BLANK_SPREAD = 1e-3  # an encoder input channel spanning less (normalised) shows nothing: a CT outside every window
 ENCODING_CACHE_SIZE = 16  # scans whose visual tokens are kept for follow-up questions
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a file that git-lfs never fetched begins
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a checkpoint holds one or both
@@ -342,11 +341,7 @@ class Pipeline:
                 self._encodings.move_to_end(key)
                 return self._encodings[key]
         start = time.perf_counter()
-        pixel_values, heights, blank = scan_encoder_input(volume, self.model.config, device=self.device)
-        spread = pixel_values.amax(dim=(0, 2, 3)) - pixel_values.amin(dim=(0, 2, 3))  # per channel
-        if blank or bool((spread < BLANK_SPREAD).all()):  # one value, or a CT outside every window
-            raise UserInputError("the scan holds nothing for the model to read (one value everywhere, or none inside "
-                                 "its windows); check that the file holds the image you meant")
+        pixel_values, heights = readable_encoder_input(volume, self.model.config, device=self.device)
         prepared = time.perf_counter()
         with torch.inference_mode():
             scan = self.model.choose_slices(pixel_values, heights)

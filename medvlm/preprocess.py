@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import UserInputError
+
 if TYPE_CHECKING:
     import torch
 
@@ -31,6 +33,7 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 PREPROCESSING_VERSION = 2
 AUTO_WINDOW = "auto"  # robust percentile range: MR, PET and already-normalised volumes
 INVERTED_WINDOW = "inverted"  # PET: the same range in inverted grey, uptake dark on white, as PET is often read
+BLANK_SPREAD = 1e-3  # an encoder input channel spanning less (normalised) shows nothing: a CT outside every window
 
 
 def window_names(modality: str) -> list[str]:
@@ -96,8 +99,21 @@ def to_uint8(unit: np.ndarray) -> np.ndarray:
 
 def encoder_input(volume: Volume, config, device: torch.device | str | None = None) -> tuple[torch.Tensor,
                                                                                           torch.Tensor]:
-    """(pixel_values, heights) of `scan_encoder_input`: what the slice encoder reads of the volume."""
+    """(pixel_values, heights) of `scan_encoder_input`: what the slice encoder reads of the volume, blank or not."""
     pixel_values, heights, _ = scan_encoder_input(volume, config, device)
+    return pixel_values, heights
+
+
+def readable_encoder_input(volume: Volume, config, device: torch.device | str | None = None) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+    """`encoder_input`, refusing a scan that holds nothing to read: one value in every voxel, or a CT whose every
+    value lies outside every window. What a report or a training sample is made from (stages 1–2 of
+    `Pipeline.encode` and of the feature cache), so that no model describes an empty picture."""
+    pixel_values, heights, blank = scan_encoder_input(volume, config, device)
+    spread = pixel_values.amax(dim=(0, 2, 3)) - pixel_values.amin(dim=(0, 2, 3))  # per channel
+    if blank or bool((spread < BLANK_SPREAD).all()):
+        raise UserInputError("the scan holds nothing for the model to read (one value everywhere, or none inside "
+                             "its windows); check that the file holds the image you meant")
     return pixel_values, heights
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hub_stand_ins import CLIP_REPO, COMMIT, QWEN_REPO, hub_snapshot, smoke_preset, write_stand_ins
@@ -300,6 +301,18 @@ def test_a_scan_rewritten_in_place_is_encoded_again_not_served_from_the_cache(tm
     build_feature_cache(model, data, images, tmp_path / "features")
     assert encoded == [*images, *images, images[0]]
     assert capsys.readouterr().out.count("2 scan(s) encoded before file stamps were kept") == 2
+
+
+def test_a_blank_scan_in_the_data_is_refused_by_name_not_trained_on(tmp_path):
+    """An M3D volume of zeros (a failed export) would teach the model to write a report about nothing: the feature
+    cache refuses it as `Pipeline.encode` refuses it in the app, naming the file to fix or drop."""
+    data = Path(write_phantom_set(tmp_path / "data", 2, seed=5, modalities=("ct",), formats=("npy",), matrix=32,
+                                  split="train")["out"])
+    model, _ = build_tiny_model()
+    images = sorted({s.image for s in read_samples(data, "train")})
+    np.save(data / images[1], np.zeros_like(np.load(data / images[1])))
+    with pytest.raises(UserInputError, match=rf"^{re.escape(images[1])}: the scan holds nothing for the model"):
+        build_feature_cache(model, data, images, tmp_path / "features")
 
 
 def test_features_refuses_what_it_cannot_encode(recipe, tmp_path, capsys):
