@@ -524,6 +524,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     variants.py). `features`: a cache from `python -m medvlm features`; `from_volumes`: no cache.
     `encoder_cache` (default: WORK/encoder) keeps the demo encoder's pre-training for runs that repeat it.
     """
+    started = time.perf_counter()  # the run's clock counts the data's reading too (not the imports before it)
     preset = apply_overrides(load_preset(preset_name), config_overrides or {})
     if features is not None and not (Path(features) / "features.json").is_file():
         raise UserInputError(f"no feature cache (features.json) in {features}; run `python -m medvlm features`")
@@ -546,7 +547,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     claim_work_folder(work, run_record(preset, seed, train_samples + val_samples), accelerator.is_main_process)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    clock = RunClock(work / CLOCK, accelerator.is_main_process)
+    clock = RunClock(work / CLOCK, accelerator.is_main_process, started)
     try:
         set_seed(seed)
         random.seed(seed)

@@ -36,9 +36,10 @@ class RunClock:
     """The wall time a work folder's run has taken over every `train` of it: a run stopped and resumed counts
     both parts, a finished run run again adds its few seconds. Kept in WORK/clock.json by the main process,
     saved as the run goes (every metrics row, every finished phase) and when it ends, so a run killed
-    without warning loses at most the time since its last row."""
+    without warning loses at most the time since its last row. `started` (`time.perf_counter()`): when this
+    invocation began, if before the clock was made (the data read, the work folder checked)."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, started: float | None = None):
         self.path, self.enabled = path, enabled
         try:
             kept = json.loads(path.read_text()) if path.exists() else {}
@@ -47,7 +48,7 @@ class RunClock:
         kept = kept if isinstance(kept, dict) else {}
         self.before = float(kept.get("seconds", 0.0))
         self.invocations = int(kept.get("invocations", 0)) + 1
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() if started is None else started
 
     def seconds(self) -> float:
         """Seconds the run has taken so far, this invocation included."""
