@@ -530,7 +530,8 @@ def scan_card(session: ScanSession) -> str:
         ("Spacing", f"{sx:.2f} × {sy:.2f} mm in-plane, {sz:.2f} mm between slices" if volume.spacing_known
          else "not stored in an M3D .npy; shown as 1 mm"),
         ("Field of view", f"{x * sx:.0f} × {y * sy:.0f} × {z * sz:.0f} mm" if volume.spacing_known else "unknown"),
-        ("Orientation", f"{volume.orientation} as stored, shown radiologically"),
+        ("Orientation", f"not stated (read as {volume.orientation}), shown radiologically"
+         if meta.get("orientation_unknown") else f"{volume.orientation} as stored, shown radiologically"),
         ("Source", f"{SOURCE_NAMES.get(volume.source, volume.source)}, {session.label}"),
     ]
     if meta.get("series_number") is not None:

@@ -52,6 +52,7 @@ class _DicomImage:
     pixel_spacing: tuple[float, float]  # mm between rows, between columns
     slope: float
     intercept: float
+    intercept_stated: bool  # whether the file gives (0028,1052) RescaleIntercept at all (CT requires it)
     size: tuple[int, int]  # rows, columns
     identity: tuple  # the same image twice (a copied file) has the same identity
     labels: tuple[float | None, ...]  # its value of each of STACK_TAGS (None: not stated)
@@ -62,6 +63,23 @@ def _first(value: Any, default: float | None = None) -> float | None:
     """A finite number from a DICOM value that may be multi-valued, empty or garbage (then `default`)."""
     numbers = _numbers(value)
     return numbers[0] if numbers else default
+
+
+def _rescale(value: Any, keyword: str, name: str) -> float | None:
+    """(0028,1053) RescaleSlope or (0028,1052) RescaleIntercept as a number, None when the file does not state it.
+
+    A decimal comma ("-1024,0", which some exporters write) is read as a point. Any other value that is no
+    number, or a slope of 0, raises VolumeError: reading it as the default would shift or flatten every value
+    (a CT's by 1024 HU) without a word."""
+    if value is None or (isinstance(value, str | bytes) and not value.strip()):
+        return None
+    number = _first(value)
+    if number is None and isinstance(value, str):
+        number = _first(value.replace(",", "."))
+    if number is None or (keyword == "RescaleSlope" and number == 0):
+        raise VolumeError(f"{name}: its {keyword} is {str(value)[:20]!r}, which cannot turn its pixels into values; "
+                          "re-export the series, or fix that attribute")
+    return number
 
 
 def _numbers(value: Any, count: int | None = None) -> list[float] | None:
@@ -164,10 +182,12 @@ def _images_of(path: Path, header, name: str) -> list[_DicomImage]:
             attribute("PlanePositionSequence", "ImagePositionPatient"),  # (0020,0032)
             attribute("PlaneOrientationSequence", "ImageOrientationPatient"),  # (0020,0037)
             attribute("PixelMeasuresSequence", "PixelSpacing"), name)  # (0028,0030)
+        slope = _rescale(attribute("PixelValueTransformationSequence", "RescaleSlope"), "RescaleSlope", name)
+        intercept = _rescale(attribute("PixelValueTransformationSequence", "RescaleIntercept"), "RescaleIntercept",
+                             name)
         images.append(_DicomImage(
             path=path, frame=index, position=position, orientation=orientation, pixel_spacing=spacing,
-            slope=_first(attribute("PixelValueTransformationSequence", "RescaleSlope"), 1.0),  # (0028,1053)
-            intercept=_first(attribute("PixelValueTransformationSequence", "RescaleIntercept"), 0.0),  # (0028,1052)
+            slope=1.0 if slope is None else slope, intercept=intercept or 0.0, intercept_stated=intercept is not None,
             size=size, identity=_identity(path, header, index), labels=_stack_labels(header, group),
             instance=instance + frame / frames,
         ))
@@ -188,14 +208,16 @@ def _legacy_frames(path: Path, header, frames: int, name: str) -> list[_DicomIma
                               "export the series as single-frame DICOM files or NIfTI")
         offsets = [frame * step for frame in range(frames)]
     normal = np.cross(orientation[:3], orientation[3:])
-    slope, intercept = _first(header.get("RescaleSlope"), 1.0), _first(header.get("RescaleIntercept"), 0.0)
+    slope = _rescale(header.get("RescaleSlope"), "RescaleSlope", name)
+    intercept = _rescale(header.get("RescaleIntercept"), "RescaleIntercept", name)
+    stated, slope, intercept = intercept is not None, 1.0 if slope is None else slope, intercept or 0.0
     scale = _first(header.get("DoseGridScaling"))  # (3004,000E): RT dose in Gy
     slope = slope * scale if scale else slope
     size, labels = (_count(header.get("Rows")), _count(header.get("Columns"))), _stack_labels(header, None)
     instance = _first(header.get("InstanceNumber"), 0.0)
     return [_DicomImage(path=path, frame=frame, position=position + (offset - offsets[0]) * normal,
                         orientation=orientation, pixel_spacing=spacing, slope=slope, intercept=intercept,
-                        size=size, identity=_identity(path, header, frame), labels=labels,
+                        intercept_stated=stated, size=size, identity=_identity(path, header, frame), labels=labels,
                         instance=instance + frame / frames)
             for frame, offset in enumerate(offsets)]
 
@@ -438,7 +460,8 @@ def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) 
         try:
             decoded = _decode(path)
         except Exception as error:  # decoders raise many types for corrupt or unsupported pixel data
-            remedy = ("export the series uncompressed" if _is_compressed(path) else
+            remedy = ("the file is damaged or its compression is not supported here; export the series again, "
+                      "uncompressed" if _is_compressed(path) else
                       "the file is cut short or damaged; copy or export the series again")
             raise VolumeError(f"{name}: the pixel data of {path.name} cannot be decoded ({error_reason(error)}); "
                               f"{remedy}") from error
@@ -534,6 +557,10 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         np.subtract(np.nanmax(pixels) + np.nanmin(pixels), pixels, out=pixels)
         notes.append("the series is stored with white at its lowest value (MONOCHROME1); its values are inverted "
                      "so that it shows as meant")
+    if modality == "CT" and not any(image.intercept_stated for image in images) and float(np.nanmin(pixels)) >= 0:
+        notes.append("the CT states no rescale intercept and holds no value below 0, so its values are likely not "
+                     "Hounsfield units (air lies near −1000): windows and the model may read it wrongly; re-export "
+                     "the series with its rescale")
     if others:
         meta["other_series"] = [_series_summary(group) for group in others]
         listed = "; ".join(("" if summary["series_number"] is None else f"series {summary['series_number']}: ")

@@ -41,6 +41,7 @@ from .limits import (
 __all__ = ["Volume", "VolumeError", "load_volume"]
 
 FINGERPRINT_CHUNK = 16 * 2**20  # bytes of voxels per hashing thread's task
+OBLIQUE_NOTE_DEGREES = 3.0  # a scan whose axes lie further than this from the body's is said to be oblique
 ZIP_FOLDER_PREFIX = "medvlm-zip-"  # a zip's files while its series is read, in the system's temporary folder
 
 
@@ -170,9 +171,12 @@ def _file_name(path: str) -> str:
 
 
 def error_reason(error: BaseException) -> str:
-    """The first line of a library's error, short enough to sit inside our one-sentence message; a file path
-    in it is cut to the file's name."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    """The first line of a library's error (and the next, where the first ends in a colon), short enough to sit
+    inside our one-sentence message; a file path in it is cut to the file's name."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    if text.endswith(":") and len(lines) > 1:  # "... raised by all available plugins:" and the reason below it
+        text = f"{text} {lines[1]}"
     text = _QUOTED_PATH.sub(lambda match: match[1] + _file_name(match[2]) + match[1], text)
     text = _BARE_PATH.sub(lambda match: _file_name(match[0]), text)
     return text if len(text) <= 160 else text[:160].rsplit(" ", 1)[0].rstrip(",;:-") + " …"  # whole words
@@ -228,6 +232,12 @@ def _replace_non_finite(data: np.ndarray) -> dict[str, Any]:
             "notes": [f"{count:,} voxels of the scan were not numbers (NaN or infinite) and are shown as {fill:g}"]}
 
 
+def _obliquity_degrees(affine: np.ndarray) -> float:
+    """The largest angle (degrees) between a voxel axis of this affine and the body axis nearest to it."""
+    axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return float(np.degrees(np.arccos(np.clip(np.abs(axes).max(axis=0), 0.0, 1.0))).max())
+
+
 def canonical_volume(array_xyz: np.ndarray, affine_ras: np.ndarray, modality: str, source: str, name: str,
             meta: dict[str, Any]) -> Volume:
     """The one orientation code path of every format: a stored voxel array with its voxel→RAS affine
@@ -246,6 +256,12 @@ def canonical_volume(array_xyz: np.ndarray, affine_ras: np.ndarray, modality: st
         raise VolumeError(f"{name} has voxel axes that do not span 3D space (a degenerate orientation); fix the "
                           "header's orientation or re-export the scan")
     orientation = "".join(codes)
+    oblique = _obliquity_degrees(affine_ras)
+    if oblique > OBLIQUE_NOTE_DEGREES and "gantry_tilt_degrees" not in meta:  # a tilt has its own note
+        meta = {**meta, "obliquity_degrees": round(oblique, 1),
+                "notes": [*meta.get("notes", []), f"the scan was acquired at an angle to the body's axes (up to "
+                          f"{oblique:.0f}°); its views follow the scan's own axes, so the planes and side labels are "
+                          "the nearest ones, not exact"]}
     ornt = io_orientation(affine_ras)
     affine = affine_ras @ inv_ornt_aff(ornt, array_xyz.shape)  # voxel (x, y, z) → RAS of the reoriented grid
     data = np.ascontiguousarray(apply_orientation(array_xyz, ornt).transpose(2, 1, 0), dtype=np.float32)
@@ -424,11 +440,31 @@ def _load_nifti(path: Path) -> Volume:
     if frames > 1:
         meta["frames"] = frames
         meta["notes"].append(f"the file holds {frames} volumes (4D); the first is shown")
+    meta["notes"].extend(_nifti_orientation_notes(image.header, meta))
     modality, guessed = _nifti_modality(image.header, array)
     if guessed:
         meta["modality_guessed"] = True
         meta["notes"].append(GUESSED_MODALITY[modality])
     return canonical_volume(array, affine, modality, "nifti", path.name, meta)
+
+
+def _nifti_orientation_notes(header, meta: dict[str, Any]) -> list[str]:
+    """What the header's two orientations leave in doubt: none stated (qform_code and sform_code 0, when nibabel
+    falls back on the Analyze convention and `meta["orientation_unknown"]` is set), or two that disagree on the
+    axes' directions (nibabel, as most tools, takes the sform's)."""
+    from nibabel.orientations import aff2axcodes
+
+    qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+    if not qform_code and not sform_code:
+        meta["orientation_unknown"] = True
+        return ["the file states no orientation (its qform and sform codes are 0), so it is read in the old Analyze "
+                "convention (LAS) and its left and right may be swapped; re-export it with its orientation"]
+    if qform_code and sform_code:
+        qform, sform = ("".join(map(str, aff2axcodes(affine))) for affine in (header.get_qform(), header.get_sform()))
+        if qform != sform:
+            return [f"the file's two orientations disagree (qform {qform}, sform {sform}); it is shown by its sform, "
+                    "as most tools do, so check its sides against the scanner's"]
+    return []
 
 
 # Millimetres per NIfTI spatial unit (xyzt_units) other than mm; "unknown" is read as mm, as every viewer does.

@@ -96,6 +96,20 @@ def test_an_m3d_npy_is_not_given_a_spacing_it_does_not_store(app_module, tmp_pat
     assert "**Field of view** | unknown |" in outputs[2]
 
 
+def test_a_nifti_without_orientation_is_not_called_stored_as_las(app_module, tmp_path):
+    """Both NIfTI orientation codes 0: nibabel reads the file as Analyze's LAS, a guess the card must not state as
+    the file's own."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(torso_ct().transpose(2, 1, 0), np.diag([1.0, 1.0, 5.0, 1.0]))
+    image.set_sform(None, code=0)
+    image.set_qform(None, code=0)
+    nib.save(image, tmp_path / "unstated.nii")
+    _, outputs = loaded(app_module, [tmp_path / "unstated.nii"])
+    assert "**Orientation** | not stated (read as LAS), shown radiologically |" in outputs[2]
+    assert "left and right may be swapped" in outputs[2]
+
+
 def test_a_series_description_is_never_shown_because_it_can_name_the_patient(app_module, tmp_path):
     files = save_dicom_series(tmp_path / "series", torso_ct(), (5.0, 1.0, 1.0), series_description="DOE JOHN CT AX",
                               series_number=7)

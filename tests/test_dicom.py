@@ -215,3 +215,77 @@ def test_notes_never_name_the_uploaded_file(tmp_path, marked_ct):
     scan = load_volume(save_nifti(tmp_path / "Doe_Janet_20260114.nii.gz", data, MARKED_SPACING))
     assert scan.meta["notes"] == [GUESSED_MODALITY["CT"],
                                   "3 voxels of the scan were not numbers (NaN or infinite) and are shown as -1000"]
+
+
+def test_a_rescale_written_with_a_decimal_comma_still_gives_hounsfield_units(tmp_path, marked_ct):
+    """Some exporters write RescaleIntercept "-1024,0": read as the default 0, every HU was 1024 too high (air at
+    +24, soft tissue shown white) without a word."""
+    for path in save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, intercept=-1024.0):
+        stored = path.read_bytes()
+        assert b"-1024.0" in stored
+        path.write_bytes(stored.replace(b"-1024.0", b"-1024,0"))  # same length: the file stays valid
+    np.testing.assert_array_equal(load_volume(tmp_path).data, marked_ct)
+
+
+def test_a_rescale_that_cannot_be_used_is_refused_not_guessed(tmp_path, marked_ct):
+    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, intercept=-1024.0)
+    _edit(files, RescaleSlope=0)  # every value would be the intercept: a flat grey scan
+    with pytest.raises(VolumeError, match=r"its RescaleSlope is '0\.0', which cannot turn its pixels into values"):
+        load_volume(tmp_path)
+
+
+def test_a_ct_without_rescale_is_read_as_stored_and_flagged_when_it_cannot_be_in_hu(tmp_path, marked_ct):
+    """CT requires RescaleIntercept. Without it, signed values are taken as the HU they look like; values that are
+    all 0 or more (raw detector numbers, air at 0 rather than −1000) are shown with a note that they are not HU."""
+    for name, data in (("signed", marked_ct), ("raw", marked_ct + 1024)):
+        files = save_dicom_series(tmp_path / name, data, MARKED_SPACING)
+        for path in files:
+            ds = pydicom.dcmread(path)
+            del ds.RescaleIntercept, ds.RescaleSlope
+            ds.save_as(path)
+        scan = load_volume(tmp_path / name)
+        np.testing.assert_array_equal(scan.data, data)
+        flagged = any("likely not Hounsfield units" in note for note in scan.meta.get("notes", []))
+        assert flagged == (name == "raw")
+
+
+def test_an_oblique_acquisition_says_its_planes_are_the_nearest_ones(tmp_path, marked_ct):
+    """An MR tilted 40° about left–right (an AC-PC aligned brain, a spine) is shown along its own axes: the
+    views' plane names and side letters are the nearest ones, and the scan card says so."""
+    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, "MR")
+    tilt = math.radians(40.0)
+    rows, columns = np.array([1.0, 0.0, 0.0]), np.array([0.0, math.cos(tilt), -math.sin(tilt)])
+    normal = np.cross(rows, columns)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [*rows, *columns]
+        ds.ImagePositionPatient = list(normal * float(ds.ImagePositionPatient[2]))
+        ds.save_as(path)
+    scan = load_volume(tmp_path)
+    assert scan.meta["obliquity_degrees"] == pytest.approx(40.0, abs=0.1)
+    assert any("at an angle to the body's axes (up to 40°)" in note for note in scan.meta["notes"])
+    straight = load_volume(save_dicom_series(tmp_path / "straight", marked_ct, MARKED_SPACING, "MR")[0].parent)
+    assert "obliquity_degrees" not in straight.meta and "notes" not in straight.meta
+
+
+def test_a_nifti_that_states_no_orientation_or_two_says_its_sides_are_in_doubt(tmp_path, marked_ct):
+    """qform_code = sform_code = 0: nibabel falls back on Analyze's LAS, and other tools read such a file
+    mirrored; a qform and sform that disagree are read by the sform, where some tools take the qform."""
+    data = marked_ct.transpose(2, 1, 0)  # stored (x, y, z)
+    unstated = nib.Nifti1Image(data, np.diag([*MARKED_SPACING[::-1], 1.0]))
+    unstated.set_sform(None, code=0)
+    unstated.set_qform(None, code=0)
+    nib.save(unstated, tmp_path / "unstated.nii")
+    scan = load_volume(tmp_path / "unstated.nii")
+    assert scan.meta["orientation_unknown"] and scan.orientation == "LAS"
+    assert any("states no orientation" in note and "left and right may be swapped" in note
+               for note in scan.meta["notes"])
+    two = nib.Nifti1Image(data, None)
+    two.set_qform(np.diag([-MARKED_SPACING[2], *MARKED_SPACING[1::-1], 1.0]), code=1)  # LAS
+    two.set_sform(np.diag([*MARKED_SPACING[::-1], 1.0]), code=1)  # RAS
+    nib.save(two, tmp_path / "two.nii")
+    scan = load_volume(tmp_path / "two.nii")
+    assert scan.orientation == "RAS" and "orientation_unknown" not in scan.meta
+    assert any("two orientations disagree (qform LAS, sform RAS)" in note for note in scan.meta["notes"])
+    save_nifti(tmp_path / "stated.nii.gz", marked_ct, MARKED_SPACING, "LPS", modality="CT")
+    assert "notes" not in load_volume(tmp_path / "stated.nii.gz").meta

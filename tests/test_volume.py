@@ -142,7 +142,7 @@ def test_a_private_transfer_syntax_is_one_sentence(tmp_path, marked_ct):
     ds = pydicom.dcmread(files[0])
     ds.file_meta.TransferSyntaxUID = "1.2.840.113619.5.2"  # GE's private syntax: no decoder reads it
     ds.save_as(files[0], enforce_file_format=False)
-    with pytest.raises(VolumeError, match=r"cannot be decoded .*export the series uncompressed"):
+    with pytest.raises(VolumeError, match=r"cannot be decoded .*export the series again, uncompressed"):
         load_volume(tmp_path)
 
 
@@ -335,6 +335,14 @@ def test_unreadable_files_raise_one_clear_error(tmp_path, name, content, message
 ])
 def test_a_library_message_names_the_file_never_its_folders(message, shown):
     assert error_reason(ValueError(message)) == shown
+
+
+def test_a_library_message_that_ends_its_first_line_with_a_colon_keeps_the_reason_below():
+    """pydicom's "... raised by all available plugins:" says nothing until the next line says what failed."""
+    message = ("Unable to decode as exceptions were raised by all available plugins:\n"
+               "  pylibjpeg: Error decoding the J2K data: failed to read the header\n  gdcm: not installed")
+    assert error_reason(ValueError(message)) == ("Unable to decode as exceptions were raised by all available plugins: "
+                                                 "pylibjpeg: Error decoding the J2K data: failed to read the header")
 
 
 def test_a_long_library_message_is_cut_between_words():
