@@ -36,7 +36,7 @@ from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import Encoding, Pipeline
 from medvlm.preprocess import CT_WINDOWS, INVERTED_WINDOW, default_window, window_names
-from medvlm.view import SLICE_ONE, render_slice, slice_count
+from medvlm.view import SLICE_ONE, render_slice, slice_count, slice_location
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.volume import Volume, load_volume, remove_stale_zip_folders
 
@@ -76,6 +76,8 @@ QUEUE_SIZE = 500
 OUT_OF_MEMORY = "The server ran out of memory reading this scan; try again in a few minutes, or with a smaller scan"
 SESSION_FOLDER_PREFIX = "medvlm-session-"  # a session's own folder in the upload folder (its report download)
 REPORT_PLACEHOLDER = "*The report appears here: press **Generate report**.*"
+REPORT_STOPPED = "\n\n*Stopped: this report is incomplete.*"
+ANSWER_STOPPED = " … [stopped: this answer is incomplete]"  # the chat shows text as typed, not Markdown
 
 
 # The model ------------------------------------------------------------------------------------
@@ -183,15 +185,17 @@ class ScanSession:
     volume: Volume | None = None
     label: str = ""  # what the scan card calls the scan: an example's name, or "uploaded scan"
     encoding: Encoding | None = None  # the scan as the model sees it, from `encode_on_gpu`
-    messages: list[dict] = field(default_factory=list)  # {"role", "content": str}
+    messages: list[dict] = field(default_factory=list)  # {"role", "content": str}: what the model is given
+    stopped_answers: set[int] = field(default_factory=set)  # indices in `messages` of answers cut short
     report: str = ""
+    report_finished: bool = False  # whether `report` was written to its end (not stopped, cleared or cut off)
     cleared: int = 0  # how many times Clear emptied the report and conversation: a generation from before stops there
     chat_cleared: int = 0  # how many times the conversation was emptied (Clear, or the chat's bin icon)
-    interrupted: bool = False  # whether the last generation was stopped (Stop, Clear, a new one) before it ended
     folder: Path | None = None
     stop_key: str = ""  # key of the running generation's stop event in _STOP_EVENTS
     stop_kind: str = ""  # what that generation writes: "report" or "chat"
     threshold_range: tuple[float, float] = (-math.inf, math.inf)  # the 3D threshold slider's, for this scan
+    shown_slices: dict[str, int] = field(default_factory=dict)  # plane → the slice (from 1) last shown in it
     loaded_at: float = field(default_factory=time.monotonic)  # when the scan was loaded (monotonic s)
     last_used: float = field(default_factory=time.monotonic)  # when the visitor last looked or asked (monotonic s)
     closed: str = ""  # why the scan was released for the visitor (unused too long), said when they come back
@@ -431,6 +435,10 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
 
 
 def _unchanged(session: ScanSession | None, status: str):
+    """The load outputs of a scan that was not loaded: only the status line changes, and says that the scan on
+    the page (if any) is still the one the model answers about."""
+    if session is not None and session.volume is not None:
+        status = f"{status} The scan shown ({session.label}) stays loaded."
     return (session, shown(status), *([gr.skip()] * 10))
 
 
@@ -573,6 +581,7 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     plane, slice_number = _known_plane(plane), _typed_number(slice_number)  # as an API client may send them
     count = slice_count(volume, plane)
     index = _slice_number(slice_number, count) - 1
+    session.shown_slices[plane] = index + 1  # a plane opened again opens here
     window = window if window in window_names(volume.modality) else default_window(volume.modality)
     pixels = render_slice(volume, plane, index, window)
     buffer = io.BytesIO()
@@ -586,13 +595,15 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
         kept_note = " · kept by the model" if index in session.kept_slices else ""
     cursor = f'<span class="cursor-mark" style="left:{100 * (index + 0.5) / count:.2f}%"></span>'
     frame = "slice-frame inverted" if window == INVERTED_WINDOW else "slice-frame"  # white around a white image
+    location = slice_location(volume, plane, index)
     return (f'<div class="slice-view"><div class="{frame}">'
             f'<img class="slice-image" src="data:image/png;base64,{source}" '
             f'alt="{plane} slice {index + 1} of {count}">'
             f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
             f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span></div>'
             f'<div class="slice-track">{marks}{cursor}</div>'
-            f'<div class="slice-caption">{plane.title()} {index + 1} / {count} from {SLICE_ONE[plane]} · window '
+            f'<div class="slice-caption">{plane.title()} {index + 1} / {count} from {SLICE_ONE[plane]}'
+            f'{f" · {location}" if location else ""} · window '
             f'{window_label(window)}'
             f'{kept_note}</div></div>')
 
@@ -633,13 +644,13 @@ def show_slice(session: ScanSession | None, plane: str, window: str | None, slic
 
 
 def change_plane(session: ScanSession | None, plane: str, window: str | None):
-    """A new plane opens at its middle slice."""
+    """A plane opens at the slice last shown in it, the first time at its middle slice."""
     plane = _known_plane(plane)
     if session is None or session.volume is None:
         return gr.skip(), slice_html(session, plane, window, None)
     count = slice_count(session.volume, plane)
-    middle = _slice_number(None, count)
-    return gr.update(minimum=1, maximum=count, value=middle), slice_html(session, plane, window, middle)
+    number = session.shown_slices.get(plane) or _slice_number(None, count)
+    return gr.update(minimum=1, maximum=count, value=number), slice_html(session, plane, window, number)
 
 
 def jump_to_kept(session: ScanSession | None, kept: str | None, window: str | None):
@@ -730,22 +741,23 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
 
     Yields (report markdown, download button update); nothing more once a new scan replaced this one.
     """
-    if session is None or session.volume is None:
-        gr.Warning(_no_scan(session))
+    if session is None or session.volume is None:  # said in the report box, where the visitor looks
         yield f"*{_no_scan(session)}*", gr.skip()
         return
     volume, cleared = session.volume, session.cleared
-    session.report = ""
+    session.report, session.report_finished = "", False
     hidden = gr.update(value=None, visible=False)  # the previous report's download goes while this one streams
-    for chunk in _stream(session, volume, None, max_new_tokens, temperature, top_p):
+    stop = threading.Event()
+    for chunk in _stream(session, volume, None, stop, max_new_tokens, temperature, top_p):
         session.report += chunk
         yield session.report, hidden
         hidden = gr.skip()
     if _scan_replaced(session, volume) or session.cleared != cleared:
         return
-    if session.interrupted:  # stopped: marked so, and not offered as a finished report
-        yield f"{session.report}\n\n*Stopped: this report is incomplete.*", gr.update(value=None, visible=False)
+    if stop.is_set():  # stopped: marked so, and not offered as a finished report
+        yield report_view(session)
         return
+    session.report_finished = True
     yield session.report, gr.update(value=str(_write_report(session)), visible=True)
 
 
@@ -762,34 +774,38 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
         return
     if not question:
         gr.Warning("Type a question about the scan first.")
-        yield list(session.messages), ""
+        yield chat_view(session), ""
         return
     volume, cleared = session.volume, session.chat_cleared
     asked = {"role": "user", "content": question}
     session.messages.append(asked)
-    history = [dict(message) for message in session.messages]
-    answer, refused = "", False
+    history = [{"role": message["role"], "content": message["content"]} for message in session.messages]
+    answer, refused, finished, stop = "", False, False, threading.Event()
     try:
-        for chunk in _stream(session, volume, history, max_new_tokens, temperature, top_p):
+        for chunk in _stream(session, volume, history, stop, max_new_tokens, temperature, top_p):
             answer += chunk
-            yield [*session.messages, {"role": "assistant", "content": answer}], ""
+            yield [*chat_view(session), {"role": "assistant", "content": answer}], ""
+        finished = not stop.is_set()
     except gr.Error as error:  # refused with a sentence (a control token, too long): it was never asked
         refused = True
         gr.Warning(error.message)
-    finally:  # a stopped answer stays as far as it got; a conversation cleared or about a replaced scan is gone
-        if session.volume is volume and session.chat_cleared == cleared:
+    finally:  # a stopped answer stays as far as it got, marked; a conversation cleared or about a replaced scan
+        if session.volume is volume and session.chat_cleared == cleared:  # ... is gone
             if refused:
                 session.messages = [message for message in session.messages if message is not asked]
             else:
+                if not finished:  # stopped, or cancelled (Stop, Clear) at a chunk
+                    session.stopped_answers.add(len(session.messages))
                 session.messages.append({"role": "assistant", "content": answer})
     if _scan_replaced(session, volume) or session.chat_cleared != cleared:
         return
-    yield list(session.messages), question if refused else ""  # a refused question stays in the box, to edit
+    yield chat_view(session), question if refused else ""  # a refused question stays in the box, to edit
 
 
-def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, max_new_tokens: float,
-            temperature: float, top_p: float) -> Iterator[str]:
-    """Text chunks of one generation about `volume`, with a stop event the Stop button (or a new scan) can set.
+def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, stop: threading.Event,
+            max_new_tokens: float, temperature: float, top_p: float) -> Iterator[str]:
+    """Text chunks of one generation about `volume`; `stop`, its own event, is set when Stop, Clear, a new
+    generation or a new scan stop it (and stays unset when it ends by itself).
 
     The chunks stop as soon as the session's scan is no longer `volume`. Settings out of range (an API
     client can send any) end it with the pipeline's sentence.
@@ -797,8 +813,8 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, m
     stop_generation(session)
     session.in_use()
     key = f"{id(session)}-{time.monotonic_ns()}"
-    stop = _STOP_EVENTS[key] = threading.Event()
-    session.stop_key, session.interrupted = key, False
+    _STOP_EVENTS[key] = stop
+    session.stop_key = key
     session.stop_kind = "report" if messages is None else "chat"
     max_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
     if int(max_new_tokens) > MAX_NEW_TOKENS:
@@ -816,8 +832,7 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, m
                 break
             session.in_use()
             yield chunk
-    finally:  # closing the pipeline's stream sets its stop event and joins its thread
-        stop.set()
+    finally:  # closing the pipeline's stream sets the pipeline's own stop event and joins its thread
         if chunks is not None:
             chunks.close()
         _STOP_EVENTS.pop(key, None)
@@ -839,8 +854,32 @@ def stop_generation(session: ScanSession | None) -> None:
     """End the session's running generation: its thread stops at the next token."""
     event = _STOP_EVENTS.get(session.stop_key) if session is not None else None  # it ends on its own meanwhile
     if event is not None:
-        session.interrupted = True
         event.set()
+
+
+def chat_view(session: ScanSession) -> list[dict]:
+    """The conversation as the chat shows it: an answer cut short (Stop, Clear) says so."""
+    return [{"role": message["role"],
+             "content": message["content"] + (ANSWER_STOPPED if index in session.stopped_answers else "")}
+            for index, message in enumerate(session.messages)]
+
+
+def report_view(session: ScanSession) -> tuple[str, dict]:
+    """(report box, download button) for the session's report as it stands: a stopped one says so and is not
+    offered for download; none yet, the placeholder."""
+    if not session.report:
+        return REPORT_PLACEHOLDER, gr.update(value=None, visible=False)
+    if not session.report_finished:
+        return session.report + REPORT_STOPPED, gr.update(value=None, visible=False)
+    return session.report, gr.skip()
+
+
+def conversation_view(session: ScanSession | None):
+    """(chatbot, report, download) as the session holds them, sent after Stop and Clear: a chunk a cancelled
+    generation had already sent can reach the page after their own reply, and would otherwise stay on it."""
+    if session is None:
+        return [], REPORT_PLACEHOLDER, gr.update(value=None, visible=False)
+    return chat_view(session), *report_view(session)
 
 
 def clear_conversation(session: ScanSession | None):
@@ -848,6 +887,7 @@ def clear_conversation(session: ScanSession | None):
     if session is not None:
         stop_generation(session)
         session.messages, session.report, session.cleared = [], "", session.cleared + 1
+        session.stopped_answers = set()
         session.chat_cleared += 1
         session.delete_files()
     return [], REPORT_PLACEHOLDER, gr.update(value=None, visible=False)
@@ -863,6 +903,7 @@ def clear_chat(session: ScanSession | None) -> list:
         if session.stop_kind == "chat":
             stop_generation(session)
         session.messages, session.chat_cleared = [], session.chat_cleared + 1
+        session.stopped_answers = set()
     return []
 
 
@@ -901,20 +942,21 @@ def build_demo() -> gr.Blocks:
                 with gr.Row(equal_height=True):  # the drop zone as tall as the examples beside it: no gap below
                     # min_width: on a phone the examples go below, and the label leaves room for "Drop File Here"
                     upload = gr.File(label="Scan: NIfTI, .npy, DICOM files or a .zip", file_count="multiple",
-                                     height=200, scale=3, min_width=300, elem_id="scan-upload")
+                                     height=180, scale=3, min_width=300, elem_id="scan-upload")
                     with gr.Column(scale=1, min_width=150):
                         folder_upload = gr.UploadButton("Upload a DICOM folder", file_count="directory", size="md")
                         example_picker = gr.Dataset(
                             label="Examples", components=["textbox"], samples=[[n] for n in examples],
-                            visible=bool(examples), layout="table", samples_per_page=8)
+                            visible=bool(examples), layout="gallery", samples_per_page=8)
                         if not examples:
                             gr.Markdown("*No example scans in `assets/examples/`.*")
                 status = gr.Markdown("Upload a scan, or pick an example.", elem_id="status-line")
                 with gr.Tabs():
                     with gr.Tab("Slices", id="slices"):
                         slice_view = gr.HTML(slice_html(None, "axial", None, None), elem_id="slice-view")
+                        # buttons=[]: no ↺ reset, which moves the slider to 1 without redrawing the slice
                         slice_slider = gr.Slider(1, 2, value=1, step=1, label="Slice", interactive=False,
-                                                 elem_id="slice-slider")
+                                                 elem_id="slice-slider", buttons=[])
                         with gr.Row():
                             plane = gr.Radio(PLANES, value="axial", label="Plane", scale=3)
                             window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), label="Window",
@@ -923,14 +965,14 @@ def build_demo() -> gr.Blocks:
                                         elem_id="kept-slices")
                     with gr.Tab("3D", id="3d"):
                         threshold = gr.Slider(-1000, 2000, value=300, label="Surface threshold", interactive=False,
-                                              elem_id="threshold-slider")
+                                              elem_id="threshold-slider", buttons=[])
                         plot = gr.Plot(label="3D surface (drag to turn)", elem_id="plot-3d")
                 card = gr.Markdown(scan_card(ScanSession()), elem_id="scan-card")
             with gr.Column(scale=4):
                 with gr.Row():
                     report_button = gr.Button("Generate report", variant="primary", scale=2, elem_id="report-button")
                     stop_button = gr.Button("Stop", variant="stop", scale=1)
-                    clear_button = gr.Button("Clear", scale=1)
+                    clear_button = gr.Button("Clear all", scale=1)  # the chat's bin icon is "Clear"
                 report = gr.Markdown(REPORT_PLACEHOLDER, elem_id="report-box", label="Report")
                 download = gr.DownloadButton("Download report (.md)", visible=False, size="sm")
                 download.keep_in_cache = _SESSION_FILES
@@ -1005,14 +1047,21 @@ def build_demo() -> gr.Blocks:
         ).then(chat, [question, session, *settings], [chatbot, question], api_name="chat_suggested",
                api_visibility="private", **gpu)
         running = [report_event, *chat_events, suggestion_event]
-        stop_button.click(stop_generation, session, None, cancels=running, api_name="stop", queue=False)
-        clear_button.click(clear_conversation, session, [chatbot, report, download], cancels=running,
-                           api_name="clear", queue=False)
+        # Stop and Clear cancel what runs or waits, then show what the session holds: queued behind the cancelled
+        # events' last chunks (one stream per page), so that no chunk sent before the cancel stays on the page.
+        conversation = [chatbot, report, download]
+        stop_button.click(stop_generation, session, None, cancels=running, api_name="stop", queue=False).then(
+            conversation_view, session, conversation, api_visibility="private", **viewer)
+        clear_button.click(clear_conversation, session, conversation, cancels=running, api_name="clear",
+                           queue=False).then(conversation_view, session, conversation, api_visibility="private",
+                                             **viewer)
         # The chatbot's own bin icon forgets the conversation; else it would empty only the screen, and the next
         # question would bring the conversation back.
         chatbot.clear(clear_chat, session, chatbot, queue=False, api_visibility="private")
-        # A new scan cancels what still works on the old one (a handler already running also stops itself).
-        gr.on(load_triggers, None, None, None, cancels=[*running, *encodes], queue=False, api_visibility="private")
+        # A load cancels the encoding that still works on the old scan (the load's own chain encodes whichever scan
+        # the session holds after it). A report or answer is not cancelled: one about a scan that a new one
+        # replaces stops itself, and one about a scan that stays (an upload refused) goes on.
+        gr.on(load_triggers, None, None, None, cancels=encodes, queue=False, api_visibility="private")
         demo.unload(end_session)
     return demo
 

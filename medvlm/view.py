@@ -28,7 +28,7 @@ from .preprocess import (
 )
 from .volume import Volume
 
-__all__ = ["PLANES", "SLICE_ONE", "png_path", "render_slice", "save_png", "slice_count"]
+__all__ = ["PLANES", "SLICE_ONE", "png_path", "render_slice", "save_png", "slice_count", "slice_location"]
 
 PLANES = ("axial", "coronal", "sagittal")
 SLICE_ONE = {"axial": "inferior", "coronal": "posterior", "sagittal": "the patient's left"}  # each plane's index 0
@@ -45,6 +45,22 @@ def _check_plane(plane: str) -> int:
 def slice_count(volume: Volume, plane: str) -> int:
     """How many slices the volume has in a plane (axial: Z, coronal: Y, sagittal: X)."""
     return volume.data.shape[_check_plane(plane)]
+
+
+def slice_location(volume: Volume, plane: str, index: int) -> str:
+    """Where slice `index` of a plane lies in the patient, as viewers give it: its centre's distance along the
+    plane's body axis from the scanner's origin, with the side it lies toward ("S 12.5 mm", "R 3.0 mm"), and
+    the slices' spacing in that plane. Empty for a volume whose spacing is unknown (an M3D .npy). For an
+    oblique scan, the position along the body axis nearest to the plane's."""
+    axis = _check_plane(plane)
+    if not volume.spacing_known:
+        return ""
+    centre = (np.array(volume.shape, dtype=float) - 1) / 2
+    centre[axis] = index
+    ras = volume.affine[:3, :3] @ centre + volume.affine[:3, 3]  # (x → right, y → anterior, z → superior) mm
+    position = float(ras[2 - axis])  # axial: z, coronal: y, sagittal: x
+    side = ("IS", "PA", "LR")[axis][position >= 0]
+    return f"{side} {abs(position):.1f} mm, {volume.spacing[axis]:.2f} mm apart"
 
 
 def _window_limits(volume: Volume, window: str) -> tuple[float, float]:

@@ -134,8 +134,21 @@ def test_slice_image_follows_the_slider_and_the_window(app_module, ct_nifti):
     assert image_source(app_module.slice_html(session, "axial", "soft tissue", 30)) != middle
     assert image_source(app_module.slice_html(session, "axial", "lung", 21)) != middle
     assert "window lung · W 1500 / L −600" in app_module.slice_html(session, "axial", "lung", 21)
-    slider, html = app_module.change_plane(session, "coronal", "soft tissue")
+    app_module.show_slice(session, "axial", "soft tissue", 30)
+    slider, html = app_module.change_plane(session, "coronal", "soft tissue")  # first time: the middle slice
     assert slider["maximum"] == 64 and "Coronal 33 / 64 from posterior" in html
+    app_module.show_slice(session, "coronal", "soft tissue", 50)
+    slider, html = app_module.change_plane(session, "axial", "soft tissue")  # back where the axial view was
+    assert slider["value"] == 30 and "Axial 30 / 40 from inferior" in html
+    slider, html = app_module.change_plane(session, "coronal", "soft tissue")
+    assert slider["value"] == 50 and "Coronal 50 / 64" in html
+
+
+def test_the_slice_caption_says_where_the_slice_lies_in_the_patient(app_module, ct_nifti):
+    session, _ = loaded(app_module, [ct_nifti])
+    first, last = (app_module.slice_html(session, "axial", "soft tissue", number) for number in (1, 40))
+    assert re.search(r"Axial 1 / 40 from inferior · I \d+\.\d mm, 5\.00 mm apart · window", first)
+    assert re.search(r"Axial 40 / 40 from inferior · S \d+\.\d mm, 5\.00 mm apart · window", last)
 
 
 def test_window_choices_follow_the_modality(app_module, tmp_path):
@@ -426,16 +439,85 @@ def test_an_example_picked_while_the_scan_is_encoded_changes_nothing(app_module,
     assert old_fingerprint not in app_module.PIPELINE._encodings
 
 
-def test_a_new_scan_cancels_the_model_events_of_the_old_one(app_module):
-    """Uploading, uploading a folder or picking an example cancels a report, an answer or an encoding in flight."""
+def test_a_load_cancels_the_old_scans_encoding_but_not_a_report_or_answer(app_module):
+    """Uploading, uploading a folder or picking an example cancels an encoding in flight; a report or answer is
+    left to stop itself when a new scan replaces its own (cancelled, it would end mid-sentence with no note, and
+    an upload that is refused would cut off the report of the scan that stays)."""
     functions = app_module.demo.fns.values()
     ids = {function.api_name: function._id for function in functions}
-    model_events = {ids[name] for name in ("report", "chat", "chat_submit", "chat_suggested", "encode_scan",
-                                           "encode_folder", "encode_example")}
+    encodes = {ids[name] for name in ("encode_scan", "encode_folder", "encode_example")}
+    answers = {ids[name] for name in ("report", "chat", "chat_submit", "chat_suggested")}
     for load in ("load_scan", "load_folder", "load_example"):
         (target,) = app_module.demo.fns[ids[load]].targets
         cancelled = {fn_id for function in functions if target in function.targets for fn_id in function.cancels}
-        assert model_events <= cancelled, load
+        assert encodes <= cancelled and not answers & cancelled, load
+
+
+def test_a_refused_upload_leaves_the_report_being_written_to_its_end(app_module, ct_nifti, tmp_path):
+    session, _ = loaded(app_module, [ct_nifti])
+    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    stream = app_module.generate_report(session, 24, 0.0, 1.0)
+    next(stream)
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a scan")
+    with pytest.warns(UserWarning):
+        refused = app_module.load_scan([str(tmp_path / "photo.jpg")], session)
+    assert refused[0] is session and refused[1].startswith("⚠️")
+    text, download = list(stream)[-1]
+    assert download["visible"] is True and "Stopped" not in text
+
+
+def test_a_report_stopped_by_a_question_is_not_offered_as_finished(app_module, ct_nifti):
+    """A question asked while the report streams stops the report (one generation at a time): the report says
+    it is incomplete, and its download is not offered, whatever the question's own generation does."""
+    session, _ = loaded(app_module, [ct_nifti])
+    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    reporting = app_module.generate_report(session, 64, 0.0, 1.0)
+    next(reporting)
+    list(app_module.chat("Which organ is abnormal?", session, 4, 0.0, 1.0))
+    text, download = list(reporting)[-1]
+    assert text.endswith(app_module.REPORT_STOPPED) and download["visible"] is False
+
+
+def test_after_stop_or_clear_the_page_shows_what_the_session_holds(app_module, ct_nifti):
+    """Gradio cancels the running event at Stop and Clear, and a chunk it had already sent can reach the page after
+    their reply: a queued view of the session follows both, so the page ends as the session is. A report cut
+    off by the cancel (its generator closed at a chunk) is marked incomplete there, with no download."""
+    functions = app_module.demo.fns.values()
+    ids = {function.api_name: function._id for function in functions}
+    for button in ("stop", "clear"):
+        following = [function for function in functions
+                     if function.trigger_after == ids[button] and function.fn is app_module.conversation_view]
+        assert len(following) == 1 and following[0].queue is not False, button
+    session, _ = loaded(app_module, [ct_nifti])
+    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    reporting = app_module.generate_report(session, 64, 0.0, 1.0)
+    first_text, _ = next(reporting)
+    reporting.close()  # what Gradio's cancel does to the handler
+    _, text, download = app_module.conversation_view(session)
+    assert text == first_text + app_module.REPORT_STOPPED and download["visible"] is False
+    app_module.clear_conversation(session)
+    assert app_module.conversation_view(session)[:2] == ([], app_module.REPORT_PLACEHOLDER)
+
+
+def test_a_stopped_answer_says_so_and_the_model_is_not_told(app_module, ct_nifti, monkeypatch):
+    session, _ = loaded(app_module, [ct_nifti])
+    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    answering = app_module.chat("Which organ is abnormal?", session, 64, 0.0, 1.0)
+    partial = next(answering)[0][-1]["content"]
+    app_module.stop_generation(session)
+    shown = list(answering)[-1][0]
+    assert shown[-1]["content"].startswith(partial) and shown[-1]["content"].endswith(app_module.ANSWER_STOPPED)
+    assert not session.messages[-1]["content"].endswith(app_module.ANSWER_STOPPED)
+    given = []
+    real_chat = app_module.PIPELINE.chat
+    monkeypatch.setattr(app_module.PIPELINE, "chat", lambda encoding, messages, **kw: (given.append(messages),
+                                                                                        real_chat(encoding, messages,
+                                                                                                  **kw))[1])
+    answered = list(app_module.chat("How large is it?", session, 4, 0.0, 1.0))[-1][0]
+    assert answered[1]["content"].endswith(app_module.ANSWER_STOPPED)  # the stopped one still says so
+    assert not answered[-1]["content"].endswith(app_module.ANSWER_STOPPED)  # the finished one does not
+    assert all(set(message) == {"role", "content"} and "stopped" not in message["content"]
+               for message in given[0])
 
 
 def test_clear_while_the_report_streams_leaves_no_report_behind(app_module, ct_nifti):
@@ -500,8 +582,8 @@ def test_numbers_typed_past_a_sliders_ends_go_to_the_nearest_end_and_the_box_say
     assert "Axial 3 /" in view and box == gr.skip()  # in range: the box is left as typed
     view, box = app_module.show_slice(session, "axial", "soft tissue", 2.9)
     assert "Axial 3 /" in view and box == 3  # the nearest slice, and the box says which
-    slider, view = app_module.change_plane(session, None, "soft tissue")  # an API client's plane: none
-    assert f"Axial {count // 2 + 1} / {count}" in view and slider["value"] == count // 2 + 1
+    slider, view = app_module.change_plane(session, None, "soft tissue")  # an API client's plane: none: axial,
+    assert "Axial 3 / " in view and slider["value"] == 3  # where the axial view was
     plot, box = app_module.redraw_3d(session, 99999.0)
     drawn_at = plot.data[0].name if plot.data else plot.layout.annotations[0].text
     assert box == high and f"{high:g}" in drawn_at
@@ -664,6 +746,7 @@ def test_a_failed_upload_over_a_loaded_scan_keeps_its_warning(app_module, ct_nif
     with pytest.warns(UserWarning):
         session, outputs = loaded(app_module, [bad], session)
     assert outputs[1].startswith("⚠️") and session.volume is not None
+    assert outputs[1].endswith("The scan shown (uploaded scan) stays loaded.")  # what the model still answers about
     status, _, _ = app_module.encode_scan(session, "axial", "soft tissue", 21)  # the load's chain runs on
     assert not (isinstance(status, str) and status.startswith("Ready")), "the warning was overwritten"
 
@@ -759,7 +842,7 @@ def test_the_chat_bin_forgets_the_conversation_and_keeps_the_report(app_module, 
     next(answering)
     app_module.clear_chat(session)  # while the answer streams: it stops, and is not kept
     list(answering)
-    assert session.messages == [] and session.interrupted
+    assert session.messages == [] and session.stopped_answers == set()
     reporting = app_module.generate_report(session, 16, 0.0, 1.0)
     next(reporting)
     app_module.clear_chat(session)  # a report streaming goes on to its end and its download

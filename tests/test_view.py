@@ -3,12 +3,13 @@
 import time
 
 import numpy as np
+import pydicom
 import pytest
 from conftest import MARKED_SPACING
 from PIL import Image
 
 from medvlm.errors import UserInputError
-from medvlm.view import render_slice, save_png, slice_count
+from medvlm.view import render_slice, save_png, slice_count, slice_location
 from medvlm.volume import Volume, load_volume
 from medvlm.writers import save_dicom_series
 
@@ -29,6 +30,26 @@ def test_axial_shows_the_patients_right_on_the_left_and_anterior_at_the_top(tmp_
     assert right_marker_rows[:, width // 2:].max() < WHITE
     assert image[0, width // 2 - 1: width // 2 + 1].min() > WHITE  # the anterior marker: top row
     assert image[-1].max() == 0  # the air behind the patient: bottom row
+
+
+def test_a_slice_is_located_in_the_patient_as_the_scanner_placed_it(tmp_path, marked_ct):
+    """The table position a radiologist reads off a slice: the DICOM z of its ImagePositionPatient (superior
+    positive), and for the other planes the side the slice lies toward."""
+    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, file_names="shuffled")
+    for path in files:  # the series from z = -112.5 mm (inferior) upward, 2.5 mm apart
+        ds = pydicom.dcmread(path)
+        x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, -112.5 + 2.5 * (int(ds.InstanceNumber) - 1)]
+        ds.save_as(path)
+    scan = load_volume(tmp_path)
+    assert slice_location(scan, "axial", 0) == "I 112.5 mm, 2.50 mm apart"
+    assert slice_location(scan, "axial", 7) == "I 95.0 mm, 2.50 mm apart"
+    left, right = slice_location(scan, "sagittal", 0), slice_location(scan, "sagittal", scan.shape[2] - 1)
+    assert left.startswith("L ") and right.startswith("R ") and left.endswith("0.70 mm apart")
+    assert slice_location(scan, "coronal", 0).startswith("P ")  # coronal slices count from posterior
+    npy = tmp_path / "scan.npy"
+    np.save(npy, np.zeros((1, 4, 8, 8), np.float32) + np.arange(4, dtype=np.float32)[None, :, None, None] / 4)
+    assert slice_location(load_volume(npy), "axial", 0) == ""  # M3D keeps no spacing: no position to give
 
 
 def test_coronal_shows_superior_at_the_top_and_the_right_on_the_left(marked_ct):
