@@ -32,9 +32,12 @@ MADE_UP_PATIENT = {  # identifiers a real study would carry: none may reach the 
 
 @pytest.fixture(scope="session")
 def app_module(tmp_path_factory):
-    """`app` imported with MEDVLM_CHECKPOINT pointing at a tiny random checkpoint (the model loads at import)."""
+    """`app` imported with MEDVLM_CHECKPOINT pointing at a tiny random checkpoint (the model loads at import), and
+    Gradio's upload folder (where sessions keep their report downloads) in the tests' own temporary folder."""
     if "app" not in sys.modules:
         import torch
+
+        os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-uploads"))
 
         from tests.tiny_model import save_tiny_checkpoint
 
@@ -392,7 +395,7 @@ def test_stop_ends_the_generation_thread(app_module, ct_nifti):
     next(stream)
     app_module.stop_generation(session)
     rest = list(stream)
-    assert len(rest) < 900
+    assert len(rest) == 1 and rest[0][0].endswith(app_module.REPORT_STOPPED)  # no chunk after Stop: the note
     assert not [t for t in threading.enumerate() if t.name == "medvlm-generate"]
 
 
