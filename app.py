@@ -36,7 +36,7 @@ from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import Encoding, Pipeline
 from medvlm.preprocess import CT_WINDOWS, INVERTED_WINDOW, default_window, window_names
-from medvlm.view import SLICE_ONE, render_slice, slice_count, slice_location
+from medvlm.view import SLICE_ONE, render_slice, slice_count, slice_location, window_limits
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.volume import Volume, load_volume, remove_stale_zip_folders
 
@@ -604,8 +604,16 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
             f'<div class="slice-track">{marks}{cursor}</div>'
             f'<div class="slice-caption">{plane.title()} {index + 1} / {count} from {SLICE_ONE[plane]}'
             f'{f" · {location}" if location else ""} · window '
-            f'{window_label(window)}'
+            f'{window_label(window)}{_shown_range(volume, window)}'
             f'{kept_note}</div></div>')
+
+
+def _shown_range(volume: Volume, window: str) -> str:
+    """The values a window that is no CT preset spans (PET, MR: from the scan's own range), lowest first."""
+    if window in CT_WINDOWS:
+        return ""  # its level and width say it
+    low, high = sorted(window_limits(volume, window))
+    return f" ({low:.4g} to {high:.4g})".replace("-", "−")
 
 
 def _slice_number(typed: float | None, count: int) -> int:
@@ -999,7 +1007,9 @@ def build_demo() -> gr.Blocks:
         viewer = {"show_progress": "hidden", "concurrency_limit": 4}
         gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}
         # Reading a big series takes seconds and, for a moment, twice its memory: two at a time, whatever the source.
-        loading = {"show_progress": "minimal", "concurrency_limit": 2, "concurrency_id": "load"}
+        # Its progress shows on the status line alone (the empty chat with a timer looked as if it answered).
+        loading = {"show_progress": "minimal", "show_progress_on": status, "concurrency_limit": 2,
+                   "concurrency_id": "load"}
         load_triggers = [upload.upload, folder_upload.upload, example_picker.click]
         loads = {
             "scan": upload.upload(load_scan, [upload, session], scan_outputs, api_name="load_scan", **loading),

@@ -28,7 +28,8 @@ from .preprocess import (
 )
 from .volume import Volume
 
-__all__ = ["PLANES", "SLICE_ONE", "png_path", "render_slice", "save_png", "slice_count", "slice_location"]
+__all__ = ["PLANES", "SLICE_ONE", "png_path", "render_slice", "save_png", "slice_count", "slice_location",
+           "window_limits"]
 
 PLANES = ("axial", "coronal", "sagittal")
 SLICE_ONE = {"axial": "inferior", "coronal": "posterior", "sagittal": "the patient's left"}  # each plane's index 0
@@ -63,9 +64,10 @@ def slice_location(volume: Volume, plane: str, index: int) -> str:
     return f"{side} {abs(position):.1f} mm, {volume.spacing[axis]:.2f} mm apart"
 
 
-def _window_limits(volume: Volume, window: str) -> tuple[float, float]:
-    """`preprocess.window_range`, with the whole-volume "auto" percentiles computed once per volume (the
-    "inverted" window reads them too), so that scrolling stays fast (volumes are not modified after loading)."""
+def window_limits(volume: Volume, window: str) -> tuple[float, float]:
+    """The values a window shows from black to white (`preprocess.window_range`), the whole-volume "auto"
+    percentiles computed once per volume (the "inverted" window reads them too), so that scrolling stays fast
+    (volumes are not modified after loading)."""
     if window not in (AUTO_WINDOW, INVERTED_WINDOW):
         return window_range(volume, window)
     key = id(volume)
@@ -113,7 +115,7 @@ def render_slice(volume: Volume, plane: str, index: int | None = None, window: s
     if window not in offered:
         raise UserInputError(f"unknown window {window!r} for a {volume.modality} scan; choose one of "
                              f"{', '.join(offered)}")
-    lo, hi = _window_limits(volume, window)
+    lo, hi = window_limits(volume, window)
     image, row_mm, column_mm = _display_slice(volume, plane, index)
     return _square_pixels(to_uint8(apply_window(image, lo, hi)), row_mm, column_mm)
 

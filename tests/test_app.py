@@ -147,6 +147,17 @@ def test_slice_image_follows_the_slider_and_the_window(app_module, ct_nifti):
     assert slider["value"] == 50 and "Coronal 50 / 64" in html
 
 
+def test_the_slice_caption_gives_the_values_an_auto_window_spans(app_module, tmp_path):
+    """A PET or MR window comes from the scan's own values: the caption says which, as a CT window's W/L does."""
+    pet = torso_ct() + 1000.0  # 0 … about 1750, uptake-like values
+    pet[pet < 0] = 0.0
+    session, _ = loaded(app_module, [save_nifti(tmp_path / "pet.nii.gz", pet, (5.0, 1.0, 1.0), modality="PT")])
+    low, high = (float(v) for v in np.percentile(pet, [0.5, 99.5]))
+    for window in ("auto", "inverted"):
+        caption = app_module.slice_html(session, "axial", window, 20)
+        assert f"({low:.4g} to {high:.4g})" in caption, window
+
+
 def test_the_slice_caption_says_where_the_slice_lies_in_the_patient(app_module, ct_nifti):
     session, _ = loaded(app_module, [ct_nifti])
     first, last = (app_module.slice_html(session, "axial", "soft tissue", number) for number in (1, 40))
