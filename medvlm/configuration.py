@@ -9,6 +9,10 @@ from dataclasses import field
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .preprocess import CT_WINDOWS
+
+ENCODER_WINDOWS = ("soft tissue", "lung", "bone")  # the viewer's presets a checkpoint's channels show by default
+
 REPORT_PROMPT = "Write a radiology report for this scan."  # the default `report_prompt`
 
 
@@ -30,7 +34,7 @@ class MedVLMConfig(PreTrainedConfig):
 
     # Slice preprocessing, fixed per checkpoint.
     image_size: int = 224  # encoder input side in pixels; slices are padded square, then resized
-    ct_windows: list = field(default_factory=lambda: [[40.0, 400.0], [-600.0, 1500.0], [400.0, 1800.0]])
+    ct_windows: list = field(default_factory=lambda: [list(CT_WINDOWS[name]) for name in ENCODER_WINDOWS])
     # CT: one (level, width) HU window per encoder channel; MR/PET: robust percentile range; OT: min-max
     image_mean: list = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per-channel normalisation
     image_std: list = field(default_factory=lambda: [0.5, 0.5, 0.5])
