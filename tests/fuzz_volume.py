@@ -171,16 +171,19 @@ def _on_alarm(signum, frame):
     raise Hang(f"load_volume ran longer than {HANG_SECONDS:g} s")
 
 
-def check_load(seed: Seed, content: bytes, findings: Path | None = None) -> None:
-    """Write the case to a temporary folder and load it: VolumeError or a Volume, within HANG_SECONDS."""
+def check_load(seed: Seed, content: bytes, findings: Path | None = None,
+               hang_seconds: float | None = HANG_SECONDS) -> None:
+    """Write the case to a temporary folder and load it: VolumeError or a Volume, within `hang_seconds` (None:
+    no clock here, as under pytest, whose timeout ends a hang)."""
     with tempfile.TemporaryDirectory(prefix="medvlm-fuzz-") as folder:
         root = Path(folder)
         for name, original in seed.files.items():
             (root / name).write_bytes(content if name == seed.target else original)
         source = root if len(seed.files) > 1 else root / seed.target
-        previous = signal.signal(signal.SIGALRM, _on_alarm)
-        outer_timer, _ = signal.setitimer(signal.ITIMER_REAL, HANG_SECONDS)  # e.g. pytest-timeout's, restored below
-        start = time.perf_counter()
+        if hang_seconds is not None:
+            previous = signal.signal(signal.SIGALRM, _on_alarm)
+            outer_timer, _ = signal.setitimer(signal.ITIMER_REAL, hang_seconds)  # e.g. pytest-timeout's, restored
+            start = time.perf_counter()
         try:
             scan = load_volume(source)
             assert np.isfinite(scan.data).all() and min(scan.spacing) > 0, "a volume with non-finite data or spacing"
@@ -193,21 +196,25 @@ def check_load(seed: Seed, content: bytes, findings: Path | None = None) -> None
                 (findings / f"{seed.name}-{digest}-{seed.target}").write_bytes(content)
             raise
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-            if outer_timer:
-                signal.setitimer(signal.ITIMER_REAL, max(0.001, outer_timer - (time.perf_counter() - start)))
-        assert time.perf_counter() - start < HANG_SECONDS
+            if hang_seconds is not None:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+                if outer_timer:
+                    signal.setitimer(signal.ITIMER_REAL, max(0.001, outer_timer - (time.perf_counter() - start)))
+        if hang_seconds is not None:
+            assert time.perf_counter() - start < hang_seconds, f"load_volume ran longer than {hang_seconds:g} s"
 
 
-def fuzz(examples: int, seed: int, findings: Path | None = None, derandomize: bool = False) -> None:
-    """Run `examples` hypothesis examples from `seed`; raises (shrunk) on the first finding."""
+def fuzz(examples: int, seed: int, findings: Path | None = None, derandomize: bool = False,
+         hang_seconds: float | None = HANG_SECONDS) -> None:
+    """Run `examples` hypothesis examples from `seed`; raises (shrunk) on the first finding (a load longer than
+    `hang_seconds` among them, unless None)."""
     @hypothesis_seed(seed)
     @settings(max_examples=examples, deadline=None, database=None, derandomize=derandomize,
               phases=[Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
     @given(fuzz_cases())
     def run(case):
-        check_load(*case, findings=findings)
+        check_load(*case, findings=findings, hang_seconds=hang_seconds)
 
     run()
 

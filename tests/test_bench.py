@@ -44,6 +44,7 @@ def figures(tiny_checkpoint) -> dict:
     return run_benchmark(size="tiny", repeats=2, checkpoint=str(tiny_checkpoint), app_repeats=1)
 
 
+@pytest.mark.slow  # `figures` runs the benchmark, `python app.py` launches included
 def test_every_figure_is_present_and_positive(figures):
     for key in FIGURES:
         assert isinstance(figures[key], int | float) and math.isfinite(figures[key]) and figures[key] > 0, key
@@ -53,6 +54,7 @@ def test_every_figure_is_present_and_positive(figures):
     assert figures["inputs"]["ct_dicom_files"] == SIZES["tiny"].ct_shape[0]
 
 
+@pytest.mark.slow  # `figures` runs the benchmark, `python app.py` launches included
 def test_baselines_are_measured_not_derived(figures, tiny_checkpoint, tmp_path):
     inputs = make_inputs(tmp_path, SIZES["tiny"])
     ct = load_volume(inputs.ct_nifti)

@@ -68,12 +68,8 @@ def test_reports_vary_and_parse_back_to_the_ground_truth():
     assert parse_findings("A 14 mm solid nodule in the right upper lobe. The liver is unremarkable.")[0].size_mm == 14
 
 
-def test_realistic_ct_is_fast_and_in_range():
-    import time
-
-    started = time.perf_counter()
-    phantom = make_phantom(11, "ct")
-    assert time.perf_counter() - started < 6  # shared CI cores; typically well under 3 s
+def test_realistic_ct_has_a_clinical_grid_and_spacing():
+    phantom = make_phantom(11, "ct")  # how long it takes is `python -m medvlm bench`'s business
     slices, rows, cols = phantom.data.shape
     assert 24 <= slices <= 300 and 384 <= rows <= 512 and rows == cols
     assert 0.6 <= phantom.spacing[1] <= 1.0 and 0.6 <= phantom.spacing[0] <= 5.0

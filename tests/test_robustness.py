@@ -1,8 +1,9 @@
 """Hostile and odd inputs: every one loads correctly or raises VolumeError with one readable sentence.
 
-Never another exception, never a hang (each case ≤ 10 s), never unbounded memory (bombs are measured in a
-subprocess: peak RSS growth ≤ 3 GB). Cases already in test_volume.py (interleaved series, missing and
-duplicated slices, colour images, a single image, object .npy, truncated data) are not repeated here.
+Never another exception, never a hang (pytest-timeout ends a test that hangs), never unbounded memory (bombs are
+measured in a subprocess: peak RSS growth ≤ 3 GB, and the bytes inflated before the refusal). Cases already in
+test_volume.py (interleaved series, missing and duplicated slices, colour images, a single image, object .npy,
+truncated data) are not repeated here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -38,16 +38,15 @@ from medvlm.writers import save_dicom_enhanced, save_dicom_series, save_nifti
 ROOT = Path(__file__).resolve().parent.parent
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
 NIBABEL_FILES = Path(nibabel.tests.__file__).parent / "data"
-CASE_SECONDS = 10.0
 BOMB_PEAK_BYTES = 3_000_000_000
-# Inflating the full voxel budget (1 GB of float32) takes 7-11 s on a 2-core machine, more under load: that case
-# proves the budget's largest volume loads without hanging or exhausting memory, not how fast it loads.
-LARGEST_ALLOWED_SECONDS = 40.0
+BOMB_INFLATED_BYTES = 2**20  # a bomb is refused, or its excess left packed, having inflated no more than this
+# A hang is a failure, not a slow case: generous for a shared 2-core machine (the largest volume the voxel budget
+# allows, 1 GB of float32, takes 7-11 s to inflate there); speed is `python -m medvlm bench`'s business.
+pytestmark = pytest.mark.timeout(300)
 
 
 def loads_or_refuses(source) -> Volume | VolumeError:
-    """load_volume's outcome, checked: a sane Volume, or a one-sentence VolumeError; within CASE_SECONDS."""
-    start = time.perf_counter()
+    """load_volume's outcome, checked: a sane Volume, or a one-sentence VolumeError."""
     try:
         scan = load_volume(source)
     except VolumeError as error:
@@ -61,7 +60,6 @@ def loads_or_refuses(source) -> Volume | VolumeError:
         assert all(s > 0 and np.isfinite(s) for s in scan.spacing) and np.isfinite(scan.affine).all()
         assert scan.modality in ("CT", "MR", "PT", "OT")
         json.dumps(scan.meta)  # plain, printable facts
-    assert time.perf_counter() - start < CASE_SECONDS
     return outcome
 
 
@@ -284,15 +282,15 @@ def test_a_zip_entry_without_a_name_is_skipped(tmp_path, marked_ct):
     assert isinstance(scan, Volume) and scan.shape == marked_ct.shape
 
 
-def test_a_zip_of_10000_tiny_files_is_refused_quickly(tmp_path):
+def test_a_zip_of_10000_tiny_files_is_refused_from_its_end_record(tmp_path):
+    """Refused from the count in the zip's end record ("10,000"), before its directory is listed or a file
+    extracted (the check after listing says "10000")."""
     archive = tmp_path / "many.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zipped:
         for number in range(10_000):
             zipped.writestr(f"{number}.dcm", b"x")
-    start = time.perf_counter()
     with pytest.raises(VolumeError, match=f"10,000 files, more than the {limits.MAX_ZIP_ENTRIES} allowed"):
         load_volume(archive)
-    assert time.perf_counter() - start < 2.0
 
 
 def test_a_python_without_the_private_zip_end_record_reader_still_refuses_with_one_line(tmp_path, monkeypatch):
@@ -356,25 +354,35 @@ BOMBS = {
     "zip-claims-3.5-GB.zip": (_lying_zip, "unpacks to"),
 }
 
+# Counts the bytes handed out by gzip (isal's igzip is a gzip.GzipFile; readinto goes through read) and by zip
+# members: what the loader inflated.
 _MEASURE = """
-import json, resource, sys, time
+import gzip, json, resource, sys, zipfile
 from medvlm import volume
 from medvlm.volume import VolumeError, load_volume
 if sys.argv[2] == "no-ratio-check":
     volume.MAX_COMPRESSION_RATIO = 10**9
+inflated = [0]
+def counted(read):
+    def counting(self, *args, **kwargs):
+        data = read(self, *args, **kwargs)
+        inflated[0] += len(data)
+        return data
+    return counting
+for stream in (gzip.GzipFile, zipfile.ZipExtFile):
+    stream.read, stream.read1 = counted(stream.read), counted(stream.read1)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-start = time.perf_counter()
 try:
     load_volume(sys.argv[1]); outcome = "loaded"
 except VolumeError as error:
     outcome = str(error)
-print(json.dumps({"outcome": outcome, "seconds": time.perf_counter() - start,
+print(json.dumps({"outcome": outcome, "inflated": inflated[0],
                   "peak_growth": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}))
 """
 
 
 @pytest.mark.parametrize("name", list(BOMBS))
-def test_bombs_are_refused_within_time_and_memory(tmp_path, name):
+def test_bombs_are_refused_before_inflating_and_within_memory(tmp_path, name):
     build, refusal = BOMBS[name]
     path = build(tmp_path / name)
     assert path.stat().st_size < 10_000_000
@@ -383,8 +391,11 @@ def test_bombs_are_refused_within_time_and_memory(tmp_path, name):
                             text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout)
-    seconds = LARGEST_ALLOWED_SECONDS if check == "no-ratio-check" else CASE_SECONDS
-    assert measured["seconds"] < seconds and measured["peak_growth"] < BOMB_PEAK_BYTES, measured
+    assert measured["peak_growth"] < BOMB_PEAK_BYTES, measured
+    if check == "no-ratio-check":  # the voxel budget's largest volume is inflated in full, as declared
+        assert measured["inflated"] >= 2048 * 2048 * 59, measured
+    else:
+        assert measured["inflated"] < BOMB_INFLATED_BYTES, measured
     if refusal is None:
         assert measured["outcome"] == "loaded"  # only the voxels the header declares are inflated
     else:
@@ -594,4 +605,4 @@ def test_fuzz_short():
     """Forty fixed examples of the fuzz harness (tests/fuzz_volume.py runs it for minutes)."""
     from tests.fuzz_volume import fuzz
 
-    fuzz(examples=40, seed=0, derandomize=True)
+    fuzz(examples=40, seed=0, derandomize=True, hang_seconds=None)  # a hang: this module's pytest timeout
