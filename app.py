@@ -516,7 +516,7 @@ def window_label(name: str) -> str:
         return f"{name} · W {width:g} / L {level:g}".replace("-", "−")
     if name == INVERTED_WINDOW:
         return "inverted · uptake dark on white"
-    return f"{name} (robust intensity range)"
+    return f"{name} · robust range"  # short: the dropdown's box is narrow; the caption gives its values
 
 
 def window_choices(modality: str) -> list[tuple[str, str]]:
