@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -185,8 +186,9 @@ class ScanSession:
     volume: Volume | None = None
     label: str = ""  # what the scan card calls the scan: an example's name, or "uploaded scan"
     encoding: Encoding | None = None  # the scan as the model sees it, from `encode_on_gpu`
-    messages: list[dict] = field(default_factory=list)  # {"role", "content": str}: what the model is given
-    stopped_answers: set[int] = field(default_factory=set)  # indices in `messages` of answers cut short
+    # {"role", "content": str}, and "stopped": True on an answer cut short (shown so; the model gets role and content)
+    messages: list[dict] = field(default_factory=list)
+    answering: dict | None = None  # the answer in `messages` being written, marked stopped if Stop comes first
     report: str = ""
     report_finished: bool = False  # whether `report` was written to its end (not stopped, cleared or cut off)
     cleared: int = 0  # how many times Clear emptied the report and conversation: a generation from before stops there
@@ -196,10 +198,16 @@ class ScanSession:
     stop_kind: str = ""  # what that generation writes: "report" or "chat"
     threshold_range: tuple[float, float] = (-math.inf, math.inf)  # the 3D threshold slider's, for this scan
     shown_slices: dict[str, int] = field(default_factory=dict)  # plane → the slice (from 1) last shown in it
+    shown: tuple[str, str | None] = ("axial", None)  # the plane and window the viewer last showed
+    loaded_view: tuple = ()  # (plane, window, slice) the load put on the page
+    # Which scan the page holds: loads send it to a hidden box, and the model events send it back as the page
+    # held it when the button was pressed, so that a request still waiting when a new scan came is not run on it.
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
     loaded_at: float = field(default_factory=time.monotonic)  # when the scan was loaded (monotonic s)
     last_used: float = field(default_factory=time.monotonic)  # when the visitor last looked or asked (monotonic s)
     closed: str = ""  # why the scan was released for the visitor (unused too long), said when they come back
     unreadable: bool = False  # the model refused the scan (a blank one): it will never be encoded
+    ready: bool = False  # the status line said the model has read the scan (`encode_scan`)
 
     @property
     def kept_slices(self) -> list[int]:
@@ -414,7 +422,8 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
             return _unchanged(session, f"⚠️ {message}.")
         if session is not None:  # only now: until the new scan is ready, the session keeps the one it had
             session.release()
-        session = ScanSession(volume=volume, label=label, threshold_range=(low, high))
+        session = ScanSession(volume=volume, label=label, threshold_range=(low, high),
+                              loaded_view=(plane, window, middle))
         if request is not None and request.session_hash:
             _OPEN_SESSIONS[request.session_hash] = session
     return (
@@ -431,6 +440,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         [],
         REPORT_PLACEHOLDER,
         gr.update(value=None, visible=False),
+        session.token,
     )
 
 
@@ -438,8 +448,8 @@ def _unchanged(session: ScanSession | None, status: str):
     """The load outputs of a scan that was not loaded: only the status line changes, and says that the scan on
     the page (if any) is still the one the model answers about."""
     if session is not None and session.volume is not None:
-        status = f"{status} The scan shown ({session.label}) stays loaded."
-    return (session, shown(status), *([gr.skip()] * 10))
+        status = f"{status.rstrip('.')}. The scan shown ({session.label}) stays loaded."
+    return (session, shown(status), *([gr.skip()] * 11))
 
 
 def shown(sentence: str) -> str:
@@ -583,6 +593,7 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     index = _slice_number(slice_number, count) - 1
     session.shown_slices[plane] = index + 1  # a plane opened again opens here
     window = window if window in window_names(volume.modality) else default_window(volume.modality)
+    session.shown = (plane, window)
     pixels = render_slice(volume, plane, index, window)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
@@ -613,7 +624,14 @@ def _shown_range(volume: Volume, window: str) -> str:
     if window in CT_WINDOWS:
         return ""  # its level and width say it
     low, high = sorted(window_limits(volume, window))
-    return f" ({low:.4g} to {high:.4g})".replace("-", "−")
+    return f" ({_plain_number(low)} to {_plain_number(high)})".replace("-", "−")
+
+
+def _plain_number(value: float) -> str:
+    """A value as a reader takes it in: four significant digits, no exponent (25430, 5.698, 0.0123)."""
+    digits = max(0, 3 - math.floor(math.log10(abs(value)))) if value else 0
+    text = f"{round(value, digits):.{digits}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _slice_number(typed: float | None, count: int) -> int:
@@ -674,18 +692,21 @@ def jump_to_kept(session: ScanSession | None, kept: str | None, window: str | No
 
 
 def encode_scan(session: ScanSession | None, plane: str, window: str | None, slice_number: float | None):
-    """Encode the scan once (the model's slice selection); show which slices it kept.
+    """Encode the scan once (the model's slice selection); say it is ready and show which slices it kept, in
+    the plane, window and slice given, or, where those are the ones the load put on the page (the page's chain
+    sends them as they were when the load ended), in those the viewer shows now.
 
-    A scan replaced while it was being encoded changes nothing on the page.
+    A scan replaced while it was being encoded changes nothing on the page, nor does a scan already said to be
+    ready or refused (the chain of an upload that failed since runs this again).
     """
     if session is not None and session.volume is None and session.closed:  # released before its turn came
         return f"⚠️ {session.closed}", gr.skip(), slice_html(session, plane, window, slice_number)
-    if session is None or session.volume is None or session.encoding is not None:  # encoded: an upload failed
+    if session is None or session.volume is None or session.ready or session.unreadable:
         return gr.skip(), gr.skip(), gr.skip()
     volume = session.volume
     start = time.perf_counter()
     try:
-        encoding = encode_on_gpu(volume)
+        encoding = session.encoding or encode_on_gpu(volume)  # a report asked for first may have encoded it
     except gr.Error as error:  # a scan the model cannot read (a blank one): the viewer still shows it
         if _scan_replaced(session, volume):
             return gr.skip(), gr.skip(), gr.skip()
@@ -694,12 +715,15 @@ def encode_scan(session: ScanSession | None, plane: str, window: str | None, sli
         return f"⚠️ {error.message[:1].upper()}{error.message[1:]}.", gr.skip(), gr.skip()
     if _scan_replaced(session, volume):
         return gr.skip(), gr.skip(), gr.skip()
-    session.encoding = encoding
+    session.encoding, session.ready = encoding, True
     total = slice_count(volume, "axial")
     notes = "".join(f" Note: {note}." for note in volume.meta.get("notes", []) or [])  # e.g. a series left out
     status = (f"Ready: the model looked at {len(session.kept_slices)} of {total} axial slices "
               f"({time.perf_counter() - start:.1f} s). Generate a report or ask a question.{notes}")
     choices = [str(k + 1) for k in session.kept_slices]
+    if (plane, window, slice_number) == session.loaded_view:  # the visitor may have scrolled on meanwhile
+        plane, window = session.shown
+        slice_number = session.shown_slices.get(plane)
     return status, gr.update(choices=choices, value=None), slice_html(session, plane, window, slice_number)
 
 
@@ -744,11 +768,18 @@ def _no_scan(session: ScanSession | None) -> str:
     return session.closed if session is not None and session.closed else "Upload a scan first."
 
 
-def generate_report(session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float):
+def generate_report(session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float,
+                    scan_token: str | None = None):
     """Stream a report of the session's scan; at the end, offer it as a Markdown download.
 
-    Yields (report markdown, download button update); nothing more once a new scan replaced this one.
+    Yields (report markdown, download button update); once a new scan replaced this one, or Clear emptied the
+    report, the empty report last (Gradio's final message repeats the last one sent, which would bring the old
+    text back). `scan_token`: the scan the page held when the report was asked for (`ScanSession.token`);
+    a request for a scan since replaced changes nothing.
     """
+    if _asked_about_another_scan(session, scan_token):
+        yield gr.skip(), gr.skip()
+        return
     if session is None or session.volume is None:  # said in the report box, where the visitor looks
         yield f"*{_no_scan(session)}*", gr.skip()
         return
@@ -761,6 +792,7 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
         yield session.report, hidden
         hidden = gr.skip()
     if _scan_replaced(session, volume) or session.cleared != cleared:
+        yield REPORT_PLACEHOLDER, gr.update(value=None, visible=False)
         return
     if stop.is_set():  # stopped: marked so, and not offered as a finished report
         yield report_view(session)
@@ -769,12 +801,17 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
     yield session.report, gr.update(value=str(_write_report(session)), visible=True)
 
 
-def chat(question: str, session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float):
+def chat(question: str, session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float,
+         scan_token: str | None = None):
     """One turn: the question joins the conversation about the scan, the answer streams in.
 
-    Yields (chatbot messages, question box value); nothing more once a new scan replaced this one. A question
-    the model may not read (`Pipeline.chat`) gets a warning with the reason and stays in the box.
+    Yields (chatbot messages, question box value); once a new scan replaced this one or the conversation was
+    cleared, the conversation as the session now holds it, last. A question the model may not read
+    (`Pipeline.chat`) gets a warning with the reason and stays in the box. `scan_token`: as `generate_report`.
     """
+    if _asked_about_another_scan(session, scan_token):
+        yield gr.skip(), gr.skip()
+        return
     question = (question or "").strip()
     if session is None or session.volume is None:
         gr.Warning(_no_scan(session))
@@ -785,27 +822,30 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
         yield chat_view(session), ""
         return
     volume, cleared = session.volume, session.chat_cleared
-    asked = {"role": "user", "content": question}
+    asked, answer = {"role": "user", "content": question}, {"role": "assistant", "content": ""}
     session.messages.append(asked)
     history = [{"role": message["role"], "content": message["content"]} for message in session.messages]
-    answer, refused, finished, stop = "", False, False, threading.Event()
+    session.messages.append(answer)  # kept as it grows: what Stop shows, even before this handler sees the stop
+    refused, finished, stop = False, False, threading.Event()
     try:
         for chunk in _stream(session, volume, history, stop, max_new_tokens, temperature, top_p):
-            answer += chunk
-            yield [*chat_view(session), {"role": "assistant", "content": answer}], ""
+            session.answering = answer  # only now: starting, the stream stopped the generation before it
+            answer["content"] += chunk
+            yield chat_view(session), ""
         finished = not stop.is_set()
     except gr.Error as error:  # refused with a sentence (a control token, too long): it was never asked
         refused = True
         gr.Warning(error.message)
     finally:  # a stopped answer stays as far as it got, marked; a conversation cleared or about a replaced scan
-        if session.volume is volume and session.chat_cleared == cleared:  # ... is gone
+        if session.answering is answer:  # ... is gone
+            session.answering = None
+        if session.volume is volume and session.chat_cleared == cleared:
             if refused:
-                session.messages = [message for message in session.messages if message is not asked]
-            else:
-                if not finished:  # stopped, or cancelled (Stop, Clear) at a chunk
-                    session.stopped_answers.add(len(session.messages))
-                session.messages.append({"role": "assistant", "content": answer})
+                session.messages = [message for message in session.messages if message not in (asked, answer)]
+            elif not finished:  # stopped, or cancelled (Stop, Clear) at a chunk
+                answer["stopped"] = True
     if _scan_replaced(session, volume) or session.chat_cleared != cleared:
+        yield chat_view(session), gr.skip()
         return
     yield chat_view(session), question if refused else ""  # a refused question stays in the box, to edit
 
@@ -859,17 +899,27 @@ def _scan_replaced(session: ScanSession, volume: Volume) -> bool:
 
 
 def stop_generation(session: ScanSession | None) -> None:
-    """End the session's running generation: its thread stops at the next token."""
+    """End the session's running generation: its thread stops at the next token, and an answer being written
+    is marked stopped at once (what the page shows after Stop)."""
     event = _STOP_EVENTS.get(session.stop_key) if session is not None else None  # it ends on its own meanwhile
     if event is not None:
         event.set()
+        if session.answering is not None:
+            session.answering["stopped"] = True
+
+
+def _asked_about_another_scan(session: ScanSession | None, scan_token: str | None) -> bool:
+    """Whether a request was made for a scan the session no longer holds (it waited while a new one loaded).
+    No token (an API client that does not send one) means the session's scan."""
+    return bool(scan_token) and (session is None or session.token != scan_token)
 
 
 def chat_view(session: ScanSession) -> list[dict]:
-    """The conversation as the chat shows it: an answer cut short (Stop, Clear) says so."""
+    """The conversation as the chat shows it: an answer cut short (Stop, Clear) says so; one not begun yet is
+    not shown."""
     return [{"role": message["role"],
-             "content": message["content"] + (ANSWER_STOPPED if index in session.stopped_answers else "")}
-            for index, message in enumerate(session.messages)]
+             "content": message["content"] + (ANSWER_STOPPED if message.get("stopped") else "")}
+            for message in session.messages if message["content"] or message.get("stopped")]
 
 
 def report_view(session: ScanSession) -> tuple[str, dict]:
@@ -895,7 +945,6 @@ def clear_conversation(session: ScanSession | None):
     if session is not None:
         stop_generation(session)
         session.messages, session.report, session.cleared = [], "", session.cleared + 1
-        session.stopped_answers = set()
         session.chat_cleared += 1
         session.delete_files()
     return [], REPORT_PLACEHOLDER, gr.update(value=None, visible=False)
@@ -911,7 +960,6 @@ def clear_chat(session: ScanSession | None) -> list:
         if session.stop_kind == "chat":
             stop_generation(session)
         session.messages, session.chat_cleared = [], session.chat_cleared + 1
-        session.stopped_answers = set()
     return []
 
 
@@ -1002,8 +1050,9 @@ def build_demo() -> gr.Blocks:
         gr.Markdown(PRIVACY_NOTE, elem_id="privacy-note")
 
         settings = [max_new_tokens, temperature, top_p]
+        scan_token = gr.Textbox("", visible=False)  # `ScanSession.token` of the scan the page shows
         scan_outputs = [session, status, card, plane, window, slice_slider, slice_view, kept, threshold, chatbot,
-                        report, download]
+                        report, download, scan_token]
         viewer = {"show_progress": "hidden", "concurrency_limit": 4}
         gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}
         # Reading a big series takes seconds and, for a moment, twice its memory: two at a time, whatever the source.
@@ -1046,15 +1095,15 @@ def build_demo() -> gr.Blocks:
         threshold.input(redraw_3d, [session, threshold], [plot, threshold], api_name="show_3d",
                         trigger_mode="always_last", preprocess=False, **viewer)
 
-        report_event = report_button.click(generate_report, [session, *settings], [report, download],
+        report_event = report_button.click(generate_report, [session, *settings, scan_token], [report, download],
                                            api_name="report", **gpu)
         chat_events = [
-            trigger(chat, [question, session, *settings], [chatbot, question], api_name=name, **gpu)
+            trigger(chat, [question, session, *settings, scan_token], [chatbot, question], api_name=name, **gpu)
             for trigger, name in ((ask_button.click, "chat"), (question.submit, "chat_submit"))
         ]
         suggestion_event = suggestions.click(
             suggested_question, suggestions, question, api_name="suggest", api_visibility="private", queue=False,
-        ).then(chat, [question, session, *settings], [chatbot, question], api_name="chat_suggested",
+        ).then(chat, [question, session, *settings, scan_token], [chatbot, question], api_name="chat_suggested",
                api_visibility="private", **gpu)
         running = [report_event, *chat_events, suggestion_event]
         # Stop and Clear cancel what runs or waits, then show what the session holds: queued behind the cancelled

@@ -460,7 +460,12 @@ def _nifti_orientation_notes(header, meta: dict[str, Any]) -> list[str]:
         return ["the file states no orientation (its qform and sform codes are 0), so it is read in the old Analyze "
                 "convention (LAS) and its left and right may be swapped; re-export it with its orientation"]
     if qform_code and sform_code:
-        qform, sform = ("".join(map(str, aff2axcodes(affine))) for affine in (header.get_qform(), header.get_sform()))
+        try:
+            qform, sform = ("".join(map(str, aff2axcodes(affine))) for affine in (header.get_qform(),
+                                                                                 header.get_sform()))
+        except ValueError:  # a quaternion nibabel cannot read: the sform, which it reads, is what is shown
+            return ["the file's qform cannot be read (an invalid quaternion); it is shown by its sform, so check "
+                    "its sides against the scanner's"]
         if qform != sform:
             return [f"the file's two orientations disagree (qform {qform}, sform {sform}); it is shown by its sform, "
                     "as most tools do, so check its sides against the scanner's"]

@@ -156,6 +156,9 @@ def test_the_slice_caption_gives_the_values_an_auto_window_spans(app_module, tmp
     for window in ("auto", "inverted"):
         caption = app_module.slice_html(session, "axial", window, 20)
         assert f"({low:.4g} to {high:.4g})" in caption, window
+    becquerels, _ = loaded(app_module, [save_nifti(tmp_path / "bq.nii.gz", pet * 20, (5.0, 1.0, 1.0), modality="PT")])
+    caption = app_module.slice_html(becquerels, "axial", "auto", 20)  # Bq/mL: tens of thousands, no exponent
+    assert f"(0 to {round(high * 20)})" in caption and "e+" not in caption
 
 
 def test_the_slice_caption_says_where_the_slice_lies_in_the_patient(app_module, ct_nifti):
@@ -420,7 +423,9 @@ def test_a_new_scan_while_the_report_streams_ends_the_report_quietly(app_module,
     stream = app_module.generate_report(session, 1000, 0.0, 1.0)
     next(stream)
     fresh, _ = loaded(app_module, [_another_scan(tmp_path, 21)], session)  # the user uploads another scan
-    assert list(stream) == []  # no more text, and no download of the old scan's report
+    # no more text, nor a download of the old scan's report: the empty report last, or Gradio's final message would
+    # repeat the last text sent
+    assert list(stream) == [(app_module.REPORT_PLACEHOLDER, {"__type__": "update", "value": None, "visible": False})]
     assert fresh.report == "" and fresh.folder is None
     assert not [t for t in threading.enumerate() if t.name == "medvlm-generate"]
 
@@ -430,7 +435,7 @@ def test_a_new_scan_while_an_answer_streams_keeps_it_out_of_the_new_conversation
     stream = app_module.chat("Where is the lesion?", session, 1000, 0.0, 1.0)
     next(stream)
     fresh, _ = loaded(app_module, [_another_scan(tmp_path, 22)], session)
-    assert list(stream) == []  # the chatbot now shows the new scan's (empty) conversation, and keeps it
+    assert list(stream) == [([], gr.skip())]  # the new scan's (empty) conversation, last: the chatbot keeps it
     assert fresh.messages == []
 
 
@@ -513,12 +518,43 @@ def test_after_stop_or_clear_the_page_shows_what_the_session_holds(app_module, c
     assert app_module.conversation_view(session)[:2] == ([], app_module.REPORT_PLACEHOLDER)
 
 
+def test_a_request_made_for_a_scan_since_replaced_changes_nothing(app_module, ct_nifti, tmp_path):
+    """A report or question still waiting in the queue when a new scan loads was asked about the old scan: the page
+    sent that scan's token with it, and it is not run on the new one."""
+    session, outputs = loaded(app_module, [ct_nifti])
+    old_token = outputs[-1]
+    assert old_token == session.token
+    fresh, outputs = loaded(app_module, [_another_scan(tmp_path, 24)], session)
+    assert outputs[-1] == fresh.token != old_token
+    assert list(app_module.generate_report(fresh, 8, 0.0, 1.0, old_token)) == [(gr.skip(), gr.skip())]
+    assert list(app_module.chat("Where is the lesion?", fresh, 8, 0.0, 1.0, old_token)) == [(gr.skip(), gr.skip())]
+    assert fresh.report == "" and fresh.messages == []
+    assert list(app_module.generate_report(fresh, 8, 0.0, 1.0, fresh.token))[-1][1]["visible"] is True
+    refused = app_module.load_scan([str(tmp_path / "missing.nii.gz")], fresh)  # a refused upload keeps the token
+    assert refused[-1] == gr.skip()
+
+
+def test_the_ready_line_comes_in_the_view_the_visitor_went_to(app_module, ct_nifti):
+    """The model reads the scan while the visitor scrolls: its kept slices arrive without moving the viewer back
+    to where the load left it, and the ready line comes also when a report asked for first read the scan."""
+    session, _ = loaded(app_module, [ct_nifti])
+    app_module.change_plane(session, "coronal", "lung")
+    app_module.show_slice(session, "coronal", "lung", 50)
+    list(app_module.generate_report(session, 4, 0.0, 1.0))  # encodes the scan on its way
+    status, _, view = app_module.encode_scan(session, "axial", "soft tissue", 21)  # the load's values
+    assert status.startswith("Ready:") and "Coronal 50 / 64" in view and "window lung" in view
+    assert app_module.encode_scan(session, "axial", "soft tissue", 21) == (gr.skip(), gr.skip(), gr.skip())
+
+
 def test_a_stopped_answer_says_so_and_the_model_is_not_told(app_module, ct_nifti, monkeypatch):
     session, _ = loaded(app_module, [ct_nifti])
     app_module.encode_scan(session, "axial", "soft tissue", 21)
     answering = app_module.chat("Which organ is abnormal?", session, 64, 0.0, 1.0)
     partial = next(answering)[0][-1]["content"]
     app_module.stop_generation(session)
+    # What the page shows after Stop (`conversation_view`, which can run before the handler sees the stop): the
+    # answer as far as it got, marked.
+    assert app_module.conversation_view(session)[0][-1]["content"] == partial + app_module.ANSWER_STOPPED
     shown = list(answering)[-1][0]
     assert shown[-1]["content"].startswith(partial) and shown[-1]["content"].endswith(app_module.ANSWER_STOPPED)
     assert not session.messages[-1]["content"].endswith(app_module.ANSWER_STOPPED)
@@ -854,9 +890,9 @@ def test_the_chat_bin_forgets_the_conversation_and_keeps_the_report(app_module, 
 
     answering = app_module.chat("Where is the lesion?", session, 64, 0.0, 1.0)
     next(answering)
-    app_module.clear_chat(session)  # while the answer streams: it stops, and is not kept
-    list(answering)
-    assert session.messages == [] and session.stopped_answers == set()
+    app_module.clear_chat(session)  # while the answer streams: it stops at once, and is not kept
+    assert list(answering) == [([], gr.skip())]  # no chunk after the bin, and the empty conversation last
+    assert session.messages == []
     reporting = app_module.generate_report(session, 16, 0.0, 1.0)
     next(reporting)
     app_module.clear_chat(session)  # a report streaming goes on to its end and its download

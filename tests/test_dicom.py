@@ -287,5 +287,12 @@ def test_a_nifti_that_states_no_orientation_or_two_says_its_sides_are_in_doubt(t
     scan = load_volume(tmp_path / "two.nii")
     assert scan.orientation == "RAS" and "orientation_unknown" not in scan.meta
     assert any("two orientations disagree (qform LAS, sform RAS)" in note for note in scan.meta["notes"])
+    bad_quaternion = nib.Nifti1Image(data, np.diag([*MARKED_SPACING[::-1], 1.0]))
+    bad_quaternion.header["qform_code"] = 1
+    for name in ("quatern_b", "quatern_c", "quatern_d"):  # b² + c² + d² > 1: nibabel cannot read the qform
+        bad_quaternion.header[name] = 0.8
+    nib.save(bad_quaternion, tmp_path / "bad_quaternion.nii")
+    scan = load_volume(tmp_path / "bad_quaternion.nii")  # read by its sform, as before, not a traceback
+    assert scan.orientation == "RAS" and any("qform cannot be read" in note for note in scan.meta["notes"])
     save_nifti(tmp_path / "stated.nii.gz", marked_ct, MARKED_SPACING, "LPS", modality="CT")
     assert "notes" not in load_volume(tmp_path / "stated.nii.gz").meta

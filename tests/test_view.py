@@ -48,6 +48,8 @@ def test_a_slice_is_located_in_the_patient_as_the_scanner_placed_it(tmp_path, ma
     npy = tmp_path / "scan.npy"
     np.save(npy, np.zeros((1, 4, 8, 8), np.float32) + np.arange(4, dtype=np.float32)[None, :, None, None] / 4)
     assert slice_location(load_volume(npy), "axial", 0) == ""  # M3D keeps no spacing: no position to give
+    scan.meta["orientation_unknown"] = True  # a NIfTI that states no orientation: no side to name
+    assert slice_location(scan, "sagittal", 0) == ""
 
 
 def test_coronal_shows_superior_at_the_top_and_the_right_on_the_left(marked_ct):
