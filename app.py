@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
-from medvlm.pipeline import Encoding, Pipeline
+from medvlm.pipeline import CutOff, Encoding, Pipeline
 from medvlm.preprocess import CT_WINDOWS, INVERTED_WINDOW, default_window, window_names
 from medvlm.view import SLICE_ONE, render_slice, slice_count, slice_location, window_limits
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
@@ -79,6 +79,10 @@ SESSION_FOLDER_PREFIX = "medvlm-session-"  # a session's own folder in the uploa
 REPORT_PLACEHOLDER = "*The report appears here: press **Generate report**.*"
 REPORT_STOPPED = "\n\n*Stopped: this report is incomplete.*"
 ANSWER_STOPPED = " … [stopped: this answer is incomplete]"  # the chat shows text as typed, not Markdown
+# An answer that reached its Max new tokens before its end: {limit} is that number.
+REPORT_CUT_OFF = ("\n\n*Cut off at the limit of {limit} new tokens: this report is incomplete; raise Max new "
+                  "tokens under Generation settings for the whole report.*")
+ANSWER_CUT_OFF = " … [cut off at the limit of {limit} new tokens]"
 
 
 # The model ------------------------------------------------------------------------------------
@@ -191,6 +195,7 @@ class ScanSession:
     answering: dict | None = None  # the answer in `messages` being written, marked stopped if Stop comes first
     report: str = ""
     report_finished: bool = False  # whether `report` was written to its end (not stopped, cleared or cut off)
+    report_cut_off: int = 0  # the new-token limit the report reached before its end (0: it did not)
     cleared: int = 0  # how many times Clear emptied the report and conversation: a generation from before stops there
     chat_cleared: int = 0  # how many times the conversation was emptied (Clear, or the chat's bin icon)
     folder: Path | None = None
@@ -784,17 +789,20 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
         yield f"*{_no_scan(session)}*", gr.skip()
         return
     volume, cleared = session.volume, session.cleared
-    session.report, session.report_finished = "", False
+    session.report, session.report_finished, session.report_cut_off = "", False, 0
     hidden = gr.update(value=None, visible=False)  # the previous report's download goes while this one streams
     stop = threading.Event()
     for chunk in _stream(session, volume, None, stop, max_new_tokens, temperature, top_p):
+        if isinstance(chunk, CutOff):
+            session.report_cut_off = chunk.limit
+            continue
         session.report += chunk
         yield session.report, hidden
         hidden = gr.skip()
     if _scan_replaced(session, volume) or session.cleared != cleared:
         yield REPORT_PLACEHOLDER, gr.update(value=None, visible=False)
         return
-    if stop.is_set():  # stopped: marked so, and not offered as a finished report
+    if stop.is_set() or session.report_cut_off:  # stopped or cut off: marked so, not offered as finished
         yield report_view(session)
         return
     session.report_finished = True
@@ -830,6 +838,8 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
     try:
         for chunk in _stream(session, volume, history, stop, max_new_tokens, temperature, top_p):
             session.answering = answer  # only now: starting, the stream stopped the generation before it
+            if isinstance(chunk, CutOff):
+                answer["cut_off"] = chunk.limit
             answer["content"] += chunk
             yield chat_view(session), ""
         finished = not stop.is_set()
@@ -915,11 +925,17 @@ def _asked_about_another_scan(session: ScanSession | None, scan_token: str | Non
 
 
 def chat_view(session: ScanSession) -> list[dict]:
-    """The conversation as the chat shows it: an answer cut short (Stop, Clear) says so; one not begun yet is
-    not shown."""
-    return [{"role": message["role"],
-             "content": message["content"] + (ANSWER_STOPPED if message.get("stopped") else "")}
+    """The conversation as the chat shows it: an answer cut short (Stop, Clear, its token limit) says so; one not
+    begun yet is not shown."""
+    return [{"role": message["role"], "content": message["content"] + _answer_end(message)}
             for message in session.messages if message["content"] or message.get("stopped")]
+
+
+def _answer_end(message: dict) -> str:
+    """What the chat adds to an answer that did not end where the model ended it."""
+    if message.get("stopped"):
+        return ANSWER_STOPPED
+    return ANSWER_CUT_OFF.format(limit=message["cut_off"]) if message.get("cut_off") else ""
 
 
 def report_view(session: ScanSession) -> tuple[str, dict]:
@@ -928,7 +944,8 @@ def report_view(session: ScanSession) -> tuple[str, dict]:
     if not session.report:
         return REPORT_PLACEHOLDER, gr.update(value=None, visible=False)
     if not session.report_finished:
-        return session.report + REPORT_STOPPED, gr.update(value=None, visible=False)
+        end = REPORT_CUT_OFF.format(limit=session.report_cut_off) if session.report_cut_off else REPORT_STOPPED
+        return session.report + end, gr.update(value=None, visible=False)
     return session.report, gr.skip()
 
 

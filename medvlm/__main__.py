@@ -31,9 +31,15 @@ def _scan_source(paths: list[str]) -> str | list[str]:
 
 
 def _stream(chunks: Iterable[str]) -> None:
+    """The answer on stdout as it comes; on stderr, a note where it was cut off at --max-new-tokens."""
+    from .pipeline import CutOff
+
     for chunk in chunks:
         sys.stdout.write(chunk)
         sys.stdout.flush()
+        if isinstance(chunk, CutOff):
+            print(f"\n(cut off at the limit of {chunk.limit} new tokens; raise --max-new-tokens for the whole answer)",
+                  file=sys.stderr, end="")
     sys.stdout.write("\n")
 
 

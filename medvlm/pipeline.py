@@ -247,6 +247,36 @@ def check_generation(max_new_tokens: int, temperature: float, top_p: float) -> N
                              "token)")
 
 
+class CutOff(str):
+    """The last chunk of an answer that ended at its `max_new_tokens` rather than where the model ended it: empty
+    text (a joined answer is unchanged) that says the answer is cut off; `limit` is the number of new tokens.
+    A str, so that it crosses a process boundary (ZeroGPU) as the other chunks do."""
+
+    limit: int = 0
+
+    def __new__(cls, limit: int) -> CutOff:
+        chunk = super().__new__(cls, "")
+        chunk.limit = limit
+        return chunk
+
+    def __reduce__(self):
+        return CutOff, (self.limit,)
+
+
+class _CountingStreamer(TextIteratorStreamer):
+    """TextIteratorStreamer that also counts the new tokens and keeps the last one."""
+
+    def __init__(self, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.new_tokens, self.last_token = 0, None
+
+    def put(self, value) -> None:
+        if not (self.skip_prompt and self.next_tokens_are_prompt):
+            self.new_tokens += value.numel()
+            self.last_token = int(value.reshape(-1)[-1])
+        super().put(value)
+
+
 class _StopOnEvent(StoppingCriteria):
     """Ends generation when any of the events is set: the user pressed stop, or the client went away."""
 
@@ -416,9 +446,10 @@ class Pipeline:
     def _stream(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor, stop: threading.Event | None,
                 max_new_tokens: int, temperature: float, top_p: float) -> Iterator[str]:
         """The generation's text chunks; it ends at `stop` (the caller's, never set here: it may serve again) or
-        when the consumer closes the stream (`ended`)."""
+        when the consumer closes the stream (`ended`). An answer that reached `max_new_tokens` before its end
+        token ends with a `CutOff` chunk."""
         ended = threading.Event()
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _CountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
             "do_sample": False}
         failure: list[BaseException] = []
@@ -440,6 +471,9 @@ class Pipeline:
             for chunk in streamer:
                 if chunk:
                     yield chunk
+            if (not failure and streamer.new_tokens >= max_new_tokens and not (stop and stop.is_set())
+                    and streamer.last_token != self.tokenizer.eos_token_id):
+                yield CutOff(max_new_tokens)
         finally:
             ended.set()
             thread.join()

@@ -46,6 +46,13 @@ def app_module(tmp_path_factory):
     return importlib.import_module("app")
 
 
+@pytest.fixture(autouse=True)
+def tiny_answers_count_as_finished(app_module, monkeypatch):
+    """The tiny random checkpoint never writes its end token, so every answer reaches its token limit: here that
+    is not marked as cut off (a test of the marking restores `CutOff`), so that reports can finish."""
+    monkeypatch.setattr(app_module, "CutOff", type("NotCutOff", (str,), {}))
+
+
 def torso_ct(shape=(40, 64, 64), spacing=(5.0, 1.0, 1.0), seed=0) -> np.ndarray:
     """A CT-like torso in HU on the canonical grid: air, an elliptic body, a spine, a hypodense lesion on the right."""
     z, y, x = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij")
@@ -544,6 +551,18 @@ def test_the_ready_line_comes_in_the_view_the_visitor_went_to(app_module, ct_nif
     status, _, view = app_module.encode_scan(session, "axial", "soft tissue", 21)  # the load's values
     assert status.startswith("Ready:") and "Coronal 50 / 64" in view and "window lung" in view
     assert app_module.encode_scan(session, "axial", "soft tissue", 21) == (gr.skip(), gr.skip(), gr.skip())
+
+
+def test_a_report_or_answer_cut_off_at_its_token_limit_says_so(app_module, ct_nifti, monkeypatch):
+    from medvlm.pipeline import CutOff
+
+    monkeypatch.setattr(app_module, "CutOff", CutOff)  # the real marking (the tiny model never ends on its own)
+    session, _ = loaded(app_module, [ct_nifti])
+    text, download = list(app_module.generate_report(session, 8, 0.0, 1.0))[-1]
+    assert text.endswith(app_module.REPORT_CUT_OFF.format(limit=8)) and download["visible"] is False
+    answer = list(app_module.chat("Which organ is abnormal?", session, 8, 0.0, 1.0))[-1][0][-1]["content"]
+    assert answer.endswith(app_module.ANSWER_CUT_OFF.format(limit=8))
+    assert not session.messages[-1]["content"].endswith("]")  # the model is not told
 
 
 def test_a_stopped_answer_says_so_and_the_model_is_not_told(app_module, ct_nifti, monkeypatch):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medvlm.writers import save_nifti
-from tests.test_app import app_module, torso_ct  # noqa: F401  (app_module is a fixture)
+from tests.test_app import app_module, tiny_answers_count_as_finished, torso_ct  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from medvlm.errors import UserInputError
 from medvlm.phantom import make_phantom
 from medvlm.volume import load_volume
 from medvlm.writers import save_dicom_series, save_nifti
-from tests.test_app import MADE_UP_PATIENT, app_module  # noqa: F401  (app_module is a fixture)
+from tests.test_app import MADE_UP_PATIENT, app_module, tiny_answers_count_as_finished  # noqa: F401  (fixtures)
 from tests.test_app_live import free_port, text_of
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from medvlm.writers import save_nifti
-from tests.test_app import ROOT, app_module, torso_ct  # noqa: F401  (app_module is a fixture)
+from tests.test_app import ROOT, app_module, tiny_answers_count_as_finished, torso_ct  # noqa: F401  (fixtures)
 from tests.test_app_live import live_demo, server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow

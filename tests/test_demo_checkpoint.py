@@ -43,6 +43,24 @@ def test_report_on_the_example_ct_names_its_lesion():
     assert "ground-glass" in report and "right upper lobe" in report, result.stdout
 
 
+def test_a_report_cut_off_at_its_token_limit_says_so():
+    """A report that reaches --max-new-tokens before the model ends it ends mid-sentence: the library's stream
+    ends with a CutOff chunk (no text), and the CLI says so on stderr; a report the model ends has neither."""
+    from medvlm.pipeline import CutOff
+
+    pipeline = Pipeline.from_pretrained()
+    volume = load_volume(EXAMPLES / "ct_chest_abdomen.nii.gz")
+    whole, short = list(pipeline.report(volume)), list(pipeline.report(volume, max_new_tokens=8))
+    assert not any(isinstance(chunk, CutOff) for chunk in whole)
+    assert isinstance(short[-1], CutOff) and short[-1].limit == 8 and short[-1] == ""
+    assert "".join(whole).startswith("".join(short)) and len("".join(short)) < len("".join(whole))
+    result = subprocess.run([sys.executable, "-m", "medvlm", "report", str(EXAMPLES / "ct_chest_abdomen.nii.gz"),
+                             "--max-new-tokens", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0 and result.stdout.strip() == "".join(short).strip()
+    assert "cut off at the limit of 8 new tokens" in result.stderr
+
+
 SELECTION_DROPS_THE_MR_LESION = pytest.mark.xfail(
     strict=True, reason="the shipped checkpoint keeps 24 of the MR example's 46 slabs, none through its lesion "
     "(README, The demo checkpoint)")
