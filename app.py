@@ -190,7 +190,8 @@ class ScanSession:
     volume: Volume | None = None
     label: str = ""  # what the scan card calls the scan: an example's name, or "uploaded scan"
     encoding: Encoding | None = None  # the scan as the model sees it, from `encode_on_gpu`
-    # {"role", "content": str}, and "stopped": True on an answer cut short (shown so; the model gets role and content)
+    # {"role", "content": str}; an answer cut short also "stopped": True or "cut_off": its token limit (the chat
+    # says so; the model is given role and content only)
     messages: list[dict] = field(default_factory=list)
     answering: dict | None = None  # the answer in `messages` being written, marked stopped if Stop comes first
     report: str = ""
@@ -851,7 +852,8 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
             session.answering = None
         if session.volume is volume and session.chat_cleared == cleared:
             if refused:
-                session.messages = [message for message in session.messages if message not in (asked, answer)]
+                session.messages = [message for message in session.messages  # by identity: the same question
+                                    if message is not asked and message is not answer]  # asked before stays
             elif not finished:  # stopped, or cancelled (Stop, Clear) at a chunk
                 answer["stopped"] = True
     if _scan_replaced(session, volume) or session.chat_cleared != cleared:

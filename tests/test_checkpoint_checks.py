@@ -58,7 +58,8 @@ def test_a_checkpoint_that_cannot_write_a_report_is_refused_by_report_and_push(c
 def test_the_intact_checkpoint_reports(checkpoint, capsys):
     assert main(["report", str(SCAN), "--checkpoint", str(checkpoint), "--device", "cpu", "--max-new-tokens",
                  "2"]) == 0
-    assert capsys.readouterr().err.strip() == ""
+    error = capsys.readouterr().err.strip()  # no warning; only, where 2 tokens do not end the report, that note
+    assert error in ("", "(cut off at the limit of 2 new tokens; raise --max-new-tokens for the whole answer)")
 
 
 def test_a_card_says_slices_are_kept_as_they_are_when_no_slab_thickness_is_set(tmp_path):
