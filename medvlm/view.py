@@ -52,8 +52,8 @@ def slice_location(volume: Volume, plane: str, index: int) -> str:
     """Where slice `index` of a plane lies in the patient, as viewers give it: its centre's distance along the
     plane's body axis from the scanner's origin, with the side it lies toward ("S 12.5 mm", "R 3.0 mm"), and
     the slices' spacing in that plane. Empty for a volume whose spacing is unknown (an M3D .npy) or whose
-    orientation is (a NIfTI that states none). For an
-    oblique scan, the position along the body axis nearest to the plane's."""
+    orientation is (a NIfTI that states none). For an oblique scan, the position along the body axis nearest to
+    the plane's."""
     axis = _check_plane(plane)
     if not volume.spacing_known or volume.meta.get("orientation_unknown"):  # no scanner position to give
         return ""
