@@ -1012,9 +1012,9 @@ def build_demo() -> gr.Blocks:
         with gr.Row(equal_height=False):
             gr.Markdown("### MedVLM 3D — reports and answers about CT, MR and PET scans")
             gr.Markdown(model_badge(PIPELINE), elem_id="model-badge")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=5):
-                with gr.Row(equal_height=True):  # the drop zone as tall as the examples beside it: no gap below
+        with gr.Row(equal_height=False, elem_id="main-row"):
+            with gr.Column(scale=5, elem_id="scan-column"):
+                with gr.Row(equal_height=True, elem_id="scan-inputs"):  # the drop zone as tall as the examples: no gap
                     # min_width: on a phone the examples go below, and the label leaves room for "Drop File Here"
                     upload = gr.File(label="Scan: NIfTI, .npy, DICOM files or a .zip", file_count="multiple",
                                      height=180, scale=3, min_width=300, elem_id="scan-upload")
@@ -1026,7 +1026,7 @@ def build_demo() -> gr.Blocks:
                         if not examples:
                             gr.Markdown("*No example scans in `assets/examples/`.*")
                 status = gr.Markdown("Upload a scan, or pick an example.", elem_id="status-line")
-                with gr.Tabs():
+                with gr.Tabs(elem_id="viewer-tabs"):
                     with gr.Tab("Slices", id="slices"):
                         slice_view = gr.HTML(slice_html(None, "axial", None, None), elem_id="slice-view")
                         # buttons=[]: no ↺ reset, which moves the slider to 1 without redrawing the slice
@@ -1043,26 +1043,27 @@ def build_demo() -> gr.Blocks:
                                               elem_id="threshold-slider", buttons=[])
                         plot = gr.Plot(label="3D surface (drag to turn)", elem_id="plot-3d")
                 card = gr.Markdown(scan_card(ScanSession()), elem_id="scan-card")
-            with gr.Column(scale=4):
-                with gr.Row():
+            with gr.Column(scale=4, elem_id="assistant-column"):
+                with gr.Row(elem_id="report-buttons"):
                     report_button = gr.Button("Generate report", variant="primary", scale=2, elem_id="report-button")
                     stop_button = gr.Button("Stop", variant="stop", scale=1)
                     clear_button = gr.Button("Clear all", scale=1)  # the chat's bin icon is "Clear"
                 report = gr.Markdown(REPORT_PLACEHOLDER, elem_id="report-box", label="Report")
-                download = gr.DownloadButton("Download report (.md)", visible=False, size="sm")
+                download = gr.DownloadButton("Download report (.md)", visible=False, size="sm",
+                                             elem_id="report-download")
                 download.keep_in_cache = _SESSION_FILES
                 # Copy buttons only: the default Share button posts the conversation to the Space's Discussions.
                 chatbot = gr.Chatbot(label="Questions about this scan", height=300, elem_id="chatbot",
                                      buttons=["copy", "copy_all"],
                                      render_markdown=False,  # "3*4*5 mm" shows as typed, not with an italic 4
                                      placeholder="Ask about the scan: organs, lesions, location, size.")
-                with gr.Row():
+                with gr.Row(elem_id="question-row"):
                     question = gr.Textbox(placeholder="Ask a question about this scan …", show_label=False,
                                           scale=5, elem_id="question", submit_btn=False, max_length=MAX_QUESTION_CHARS)
                     ask_button = gr.Button("Ask", variant="primary", scale=1, min_width=80)
-                suggestions = gr.Dataset(label="Suggested questions", components=[question],
+                suggestions = gr.Dataset(label="Suggested questions", components=[question], elem_id="suggestions",
                                          samples=[[q] for q in SUGGESTED_QUESTIONS], layout="gallery")
-                with gr.Accordion("Generation settings", open=False):
+                with gr.Accordion("Generation settings", open=False, elem_id="generation-settings"):
                     max_new_tokens = gr.Slider(16, MAX_NEW_TOKENS, value=256, step=16, label="Max new tokens")
                     temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p (with temperature > 0)")

@@ -124,3 +124,19 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
             break
         time.sleep(0.1)
     assert len(app_module._OPEN_SESSIONS) < open_sessions
+
+
+def test_on_a_phone_the_report_button_follows_the_status_line(browser, server, tmp_path):  # noqa: F811
+    """One column on a phone, in the order of the work: after the scan comes in and the status line says it is
+    ready, Generate report comes next, not after the viewer, the kept slices and the scan card."""
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.set_default_timeout(60_000)
+    page.goto(server)
+    page.locator("#scan-upload input[type=file]").set_input_files(str(example_scan(tmp_path)))
+    page.locator("#status-line", has_text="Ready").wait_for()
+    top = {name: page.locator(selector).bounding_box()["y"] for name, selector in (
+        ("status", "#status-line"), ("report", "#report-buttons"), ("viewer", "#viewer-tabs"),
+        ("card", "#scan-card"), ("chat", "#chatbot"))}
+    assert top["status"] < top["report"] < top["viewer"] < top["card"] < top["chat"], top
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the screen
+    page.close()
