@@ -205,7 +205,6 @@ class ScanSession:
     threshold_range: tuple[float, float] = (-math.inf, math.inf)  # the 3D threshold slider's, for this scan
     shown_slices: dict[str, int] = field(default_factory=dict)  # plane → the slice (from 1) last shown in it
     shown: tuple[str, str | None] = ("axial", None)  # the plane and window the viewer last showed
-    loaded_view: tuple = ()  # (plane, window, slice) the load put on the page
     # Which scan the page holds: loads send it to a hidden box, and the model events send it back as the page
     # held it when the button was pressed, so that a request still waiting when a new scan came is not run on it.
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -413,9 +412,8 @@ def load_example(choice: object, session: ScanSession | None, request: gr.Reques
 
 def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: gr.Request | None):
     """A fresh session for the scan (the previous one is released): a new conversation starts."""
-    plane, window = "axial", default_window(volume.modality)
+    plane, window, middle = _first_view(volume)
     count = slice_count(volume, plane)
-    middle = _slice_number(None, count)
     grid = surface_grid(volume)[0]
     low, high, step = threshold_range(volume, grid)
     decimals = max(0, -math.floor(math.log10(step)))  # the step is a power of ten: no float noise in the box
@@ -428,8 +426,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
             return _unchanged(session, f"⚠️ {message}.")
         if session is not None:  # only now: until the new scan is ready, the session keeps the one it had
             session.release()
-        session = ScanSession(volume=volume, label=label, threshold_range=(low, high),
-                              loaded_view=(plane, window, middle))
+        session = ScanSession(volume=volume, label=label, threshold_range=(low, high))
         if request is not None and request.session_hash:
             _OPEN_SESSIONS[request.session_hash] = session
     return (
@@ -448,6 +445,11 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         gr.update(value=None, visible=False),
         session.token,
     )
+
+
+def _first_view(volume: Volume) -> tuple[str, str, int]:
+    """(plane, window, slice from 1) a new scan opens at: its middle axial slice in the modality's default window."""
+    return "axial", default_window(volume.modality), _slice_number(None, slice_count(volume, "axial"))
 
 
 def _unchanged(session: ScanSession | None, status: str):
@@ -727,7 +729,7 @@ def encode_scan(session: ScanSession | None, plane: str, window: str | None, sli
     status = (f"Ready: the model looked at {len(session.kept_slices)} of {total} axial slices "
               f"({time.perf_counter() - start:.1f} s). Generate a report or ask a question.{notes}")
     choices = [str(k + 1) for k in session.kept_slices]
-    if (plane, window, slice_number) == session.loaded_view:  # the visitor may have scrolled on meanwhile
+    if (plane, window, slice_number) == _first_view(volume):  # the load's view: the visitor may have scrolled on
         plane, window = session.shown
         slice_number = session.shown_slices.get(plane)
     return status, gr.update(choices=choices, value=None), slice_html(session, plane, window, slice_number)

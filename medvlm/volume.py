@@ -440,7 +440,7 @@ def _load_nifti(path: Path) -> Volume:
     if frames > 1:
         meta["frames"] = frames
         meta["notes"].append(f"the file holds {frames} volumes (4D); the first is shown")
-    meta["notes"].extend(_nifti_orientation_notes(image.header, meta))
+    _note_nifti_orientation(image.header, meta)
     modality, guessed = _nifti_modality(image.header, array)
     if guessed:
         meta["modality_guessed"] = True
@@ -448,28 +448,29 @@ def _load_nifti(path: Path) -> Volume:
     return canonical_volume(array, affine, modality, "nifti", path.name, meta)
 
 
-def _nifti_orientation_notes(header, meta: dict[str, Any]) -> list[str]:
-    """What the header's two orientations leave in doubt: none stated (qform_code and sform_code 0, when nibabel
-    falls back on the Analyze convention and `meta["orientation_unknown"]` is set), or two that disagree on the
-    axes' directions (nibabel, as most tools, takes the sform's)."""
+def _note_nifti_orientation(header, meta: dict[str, Any]) -> None:
+    """Add to `meta["notes"]` what the header's two orientations leave in doubt: none stated (qform_code and
+    sform_code 0: nibabel falls back on the Analyze convention, and `meta["orientation_unknown"]` is set), or two
+    that disagree on the axes' directions (nibabel, as most tools, takes the sform's)."""
     from nibabel.orientations import aff2axcodes
 
     qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
     if not qform_code and not sform_code:
         meta["orientation_unknown"] = True
-        return ["the file states no orientation (its qform and sform codes are 0), so it is read in the old Analyze "
-                "convention (LAS) and its left and right may be swapped; re-export it with its orientation"]
-    if qform_code and sform_code:
+        meta["notes"].append("the file states no orientation (its qform and sform codes are 0), so it is read in the "
+                             "old Analyze convention (LAS) and its left and right may be swapped; re-export it with "
+                             "its orientation")
+    elif qform_code and sform_code:
         try:
             qform, sform = ("".join(map(str, aff2axcodes(affine))) for affine in (header.get_qform(),
                                                                                  header.get_sform()))
         except ValueError:  # a quaternion nibabel cannot read: the sform, which it reads, is what is shown
-            return ["the file's qform cannot be read (an invalid quaternion); it is shown by its sform, so check "
-                    "its sides against the scanner's"]
+            meta["notes"].append("the file's qform cannot be read (an invalid quaternion); it is shown by its sform, "
+                                 "so check its sides against the scanner's")
+            return
         if qform != sform:
-            return [f"the file's two orientations disagree (qform {qform}, sform {sform}); it is shown by its sform, "
-                    "as most tools do, so check its sides against the scanner's"]
-    return []
+            meta["notes"].append(f"the file's two orientations disagree (qform {qform}, sform {sform}); it is shown "
+                                 "by its sform, as most tools do, so check its sides against the scanner's")
 
 
 # Millimetres per NIfTI spatial unit (xyzt_units) other than mm; "unknown" is read as mm, as every viewer does.
