@@ -9,6 +9,7 @@ InstanceNumber; the affine keeps the true slice step, a tilted CT gantry include
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -53,6 +54,7 @@ class _DicomImage:
     slope: float
     intercept: float
     intercept_stated: bool  # whether the file gives (0028,1052) RescaleIntercept at all (CT requires it)
+    padding: tuple[int, int] | None  # stored values, lowest and highest, that are padding (`_padding_range`)
     size: tuple[int, int]  # rows, columns
     identity: tuple  # the same image twice (a copied file) has the same identity
     labels: tuple[float | None, ...]  # its value of each of STACK_TAGS (None: not stated)
@@ -145,6 +147,22 @@ def _geometry(position: Any, orientation: Any, spacing: Any, name: str) -> tuple
     return np.array(position), unit, (spacing[0], spacing[1])
 
 
+def _padding_range(header) -> tuple[int, int] | None:
+    """The stored pixel values, lowest and highest (both included), that (0028,0120) PixelPaddingValue and
+    (0028,0121) PixelPaddingRangeLimit mark as padding: pixels outside the reconstruction circle or the body,
+    which are no patient data (PS3.3 C.7.5.1.1.2); None when the file states none.
+
+    Both are stored values, compared before the rescale. Their VR (US or SS) follows (0028,0103)
+    PixelRepresentation, and some files write it the other way (a signed CT's -2000 as US 63536): the 16 bits
+    are read again as the pixels are, as Weasis does (DicomMediaUtils.getIntPixelValue)."""
+    value = _first(header.get("PixelPaddingValue"))
+    if value is None:
+        return None
+    limit = _first(header.get("PixelPaddingRangeLimit"), value)
+    signed = header.get("PixelRepresentation") == 1
+    value, limit = ((int(number) + 2**15) % 2**16 - 2**15 if signed else int(number) % 2**16
+                    for number in (value, limit))
+    return min(value, limit), max(value, limit)
 
 
 def _stack_labels(header, frame: int | None) -> tuple[float | None, ...]:
@@ -170,7 +188,7 @@ def _images_of(path: Path, header, name: str) -> list[_DicomImage]:
     instance = _first(header.get("InstanceNumber"), 0.0)  # (0020,0013)
     # An enhanced file, even with one frame, keeps the geometry in its functional groups.
     enhanced = "PerFrameFunctionalGroupsSequence" in header or "SharedFunctionalGroupsSequence" in header
-    images = []
+    padding, images = _padding_range(header), []
     for frame in range(frames):
         index = frame if frames > 1 else None  # which frame's pixels (None: the file's only image)
         group = frame if enhanced else None
@@ -188,7 +206,7 @@ def _images_of(path: Path, header, name: str) -> list[_DicomImage]:
         images.append(_DicomImage(
             path=path, frame=index, position=position, orientation=orientation, pixel_spacing=spacing,
             slope=1.0 if slope is None else slope, intercept=intercept or 0.0, intercept_stated=intercept is not None,
-            size=size, identity=_identity(path, header, index), labels=_stack_labels(header, group),
+            padding=padding, size=size, identity=_identity(path, header, index), labels=_stack_labels(header, group),
             instance=instance + frame / frames,
         ))
     return images
@@ -214,10 +232,11 @@ def _legacy_frames(path: Path, header, frames: int, name: str) -> list[_DicomIma
     scale = _first(header.get("DoseGridScaling"))  # (3004,000E): RT dose in Gy
     slope = slope * scale if scale else slope
     size, labels = (_count(header.get("Rows")), _count(header.get("Columns"))), _stack_labels(header, None)
-    instance = _first(header.get("InstanceNumber"), 0.0)
+    instance, padding = _first(header.get("InstanceNumber"), 0.0), _padding_range(header)
     return [_DicomImage(path=path, frame=frame, position=position + (offset - offsets[0]) * normal,
                         orientation=orientation, pixel_spacing=spacing, slope=slope, intercept=intercept,
-                        intercept_stated=stated, size=size, identity=_identity(path, header, frame), labels=labels,
+                        intercept_stated=stated, padding=padding, size=size,
+                        identity=_identity(path, header, frame), labels=labels,
                         instance=instance + frame / frames)
             for frame, offset in enumerate(offsets)]
 
@@ -449,10 +468,20 @@ def _fill_missing_slices(pixels: np.ndarray, slots: np.ndarray) -> np.ndarray:
     return filled
 
 
-def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) -> np.ndarray:
-    """The images' pixels with rescale applied, float32 (slices, rows, columns); each file decoded once, one at
-    a time, whatever order its frames take in the stack."""
+def _series_padding(images: list[_DicomImage]) -> tuple[int, int] | None:
+    """The padding the series' images state (the most common, should they differ), for an image whose file
+    states none: (0028,0120) PixelPaddingValue belongs to the General Equipment Module, which describes the
+    equipment that made the whole series, and some exporters leave it out of some files."""
+    stated = Counter(image.padding for image in images if image.padding is not None)
+    return stated.most_common(1)[0][0] if stated else None
+
+
+def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) -> tuple[np.ndarray, bool]:
+    """The images' pixels with rescale applied, float32 (slices, rows, columns), padding (`_padding_range`,
+    compared with the stored values) set to NaN for `_fill_padding`; and whether there was any. Each file is
+    decoded once, one at a time, whatever order its frames take in the stack."""
     pixels = np.empty((len(images), rows, columns), dtype=np.float32)
+    series_padding, padded = _series_padding(images), False
     slots: dict[Path, list[tuple[int, _DicomImage]]] = {}
     for slot, image in enumerate(images):
         slots.setdefault(image.path, []).append((slot, image))
@@ -472,7 +501,30 @@ def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) 
                 raise VolumeError(f"{name}: {path.name} holds {shape}, not {rows}×{columns} per image; export the "
                                   "series again")
             pixels[slot] = frame * np.float32(image.slope) + np.float32(image.intercept)
-    return pixels
+            padding = image.padding or series_padding
+            if padding is not None:
+                outside = (frame >= padding[0]) & (frame <= padding[1])
+                pixels[slot][outside] = np.nan
+                padded = padded or bool(outside.any())
+    return pixels, padded
+
+
+def _fill_padding(pixels: np.ndarray, name: str) -> int:
+    """Set the padding voxels (NaN: `_read_pixels`, and slices drawn from them), in place, to the lowest value
+    the scan's other voxels hold; returns how many there were.
+
+    As Weasis renders padding (RescaleUtils.applyPixelPaddingToModalityLUT: the modality LUT's value at the
+    image's lowest real pixel), and as PS3.3 C.7.5.1.1.2 advises padding itself (black, or air where the values
+    mean something): black in every window, outside the body to the model, never a new extreme for an auto
+    window or the 3D threshold. One value for the whole scan, taken after a MONOCHROME1 inversion, so that it
+    stays black; a slice drawn between two others keeps their padding rather than a blend with it."""
+    outside = np.isnan(pixels)
+    count = int(np.count_nonzero(outside))
+    if count == pixels.size:
+        raise VolumeError(f"{name}: every pixel of the series is marked as padding by its PixelPaddingValue, so it "
+                          "holds no image; re-export the series, or fix that attribute")
+    pixels[outside] = np.fmin.reduce(pixels, axis=None)  # fmin skips NaN
+    return count
 
 
 def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volume:
@@ -515,7 +567,7 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     step, slots = _slice_slots(positions)
     if slots is not None:
         check_grid((int(slots[-1]) + 1, rows, columns), name)  # the missing slices drawn too
-    pixels = _read_pixels(images, rows, columns, name)
+    pixels, padded = _read_pixels(images, rows, columns, name)
 
     meta: dict[str, Any] = {
         "manufacturer": str(first.get("Manufacturer", "")),  # (0008,0070)
@@ -557,6 +609,8 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         np.subtract(np.nanmax(pixels) + np.nanmin(pixels), pixels, out=pixels)
         notes.append("the series is stored with white at its lowest value (MONOCHROME1); its values are inverted "
                      "so that it shows as meant")
+    if padded:
+        meta["padding_voxels"] = _fill_padding(pixels, name)
     if modality == "CT" and not any(image.intercept_stated for image in images) and float(np.nanmin(pixels)) >= 0:
         notes.append("the CT states no rescale intercept and holds no value below 0, so its values are likely not "
                      "Hounsfield units (air lies near −1000): windows and the model may read it wrongly; re-export "

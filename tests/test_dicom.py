@@ -13,6 +13,8 @@ from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_dataset
 
 from medvlm.errors import VolumeError
+from medvlm.preprocess import window_range
+from medvlm.view3d import default_threshold, threshold_range
 from medvlm.volume import GUESSED_MODALITY, load_volume
 from medvlm.writers import save_dicom_enhanced, save_dicom_series, save_nifti
 
@@ -247,6 +249,103 @@ def test_a_ct_without_rescale_is_read_as_stored_and_flagged_when_it_cannot_be_in
         np.testing.assert_array_equal(scan.data, data)
         flagged = any("likely not Hounsfield units" in note for note in scan.meta.get("notes", []))
         assert flagged == (name == "raw")
+
+
+def _outside_circle(shape) -> np.ndarray:
+    """(Y, X) True outside the largest circle centred in an axial slice: where a CT's reconstruction stops."""
+    rows, columns = shape[-2:]
+    y, x = np.ogrid[:rows, :columns]
+    return (y - (rows - 1) / 2) ** 2 + (x - (columns - 1) / 2) ** 2 > (min(rows, columns) / 2) ** 2
+
+
+def _state_padding(files, vr: str, value: int, limit: int | None = None) -> None:
+    """Write (0028,0120) PixelPaddingValue, and (0028,0121) PixelPaddingRangeLimit, with the VR a scanner chose."""
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.add_new(0x00280120, vr, value)
+        if limit is not None:
+            ds.add_new(0x00280121, vr, limit)
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize("vr", ["SS", "US"])
+@pytest.mark.parametrize("padding_hu", [-3024.0, 62512.0], ids=["signed", "unsigned"])
+def test_a_ct_padding_ring_is_shown_as_air_not_as_an_extreme_value(tmp_path, marked_ct, padding_hu, vr):
+    """A CT pads outside its reconstruction circle with -2000 (signed pixels: -3024 HU once rescaled), or with
+    those bits read unsigned (63536: +62,512 HU), whichever VR the scanner wrote the padding value in. Inside
+    the circle the HU stay; the ring becomes air, so windows and the 3D range span the patient only."""
+    ring = _outside_circle(marked_ct.shape)
+    ct = marked_ct.copy()
+    ct[:, ring] = padding_hu
+    files = save_dicom_series(tmp_path, ct, MARKED_SPACING, intercept=-1024.0)
+    assert pydicom.dcmread(files[0]).PixelRepresentation == (padding_hu < 0)
+    _state_padding(files, vr, -2000 if vr == "SS" else 63536)
+    scan = load_volume(tmp_path)
+    np.testing.assert_array_equal(scan.data[:, ~ring], marked_ct[:, ~ring])
+    assert (scan.data[:, ring] == -1000.0).all()  # the lowest HU inside the circle: air
+    low, high = window_range(scan, "auto")
+    assert -1000.0 <= low < high <= 1000.0
+    low, high, _ = threshold_range(scan)
+    assert -1000.0 <= low < high <= 1000.0
+    assert scan.meta["padding_voxels"] == ring.sum() * len(files) and "notes" not in scan.meta
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_an_mr_padded_with_a_large_value_keeps_its_auto_window_and_3d_surface(tmp_path, marked_ct, photometric):
+    """An MR padded with 65535: the auto window and the 3D view's Otsu surface stay on the head (between
+    background at 40 and tissue near 1000) instead of the padding; MONOCHROME1 (padding is its black) too."""
+    ring = _outside_circle(marked_ct.shape)
+    mr = marked_ct + 1040.0  # background 40, tissue about 1000, bright markers 2040
+    stored = mr.copy()
+    if photometric == "MONOCHROME1":
+        stored = mr.max() + mr.min() - mr
+    stored[:, ring] = 65535.0
+    files = save_dicom_series(tmp_path, stored, MARKED_SPACING, "MR")
+    _edit(files, PhotometricInterpretation=photometric)
+    _state_padding(files, "US", 65535)
+    scan = load_volume(tmp_path)
+    inside = mr[:, ~ring]
+    if photometric == "MONOCHROME1":
+        inside = stored[:, ~ring].max() + stored[:, ~ring].min() - stored[:, ~ring]
+    np.testing.assert_array_equal(scan.data[:, ~ring], inside)
+    assert (scan.data[:, ring] == inside.min()).all()  # black, whichever way the series stores it
+    assert window_range(scan, "auto")[1] <= inside.max()
+    assert 40.0 < default_threshold(scan) < 1000.0
+
+
+def test_a_padding_range_covers_both_its_limits_and_nothing_beyond(tmp_path, marked_ct):
+    """(0028,0121) PixelPaddingRangeLimit: every stored value from PixelPaddingValue to it, both included, is
+    padding (background noise outside the body); a bright voxel one below the range is kept."""
+    ring = _outside_circle(marked_ct.shape)
+    mr = marked_ct + 1040.0
+    mr[3, 10, 12] = 3999.0  # real, just below the range
+    noise = np.random.default_rng(5).integers(4000, 4096, size=(len(mr), int(ring.sum()))).astype(np.float32)
+    noise[0, :2] = 4000.0, 4095.0
+    mr[:, ring] = noise
+    _state_padding(save_dicom_series(tmp_path, mr, MARKED_SPACING, "MR"), "US", 4000, 4095)
+    scan = load_volume(tmp_path)
+    np.testing.assert_array_equal(scan.data[:, ~ring], mr[:, ~ring])
+    assert (scan.data[:, ring] == 40.0).all() and scan.data.max() == 3999.0
+
+
+def test_padding_stated_by_some_files_of_a_series_is_padding_in_all(tmp_path, marked_ct):
+    """Some exports keep PixelPaddingValue in only some of a series' files: it describes the equipment that
+    made the series (General Equipment Module), so the ring of every slice is air, not only of those files."""
+    ring = _outside_circle(marked_ct.shape)
+    ct = marked_ct.copy()
+    ct[:, ring] = -3024.0
+    files = save_dicom_series(tmp_path, ct, MARKED_SPACING, intercept=-1024.0)
+    _state_padding(files[::2], "SS", -2000)
+    scan = load_volume(tmp_path)
+    np.testing.assert_array_equal(scan.data[:, ~ring], marked_ct[:, ~ring])
+    assert scan.data.min() == -1000.0
+
+
+def test_a_series_whose_every_pixel_is_padding_is_refused_not_shown_blank(tmp_path, marked_ct):
+    files = save_dicom_series(tmp_path, marked_ct + 1040.0, MARKED_SPACING, "MR")
+    _state_padding(files, "US", 0, 65535)  # a range that leaves no patient data
+    with pytest.raises(VolumeError, match="every pixel of the series is marked as padding"):
+        load_volume(tmp_path)
 
 
 def test_an_oblique_acquisition_says_its_planes_are_the_nearest_ones(tmp_path, marked_ct):
