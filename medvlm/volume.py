@@ -101,7 +101,8 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
     DICOM (`medvlm.dicom`): the scan's series (one that stacks, CT, MR or PET before others such as an RT dose
     grid, then most images; meta["other_series"] lists the rest), one stack of it (one echo, b-value or time
     point), slices sorted by position along the slice normal, spacing from those positions (one or two
-    missing slices drawn from their neighbours), rescale slope/intercept applied (CT in HU).
+    missing slices drawn from their neighbours), rescale slope/intercept applied (CT in HU), pixels marked as
+    padding (PixelPaddingValue) set to the scan's lowest value (air on a CT).
     .npy (M3D style, (1, D, H, W) or (D, H, W), values in [0, 1]): `arr[d]` is an axial slice in display
     order (row 0 anterior, column 0 the patient's right), d increasing toward superior; modality "OT", stored
     orientation "LPS"; no spacing is stored (M3D resampled every scan to one shape), so `spacing` is 1 mm and
