@@ -442,7 +442,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
                   label=f"Surface threshold ({'HU' if volume.modality == 'CT' else 'intensity'})"),
         [],
         REPORT_PLACEHOLDER,
-        gr.update(value=None, visible=False),
+        report_download(None),
         session.token,
     )
 
@@ -609,8 +609,8 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     left, right, top, bottom = PLANE_EDGES[plane]
     marks, kept_note = "", ""
     if plane == "axial" and session.kept_slices:
-        marks = "".join(f'<span class="kept-mark" style="left:{100 * (k + 0.5) / count:.2f}%"></span>'
-                        for k in session.kept_slices)
+        marks = "".join(f'<span class="kept-mark" data-slice="{k + 1}" style="left:{100 * (k + 0.5) / count:.2f}%">'
+                        '</span>' for k in session.kept_slices)
         kept_note = " · kept by the model" if index in session.kept_slices else ""
     cursor = f'<span class="cursor-mark" style="left:{100 * (index + 0.5) / count:.2f}%"></span>'
     frame = "slice-frame inverted" if window == INVERTED_WINDOW else "slice-frame"  # white around a white image
@@ -620,7 +620,7 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
             f'alt="{plane} slice {index + 1} of {count}">'
             f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
             f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span></div>'
-            f'<div class="slice-track">{marks}{cursor}</div>'
+            f'<div class="slice-track" data-count="{count}" title="Click to go to a slice">{marks}{cursor}</div>'
             f'<div class="slice-caption">{plane.title()} {index + 1} / {count} from {SLICE_ONE[plane]}'
             f'{f" · {location}" if location else ""} · window '
             f'{window_label(window)}{_shown_range(volume, window)}'
@@ -689,8 +689,8 @@ def change_plane(session: ScanSession | None, plane: str, window: str | None):
 
 def jump_to_kept(session: ScanSession | None, kept: str | None, window: str | None):
     """Show one of the slices the model kept (axial slice number, from 1). Returns (plane, slider, slice view,
-    kept-slice choice): the choice is cleared, so that the same number can be clicked again after scrolling
-    away (a radio button sends no event for the option already chosen)."""
+    kept-slice choice): the choice is cleared, so that the same number can be chosen again after scrolling
+    away (a list sends no event for the option already chosen)."""
     if session is None or session.volume is None or not kept:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     count = slice_count(session.volume, "axial")
@@ -793,23 +793,23 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
         return
     volume, cleared = session.volume, session.cleared
     session.report, session.report_finished, session.report_cut_off = "", False, 0
-    hidden = gr.update(value=None, visible=False)  # the previous report's download goes while this one streams
+    withdrawn = report_download(None)  # the previous report's download is withdrawn while this one streams
     stop = threading.Event()
     for chunk in _stream(session, volume, None, stop, max_new_tokens, temperature, top_p):
         if isinstance(chunk, CutOff):
             session.report_cut_off = chunk.limit
             continue
         session.report += chunk
-        yield session.report, hidden
-        hidden = gr.skip()
+        yield session.report, withdrawn
+        withdrawn = gr.skip()
     if _scan_replaced(session, volume) or session.cleared != cleared:
-        yield REPORT_PLACEHOLDER, gr.update(value=None, visible=False)
+        yield REPORT_PLACEHOLDER, report_download(None)
         return
     if stop.is_set() or session.report_cut_off:  # stopped or cut off: marked so, not offered as finished
         yield report_view(session)
         return
     session.report_finished = True
-    yield session.report, gr.update(value=str(_write_report(session)), visible=True)
+    yield session.report, report_download(_write_report(session))
 
 
 def chat(question: str, session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float,
@@ -946,18 +946,24 @@ def report_view(session: ScanSession) -> tuple[str, dict]:
     """(report box, download button) for the session's report as it stands: a stopped one says so and is not
     offered for download; none yet, the placeholder."""
     if not session.report:
-        return REPORT_PLACEHOLDER, gr.update(value=None, visible=False)
+        return REPORT_PLACEHOLDER, report_download(None)
     if not session.report_finished:
         end = REPORT_CUT_OFF.format(limit=session.report_cut_off) if session.report_cut_off else REPORT_STOPPED
-        return session.report + end, gr.update(value=None, visible=False)
+        return session.report + end, report_download(None)
     return session.report, gr.skip()
+
+
+def report_download(path: Path | None) -> dict:
+    """The download button's update: offering the finished report's file, or greyed out with none (it stays in
+    place, so that the chat below it does not move when a report is offered)."""
+    return gr.update(value=None if path is None else str(path), interactive=path is not None)
 
 
 def conversation_view(session: ScanSession | None):
     """(chatbot, report, download) as the session holds them, sent after Stop and Clear: a chunk a cancelled
     generation had already sent can reach the page after their own reply, and would otherwise stay on it."""
     if session is None:
-        return [], REPORT_PLACEHOLDER, gr.update(value=None, visible=False)
+        return [], REPORT_PLACEHOLDER, report_download(None)
     return chat_view(session), *report_view(session)
 
 
@@ -968,7 +974,7 @@ def clear_conversation(session: ScanSession | None):
         session.messages, session.report, session.cleared = [], "", session.cleared + 1
         session.chat_cleared += 1
         session.delete_files()
-    return [], REPORT_PLACEHOLDER, gr.update(value=None, visible=False)
+    return [], REPORT_PLACEHOLDER, report_download(None)
 
 
 def clear_chat(session: ScanSession | None) -> list:
@@ -1002,12 +1008,13 @@ def _write_report(session: ScanSession) -> Path:
 # The page -----------------------------------------------------------------------------------------
 
 PAGE_CSS = (ASSETS_DIR / "app" / "page.css").read_text(encoding="utf-8")
-# The mouse wheel over the slice image steps through the slices, as in a radiology viewer.
-WHEEL_SCROLLS_SLICES = (ASSETS_DIR / "app" / "wheel.js").read_text(encoding="utf-8")
+# The mouse over the slice viewer, as in a radiology viewer: the wheel steps through the slices, a click on the
+# track under the image goes to a slice.
+VIEWER_SCRIPT = (ASSETS_DIR / "app" / "viewer.js").read_text(encoding="utf-8")
 
 
 def build_demo() -> gr.Blocks:
-    """The page: the scan on the left (upload, card, slices, 3D), the assistant on the right."""
+    """The page: the scan on the left (upload, examples, slices, 3D), the assistant and the scan card on the right."""
     examples = [example_label(path) for path in list_examples()]
     with gr.Blocks(title="MedVLM 3D", delete_cache=DELETE_CACHE) as demo:
         session = gr.State(None, delete_callback=lambda old: old.release() if old is not None else None)
@@ -1016,42 +1023,46 @@ def build_demo() -> gr.Blocks:
             gr.Markdown(model_badge(PIPELINE), elem_id="model-badge")
         with gr.Row(equal_height=False, elem_id="main-row"):
             with gr.Column(scale=5, elem_id="scan-column"):
-                with gr.Row(equal_height=True, elem_id="scan-inputs"):  # the drop zone as tall as the examples: no gap
-                    # min_width: on a phone the examples go below, and the label leaves room for "Drop File Here"
-                    upload = gr.File(label="Scan: NIfTI, .npy, DICOM files or a .zip", file_count="multiple",
-                                     height=180, scale=3, min_width=300, elem_id="scan-upload")
-                    with gr.Column(scale=1, min_width=150):
-                        folder_upload = gr.UploadButton("Upload a DICOM folder", file_count="directory", size="md")
-                        example_picker = gr.Dataset(
-                            label="Examples", components=["textbox"], samples=[[n] for n in examples],
-                            visible=bool(examples), layout="gallery", samples_per_page=8)
-                        if not examples:
-                            gr.Markdown("*No example scans in `assets/examples/`.*")
+                upload = gr.File(label="Scan: NIfTI, .npy, DICOM files or a .zip", file_count="multiple",
+                                 height=110, elem_id="scan-upload")
+                # The examples on one line under the drop zone, not in a column beside it: on a laptop screen the
+                # slice slider and its controls then show without scrolling.
+                with gr.Row(equal_height=False, elem_id="scan-inputs"):
+                    example_picker = gr.Dataset(label="Examples", components=["textbox"],
+                                                samples=[[n] for n in examples], visible=bool(examples),
+                                                layout="gallery", samples_per_page=8, scale=3, min_width=240,
+                                                elem_id="examples")
+                    if not examples:
+                        gr.Markdown("*No example scans in `assets/examples/`.*")
+                    folder_upload = gr.UploadButton("Upload a DICOM folder", file_count="directory", size="md",
+                                                    scale=1, min_width=150, elem_id="folder-upload")
                 status = gr.Markdown("Upload a scan, or pick an example.", elem_id="status-line")
                 with gr.Tabs(elem_id="viewer-tabs"):
                     with gr.Tab("Slices", id="slices"):
                         slice_view = gr.HTML(slice_html(None, "axial", None, None), elem_id="slice-view")
-                        # buttons=[]: no ↺ reset, which moves the slider to 1 without redrawing the slice
-                        slice_slider = gr.Slider(1, 2, value=1, step=1, label="Slice", interactive=False,
-                                                 elem_id="slice-slider", buttons=[])
+                        with gr.Row(equal_height=True):
+                            # buttons=[]: no ↺ reset, which moves the slider to 1 without redrawing the slice
+                            slice_slider = gr.Slider(1, 2, value=1, step=1, label="Slice", interactive=False,
+                                                     elem_id="slice-slider", buttons=[], scale=4)
+                            # A list, one stop for the keyboard (a radio button per slice was 24 of them); the mouse
+                            # can also click the green marks under the image.
+                            kept = gr.Dropdown([], value=None, label="Kept slices", scale=1, min_width=150,
+                                               elem_id="kept-slices", interactive=True)
                         with gr.Row():
                             plane = gr.Radio(PLANES, value="axial", label="Plane", scale=3)
                             window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), label="Window",
                                                  scale=2, min_width=240)  # on a phone: below Plane, W/L legible
-                        kept = gr.Radio([], label="Slices the model kept (axial, green marks) — click one to view it",
-                                        elem_id="kept-slices")
                     with gr.Tab("3D", id="3d"):
                         threshold = gr.Slider(-1000, 2000, value=300, label="Surface threshold", interactive=False,
                                               elem_id="threshold-slider", buttons=[])
                         plot = gr.Plot(label="3D surface (drag to turn)", elem_id="plot-3d")
-                card = gr.Markdown(scan_card(ScanSession()), elem_id="scan-card")
             with gr.Column(scale=4, elem_id="assistant-column"):
                 with gr.Row(elem_id="report-buttons"):
                     report_button = gr.Button("Generate report", variant="primary", scale=2, elem_id="report-button")
                     stop_button = gr.Button("Stop", variant="stop", scale=1)
                     clear_button = gr.Button("Clear all", scale=1)  # the chat's bin icon is "Clear"
                 report = gr.Markdown(REPORT_PLACEHOLDER, elem_id="report-box", label="Report")
-                download = gr.DownloadButton("Download report (.md)", visible=False, size="sm",
+                download = gr.DownloadButton("Download report (.md)", interactive=False, size="sm",
                                              elem_id="report-download")
                 download.keep_in_cache = _SESSION_FILES
                 # Copy buttons only: the default Share button posts the conversation to the Space's Discussions.
@@ -1069,6 +1080,8 @@ def build_demo() -> gr.Blocks:
                     max_new_tokens = gr.Slider(16, MAX_NEW_TOKENS, value=256, step=16, label="Max new tokens")
                     temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p (with temperature > 0)")
+                # The scan's facts under the assistant, beside the viewer: under the viewer they were a scroll away.
+                card = gr.Markdown(scan_card(ScanSession()), elem_id="scan-card")
         gr.Markdown(PRIVACY_NOTE, elem_id="privacy-note")
 
         settings = [max_new_tokens, temperature, top_p]
@@ -1170,7 +1183,7 @@ def launch(demo: gr.Blocks, **options):
     in_a_space = bool(os.environ.get("SPACE_ID"))  # Hugging Face sets it in every Space, Docker ones too
     settings = {"server_name": os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if in_a_space else "127.0.0.1"),
                 "server_port": int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860),
-                "max_file_size": MAX_UPLOAD_BYTES, "css": PAGE_CSS, "js": WHEEL_SCROLLS_SLICES,
+                "max_file_size": MAX_UPLOAD_BYTES, "css": PAGE_CSS, "js": VIEWER_SCRIPT,
                 "theme": gr.themes.Soft(),
                 # Gradio would keep every run (questions, reports, slice images, upload names) in the browser's
                 # storage, past the tab's closing: on a shared ward computer the next user would see them.

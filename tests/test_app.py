@@ -432,7 +432,8 @@ def test_a_new_scan_while_the_report_streams_ends_the_report_quietly(app_module,
     fresh, _ = loaded(app_module, [_another_scan(tmp_path, 21)], session)  # the user uploads another scan
     # no more text, nor a download of the old scan's report: the empty report last, or Gradio's final message would
     # repeat the last text sent
-    assert list(stream) == [(app_module.REPORT_PLACEHOLDER, {"__type__": "update", "value": None, "visible": False})]
+    no_download = {"__type__": "update", "value": None, "interactive": False}
+    assert list(stream) == [(app_module.REPORT_PLACEHOLDER, no_download)]
     assert fresh.report == "" and fresh.folder is None
     assert not [t for t in threading.enumerate() if t.name == "medvlm-generate"]
 
@@ -489,7 +490,7 @@ def test_a_refused_upload_leaves_the_report_being_written_to_its_end(app_module,
         refused = app_module.load_scan([str(tmp_path / "photo.jpg")], session)
     assert refused[0] is session and refused[1].startswith("⚠️")
     text, download = list(stream)[-1]
-    assert download["visible"] is True and "Stopped" not in text
+    assert download["interactive"] is True and "Stopped" not in text
 
 
 def test_a_report_stopped_by_a_question_is_not_offered_as_finished(app_module, ct_nifti):
@@ -501,7 +502,7 @@ def test_a_report_stopped_by_a_question_is_not_offered_as_finished(app_module, c
     next(reporting)
     list(app_module.chat("Which organ is abnormal?", session, 4, 0.0, 1.0))
     text, download = list(reporting)[-1]
-    assert text.endswith(app_module.REPORT_STOPPED) and download["visible"] is False
+    assert text.endswith(app_module.REPORT_STOPPED) and download["interactive"] is False
 
 
 def test_after_stop_or_clear_the_page_shows_what_the_session_holds(app_module, ct_nifti):
@@ -520,7 +521,7 @@ def test_after_stop_or_clear_the_page_shows_what_the_session_holds(app_module, c
     first_text, _ = next(reporting)
     reporting.close()  # what Gradio's cancel does to the handler
     _, text, download = app_module.conversation_view(session)
-    assert text == first_text + app_module.REPORT_STOPPED and download["visible"] is False
+    assert text == first_text + app_module.REPORT_STOPPED and download["interactive"] is False
     app_module.clear_conversation(session)
     assert app_module.conversation_view(session)[:2] == ([], app_module.REPORT_PLACEHOLDER)
 
@@ -536,7 +537,7 @@ def test_a_request_made_for_a_scan_since_replaced_changes_nothing(app_module, ct
     assert list(app_module.generate_report(fresh, 8, 0.0, 1.0, old_token)) == [(gr.skip(), gr.skip())]
     assert list(app_module.chat("Where is the lesion?", fresh, 8, 0.0, 1.0, old_token)) == [(gr.skip(), gr.skip())]
     assert fresh.report == "" and fresh.messages == []
-    assert list(app_module.generate_report(fresh, 8, 0.0, 1.0, fresh.token))[-1][1]["visible"] is True
+    assert list(app_module.generate_report(fresh, 8, 0.0, 1.0, fresh.token))[-1][1]["interactive"] is True
     refused = app_module.load_scan([str(tmp_path / "missing.nii.gz")], fresh)  # a refused upload keeps the token
     assert refused[-1] == gr.skip()
 
@@ -559,7 +560,7 @@ def test_a_report_or_answer_cut_off_at_its_token_limit_says_so(app_module, ct_ni
     monkeypatch.setattr(app_module, "CutOff", CutOff)  # the real marking (the tiny model never ends on its own)
     session, _ = loaded(app_module, [ct_nifti])
     text, download = list(app_module.generate_report(session, 8, 0.0, 1.0))[-1]
-    assert text.endswith(app_module.REPORT_CUT_OFF.format(limit=8)) and download["visible"] is False
+    assert text.endswith(app_module.REPORT_CUT_OFF.format(limit=8)) and download["interactive"] is False
     answer = list(app_module.chat("Which organ is abnormal?", session, 8, 0.0, 1.0))[-1][0][-1]["content"]
     assert answer.endswith(app_module.ANSWER_CUT_OFF.format(limit=8))
     assert not session.messages[-1]["content"].endswith("]")  # the model is not told
@@ -885,15 +886,15 @@ def test_a_stopped_report_says_it_is_incomplete_and_is_not_offered_for_download(
     session, _ = loaded(app_module, [ct_nifti])
     app_module.encode_scan(session, "axial", "soft tissue", 21)
     finished = list(app_module.generate_report(session, 16, 0.0, 1.0))
-    assert finished[-1][1]["visible"] is True  # a whole report: its download is offered
+    assert finished[-1][1]["interactive"] is True  # a whole report: its download is offered
 
     stream = app_module.generate_report(session, 64, 0.0, 1.0)
     first_text, download = next(stream)
-    assert download == {"__type__": "update", "value": None, "visible": False}  # the old report's download goes
+    assert download == {"__type__": "update", "value": None, "interactive": False}  # the old report's download goes
     app_module.stop_generation(session)  # what the Stop button does besides cancelling the event
     text, download = list(stream)[-1]
     assert text.startswith(first_text) and text.endswith("*Stopped: this report is incomplete.*")
-    assert download["visible"] is False
+    assert download["interactive"] is False
 
 
 def test_the_chat_bin_forgets_the_conversation_and_keeps_the_report(app_module, ct_nifti):
@@ -915,7 +916,7 @@ def test_the_chat_bin_forgets_the_conversation_and_keeps_the_report(app_module, 
     reporting = app_module.generate_report(session, 16, 0.0, 1.0)
     next(reporting)
     app_module.clear_chat(session)  # a report streaming goes on to its end and its download
-    assert list(reporting)[-1][1]["visible"] is True
+    assert list(reporting)[-1][1]["interactive"] is True
 
 
 def test_the_ready_line_says_what_the_upload_left_out(app_module, tmp_path):

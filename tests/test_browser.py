@@ -70,6 +70,23 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.locator("#slice-view", has_text=f"Axial {count} / {count}").wait_for()
     page.wait_for_function(f"() => document.querySelector('#slice-slider input[type=number]').value === '{count}'")
 
+    # A click on the track under the image: near a green mark, that kept slice (a 2 px mark is too thin to hit);
+    # elsewhere, the slice at that place.
+    mark = page.locator("#slice-view .kept-mark").nth(1)
+    kept_number = mark.get_attribute("data-slice")
+    mark_box = mark.bounding_box()
+    page.mouse.click(mark_box["x"] + mark_box["width"] / 2 + 5, mark_box["y"] + mark_box["height"] / 2)
+    page.locator("#slice-view", has_text=f"Axial {kept_number} /").wait_for()
+    assert "kept by the model" in page.locator("#slice-view .slice-caption").inner_text()
+    track = page.locator("#slice-view .slice-track").bounding_box()
+    page.mouse.click(track["x"] + track["width"] - 1, track["y"] + track["height"] / 2)
+    page.locator("#slice-view", has_text=f"Axial {count} / {count}").wait_for()
+    # The list of kept slices: one stop for the keyboard, and a choice shows that slice.
+    last_kept = page.locator("#slice-view .kept-mark").last.get_attribute("data-slice")
+    page.locator("#kept-slices input").click()
+    page.get_by_role("option", name=last_kept, exact=True).click()
+    page.locator("#slice-view", has_text=f"Axial {last_kept} /").wait_for()
+
     page.get_by_role("tab", name="3D").click()
     page.locator("#plot-3d .js-plotly-plot").wait_for()
     page.locator("#plot-3d .js-plotly-plot canvas").first.wait_for()
@@ -83,7 +100,7 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
             .observe(box, {childList: true, subtree: true, characterData: true});
     }""")
     page.locator("#report-button").click()
-    page.locator("button", has_text="Download report").wait_for()
+    page.wait_for_function("() => !document.querySelector('#report-download').disabled")  # offered when finished
     lengths = [n for n in page.evaluate("window.reportLengths") if n]
     assert len(set(lengths)) >= 2 and lengths[-1] == max(lengths), f"the report did not grow: {lengths}"
 

@@ -1,0 +1,45 @@
+() => {
+  // The slice viewer's mouse, as in a radiology viewer. Each moves the slider as a drag would (an input event),
+  // so the app draws the slice the same way whichever moved it.
+  const slider = () => document.querySelector("#slice-slider input[type=range]");
+  const moveTo = (input, value) => {
+    value = Math.min(Number(input.max), Math.max(Number(input.min), value));
+    if (value === Number(input.value)) return;
+    input.value = String(value);
+    input.dispatchEvent(new Event("input", {bubbles: true}));
+  };
+
+  // The wheel over the slice image steps through the slices: one slice per notch (about 100 px; a touchpad's
+  // small deltas add up to it), down toward slice 1 (the patient's feet in the axial plane), up away from it.
+  let pending = 0;
+  document.addEventListener("wheel", (event) => {
+    const image = event.target.closest && event.target.closest("#slice-view");
+    const input = slider();
+    if (!image || !input || input.disabled) return;
+    event.preventDefault();
+    pending += event.deltaMode === 1 ? 40 * event.deltaY : event.deltaY;  // Firefox counts lines
+    const steps = Math.trunc(pending / 100);
+    if (steps === 0) return;
+    pending -= 100 * steps;
+    moveTo(input, Number(input.value) - steps);
+  }, {passive: false});
+
+  // A click on the track under the image goes to the slice at that place, or to a green mark (a slice the model
+  // kept) within 8 px of it: a 2 px mark is too thin to hit.
+  document.addEventListener("click", (event) => {
+    const track = event.target.closest && event.target.closest("#slice-view .slice-track");
+    const input = slider();
+    if (!track || !input || input.disabled) return;
+    const box = track.getBoundingClientRect();
+    let nearest = null;
+    for (const mark of track.querySelectorAll(".kept-mark")) {
+      const mark_box = mark.getBoundingClientRect();
+      const distance = Math.abs(mark_box.left + mark_box.width / 2 - event.clientX);
+      if (distance <= 8 && (nearest === null || distance < nearest.distance)) nearest = {mark, distance};
+    }
+    const count = Number(track.dataset.count);
+    const value = nearest ? Number(nearest.mark.dataset.slice)
+      : Math.floor(((event.clientX - box.left) / box.width) * count) + 1;
+    moveTo(input, value);
+  });
+}
