@@ -39,12 +39,13 @@ VISION_SIZES = {  # real: ViT-B/16 at 224, BiomedCLIP's and CLIP ViT-B/16's shap
 }
 
 
-def hub_snapshot(cache: Path, repo_id: str) -> Path:
-    """The snapshot folder of repo_id at main in a Hugging Face Hub cache, as huggingface_hub lays it out."""
+def hub_snapshot(cache: Path, repo_id: str, branch: str = "main", commit: str = COMMIT) -> Path:
+    """The snapshot folder of repo_id at `branch` (pointing at `commit`) in a Hugging Face Hub cache, as
+    huggingface_hub lays it out."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-    return repo / "snapshots" / COMMIT
+    (repo / "refs" / branch).write_text(commit)
+    return repo / "snapshots" / commit
 
 
 def stand_in_language_model(texts: list[str], size: str = "tiny",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
 import os
 import pickle
 import re
@@ -747,6 +749,65 @@ def test_the_app_listens_on_this_machine_unless_told_otherwise(app_module, monke
     assert re.search(r'- name: GRADIO_SERVER_NAME\n(?:\s+\w+: .*\n)*?\s+default: "0\.0\.0\.0"', spacefile)
 
 
+def served_in_process(app_module):
+    """The page as `launch` serves it (its settings, queue included), but in this process with no socket: a
+    client for Gradio's own routes."""
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    demo = app_module.build_demo()
+
+    class InProcess:  # stands in for the Blocks `launch` serves, and hands its settings to the real one
+        def queue(self, **options):
+            demo.queue(**options)
+            return self
+
+        def launch(self, **settings):
+            mountable = inspect.signature(gr.mount_gradio_app).parameters
+            return gr.mount_gradio_app(FastAPI(), demo, "/", **{k: v for k, v in settings.items() if k in mountable})
+
+    return TestClient(app_module.launch(InProcess()))
+
+
+def test_a_file_over_the_upload_limit_is_refused_with_a_sentence(app_module, monkeypatch):
+    """The page tells the browser the limit (it refuses a bigger file before sending it), and the server refuses
+    one sent anyway, by an API client, with a sentence that names the limit; a file within it is taken."""
+    from medvlm.limits import MAX_UPLOAD_BYTES
+
+    assert served_in_process(app_module).get("/config").json()["max_file_size"] == MAX_UPLOAD_BYTES
+    monkeypatch.setattr(app_module, "MAX_UPLOAD_BYTES", 1000)  # a gigabyte would take too long to send
+    client = served_in_process(app_module)
+    assert client.get("/config").json()["max_file_size"] == 1000
+    refused = client.post("/gradio_api/upload", files={"files": ("scan.nii.gz", b"\0" * 1001)})
+    assert refused.status_code == 413 and refused.text == "File size exceeded maximum allowed size of 1000 bytes."
+    taken = client.post("/gradio_api/upload", files={"files": ("scan.nii.gz", b"\0" * 1000)})
+    assert taken.status_code == 200
+    (path,) = taken.json()
+    assert Path(path).read_bytes() == b"\0" * 1000
+    app_module._delete_uploads([path])
+
+
+def test_max_new_tokens_past_the_cap_gets_the_caps_answer_and_says_so(app_module, ct_nifti, monkeypatch):
+    """An API client can ask for any number of new tokens: past MAX_NEW_TOKENS it gets the report the cap gives,
+    marked as cut off at the cap, and a warning; the library itself refuses such a number with a sentence."""
+    import medvlm.pipeline
+    from medvlm.errors import UserInputError
+    from medvlm.pipeline import CutOff
+
+    monkeypatch.setattr(app_module, "CutOff", CutOff)  # the real marking (the tiny model never ends on its own)
+    monkeypatch.setattr(app_module, "MAX_NEW_TOKENS", 5)  # a cap the tiny model reaches at once
+    monkeypatch.setattr(medvlm.pipeline, "MAX_NEW_TOKENS", 5)
+    session, _ = loaded(app_module, [ct_nifti])
+    with pytest.warns(UserWarning, match="At most 5 new tokens are generated per answer; asked for 50"):
+        asked_for_more, download = list(app_module.generate_report(session, 50, 0.0, 1.0))[-1]
+    at_the_cap = list(app_module.generate_report(session, 5, 0.0, 1.0))[-1][0]
+    assert asked_for_more == at_the_cap != app_module.REPORT_PLACEHOLDER  # the same five tokens, greedy
+    assert asked_for_more.endswith(app_module.REPORT_CUT_OFF.format(limit=5)) and download["interactive"] is False
+    with pytest.raises(UserInputError, match="max new tokens 1000000 is out of range; use 1 to 5"):
+        app_module.PIPELINE.chat(session.volume, [{"role": "user", "content": "Where?"}], max_new_tokens=10**6)
+    session.release()
+
+
 def test_uploads_never_read_are_swept_within_two_hours(app_module):
     every, older_than = app_module.demo.delete_cache
     assert every + older_than <= 2 * 3600
@@ -775,6 +836,52 @@ def test_an_unreachable_checkpoint_stops_the_app_with_one_line():
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def app_started_with(monkeypatch, **environment: str):
+    """app.py run afresh in this process (its model loads at import) with these environment variables set."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("app_started_afresh", ROOT / "app.py")
+    started = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, started)
+    spec.loader.exec_module(started)
+    return started
+
+
+def test_medvlm_revision_serves_that_revision_and_one_not_in_the_cache_stops_the_app_with_one_line(
+        tmp_path, monkeypatch, capsys):
+    """MEDVLM_REVISION pins which version of a Hub checkpoint a Space serves: the app runs that revision's weights
+    and its badge names it; a revision the Hub (here its local cache, offline) does not hold stops it with one line."""
+    import torch
+
+    from tests.hub_stand_ins import hub_snapshot
+    from tests.tiny_model import build_tiny_model
+
+    cache, repo_id, weights = tmp_path / "hub", "someorg/medvlm-3d", {}
+    for seed, branch, commit in ((0, "main", "a" * 40), (1, "v2", "b" * 40)):  # the same model, other weights
+        torch.manual_seed(seed)
+        model, tokenizer = build_tiny_model()
+        snapshot = hub_snapshot(cache, repo_id, branch, commit)
+        model.save_pretrained(snapshot)
+        tokenizer.save_pretrained(snapshot)
+        weights[branch] = model.state_dict()
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    served = app_started_with(monkeypatch, HF_HUB_OFFLINE="1", MEDVLM_CHECKPOINT=repo_id, MEDVLM_REVISION="v2")
+    running = served.PIPELINE.model.state_dict()
+    for branch, expected in (("v2", True), ("main", False)):
+        assert all(torch.equal(running[name], tensor) for name, tensor in weights[branch].items()) is expected, branch
+    badges = [c["props"]["value"] for c in served.demo.get_config_file()["components"]
+              if repo_id in str(c.get("props", {}).get("value"))]
+    assert len(badges) == 1 and f"`{repo_id}` at revision `v2` on" in badges[0]
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as stopped:
+        app_started_with(monkeypatch, MEDVLM_REVISION="v9")
+    error = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(error.splitlines()) == 1 and "Traceback" not in error
+    assert f"could not fetch checkpoint '{repo_id}' at revision 'v9'" in error
 
 
 def test_a_refusal_reaches_the_page_as_its_sentence_from_a_zerogpu_worker(app_module, ct_nifti):

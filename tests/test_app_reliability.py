@@ -17,10 +17,8 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from medvlm.errors import UserInputError
 from medvlm.phantom import make_phantom
 from medvlm.volume import load_volume
 from medvlm.writers import save_dicom_series, save_nifti
@@ -226,41 +224,41 @@ def test_patient_identifiers_never_leave_the_upload(server, app_module, tmp_path
     assert not list(uploads.rglob("study.zip")) and not list(uploads.rglob("*.dcm"))
 
 
-def test_the_upload_limit_is_passed_to_gradio(app_module, monkeypatch):  # noqa: F811
-    from medvlm.limits import MAX_UPLOAD_BYTES
+def test_one_report_at_a_time_and_the_viewer_answers_while_one_is_written(server, app_module, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
+    """One model event at a time (one GPU): while a visitor's report is being written, a second visitor's report
+    waits in the queue, told so, and that visitor meanwhile loads a scan and scrolls it; then both reports come."""
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
 
-    seen = {}
+    started, go_on = [], threading.Event()
+    stream = app_module._stream
 
-    class Demo:
-        def queue(self, **options):
-            return self
+    def held(*args):  # the generation starts once the test says so; counted as soon as its event runs
+        started.append(args[0])
+        go_on.wait(60)
+        yield from stream(*args)
 
-        def launch(self, **options):
-            seen.update(options)
-
-    app_module.launch(Demo())
-    assert seen["max_file_size"] == MAX_UPLOAD_BYTES
-
-
-def test_max_new_tokens_beyond_the_cap_is_capped_by_the_app_refused_by_the_library(app_module, monkeypatch, tmp_path):  # noqa: F811
-    import medvlm.pipeline
-
-    monkeypatch.setattr(app_module, "MAX_NEW_TOKENS", 5)
-    monkeypatch.setattr(medvlm.pipeline, "MAX_NEW_TOKENS", 5)
-    scan = save_nifti(tmp_path / "scan.nii.gz", np.random.default_rng(0).normal(0, 100, (6, 16, 16)),
-                      (2.0, 1.0, 1.0), modality="CT")
-    session = app_module.load_scan([str(scan)], None)[0]
-    model = app_module.PIPELINE.model
-    asked = []
-    generate = model.generate
-    monkeypatch.setattr(model, "generate", lambda *a, **k: asked.append(k["max_new_tokens"]) or generate(*a, **k))
-    with pytest.warns(UserWarning, match="At most 5 new tokens are generated per answer; asked for 50"):
-        list(app_module.generate_report(session, 50, 0.0, 1.0))
-    assert asked == [5]  # the app caps what the page asks, and says so
-    with pytest.raises(UserInputError, match="max new tokens 1000000 is out of range; use 1 to 5"):
-        app_module.PIPELINE.chat(session.volume, [{"role": "user", "content": "Where?"}], max_new_tokens=10**6)
-    assert asked == [5]  # the library refuses beyond the cap: nothing generated
-    session.release()
+    monkeypatch.setattr(app_module, "_stream", held)
+    scan = save_nifti(tmp_path / "scan.nii.gz", make_phantom([6], "ct", matrix=48).data, (5.0, 4.0, 4.0),
+                      modality="CT")
+    first, second = Client(server, verbose=False), Client(server, verbose=False)
+    try:
+        first.predict([handle_file(str(scan))], api_name="/load_scan")
+        writing = first.submit(16, 0.0, 1.0, api_name="/report")
+        assert wait_until(lambda: len(started) == 1), "the first report did not start"
+        second.submit([handle_file(str(scan))], api_name="/load_scan").result(timeout=30)
+        waiting = second.submit(16, 0.0, 1.0, api_name="/report")
+        view = second.submit("axial", "soft tissue", 3, api_name="/show_slice").result(timeout=30)[0]
+        assert "Axial 3 /" in view  # queued after the second report, answered before it
+        assert wait_until(lambda: waiting.status().code == Status.IN_QUEUE, 10)
+        assert len(started) == 1 and not writing.done()
+    finally:
+        go_on.set()
+    assert writing.result(timeout=60)[0].strip() and waiting.result(timeout=60)[0].strip()
+    assert len(started) == 2
+    first.close()
+    second.close()
 
 
 def test_routes_that_skip_the_queue_are_closed(server):
