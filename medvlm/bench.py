@@ -475,16 +475,65 @@ def run_benchmark(size: str = "full", device: str = "cpu", repeats: int = 5, che
     return figures
 
 
+@dataclass(frozen=True)
+class Target:
+    """A figure's target: at most `limit`, and at most `share` × the figure `baseline` of the same run."""
+
+    limit: float | None = None
+    baseline: str | None = None
+    share: float | None = None
+
+    def met(self, value: float, figures: dict[str, Any]) -> bool:
+        within_limit = self.limit is None or value <= self.limit
+        return within_limit and (self.baseline is None or value <= self.share * figures[self.baseline])
+
+    def __str__(self) -> str:
+        parts = [] if self.limit is None else [f"≤ {_figure_text(self.limit)}"]
+        if self.baseline is not None:
+            parts.append(f"≤ {self.share:.2g} × {self.baseline}")
+        return " and ".join(parts)
+
+
+# The targets (README, Performance): the demo checkpoint on a 2-core CPU, and with --device cuda the real-size
+# configuration in bf16 on a GPU.
+TARGETS = {"load_nifti_s": Target(2), "load_dicom_s": Target(5), "slice_render_ms": Target(25),
+           "view3d_s": Target(1.5), "view3d_bytes": Target(1.5e6, "view3d_naive_bytes", 1 / 3),
+           "encode_s": Target(baseline="encode_all_slices_s", share=0.6), "ttft_s": Target(4),
+           "followup_ttft_s": Target(baseline="ttft_s", share=0.15), "peak_rss_mb": Target(3000),
+           "app_ready_s": Target(20)}
+REAL_SIZE_TARGETS = {"encode_s": Target(0.5), "ttft_s": Target(1)}
+
+
+def _figure_text(value: float) -> str:
+    """A figure as a reader takes it in: 154,815 and 2,318, not 1.548e+05; 0.231 and 4.4 to four digits."""
+    if isinstance(value, int) or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
 def summary_table(figures: dict[str, Any]) -> str:
-    """The figures as aligned text lines, for `bench` without --json."""
-    lines = [f"machine: {figures['machine']['cpu']}, {figures['machine']['cores']} cores, "
-             f"torch {figures['machine']['torch']}"]
-    for key, value in figures.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            lines.append(f"{key:<22} {value:.4g}")
+    """The figures as aligned text lines, for `bench` without --json: each figure with its value and, where it
+    has one, its target and whether this run met it; the MR brain's and the real-size configuration's figures
+    under their own prefix."""
+    about = figures["machine"]
+    lines = [f"machine: {about['cpu']}, {about['cores']} cores, torch {about['torch']}; "
+             f"median of {figures['repeats']} runs",
+             f"{'figure':<28}  {'value':>12}  {'target':<46}  met"]
+
+    def add(prefix: str, measured: dict[str, Any], targets: dict[str, Target]) -> None:
+        for key, value in measured.items():
+            if key == "repeats" or not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            target = targets.get(key)
+            verdict = "" if target is None else ("yes" if target.met(value, measured) else "no")
+            lines.append(f"{prefix + key:<28}  {_figure_text(value):>12}  {target or ''!s:<46}  {verdict}".rstrip())
+
+    add("", figures, TARGETS)
+    add("mr_brain.", figures.get("mr_brain", {}), {})
+    add("real_size.", figures.get("real_size", {}), REAL_SIZE_TARGETS)
     return "\n".join(lines)
 
 
-__all__ = ["SIZES", "BenchSize", "all_slices_pipeline", "app_ready_once", "fit_grid", "machine", "make_inputs",
-           "naive_view3d_json", "real_size_config",
-           "real_size_pipeline", "real_size_tokenizer", "run_benchmark", "scroller_png"]
+__all__ = ["REAL_SIZE_TARGETS", "SIZES", "TARGETS", "BenchSize", "Target", "all_slices_pipeline", "app_ready_once",
+           "fit_grid", "machine", "make_inputs", "naive_view3d_json", "real_size_config", "real_size_pipeline",
+           "real_size_tokenizer", "run_benchmark", "scroller_png", "summary_table"]

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,49 @@ def test_cuda_without_a_gpu_is_one_line_and_status_2():
                             capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "CUDA" in result.stderr and "--device cpu" in result.stderr
+
+
+def test_the_summary_table_names_every_figure_with_its_value_and_whether_it_met_its_target():
+    """`bench` without --json prints this table: the machine, then every figure by name with its value (four
+    significant digits, large ones in full), its target where it has one and whether this run met it, a share
+    of a baseline judged against the baseline of the same run."""
+    from medvlm.bench import TARGETS, machine, summary_table
+
+    measured = {"load_nifti_s": 0.79, "load_dicom_s": 0.82, "slice_render_ms": 4.4, "view3d_s": 0.23,
+                "view3d_bytes": 154_815, "view3d_naive_bytes": 5_673_196, "encode_s": 0.231,
+                "encode_all_slices_s": 0.26, "kept_slices": 24, "total_slices": 47, "ttft_s": 1.12,
+                "tokens_per_s": 240.0, "followup_ttft_s": 0.029, "peak_rss_mb": 2318.4, "app_ready_s": 9.7}
+    assert set(measured) == set(FIGURES)
+    about = machine()
+
+    def table(**changed) -> dict[str, list[str]]:
+        figures = {"machine": about, "size": "full", "device": "cpu", "repeats": 5,  # in run_benchmark's order
+                   "inputs": {"ct_shape": list(SIZES["full"].ct_shape), "ct_dicom_files": 300},
+                   **{key: measured[key] for key in ("load_nifti_s", "load_dicom_s", "slice_render_ms", "view3d_s",
+                                                     "view3d_bytes", "view3d_naive_bytes")},
+                   "checkpoint": {"checkpoint": "demo checkpoint", "revision": None, "device": "cpu", "demo": True},
+                   **{key: measured[key] for key in ("encode_s", "encode_all_slices_s", "kept_slices",
+                                                     "total_slices")},
+                   "encode_parts": {"shipped_model_s": 0.063, "all_slices_model_s": 0.099},
+                   **{key: measured[key] for key in ("ttft_s", "tokens_per_s", "followup_ttft_s")},
+                   "mr_brain": {"shape": [160, 192, 160], "encode_s": 0.05, "kept_slices": 20, "total_slices": 40},
+                   "peak_rss_mb": measured["peak_rss_mb"], "app_ready_s": measured["app_ready_s"]}
+        figures.update(changed)
+        header, _, *rows = summary_table(figures).splitlines()
+        assert str(about["cpu"]) in header and f"{about['cores']} cores" in header and about["torch"] in header
+        return {name: rest for name, *rest in (re.split(r"\s{2,}", row.strip()) for row in rows)}
+
+    shown = table()
+    for key, value in measured.items():
+        assert float(shown[key][0].replace(",", "")) == pytest.approx(value, rel=5e-4), key
+    assert shown["view3d_bytes"][0] == "154,815"  # not 1.548e+05
+    assert set(TARGETS) <= set(shown) and all(len(shown[key]) == 3 for key in TARGETS)
+    assert shown["load_nifti_s"][1:] == ["≤ 2", "yes"]
+    assert shown["encode_s"][1:] == ["≤ 0.6 × encode_all_slices_s", "no"]  # 0.231 s is 0.89 × 0.26 s
+    assert shown["followup_ttft_s"][2] == "yes" and shown["view3d_bytes"][2] == "yes"
+    assert shown["mr_brain.encode_s"] == ["0.05"]  # the MR's figures too, with no target of their own
+    assert "repeats" not in shown and "kept_slices" in shown and len(shown["kept_slices"]) == 1
+
+    assert table(encode_s=0.15)["encode_s"][2] == "yes"  # under 0.6 × 0.26 s
+    assert table(ttft_s=4.5)["ttft_s"][2] == "no" and table(ttft_s=4.5)["followup_ttft_s"][2] == "yes"
+    assert table(view3d_naive_bytes=400_000)["view3d_bytes"][2] == "no"  # over a third of the baseline
