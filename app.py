@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 import math
 import os
@@ -48,13 +49,19 @@ PLANES = ["axial", "coronal", "sagittal"]
 PLANE_EDGES = {"axial": "RLAP", "coronal": "RLSI", "sagittal": "APSI"}
 SOURCE_NAMES = {"nifti": "NIfTI", "dicom": "DICOM", "npy": "NumPy .npy"}
 MODALITY_NAMES = {"CT": "CT (computed tomography)", "MR": "MR (magnetic resonance)", "PT": "PET", "OT": "Other"}
-SUGGESTED_QUESTIONS = [
-    "Which organ is abnormal?",
-    "Where is the lesion?",
-    "How large is the largest lesion?",
-    "In which plane is this image?",
-    "Is there a lung nodule?",
-]
+# Suggested questions per modality, phrased as the phantoms' question types are (medvlm.phantom_text): the ones
+# the demo model was taught. A question about lungs is no use on a brain MR.
+SUGGESTED_QUESTIONS = {
+    "CT": ["Which organ shows an abnormality?", "What kind of lesion is present?", "How large is the largest lesion?",
+           "Which contrast phase is this CT?", "Which plane are these slices acquired in?"],
+    "MR": ["Which finding does this scan show?", "Which organ shows an abnormality?",
+           "How large is the largest lesion?", "Which MR sequence is this?",
+           "Which plane are these slices acquired in?"],
+    "PT": ["Which organ shows an abnormality?", "What kind of lesion is present?", "How large is the largest lesion?",
+           "What imaging modality is this?", "Which plane are these slices acquired in?"],
+    "OT": ["Which organ shows an abnormality?", "What kind of lesion is present?", "What imaging modality is this?",
+           "Which plane are these slices acquired in?"],
+}
 DEMO_WARNING = "trained on synthetic phantoms — not for clinical use"
 PRIVACY_NOTE = ("Nothing you upload is kept: the file is read into memory and deleted, and the scan, "
                 "report and conversation are discarded when you close the page, or after an hour without use. Do "
@@ -74,6 +81,7 @@ MAKE_ROOM_IDLE_S = 600
 # a script can pile up, but scrolling waits in the same queue, so it is set well above what visitors queue: a
 # lower one would let one client's burst of reports refuse everyone's slices.
 QUEUE_SIZE = 500
+LOAD_OUTPUTS = 16  # what a load updates: see `_new_scan` and build_demo's scan_outputs
 OUT_OF_MEMORY = "The server ran out of memory reading this scan; try again in a few minutes, or with a smaller scan"
 SESSION_FOLDER_PREFIX = "medvlm-session-"  # a session's own folder in the upload folder (its report download)
 REPORT_PLACEHOLDER = "*The report appears here: press **Generate report**.*"
@@ -359,6 +367,27 @@ def example_label(path: Path) -> str:
     return name.replace("_", " ").replace("-", " ")
 
 
+def example_truth(path: Path) -> str:
+    """The findings report an example phantom was made with (assets/examples/examples.json), or ""."""
+    try:
+        entry = json.loads((EXAMPLES_DIR / "examples.json").read_text(encoding="utf-8")).get(path.name, {})
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return str(entry.get("report", "")) if isinstance(entry, dict) else ""
+
+
+def report_caveat(pipeline: Pipeline) -> str:
+    """The line under the report: check it against the images, with how often this checkpoint was right on
+    held-out scans where it ships those scores."""
+    scores = pipeline.held_out_scores() or {}
+    recall, closed, count = (scores.get(key) for key in ("finding_recall", "closed_accuracy", "n"))
+    if not all(isinstance(value, int | float) for value in (recall, closed, count)):
+        return "*Check every finding against the images: a fluent report is not a correct one.*"
+    return (f"*Check every finding against the images: on {count} held-out phantoms, this model's reports named "
+            f"{recall:.0%} of their findings, and it chose the right answer to {closed:.0%} of multiple-choice "
+            "questions.*")
+
+
 def load_scan(files: list[str] | str | None, session: ScanSession | None, request: gr.Request | None = None):
     """An upload (one file, several DICOM files, a folder's files or a zip) becomes the session's scan.
 
@@ -407,11 +436,13 @@ def load_example(choice: object, session: ScanSession | None, request: gr.Reques
         return _unchanged(session, f"⚠️ {error}")
     except MemoryError:
         return _unchanged(session, f"⚠️ {OUT_OF_MEMORY}.")
-    return _new_scan(volume, f"example: {example_label(chosen)}", session, request)
+    return _new_scan(volume, f"example: {example_label(chosen)}", session, request, truth=example_truth(chosen))
 
 
-def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: gr.Request | None):
-    """A fresh session for the scan (the previous one is released): a new conversation starts."""
+def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: gr.Request | None,
+              truth: str = ""):
+    """A fresh session for the scan (the previous one is released): a new conversation starts, with questions
+    suggested for its modality. `truth`: an example phantom's findings report, shown apart from the model's."""
     plane, window, middle = _first_view(volume)
     count = slice_count(volume, plane)
     grid = surface_grid(volume)[0]
@@ -444,7 +475,16 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         REPORT_PLACEHOLDER,
         report_download(None),
         session.token,
+        gr.Dataset(samples=[[question] for question in suggestions_for(volume.modality)]),
+        gr.update(visible=bool(truth), open=False),
+        f"{shown(truth)}\n\n*The phantom's ground truth (assets/examples/examples.json): what this example was made "
+        "with. The model is never shown it.*" if truth else "",
     )
+
+
+def suggestions_for(modality: str) -> list[str]:
+    """The questions suggested for a scan of this modality."""
+    return SUGGESTED_QUESTIONS.get(modality, SUGGESTED_QUESTIONS["OT"])
 
 
 def _first_view(volume: Volume) -> tuple[str, str, int]:
@@ -457,7 +497,7 @@ def _unchanged(session: ScanSession | None, status: str):
     the page (if any) is still the one the model answers about."""
     if session is not None and session.volume is not None:
         status = f"{status.rstrip('.')}. The scan shown ({session.label}) stays loaded."
-    return (session, shown(status), *([gr.skip()] * 11))
+    return (session, shown(status), *([gr.skip()] * (LOAD_OUTPUTS - 2)))
 
 
 def shown(sentence: str) -> str:
@@ -1000,7 +1040,8 @@ def _write_report(session: ScanSession) -> Path:
     text = (f"# Report\n\n{modality}, {x} × {y} × {z} voxels, {spacing}.\n\n"
             f"{session.report.strip()}\n\n---\n\nWritten by MedVLM 3D (`{about['checkpoint']}`)"
             + (f", {DEMO_WARNING}." if about["demo"] else ". Not a medical device; not for clinical use.") + "\n")
-    path = session.own_folder() / "report.md"
+    scan = re.sub(r"[^a-z0-9]+", "-", session.label.removeprefix("example: ").lower()).strip("-")
+    path = session.own_folder() / f"medvlm-report-{scan}-{time.strftime('%Y%m%d-%H%M')}.md"  # no file name
     path.write_text(text, encoding="utf-8")
     return session.keep_file(path)
 
@@ -1046,8 +1087,8 @@ def build_demo() -> gr.Blocks:
                                                      elem_id="slice-slider", buttons=[], scale=4)
                             # A list, one stop for the keyboard (a radio button per slice was 24 of them); the mouse
                             # can also click the green marks under the image.
-                            kept = gr.Dropdown([], value=None, label="Kept slices", scale=1, min_width=150,
-                                               elem_id="kept-slices", interactive=True)
+                            kept = gr.Dropdown([], value=None, label="Kept slices (axial)", scale=1,
+                                               min_width=190, elem_id="kept-slices", interactive=True)
                         with gr.Row():
                             plane = gr.Radio(PLANES, value="axial", label="Plane", scale=3)
                             window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), label="Window",
@@ -1065,6 +1106,10 @@ def build_demo() -> gr.Blocks:
                 download = gr.DownloadButton("Download report (.md)", interactive=False, size="sm",
                                              elem_id="report-download")
                 download.keep_in_cache = _SESSION_FILES
+                gr.Markdown(report_caveat(PIPELINE), elem_id="report-caveat")
+                with gr.Accordion("True findings of this example", open=False, visible=False,
+                                  elem_id="example-truth") as truth_box:
+                    truth = gr.Markdown("")
                 # Copy buttons only: the default Share button posts the conversation to the Space's Discussions.
                 chatbot = gr.Chatbot(label="Questions about this scan", height=300, elem_id="chatbot",
                                      buttons=["copy", "copy_all"],
@@ -1075,7 +1120,7 @@ def build_demo() -> gr.Blocks:
                                           scale=5, elem_id="question", submit_btn=False, max_length=MAX_QUESTION_CHARS)
                     ask_button = gr.Button("Ask", variant="primary", scale=1, min_width=80)
                 suggestions = gr.Dataset(label="Suggested questions", components=[question], elem_id="suggestions",
-                                         samples=[[q] for q in SUGGESTED_QUESTIONS], layout="gallery")
+                                         samples=[[q] for q in suggestions_for("CT")], layout="gallery")
                 with gr.Accordion("Generation settings", open=False, elem_id="generation-settings"):
                     max_new_tokens = gr.Slider(16, MAX_NEW_TOKENS, value=256, step=16, label="Max new tokens")
                     temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
@@ -1087,7 +1132,8 @@ def build_demo() -> gr.Blocks:
         settings = [max_new_tokens, temperature, top_p]
         scan_token = gr.Textbox("", visible=False)  # `ScanSession.token` of the scan the page shows
         scan_outputs = [session, status, card, plane, window, slice_slider, slice_view, kept, threshold, chatbot,
-                        report, download, scan_token]
+                        report, download, scan_token, suggestions, truth_box, truth]
+        assert len(scan_outputs) == LOAD_OUTPUTS
         viewer = {"show_progress": "hidden", "concurrency_limit": 4}
         gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}
         # Reading a big series takes seconds and, for a moment, twice its memory: two at a time, whatever the source.

@@ -34,6 +34,7 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo-mode
 ENCODING_CACHE_SIZE = 16  # scans whose visual tokens are kept for follow-up questions
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a file that git-lfs never fetched begins
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a checkpoint holds one or both
+HELD_OUT_EVALUATION = "eval_heldout.json"  # `medvlm eval`'s JSON on held-out scans, if shipped beside the weights
 
 
 @dataclass
@@ -355,6 +356,17 @@ class Pipeline:
                 "dtype": str(self.model.dtype).split(".")[-1],
                 "demo": bool(config.demo), "visual_tokens": config.num_visual_tokens,
                 "slice_budget": config.slice_budget}
+
+    def held_out_scores(self) -> dict | None:
+        """The checkpoint's own scores on held-out scans (`medvlm eval`'s JSON object, as the demo checkpoint ships
+        it in HELD_OUT_EVALUATION), or None when it ships none or it cannot be read."""
+        if self.folder is None:
+            return None
+        try:
+            scores = json.loads((self.folder / HELD_OUT_EVALUATION).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return scores if isinstance(scores, dict) else None
 
     # Encoding ---------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 import pickle
 import re
@@ -288,7 +289,9 @@ def test_report_streams_and_is_offered_as_markdown(app_module, ct_nifti):
     texts = [text for text, _ in updates]
     assert len(updates) >= 3 and texts[-1] and texts[0] != texts[-1]  # it grew, then the download came
     path = Path(updates[-1][1]["value"])
-    assert path.name == "report.md" and texts[-1].strip() in path.read_text()
+    assert texts[-1].strip() in path.read_text()
+    # named for what it is and when (not for the uploaded file, whose name can hold the patient's)
+    assert re.fullmatch(r"medvlm-report-uploaded-scan-\d{8}-\d{4}\.md", path.name), path.name
     session.release()
     assert not path.exists()
 
@@ -412,6 +415,43 @@ def test_an_example_is_picked_by_its_row_or_its_name(app_module, tmp_path, monke
         assert outputs[0] is None and "choose one of 'a scan', 'b scan'" in outputs[1], junk
 
 
+def test_an_example_shows_its_true_findings_apart_and_questions_for_its_modality(app_module, ct_nifti):
+    """An example phantom comes with the report it was made with (closed, under the model's report), to check the
+    model against; an upload has none. The suggested questions fit the scan: none about lungs on a brain MR."""
+    truths = json.loads((ROOT / "assets" / "examples" / "examples.json").read_text())
+    for name, label in (("ct_chest_abdomen.nii.gz", "ct chest abdomen"), ("mr_brain.nii.gz", "mr brain")):
+        outputs = app_module.load_example(label, None)
+        suggested = [sample[0] for sample in outputs[13].constructor_args["samples"]]
+        box, truth = outputs[14], outputs[15]
+        assert box["visible"] is True and box["open"] is False
+        assert truths[name]["report"] in truth and "never shown it" in truth
+        if name.startswith("mr"):
+            assert "MR sequence" in " ".join(suggested) and not any("lung" in q or "CT" in q for q in suggested)
+        else:
+            assert "Which contrast phase is this CT?" in suggested
+        outputs[0].release()
+    session, outputs = loaded(app_module, [ct_nifti])
+    assert outputs[14]["visible"] is False and outputs[15] == ""  # an upload: no truth to show
+    session.release()
+
+
+def test_the_line_under_the_report_quotes_the_checkpoints_own_held_out_scores(app_module):
+    """Under the report: check it against the images, with how often this checkpoint was right on held-out phantoms
+    where it ships `medvlm eval`'s scores (the demo checkpoint does); a sentence without figures where it does
+    not."""
+    from medvlm.pipeline import DEMO_CHECKPOINT, Pipeline
+
+    tiny = app_module.PIPELINE
+    assert app_module.report_caveat(tiny) == ("*Check every finding against the images: a fluent report is not a "
+                                              "correct one.*")
+    demo = Pipeline(tiny.model, tiny.tokenizer, "demo checkpoint", folder=DEMO_CHECKPOINT)
+    scores = json.loads((DEMO_CHECKPOINT / "eval_heldout.json").read_text())
+    caveat = app_module.report_caveat(demo)
+    assert f"on {scores['n']} held-out phantoms" in caveat
+    assert f"named {scores['finding_recall']:.0%} of their findings" in caveat
+    assert f"right answer to {scores['closed_accuracy']:.0%} of multiple-choice questions" in caveat
+
+
 def test_stop_ends_the_generation_thread(app_module, ct_nifti):
     session, _ = loaded(app_module, [ct_nifti])
     stream = app_module.generate_report(session, 1000, 0.0, 1.0)
@@ -532,16 +572,16 @@ def test_a_request_made_for_a_scan_since_replaced_changes_nothing(app_module, ct
     """A report or question still waiting in the queue when a new scan loads was asked about the old scan: the page
     sent that scan's token with it, and it is not run on the new one."""
     session, outputs = loaded(app_module, [ct_nifti])
-    old_token = outputs[-1]
+    old_token = outputs[12]
     assert old_token == session.token
     fresh, outputs = loaded(app_module, [_another_scan(tmp_path, 24)], session)
-    assert outputs[-1] == fresh.token != old_token
+    assert outputs[12] == fresh.token != old_token
     assert list(app_module.generate_report(fresh, 8, 0.0, 1.0, old_token)) == [(gr.skip(), gr.skip())]
     assert list(app_module.chat("Where is the lesion?", fresh, 8, 0.0, 1.0, old_token)) == [(gr.skip(), gr.skip())]
     assert fresh.report == "" and fresh.messages == []
     assert list(app_module.generate_report(fresh, 8, 0.0, 1.0, fresh.token))[-1][1]["interactive"] is True
     refused = app_module.load_scan([str(tmp_path / "missing.nii.gz")], fresh)  # a refused upload keeps the token
-    assert refused[-1] == gr.skip()
+    assert refused[12] == gr.skip()
 
 
 def test_the_ready_line_comes_in_the_view_the_visitor_went_to(app_module, ct_nifti):

@@ -86,6 +86,15 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.locator("#kept-slices input").click()
     page.get_by_role("option", name=last_kept, exact=True).click()
     page.locator("#slice-view", has_text=f"Axial {last_kept} /").wait_for()
+    # The keys, once the image is clicked: the arrows step a slice (down toward slice 1, as the wheel), Page Down
+    # ten, End to the last; the viewer keeps the focus while each slice is drawn.
+    page.locator("#slice-view img").click()
+    page.keyboard.press("ArrowDown")
+    page.locator("#slice-view", has_text=f"Axial {int(last_kept) - 1} /").wait_for()
+    page.keyboard.press("End")
+    page.locator("#slice-view", has_text=f"Axial {count} / {count}").wait_for()
+    page.keyboard.press("PageDown")
+    page.locator("#slice-view", has_text=f"Axial {int(count) - 10} /").wait_for()
 
     page.get_by_role("tab", name="3D").click()
     page.locator("#plot-3d .js-plotly-plot").wait_for()

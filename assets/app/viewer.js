@@ -24,6 +24,34 @@
     moveTo(input, Number(input.value) - steps);
   }, {passive: false});
 
+  // The keys, once the viewer has the focus (a click on the image, or Tab): the arrows step one slice (down toward
+  // slice 1, as the wheel), Page Up / Page Down ten, Home and End go to the first and the last. The viewer's box
+  // keeps the focus while the slice inside it is redrawn.
+  const focusable = () => {
+    const viewer = document.querySelector("#slice-view");
+    if (!viewer) return setTimeout(focusable, 200);
+    viewer.tabIndex = 0;
+    viewer.setAttribute("aria-label", "Slice viewer: arrow keys, Page Up and Page Down step through the slices");
+  };
+  focusable();
+  document.addEventListener("mousedown", (event) => {
+    const viewer = event.target.closest && event.target.closest("#slice-view");
+    if (viewer && viewer.tabIndex === 0) viewer.focus({preventScroll: true});
+  });
+  const steps = {ArrowUp: 1, ArrowRight: 1, ArrowDown: -1, ArrowLeft: -1, PageUp: 10, PageDown: -10};
+  document.addEventListener("keydown", (event) => {
+    const input = slider();
+    if (!document.activeElement || document.activeElement.id !== "slice-view" || !input || input.disabled) return;
+    if (event.altKey || event.ctrlKey || event.metaKey) return;
+    let value = null;
+    if (event.key in steps) value = Number(input.value) + steps[event.key];
+    else if (event.key === "Home") value = Number(input.min);
+    else if (event.key === "End") value = Number(input.max);
+    if (value === null) return;
+    event.preventDefault();  // the page does not scroll
+    moveTo(input, value);
+  });
+
   // A click on the track under the image goes to the slice at that place, or to a green mark (a slice the model
   // kept) within 8 px of it: a 2 px mark is too thin to hit.
   document.addEventListener("click", (event) => {
