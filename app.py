@@ -40,7 +40,7 @@ from medvlm.pipeline import CutOff, Encoding, Pipeline
 from medvlm.preprocess import CT_WINDOWS, INVERTED_WINDOW, default_window, window_names
 from medvlm.view import SLICE_ONE, render_slice, slice_count, slice_location, window_limits
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
-from medvlm.volume import Volume, load_volume, remove_stale_zip_folders
+from medvlm.volume import MODALITIES, Volume, load_volume, remove_stale_zip_folders
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 EXAMPLES_DIR = ASSETS_DIR / "examples"
@@ -81,7 +81,7 @@ MAKE_ROOM_IDLE_S = 600
 # a script can pile up, but scrolling waits in the same queue, so it is set well above what visitors queue: a
 # lower one would let one client's burst of reports refuse everyone's slices.
 QUEUE_SIZE = 500
-LOAD_OUTPUTS = 16  # what a load updates: see `_new_scan` and build_demo's scan_outputs
+LOAD_OUTPUTS = 17  # what a load updates: see `_new_scan` and build_demo's scan_outputs
 OUT_OF_MEMORY = "The server ran out of memory reading this scan; try again in a few minutes, or with a smaller scan"
 SESSION_FOLDER_PREFIX = "medvlm-session-"  # a session's own folder in the upload folder (its report download)
 REPORT_PLACEHOLDER = "*The report appears here: press **Generate report**.*"
@@ -197,6 +197,7 @@ class ScanSession:
 
     volume: Volume | None = None
     label: str = ""  # what the scan card calls the scan: an example's name, or "uploaded scan"
+    truth: str = ""  # an example phantom's findings report (`example_truth`); "" for an upload
     encoding: Encoding | None = None  # the scan as the model sees it, from `encode_on_gpu`
     # {"role", "content": str}; an answer cut short also "stopped": True or "cut_off": its token limit (the chat
     # says so; the model is given role and content only)
@@ -457,7 +458,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
             return _unchanged(session, f"⚠️ {message}.")
         if session is not None:  # only now: until the new scan is ready, the session keeps the one it had
             session.release()
-        session = ScanSession(volume=volume, label=label, threshold_range=(low, high))
+        session = ScanSession(volume=volume, label=label, truth=truth, threshold_range=(low, high))
         if request is not None and request.session_hash:
             _OPEN_SESSIONS[request.session_hash] = session
     return (
@@ -476,6 +477,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         report_download(None),
         session.token,
         gr.Dataset(samples=[[question] for question in suggestions_for(volume.modality)]),
+        gr.update(value=volume.modality),
         gr.update(visible=bool(truth), open=False),
         f"{shown(truth)}\n\n*The phantom's ground truth (assets/examples/examples.json): what this example was made "
         "with. The model is never shown it.*" if truth else "",
@@ -485,6 +487,20 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
 def suggestions_for(modality: str) -> list[str]:
     """The questions suggested for a scan of this modality."""
     return SUGGESTED_QUESTIONS.get(modality, SUGGESTED_QUESTIONS["OT"])
+
+
+def change_modality(modality: str, session: ScanSession | None, request: gr.Request | None = None):
+    """Read the session's scan as another modality (a NIfTI that does not say which it is, or says it wrongly):
+    its windows, the model's reading of it and the conversation start again, as for a new scan."""
+    if session is None or session.volume is None:
+        return _unchanged(session, "Upload a scan, or pick an example.")
+    try:
+        volume = session.volume.as_modality(modality)
+    except UserInputError as error:
+        return _unchanged(session, f"⚠️ {error}")
+    if volume is session.volume:
+        return (session, *([gr.skip()] * (LOAD_OUTPUTS - 1)))
+    return _new_scan(volume, session.label, session, request, truth=session.truth)
 
 
 def _first_view(volume: Volume) -> tuple[str, str, int]:
@@ -1126,13 +1142,17 @@ def build_demo() -> gr.Blocks:
                     temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p (with temperature > 0)")
                 # The scan's facts under the assistant, beside the viewer: under the viewer they were a scroll away.
+                # Its modality can be changed, for a file that does not say it (a NIfTI) or says it wrongly.
+                modality = gr.Dropdown([(MODALITY_NAMES[name], name) for name in MODALITIES], value="CT",
+                                       label="Modality", info="as the file states it, or guessed from its values "
+                                       "where it does not: change it if it is wrong", elem_id="modality")
                 card = gr.Markdown(scan_card(ScanSession()), elem_id="scan-card")
         gr.Markdown(PRIVACY_NOTE, elem_id="privacy-note")
 
         settings = [max_new_tokens, temperature, top_p]
         scan_token = gr.Textbox("", visible=False)  # `ScanSession.token` of the scan the page shows
         scan_outputs = [session, status, card, plane, window, slice_slider, slice_view, kept, threshold, chatbot,
-                        report, download, scan_token, suggestions, truth_box, truth]
+                        report, download, scan_token, suggestions, modality, truth_box, truth]
         assert len(scan_outputs) == LOAD_OUTPUTS
         viewer = {"show_progress": "hidden", "concurrency_limit": 4}
         gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}
@@ -1140,13 +1160,15 @@ def build_demo() -> gr.Blocks:
         # Its progress shows on the status line alone (the empty chat with a timer looked as if it answered).
         loading = {"show_progress": "minimal", "show_progress_on": status, "concurrency_limit": 2,
                    "concurrency_id": "load"}
-        load_triggers = [upload.upload, folder_upload.upload, example_picker.click]
+        load_triggers = [upload.upload, folder_upload.upload, example_picker.click, modality.input]
         loads = {
             "scan": upload.upload(load_scan, [upload, session], scan_outputs, api_name="load_scan", **loading),
             "folder": folder_upload.upload(load_scan, [folder_upload, session], scan_outputs, api_name="load_folder",
                                            **loading),
             "example": example_picker.click(load_example, [example_picker, session], scan_outputs,
                                             api_name="load_example", preprocess=False, **loading),
+            "modality": modality.input(change_modality, [modality, session], scan_outputs, api_name="change_modality",
+                                       preprocess=False, **loading),
         }
         loads["scan"].then(empty_upload, None, upload, api_visibility="private", **viewer)
         # preprocess=False on the events that take the window, the slice or an example's row: what an API client

@@ -30,6 +30,14 @@ def _scan_source(paths: list[str]) -> str | list[str]:
     return paths[0] if len(paths) == 1 else paths
 
 
+def _load(paths: list[str], modality: str | None):
+    """The scan at `paths` (`_scan_source`), read as `modality` where one is given (--modality)."""
+    from .volume import load_volume
+
+    volume = load_volume(_scan_source(paths))
+    return volume if modality is None else volume.as_modality(modality)
+
+
 def _stream(chunks: Iterable[str]) -> None:
     """The answer on stdout as it comes; on stderr, a note where it was cut off at --max-new-tokens."""
     from .pipeline import CutOff
@@ -44,9 +52,7 @@ def _stream(chunks: Iterable[str]) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .volume import load_volume
-
-    volume = load_volume(_scan_source(args.scan))
+    volume = _load(args.scan, args.modality)
     print(json.dumps({
         "modality": volume.modality,
         "shape": list(volume.shape),
@@ -59,10 +65,9 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_view(args: argparse.Namespace) -> None:
     from .view import png_path, render_slice, save_png
-    from .volume import load_volume
 
     png_path(args.out)
-    volume = load_volume(_scan_source(args.scan))
+    volume = _load(args.scan, args.modality)
     image = render_slice(volume, args.plane, args.index, args.window)
     save_png(image, args.out)
     print(args.out)
@@ -78,23 +83,21 @@ def _generation_settings(args: argparse.Namespace) -> dict:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from .pipeline import Pipeline
-    from .volume import load_volume
 
     settings = _generation_settings(args)
-    volume = load_volume(_scan_source(args.scan))
+    volume = _load(args.scan, args.modality)
     pipeline = Pipeline.from_pretrained(args.checkpoint, revision=args.revision, device=args.device)
     _stream(pipeline.report(volume, **settings))
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
     from .pipeline import Pipeline
-    from .volume import load_volume
 
     *scan, question = args.scan_and_question
     if not scan:
         raise UsageError("ask: give one or more scan paths followed by the question")
     settings = _generation_settings(args)
-    volume = load_volume(_scan_source(scan))
+    volume = _load(scan, args.modality)
     pipeline = Pipeline.from_pretrained(args.checkpoint, revision=args.revision, device=args.device)
     messages = [{"role": "user", "content": question}]
     _stream(pipeline.chat(volume, messages, **settings))
@@ -225,6 +228,11 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _add_modality_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--modality", choices=["CT", "MR", "PT", "OT"], default=None,
+                        help="read the scan as this modality (PT: PET), for a NIfTI that does not say which it is")
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint folder or Hugging Face Hub repo id (default: the demo checkpoint)")
@@ -242,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="load a scan and print its facts as JSON")
     info.add_argument("scan", nargs="+", help="NIfTI, .npy, DICOM folder, .zip, or several DICOM files")
+    _add_modality_option(info)
     info.set_defaults(run=cmd_info)
 
     view = commands.add_parser("view", help="write one slice as the viewer shows it, as PNG")
@@ -251,16 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--window", default=None,
                       help="CT: soft tissue, lung, bone, brain, liver; PET: inverted; or auto")
     view.add_argument("--out", required=True, help="PNG file to write")
+    _add_modality_option(view)
     view.set_defaults(run=cmd_view)
 
     report = commands.add_parser("report", help="stream a radiology-style report of a scan")
     report.add_argument("scan", nargs="+")
+    _add_modality_option(report)
     _add_model_options(report)
     report.set_defaults(run=cmd_report)
 
     ask = commands.add_parser("ask", help="stream the answer to one question about a scan",
                               usage="python -m medvlm ask [options] SCAN [SCAN ...] QUESTION")
     ask.add_argument("scan_and_question", nargs="+", metavar="SCAN... QUESTION")
+    _add_modality_option(ask)
     _add_model_options(ask)
     ask.set_defaults(run=cmd_ask)
 

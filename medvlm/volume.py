@@ -18,7 +18,7 @@ import tokenize
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -38,8 +38,9 @@ from .limits import (
     MIN_SLICES,
 )
 
-__all__ = ["Volume", "VolumeError", "load_volume"]
+__all__ = ["MODALITIES", "Volume", "VolumeError", "load_volume"]
 
+MODALITIES = ("CT", "MR", "PT", "OT")  # what a Volume can be read as: CT in HU, MR, PET, other
 FINGERPRINT_CHUNK = 16 * 2**20  # bytes of voxels per hashing thread's task
 OBLIQUE_NOTE_DEGREES = 3.0  # a scan whose axes lie further than this from the body's is said to be oblique
 ZIP_FOLDER_PREFIX = "medvlm-zip-"  # a zip's files while its series is read, in the system's temporary folder
@@ -70,6 +71,21 @@ class Volume:
     def spacing_known(self) -> bool:
         """Whether the file stored its voxel spacing; an M3D .npy does not, and its `spacing` is 1 mm by convention."""
         return bool(self.meta.get("spacing_known", True))
+
+    def as_modality(self, modality: str) -> Volume:
+        """The same scan read as another modality, its voxels shared: for a file that does not say which it is (a
+        NIfTI: `meta["modality_guessed"]`) or says it wrongly. The windows, the model's input and the fingerprint
+        follow the modality; `meta["modality_chosen"]` is set, and the guess's note goes. Raises VolumeError for
+        a modality not in MODALITIES."""
+        if modality not in MODALITIES:
+            raise VolumeError(f"{str(modality)[:20]!r} is not a modality MedVLM 3D reads; use CT, MR, PT (PET) or OT "
+                              "(other)")
+        if modality == self.modality:
+            return self
+        meta = {key: value for key, value in self.meta.items() if key != "modality_guessed"}
+        meta["notes"] = [note for note in self.meta.get("notes", []) if note not in GUESSED_MODALITY.values()]
+        meta["modality_chosen"] = True
+        return replace(self, modality=modality, meta=meta)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -496,7 +512,8 @@ GUESSED_MODALITY = {
     "CT": "the file does not say which modality it is; it is read as CT because its values run from air to bone "
           "in Hounsfield units",
     "OT": "the file does not say which modality it is, and its values are not a CT's Hounsfield units; it is read "
-          "as 'other' and shown over its whole range of values",
+          "as 'other' and shown over its whole range of values: if it is an MR or a PET, say so (the app's "
+          "Modality list, or --modality on the command line)",
 }
 
 

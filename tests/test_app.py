@@ -422,7 +422,7 @@ def test_an_example_shows_its_true_findings_apart_and_questions_for_its_modality
     for name, label in (("ct_chest_abdomen.nii.gz", "ct chest abdomen"), ("mr_brain.nii.gz", "mr brain")):
         outputs = app_module.load_example(label, None)
         suggested = [sample[0] for sample in outputs[13].constructor_args["samples"]]
-        box, truth = outputs[14], outputs[15]
+        box, truth = outputs[15], outputs[16]
         assert box["visible"] is True and box["open"] is False
         assert truths[name]["report"] in truth and "never shown it" in truth
         if name.startswith("mr"):
@@ -431,8 +431,34 @@ def test_an_example_shows_its_true_findings_apart_and_questions_for_its_modality
             assert "Which contrast phase is this CT?" in suggested
         outputs[0].release()
     session, outputs = loaded(app_module, [ct_nifti])
-    assert outputs[14]["visible"] is False and outputs[15] == ""  # an upload: no truth to show
+    assert outputs[15]["visible"] is False and outputs[16] == ""  # an upload: no truth to show
     session.release()
+
+
+def test_a_scan_read_as_another_modality_starts_again_as_that_modality(app_module, tmp_path):
+    """A PET NIfTI that does not say so loads as "other"; the visitor names it PET: its windows (inverted among them),
+    card and suggested questions become a PET's and the conversation starts again (the model's input changed),
+    the scan's voxels not read again; the same modality again changes nothing, and an unknown one is a sentence."""
+    import nibabel as nib
+
+    path = tmp_path / "pet.nii.gz"
+    nib.save(nib.Nifti1Image(np.abs(torso_ct()).transpose(2, 1, 0), np.diag([1.0, 1.0, 5.0, 1.0])), path)
+    session, outputs = loaded(app_module, [path])
+    assert session.volume.modality == "OT" and outputs[14]["value"] == "OT"
+    session.messages = [{"role": "user", "content": "Which organ?"}, {"role": "assistant", "content": "liver"}]
+    voxels = session.volume.data
+    outputs = app_module.change_modality("PT", session)
+    pet = outputs[0]
+    assert pet is not session and pet.volume.modality == "PT" and pet.messages == [] and outputs[9] == []
+    assert pet.volume.data is voxels and session.volume is None  # the old session let go of the scan
+    assert "inverted" in [value for _, value in outputs[4]["choices"]] and outputs[14]["value"] == "PT"
+    assert "PET" in outputs[2] and "does not say which modality" not in outputs[2]
+    assert "What imaging modality is this?" in [q for q, in outputs[13].constructor_args["samples"]]
+    assert outputs[1] == "The model is reading the scan …"
+    assert app_module.change_modality("PT", pet) == (pet, *[gr.skip()] * (app_module.LOAD_OUTPUTS - 1))
+    refused = app_module.change_modality("SPECT", pet)
+    assert refused[0] is pet and "'SPECT' is not a modality" in refused[1] and pet.volume.modality == "PT"
+    pet.release()
 
 
 def test_the_line_under_the_report_quotes_the_checkpoints_own_held_out_scores(app_module):

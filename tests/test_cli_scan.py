@@ -75,3 +75,20 @@ def test_view_with_an_index_out_of_range_exits_2(tmp_path, marked_ct):
     scan = save_nifti(tmp_path / "scan.nii", marked_ct, MARKED_SPACING)
     result = _cli("view", scan, "--plane", "coronal", "--index", "99", "--out", tmp_path / "x.png")
     assert result.returncode == 2 and "0 to 19" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_modality_reads_a_nifti_that_does_not_say_as_the_modality_given(tmp_path, marked_ct):
+    """A PET saved without its modality reads as "other", whose windows hold no inverted grey; with --modality PT
+    it is a PET, and the inverted window shows uptake dark on white."""
+    path = tmp_path / "pet.nii.gz"
+    nib.save(nib.Nifti1Image((marked_ct + 1000.0).transpose(2, 1, 0), np.diag([0.7, 0.8, 2.5, 1.0])), path)
+    assert json.loads(_cli("info", path).stdout)["modality"] == "OT"
+    assert json.loads(_cli("info", path, "--modality", "PT").stdout)["modality"] == "PT"
+    refused = _cli("view", path, "--window", "inverted", "--out", tmp_path / "other.png")
+    assert refused.returncode == 2 and "inverted" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    shown = _cli("view", path, "--modality", "PT", "--window", "inverted", "--out", tmp_path / "pet.png")
+    assert shown.returncode == 0, shown.stderr
+    assert _cli("view", path, "--modality", "PT", "--out", tmp_path / "auto.png").returncode == 0
+    inverted, auto = (np.asarray(Image.open(tmp_path / name).convert("L"), dtype=int)
+                      for name in ("pet.png", "auto.png"))
+    assert np.abs(inverted + auto - 255).max() <= 1  # the same slice, dark and light swapped

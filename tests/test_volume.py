@@ -248,6 +248,33 @@ def test_a_nifti_that_does_not_state_its_modality_says_it_was_guessed(tmp_path, 
     assert stated.modality == "CT" and "notes" not in stated.meta
 
 
+def test_a_scan_read_as_the_modality_the_user_names_is_windowed_and_fed_to_the_model_as_one(tmp_path, marked_ct):
+    """A PET NIfTI that does not say so reads as "other" (shown over its whole range, no inverted window); named PET,
+    it is windowed and fed to the model as a PET, its voxels shared and the guess's note gone; a modality that is
+    none of MedVLM's is refused with a sentence."""
+    from medvlm.configuration import MedVLMConfig
+    from medvlm.preprocess import encoder_input, window_names
+
+    rng = np.random.default_rng(0)
+    uptake = rng.gamma(2.0, 0.5, size=marked_ct.shape).astype(np.float32)
+    uptake[4, 10, 10] = 60.0  # one hot voxel: the whole range is set by it, the robust range is not
+    nib.save(nib.Nifti1Image(uptake.transpose(2, 1, 0), np.diag([0.7, 0.8, 2.5, 1.0])), tmp_path / "pet.nii")
+    guessed = load_volume(tmp_path / "pet.nii")
+    assert guessed.modality == "OT" and "inverted" not in window_names(guessed.modality)
+    pet = guessed.as_modality("PT")
+    assert pet.modality == "PT" and "inverted" in window_names(pet.modality)
+    assert np.shares_memory(pet.data, guessed.data) and pet.fingerprint != guessed.fingerprint
+    assert pet.meta["modality_chosen"] and "modality_guessed" not in pet.meta and not pet.meta["notes"]
+    # The model's input: "other" is scaled over its whole range, so one hot voxel darkens the rest; a PET over its
+    # robust range, as the model was trained.
+    config = MedVLMConfig()
+    as_other, as_pet = (encoder_input(scan, config)[0] for scan in (guessed, pet))
+    assert float(as_pet.median()) > float(as_other.median()) + 0.2
+    assert pet.as_modality("PT") is pet
+    with pytest.raises(VolumeError, match="'SPECT' is not a modality MedVLM 3D reads; use CT, MR, PT"):
+        guessed.as_modality("SPECT")
+
+
 @pytest.mark.parametrize("name", ["scan.nii", "scan.nii.gz"])
 def test_nifti_scaling_gives_hounsfield_units(tmp_path, marked_ct, name):
     """Raw integers with the header's scl_slope / scl_inter, as scanners write CT: the HU come back, compressed
