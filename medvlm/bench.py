@@ -479,9 +479,9 @@ def run_benchmark(size: str = "full", device: str = "cpu", repeats: int = 5, che
 class Target:
     """A figure's target: at most `limit`, and at most `share` × the figure `baseline` of the same run."""
 
-    limit: float | None = None
-    baseline: str | None = None
-    share: float | None = None
+    limit: float | None = None  # the figure's most, in its own unit
+    baseline: str | None = None  # the figure of the same run it is held against
+    share: float | None = None  # the most it may be, as a share of `baseline`
 
     def met(self, value: float, figures: dict[str, Any]) -> bool:
         within_limit = self.limit is None or value <= self.limit
@@ -514,23 +514,28 @@ def _figure_text(value: float) -> str:
 def summary_table(figures: dict[str, Any]) -> str:
     """The figures as aligned text lines, for `bench` without --json: each figure with its value and, where it
     has one, its target and whether this run met it; the MR brain's and the real-size configuration's figures
-    under their own prefix."""
+    under their own prefix. The targets are judged only for the run they describe: the demo checkpoint's at full
+    size on the CPU, and the real-size configuration's on a GPU."""
     about = figures["machine"]
+    demo_run = (figures.get("size") == "full" and figures.get("device") == "cpu"
+                and bool(figures.get("checkpoint", {}).get("demo")))
     lines = [f"machine: {about['cpu']}, {about['cores']} cores, torch {about['torch']}; "
              f"median of {figures['repeats']} runs",
              f"{'figure':<28}  {'value':>12}  {'target':<46}  met"]
+    if not demo_run:
+        lines.insert(1, "(the targets are for the demo checkpoint at full size on the CPU: not judged for this run)")
 
-    def add(prefix: str, measured: dict[str, Any], targets: dict[str, Target]) -> None:
+    def add(prefix: str, measured: dict[str, Any], targets: dict[str, Target], judged: bool) -> None:
         for key, value in measured.items():
             if key == "repeats" or not isinstance(value, int | float) or isinstance(value, bool):
                 continue
             target = targets.get(key)
-            verdict = "" if target is None else ("yes" if target.met(value, measured) else "no")
+            verdict = "" if target is None else ("yes" if target.met(value, measured) else "no") if judged else "—"
             lines.append(f"{prefix + key:<28}  {_figure_text(value):>12}  {target or ''!s:<46}  {verdict}".rstrip())
 
-    add("", figures, TARGETS)
-    add("mr_brain.", figures.get("mr_brain", {}), {})
-    add("real_size.", figures.get("real_size", {}), REAL_SIZE_TARGETS)
+    add("", figures, TARGETS, demo_run)
+    add("mr_brain.", figures.get("mr_brain", {}), {}, False)
+    add("real_size.", figures.get("real_size", {}), REAL_SIZE_TARGETS, figures.get("device") == "cuda")
     return "\n".join(lines)
 
 
