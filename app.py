@@ -49,17 +49,17 @@ PLANES = ["axial", "coronal", "sagittal"]
 PLANE_EDGES = {"axial": "RLAP", "coronal": "RLSI", "sagittal": "APSI"}
 SOURCE_NAMES = {"nifti": "NIfTI", "dicom": "DICOM", "npy": "NumPy .npy"}
 MODALITY_NAMES = {"CT": "CT (computed tomography)", "MR": "MR (magnetic resonance)", "PT": "PET", "OT": "Other"}
-# Suggested questions per modality, phrased as the phantoms' question types are (medvlm.phantom_text): the ones
-# the demo model was taught. A question about lungs is no use on a brain MR.
+# Suggested questions per modality, in the phrasings of the phantoms' question types (medvlm.phantom_text): the ones
+# the demo model was taught. A question about lungs is no use on a brain MR, and the modality question was only
+# ever asked of PET phantoms.
 SUGGESTED_QUESTIONS = {
-    "CT": ["Which organ shows an abnormality?", "What kind of lesion is present?", "How large is the largest lesion?",
-           "Which contrast phase is this CT?", "Which plane are these slices acquired in?"],
-    "MR": ["Which finding does this scan show?", "Which organ shows an abnormality?",
-           "How large is the largest lesion?", "Which MR sequence is this?",
+    "CT": ["Which organ shows an abnormality?", "What kind of lesion is present?", "Which contrast phase is this CT?",
            "Which plane are these slices acquired in?"],
-    "PT": ["Which organ shows an abnormality?", "What kind of lesion is present?", "How large is the largest lesion?",
-           "What imaging modality is this?", "Which plane are these slices acquired in?"],
-    "OT": ["Which organ shows an abnormality?", "What kind of lesion is present?", "What imaging modality is this?",
+    "MR": ["Which finding does this scan show?", "Which organ shows an abnormality?", "Which MR sequence is this?",
+           "Which plane are these slices acquired in?"],
+    "PT": ["Which organ shows an abnormality?", "What kind of lesion is present?", "What imaging modality is this?",
+           "Which plane are these slices acquired in?"],
+    "OT": ["Which organ shows an abnormality?", "What kind of lesion is present?",
            "Which plane are these slices acquired in?"],
 }
 DEMO_WARNING = "trained on synthetic phantoms — not for clinical use"
@@ -82,6 +82,7 @@ MAKE_ROOM_IDLE_S = 600
 # lower one would let one client's burst of reports refuse everyone's slices.
 QUEUE_SIZE = 500
 LOAD_OUTPUTS = 17  # what a load updates: see `_new_scan` and build_demo's scan_outputs
+MODALITY_OUTPUT = 14  # the Modality list's place among them
 OUT_OF_MEMORY = "The server ran out of memory reading this scan; try again in a few minutes, or with a smaller scan"
 SESSION_FOLDER_PREFIX = "medvlm-session-"  # a session's own folder in the upload folder (its report download)
 REPORT_PLACEHOLDER = "*The report appears here: press **Generate report**.*"
@@ -382,7 +383,7 @@ def report_caveat(pipeline: Pipeline) -> str:
     held-out scans where it ships those scores."""
     scores = pipeline.held_out_scores() or {}
     recall, closed, count = (scores.get(key) for key in ("finding_recall", "closed_accuracy", "n"))
-    if not all(isinstance(value, int | float) for value in (recall, closed, count)):
+    if not all(isinstance(value, int | float) and not isinstance(value, bool) for value in (recall, closed, count)):
         return "*Check every finding against the images: a fluent report is not a correct one.*"
     return (f"*Check every finding against the images: on {count} held-out phantoms, this model's reports named "
             f"{recall:.0%} of their findings, and it chose the right answer to {closed:.0%} of multiple-choice "
@@ -477,7 +478,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         report_download(None),
         session.token,
         gr.Dataset(samples=[[question] for question in suggestions_for(volume.modality)]),
-        gr.update(value=volume.modality),
+        gr.update(value=volume.modality, interactive=True),
         gr.update(visible=bool(truth), open=False),
         f"{shown(truth)}\n\n*The phantom's ground truth (assets/examples/examples.json): what this example was made "
         "with. The model is never shown it.*" if truth else "",
@@ -492,13 +493,16 @@ def suggestions_for(modality: str) -> list[str]:
 def change_modality(modality: str, session: ScanSession | None, request: gr.Request | None = None):
     """Read the session's scan as another modality (a NIfTI that does not say which it is, or says it wrongly):
     its windows, the model's reading of it and the conversation start again, as for a new scan."""
-    if session is None or session.volume is None:
+    scan = session.volume if session is not None else None  # read once: an idle release may come meanwhile
+    if scan is None:
         return _unchanged(session, "Upload a scan, or pick an example.")
     try:
-        volume = session.volume.as_modality(modality)
+        volume = scan.as_modality(modality)
     except UserInputError as error:
-        return _unchanged(session, f"⚠️ {error}")
-    if volume is session.volume:
+        refused = list(_unchanged(session, f"⚠️ {error}"))
+        refused[MODALITY_OUTPUT] = gr.update(value=scan.modality)  # the list shows what the scan is read as
+        return tuple(refused)
+    if volume is scan:
         return (session, *([gr.skip()] * (LOAD_OUTPUTS - 1)))
     return _new_scan(volume, session.label, session, request, truth=session.truth)
 
@@ -607,7 +611,8 @@ def scan_card(session: ScanSession) -> str:
     sz, sy, sx = volume.spacing
     meta = volume.meta
     rows = [
-        ("Modality", MODALITY_NAMES.get(volume.modality, volume.modality)),
+        ("Modality", MODALITY_NAMES.get(volume.modality, volume.modality)
+         + (", as chosen on this page" if meta.get("modality_chosen") else "")),
         ("Size", f"{x} × {y} voxels × {z} axial slices"),
         ("Spacing", f"{sx:.2f} × {sy:.2f} mm in-plane, {sz:.2f} mm between slices" if volume.spacing_known
          else "not stored in an M3D .npy; shown as 1 mm"),
@@ -1065,8 +1070,8 @@ def _write_report(session: ScanSession) -> Path:
 # The page -----------------------------------------------------------------------------------------
 
 PAGE_CSS = (ASSETS_DIR / "app" / "page.css").read_text(encoding="utf-8")
-# The mouse over the slice viewer, as in a radiology viewer: the wheel steps through the slices, a click on the
-# track under the image goes to a slice.
+# The mouse and keys over the slice viewer, as in a radiology viewer: the wheel and the arrow keys step through the
+# slices, a click on the track under the image goes to a slice.
 VIEWER_SCRIPT = (ASSETS_DIR / "app" / "viewer.js").read_text(encoding="utf-8")
 
 
@@ -1143,9 +1148,10 @@ def build_demo() -> gr.Blocks:
                     top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p (with temperature > 0)")
                 # The scan's facts under the assistant, beside the viewer: under the viewer they were a scroll away.
                 # Its modality can be changed, for a file that does not say it (a NIfTI) or says it wrongly.
-                modality = gr.Dropdown([(MODALITY_NAMES[name], name) for name in MODALITIES], value="CT",
-                                       label="Modality", info="as the file states it, or guessed from its values "
-                                       "where it does not: change it if it is wrong", elem_id="modality")
+                modality = gr.Dropdown([(MODALITY_NAMES[name], name) for name in MODALITIES], value=None,
+                                       interactive=False, label="Modality", elem_id="modality",
+                                       info="as the file states it, or guessed from its values where it does not: "
+                                       "change it if it is wrong")
                 card = gr.Markdown(scan_card(ScanSession()), elem_id="scan-card")
         gr.Markdown(PRIVACY_NOTE, elem_id="privacy-note")
 
@@ -1153,7 +1159,7 @@ def build_demo() -> gr.Blocks:
         scan_token = gr.Textbox("", visible=False)  # `ScanSession.token` of the scan the page shows
         scan_outputs = [session, status, card, plane, window, slice_slider, slice_view, kept, threshold, chatbot,
                         report, download, scan_token, suggestions, modality, truth_box, truth]
-        assert len(scan_outputs) == LOAD_OUTPUTS
+        assert len(scan_outputs) == LOAD_OUTPUTS and scan_outputs[MODALITY_OUTPUT] is modality
         viewer = {"show_progress": "hidden", "concurrency_limit": 4}
         gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}
         # Reading a big series takes seconds and, for a moment, twice its memory: two at a time, whatever the source.

@@ -75,8 +75,8 @@ class Volume:
     def as_modality(self, modality: str) -> Volume:
         """The same scan read as another modality, its voxels shared: for a file that does not say which it is (a
         NIfTI: `meta["modality_guessed"]`) or says it wrongly. The windows, the model's input and the fingerprint
-        follow the modality; `meta["modality_chosen"]` is set, and the guess's note goes. Raises VolumeError for
-        a modality not in MODALITIES."""
+        follow the modality; `meta["modality_chosen"]` says it was chosen (the app's scan card says so), and the
+        guess's note goes. Raises VolumeError for a modality not in MODALITIES."""
         if modality not in MODALITIES:
             raise VolumeError(f"{str(modality)[:20]!r} is not a modality MedVLM 3D reads; use CT, MR, PT (PET) or OT "
                               "(other)")
@@ -85,6 +85,8 @@ class Volume:
         meta = {key: value for key, value in self.meta.items() if key != "modality_guessed"}
         meta["notes"] = [note for note in self.meta.get("notes", []) if note not in GUESSED_MODALITY.values()]
         meta["modality_chosen"] = True
+        if "modality" in meta:
+            meta["modality"] = modality
         return replace(self, modality=modality, meta=meta)
 
     @cached_property

@@ -452,13 +452,19 @@ def test_a_scan_read_as_another_modality_starts_again_as_that_modality(app_modul
     assert pet is not session and pet.volume.modality == "PT" and pet.messages == [] and outputs[9] == []
     assert pet.volume.data is voxels and session.volume is None  # the old session let go of the scan
     assert "inverted" in [value for _, value in outputs[4]["choices"]] and outputs[14]["value"] == "PT"
-    assert "PET" in outputs[2] and "does not say which modality" not in outputs[2]
+    assert "PET, as chosen on this page" in outputs[2] and "does not say which modality" not in outputs[2]
     assert "What imaging modality is this?" in [q for q, in outputs[13].constructor_args["samples"]]
     assert outputs[1] == "The model is reading the scan …"
     assert app_module.change_modality("PT", pet) == (pet, *[gr.skip()] * (app_module.LOAD_OUTPUTS - 1))
     refused = app_module.change_modality("SPECT", pet)
     assert refused[0] is pet and "'SPECT' is not a modality" in refused[1] and pet.volume.modality == "PT"
-    pet.release()
+    assert refused[14]["value"] == "PT"  # the list goes back to what the scan is read as
+    stream = app_module.generate_report(pet, 1000, 0.0, 1.0)
+    next(stream)
+    mr = app_module.change_modality("MR", pet)[0]  # while a report streams: it ends quietly, as for a new scan
+    assert list(stream) == [(app_module.REPORT_PLACEHOLDER, app_module.report_download(None))]
+    assert mr.report == "" and not [t for t in threading.enumerate() if t.name == "medvlm-generate"]
+    mr.release()
 
 
 def test_the_line_under_the_report_quotes_the_checkpoints_own_held_out_scores(app_module):
@@ -664,7 +670,7 @@ def test_clear_while_the_report_streams_leaves_no_report_behind(app_module, ct_n
     next(stream)
     app_module.clear_conversation(session)
     list(stream)
-    assert session.report == "" and session.folder is None  # no report.md written for the cleared report
+    assert session.report == "" and session.folder is None  # no report file written for the cleared report
 
 
 def test_clear_while_an_answer_streams_keeps_it_out_of_the_empty_conversation(app_module, ct_nifti):

@@ -264,7 +264,7 @@ def test_a_scan_read_as_the_modality_the_user_names_is_windowed_and_fed_to_the_m
     pet = guessed.as_modality("PT")
     assert pet.modality == "PT" and "inverted" in window_names(pet.modality)
     assert np.shares_memory(pet.data, guessed.data) and pet.fingerprint != guessed.fingerprint
-    assert pet.meta["modality_chosen"] and "modality_guessed" not in pet.meta and not pet.meta["notes"]
+    assert not pet.meta["notes"]  # the guess's note goes: the modality is no longer guessed
     # The model's input: "other" is scaled over its whole range, so one hot voxel darkens the rest; a PET over its
     # robust range, as the model was trained.
     config = MedVLMConfig()

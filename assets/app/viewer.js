@@ -31,7 +31,8 @@
     const viewer = document.querySelector("#slice-view");
     if (!viewer) return setTimeout(focusable, 200);
     viewer.tabIndex = 0;
-    viewer.setAttribute("aria-label", "Slice viewer: arrow keys, Page Up and Page Down step through the slices");
+    viewer.setAttribute("aria-label",
+                        "Slice viewer: the arrow keys, Page Up and Page Down step through the slices, Home and End");
   };
   focusable();
   document.addEventListener("mousedown", (event) => {
@@ -61,8 +62,8 @@
     const box = track.getBoundingClientRect();
     let nearest = null;
     for (const mark of track.querySelectorAll(".kept-mark")) {
-      const mark_box = mark.getBoundingClientRect();
-      const distance = Math.abs(mark_box.left + mark_box.width / 2 - event.clientX);
+      const markBox = mark.getBoundingClientRect();
+      const distance = Math.abs(markBox.left + markBox.width / 2 - event.clientX);
       if (distance <= 8 && (nearest === null || distance < nearest.distance)) nearest = {mark, distance};
     }
     const count = Number(track.dataset.count);
