@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect
 from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import CutOff, Encoding, Pipeline
-from medvlm.preprocess import CT_WINDOWS, INVERTED_WINDOW, default_window, window_names
+from medvlm.preprocess import CT_WINDOWS, INVERTED_WINDOW, default_window, known_window, typed_window, window_names
 from medvlm.view import SLICE_ONE, render_slice, slice_count, slice_location, window_limits
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.volume import MODALITIES, Volume, load_volume, remove_stale_zip_folders
@@ -592,6 +592,9 @@ def window_label(name: str) -> str:
     if name in CT_WINDOWS:
         level, width = CT_WINDOWS[name]
         return f"{name} · W {width:g} / L {level:g}".replace("-", "−")
+    if (typed := typed_window(name)) is not None:
+        level, width = typed
+        return f"typed · W {width:g} / L {level:g}".replace("-", "−")
     if name == INVERTED_WINDOW:
         return "inverted · uptake dark on white"
     return f"{name} · robust range"  # short: the dropdown's box is narrow; the caption gives its values
@@ -661,7 +664,7 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     count = slice_count(volume, plane)
     index = _slice_number(slice_number, count) - 1
     session.shown_slices[plane] = index + 1  # a plane opened again opens here
-    window = window if window in window_names(volume.modality) else default_window(volume.modality)
+    window = window if known_window(window, volume.modality) else default_window(volume.modality)
     session.shown = (plane, window)
     pixels = render_slice(volume, plane, index, window)
     buffer = io.BytesIO()
@@ -690,7 +693,7 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
 
 def _shown_range(volume: Volume, window: str) -> str:
     """The values a window that is no CT preset spans (PET, MR: from the scan's own range), lowest first."""
-    if window in CT_WINDOWS:
+    if window in CT_WINDOWS or typed_window(window) is not None:
         return ""  # its level and width say it
     low, high = sorted(window_limits(volume, window))
     return f" ({_plain_number(low)} to {_plain_number(high)})".replace("-", "−")
@@ -1112,8 +1115,10 @@ def build_demo() -> gr.Blocks:
                                                min_width=190, elem_id="kept-slices", interactive=True)
                         with gr.Row():
                             plane = gr.Radio(PLANES, value="axial", label="Plane", scale=3)
-                            window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), label="Window",
-                                                 scale=2, min_width=240)  # on a phone: below Plane, W/L legible
+                            # A preset, or a width/level typed into the box (350/50), in the scan's units
+                            window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), scale=2,
+                                                 label="Window (or type W/L: 350/50)", allow_custom_value=True,
+                                                 min_width=240, elem_id="window-select")  # a phone: below Plane
                     with gr.Tab("3D", id="3d"):
                         threshold = gr.Slider(-1000, 2000, value=300, label="Surface threshold", interactive=False,
                                               elem_id="threshold-slider", buttons=[])

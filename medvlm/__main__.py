@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--plane", choices=["axial", "coronal", "sagittal"], default="axial")
     view.add_argument("--index", type=int, default=None, help="slice index (default: the middle slice)")
     view.add_argument("--window", default=None,
-                      help="CT: soft tissue, lung, bone, brain, liver; PET: inverted; or auto")
+                      help="CT: soft tissue, lung, bone, brain, liver; PET: inverted; auto; or width/level (350/50)")
     view.add_argument("--out", required=True, help="PNG file to write")
     _add_modality_option(view)
     view.set_defaults(run=cmd_view)

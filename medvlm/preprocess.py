@@ -7,6 +7,7 @@ config) share the same windowing function, so the model sees what the viewer sho
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,24 @@ def window_names(modality: str) -> list[str]:
     return [AUTO_WINDOW, INVERTED_WINDOW] if modality == "PT" else [AUTO_WINDOW]
 
 
+# A window typed as its width and level, as radiologists say it: "350/50", "W 350 / L 50", "1500/-600".
+_TYPED_WINDOW = re.compile(r"\s*(?:W\s*)?(\d+(?:\.\d+)?)\s*/\s*(?:L\s*)?(-?\d+(?:\.\d+)?)\s*", re.IGNORECASE)
+
+
+def typed_window(window: str) -> tuple[float, float] | None:
+    """(level, width) of a window typed as width/level (`_TYPED_WINDOW`), in the scan's units (HU for CT), or None
+    for anything else, a width of 0 among them."""
+    match = _TYPED_WINDOW.fullmatch(window) if isinstance(window, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        return None
+    return float(match.group(2)), float(match.group(1))
+
+
+def known_window(window: str, modality: str) -> bool:
+    """Whether a viewer can show a scan of this modality in `window`: one of its presets, or a typed width/level."""
+    return window in window_names(modality) or typed_window(window) is not None
+
+
 def default_window(modality: str) -> str:
     """The window a viewer opens a scan with."""
     return "soft tissue" if modality == "CT" else AUTO_WINDOW
@@ -72,15 +91,18 @@ def robust_range(data: np.ndarray, low: float = 0.5, high: float = 99.5) -> tupl
 def window_range(volume: Volume, window: str, robust: tuple[float, float] | None = None) -> tuple[float, float]:
     """The intensities mapped to black and to white by a named window (`apply_window`'s lo, hi).
 
-    CT presets are level/width in HU; "auto" is the robust percentile range of the volume (`robust`, where
-    the caller keeps it), and "inverted" the same range the other way round (the highest intensity black).
+    CT presets are level/width in HU, as is a typed width/level (`typed_window`, in the scan's units); "auto"
+    is the robust percentile range of the volume (`robust`, where the caller keeps it), and "inverted" the same
+    range the other way round (the highest intensity black).
     """
     if window in (AUTO_WINDOW, INVERTED_WINDOW):
         lo, hi = robust or robust_range(volume.data)
         return (hi, lo) if window == INVERTED_WINDOW else (lo, hi)
-    if window not in CT_WINDOWS:
-        raise ValueError(f"unknown window {window!r}; choose one of {', '.join(window_names('CT'))}")
-    level, width = CT_WINDOWS[window]
+    level_width = CT_WINDOWS.get(window) or typed_window(window)
+    if level_width is None:
+        raise ValueError(f"unknown window {window!r}; choose one of {', '.join(window_names('CT'))}, or a "
+                         "width/level such as 350/50")
+    level, width = level_width
     return level - width / 2, level + width / 2
 
 

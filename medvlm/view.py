@@ -21,6 +21,7 @@ from .preprocess import (
     INVERTED_WINDOW,
     apply_window,
     default_window,
+    known_window,
     robust_range,
     to_uint8,
     window_names,
@@ -104,7 +105,8 @@ def render_slice(volume: Volume, plane: str, index: int | None = None, window: s
     """One slice as a uint8 (H, W) grey image, radiological convention, square pixels in mm.
 
     plane: "axial", "coronal" or "sagittal"; index: slice along that plane's axis (None: the middle one);
-    window: a preset of `preprocess.window_names(volume.modality)` (None: the modality's default).
+    window: a preset of `preprocess.window_names(volume.modality)`, or a width/level such as "350/50"
+    (`preprocess.typed_window`; None: the modality's default).
     Raises UserInputError for an unknown plane or window, or an index out of range.
     """
     count = slice_count(volume, plane)
@@ -112,10 +114,9 @@ def render_slice(volume: Volume, plane: str, index: int | None = None, window: s
     if not 0 <= index < count:
         raise UserInputError(f"slice index {index} is out of range; the {plane} plane has slices 0 to {count - 1}")
     window = default_window(volume.modality) if window is None else window
-    offered = window_names(volume.modality)
-    if window not in offered:
-        raise UserInputError(f"unknown window {window!r} for a {volume.modality} scan; choose one of "
-                             f"{', '.join(offered)}")
+    if not known_window(window, volume.modality):
+        raise UserInputError(f"unknown window {window!r} for this {volume.modality} scan; choose one of "
+                             f"{', '.join(window_names(volume.modality))}, or a width/level such as 350/50")
     lo, hi = window_limits(volume, window)
     image, row_mm, column_mm = _display_slice(volume, plane, index)
     return _square_pixels(to_uint8(apply_window(image, lo, hi)), row_mm, column_mm)

@@ -147,6 +147,9 @@ def test_slice_image_follows_the_slider_and_the_window(app_module, ct_nifti):
     assert image_source(app_module.slice_html(session, "axial", "soft tissue", 30)) != middle
     assert image_source(app_module.slice_html(session, "axial", "lung", 21)) != middle
     assert "window lung · W 1500 / L −600" in app_module.slice_html(session, "axial", "lung", 21)
+    typed = app_module.slice_html(session, "axial", "W 400 / L 40", 21)  # typed into the window box
+    assert image_source(typed) == middle and "window typed · W 400 / L 40" in typed
+    assert image_source(app_module.slice_html(session, "axial", "not a window", 21)) == middle  # the default
     app_module.show_slice(session, "axial", "soft tissue", 30)
     slider, html = app_module.change_plane(session, "coronal", "soft tissue")  # first time: the middle slice
     assert slider["maximum"] == 64 and "Coronal 33 / 64 from posterior" in html

@@ -86,6 +86,10 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.locator("#kept-slices input").click()
     page.get_by_role("option", name=last_kept, exact=True).click()
     page.locator("#slice-view", has_text=f"Axial {last_kept} /").wait_for()
+    # A window of one's own: width/level typed into the window box.
+    page.locator("#window-select input").fill("1500/-600")
+    page.locator("#window-select input").press("Enter")
+    page.locator("#slice-view", has_text="window typed · W 1500 / L −600").wait_for()
     # The keys, once the image is clicked: the arrows step a slice (down toward slice 1, as the wheel), Page Down
     # ten, End to the last; the viewer keeps the focus while each slice is drawn.
     page.locator("#slice-view img").click()

@@ -118,8 +118,26 @@ def test_pet_inverted_shows_uptake_dark_on_white():
     assert auto[spot].min() == 255 and auto[air].max() == 0
     assert inverted[spot].max() == 0 and inverted[air].min() == 255
     assert np.array_equal(inverted, 255 - auto)
-    with pytest.raises(UserInputError, match="unknown window 'inverted' for a CT scan"):
+    with pytest.raises(UserInputError, match="unknown window 'inverted' for this CT scan"):
         render_slice(_volume(data), "axial", window="inverted")
+
+
+def test_a_window_typed_as_width_and_level_shows_those_values(marked_ct):
+    """A radiologist's own window, typed as width/level (in HU for a CT, in the scan's units for an MR): "400/40"
+    is the soft-tissue preset to the pixel; on an MR, values below level − width/2 are black and above it plus
+    width/2 white; a width of 0, or words, are refused with a sentence."""
+    ct = _volume(marked_ct)
+    assert np.array_equal(render_slice(ct, "axial", window="400/40"), render_slice(ct, "axial", window="soft tissue"))
+    assert np.array_equal(render_slice(ct, "axial", window="W 1500 / L -600"), render_slice(ct, "axial",
+                                                                                            window="lung"))
+    data = np.zeros((3, 8, 8), np.float32)
+    data[:, :, :4], data[:, :, 4:6], data[:, :, 6:] = 100.0, 200.0, 300.0
+    mr = render_slice(_volume(data, spacing=(1.0, 1.0, 1.0), modality="MR"), "axial", window="100/200")
+    # columns are shown right to left (the patient's right on the viewer's left): x 0–3 are the last four
+    assert (mr[:, 4:] == 0).all() and (mr[:, :2] == 255).all() and (mr[:, 2:4] == 128).all()
+    for junk in ("0/40", "wide", "40"):
+        with pytest.raises(UserInputError, match="or a width/level such as 350/50"):
+            render_slice(ct, "axial", window=junk)
 
 
 def test_a_512_axial_slice_shows_its_own_slice_one_pixel_per_voxel():
