@@ -81,8 +81,9 @@ MAKE_ROOM_IDLE_S = 600
 # a script can pile up, but scrolling waits in the same queue, so it is set well above what visitors queue: a
 # lower one would let one client's burst of reports refuse everyone's slices.
 QUEUE_SIZE = 500
-LOAD_OUTPUTS = 17  # what a load updates: see `_new_scan` and build_demo's scan_outputs
-MODALITY_OUTPUT = 14  # the Modality list's place among them
+# What a load updates, in order: `_new_scan`'s outputs and build_demo's scan_outputs.
+LOAD_OUTPUTS = ("session", "status", "card", "plane", "window", "slider", "slice", "kept", "threshold", "chatbot",
+                "report", "download", "scan_token", "suggestions", "modality", "truth_box", "truth")
 OUT_OF_MEMORY = "The server ran out of memory reading this scan; try again in a few minutes, or with a smaller scan"
 SESSION_FOLDER_PREFIX = "medvlm-session-"  # a session's own folder in the upload folder (its report download)
 REPORT_PLACEHOLDER = "*The report appears here: press **Generate report**.*"
@@ -500,10 +501,10 @@ def change_modality(modality: str, session: ScanSession | None, request: gr.Requ
         volume = scan.as_modality(modality)
     except UserInputError as error:
         refused = list(_unchanged(session, f"⚠️ {error}"))
-        refused[MODALITY_OUTPUT] = gr.update(value=scan.modality)  # the list shows what the scan is read as
+        refused[LOAD_OUTPUTS.index("modality")] = gr.update(value=scan.modality)  # what the scan is read as
         return tuple(refused)
     if volume is scan:
-        return (session, *([gr.skip()] * (LOAD_OUTPUTS - 1)))
+        return (session, *([gr.skip()] * (len(LOAD_OUTPUTS) - 1)))
     return _new_scan(volume, session.label, session, request, truth=session.truth)
 
 
@@ -517,7 +518,7 @@ def _unchanged(session: ScanSession | None, status: str):
     the page (if any) is still the one the model answers about."""
     if session is not None and session.volume is not None:
         status = f"{status.rstrip('.')}. The scan shown ({session.label}) stays loaded."
-    return (session, shown(status), *([gr.skip()] * (LOAD_OUTPUTS - 2)))
+    return (session, shown(status), *([gr.skip()] * (len(LOAD_OUTPUTS) - 2)))
 
 
 def shown(sentence: str) -> str:
@@ -1162,9 +1163,11 @@ def build_demo() -> gr.Blocks:
 
         settings = [max_new_tokens, temperature, top_p]
         scan_token = gr.Textbox("", visible=False)  # `ScanSession.token` of the scan the page shows
-        scan_outputs = [session, status, card, plane, window, slice_slider, slice_view, kept, threshold, chatbot,
-                        report, download, scan_token, suggestions, modality, truth_box, truth]
-        assert len(scan_outputs) == LOAD_OUTPUTS and scan_outputs[MODALITY_OUTPUT] is modality
+        components = {"session": session, "status": status, "card": card, "plane": plane, "window": window,
+                      "slider": slice_slider, "slice": slice_view, "kept": kept, "threshold": threshold,
+                      "chatbot": chatbot, "report": report, "download": download, "scan_token": scan_token,
+                      "suggestions": suggestions, "modality": modality, "truth_box": truth_box, "truth": truth}
+        scan_outputs = [components[name] for name in LOAD_OUTPUTS]
         viewer = {"show_progress": "hidden", "concurrency_limit": 4}
         gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}
         # Reading a big series takes seconds and, for a moment, twice its memory: two at a time, whatever the source.

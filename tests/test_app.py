@@ -83,6 +83,11 @@ def loaded(app_module, files, session=None):
     return outputs[0], outputs
 
 
+def named(app_module, outputs) -> dict:
+    """A load's outputs by name (app.LOAD_OUTPUTS)."""
+    return dict(zip(app_module.LOAD_OUTPUTS, outputs, strict=True))
+
+
 def image_source(html: str) -> str:
     return re.search(r'src="(data:image/png;base64,[^"]+)"', html).group(1)
 
@@ -424,8 +429,9 @@ def test_an_example_shows_its_true_findings_apart_and_questions_for_its_modality
     truths = json.loads((ROOT / "assets" / "examples" / "examples.json").read_text())
     for name, label in (("ct_chest_abdomen.nii.gz", "ct chest abdomen"), ("mr_brain.nii.gz", "mr brain")):
         outputs = app_module.load_example(label, None)
-        suggested = [sample[0] for sample in outputs[13].constructor_args["samples"]]
-        box, truth = outputs[15], outputs[16]
+        shown = named(app_module, outputs)
+        suggested = [sample[0] for sample in shown["suggestions"].constructor_args["samples"]]
+        box, truth = shown["truth_box"], shown["truth"]
         assert box["visible"] is True and box["open"] is False
         assert truths[name]["report"] in truth and "never shown it" in truth
         if name.startswith("mr"):
@@ -434,7 +440,8 @@ def test_an_example_shows_its_true_findings_apart_and_questions_for_its_modality
             assert "Which contrast phase is this CT?" in suggested
         outputs[0].release()
     session, outputs = loaded(app_module, [ct_nifti])
-    assert outputs[15]["visible"] is False and outputs[16] == ""  # an upload: no truth to show
+    shown = named(app_module, outputs)
+    assert shown["truth_box"]["visible"] is False and shown["truth"] == ""  # an upload: no truth to show
     session.release()
 
 
@@ -447,21 +454,22 @@ def test_a_scan_read_as_another_modality_starts_again_as_that_modality(app_modul
     path = tmp_path / "pet.nii.gz"
     nib.save(nib.Nifti1Image(np.abs(torso_ct()).transpose(2, 1, 0), np.diag([1.0, 1.0, 5.0, 1.0])), path)
     session, outputs = loaded(app_module, [path])
-    assert session.volume.modality == "OT" and outputs[14]["value"] == "OT"
+    assert session.volume.modality == "OT" and named(app_module, outputs)["modality"]["value"] == "OT"
     session.messages = [{"role": "user", "content": "Which organ?"}, {"role": "assistant", "content": "liver"}]
     voxels = session.volume.data
     outputs = app_module.change_modality("PT", session)
     pet = outputs[0]
     assert pet is not session and pet.volume.modality == "PT" and pet.messages == [] and outputs[9] == []
     assert pet.volume.data is voxels and session.volume is None  # the old session let go of the scan
-    assert "inverted" in [value for _, value in outputs[4]["choices"]] and outputs[14]["value"] == "PT"
+    shown = named(app_module, outputs)
+    assert "inverted" in [value for _, value in shown["window"]["choices"]] and shown["modality"]["value"] == "PT"
     assert "PET, as chosen on this page" in outputs[2] and "does not say which modality" not in outputs[2]
-    assert "What imaging modality is this?" in [q for q, in outputs[13].constructor_args["samples"]]
+    assert "What imaging modality is this?" in [q for q, in shown["suggestions"].constructor_args["samples"]]
     assert outputs[1] == "The model is reading the scan …"
-    assert app_module.change_modality("PT", pet) == (pet, *[gr.skip()] * (app_module.LOAD_OUTPUTS - 1))
+    assert app_module.change_modality("PT", pet) == (pet, *[gr.skip()] * (len(app_module.LOAD_OUTPUTS) - 1))
     refused = app_module.change_modality("SPECT", pet)
     assert refused[0] is pet and "'SPECT' is not a modality" in refused[1] and pet.volume.modality == "PT"
-    assert refused[14]["value"] == "PT"  # the list goes back to what the scan is read as
+    assert named(app_module, refused)["modality"]["value"] == "PT"  # the list goes back to what the scan is read as
     stream = app_module.generate_report(pet, 1000, 0.0, 1.0)
     next(stream)
     mr = app_module.change_modality("MR", pet)[0]  # while a report streams: it ends quietly, as for a new scan
@@ -607,16 +615,16 @@ def test_a_request_made_for_a_scan_since_replaced_changes_nothing(app_module, ct
     """A report or question still waiting in the queue when a new scan loads was asked about the old scan: the page
     sent that scan's token with it, and it is not run on the new one."""
     session, outputs = loaded(app_module, [ct_nifti])
-    old_token = outputs[12]
+    old_token = named(app_module, outputs)["scan_token"]
     assert old_token == session.token
     fresh, outputs = loaded(app_module, [_another_scan(tmp_path, 24)], session)
-    assert outputs[12] == fresh.token != old_token
+    assert named(app_module, outputs)["scan_token"] == fresh.token != old_token
     assert list(app_module.generate_report(fresh, 8, 0.0, 1.0, old_token)) == [(gr.skip(), gr.skip())]
     assert list(app_module.chat("Where is the lesion?", fresh, 8, 0.0, 1.0, old_token)) == [(gr.skip(), gr.skip())]
     assert fresh.report == "" and fresh.messages == []
     assert list(app_module.generate_report(fresh, 8, 0.0, 1.0, fresh.token))[-1][1]["interactive"] is True
     refused = app_module.load_scan([str(tmp_path / "missing.nii.gz")], fresh)  # a refused upload keeps the token
-    assert refused[12] == gr.skip()
+    assert named(app_module, refused)["scan_token"] == gr.skip()
 
 
 def test_the_ready_line_comes_in_the_view_the_visitor_went_to(app_module, ct_nifti):
@@ -1144,3 +1152,14 @@ def test_an_upload_cut_off_leaves_no_traceback_in_the_log_and_other_errors_still
     notice = app_module.CutOffUploadNotice()
     assert not notice.filter(record(ClientDisconnect()))
     assert notice.filter(record(RuntimeError("a real failure")))
+
+
+@pytest.mark.parametrize("setting", ["abc", "0", "-5", "nan", "inf"])
+def test_a_scan_memory_budget_that_is_no_number_of_megabytes_stops_the_app_with_one_line(app_module, setting,
+                                                                                            capsys):
+    with pytest.raises(SystemExit) as stopped:
+        app_module.scan_memory_budget(setting)
+    error = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(error.splitlines()) == 1 and "MEDVLM_SCAN_MEMORY_MB" in error
+    assert app_module.scan_memory_budget("512") == 512 * 2**20
+    assert app_module.scan_memory_budget("") == app_module.machine_memory_bytes() // 2

@@ -268,14 +268,3 @@ def test_routes_that_skip_the_queue_are_closed(server):
 
     answer = httpx.post(f"{server}gradio_api/run/report", json={"data": [16, 0.0, 1.0]}, timeout=30)
     assert answer.status_code == 404 and "join the queue" in answer.text
-
-
-@pytest.mark.parametrize("setting", ["abc", "0", "-5", "nan", "inf"])
-def test_a_scan_memory_budget_that_is_no_number_of_megabytes_stops_the_app_with_one_line(app_module, setting,  # noqa: F811
-                                                                                            capsys):
-    with pytest.raises(SystemExit) as stopped:
-        app_module.scan_memory_budget(setting)
-    error = capsys.readouterr().err.strip()
-    assert stopped.value.code == 2 and len(error.splitlines()) == 1 and "MEDVLM_SCAN_MEMORY_MB" in error
-    assert app_module.scan_memory_budget("512") == 512 * 2**20
-    assert app_module.scan_memory_budget("") == app_module.machine_memory_bytes() // 2
