@@ -153,14 +153,16 @@ def _padding_range(header) -> tuple[int, int] | None:
     which are no patient data (PS3.3 C.7.5.1.1.2); None when the file states none.
 
     Both are stored values, compared before the rescale. Their VR (US or SS) follows (0028,0103)
-    PixelRepresentation, and some files write it the other way (a signed CT's -2000 as US 63536): the 16 bits
-    are read again as the pixels are, as Weasis does (DicomMediaUtils.getIntPixelValue)."""
+    PixelRepresentation, and some files write it the other way (a signed CT's -2000 as US 63536): the value's
+    bits, as many as (0028,0100) BitsAllocated, are read again as the pixels are, as Weasis does
+    (DicomMediaUtils.getIntPixelValue)."""
     value = _first(header.get("PixelPaddingValue"))
     if value is None:
         return None
     limit = _first(header.get("PixelPaddingRangeLimit"), value)
+    bits = int(_first(header.get("BitsAllocated"), 16))
     signed = header.get("PixelRepresentation") == 1
-    value, limit = ((int(number) + 2**15) % 2**16 - 2**15 if signed else int(number) % 2**16
+    value, limit = ((int(number) + 2 ** (bits - 1)) % 2**bits - 2 ** (bits - 1) if signed else int(number) % 2**bits
                     for number in (value, limit))
     return min(value, limit), max(value, limit)
 
@@ -509,7 +511,7 @@ def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) 
     return pixels, padded
 
 
-def _fill_padding(pixels: np.ndarray, name: str) -> int:
+def _fill_padding(pixels: np.ndarray) -> int:
     """Set the padding voxels (NaN: `_read_pixels`, and slices drawn from them), in place, to the lowest value
     the scan's other voxels hold; returns how many there were.
 
@@ -519,12 +521,8 @@ def _fill_padding(pixels: np.ndarray, name: str) -> int:
     window or the 3D threshold. One value for the whole scan, taken after a MONOCHROME1 inversion, so that it
     stays black; a slice drawn between two others keeps their padding rather than a blend with it."""
     outside = np.isnan(pixels)
-    count = int(np.count_nonzero(outside))
-    if count == pixels.size:
-        raise VolumeError(f"{name}: every pixel of the series is marked as padding by its PixelPaddingValue, so it "
-                          "holds no image; re-export the series, or fix that attribute")
     pixels[outside] = np.fmin.reduce(pixels, axis=None)  # fmin skips NaN
-    return count
+    return int(np.count_nonzero(outside))
 
 
 def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volume:
@@ -568,6 +566,9 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     if slots is not None:
         check_grid((int(slots[-1]) + 1, rows, columns), name)  # the missing slices drawn too
     pixels, padded = _read_pixels(images, rows, columns, name)
+    if padded and np.isnan(pixels).all():
+        raise VolumeError(f"{name}: every pixel of the series is marked as padding by its PixelPaddingValue, so it "
+                          "holds no image; re-export the series, or fix that attribute")
 
     meta: dict[str, Any] = {
         "manufacturer": str(first.get("Manufacturer", "")),  # (0008,0070)
@@ -610,7 +611,7 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         notes.append("the series is stored with white at its lowest value (MONOCHROME1); its values are inverted "
                      "so that it shows as meant")
     if padded:
-        meta["padding_voxels"] = _fill_padding(pixels, name)
+        meta["padding_voxels"] = _fill_padding(pixels)
     if modality == "CT" and not any(image.intercept_stated for image in images) and float(np.nanmin(pixels)) >= 0:
         notes.append("the CT states no rescale intercept and holds no value below 0, so its values are likely not "
                      "Hounsfield units (air lies near −1000): windows and the model may read it wrongly; re-export "
