@@ -473,7 +473,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         slice_html(session, plane, window, middle),
         gr.update(choices=[], value=None),
         gr.update(minimum=low, maximum=high, step=step, value=threshold, interactive=True,
-                  label=f"Surface threshold ({'HU' if volume.modality == 'CT' else 'intensity'})"),
+                  label=f"Surface threshold ({'HU' if volume.modality == 'CT' else _units(volume) or 'intensity'})"),
         [],
         REPORT_PLACEHOLDER,
         report_download(None),
@@ -625,6 +625,8 @@ def scan_card(session: ScanSession) -> str:
          if meta.get("orientation_unknown") else f"{volume.orientation} as stored, shown radiologically"),
         ("Source", f"{SOURCE_NAMES.get(volume.source, volume.source)}, {session.label}"),
     ]
+    if meta.get("units"):
+        rows.append(("Values", str(meta["units"])))
     if meta.get("series_number") is not None:
         rows.append(("Series", f"number {meta['series_number']}"))
     if meta.get("manufacturer"):
@@ -697,7 +699,13 @@ def _shown_range(volume: Volume, window: str) -> str:
     if window in CT_WINDOWS or typed_window(window) is not None:
         return ""  # its level and width say it
     low, high = sorted(window_limits(volume, window))
-    return f" ({_plain_number(low)} to {_plain_number(high)})".replace("-", "−")
+    units = f" {_units(volume)}" if _units(volume) else ""
+    return f" ({_plain_number(low)} to {_plain_number(high)}{units})".replace("-", "−")
+
+
+def _units(volume: Volume) -> str:
+    """What the scan's values measure, where its file says (a PET's Bq/mL or SUV); "" where it does not."""
+    return shown(str(volume.meta.get("units", "")))
 
 
 def _plain_number(value: float) -> str:

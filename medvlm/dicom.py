@@ -147,6 +147,11 @@ def _geometry(position: Any, orientation: Any, spacing: Any, name: str) -> tuple
     return np.array(position), unit, (spacing[0], spacing[1])
 
 
+# (0054,1001) Units of a PET or NM series' values (PS3.3 C.8.9.1.1.3), as a reader names them; others as stated.
+PET_UNITS = {"BQML": "Bq/mL", "GML": "SUV (g/mL)", "CM2ML": "SUV lean body mass (cm²/mL)", "CNTS": "counts",
+             "CPS": "counts per second", "PROPCNTS": "proportional counts", "PCNT": "%", "NONE": "no unit"}
+
+
 def _padding_range(header) -> tuple[int, int] | None:
     """The stored pixel values, lowest and highest (both included), that (0028,0120) PixelPaddingValue and
     (0028,0121) PixelPaddingRangeLimit mark as padding: pixels outside the reconstruction circle or the body,
@@ -574,6 +579,9 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         "manufacturer": str(first.get("Manufacturer", "")),  # (0008,0070)
         "series_number": _series_number(first),
     }
+    units = str(first.get("Units", "")).strip().upper()  # (0054,1001): what a PET's values measure
+    if units and str(first.get("Modality", "")).upper() in ("PT", "NM"):  # (0008,0060)
+        meta["units"] = PET_UNITS.get(units, units)
     for key, keyword in (("window_center", "WindowCenter"), ("window_width", "WindowWidth")):  # (0028,1050/1051)
         value = _first(first.get(keyword)) if keyword in first else None
         if value is not None:

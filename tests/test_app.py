@@ -478,6 +478,31 @@ def test_a_scan_read_as_another_modality_starts_again_as_that_modality(app_modul
     mr.release()
 
 
+def test_a_pet_series_says_what_its_values_measure(app_module, tmp_path):
+    """A PET series states its values' unit ((0054,1001) Units): the card, the caption's range and the 3D threshold
+    name it (Bq/mL, or SUV), where before they said "intensity"; a series that states none names none."""
+    import pydicom
+
+    uptake = np.full((6, 24, 24), 200.0, np.float32)
+    uptake[:, 8:16, 8:16] = 4000.0
+    for units, said in (("BQML", "Bq/mL"), ("GML", "SUV (g/mL)"), (None, "")):
+        folder = tmp_path / f"pet-{units}"
+        for path in save_dicom_series(folder, uptake, (4.0, 4.0, 4.0), "PT"):
+            if units:
+                header = pydicom.dcmread(path)
+                header.Units = units
+                header.save_as(path)
+        session, outputs = loaded(app_module, [folder])
+        shown = named(app_module, outputs)
+        caption = app_module.slice_html(session, "axial", "auto", 3)
+        if said:
+            assert f"**Values** | {app_module.shown(said)} |" in shown["card"] and f"{said})" in caption
+            assert shown["threshold"]["label"] == f"Surface threshold ({said})"
+        else:
+            assert "**Values**" not in shown["card"] and shown["threshold"]["label"] == "Surface threshold (intensity)"
+        session.release()
+
+
 def test_the_line_under_the_report_quotes_the_checkpoints_own_held_out_scores(app_module):
     """Under the report: check it against the images, with how often this checkpoint was right on held-out phantoms
     where it ships `medvlm eval`'s scores (the demo checkpoint does); a sentence without figures where it does
