@@ -452,6 +452,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     low, high, step = threshold_range(volume, grid)
     decimals = max(0, -math.floor(math.log10(step)))  # the step is a power of ten: no float noise in the box
     threshold = min(high, max(low, round(round(default_threshold(volume, grid) / step) * step, decimals)))
+    unit = "HU" if volume.modality == "CT" else volume.meta.get("units") or "intensity"  # a PET's Bq/mL or SUV
     with _OPEN_SESSIONS_LOCK:  # from the memory check to the new scan's registration: two loads at once add up
         if not make_room(volume.data.nbytes, session):
             message = ("The server holds as many scans as its memory allows; try again in a few minutes, or run "
@@ -473,7 +474,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         slice_html(session, plane, window, middle),
         gr.update(choices=[], value=None),
         gr.update(minimum=low, maximum=high, step=step, value=threshold, interactive=True,
-                  label=f"Surface threshold ({'HU' if volume.modality == 'CT' else _units(volume) or 'intensity'})"),
+                  label=f"Surface threshold ({unit})"),
         [],
         REPORT_PLACEHOLDER,
         report_download(None),
@@ -699,13 +700,8 @@ def _shown_range(volume: Volume, window: str) -> str:
     if window in CT_WINDOWS or typed_window(window) is not None:
         return ""  # its level and width say it
     low, high = sorted(window_limits(volume, window))
-    units = f" {_units(volume)}" if _units(volume) else ""
+    units = f" {shown(str(volume.meta['units']))}" if volume.meta.get("units") else ""  # a PET's Bq/mL or SUV
     return f" ({_plain_number(low)} to {_plain_number(high)}{units})".replace("-", "−")
-
-
-def _units(volume: Volume) -> str:
-    """What the scan's values measure, where its file says (a PET's Bq/mL or SUV); "" where it does not."""
-    return shown(str(volume.meta.get("units", "")))
 
 
 def _plain_number(value: float) -> str:
@@ -1175,6 +1171,7 @@ def build_demo() -> gr.Blocks:
                       "slider": slice_slider, "slice": slice_view, "kept": kept, "threshold": threshold,
                       "chatbot": chatbot, "report": report, "download": download, "scan_token": scan_token,
                       "suggestions": suggestions, "modality": modality, "truth_box": truth_box, "truth": truth}
+        assert set(components) == set(LOAD_OUTPUTS)
         scan_outputs = [components[name] for name in LOAD_OUTPUTS]
         viewer = {"show_progress": "hidden", "concurrency_limit": 4}
         gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}

@@ -165,7 +165,7 @@ def _padding_range(header) -> tuple[int, int] | None:
     if value is None:
         return None
     limit = _first(header.get("PixelPaddingRangeLimit"), value)
-    bits = int(_first(header.get("BitsAllocated"), 16))
+    bits = min(int(_first(header.get("BitsAllocated"), 16)), 16)  # the value is US or SS: 16 bits at most
     signed = header.get("PixelRepresentation") == 1
     value, limit = ((int(number) + 2 ** (bits - 1)) % 2**bits - 2 ** (bits - 1) if signed else int(number) % 2**bits
                     for number in (value, limit))

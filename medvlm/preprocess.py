@@ -45,20 +45,26 @@ def window_names(modality: str) -> list[str]:
     return [AUTO_WINDOW, INVERTED_WINDOW] if modality == "PT" else [AUTO_WINDOW]
 
 
-# A window typed as its width and level, as radiologists say it: "350/50", "W 350 / L 50", "1500/-600".
-_TYPED_WINDOW = re.compile(r"\s*(?:W\s*)?(\d+(?:\.\d+)?)\s*/\s*(?:L\s*)?(-?\d+(?:\.\d+)?)\s*", re.IGNORECASE)
+# A window typed as its width and level, as radiologists say it: "350/50", "W 350 / L 50", "1500/-600" (or with
+# the minus sign the app's captions print, so that one copied from them reads back).
+_TYPED_WINDOW = re.compile(r"\s*(?:W\s*)?(\d+(?:\.\d+)?)\s*/\s*(?:L\s*)?([-−]?\d+(?:\.\d+)?)\s*", re.IGNORECASE)
+TYPED_WINDOW_LIMITS = (1e-3, 1e6)  # a typed width's least and most, and the most a level lies from 0
 
 
-def typed_window(window: str) -> tuple[float, float] | None:
+def typed_window(window: object) -> tuple[float, float] | None:
     """(level, width) of a window typed as width/level (`_TYPED_WINDOW`), in the scan's units (HU for CT), or None
-    for anything else, a width of 0 among them."""
+    for anything else: a width outside TYPED_WINDOW_LIMITS, or a level further from 0 than its most."""
     match = _TYPED_WINDOW.fullmatch(window) if isinstance(window, str) else None
-    if match is None or float(match.group(1)) <= 0:
+    if match is None:
         return None
-    return float(match.group(2)), float(match.group(1))
+    width, level = float(match.group(1)), float(match.group(2).replace("−", "-"))
+    least, most = TYPED_WINDOW_LIMITS
+    if not (least <= width <= most and abs(level) <= most):
+        return None
+    return level, width
 
 
-def known_window(window: str, modality: str) -> bool:
+def known_window(window: object, modality: str) -> bool:
     """Whether a viewer can show a scan of this modality in `window`: one of its presets, or a typed width/level."""
     return window in window_names(modality) or typed_window(window) is not None
 
@@ -91,7 +97,7 @@ def robust_range(data: np.ndarray, low: float = 0.5, high: float = 99.5) -> tupl
 def window_range(volume: Volume, window: str, robust: tuple[float, float] | None = None) -> tuple[float, float]:
     """The intensities mapped to black and to white by a named window (`apply_window`'s lo, hi).
 
-    CT presets are level/width in HU, as is a typed width/level (`typed_window`, in the scan's units); "auto"
+    CT presets are level/width in HU; a typed width/level (`typed_window`) is in the scan's own units; "auto"
     is the robust percentile range of the volume (`robust`, where the caller keeps it), and "inverted" the same
     range the other way round (the highest intensity black).
     """

@@ -87,6 +87,8 @@ class Volume:
         meta["modality_chosen"] = True
         if "modality" in meta:
             meta["modality"] = modality
+        if modality != "PT":
+            meta.pop("units", None)  # a PET's Bq/mL or SUV: not what another modality's values measure
         return replace(self, modality=modality, meta=meta)
 
     @cached_property

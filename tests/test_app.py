@@ -498,6 +498,9 @@ def test_a_pet_series_says_what_its_values_measure(app_module, tmp_path):
         if said:
             assert f"**Values** | {app_module.shown(said)} |" in shown["card"] and f"{said})" in caption
             assert shown["threshold"]["label"] == f"Surface threshold ({said})"
+            as_mr = named(app_module, app_module.change_modality("MR", session))  # read as another modality: no unit
+            assert "**Values**" not in as_mr["card"] and as_mr["threshold"]["label"] == "Surface threshold (intensity)"
+            session = as_mr["session"]
         else:
             assert "**Values**" not in shown["card"] and shown["threshold"]["label"] == "Surface threshold (intensity)"
         session.release()

@@ -290,6 +290,22 @@ def test_a_ct_padding_ring_is_shown_as_air_not_as_an_extreme_value(tmp_path, mar
     assert scan.meta["padding_voxels"] == ring.sum() * len(files) and "notes" not in scan.meta
 
 
+@pytest.mark.parametrize(("bits", "signed", "vr", "written", "padding"), [
+    (16, True, "US", 63536, -2000), (16, False, "SS", -2000, 63536), (8, True, "US", 255, -1),
+    (8, False, "US", 255, 255), (32, True, "US", 63536, -2000), (32, False, "US", 63536, 63536)])
+def test_the_padding_value_is_read_as_the_pixels_are_stored(bits, signed, vr, written, padding):
+    """(0028,0120) is US or SS, 16 bits at most, whatever the pixels: its bits are read again as the pixels are
+    (signed or not; 8-bit pixels in 8 bits), so a signed CT's -2000 written as US 63536 is still -2000."""
+    from pydicom.dataset import Dataset
+
+    from medvlm.dicom import _padding_range
+
+    header = Dataset()
+    header.BitsAllocated, header.PixelRepresentation = bits, int(signed)
+    header.add_new(0x00280120, vr, written)
+    assert _padding_range(header) == (padding, padding)
+
+
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
 def test_an_mr_padded_with_a_large_value_keeps_its_auto_window_and_3d_surface(tmp_path, marked_ct, photometric):
     """An MR padded with 65535: the auto window and the 3D view's Otsu surface stay on the head (between

@@ -135,7 +135,10 @@ def test_a_window_typed_as_width_and_level_shows_those_values(marked_ct):
     mr = render_slice(_volume(data, spacing=(1.0, 1.0, 1.0), modality="MR"), "axial", window="100/200")
     # columns are shown right to left (the patient's right on the viewer's left): x 0–3 are the last four
     assert (mr[:, 4:] == 0).all() and (mr[:, :2] == 255).all() and (mr[:, 2:4] == 128).all()
-    for junk in ("0/40", "wide", "40"):
+    assert np.array_equal(render_slice(ct, "axial", window="W 1500 / L −600"),  # as the app's caption prints it
+                          render_slice(ct, "axial", window="lung"))
+    # no width of nothing (0, or one too small to divide by) and no width or level past any scan's values
+    for junk in ("0/40", "0.000000001/1000000000", "9" * 400 + "/50", "400/" + "9" * 40, "wide", "40"):
         with pytest.raises(UserInputError, match="or a width/level such as 350/50"):
             render_slice(ct, "axial", window=junk)
 
