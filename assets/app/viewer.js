@@ -31,8 +31,8 @@
     const viewer = document.querySelector("#slice-view");
     if (!viewer) return setTimeout(focusable, 200);
     viewer.tabIndex = 0;
-    viewer.setAttribute("aria-label",
-                        "Slice viewer: the arrow keys, Page Up and Page Down step through the slices, Home and End");
+    viewer.setAttribute("aria-label", "Slice viewer: the arrow keys step one slice, Page Up and Page Down ten, "
+                        + "Home and End go to the first and the last");
   };
   focusable();
   document.addEventListener("mousedown", (event) => {
