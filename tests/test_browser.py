@@ -166,7 +166,7 @@ def test_on_a_phone_the_report_button_follows_the_status_line(browser, server, t
     page.locator("#status-line", has_text="Ready").wait_for()
     top = {name: page.locator(selector).bounding_box()["y"] for name, selector in (
         ("status", "#status-line"), ("report", "#report-buttons"), ("viewer", "#viewer-tabs"),
-        ("card", "#scan-card"), ("chat", "#chatbot"))}
-    assert top["status"] < top["report"] < top["viewer"] < top["card"] < top["chat"], top
+        ("modality", "#modality"), ("card", "#scan-card"), ("chat", "#chatbot"))}
+    assert top["status"] < top["report"] < top["viewer"] < top["modality"] < top["card"] < top["chat"], top
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the screen
     page.close()
