@@ -483,12 +483,12 @@ def _series_padding(images: list[_DicomImage]) -> tuple[int, int] | None:
     return stated.most_common(1)[0][0] if stated else None
 
 
-def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) -> tuple[np.ndarray, bool]:
+def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) -> tuple[np.ndarray, int]:
     """The images' pixels with rescale applied, float32 (slices, rows, columns), padding (`_padding_range`,
-    compared with the stored values) set to NaN for `_fill_padding`; and whether there was any. Each file is
-    decoded once, one at a time, whatever order its frames take in the stack."""
+    compared with the stored values) set to NaN for `_fill_padding`; and how many pixels were padding. Each file
+    is decoded once, one at a time, whatever order its frames take in the stack."""
     pixels = np.empty((len(images), rows, columns), dtype=np.float32)
-    series_padding, padded = _series_padding(images), False
+    series_padding, padded = _series_padding(images), 0
     slots: dict[Path, list[tuple[int, _DicomImage]]] = {}
     for slot, image in enumerate(images):
         slots.setdefault(image.path, []).append((slot, image))
@@ -512,7 +512,7 @@ def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) 
             if padding is not None:
                 outside = (frame >= padding[0]) & (frame <= padding[1])
                 pixels[slot][outside] = np.nan
-                padded = padded or bool(outside.any())
+                padded += int(np.count_nonzero(outside))
     return pixels, padded
 
 
@@ -571,7 +571,7 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     if slots is not None:
         check_grid((int(slots[-1]) + 1, rows, columns), name)  # the missing slices drawn too
     pixels, padded = _read_pixels(images, rows, columns, name)
-    if padded and np.isnan(pixels).all():
+    if padded == pixels.size:
         raise VolumeError(f"{name}: every pixel of the series is marked as padding by its PixelPaddingValue, so it "
                           "holds no image; re-export the series, or fix that attribute")
 
