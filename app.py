@@ -403,14 +403,27 @@ def load_scan(files: list[str] | str | None, session: ScanSession | None, reques
     try:
         volume = load_volume(paths[0] if len(paths) == 1 else paths)
     except UserInputError as error:
-        gr.Warning(shown(str(error)))
-        return _unchanged(session, f"⚠️ {error}")
+        message = without_file_names(str(error), paths)
+        gr.Warning(shown(message))
+        return _unchanged(session, f"⚠️ {message}")
     except MemoryError:  # the server's memory, not the file: others' scans fill it, or the scan is very large
         gr.Warning(OUT_OF_MEMORY)
         return _unchanged(session, f"⚠️ {OUT_OF_MEMORY}.")
     finally:
         _delete_uploads(paths)
     return _new_scan(volume, "uploaded scan", session, request)
+
+
+_SHORTEST_NAME_WITHHELD = 5  # shorter file names ("1", "IM2") hold no one's name, and could match a number
+
+
+def without_file_names(message: str, paths: list[str]) -> str:
+    """A reader's message about an upload with the uploaded files' names said as "the uploaded file": a file is
+    often named for its patient, and the page may be on a shared screen. (The CLI names the file it was given.)"""
+    names = sorted({Path(path).name for path in paths}, key=len, reverse=True)
+    for name in (name for name in names if len(name) >= _SHORTEST_NAME_WITHHELD):
+        message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", "the uploaded file", message)
+    return message[:1].upper() + message[1:]
 
 
 def empty_upload() -> None:

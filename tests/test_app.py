@@ -1039,6 +1039,18 @@ def test_a_failed_upload_over_a_loaded_scan_keeps_its_warning(app_module, ct_nif
     assert not (isinstance(status, str) and status.startswith("Ready")), "the warning was overwritten"
 
 
+def test_a_refused_upload_is_not_named_on_the_page(app_module, tmp_path):
+    """A file is often named for its patient: the warning and the status line call it "the uploaded file"."""
+    for name in ("Doe_Jane_1961-04-02.nii.gz", "Doe Jane CT.zip"):
+        bad = tmp_path / name
+        bad.write_bytes(b"not a scan")
+        with pytest.warns(UserWarning) as warned:
+            _, outputs = loaded(app_module, [bad])
+        for said in (outputs[1], str(warned[0].message)):
+            assert "Doe" not in said, said
+        assert outputs[1].startswith("⚠️ The uploaded file is not a readable"), outputs[1]
+
+
 def test_the_scan_card_pads_an_odd_number_of_facts_with_an_empty_cell(app_module, tmp_path):
     files = save_dicom_series(tmp_path / "series", torso_ct(), (5.0, 1.0, 1.0), series_number=None)
     card = app_module.scan_card(loaded(app_module, files)[0])
