@@ -83,7 +83,9 @@ MAKE_ROOM_IDLE_S = 600
 QUEUE_SIZE = 500
 # What a load updates, in order: `_new_scan`'s outputs and build_demo's scan_outputs.
 LOAD_OUTPUTS = ("session", "status", "card", "plane", "window", "slider", "slice", "kept", "threshold", "chatbot",
-                "report", "download", "scan_token", "suggestions", "modality", "truth_box", "truth")
+                "report", "download", "scan_token", "suggestions", "modality", "truth_box", "truth", "scan_source")
+SCAN_SOURCE_OPEN = "Load a scan"
+SCAN_SOURCE_FOLDED = "Load another scan"  # once a scan is read, which then needs the room
 OUT_OF_MEMORY = "The server ran out of memory reading this scan; try again in a few minutes, or with a smaller scan"
 SESSION_FOLDER_PREFIX = "medvlm-session-"  # a session's own folder in the upload folder (its report download)
 REPORT_PLACEHOLDER = "*The report appears here: press **Generate report**.*"
@@ -420,8 +422,8 @@ _SHORTEST_NAME_WITHHELD = 5  # shorter file names ("1", "IM2") hold no one's nam
 def without_file_names(message: str, paths: list[str]) -> str:
     """A reader's message about an upload with the uploaded files' names said as "the uploaded file": a file is
     often named for its patient, and the page may be on a shared screen. (The CLI names the file it was given.)"""
-    names = sorted({Path(path).name for path in paths}, key=len, reverse=True)
-    for name in (name for name in names if len(name) >= _SHORTEST_NAME_WITHHELD):
+    names = sorted({str(path) for path in paths} | {Path(path).name for path in paths}, key=len, reverse=True)
+    for name in (name for name in names if len(name) >= _SHORTEST_NAME_WITHHELD):  # whole paths first
         message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", "the uploaded file", message)
     return message[:1].upper() + message[1:]
 
@@ -497,6 +499,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         gr.update(visible=bool(truth), open=False),
         f"{shown(truth)}\n\n*The phantom's ground truth (assets/examples/examples.json): what this example was made "
         "with. The model is never shown it.*" if truth else "",
+        gr.update(open=False, label=SCAN_SOURCE_FOLDED),
     )
 
 
@@ -1106,19 +1109,20 @@ def build_demo() -> gr.Blocks:
             gr.Markdown(model_badge(PIPELINE), elem_id="model-badge")
         with gr.Row(equal_height=False, elem_id="main-row"):
             with gr.Column(scale=5, elem_id="scan-column"):
-                upload = gr.File(label="Scan: NIfTI, .npy, DICOM files or a .zip", file_count="multiple",
-                                 height=110, elem_id="scan-upload")
-                # The examples on one line under the drop zone, not in a column beside it: on a laptop screen the
-                # slice slider and its controls then show without scrolling.
-                with gr.Row(equal_height=False, elem_id="scan-inputs"):
-                    example_picker = gr.Dataset(label="Examples", components=["textbox"],
-                                                samples=[[n] for n in examples], visible=bool(examples),
-                                                layout="gallery", samples_per_page=8, scale=3, min_width=240,
-                                                elem_id="examples")
-                    if not examples:
-                        gr.Markdown("*No example scans in `assets/examples/`.*")
-                    folder_upload = gr.UploadButton("Upload a DICOM folder", file_count="directory", size="md",
-                                                    scale=1, min_width=150, elem_id="folder-upload")
+                # Folded once a scan is read: on a laptop screen the viewer and its controls then fit above the fold.
+                with gr.Accordion(SCAN_SOURCE_OPEN, open=True, elem_id="scan-source") as scan_source:
+                    upload = gr.File(label="Scan: NIfTI, .npy, DICOM files or a .zip", file_count="multiple",
+                                     height=110, elem_id="scan-upload")
+                    # The examples on one line under the drop zone, not in a column beside it
+                    with gr.Row(equal_height=False, elem_id="scan-inputs"):
+                        example_picker = gr.Dataset(label="Examples", components=["textbox"],
+                                                    samples=[[n] for n in examples], visible=bool(examples),
+                                                    layout="gallery", samples_per_page=8, scale=3, min_width=240,
+                                                    elem_id="examples")
+                        if not examples:
+                            gr.Markdown("*No example scans in `assets/examples/`.*")
+                        folder_upload = gr.UploadButton("Upload a DICOM folder", file_count="directory", size="md",
+                                                        scale=1, min_width=150, elem_id="folder-upload")
                 status = gr.Markdown("Upload a scan, or pick an example.", elem_id="status-line")
                 with gr.Tabs(elem_id="viewer-tabs"):
                     with gr.Tab("Slices", id="slices"):
@@ -1183,7 +1187,8 @@ def build_demo() -> gr.Blocks:
         components = {"session": session, "status": status, "card": card, "plane": plane, "window": window,
                       "slider": slice_slider, "slice": slice_view, "kept": kept, "threshold": threshold,
                       "chatbot": chatbot, "report": report, "download": download, "scan_token": scan_token,
-                      "suggestions": suggestions, "modality": modality, "truth_box": truth_box, "truth": truth}
+                      "suggestions": suggestions, "modality": modality, "truth_box": truth_box, "truth": truth,
+                      "scan_source": scan_source}
         assert set(components) == set(LOAD_OUTPUTS)
         scan_outputs = [components[name] for name in LOAD_OUTPUTS]
         viewer = {"show_progress": "hidden", "concurrency_limit": 4}

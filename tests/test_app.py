@@ -329,6 +329,17 @@ def test_a_new_upload_starts_a_new_conversation(app_module, ct_nifti, tmp_path):
     assert session.volume is None  # the old scan was released
 
 
+def test_the_upload_folds_away_once_a_scan_is_read_and_not_before(app_module, ct_nifti, tmp_path):
+    """Folded, it leaves a laptop's window to the viewer; a refused upload leaves it open to try again."""
+    bad = tmp_path / "notes.nii"
+    bad.write_text("not a scan")
+    with pytest.warns(UserWarning):
+        _, refused = loaded(app_module, [bad])
+    assert named(app_module, refused)["scan_source"] == gr.skip()
+    _, outputs = loaded(app_module, [ct_nifti])
+    assert named(app_module, outputs)["scan_source"] == gr.update(open=False, label="Load another scan")
+
+
 def test_closing_the_tab_releases_the_scan_and_its_files(app_module, ct_nifti):
     tab = SimpleNamespace(session_hash="tab-1")  # what Gradio passes as gr.Request
     session = app_module.load_scan([str(ct_nifti)], None, tab)[0]

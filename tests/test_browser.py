@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-LAPTOP = {"width": 1366, "height": 768}
+LAPTOP = {"width": 1366, "height": 657}  # a 1366x768 screen, less the browser's bars
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,10 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
 
     page.locator("#scan-upload input[type=file]").set_input_files(str(example_scan(tmp_path)))
     page.locator("#status-line", has_text="Ready").wait_for()
+    # The upload folds away once the scan is read: the image and its slider fit a laptop's window.
+    assert page.locator("#scan-upload").is_hidden()
+    slider_box = page.locator("#slice-slider input[type=range]").bounding_box()
+    assert slider_box["y"] + slider_box["height"] <= LAPTOP["height"], slider_box
     image = page.locator("#slice-view img")
     before = image.get_attribute("src")
     page.locator("#slice-slider input[type=range]").fill("5")
@@ -140,6 +144,11 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     assert "Where is the lesion?" not in chatbot.inner_text()  # the cleared conversation does not come back
     stored = page.evaluate("Object.keys(localStorage).filter(key => key.includes('run-history'))")
     assert stored == []  # no run (question, report, slice images) is kept in the browser for the next user
+
+    page.get_by_text("Load another scan").click()  # the folded upload opens again for the next scan
+    page.locator("#scan-upload input[type=file]").set_input_files(str(example_scan(tmp_path)))
+    page.locator("#status-line", has_text="Ready").wait_for()
+    page.locator("#chatbot", has_text="Which organ is abnormal?").wait_for(state="detached")
 
     screenshot = tmp_path / "app.png"
     page.screenshot(path=str(screenshot), full_page=True)
