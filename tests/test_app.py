@@ -78,9 +78,9 @@ def dicom_with_identifiers(tmp_path) -> list[Path]:
 
 
 def loaded(app_module, files, session=None):
-    """(session, every output of load_scan) for an upload."""
-    outputs = app_module.load_scan([str(f) for f in files], session)
-    return outputs[0], outputs
+    """(session, load_scan's outputs by name) for an upload."""
+    outputs = named(app_module, app_module.load_scan([str(f) for f in files], session))
+    return outputs["session"], outputs
 
 
 def named(app_module, outputs) -> dict:
@@ -94,7 +94,7 @@ def image_source(html: str) -> str:
 
 def test_scan_card_gives_the_facts_and_never_identifiers(app_module, dicom_with_identifiers):
     session, outputs = loaded(app_module, dicom_with_identifiers)
-    card = outputs[2]
+    card = outputs["card"]
     assert session.volume.modality == "CT"
     assert "CT (computed tomography)" in card
     assert "64 × 64 voxels × 40 axial slices" in card
@@ -110,8 +110,8 @@ def test_an_m3d_npy_is_not_given_a_spacing_it_does_not_store(app_module, tmp_pat
     """M3D resampled every scan to one shape and kept no spacing: the card must not claim 1 mm slices."""
     np.save(tmp_path / "scan.npy", np.random.default_rng(0).random((1, 32, 48, 48), dtype=np.float32))
     _, outputs = loaded(app_module, [tmp_path / "scan.npy"])
-    assert "not stored in an M3D .npy" in outputs[2] and "mm between slices" not in outputs[2]
-    assert "**Field of view** | unknown |" in outputs[2]
+    assert "not stored in an M3D .npy" in outputs["card"] and "mm between slices" not in outputs["card"]
+    assert "**Field of view** | unknown |" in outputs["card"]
 
 
 def test_a_nifti_without_orientation_is_not_called_stored_as_las(app_module, tmp_path):
@@ -124,8 +124,8 @@ def test_a_nifti_without_orientation_is_not_called_stored_as_las(app_module, tmp
     image.set_qform(None, code=0)
     nib.save(image, tmp_path / "unstated.nii")
     _, outputs = loaded(app_module, [tmp_path / "unstated.nii"])
-    assert "**Orientation** | not stated (read as LAS), shown radiologically |" in outputs[2]
-    assert "left and right may be swapped" in outputs[2]
+    assert "**Orientation** | not stated (read as LAS), shown radiologically |" in outputs["card"]
+    assert "left and right may be swapped" in outputs["card"]
 
 
 def test_a_series_description_is_never_shown_because_it_can_name_the_patient(app_module, tmp_path):
@@ -146,9 +146,9 @@ def test_text_from_the_file_shows_as_written_on_the_scan_card(app_module, dicom_
 
 def test_slice_image_follows_the_slider_and_the_window(app_module, ct_nifti):
     session, outputs = loaded(app_module, [ct_nifti])
-    assert outputs[5]["maximum"] == 40 and outputs[5]["value"] == 21  # slider counts slices from 1
+    assert outputs["slider"]["maximum"] == 40 and outputs["slider"]["value"] == 21  # slider counts slices from 1
     middle = image_source(app_module.slice_html(session, "axial", "soft tissue", 21))
-    assert image_source(outputs[6]) == middle
+    assert image_source(outputs["slice"]) == middle
     assert image_source(app_module.slice_html(session, "axial", "soft tissue", 30)) != middle
     assert image_source(app_module.slice_html(session, "axial", "lung", 21)) != middle
     assert "window lung · W 1500 / L −600" in app_module.slice_html(session, "axial", "lung", 21)
@@ -189,7 +189,7 @@ def test_the_slice_caption_says_where_the_slice_lies_in_the_patient(app_module, 
 def test_window_choices_follow_the_modality(app_module, tmp_path):
     brain = save_nifti(tmp_path / "brain.nii.gz", torso_ct() + 1000, (1.0, 1.0, 1.0), modality="MR")
     _, outputs = loaded(app_module, [brain])
-    assert [value for _, value in outputs[4]["choices"]] == ["auto"] and outputs[4]["value"] == "auto"
+    assert [value for _, value in outputs["window"]["choices"]] == ["auto"] and outputs["window"]["value"] == "auto"
     labels = dict((value, label) for label, value in app_module.window_choices("CT"))
     assert labels["lung"] == "lung · W 1500 / L −600" and labels["soft tissue"] == "soft tissue · W 400 / L 40"
     assert [value for _, value in app_module.window_choices("PT")] == ["auto", "inverted"]
@@ -276,7 +276,7 @@ def test_a_wrong_file_gives_one_sentence_and_keeps_the_scan(app_module, ct_nifti
     with pytest.warns(UserWarning):  # gr.Warning outside a running app
         same, outputs = loaded(app_module, [junk], session)
     assert same is session and session.volume is not None
-    assert outputs[1].startswith("⚠️ ") and "\n" not in outputs[1] and "Traceback" not in outputs[1]
+    assert outputs["status"].startswith("⚠️ ") and "\n" not in outputs["status"] and "Traceback" not in outputs["status"]
 
 
 def test_uploaded_files_are_deleted_once_read(app_module, ct_nifti):
@@ -325,7 +325,7 @@ def test_a_new_upload_starts_a_new_conversation(app_module, ct_nifti, tmp_path):
     list(app_module.chat("Where is the lesion?", session, 8, 0.0, 1.0))
     other = save_nifti(tmp_path / "other.nii.gz", torso_ct(seed=3), (5.0, 1.0, 1.0), modality="CT")
     fresh, outputs = loaded(app_module, [other], session)
-    assert fresh is not session and fresh.messages == [] and outputs[9] == []
+    assert fresh is not session and fresh.messages == [] and outputs["chatbot"] == []
     assert session.volume is None  # the old scan was released
 
 
@@ -335,9 +335,9 @@ def test_the_upload_folds_away_once_a_scan_is_read_and_not_before(app_module, ct
     bad.write_text("not a scan")
     with pytest.warns(UserWarning):
         _, refused = loaded(app_module, [bad])
-    assert named(app_module, refused)["scan_source"] == gr.skip()
+    assert refused["scan_source"] == gr.skip()
     _, outputs = loaded(app_module, [ct_nifti])
-    assert named(app_module, outputs)["scan_source"] == gr.update(open=False, label="Load another scan")
+    assert outputs["scan_source"] == gr.update(open=False, label="Load another scan")
 
 
 def test_closing_the_tab_releases_the_scan_and_its_files(app_module, ct_nifti):
@@ -354,34 +354,34 @@ def test_closing_the_tab_releases_the_scan_and_its_files(app_module, ct_nifti):
 def _upload_as(app_module, tmp_path, tab: str, seed: int = 0):
     """load_scan of a fresh CT file from the browser tab `tab` (the upload is deleted once read)."""
     scan = save_nifti(tmp_path / f"{tab}.nii.gz", torso_ct(seed=seed), (5.0, 1.0, 1.0), modality="CT")
-    return app_module.load_scan([str(scan)], None, SimpleNamespace(session_hash=tab))
+    return named(app_module, app_module.load_scan([str(scan)], None, SimpleNamespace(session_hash=tab)))
 
 
 def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_path, monkeypatch):
     """Visitors uploading big scans cannot take the server down: past the budget a new scan takes the place of
     one unused for ten minutes, whose visitor is told why, and is otherwise refused with a sentence; a scan still
     waiting for the model, or one whose release would not make room, is not released."""
-    first = _upload_as(app_module, tmp_path, "tab-a")[0]
+    first = _upload_as(app_module, tmp_path, "tab-a")["session"]
     size = first.volume.data.nbytes
     monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(size * 1.5))
     try:
         first.last_used -= app_module.MAKE_ROOM_IDLE_S  # ten minutes, but its encoding has not run yet
         refused = _upload_as(app_module, tmp_path, "tab-b")
-        assert refused[0] is None and "holds as many scans as its memory allows" in refused[1]
+        assert refused["session"] is None and "holds as many scans as its memory allows" in refused["status"]
         assert first.volume is not None
         app_module.encode_scan(first, "axial", "soft tissue", 1)
         first.last_used -= app_module.MAKE_ROOM_IDLE_S  # encoded, then ten minutes without a look or a question
         monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(size * 0.5))  # no room even without it
-        assert _upload_as(app_module, tmp_path, "tab-b", seed=1)[0] is None and first.volume is not None
+        assert _upload_as(app_module, tmp_path, "tab-b", seed=1)["session"] is None and first.volume is not None
         monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(size * 1.5))
-        second = _upload_as(app_module, tmp_path, "tab-c", seed=2)[0]
+        second = _upload_as(app_module, tmp_path, "tab-c", seed=2)["session"]
         assert second.volume is not None and first.volume is None
         told = "closed to make room for other visitors, after 10 minutes without use; load it again"
         assert told in list(app_module.generate_report(first, 8, 0.0, 1.0))[-1][0]
         assert told in app_module.slice_html(first, "axial", "soft tissue", 1)
         assert told in app_module.encode_scan(first, "axial", "soft tissue", 1)[0]  # its encoding's turn came late
         monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", 10 * size)
-        again = _upload_as(app_module, tmp_path, "tab-a", seed=3)[0]  # the visitor loads a scan again
+        again = _upload_as(app_module, tmp_path, "tab-a", seed=3)["session"]  # the visitor loads a scan again
         assert again.volume is not None and second.volume is not None
     finally:
         for tab in ("tab-a", "tab-b", "tab-c"):
@@ -390,12 +390,12 @@ def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_p
 
 def test_a_scan_never_encoded_makes_room_after_ten_minutes(app_module, tmp_path, monkeypatch):
     """An API client that loads scans and never asks for their encoding holds them no longer than anyone."""
-    first = _upload_as(app_module, tmp_path, "tab-x")[0]
+    first = _upload_as(app_module, tmp_path, "tab-x")["session"]
     monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(first.volume.data.nbytes * 1.5))
     try:
         first.loaded_at -= app_module.MAKE_ROOM_IDLE_S
         first.last_used -= app_module.MAKE_ROOM_IDLE_S
-        second = _upload_as(app_module, tmp_path, "tab-y", seed=1)[0]
+        second = _upload_as(app_module, tmp_path, "tab-y", seed=1)["session"]
         assert second.volume is not None and first.volume is None
     finally:
         for tab in ("tab-x", "tab-y"):
@@ -405,7 +405,7 @@ def test_a_scan_never_encoded_makes_room_after_ten_minutes(app_module, tmp_path,
 def test_a_scan_unused_for_an_hour_is_released_and_its_visitor_told(app_module, tmp_path):
     """A tab left open, or an API client that never says goodbye, does not hold a scan (and its report file)
     for good: the sweep releases it after an hour without use, and the visitor is told so."""
-    session = _upload_as(app_module, tmp_path, "tab-idle")[0]
+    session = _upload_as(app_module, tmp_path, "tab-idle")["session"]
     list(app_module.generate_report(session, 8, 0.0, 1.0))
     folder = session.folder
     assert app_module.release_idle_sessions(app_module.SESSION_IDLE_S) == 0  # just used
@@ -430,8 +430,8 @@ def test_an_example_is_picked_by_its_row_or_its_name(app_module, tmp_path, monke
     assert app_module.load_example("a scan", None)[0].label == "example: a scan"
     assert app_module.load_example(["a scan"], None)[0].label == "example: a scan"
     for junk in (99, -1, True, "c scan", None, {"x": 1}):
-        outputs = app_module.load_example(junk, None)
-        assert outputs[0] is None and "choose one of 'a scan', 'b scan'" in outputs[1], junk
+        outputs = named(app_module, app_module.load_example(junk, None))
+        assert outputs["session"] is None and "choose one of 'a scan', 'b scan'" in outputs["status"], junk
 
 
 def test_an_example_shows_its_true_findings_apart_and_questions_for_its_modality(app_module, ct_nifti):
@@ -439,20 +439,18 @@ def test_an_example_shows_its_true_findings_apart_and_questions_for_its_modality
     model against; an upload has none. The suggested questions fit the scan: none about lungs on a brain MR."""
     truths = json.loads((ROOT / "assets" / "examples" / "examples.json").read_text())
     for name, label in (("ct_chest_abdomen.nii.gz", "ct chest abdomen"), ("mr_brain.nii.gz", "mr brain")):
-        outputs = app_module.load_example(label, None)
-        shown = named(app_module, outputs)
-        suggested = [sample[0] for sample in shown["suggestions"].constructor_args["samples"]]
-        box, truth = shown["truth_box"], shown["truth"]
+        outputs = named(app_module, app_module.load_example(label, None))
+        suggested = [sample[0] for sample in outputs["suggestions"].constructor_args["samples"]]
+        box, truth = outputs["truth_box"], outputs["truth"]
         assert box["visible"] is True and box["open"] is False
         assert truths[name]["report"] in truth and "never shown it" in truth
         if name.startswith("mr"):
             assert "MR sequence" in " ".join(suggested) and not any("lung" in q or "CT" in q for q in suggested)
         else:
             assert "Which contrast phase is this CT?" in suggested
-        outputs[0].release()
+        outputs["session"].release()
     session, outputs = loaded(app_module, [ct_nifti])
-    shown = named(app_module, outputs)
-    assert shown["truth_box"]["visible"] is False and shown["truth"] == ""  # an upload: no truth to show
+    assert outputs["truth_box"]["visible"] is False and outputs["truth"] == ""  # an upload: no truth to show
     session.release()
 
 
@@ -465,22 +463,22 @@ def test_a_scan_read_as_another_modality_starts_again_as_that_modality(app_modul
     path = tmp_path / "pet.nii.gz"
     nib.save(nib.Nifti1Image(np.abs(torso_ct()).transpose(2, 1, 0), np.diag([1.0, 1.0, 5.0, 1.0])), path)
     session, outputs = loaded(app_module, [path])
-    assert session.volume.modality == "OT" and named(app_module, outputs)["modality"]["value"] == "OT"
+    assert session.volume.modality == "OT" and outputs["modality"]["value"] == "OT"
     session.messages = [{"role": "user", "content": "Which organ?"}, {"role": "assistant", "content": "liver"}]
     voxels = session.volume.data
-    outputs = app_module.change_modality("PT", session)
-    pet = outputs[0]
-    assert pet is not session and pet.volume.modality == "PT" and pet.messages == [] and outputs[9] == []
+    outputs = named(app_module, app_module.change_modality("PT", session))
+    pet = outputs["session"]
+    assert pet is not session and pet.volume.modality == "PT" and pet.messages == [] and outputs["chatbot"] == []
     assert pet.volume.data is voxels and session.volume is None  # the old session let go of the scan
-    shown = named(app_module, outputs)
-    assert "inverted" in [value for _, value in shown["window"]["choices"]] and shown["modality"]["value"] == "PT"
-    assert "PET, as chosen on this page" in outputs[2] and "does not say which modality" not in outputs[2]
-    assert "What imaging modality is this?" in [q for q, in shown["suggestions"].constructor_args["samples"]]
-    assert outputs[1] == "The model is reading the scan …"
+    assert "inverted" in [value for _, value in outputs["window"]["choices"]] and outputs["modality"]["value"] == "PT"
+    assert "PET, as chosen on this page" in outputs["card"] and "does not say which modality" not in outputs["card"]
+    assert "What imaging modality is this?" in [q for q, in outputs["suggestions"].constructor_args["samples"]]
+    assert outputs["status"] == "The model is reading the scan …"
     assert app_module.change_modality("PT", pet) == (pet, *[gr.skip()] * (len(app_module.LOAD_OUTPUTS) - 1))
-    refused = app_module.change_modality("SPECT", pet)
-    assert refused[0] is pet and "'SPECT' is not a modality" in refused[1] and pet.volume.modality == "PT"
-    assert named(app_module, refused)["modality"]["value"] == "PT"  # the list goes back to what the scan is read as
+    refused = named(app_module, app_module.change_modality("SPECT", pet))
+    assert refused["session"] is pet and pet.volume.modality == "PT"
+    assert "'SPECT' is not a modality" in refused["status"]
+    assert refused["modality"]["value"] == "PT"  # the list goes back to what the scan is read as
     stream = app_module.generate_report(pet, 1000, 0.0, 1.0)
     next(stream)
     mr = app_module.change_modality("MR", pet)[0]  # while a report streams: it ends quietly, as for a new scan
@@ -504,16 +502,16 @@ def test_a_pet_series_says_what_its_values_measure(app_module, tmp_path):
                 header.Units = units
                 header.save_as(path)
         session, outputs = loaded(app_module, [folder])
-        shown = named(app_module, outputs)
         caption = app_module.slice_html(session, "axial", "auto", 3)
         if said:
-            assert f"**Values** | {app_module.shown(said)} |" in shown["card"] and f"{said})" in caption
-            assert shown["threshold"]["label"] == f"Surface threshold ({said})"
+            assert f"**Values** | {app_module.shown(said)} |" in outputs["card"] and f"{said})" in caption
+            assert outputs["threshold"]["label"] == f"Surface threshold ({said})"
             as_mr = named(app_module, app_module.change_modality("MR", session))  # read as another modality: no unit
             assert "**Values**" not in as_mr["card"] and as_mr["threshold"]["label"] == "Surface threshold (intensity)"
             session = as_mr["session"]
         else:
-            assert "**Values**" not in shown["card"] and shown["threshold"]["label"] == "Surface threshold (intensity)"
+            assert "**Values**" not in outputs["card"]
+            assert outputs["threshold"]["label"] == "Surface threshold (intensity)"
         session.release()
 
 
@@ -611,8 +609,8 @@ def test_a_refused_upload_leaves_the_report_being_written_to_its_end(app_module,
     next(stream)
     (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a scan")
     with pytest.warns(UserWarning):
-        refused = app_module.load_scan([str(tmp_path / "photo.jpg")], session)
-    assert refused[0] is session and refused[1].startswith("⚠️")
+        refused = named(app_module, app_module.load_scan([str(tmp_path / "photo.jpg")], session))
+    assert refused["session"] is session and refused["status"].startswith("⚠️")
     text, download = list(stream)[-1]
     assert download["interactive"] is True and "Stopped" not in text
 
@@ -654,16 +652,17 @@ def test_a_request_made_for_a_scan_since_replaced_changes_nothing(app_module, ct
     """A report or question still waiting in the queue when a new scan loads was asked about the old scan: the page
     sent that scan's token with it, and it is not run on the new one."""
     session, outputs = loaded(app_module, [ct_nifti])
-    old_token = named(app_module, outputs)["scan_token"]
+    old_token = outputs["scan_token"]
     assert old_token == session.token
     fresh, outputs = loaded(app_module, [_another_scan(tmp_path, 24)], session)
-    assert named(app_module, outputs)["scan_token"] == fresh.token != old_token
+    assert outputs["scan_token"] == fresh.token != old_token
     assert list(app_module.generate_report(fresh, 8, 0.0, 1.0, old_token)) == [(gr.skip(), gr.skip())]
     assert list(app_module.chat("Where is the lesion?", fresh, 8, 0.0, 1.0, old_token)) == [(gr.skip(), gr.skip())]
     assert fresh.report == "" and fresh.messages == []
     assert list(app_module.generate_report(fresh, 8, 0.0, 1.0, fresh.token))[-1][1]["interactive"] is True
-    refused = app_module.load_scan([str(tmp_path / "missing.nii.gz")], fresh)  # a refused upload keeps the token
-    assert named(app_module, refused)["scan_token"] == gr.skip()
+    # a refused upload keeps the token
+    refused = named(app_module, app_module.load_scan([str(tmp_path / "missing.nii.gz")], fresh))
+    assert refused["scan_token"] == gr.skip()
 
 
 def test_the_ready_line_comes_in_the_view_the_visitor_went_to(app_module, ct_nifti):
@@ -768,7 +767,7 @@ def test_numbers_typed_past_a_sliders_ends_go_to_the_nearest_end_and_the_box_say
     it shows the last (or first) slice, or the surface at that end, and the box is set to it; an emptied slice
     box shows the middle slice."""
     session, outputs = loaded(app_module, [ct_nifti])
-    count, (low, high) = outputs[5]["maximum"], session.threshold_range
+    count, (low, high) = outputs["slider"]["maximum"], session.threshold_range
     for typed, shown_number in ((999, count), (-5, 1), (None, count // 2 + 1)):
         view, box = app_module.show_slice(session, "axial", "soft tissue", typed)
         assert f"Axial {shown_number} / {count}" in view and box == shown_number
@@ -840,8 +839,8 @@ def test_a_constant_scan_of_huge_values_loads_with_its_page(app_module, tmp_path
     path = tmp_path / "flat.npy"
     np.save(path, np.full((8, 32, 32), 1e38, dtype=np.float32))
     session, outputs = loaded(app_module, [path])
-    assert session.volume is not None and not outputs[1].startswith("⚠️")
-    slider = outputs[8]
+    assert session.volume is not None and not outputs["status"].startswith("⚠️")
+    slider = outputs["threshold"]
     assert slider["minimum"] < slider["maximum"] and slider["minimum"] <= slider["value"] <= slider["maximum"]
 
 
@@ -938,8 +937,8 @@ def test_uploads_never_read_are_swept_within_two_hours(app_module):
 def test_examples_folder_may_be_empty(app_module, tmp_path, monkeypatch):
     monkeypatch.setattr(app_module, "EXAMPLES_DIR", tmp_path / "none")
     assert app_module.list_examples() == []
-    outputs = app_module.load_example("ct torso", None)
-    assert outputs[0] is None and outputs[1].startswith("⚠️")
+    outputs = named(app_module, app_module.load_example("ct torso", None))
+    assert outputs["session"] is None and outputs["status"].startswith("⚠️")
 
 
 def test_model_badge_names_checkpoint_and_device(app_module):
@@ -1044,8 +1043,9 @@ def test_a_failed_upload_over_a_loaded_scan_keeps_its_warning(app_module, ct_nif
     bad.write_text("not a scan")
     with pytest.warns(UserWarning):
         session, outputs = loaded(app_module, [bad], session)
-    assert outputs[1].startswith("⚠️") and session.volume is not None
-    assert outputs[1].endswith("The scan shown (uploaded scan) stays loaded.")  # what the model still answers about
+    assert outputs["status"].startswith("⚠️") and session.volume is not None
+    # what the model still answers about
+    assert outputs["status"].endswith("The scan shown (uploaded scan) stays loaded.")
     status, _, _ = app_module.encode_scan(session, "axial", "soft tissue", 21)  # the load's chain runs on
     assert not (isinstance(status, str) and status.startswith("Ready")), "the warning was overwritten"
 
@@ -1057,9 +1057,9 @@ def test_a_refused_upload_is_not_named_on_the_page(app_module, tmp_path):
         bad.write_bytes(b"not a scan")
         with pytest.warns(UserWarning) as warned:
             _, outputs = loaded(app_module, [bad])
-        for said in (outputs[1], str(warned[0].message)):
+        for said in (outputs["status"], str(warned[0].message)):
             assert "Doe" not in said, said
-        assert outputs[1].startswith("⚠️ The uploaded file is not a readable"), outputs[1]
+        assert outputs["status"].startswith("⚠️ The uploaded file is not a readable"), outputs["status"]
 
 
 def test_the_scan_card_pads_an_odd_number_of_facts_with_an_empty_cell(app_module, tmp_path):
@@ -1101,14 +1101,14 @@ def test_the_surface_threshold_opens_on_a_step_of_its_slider_and_names_its_unit(
     data = np.random.default_rng(4).gamma(2.0, 1.4803, (20, 32, 32)).astype(np.float32)  # PET-like, unround values
     if modality == "CT":
         data = data * 317.3 - 1000.0
-    outputs = app_module._new_scan(Volume(data, (4.0, 2.0, 2.0), np.eye(4), modality, "nifti", "RAS"), "test",
-                                   None, None)
-    threshold = outputs[8]
+    volume = Volume(data, (4.0, 2.0, 2.0), np.eye(4), modality, "nifti", "RAS")
+    outputs = named(app_module, app_module._new_scan(volume, "test", None, None))
+    threshold = outputs["threshold"]
     steps = threshold["value"] / threshold["step"]
     assert abs(steps - round(steps)) < 1e-6 and threshold["minimum"] <= threshold["value"] <= threshold["maximum"]
     assert threshold["value"] == round(threshold["value"], 6)  # the number box shows 0.7, not 0.7000000000000001
     assert threshold["label"] == f"Surface threshold ({unit})"
-    outputs[0].release()
+    outputs["session"].release()
 
 
 def test_a_failed_encoding_leaves_no_stop_event_behind(app_module, ct_nifti, monkeypatch):
