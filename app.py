@@ -9,9 +9,6 @@ browser); the model, scans and pictures come from `medvlm`. Nothing here imports
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import logging
 import math
@@ -31,24 +28,20 @@ from pathlib import Path
 import gradio as gr
 import spaces
 from gradio.processing_utils import get_upload_folder
-from PIL import Image
 from starlette.requests import ClientDisconnect
 
 from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import CutOff, Encoding, Pipeline
-from medvlm.preprocess import CT_WINDOWS, INVERTED_WINDOW, default_window, known_window, typed_window, window_names
-from medvlm.view import SLICE_ONE, render_slice, slice_count, slice_location, window_limits
+from medvlm.preprocess import default_window, known_window
+from medvlm.view import slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
+from medvlm.view_html import MODALITY_NAMES, empty_slice_view, scan_card, shown, slice_view, window_choices
 from medvlm.volume import MODALITIES, Volume, load_volume, remove_stale_zip_folders
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 EXAMPLES_DIR = ASSETS_DIR / "examples"
 PLANES = ["axial", "coronal", "sagittal"]
-# Letters at the image edges (left, right, top, bottom), radiological convention as `render_slice` draws.
-PLANE_EDGES = {"axial": "RLAP", "coronal": "RLSI", "sagittal": "APSI"}
-SOURCE_NAMES = {"nifti": "NIfTI", "dicom": "DICOM", "npy": "NumPy .npy"}
-MODALITY_NAMES = {"CT": "CT (computed tomography)", "MR": "MR (magnetic resonance)", "PT": "PET", "OT": "Other"}
 # Suggested questions per modality, in the phrasings of the phantoms' question types (medvlm.phantom_text): the ones
 # the demo model was taught. A question about lungs is no use on a brain MR, and the modality question was only
 # ever asked of PET phantoms.
@@ -482,7 +475,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     return (
         session,
         "The model is reading the scan …",
-        scan_card(session),
+        scan_card(volume, label),
         gr.update(value=plane),
         gr.update(choices=window_choices(volume.modality), value=window),
         gr.update(minimum=1, maximum=count, value=middle, interactive=True),
@@ -536,12 +529,6 @@ def _unchanged(session: ScanSession | None, status: str):
     if session is not None and session.volume is not None:
         status = f"{status.rstrip('.')}. The scan shown ({session.label}) stays loaded."
     return (session, shown(status), *([gr.skip()] * (len(LOAD_OUTPUTS) - 2)))
-
-
-def shown(sentence: str) -> str:
-    """A sentence as text on the page (toasts render HTML, the status line Markdown): a file name or a question
-    quoted in it, such as '<image>', shows as written."""
-    return html.escape(sentence, quote=False)
 
 
 def _delete_uploads(paths: list[str]) -> None:
@@ -605,68 +592,6 @@ def _sweep_forever(every: float, older_than: float) -> None:
                   f"in {every:.0f} s", file=sys.stderr, flush=True)
 
 
-def window_label(name: str) -> str:
-    """A window preset as radiologists name it: a CT window with its width and level (lung · W 1500 / L −600)."""
-    if name in CT_WINDOWS:
-        level, width = CT_WINDOWS[name]
-        return f"{name} · W {width:g} / L {level:g}".replace("-", "−")
-    if (typed := typed_window(name)) is not None:
-        level, width = typed
-        return f"typed · W {width:g} / L {level:g}".replace("-", "−")
-    if name == INVERTED_WINDOW:
-        return "inverted · uptake dark on white"
-    return f"{name} · robust range"  # short: the dropdown's box is narrow; the caption gives its values
-
-
-def window_choices(modality: str) -> list[tuple[str, str]]:
-    """The window presets of a modality as the dropdown's (label, name) pairs."""
-    return [(window_label(name), name) for name in window_names(modality)]
-
-
-def scan_card(session: ScanSession) -> str:
-    """Markdown facts about the scan: modality, size, spacing, orientation, series. Never identifiers."""
-    volume = session.volume
-    if volume is None:
-        return "*No scan loaded.*"
-    z, y, x = volume.shape
-    sz, sy, sx = volume.spacing
-    meta = volume.meta
-    rows = [
-        ("Modality", MODALITY_NAMES.get(volume.modality, volume.modality)
-         + (", as chosen on this page" if meta.get("modality_chosen") else "")),
-        ("Size", f"{x} × {y} voxels × {z} axial slices"),
-        ("Spacing", f"{sx:.2f} × {sy:.2f} mm in-plane, {sz:.2f} mm between slices" if volume.spacing_known
-         else "not stored in an M3D .npy; shown as 1 mm"),
-        ("Field of view", f"{x * sx:.0f} × {y * sy:.0f} × {z * sz:.0f} mm" if volume.spacing_known else "unknown"),
-        ("Orientation", f"not stated (read as {volume.orientation}), shown radiologically"
-         if meta.get("orientation_unknown") else f"{volume.orientation} as stored, shown radiologically"),
-        ("Source", f"{SOURCE_NAMES.get(volume.source, volume.source)}, {session.label}"),
-    ]
-    if meta.get("units"):
-        rows.append(("Values", str(meta["units"])))
-    if meta.get("series_number") is not None:
-        rows.append(("Series", f"number {meta['series_number']}"))
-    if meta.get("manufacturer"):
-        rows.append(("Manufacturer", str(meta["manufacturer"])))
-    if len(rows) % 2:
-        rows.append(("", ""))
-    half = len(rows) // 2  # two facts per table row keeps the card short on a laptop screen
-    table = "\n".join(f"| {_name(a)} | {_cell(x)} | {_name(b)} | {_cell(y)} |"
-                      for (a, x), (b, y) in zip(rows[:half], rows[half:], strict=True))
-    notes = "".join(f"\n\nNote: {note}" for note in meta.get("notes", []) or [])
-    return f"| | | | |\n|---|---|---|---|\n{table}{notes}"
-
-
-def _name(text: str) -> str:
-    """A fact's name in bold; the empty cell that pads an odd number of facts stays empty."""
-    return f"**{text}**" if text else ""
-
-
-def _cell(text: str) -> str:
-    """A value as a Markdown table cell shows it as written (a manufacturer's name is text from the file)."""
-    return shown(text).replace("|", "\\|")
-
-
 # Slices -------------------------------------------------------------------------------------------
 
 def slice_html(session: ScanSession | None, plane: str, window: str | None, slice_number: float | None) -> str:
@@ -676,9 +601,8 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     """
     volume = session.volume if session else None
     if volume is None:
-        said = (shown(session.closed) if session is not None and session.closed
-                else "Upload a scan or pick an example to see its slices.")
-        return f'<div class="slice-empty">{said}</div>'
+        return empty_slice_view(session.closed if session is not None and session.closed
+                                else "Upload a scan or pick an example to see its slices.")
     session.in_use()
     plane, slice_number = _known_plane(plane), _typed_number(slice_number)  # as an API client may send them
     count = slice_count(volume, plane)
@@ -686,45 +610,7 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     session.shown_slices[plane] = index + 1  # a plane opened again opens here
     window = window if known_window(window, volume.modality) else default_window(volume.modality)
     session.shown = (plane, window)
-    pixels = render_slice(volume, plane, index, window)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
-    source = base64.b64encode(buffer.getvalue()).decode()
-    left, right, top, bottom = PLANE_EDGES[plane]
-    marks, kept_note = "", ""
-    if plane == "axial" and session.kept_slices:
-        marks = "".join(f'<span class="kept-mark" data-slice="{k + 1}" style="left:{100 * (k + 0.5) / count:.2f}%">'
-                        '</span>' for k in session.kept_slices)
-        kept_note = " · kept by the model" if index in session.kept_slices else ""
-    cursor = f'<span class="cursor-mark" style="left:{100 * (index + 0.5) / count:.2f}%"></span>'
-    frame = "slice-frame inverted" if window == INVERTED_WINDOW else "slice-frame"  # white around a white image
-    location = slice_location(volume, plane, index)
-    return (f'<div class="slice-view"><div class="{frame}">'
-            f'<img class="slice-image" src="data:image/png;base64,{source}" '
-            f'alt="{plane} slice {index + 1} of {count}">'
-            f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
-            f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span></div>'
-            f'<div class="slice-track" data-count="{count}" title="Click to go to a slice">{marks}{cursor}</div>'
-            f'<div class="slice-caption">{plane.title()} {index + 1} / {count} from {SLICE_ONE[plane]}'
-            f'{f" · {location}" if location else ""} · window '
-            f'{window_label(window)}{_shown_range(volume, window)}'
-            f'{kept_note}</div></div>')
-
-
-def _shown_range(volume: Volume, window: str) -> str:
-    """The values a window that is no CT preset spans (PET, MR: from the scan's own range), lowest first."""
-    if window in CT_WINDOWS or typed_window(window) is not None:
-        return ""  # its level and width say it
-    low, high = sorted(window_limits(volume, window))
-    units = f" {shown(str(volume.meta['units']))}" if volume.meta.get("units") else ""  # a PET's Bq/mL or SUV
-    return f" ({_plain_number(low)} to {_plain_number(high)}{units})".replace("-", "−")
-
-
-def _plain_number(value: float) -> str:
-    """A value as a reader takes it in: four significant digits, no exponent (25430, 5.698, 0.0123)."""
-    digits = max(0, 3 - math.floor(math.log10(abs(value)))) if value else 0
-    text = f"{round(value, digits):.{digits}f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
+    return slice_view(volume, plane, index, window, session.kept_slices)
 
 
 def _slice_number(typed: float | None, count: int) -> int:
@@ -1179,7 +1065,7 @@ def build_demo() -> gr.Blocks:
                                        interactive=False, label="Modality", elem_id="modality",
                                        info="as the file states it, or guessed from its values where it does not: "
                                        "change it if it is wrong")
-                card = gr.Markdown(scan_card(ScanSession()), elem_id="scan-card")
+                card = gr.Markdown(scan_card(None), elem_id="scan-card")
         gr.Markdown(PRIVACY_NOTE, elem_id="privacy-note")
 
         settings = [max_new_tokens, temperature, top_p]

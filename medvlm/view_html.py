@@ -1,0 +1,143 @@
+"""The scan as the demo page shows it: the slice viewer's HTML (image, orientation letters, the track of kept
+slices, caption) and the scan card's Markdown. Plain text out; the page (app.py, assets/app/page.css and
+viewer.js) gives it its look and its keys. Never a patient identifier: the card shows facts of the grid.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+
+from PIL import Image
+
+from .preprocess import CT_WINDOWS, INVERTED_WINDOW, typed_window, window_names
+from .view import SLICE_ONE, render_slice, slice_count, slice_location, window_limits
+from .volume import Volume
+
+# Letters at the image edges (left, right, top, bottom), radiological convention as `render_slice` draws.
+PLANE_EDGES = {"axial": "RLAP", "coronal": "RLSI", "sagittal": "APSI"}
+SOURCE_NAMES = {"nifti": "NIfTI", "dicom": "DICOM", "npy": "NumPy .npy"}
+MODALITY_NAMES = {"CT": "CT (computed tomography)", "MR": "MR (magnetic resonance)", "PT": "PET", "OT": "Other"}
+
+
+def shown(sentence: str) -> str:
+    """A sentence as text on the page (toasts render HTML, the status line Markdown): a file name or a question
+    quoted in it, such as '<image>', shows as written."""
+    return html.escape(sentence, quote=False)
+
+
+def window_label(name: str) -> str:
+    """A window preset as radiologists name it: a CT window with its width and level (lung · W 1500 / L −600)."""
+    if name in CT_WINDOWS:
+        level, width = CT_WINDOWS[name]
+        return f"{name} · W {width:g} / L {level:g}".replace("-", "−")
+    if (typed := typed_window(name)) is not None:
+        level, width = typed
+        return f"typed · W {width:g} / L {level:g}".replace("-", "−")
+    if name == INVERTED_WINDOW:
+        return "inverted · uptake dark on white"
+    return f"{name} · robust range"  # short: the dropdown's box is narrow; the caption gives its values
+
+
+def window_choices(modality: str) -> list[tuple[str, str]]:
+    """The window presets of a modality as the dropdown's (label, name) pairs."""
+    return [(window_label(name), name) for name in window_names(modality)]
+
+
+def scan_card(volume: Volume | None, label: str = "") -> str:
+    """Markdown facts about the scan: modality, size, spacing, orientation, series, and `label` (what the page
+    calls the scan: an example's name, or "uploaded scan") as its source. Never identifiers."""
+    if volume is None:
+        return "*No scan loaded.*"
+    z, y, x = volume.shape
+    sz, sy, sx = volume.spacing
+    meta = volume.meta
+    rows = [
+        ("Modality", MODALITY_NAMES.get(volume.modality, volume.modality)
+         + (", as chosen on this page" if meta.get("modality_chosen") else "")),
+        ("Size", f"{x} × {y} voxels × {z} axial slices"),
+        ("Spacing", f"{sx:.2f} × {sy:.2f} mm in-plane, {sz:.2f} mm between slices" if volume.spacing_known
+         else "not stored in an M3D .npy; shown as 1 mm"),
+        ("Field of view", f"{x * sx:.0f} × {y * sy:.0f} × {z * sz:.0f} mm" if volume.spacing_known else "unknown"),
+        ("Orientation", f"not stated (read as {volume.orientation}), shown radiologically"
+         if meta.get("orientation_unknown") else f"{volume.orientation} as stored, shown radiologically"),
+        ("Source", f"{SOURCE_NAMES.get(volume.source, volume.source)}, {label}"),
+    ]
+    if meta.get("units"):
+        rows.append(("Values", str(meta["units"])))
+    if meta.get("series_number") is not None:
+        rows.append(("Series", f"number {meta['series_number']}"))
+    if meta.get("manufacturer"):
+        rows.append(("Manufacturer", str(meta["manufacturer"])))
+    if len(rows) % 2:
+        rows.append(("", ""))
+    half = len(rows) // 2  # two facts per table row keeps the card short on a laptop screen
+    table = "\n".join(f"| {_name(a)} | {_cell(x)} | {_name(b)} | {_cell(y)} |"
+                      for (a, x), (b, y) in zip(rows[:half], rows[half:], strict=True))
+    notes = "".join(f"\n\nNote: {note}" for note in meta.get("notes", []) or [])
+    return f"| | | | |\n|---|---|---|---|\n{table}{notes}"
+
+
+def _name(text: str) -> str:
+    """A fact's name in bold; the empty cell that pads an odd number of facts stays empty."""
+    return f"**{text}**" if text else ""
+
+
+def _cell(text: str) -> str:
+    """A value as a Markdown table cell shows it as written (a manufacturer's name is text from the file)."""
+    return shown(text).replace("|", "\\|")
+
+
+# The slice viewer --------------------------------------------------------------------------------------------
+
+def slice_view(volume: Volume, plane: str, index: int, window: str, kept_slices: list[int]) -> str:
+    """The slice `index` (from 0) of `plane` in `window` as an inline PNG (nothing written to disk), with its
+    orientation letters, a track marking `kept_slices` (axial indices the model kept) and the cursor, and a
+    caption: where the slice lies, the window, whether the model kept it."""
+    count = slice_count(volume, plane)
+    pixels = render_slice(volume, plane, index, window)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    source = base64.b64encode(buffer.getvalue()).decode()
+    left, right, top, bottom = PLANE_EDGES[plane]
+    marks, kept_note = "", ""
+    if plane == "axial" and kept_slices:
+        marks = "".join(f'<span class="kept-mark" data-slice="{k + 1}" style="left:{100 * (k + 0.5) / count:.2f}%">'
+                        '</span>' for k in kept_slices)
+        kept_note = " · kept by the model" if index in kept_slices else ""
+    cursor = f'<span class="cursor-mark" style="left:{100 * (index + 0.5) / count:.2f}%"></span>'
+    frame = "slice-frame inverted" if window == INVERTED_WINDOW else "slice-frame"  # white around a white image
+    location = slice_location(volume, plane, index)
+    return (f'<div class="slice-view"><div class="{frame}">'
+            f'<img class="slice-image" src="data:image/png;base64,{source}" '
+            f'alt="{plane} slice {index + 1} of {count}">'
+            f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
+            f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span></div>'
+            f'<div class="slice-track" data-count="{count}" title="Click to go to a slice">{marks}{cursor}</div>'
+            f'<div class="slice-caption">{plane.title()} {index + 1} / {count} from {SLICE_ONE[plane]}'
+            f'{f" · {location}" if location else ""} · window '
+            f'{window_label(window)}{shown_range(volume, window)}'
+            f'{kept_note}</div></div>')
+
+
+def empty_slice_view(said: str) -> str:
+    """The viewer's place with no scan in it: `said` says why (none loaded yet, or released)."""
+    return f'<div class="slice-empty">{shown(said)}</div>'
+
+
+def shown_range(volume: Volume, window: str) -> str:
+    """The values a window that is no CT preset spans (PET, MR: from the scan's own range), lowest first."""
+    if window in CT_WINDOWS or typed_window(window) is not None:
+        return ""  # its level and width say it
+    low, high = sorted(window_limits(volume, window))
+    units = f" {shown(str(volume.meta['units']))}" if volume.meta.get("units") else ""  # a PET's Bq/mL or SUV
+    return f" ({plain_number(low)} to {plain_number(high)}{units})".replace("-", "−")
+
+
+def plain_number(value: float) -> str:
+    """A value as a reader takes it in: four significant digits, no exponent (25430, 5.698, 0.0123)."""
+    digits = max(0, 3 - math.floor(math.log10(abs(value)))) if value else 0
+    text = f"{round(value, digits):.{digits}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
