@@ -670,16 +670,16 @@ def jump_to_kept(session: ScanSession | None, kept: str | None, window: str | No
             slice_html(session, "axial", window, number), gr.update(value=None))
 
 
-def encode_scan(session: ScanSession | None, plane: str, window: str | None, slice_number: float | None):
-    """Encode the scan once (the model's slice selection); say it is ready and show which slices it kept, in
-    the plane, window and slice given, or, where those are the ones the load put on the page (the page's chain
-    sends them as they were when the load ended), in those the viewer shows now.
+def encode_scan(session: ScanSession | None):
+    """Encode the scan once (the model's slice selection); say it is ready and show which slices it kept, in the
+    view the session shows now (the visitor may have scrolled, or changed plane, while the model read the scan;
+    the page's own controls may not have caught up with a load when this chain starts, so it does not send them).
 
     A scan replaced while it was being encoded changes nothing on the page, nor does a scan already said to be
     ready or refused (the chain of an upload that failed since runs this again).
     """
     if session is not None and session.volume is None and session.closed:  # released before its turn came
-        return f"⚠️ {session.closed}", gr.skip(), slice_html(session, plane, window, slice_number)
+        return f"⚠️ {session.closed}", gr.skip(), slice_html(session, "axial", None, None)
     if session is None or session.volume is None or session.ready or session.unreadable:
         return gr.skip(), gr.skip(), gr.skip()
     volume = session.volume
@@ -700,10 +700,9 @@ def encode_scan(session: ScanSession | None, plane: str, window: str | None, sli
     status = (f"Ready: the model looked at {len(session.kept_slices)} of {total} axial slices "
               f"({time.perf_counter() - start:.1f} s). Generate a report or ask a question.{notes}")
     choices = [str(k + 1) for k in session.kept_slices]
-    if (plane, window, slice_number) == _first_view(volume):  # the load's view: the visitor may have scrolled on
-        plane, window = session.shown
-        slice_number = session.shown_slices.get(plane)
-    return status, gr.update(choices=choices, value=None), slice_html(session, plane, window, slice_number)
+    plane, window = session.shown
+    return (status, gr.update(choices=choices, value=None),
+            slice_html(session, plane, window, session.shown_slices.get(plane)))
 
 
 def show_3d(session: ScanSession | None, threshold: float | None):
@@ -1100,8 +1099,8 @@ def build_demo() -> gr.Blocks:
         encodes = []
         for kind, loaded in loads.items():  # after any load: encode and draw; the upload's chain is the API's
             visibility = "public" if kind == "scan" else "private"
-            encodes.append(loaded.then(encode_scan, [session, plane, window, slice_slider], [status, kept, slice_view],
-                                       api_name=f"encode_{kind}", api_visibility=visibility, preprocess=False, **gpu))
+            encodes.append(loaded.then(encode_scan, [session], [status, kept, slice_view], api_name=f"encode_{kind}",
+                                       api_visibility=visibility, **gpu))
             loaded.then(show_3d, [session, threshold], plot, api_name=f"{kind}_3d", api_visibility=visibility,
                         **viewer)
 

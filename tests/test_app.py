@@ -202,7 +202,7 @@ def test_window_choices_follow_the_modality(app_module, tmp_path):
 
 def test_kept_slices_are_shown_after_encoding(app_module, ct_nifti):
     session, _ = loaded(app_module, [ct_nifti])
-    status, kept, html = app_module.encode_scan(session, "axial", "soft tissue", 21)
+    status, kept, html = app_module.encode_scan(session)
     assert session.kept_slices and all(0 <= k < 40 for k in session.kept_slices)
     assert f"looked at {len(session.kept_slices)} of 40 axial slices" in status
     assert kept["choices"] == [str(k + 1) for k in session.kept_slices]
@@ -370,7 +370,7 @@ def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_p
         refused = _upload_as(app_module, tmp_path, "tab-b")
         assert refused["session"] is None and "holds as many scans as its memory allows" in refused["status"]
         assert first.volume is not None
-        app_module.encode_scan(first, "axial", "soft tissue", 1)
+        app_module.encode_scan(first)
         first.last_used -= app_module.MAKE_ROOM_IDLE_S  # encoded, then ten minutes without a look or a question
         monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(size * 0.5))  # no room even without it
         assert _upload_as(app_module, tmp_path, "tab-b", seed=1)["session"] is None and first.volume is not None
@@ -380,7 +380,7 @@ def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_p
         told = "closed to make room for other visitors, after 10 minutes without use; load it again"
         assert told in list(app_module.generate_report(first, 8, 0.0, 1.0))[-1][0]
         assert told in app_module.slice_html(first, "axial", "soft tissue", 1)
-        assert told in app_module.encode_scan(first, "axial", "soft tissue", 1)[0]  # its encoding's turn came late
+        assert told in app_module.encode_scan(first)[0]  # its encoding's turn came late
         monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", 10 * size)
         again = _upload_as(app_module, tmp_path, "tab-a", seed=3)["session"]  # the visitor loads a scan again
         assert again.volume is not None and second.volume is not None
@@ -583,7 +583,7 @@ def test_an_example_picked_while_the_scan_is_encoded_changes_nothing(app_module,
         return choose(*args, **kwargs)
 
     monkeypatch.setattr(model, "choose_slices", choose_while_another_scan_loads)
-    outputs = app_module.encode_scan(session, "axial", "soft tissue", 21)
+    outputs = app_module.encode_scan(session)
     assert replaced and outputs == (gr.skip(),) * 3
     assert replaced[0].kept_slices == []
     assert old_fingerprint not in app_module.PIPELINE._encodings
@@ -605,7 +605,7 @@ def test_a_load_cancels_the_old_scans_encoding_but_not_a_report_or_answer(app_mo
 
 def test_a_refused_upload_leaves_the_report_being_written_to_its_end(app_module, ct_nifti, tmp_path):
     session, _ = loaded(app_module, [ct_nifti])
-    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    app_module.encode_scan(session)
     stream = app_module.generate_report(session, 24, 0.0, 1.0)
     next(stream)
     (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a scan")
@@ -620,7 +620,7 @@ def test_a_report_stopped_by_a_question_is_not_offered_as_finished(app_module, c
     """A question asked while the report streams stops the report (one generation at a time): the report says
     it is incomplete, and its download is not offered, whatever the question's own generation does."""
     session, _ = loaded(app_module, [ct_nifti])
-    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    app_module.encode_scan(session)
     reporting = app_module.generate_report(session, 64, 0.0, 1.0)
     next(reporting)
     list(app_module.chat("Which organ is abnormal?", session, 4, 0.0, 1.0))
@@ -639,7 +639,7 @@ def test_after_stop_or_clear_the_page_shows_what_the_session_holds(app_module, c
                      if function.trigger_after == ids[button] and function.fn is app_module.conversation_view]
         assert len(following) == 1 and following[0].queue is not False, button
     session, _ = loaded(app_module, [ct_nifti])
-    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    app_module.encode_scan(session)
     reporting = app_module.generate_report(session, 64, 0.0, 1.0)
     first_text, _ = next(reporting)
     reporting.close()  # what Gradio's cancel does to the handler
@@ -673,9 +673,15 @@ def test_the_ready_line_comes_in_the_view_the_visitor_went_to(app_module, ct_nif
     app_module.change_plane(session, "coronal", "lung")
     app_module.show_slice(session, "coronal", "lung", 50)
     list(app_module.generate_report(session, 4, 0.0, 1.0))  # encodes the scan on its way
-    status, _, view = app_module.encode_scan(session, "axial", "soft tissue", 21)  # the load's values
+    status, _, view = app_module.encode_scan(session)
     assert status.startswith("Ready:") and "Coronal 50 / 64" in view and "window lung" in view
-    assert app_module.encode_scan(session, "axial", "soft tissue", 21) == (gr.skip(), gr.skip(), gr.skip())
+    assert app_module.encode_scan(session) == (gr.skip(), gr.skip(), gr.skip())
+    # Read as another modality while the viewer showed coronal: the page's controls go back to the new scan's first
+    # view (axial, its middle slice, its default window), and the ready view is that one, not the old one.
+    again = app_module.change_modality("MR", session)[0]
+    status, _, view = app_module.encode_scan(again)
+    assert status.startswith("Ready:") and "Axial 21 / 40" in view and "window auto" in view
+    again.release()
 
 
 def test_a_report_or_answer_cut_off_at_its_token_limit_says_so(app_module, ct_nifti, monkeypatch):
@@ -692,7 +698,7 @@ def test_a_report_or_answer_cut_off_at_its_token_limit_says_so(app_module, ct_ni
 
 def test_a_stopped_answer_says_so_and_the_model_is_not_told(app_module, ct_nifti, monkeypatch):
     session, _ = loaded(app_module, [ct_nifti])
-    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    app_module.encode_scan(session)
     answering = app_module.chat("Which organ is abnormal?", session, 64, 0.0, 1.0)
     partial = next(answering)[0][-1]["content"]
     app_module.stop_generation(session)
@@ -757,7 +763,7 @@ def test_a_blank_scan_shows_in_the_viewer_and_the_model_says_it_cannot_read_it(a
     path = save_nifti(tmp_path / "blank.nii.gz", np.full((20, 32, 32), np.nan, np.float32), (2.0, 1.0, 1.0))
     session, _ = loaded(app_module, [path])
     with pytest.warns(UserWarning, match="holds nothing for the model to read"):
-        status, kept, view = app_module.encode_scan(session, "axial", "auto", 10)
+        status, kept, view = app_module.encode_scan(session)
     assert status.startswith("⚠️ The scan holds nothing for the model to read (one value everywhere")
     assert kept == gr.skip() and view == gr.skip()  # no kept slices offered; the slice shown stays
     assert session.encoding is None and "slice-image" in app_module.slice_html(session, "axial", "auto", 10)
@@ -1022,7 +1028,7 @@ def test_a_gpu_worker_gets_the_sessions_encoding_never_the_volume(app_module, ct
     """On ZeroGPU each GPU call may run in a worker process whose pipeline cache is empty, and its arguments are
     pickled across: the report and the answers reuse the encoding the session kept, and no volume crosses."""
     session, _ = loaded(app_module, [ct_nifti])
-    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    app_module.encode_scan(session)
     crossed = []
     stream = app_module.stream_on_gpu
     monkeypatch.setattr(app_module, "stream_on_gpu", lambda *args: crossed.append(args) or stream(*args))
@@ -1039,7 +1045,7 @@ def test_a_gpu_worker_gets_the_sessions_encoding_never_the_volume(app_module, ct
 
 def test_a_failed_upload_over_a_loaded_scan_keeps_its_warning(app_module, ct_nifti, tmp_path):
     session, _ = loaded(app_module, [ct_nifti])
-    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    app_module.encode_scan(session)
     bad = tmp_path / "notes.nii"
     bad.write_text("not a scan")
     with pytest.warns(UserWarning):
@@ -1047,7 +1053,7 @@ def test_a_failed_upload_over_a_loaded_scan_keeps_its_warning(app_module, ct_nif
     assert outputs["status"].startswith("⚠️") and session.volume is not None
     # what the model still answers about
     assert outputs["status"].endswith("The scan shown (uploaded scan) stays loaded.")
-    status, _, _ = app_module.encode_scan(session, "axial", "soft tissue", 21)  # the load's chain runs on
+    status, _, _ = app_module.encode_scan(session)  # the load's chain runs on
     assert not (isinstance(status, str) and status.startswith("Ready")), "the warning was overwritten"
 
 
@@ -1126,7 +1132,7 @@ def test_a_failed_encoding_leaves_no_stop_event_behind(app_module, ct_nifti, mon
 
 def test_a_stopped_report_says_it_is_incomplete_and_is_not_offered_for_download(app_module, ct_nifti):
     session, _ = loaded(app_module, [ct_nifti])
-    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    app_module.encode_scan(session)
     finished = list(app_module.generate_report(session, 16, 0.0, 1.0))
     assert finished[-1][1]["interactive"] is True  # a whole report: its download is offered
 
@@ -1141,7 +1147,7 @@ def test_a_stopped_report_says_it_is_incomplete_and_is_not_offered_for_download(
 
 def test_the_chat_bin_forgets_the_conversation_and_keeps_the_report(app_module, ct_nifti):
     session, _ = loaded(app_module, [ct_nifti])
-    app_module.encode_scan(session, "axial", "soft tissue", 21)
+    app_module.encode_scan(session)
     list(app_module.generate_report(session, 8, 0.0, 1.0))
     list(app_module.chat("Where is the lesion?", session, 8, 0.0, 1.0))
     report = session.report
@@ -1166,7 +1172,7 @@ def test_the_ready_line_says_what_the_upload_left_out(app_module, tmp_path):
     files += save_dicom_series(tmp_path / "b", np.zeros((3, 8, 8), np.float32), (5.0, 2.0, 2.0), "MR",
                                series_number=4)
     session, _ = loaded(app_module, files)
-    status, _, _ = app_module.encode_scan(session, "axial", "soft tissue", 21)
+    status, _, _ = app_module.encode_scan(session)
     assert status.startswith("Ready") and "Note: the upload holds 1 other series, not shown (series 4: MR" in status
 
 

@@ -54,7 +54,7 @@ def test_upload_report_and_two_chat_turns(server, app_module, tmp_path, monkeypa
     loaded = client.predict([handle_file(str(scan))], api_name="/load_scan")
     status, card = loaded[0], loaded[1]
     assert "reading the scan" in status and "CT (computed tomography)" in card
-    status, _, _ = client.predict("axial", "soft tissue", 21, api_name="/encode_scan")
+    status, _, _ = client.predict(api_name="/encode_scan")
     assert status.startswith("Ready") and len(encodings) == 1
 
     job = client.submit(24, 0.0, 1.0, api_name="/report")
@@ -73,16 +73,16 @@ def test_upload_report_and_two_chat_turns(server, app_module, tmp_path, monkeypa
     assert len(encodings) == 1  # one encoding for the report and both turns: the scan's tokens were reused
 
 
-def test_the_api_loads_an_example_by_name_and_encodes_it_with_any_window(server):
-    """As the README shows an API client: /load_example takes the example's name, and /encode_scan the
-    viewer's plane, window and slice, also a CT window for an MR scan (which offers only "auto")."""
+def test_the_api_loads_an_example_by_name_and_encodes_it(server):
+    """As the README shows an API client: /load_example takes the example's name; /encode_scan answers with the
+    ready line and the slice the viewer shows (the scan's middle axial one)."""
     from gradio_client import Client
 
     client = Client(server, verbose=False)
     loaded = client.predict("mr brain", api_name="/load_example")
     assert "reading the scan" in loaded[0] and "MR (magnetic resonance)" in loaded[1]
-    status, _, view = client.predict("axial", "soft tissue", 1, api_name="/encode_scan")
-    assert status.startswith("Ready") and "Axial 1 /" in view
+    status, _, view = client.predict(api_name="/encode_scan")
+    assert status.startswith("Ready") and "Axial" in view and "window auto" in view
     assert client.predict("no such scan", api_name="/load_example")[0].startswith("⚠️ There is no example")
 
 
