@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import CutOff, Encoding, Pipeline
-from medvlm.preprocess import default_window, known_window
+from medvlm.preprocess import default_window, known_window, unknown_window
 from medvlm.view import slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.view_html import MODALITY_NAMES, empty_slice_view, scan_card, shown, slice_view, window_choices
@@ -418,7 +418,7 @@ def without_file_names(message: str, paths: list[str]) -> str:
     names = sorted({str(path) for path in paths} | {Path(path).name for path in paths}, key=len, reverse=True)
     for name in (name for name in names if len(name) >= _SHORTEST_NAME_WITHHELD):  # whole paths first
         message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", "the uploaded file", message)
-    return message[:1].upper() + message[1:]
+    return sentence(message)
 
 
 def empty_upload() -> None:
@@ -529,6 +529,11 @@ def _unchanged(session: ScanSession | None, status: str):
     if session is not None and session.volume is not None:
         status = f"{status.rstrip('.')}. The scan shown ({session.label}) stays loaded."
     return (session, shown(status), *([gr.skip()] * (len(LOAD_OUTPUTS) - 2)))
+
+
+def sentence(text: str) -> str:
+    """A library's message as a sentence on the page: its first letter capitalised (the rest as written)."""
+    return text[:1].upper() + text[1:]
 
 
 def _delete_uploads(paths: list[str]) -> None:
@@ -648,6 +653,19 @@ def show_slice(session: ScanSession | None, plane: str, window: str | None, slic
     return view, gr.skip() if number == slice_number else number
 
 
+def change_window(session: ScanSession | None, plane: str, window: object, slice_number: object):
+    """The slice in the window chosen from the list or typed into its box (a width/level such as 350/50). Text that
+    is no window of this scan keeps the window shown, puts it back in the box and says what to type, where the
+    box would otherwise name a window the image is not in: (slice view, window box). The values come unchecked
+    (`preprocess=False`)."""
+    volume = session.volume if session is not None else None
+    if volume is None or known_window(window, volume.modality):
+        return slice_html(session, plane, window, slice_number), gr.skip()
+    gr.Warning(shown(sentence(unknown_window(window, volume.modality))))
+    shown_window = session.shown[1] or default_window(volume.modality)
+    return slice_html(session, plane, shown_window, slice_number), shown_window
+
+
 def change_plane(session: ScanSession | None, plane: str, window: str | None):
     """A plane opens at the slice last shown in it, the first time at its middle slice."""
     plane = _known_plane(plane)
@@ -691,7 +709,7 @@ def encode_scan(session: ScanSession | None):
             return gr.skip(), gr.skip(), gr.skip()
         session.unreadable = True
         gr.Warning(error.message)
-        return f"⚠️ {error.message[:1].upper()}{error.message[1:]}.", gr.skip(), gr.skip()
+        return f"⚠️ {sentence(error.message)}.", gr.skip(), gr.skip()
     if _scan_replaced(session, volume):
         return gr.skip(), gr.skip(), gr.skip()
     session.encoding, session.ready = encoding, True
@@ -1106,8 +1124,8 @@ def build_demo() -> gr.Blocks:
 
         plane.input(change_plane, [session, plane, window], [slice_slider, slice_view], api_name="change_plane",
                     **viewer)
-        window.input(slice_html, [session, plane, window, slice_slider], slice_view, api_name="change_window",
-                     preprocess=False, **viewer)
+        window.input(change_window, [session, plane, window, slice_slider], [slice_view, window],
+                     api_name="change_window", preprocess=False, **viewer)
         # preprocess=False: a number typed into a slider's box past its ends (or an emptied box) reaches the
         # handler, which shows the nearest end and sets the box to it; gr.Slider's own check would answer with a
         # bare "Value … is greater than maximum value …" and leave the number in the box.

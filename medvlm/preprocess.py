@@ -45,9 +45,12 @@ def window_names(modality: str) -> list[str]:
     return [AUTO_WINDOW, INVERTED_WINDOW] if modality == "PT" else [AUTO_WINDOW]
 
 
-# A window typed as its width and level, as radiologists say it: "350/50", "W 350 / L 50", "1500/-600" (or with
-# the minus sign the app's captions print, so that one copied from them reads back).
-_TYPED_WINDOW = re.compile(r"\s*(?:W\s*)?(\d+(?:\.\d+)?)\s*/\s*(?:L\s*)?([-−]?\d+(?:\.\d+)?)\s*", re.IGNORECASE)
+# A window typed as its width and level, as radiologists say and write it: "350/50", "W 350 / L 50", "W 350 L 50",
+# "350 50", "1500/-600" (or with the minus sign the app's captions print, so that one copied from them reads back).
+_TYPED_WINDOW = re.compile(r"\s*(?:W\s*:?\s*)?(\d+(?:\.\d+)?)"  # the width
+                           r"(?:\s*/\s*|\s+|\s*(?=L))"  # a slash, a space, or straight on to the L
+                           r"(?:L\s*:?\s*)?([-−]?\d+(?:\.\d+)?)\s*",  # the level
+                           re.IGNORECASE)
 TYPED_WINDOW_LIMITS = (1e-3, 1e6)  # a typed width's least and most, and the most a level lies from 0
 
 
@@ -62,6 +65,12 @@ def typed_window(window: object) -> tuple[float, float] | None:
     if not (least <= width <= most and abs(level) <= most):
         return None
     return level, width
+
+
+def unknown_window(window: object, modality: str) -> str:
+    """The sentence that refuses `window` for a scan of this modality, and says what it may be instead."""
+    return (f"unknown window {str(window)[:40]!r} for this {modality} scan; choose one of "
+            f"{', '.join(window_names(modality))}, or a width/level such as 350/50")
 
 
 def known_window(window: object, modality: str) -> bool:

@@ -24,7 +24,7 @@ from .preprocess import (
     known_window,
     robust_range,
     to_uint8,
-    window_names,
+    unknown_window,
     window_range,
 )
 from .volume import Volume
@@ -115,8 +115,7 @@ def render_slice(volume: Volume, plane: str, index: int | None = None, window: s
         raise UserInputError(f"slice index {index} is out of range; the {plane} plane has slices 0 to {count - 1}")
     window = default_window(volume.modality) if window is None else window
     if not known_window(window, volume.modality):
-        raise UserInputError(f"unknown window {window!r} for this {volume.modality} scan; choose one of "
-                             f"{', '.join(window_names(volume.modality))}, or a width/level such as 350/50")
+        raise UserInputError(unknown_window(window, volume.modality))
     lo, hi = window_limits(volume, window)
     image, row_mm, column_mm = _display_slice(volume, plane, index)
     return _square_pixels(to_uint8(apply_window(image, lo, hi)), row_mm, column_mm)

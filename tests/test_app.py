@@ -145,6 +145,22 @@ def test_text_from_the_file_shows_as_written_on_the_scan_card(app_module, dicom_
     assert "&lt;b&gt;Acme&lt;/b&gt; \\| CT" in card and "<b>" not in card
 
 
+def test_a_window_typed_that_is_none_keeps_the_one_shown_and_says_what_to_type(app_module, ct_nifti):
+    """The box would otherwise name a window the image is not in. Width and level as radiologists write them, with
+    a slash or a space, are taken."""
+    session, _ = loaded(app_module, [ct_nifti])
+    lung, box = app_module.change_window(session, "axial", "lung", 21)
+    assert "window lung" in lung and box == gr.skip()
+    for nonsense in ("350", "abc", "0/50"):
+        with pytest.warns(UserWarning, match="or a width/level such as 350/50"):
+            view, box = app_module.change_window(session, "axial", nonsense, 21)
+        assert view == lung and box == "lung"  # the lung window stays, and the box says so
+    for typed in ("W 350 L 50", "350 50", "350/50"):
+        view, box = app_module.change_window(session, "axial", typed, 21)
+        assert "window typed · W 350 / L 50" in view and box == gr.skip()
+    session.release()
+
+
 def test_slice_image_follows_the_slider_and_the_window(app_module, ct_nifti):
     session, outputs = loaded(app_module, [ct_nifti])
     assert outputs["slider"]["maximum"] == 40 and outputs["slider"]["value"] == 21  # slider counts slices from 1
