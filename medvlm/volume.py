@@ -185,6 +185,8 @@ SCAN_FORMATS = "give a NIfTI (.nii, .nii.gz), an M3D .npy, or a DICOM series (a 
 # quoted (then it may hold spaces) or bare, at least two parts deep; never a URL's path (scheme://…).
 _QUOTED_PATH = re.compile(r"""(['"])((?:[A-Za-z]:)?(?:[/\\]{1,2}[^'"/\\]+){2,})\1""")
 _BARE_PATH = re.compile(r"(?<![\w.:/\\])(?:[A-Za-z]:)?(?:[/\\]{1,2}[^\s'\"/\\:]+){2,}")
+# "File scan.nii.gz is not a gzip file": our sentence around the reason has named the file already
+_FILE_AS_SUBJECT = re.compile(r"^File '?[^\s']+'? (?=(?:is|was|has|does|cannot|could)\b)")
 
 
 def _file_name(path: str) -> str:
@@ -193,13 +195,15 @@ def _file_name(path: str) -> str:
 
 def error_reason(error: BaseException) -> str:
     """The first line of a library's error (and the next, where the first ends in a colon), short enough to sit
-    inside our one-sentence message; a file path in it is cut to the file's name."""
+    inside our one-sentence message; a file path in it is cut to the file's name, and a reason that starts by
+    naming the file ("File scan.nii.gz is not …") calls it "the file", as the message names it."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     text = lines[0] if lines else type(error).__name__
     if text.endswith(":") and len(lines) > 1:  # "... raised by all available plugins:" and the reason below it
         text = f"{text} {lines[1]}"
     text = _QUOTED_PATH.sub(lambda match: match[1] + _file_name(match[2]) + match[1], text)
     text = _BARE_PATH.sub(lambda match: _file_name(match[0]), text)
+    text = _FILE_AS_SUBJECT.sub("the file ", text)
     return text if len(text) <= 160 else text[:160].rsplit(" ", 1)[0].rstrip(",;:-") + " …"  # whole words
 
 
