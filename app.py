@@ -979,17 +979,24 @@ def clear_chat(session: ScanSession | None) -> list:
 
 
 def _write_report(session: ScanSession) -> Path:
+    """The finished report as a Markdown file in the session's folder: a model's draft, said to be one at its top,
+    with the scan it is about, when it was written, by which checkpoint, and the line that says how often that
+    checkpoint was right; named for the example or "uploaded-scan" and the time, never for the uploaded file."""
     volume = session.volume
     z, y, x = volume.shape
     about = PIPELINE.describe()
     spacing = (f"spacing {volume.spacing[2]:.2f} × {volume.spacing[1]:.2f} × {volume.spacing[0]:.2f} mm"
                if volume.spacing_known else "spacing not stored")
     modality = MODALITY_NAMES.get(volume.modality, volume.modality)
-    text = (f"# Report\n\n{modality}, {x} × {y} × {z} voxels, {spacing}.\n\n"
-            f"{session.report.strip()}\n\n---\n\nWritten by MedVLM 3D (`{about['checkpoint']}`)"
-            + (f", {DEMO_WARNING}." if about["demo"] else ". Not a medical device; not for clinical use.") + "\n")
+    written = time.localtime()
+    text = (f"# Draft report written by a model\n\n"
+            f"**Not a radiologist's report.** {report_caveat(PIPELINE).strip('*')}\n\n"
+            f"- Scan: {session.label}; {modality}, {x} × {y} × {z} voxels, {spacing}\n"
+            f"- Written: {time.strftime('%Y-%m-%d %H:%M %Z', written)} by MedVLM 3D (`{about['checkpoint']}`)"
+            + (f", {DEMO_WARNING}" if about["demo"] else "; not a medical device, not for clinical use") + "\n\n"
+            f"## The model's report\n\n{session.report.strip()}\n")
     scan = re.sub(r"[^a-z0-9]+", "-", session.label.removeprefix("example: ").lower()).strip("-")
-    path = session.own_folder() / f"medvlm-report-{scan}-{time.strftime('%Y%m%d-%H%M')}.md"  # no file name
+    path = session.own_folder() / f"medvlm-report-{scan}-{time.strftime('%Y%m%d-%H%M', written)}.md"  # no file name
     path.write_text(text, encoding="utf-8")
     return session.keep_file(path)
 

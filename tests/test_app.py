@@ -314,7 +314,11 @@ def test_report_streams_and_is_offered_as_markdown(app_module, ct_nifti):
     texts = [text for text, _ in updates]
     assert len(updates) >= 3 and texts[-1] and texts[0] != texts[-1]  # it grew, then the download came
     path = Path(updates[-1][1]["value"])
-    assert texts[-1].strip() in path.read_text()
+    written = path.read_text()
+    assert texts[-1].strip() in written
+    # a draft, said so before anything else, with the scan it is about and the line saying how often to trust it
+    assert written.startswith("# Draft report written by a model\n\n**Not a radiologist's report.** Check every")
+    assert "- Scan: uploaded scan; CT (computed tomography), 64 × 64 × 40 voxels" in written
     # named for what it is and when (not for the uploaded file, whose name can hold the patient's)
     assert re.fullmatch(r"medvlm-report-uploaded-scan-\d{8}-\d{4}\.md", path.name), path.name
     session.release()
