@@ -94,8 +94,9 @@ def _cell(text: str) -> str:
 
 def slice_view(volume: Volume, plane: str, index: int, window: str, kept_slices: list[int]) -> str:
     """The slice `index` (from 0) of `plane` in `window` as an inline PNG (nothing written to disk), with its
-    orientation letters, a track marking `kept_slices` (axial indices the model kept) and the cursor, and a
-    caption: where the slice lies, the window, whether the model kept it."""
+    orientation letters, a button that enlarges it to the window (viewer.js), a track marking `kept_slices` (axial
+    indices the model kept) and the cursor, and a caption: where the slice lies, the window, whether the model
+    kept it."""
     count = slice_count(volume, plane)
     pixels = render_slice(volume, plane, index, window)
     buffer = io.BytesIO()
@@ -114,7 +115,9 @@ def slice_view(volume: Volume, plane: str, index: int, window: str, kept_slices:
             f'<img class="slice-image" src="data:image/png;base64,{source}" '
             f'alt="{plane} slice {index + 1} of {count}">'
             f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
-            f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span></div>'
+            f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span>'
+            '<button type="button" class="slice-enlarge" title="Enlarge the image (Esc to close)" '
+            'aria-label="Enlarge the slice image">⤢</button></div>'
             f'<div class="slice-track" data-count="{count}" title="Click to go to a slice">{marks}{cursor}</div>'
             f'<div class="slice-caption">{plane.title()} {index + 1} / {count} from {SLICE_ONE[plane]}'
             f'{f" · {location}" if location else ""} · window '

@@ -103,6 +103,17 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.locator("#slice-view", has_text=f"Axial {count} / {count}").wait_for()
     page.keyboard.press("PageDown")
     page.locator("#slice-view", has_text=f"Axial {int(count) - 10} /").wait_for()
+    # Enlarged to the whole window, the image is about twice as tall; the wheel still steps; Esc brings it back.
+    small = page.locator("#slice-view img").bounding_box()["height"]
+    page.locator("#slice-view .slice-enlarge").click()
+    page.locator("#slice-view.enlarged").wait_for()
+    assert page.locator("#slice-view img").bounding_box()["height"] >= 1.8 * small
+    page.locator("#slice-view img").hover()
+    page.mouse.wheel(0, 120)
+    page.locator("#slice-view", has_text=f"Axial {int(count) - 11} /").wait_for()
+    assert page.locator("#slice-view.enlarged").count() == 1  # drawing the next slice keeps it enlarged
+    page.keyboard.press("Escape")
+    page.locator("#slice-view.enlarged").wait_for(state="detached")
 
     page.get_by_role("tab", name="3D").click()
     page.locator("#plot-3d .js-plotly-plot").wait_for()

@@ -53,6 +53,21 @@
     moveTo(input, value);
   });
 
+  // The button in the image's corner enlarges the viewer to the whole window (a slice of 512 pixels shows at its
+  // size, not at 280), and shrinks it back; so does Esc. The wheel, the keys and the track work as before.
+  const enlarge = (viewer, on) => {
+    viewer.classList.toggle("enlarged", on);
+    viewer.focus({preventScroll: true});
+  };
+  document.addEventListener("click", (event) => {
+    const button = event.target.closest && event.target.closest("#slice-view .slice-enlarge");
+    if (button) enlarge(button.closest("#slice-view"), !button.closest("#slice-view").classList.contains("enlarged"));
+  });
+  document.addEventListener("keydown", (event) => {
+    const viewer = document.querySelector("#slice-view.enlarged");
+    if (viewer && event.key === "Escape") enlarge(viewer, false);
+  });
+
   // A click on the track under the image goes to the slice at that place, or to a green mark (a slice the model
   // kept) within 8 px of it: a 2 px mark is too thin to hit.
   document.addEventListener("click", (event) => {
