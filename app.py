@@ -366,12 +366,17 @@ def example_label(path: Path) -> str:
 
 
 def example_truth(path: Path) -> str:
-    """The findings report an example phantom was made with (assets/examples/examples.json), or ""."""
+    """The findings report an example phantom was made with (assets/examples/examples.json), and the axial slice
+    through each lesion's centre, counted from 1 at the feet as the viewer counts; "" for a scan not listed."""
     try:
         entry = json.loads((EXAMPLES_DIR / "examples.json").read_text(encoding="utf-8")).get(path.name, {})
-    except (OSError, ValueError, AttributeError):
+        report, lesions, slices = str(entry.get("report", "")), entry.get("lesions") or [], int(entry["shape"][0])
+        where = [f"- {lesion['kind']}, {lesion['diameter_mm']:.0f} mm, {lesion['organ']} "
+                 f"({' '.join(str(part) for part in (lesion.get('side'), lesion.get('level')) if part)}): "
+                 f"axial slice {round(lesion['center_voxel'][0]) + 1} of {slices}" for lesion in lesions]
+    except (OSError, ValueError, AttributeError, KeyError, IndexError, TypeError):
         return ""
-    return str(entry.get("report", "")) if isinstance(entry, dict) else ""
+    return report + ("\n\nWhere each lesion lies (its centre):\n" + "\n".join(where) if where else "")
 
 
 def report_caveat(pipeline: Pipeline) -> str:

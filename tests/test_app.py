@@ -465,6 +465,11 @@ def test_an_example_shows_its_true_findings_apart_and_questions_for_its_modality
         box, truth = outputs["truth_box"], outputs["truth"]
         assert box["visible"] is True and box["open"] is False
         assert truths[name]["report"] in truth and "never shown it" in truth
+        for lesion in truths[name]["lesions"]:  # the slice it names is the one through the lesion, as the viewer counts
+            number = int(re.search(rf"{lesion['kind']}, .*: axial slice (\d+) of", truth).group(1))
+            _, y, x = (round(c) for c in lesion["center_voxel"])
+            value = outputs["session"].volume.data[number - 1, y, x]
+            assert abs(value - lesion["value"]) < 0.25 * abs(lesion["value"]), (name, number, value)
         if name.startswith("mr"):
             assert "MR sequence" in " ".join(suggested) and not any("lung" in q or "CT" in q for q in suggested)
         else:
