@@ -67,6 +67,8 @@ def scan_card(volume: Volume | None, label: str = "") -> str:
     ]
     if meta.get("units"):
         rows.append(("Values", str(meta["units"])))
+    elif volume.modality == "PT":  # a NIfTI has no field for it: SUV or Bq/mL cannot be told from the values
+        rows.append(("Values", "unit not stated in the file"))
     if meta.get("series_number") is not None:
         rows.append(("Series", f"number {meta['series_number']}"))
     if meta.get("manufacturer"):

@@ -536,7 +536,7 @@ def test_a_pet_series_says_what_its_values_measure(app_module, tmp_path):
             assert "**Values**" not in as_mr["card"] and as_mr["threshold"]["label"] == "Surface threshold (intensity)"
             session = as_mr["session"]
         else:
-            assert "**Values**" not in outputs["card"]
+            assert "**Values** | unit not stated in the file |" in outputs["card"]  # said, not left out
             assert outputs["threshold"]["label"] == "Surface threshold (intensity)"
         session.release()
 
