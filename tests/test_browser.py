@@ -114,6 +114,10 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     assert page.locator("#slice-view.enlarged").count() == 1  # drawing the next slice keeps it enlarged
     page.keyboard.press("Escape")
     page.locator("#slice-view.enlarged").wait_for(state="detached")
+    page.locator("#slice-view .slice-enlarge").click()  # a click on the dark space around it closes it too
+    page.locator("#slice-view.enlarged").wait_for()
+    page.mouse.click(4, 4)
+    page.locator("#slice-view.enlarged").wait_for(state="detached")
 
     page.get_by_role("tab", name="3D").click()
     page.locator("#plot-3d .js-plotly-plot").wait_for()
@@ -157,7 +161,9 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     assert stored == []  # no run (question, report, slice images) is kept in the browser for the next user
 
     page.get_by_text("Load another scan").click()  # the folded upload opens again for the next scan
+    page.locator("#scan-upload").wait_for(state="visible")
     page.locator("#scan-upload input[type=file]").set_input_files(str(example_scan(tmp_path)))
+    page.locator("#scan-upload").wait_for(state="hidden")  # and folds again once that scan is read
     page.locator("#status-line", has_text="Ready").wait_for()
     page.locator("#chatbot", has_text="Which organ is abnormal?").wait_for(state="detached")
 

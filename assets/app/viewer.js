@@ -54,18 +54,29 @@
   });
 
   // The button in the image's corner enlarges the viewer to the whole window (a slice of 512 pixels shows at its
-  // size, not at 280), and shrinks it back; so does Esc. The wheel, the keys and the track work as before.
+  // size, not at 280), and shrinks it back; so do Esc and a click on the dark space around it. The wheel, the keys
+  // and the track work as before; Tab stays in the viewer (the controls under it are hidden). A viewer with no
+  // image (the scan released) is shown in its place (page.css), so a tablet is never left without a way back.
   const enlarge = (viewer, on) => {
     viewer.classList.toggle("enlarged", on);
     viewer.focus({preventScroll: true});
   };
   document.addEventListener("click", (event) => {
-    const button = event.target.closest && event.target.closest("#slice-view .slice-enlarge");
-    if (button) enlarge(button.closest("#slice-view"), !button.closest("#slice-view").classList.contains("enlarged"));
+    const viewer = event.target.closest && event.target.closest("#slice-view");
+    if (!viewer) return;
+    if (event.target.closest(".slice-enlarge")) enlarge(viewer, !viewer.classList.contains("enlarged"));
+    else if (viewer.classList.contains("enlarged") && !event.target.closest(".slice-frame, .slice-track, .slice-caption")) {
+      enlarge(viewer, false);
+    }
   });
   document.addEventListener("keydown", (event) => {
     const viewer = document.querySelector("#slice-view.enlarged");
-    if (viewer && event.key === "Escape") enlarge(viewer, false);
+    if (!viewer) return;
+    if (event.key === "Escape") enlarge(viewer, false);
+    if (event.key === "Tab") {
+      event.preventDefault();
+      viewer.focus({preventScroll: true});
+    }
   });
 
   // A click on the track under the image goes to the slice at that place, or to a green mark (a slice the model
