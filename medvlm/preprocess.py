@@ -46,21 +46,30 @@ def window_names(modality: str) -> list[str]:
 
 
 # A window typed as its width and level, as radiologists say and write it: "350/50", "W 350 / L 50", "W 350 L 50",
-# "350 50", "1500/-600" (or with the minus sign the app's captions print, so that one copied from them reads back).
-_TYPED_WINDOW = re.compile(r"\s*(?:W\s*:?\s*)?(\d+(?:\.\d+)?)"  # the width
-                           r"(?:\s*/\s*|\s+|\s*(?=L))"  # a slash, a space, or straight on to the L
-                           r"(?:L\s*:?\s*)?([-−]?\d+(?:\.\d+)?)\s*",  # the level
-                           re.IGNORECASE)
+# "350 50", "1500/-600" (or with the minus sign the app's captions print, so that one copied from them reads back);
+# with its labels, also level first: "L 50 W 350", or "C 50 W 350" as Siemens labels the level (centre).
+_NUMBER, _SIGNED = r"(\d+(?:\.\d+)?)", r"([-−]?\d+(?:\.\d+)?)"
+_WIDTH_LABEL, _LEVEL_LABEL = r"WW?\s*:?\s*", r"(?:WL|L|C)\s*:?\s*"
+_TYPED_WINDOW = re.compile(rf"\s*(?:{_WIDTH_LABEL})?{_NUMBER}"  # the width
+                           rf"(?:\s*/\s*|\s+|\s*(?=WL|L|C))"  # a slash, a space, or straight on to the level's label
+                           rf"(?:{_LEVEL_LABEL})?{_SIGNED}\s*", re.IGNORECASE)  # the level
+_LEVEL_FIRST = re.compile(rf"\s*{_LEVEL_LABEL}{_SIGNED}\s*/?\s*{_WIDTH_LABEL}{_NUMBER}\s*", re.IGNORECASE)
 TYPED_WINDOW_LIMITS = (1e-3, 1e6)  # a typed width's least and most, and the most a level lies from 0
 
 
 def typed_window(window: object) -> tuple[float, float] | None:
-    """(level, width) of a window typed as width/level (`_TYPED_WINDOW`), in the scan's units (HU for CT), or None
+    """(level, width) of a window typed as width/level (`_TYPED_WINDOW`, `_LEVEL_FIRST`), in the scan's units (HU
+    for CT), or None
     for anything else: a width outside TYPED_WINDOW_LIMITS, or a level further from 0 than its most."""
-    match = _TYPED_WINDOW.fullmatch(window) if isinstance(window, str) else None
-    if match is None:
+    if not isinstance(window, str):
         return None
-    width, level = float(match.group(1)), float(match.group(2).replace("−", "-"))
+    if match := _TYPED_WINDOW.fullmatch(window):
+        width, level = match.group(1), match.group(2)
+    elif match := _LEVEL_FIRST.fullmatch(window):
+        level, width = match.group(1), match.group(2)
+    else:
+        return None
+    width, level = float(width), float(level.replace("−", "-"))
     least, most = TYPED_WINDOW_LIMITS
     if not (least <= width <= most and abs(level) <= most):
         return None

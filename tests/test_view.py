@@ -137,8 +137,13 @@ def test_a_window_typed_as_width_and_level_shows_those_values(marked_ct):
     assert (mr[:, 4:] == 0).all() and (mr[:, :2] == 255).all() and (mr[:, 2:4] == 128).all()
     assert np.array_equal(render_slice(ct, "axial", window="W 1500 / L −600"),  # as the app's caption prints it
                           render_slice(ct, "axial", window="lung"))
+    lung = render_slice(ct, "axial", window="lung")
+    # as radiologists also write it: spaces for the slash, labels in either order (Siemens' C for the level)
+    for written in ("1500 -600", "W 1500 L -600", "WW 1500 WL -600", "L -600 W 1500", "C -600 / W 1500"):
+        assert np.array_equal(render_slice(ct, "axial", window=written), lung), written
     # no width of nothing (0, or one too small to divide by) and no width or level past any scan's values
-    for junk in ("0/40", "0.000000001/1000000000", "9" * 400 + "/50", "400/" + "9" * 40, "wide", "40"):
+    for junk in ("0/40", "0.000000001/1000000000", "9" * 400 + "/50", "400/" + "9" * 40, "wide", "40", "L 40",
+                 "40 W 400", "400/40/10"):
         with pytest.raises(UserInputError, match="or a width/level such as 350/50"):
             render_slice(ct, "axial", window=junk)
 
