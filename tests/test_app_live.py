@@ -108,7 +108,7 @@ def test_a_report_stays_downloadable_while_its_session_lasts(live_demo, app_modu
     scan = save_nifti(tmp_path / "torso.nii.gz", torso_ct(seed=12), (5.0, 1.0, 1.0), dtype=np.int16, modality="CT")
     client = Client(url, verbose=False)
     client.predict([handle_file(str(scan))], api_name="/load_scan")
-    client.predict("axial", "soft tissue", 21, api_name="/encode_scan")
+    client.predict(api_name="/encode_scan")
     text = client.predict(16, 0.0, 1.0, api_name="/report")[0]
     session = app_module._OPEN_SESSIONS[client.session_hash]
     report = str(next(session.folder.glob("medvlm-report-*.md")))

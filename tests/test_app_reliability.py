@@ -90,7 +90,7 @@ def test_eight_sessions_at_once_each_get_answers_about_their_own_scan(server, ap
         path, _ = scans[index]
         client = Client(server, verbose=False)
         loaded = client.predict([handle_file(str(path))], api_name="/load_scan")
-        status = client.predict("axial", "auto", 1, api_name="/encode_scan")[0]
+        status = client.predict(api_name="/encode_scan")[0]
         history = client.predict(QUESTION, ANSWER_TOKENS, 0.0, 1.0, api_name="/chat")[0]
         scan = app_module._OPEN_SESSIONS[client.session_hash]
         return {"card": loaded[1], "status": status, "answer": text_of(history[-1]),
@@ -200,7 +200,7 @@ def test_patient_identifiers_never_leave_the_upload(server, app_module, tmp_path
     try:
         client = Client(server, verbose=False)
         responses = [client.predict([handle_file(str(archive))], api_name="/load_scan"),
-                     client.predict("axial", "soft tissue", 10, api_name="/encode_scan"),
+                     client.predict(api_name="/encode_scan"),
                      client.predict(16, 0.0, 1.0, api_name="/report"),
                      client.predict("Who is the patient and where was this scanned?", 16, 0.0, 1.0, api_name="/chat"),
                      client.predict("axial", "soft tissue", 5, api_name="/show_slice"),
