@@ -36,8 +36,8 @@ from medvlm.pipeline import CutOff, Encoding, Pipeline
 from medvlm.preprocess import default_window, known_window, unknown_window
 from medvlm.view import slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
-from medvlm.view_html import MODALITY_NAMES, empty_slice_view, scan_card, shown, slice_view, window_choices
-from medvlm.volume import MODALITIES, Volume, load_volume, remove_stale_zip_folders
+from medvlm.view_html import MODALITY_NAMES, empty_view_html, scan_card, shown, slice_view_html, window_choices
+from medvlm.volume import MODALITIES, Volume, load_volume, remove_stale_zip_folders, zip_member_names
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 EXAMPLES_DIR = ASSETS_DIR / "examples"
@@ -365,18 +365,27 @@ def example_label(path: Path) -> str:
     return name.replace("_", " ").replace("-", " ")
 
 
-def example_truth(path: Path) -> str:
+def example_truth(path: Path, slices: int) -> str:
     """The findings report an example phantom was made with (assets/examples/examples.json), and the axial slice
-    through each lesion's centre, counted from 1 at the feet as the viewer counts; "" for a scan not listed."""
+    through each lesion's centre, counted from 1 at the feet of the `slices` the viewer shows; "" for a scan not
+    listed. A lesion whose entry is not as expected is left out, not the report."""
     try:
         entry = json.loads((EXAMPLES_DIR / "examples.json").read_text(encoding="utf-8")).get(path.name, {})
-        report, lesions, slices = str(entry.get("report", "")), entry.get("lesions") or [], int(entry["shape"][0])
-        where = [f"- {lesion['kind']}, {lesion['diameter_mm']:.0f} mm, {lesion['organ']} "
-                 f"({' '.join(str(part) for part in (lesion.get('side'), lesion.get('level')) if part)}): "
-                 f"axial slice {round(lesion['center_voxel'][0]) + 1} of {slices}" for lesion in lesions]
-    except (OSError, ValueError, AttributeError, KeyError, IndexError, TypeError):
+    except (OSError, ValueError, AttributeError):
         return ""
-    return report + ("\n\nWhere each lesion lies (its centre):\n" + "\n".join(where) if where else "")
+    if not isinstance(entry, dict):
+        return ""
+    where = []
+    for lesion in entry.get("lesions") or []:
+        try:
+            place = " ".join(str(part) for part in (lesion.get("side"), lesion.get("level")) if part)
+            where.append(f"- {lesion['kind']}, {lesion['diameter_mm']:.0f} mm, {lesion['organ']}"
+                         f"{f' ({place})' if place else ''}: axial slice {round(lesion['center_voxel'][0]) + 1} "
+                         f"of {slices}")
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            continue
+    report = str(entry.get("report", ""))
+    return report + ("\n\nWhere each lesion lies (its centre):\n" + "\n".join(where) if report and where else "")
 
 
 def report_caveat(pipeline: Pipeline) -> str:
@@ -418,11 +427,14 @@ _SHORTEST_NAME_WITHHELD = 5  # shorter file names ("1", "IM2") hold no one's nam
 
 
 def without_file_names(message: str, paths: list[str]) -> str:
-    """A reader's message about an upload with the uploaded files' names said as "the uploaded file": a file is
-    often named for its patient, and the page may be on a shared screen. (The CLI names the file it was given.)"""
-    names = sorted({str(path) for path in paths} | {Path(path).name for path in paths}, key=len, reverse=True)
-    for name in (name for name in names if len(name) >= _SHORTEST_NAME_WITHHELD):  # whole paths first
-        message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", "the uploaded file", message)
+    """A reader's message about an upload with the uploaded files' names, and those of the files in an uploaded
+    zip, said as "the uploaded file": a file is often named for its patient, and the page may be on a shared
+    screen. (The CLI names the file it was given.)"""
+    names = {str(path) for path in paths} | {Path(path).name for path in paths}
+    for path in paths:
+        names.update(zip_member_names(Path(path)))
+    for name in sorted((name for name in names if len(name) >= _SHORTEST_NAME_WITHHELD), key=len, reverse=True):
+        message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", "the uploaded file", message)  # whole paths first
     return sentence(message)
 
 
@@ -452,7 +464,8 @@ def load_example(choice: object, session: ScanSession | None, request: gr.Reques
         return _unchanged(session, f"⚠️ {error}")
     except MemoryError:
         return _unchanged(session, f"⚠️ {OUT_OF_MEMORY}.")
-    return _new_scan(volume, f"example: {example_label(chosen)}", session, request, truth=example_truth(chosen))
+    truth = example_truth(chosen, slice_count(volume, "axial"))
+    return _new_scan(volume, f"example: {example_label(chosen)}", session, request, truth=truth)
 
 
 def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: gr.Request | None,
@@ -611,7 +624,7 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     """
     volume = session.volume if session else None
     if volume is None:
-        return empty_slice_view(session.closed if session is not None and session.closed
+        return empty_view_html(session.closed if session is not None and session.closed
                                 else "Upload a scan or pick an example to see its slices.")
     session.in_use()
     plane, slice_number = _known_plane(plane), _typed_number(slice_number)  # as an API client may send them
@@ -620,7 +633,7 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     session.shown_slices[plane] = index + 1  # a plane opened again opens here
     window = window if known_window(window, volume.modality) else default_window(volume.modality)
     session.shown = (plane, window)
-    return slice_view(volume, plane, index, window, session.kept_slices)
+    return slice_view_html(volume, plane, index, window, session.kept_slices)
 
 
 def _slice_number(typed: float | None, count: int) -> int:

@@ -94,7 +94,7 @@ def _cell(text: str) -> str:
 
 # The slice viewer --------------------------------------------------------------------------------------------
 
-def slice_view(volume: Volume, plane: str, index: int, window: str, kept_slices: list[int]) -> str:
+def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_slices: list[int]) -> str:
     """The slice `index` (from 0) of `plane` in `window` as an inline PNG (nothing written to disk), with its
     orientation letters, a button that enlarges it to the window (viewer.js), a track marking `kept_slices` (axial
     indices the model kept) and the cursor, and a caption: where the slice lies, the window, whether the model
@@ -127,7 +127,7 @@ def slice_view(volume: Volume, plane: str, index: int, window: str, kept_slices:
             f'{kept_note}</div></div>')
 
 
-def empty_slice_view(said: str) -> str:
+def empty_view_html(said: str) -> str:
     """The viewer's place with no scan in it: `said` says why (none loaded yet, or released)."""
     return f'<div class="slice-empty">{shown(said)}</div>'
 

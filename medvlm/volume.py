@@ -186,7 +186,7 @@ SCAN_FORMATS = "give a NIfTI (.nii, .nii.gz), an M3D .npy, or a DICOM series (a 
 _QUOTED_PATH = re.compile(r"""(['"])((?:[A-Za-z]:)?(?:[/\\]{1,2}[^'"/\\]+){2,})\1""")
 _BARE_PATH = re.compile(r"(?<![\w.:/\\])(?:[A-Za-z]:)?(?:[/\\]{1,2}[^\s'\"/\\:]+){2,}")
 # "File scan.nii.gz is not a gzip file": our sentence around the reason has named the file already
-_FILE_AS_SUBJECT = re.compile(r"^File '?[^\s']+'? (?=(?:is|was|has|does|cannot|could)\b)")
+_FILE_AS_SUBJECT = re.compile(r"^File (?:'[^']+'|.+?) (?=(?:is|was|has|does|cannot|could)\b)")
 
 
 def _file_name(path: str) -> str:
@@ -351,6 +351,13 @@ def _load_files(files: list[Path], name: str, zip_alone: bool = False) -> Volume
 _SAFE_NAME = re.compile(r"[^\w.\- ]")  # what a file name inside a zip keeps when extracted
 
 
+def zip_member_name(filename: str) -> str:
+    """The name a zip member's file is extracted under, and messages about it give: its own file name, its
+    characters made safe for any file system (100 bytes at most)."""
+    name = PurePosixPath(filename.replace("\\", "/")).name
+    return _SAFE_NAME.sub("_", name).encode()[-100:].decode(errors="ignore").lstrip(".") or "member"
+
+
 def _extract_zip(path: Path, folder: Path) -> list[Path]:
     """Extract a zip's members into `folder` (a temporary directory), each in a numbered folder, after checking
     the entry count and total size from the zip's directory; names with ".." or absolute paths, and entries
@@ -374,7 +381,8 @@ def _extract_zip(path: Path, folder: Path) -> list[Path]:
             raise VolumeError(f"{path.name} unpacks to {total:,} bytes, more than the {MAX_ZIP_BYTES:,} allowed; "
                               "upload a smaller scan")
         for member in members:
-            _check_compression(member.file_size, member.compress_size, f"{path.name} ({member.filename[:60]})")
+            _check_compression(member.file_size, member.compress_size,
+                               f"{path.name} ({zip_member_name(member.filename)})")
         files = []
         for number, member in enumerate(members):
             name = PurePosixPath(member.filename.replace("\\", "/"))
@@ -382,8 +390,7 @@ def _extract_zip(path: Path, folder: Path) -> list[Path]:
                 continue
             # A folder of our own per member, so nothing can land outside `folder`; the member's own file name
             # (its characters made safe) so that a message about it names what the user zipped.
-            safe = _SAFE_NAME.sub("_", name.name).encode()[-100:].decode(errors="ignore")  # 100 bytes: any file system
-            target = folder / f"{number:05d}" / (safe.lstrip(".") or "member")
+            target = folder / f"{number:05d}" / zip_member_name(member.filename)
             target.parent.mkdir()
             try:
                 with archive.open(member) as source, open(target, "wb") as sink:
@@ -393,6 +400,19 @@ def _extract_zip(path: Path, folder: Path) -> list[Path]:
                                   "scan again without a password and re-upload it") from error
             files.append(target)
     return files
+
+
+def zip_member_names(path: Path) -> list[str]:
+    """The names that messages about a zip's files give them (`zip_member_name`); none for a file that is no zip,
+    or a zip whose list of contents cannot be read or is too large to (read from its end record first)."""
+    if not path.name.lower().endswith(".zip"):
+        return []
+    try:
+        _check_zip_directory(path)
+        with zipfile.ZipFile(path) as archive:
+            return [zip_member_name(member.filename) for member in archive.infolist()[:MAX_ZIP_ENTRIES]]
+    except (VolumeError, zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return []
 
 
 def _check_zip_directory(path: Path) -> None:

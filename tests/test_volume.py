@@ -357,6 +357,7 @@ def test_unreadable_files_raise_one_clear_error(tmp_path, name, content, message
     ("No such file: 'C:\\\\Users\\\\bob\\\\scan.nii.gz'", "No such file: 'scan.nii.gz'"),  # doubled backslashes
     ("File /a/b/c.dcm: truncated", "File c.dcm: truncated"),
     ("File /tmp/gradio/ab/Doe.nii.gz is not a gzip file", "the file is not a gzip file"),  # named once, by us
+    ("File /tmp/gradio/ab/Doe Jane.nii.gz is not a gzip file", "the file is not a gzip file"),  # a name with a space
     ("see https://nipy.org/nibabel/errors.html", "see https://nipy.org/nibabel/errors.html"),  # a URL stays whole
     ("512/512/300 and/or (0020,0011) pylibjpeg/pylibjpeg-openjpeg", "512/512/300 and/or (0020,0011) "
      "pylibjpeg/pylibjpeg-openjpeg"),
