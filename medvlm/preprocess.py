@@ -78,7 +78,8 @@ def typed_window(window: object) -> tuple[float, float] | None:
 
 def unknown_window(window: object, modality: str) -> str:
     """The sentence that refuses `window` for a scan of this modality, and says what it may be instead."""
-    return (f"unknown window {str(window)[:40]!r} for this {modality} scan; choose one of "
+    said = {"PT": "PET", "OT": "other"}.get(modality, modality)  # as a reader calls it, not its DICOM code
+    return (f"unknown window {str(window)[:40]!r} for this {said} scan; choose one of "
             f"{', '.join(window_names(modality))}, or a width/level such as 350/50")
 
 

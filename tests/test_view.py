@@ -142,6 +142,8 @@ def test_a_window_typed_as_width_and_level_shows_those_values(marked_ct):
     for written in ("1500 -600", "W 1500 L -600", "WW 1500 WL -600", "L -600 W 1500", "C -600 / W 1500"):
         assert np.array_equal(render_slice(ct, "axial", window=written), lung), written
     # no width of nothing (0, or one too small to divide by) and no width or level past any scan's values
+    with pytest.raises(UserInputError, match="unknown window 'wide' for this PET scan; choose one of auto, inverted"):
+        render_slice(_volume(data, spacing=(1.0, 1.0, 1.0), modality="PT"), "axial", window="wide")  # as a reader says
     for junk in ("0/40", "0.000000001/1000000000", "9" * 400 + "/50", "400/" + "9" * 40, "wide", "40", "L 40",
                  "40 W 400", "400/40/10"):
         with pytest.raises(UserInputError, match="or a width/level such as 350/50"):
