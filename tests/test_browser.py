@@ -108,6 +108,7 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.locator("#slice-view .slice-enlarge").click()
     page.locator("#slice-view.enlarged").wait_for()
     assert page.locator("#slice-view img").bounding_box()["height"] >= 1.8 * small
+    assert "enlarged to the window, Escape shrinks it" in page.locator("#slice-view").get_attribute("aria-label")
     page.locator("#slice-view img").hover()
     page.mouse.wheel(0, 120)
     page.locator("#slice-view", has_text=f"Axial {int(count) - 11} /").wait_for()

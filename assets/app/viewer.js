@@ -27,12 +27,13 @@
   // The keys, once the viewer has the focus (a click on the image, or Tab): the arrows step one slice (down toward
   // slice 1, as the wheel), Page Up / Page Down ten, Home and End go to the first and the last. The viewer's box
   // keeps the focus while the slice inside it is redrawn.
+  const VIEWER_LABEL = "Slice viewer: the arrow keys step one slice, Page Up and Page Down ten, Home and End go "
+    + "to the first and the last";
   const focusable = () => {
     const viewer = document.querySelector("#slice-view");
     if (!viewer) return setTimeout(focusable, 200);
     viewer.tabIndex = 0;
-    viewer.setAttribute("aria-label", "Slice viewer: the arrow keys step one slice, Page Up and Page Down ten, "
-                        + "Home and End go to the first and the last");
+    viewer.setAttribute("aria-label", VIEWER_LABEL);
   };
   focusable();
   document.addEventListener("mousedown", (event) => {
@@ -59,6 +60,7 @@
   // image (the scan released) is shown in its place (page.css), so a tablet is never left without a way back.
   const enlarge = (viewer, on) => {
     viewer.classList.toggle("enlarged", on);
+    viewer.setAttribute("aria-label", on ? `${VIEWER_LABEL}; enlarged to the window, Escape shrinks it` : VIEWER_LABEL);
     viewer.focus({preventScroll: true});
   };
   document.addEventListener("click", (event) => {
