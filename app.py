@@ -34,14 +34,22 @@ from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import CutOff, Encoding, Pipeline
 from medvlm.preprocess import default_window, known_window, unknown_window
-from medvlm.view import slice_count
+from medvlm.projection import MIP_STEP_DEGREES
+from medvlm.view import MIP, VIEWS, opening_slice, slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
-from medvlm.view_html import MODALITY_NAMES, empty_view_html, scan_card, shown, slice_view_html, window_choices
+from medvlm.view_html import (
+    MODALITY_NAMES,
+    empty_view_html,
+    plane_choices,
+    scan_card,
+    shown,
+    slice_view_html,
+    window_choices,
+)
 from medvlm.volume import MODALITIES, Volume, load_volume, remove_stale_zip_folders, zip_member_names
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 EXAMPLES_DIR = ASSETS_DIR / "examples"
-PLANES = ["axial", "coronal", "sagittal"]
 # Suggested questions per modality, in the phrasings of the phantoms' question types (medvlm.phantom_text): the ones
 # the demo model was taught. A question about lungs is no use on a brain MR, and the modality question was only
 # ever asked of PET phantoms.
@@ -494,9 +502,9 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         session,
         "The model is reading the scan …",
         scan_card(volume, label),
-        gr.update(value=plane),
+        gr.update(choices=plane_choices(volume.modality), value=plane),
         gr.update(choices=window_choices(volume.modality), value=window),
-        gr.update(minimum=1, maximum=count, value=middle, interactive=True),
+        gr.update(minimum=1, maximum=count, value=middle, interactive=True, label=slider_label(plane)),
         slice_html(session, plane, window, middle),
         gr.update(choices=[], value=None),
         gr.update(minimum=low, maximum=high, step=step, value=threshold, interactive=True,
@@ -538,7 +546,7 @@ def change_modality(modality: str, session: ScanSession | None, request: gr.Requ
 
 def _first_view(volume: Volume) -> tuple[str, str, int]:
     """(plane, window, slice from 1) a new scan opens at: its middle axial slice in the modality's default window."""
-    return "axial", default_window(volume.modality), _slice_number(None, slice_count(volume, "axial"))
+    return "axial", default_window(volume.modality), _slice_number(volume, "axial", None)
 
 
 def _unchanged(session: ScanSession | None, status: str):
@@ -628,22 +636,29 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
                                 else "Upload a scan or pick an example to see its slices.")
     session.in_use()
     plane, slice_number = _known_plane(plane), _typed_number(slice_number)  # as an API client may send them
-    count = slice_count(volume, plane)
-    index = _slice_number(slice_number, count) - 1
+    index = _slice_number(volume, plane, slice_number) - 1
     session.shown_slices[plane] = index + 1  # a plane opened again opens here
     window = window if known_window(window, volume.modality) else default_window(volume.modality)
     session.shown = (plane, window)
     return slice_view_html(volume, plane, index, window, session.kept_slices)
 
 
-def _slice_number(typed: float | None, count: int) -> int:
-    """The slice (from 1) a slider value asks for: the nearest of 1 … count, the middle one for none."""
-    return count // 2 + 1 if typed is None else min(count, max(1, round(typed)))
+def _slice_number(volume: Volume, plane: str, typed: float | None) -> int:
+    """The slice (from 1) of `plane` a slider value asks for: the nearest of 1 … count; for none, the one the plane
+    opens at (its middle one, the MIP's front view)."""
+    if typed is None:
+        return opening_slice(volume, plane) + 1
+    return min(slice_count(volume, plane), max(1, round(typed)))
+
+
+def slider_label(plane: str) -> str:
+    """What the slider moves through: slices, or the MIP's frames."""
+    return f"MIP frame ({MIP_STEP_DEGREES}° each)" if plane == MIP else "Slice"
 
 
 def _known_plane(plane: object) -> str:
-    """The plane an event names; axial for what an API client may send instead of one of PLANES (nothing)."""
-    return plane if plane in PLANES else "axial"
+    """The plane an event names; axial for what an API client may send instead of one of VIEWS (nothing)."""
+    return plane if plane in VIEWS else "axial"
 
 
 def _typed_number(value: object) -> float | None:
@@ -667,7 +682,7 @@ def show_slice(session: ScanSession | None, plane: str, window: str | None, slic
     view = slice_html(session, plane, window, slice_number)
     if session is None or session.volume is None:
         return view, gr.skip()
-    number = _slice_number(slice_number, slice_count(session.volume, plane))
+    number = _slice_number(session.volume, plane, slice_number)
     return view, gr.skip() if number == slice_number else number
 
 
@@ -685,13 +700,15 @@ def change_window(session: ScanSession | None, plane: str, window: object, slice
 
 
 def change_plane(session: ScanSession | None, plane: str, window: str | None):
-    """A plane opens at the slice last shown in it, the first time at its middle slice."""
+    """A plane opens at the slice last shown in it, the first time at its middle slice (the MIP: seen from the
+    front)."""
     plane = _known_plane(plane)
     if session is None or session.volume is None:
         return gr.skip(), slice_html(session, plane, window, None)
     count = slice_count(session.volume, plane)
-    number = session.shown_slices.get(plane) or _slice_number(None, count)
-    return gr.update(minimum=1, maximum=count, value=number), slice_html(session, plane, window, number)
+    number = session.shown_slices.get(plane) or _slice_number(session.volume, plane, None)
+    return (gr.update(minimum=1, maximum=count, value=number, label=slider_label(plane)),
+            slice_html(session, plane, window, number))
 
 
 def jump_to_kept(session: ScanSession | None, kept: str | None, window: str | None):
@@ -702,7 +719,7 @@ def jump_to_kept(session: ScanSession | None, kept: str | None, window: str | No
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     count = slice_count(session.volume, "axial")
     number = int(kept)
-    return ("axial", gr.update(minimum=1, maximum=count, value=number),
+    return ("axial", gr.update(minimum=1, maximum=count, value=number, label=slider_label("axial")),
             slice_html(session, "axial", window, number), gr.update(value=None))
 
 
@@ -1064,7 +1081,7 @@ def build_demo() -> gr.Blocks:
                             kept = gr.Dropdown([], value=None, label="Kept slices (axial)", scale=1,
                                                min_width=190, elem_id="kept-slices", interactive=True)
                         with gr.Row():
-                            plane = gr.Radio(PLANES, value="axial", label="Plane", scale=3)
+                            plane = gr.Radio(plane_choices("CT"), value="axial", label="Plane", scale=3)
                             # A preset, or a width/level typed into the box (350/50), in the scan's units
                             window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), scale=2,
                                                  label="Window (or type W/L: 350/50)", allow_custom_value=True,

@@ -255,8 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     view = commands.add_parser("view", help="write one slice as the viewer shows it, as PNG")
     view.add_argument("scan", nargs="+")
-    view.add_argument("--plane", choices=["axial", "coronal", "sagittal"], default="axial")
-    view.add_argument("--index", type=int, default=None, help="slice index (default: the middle slice)")
+    view.add_argument("--plane", choices=["axial", "coronal", "sagittal", "mip"], default="axial",
+                      help="mip: the rotating maximum intensity projection, its frames 10° apart")
+    view.add_argument("--index", type=int, default=None,
+                      help="slice index from 0 (default: the middle slice); with --plane mip, the frame (0: seen "
+                           "from the front, 9: from the patient's left)")
     view.add_argument("--window", default=None,
                       help="CT: soft tissue, lung, bone, brain, liver; PET: inverted; auto; or width/level (350/50)")
     view.add_argument("--out", required=True, help="PNG file to write")

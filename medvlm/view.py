@@ -3,7 +3,8 @@
 Axial: the patient's right on the image's left, anterior at the top. Coronal: superior at the top, the
 patient's right on the left. Sagittal: superior at the top, anterior on the left. A slice index counts
 along the canonical axis of `Volume.data`: axial from inferior, coronal from posterior, sagittal from the
-patient's left.
+patient's left. The view "mip" is the rotating maximum intensity projection (projection.py): its "slices"
+are its frames, frame 0 seen from the front.
 """
 
 from __future__ import annotations
@@ -27,26 +28,36 @@ from .preprocess import (
     unknown_window,
     window_range,
 )
+from .projection import MIP_FRAMES, mip_angle, mip_image, mip_seen_from
 from .volume import Volume
 
-__all__ = ["PLANES", "SLICE_ONE", "png_path", "render_slice", "save_png", "slice_count", "slice_location",
-           "window_limits"]
+__all__ = ["MIP", "PLANES", "SLICE_ONE", "VIEWS", "opening_slice", "png_path", "render_slice", "save_png",
+           "slice_count", "slice_location", "window_limits"]
 
 PLANES = ("axial", "coronal", "sagittal")
+MIP = "mip"  # the rotating maximum intensity projection, shown as a plane whose slices are its frames
+VIEWS = (*PLANES, MIP)
 SLICE_ONE = {"axial": "inferior", "coronal": "posterior", "sagittal": "the patient's left"}  # each plane's index 0
 _PLANE_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}  # the axis of data (Z, Y, X) each plane steps along
 _AUTO_RANGES: dict[int, tuple[float, float]] = {}  # id(volume) → its "auto" range, dropped when the volume is freed
 
 
-def _check_plane(plane: str) -> int:
-    if plane not in _PLANE_AXIS:
-        raise UserInputError(f"unknown plane {plane!r}; choose one of {', '.join(PLANES)}")
-    return _PLANE_AXIS[plane]
+def _check_plane(plane: str) -> int | None:
+    """The axis of data a plane steps along; None for the MIP."""
+    if plane not in VIEWS:
+        raise UserInputError(f"unknown plane {plane!r}; choose one of {', '.join(VIEWS)}")
+    return _PLANE_AXIS.get(plane)
 
 
 def slice_count(volume: Volume, plane: str) -> int:
-    """How many slices the volume has in a plane (axial: Z, coronal: Y, sagittal: X)."""
-    return volume.data.shape[_check_plane(plane)]
+    """How many slices the volume has in a plane (axial: Z, coronal: Y, sagittal: X), or frames the MIP."""
+    axis = _check_plane(plane)
+    return MIP_FRAMES if axis is None else volume.data.shape[axis]
+
+
+def opening_slice(volume: Volume, plane: str) -> int:
+    """The slice (from 0) a plane opens at: its middle one; the MIP's frame seen from the front."""
+    return 0 if plane == MIP else slice_count(volume, plane) // 2
 
 
 def slice_location(volume: Volume, plane: str, index: int) -> str:
@@ -54,8 +65,10 @@ def slice_location(volume: Volume, plane: str, index: int) -> str:
     plane's body axis from the scanner's origin, with the side it lies toward ("S 12.5 mm", "R 3.0 mm"), and
     the slices' spacing in that plane. Empty for a volume whose spacing is unknown (an M3D .npy) or whose
     orientation is (a NIfTI that states none). For an oblique scan, the position along the body axis nearest to
-    the plane's."""
+    the plane's. For a MIP frame: how far it has turned, and from where it looks ("30°, seen from …")."""
     axis = _check_plane(plane)
+    if axis is None:
+        return f"{mip_angle(index)}°, seen from {mip_seen_from(index)}"
     if not volume.spacing_known or volume.meta.get("orientation_unknown"):  # no scanner position to give
         return ""
     centre = (np.array(volume.shape, dtype=float) - 1) / 2
@@ -104,20 +117,22 @@ def _square_pixels(image: np.ndarray, row_mm: float, column_mm: float) -> np.nda
 def render_slice(volume: Volume, plane: str, index: int | None = None, window: str | None = None) -> np.ndarray:
     """One slice as a uint8 (H, W) grey image, radiological convention, square pixels in mm.
 
-    plane: "axial", "coronal" or "sagittal"; index: slice along that plane's axis (None: the middle one);
+    plane: "axial", "coronal", "sagittal" or "mip"; index: slice along that plane's axis, or the MIP's frame
+    (None: `opening_slice`);
     window: a preset of `preprocess.window_names(volume.modality)`, or a width/level such as "350/50"
     (`preprocess.typed_window`; None: the modality's default).
     Raises UserInputError for an unknown plane or window, or an index out of range.
     """
     count = slice_count(volume, plane)
-    index = count // 2 if index is None else index
+    index = opening_slice(volume, plane) if index is None else index
     if not 0 <= index < count:
-        raise UserInputError(f"slice index {index} is out of range; the {plane} plane has slices 0 to {count - 1}")
+        what = "the MIP has frames" if plane == MIP else f"the {plane} plane has slices"
+        raise UserInputError(f"slice index {index} is out of range; {what} 0 to {count - 1}")
     window = default_window(volume.modality) if window is None else window
     if not known_window(window, volume.modality):
         raise UserInputError(unknown_window(window, volume.modality))
     lo, hi = window_limits(volume, window)
-    image, row_mm, column_mm = _display_slice(volume, plane, index)
+    image, row_mm, column_mm = mip_image(volume, index) if plane == MIP else _display_slice(volume, plane, index)
     return _square_pixels(to_uint8(apply_window(image, lo, hi)), row_mm, column_mm)
 
 

@@ -13,7 +13,8 @@ import math
 from PIL import Image
 
 from .preprocess import CT_WINDOWS, INVERTED_WINDOW, typed_window, window_names
-from .view import SLICE_ONE, render_slice, slice_count, slice_location, window_limits
+from .projection import mip_edges
+from .view import MIP, PLANES, SLICE_ONE, render_slice, slice_count, slice_location, window_limits
 from .volume import Volume
 
 # Letters at the image edges (left, right, top, bottom), radiological convention as `render_slice` draws.
@@ -39,6 +40,12 @@ def window_label(name: str) -> str:
     if name == INVERTED_WINDOW:
         return "inverted · uptake dark on white"
     return f"{name} · robust range"  # short: the dropdown's box is narrow; the caption gives its values
+
+
+def plane_choices(modality: str) -> list[tuple[str, str]]:
+    """The planes the viewer offers for a modality as (label, value) pairs: a PET also its rotating MIP, the view
+    nuclear medicine reads it in first (a CT's or an MR's whole-volume MIP shows the bones or the scalp)."""
+    return [(plane, plane) for plane in PLANES] + ([("MIP", MIP)] if modality == "PT" else [])
 
 
 def window_choices(modality: str) -> list[tuple[str, str]]:
@@ -96,7 +103,8 @@ def _cell(text: str) -> str:
 
 def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_slices: list[int]) -> str:
     """The slice `index` (from 0) of `plane` in `window` as an inline PNG (nothing written to disk), with its
-    orientation letters, a button that enlarges it to the window (viewer.js), a track marking `kept_slices` (axial
+    orientation letters, a button that enlarges it to the window (viewer.js) and, for the MIP, one that turns it, a
+    track marking `kept_slices` (axial
     indices the model kept) and the cursor, and a caption: where the slice lies, the window, whether the model
     kept it."""
     count = slice_count(volume, plane)
@@ -104,7 +112,7 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
     source = base64.b64encode(buffer.getvalue()).decode()
-    left, right, top, bottom = PLANE_EDGES[plane]
+    left, right, top, bottom = mip_edges(index) if plane == MIP else PLANE_EDGES[plane]
     marks, kept_note = "", ""
     if plane == "axial" and kept_slices:
         marks = "".join(f'<span class="kept-mark" data-slice="{k + 1}" style="left:{100 * (k + 0.5) / count:.2f}%">'
@@ -115,16 +123,39 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
     location = slice_location(volume, plane, index)
     return (f'<div class="slice-view"><div class="{frame}">'
             f'<img class="slice-image" src="data:image/png;base64,{source}" '
-            f'alt="{plane} slice {index + 1} of {count}">'
+            f'alt="{_name_of(plane, index, count)}">'
             f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
             f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span>'
             '<button type="button" class="slice-enlarge" title="Enlarge the image (Esc to close)" '
-            'aria-label="Enlarge the slice image">⤢</button></div>'
+            f'aria-label="Enlarge the slice image">⤢</button>{_turn_button(plane)}</div>'
             f'<div class="slice-track" data-count="{count}" title="Click to go to a slice">{marks}{cursor}</div>'
-            f'<div class="slice-caption">{plane.title()} {index + 1} / {count} from {SLICE_ONE[plane]}'
+            f'<div class="slice-caption">{_position(plane, index, count)}'
             f'{f" · {location}" if location else ""} · window '
             f'{window_label(window)}{shown_range(volume, window)}'
             f'{kept_note}</div></div>')
+
+
+def _turn_button(plane: str) -> str:
+    """For the MIP: the button that turns it round and round (viewer.js), as nuclear medicine watches it."""
+    if plane != MIP:
+        return ""
+    return ('<button type="button" class="mip-turn" title="Turn the MIP round (any key or the wheel stops it)" '
+            'aria-label="Turn the MIP round" aria-pressed="false"><span class="turn-start"></span>'
+            '<span class="turn-stop"></span></button>')
+
+
+def _position(plane: str, index: int, count: int) -> str:
+    """What the caption says first: the slice and where slice 1 lies, or the MIP frame."""
+    if plane == MIP:
+        return f"MIP {index + 1} / {count}"
+    return f"{plane.title()} {index + 1} / {count} from {SLICE_ONE[plane]}"
+
+
+def _name_of(plane: str, index: int, count: int) -> str:
+    """The image's text alternative."""
+    if plane == MIP:
+        return f"maximum intensity projection, frame {index + 1} of {count}"
+    return f"{plane} slice {index + 1} of {count}"
 
 
 def empty_view_html(said: str) -> str:

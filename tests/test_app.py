@@ -216,6 +216,25 @@ def test_window_choices_follow_the_modality(app_module, tmp_path):
     assert 'class="slice-frame"' in app_module.slice_html(session, "axial", "auto", 3)
 
 
+def test_a_pet_can_be_read_as_a_rotating_mip(app_module, tmp_path, ct_nifti):
+    """A PET offers the MIP beside the planes: the slider then turns it, 10° a step, from the front view first;
+    the caption says where each frame looks from, and going back to a plane names the slider a slice again."""
+    _, ct = loaded(app_module, [ct_nifti])
+    assert [value for _, value in ct["plane"]["choices"]] == ["axial", "coronal", "sagittal"]
+    pet = save_nifti(tmp_path / "pet.nii.gz", np.abs(torso_ct()) / 100, (4.0, 4.0, 4.0), modality="PT")
+    session, outputs = loaded(app_module, [pet])
+    assert ("MIP", "mip") in outputs["plane"]["choices"] and outputs["slider"]["label"] == "Slice"
+    slider, html = app_module.change_plane(session, "mip", "inverted")
+    assert (slider["maximum"], slider["value"], slider["label"]) == (36, 1, "MIP frame (10° each)")
+    assert "MIP 1 / 36 · 0°, seen from the front · window inverted" in html and "kept-mark" not in html
+    view, _ = app_module.show_slice(session, "mip", "inverted", 10)
+    assert "MIP 10 / 36 · 90°, seen from the patient's left" in view and '"edge edge-left">A<' in view
+    slider, html = app_module.change_plane(session, "axial", "inverted")
+    assert slider["label"] == "Slice" and "Axial" in html
+    assert app_module.change_plane(session, "mip", "inverted")[0]["value"] == 10  # the MIP reopens where it was
+    session.release()
+
+
 def test_kept_slices_are_shown_after_encoding(app_module, ct_nifti):
     session, _ = loaded(app_module, [ct_nifti])
     status, kept, html = app_module.encode_scan(session)

@@ -197,3 +197,31 @@ def test_on_a_phone_the_report_button_follows_the_status_line(browser, server, t
     assert top["status"] < top["report"] < top["viewer"] < top["modality"] < top["card"] < top["chat"], top
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the screen
     page.close()
+
+
+def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):  # noqa: F811
+    """The rotating MIP as nuclear medicine watches it: its button turns it frame after frame, and a key hands the
+    viewer back to the reader where it stands."""
+    uptake = np.abs(torso_ct()) / 100
+    uptake[30:34, 40:44, 10:14] = 8.0  # a hot spot on the patient's left: a turning MIP shows it move
+    pet = save_nifti(tmp_path / "pet.nii.gz", uptake, (4.0, 4.0, 4.0), modality="PT")
+    page = browser.new_page(viewport=LAPTOP)
+    page.set_default_timeout(60_000)
+    page.goto(server)
+    page.locator("#scan-upload input[type=file]").set_input_files(str(pet))
+    page.locator("#status-line", has_text="Ready").wait_for()
+    page.get_by_label("MIP", exact=True).check()
+    page.locator("#slice-view", has_text="MIP 1 / 36 · 0°, seen from the front").wait_for()
+    page.locator("#slice-view .mip-turn").click()
+    page.locator("#slice-view", has_text="MIP 4 / 36").wait_for()  # it turns by itself
+    page.locator("#slice-view.turning").wait_for()
+    page.keyboard.press("Shift")
+    page.locator("#slice-view.turning").wait_for(state="detached")
+    page.wait_for_timeout(400)  # a frame asked for before the key may still arrive
+    caption = page.locator("#slice-view .slice-caption").inner_text()
+    page.wait_for_timeout(600)
+    assert page.locator("#slice-view .slice-caption").inner_text() == caption  # stopped where it stood
+    page.get_by_label("axial", exact=True).check()
+    page.locator("#slice-view", has_text="Axial").wait_for()
+    assert page.locator("#slice-view .mip-turn").count() == 0  # a plane has no turn button
+    page.close()

@@ -81,6 +81,45 @@
     }
   });
 
+  // The MIP's button turns it round, a frame (10°) every 150 ms, from the last back to the first, until it is
+  // pressed again, a key, the wheel or the slider moves the viewer, or another plane is shown. The button is drawn
+  // anew with every frame; the viewer's class "turning" keeps its state.
+  let turning = null;
+  const stopTurning = () => {
+    clearInterval(turning);
+    turning = null;
+    const viewer = document.querySelector("#slice-view");
+    if (viewer) viewer.classList.remove("turning");
+  };
+  const turnStep = () => {
+    const input = slider();
+    const button = document.querySelector("#slice-view .mip-turn");
+    if (!input || input.disabled || !button) return stopTurning();
+    button.setAttribute("aria-pressed", "true");
+    const value = Number(input.value) >= Number(input.max) ? Number(input.min) : Number(input.value) + 1;
+    moveTo(input, value);
+  };
+  document.addEventListener("click", (event) => {
+    const button = event.target.closest && event.target.closest("#slice-view .mip-turn");
+    if (!button) return;
+    if (turning) return stopTurning();
+    document.querySelector("#slice-view").classList.add("turning");
+    turning = setInterval(turnStep, 150);
+    turnStep();
+  });
+  document.addEventListener("keydown", (event) => {
+    const onButton = event.target.closest && event.target.closest(".mip-turn");
+    if (onButton && (event.key === "Enter" || event.key === " ")) return;  // the button's own click
+    if (turning && event.key !== "Tab") stopTurning();
+  }, true);
+  for (const kind of ["wheel", "pointerdown"]) {  // the wheel over the image, a hand on the slider
+    document.addEventListener(kind, (event) => {
+      if (turning && event.target.closest && event.target.closest("#slice-view .slice-image, #slice-slider")) {
+        stopTurning();
+      }
+    }, true);
+  }
+
   // A click on the track under the image goes to the slice at that place, or to a green mark (a slice the model
   // kept) within 8 px of it: a 2 px mark is too thin to hit.
   document.addEventListener("click", (event) => {
