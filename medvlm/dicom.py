@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import VolumeError
 from .limits import MAX_DICOM_IMAGES, MIN_SLICES
+from .suv import CONVERTIBLE_UNITS, SUV_UNITS, suv_factor
 from .volume import SCAN_FORMATS, Volume, canonical_volume, check_grid, error_reason
 
 __all__ = ["load_dicom"]
@@ -148,7 +149,7 @@ def _geometry(position: Any, orientation: Any, spacing: Any, name: str) -> tuple
 
 
 # (0054,1001) Units of a PET or NM series' values (PS3.3 C.8.9.1.1.3), as a reader names them; others as stated.
-PET_UNITS = {"BQML": "Bq/mL", "GML": "SUV (g/mL)", "CM2ML": "SUV lean body mass (cm²/mL)", "CNTS": "counts",
+PET_UNITS = {"BQML": "Bq/mL", "GML": SUV_UNITS, "CM2ML": "SUV lean body mass (cm²/mL)", "CNTS": "counts",
              "CPS": "counts per second", "PROPCNTS": "proportional counts", "PCNT": "%", "NONE": "no unit"}
 
 
@@ -620,6 +621,13 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
                      "so that it shows as meant")
     if padded:
         meta["padding_voxels"] = _fill_padding(pixels)
+    if modality == "PT" and units in CONVERTIBLE_UNITS:  # read as PET is read: SUV, where the header allows
+        factor, why_not = suv_factor(first)
+        if factor is None:
+            notes.append(f"the values stay in {meta['units']}, not SUV: {why_not}")
+        else:
+            pixels *= np.float32(factor)
+            meta["suv_converted_from"], meta["units"] = meta["units"], SUV_UNITS
     if modality == "CT" and not any(image.intercept_stated for image in images) and float(np.nanmin(pixels)) >= 0:
         notes.append("the CT states no rescale intercept and holds no value below 0, so its values are likely not "
                      "Hounsfield units (air lies near −1000): windows and the model may read it wrongly; re-export "

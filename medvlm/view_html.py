@@ -72,7 +72,9 @@ def scan_card(volume: Volume | None, label: str = "") -> str:
          if meta.get("orientation_unknown") else f"{volume.orientation} as stored, shown radiologically"),
         ("Source", f"{SOURCE_NAMES.get(volume.source, volume.source)}, {label}"),
     ]
-    if meta.get("units"):
+    if meta.get("suv_converted_from"):  # a Bq/mL series read as SUV (suv.py)
+        rows.append(("Values", f"{meta['units']}, body weight, from {meta['suv_converted_from']}"))
+    elif meta.get("units"):
         rows.append(("Values", str(meta["units"])))
     elif volume.modality == "PT":  # a NIfTI has no field for it: SUV or Bq/mL cannot be told from the values
         rows.append(("Values", "unit not stated in the file"))

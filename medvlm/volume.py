@@ -89,6 +89,7 @@ class Volume:
             meta["modality"] = modality
         if modality != "PT":
             meta.pop("units", None)  # a PET's Bq/mL or SUV: not what another modality's values measure
+            meta.pop("suv_converted_from", None)
         return replace(self, modality=modality, meta=meta)
 
     @cached_property

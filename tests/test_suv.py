@@ -1,0 +1,67 @@
+"""A PET series stored in Bq/mL is read as SUV (body weight), as PET is read: a lesion's value is its uptake
+relative to the dose per gram of patient, whatever the dose and the time since injection. Where the header lacks
+what SUV needs, the values stay in Bq/mL and a note says why."""
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from medvlm.view_html import scan_card
+from medvlm.volume import load_volume
+from medvlm.writers import save_dicom_series
+
+F18_HALF_LIFE_S = 6586.2
+WEIGHT_KG, DOSE_BQ = 70.0, 370e6
+INJECTED, SCANNED = "100000", "110000"  # an hour of uptake
+BACKGROUND, LESION = 5000.0, 20000.0  # Bq/mL
+
+
+def _bqml_series(folder, **overrides):
+    """A PET series in Bq/mL with a lesion, and the header SUV needs (overrides: keyword → value, None drops)."""
+    uptake = np.full((6, 24, 24), BACKGROUND, np.float32)
+    uptake[2:4, 8:12, 8:12] = LESION
+    files = save_dicom_series(folder, uptake, (4.0, 4.0, 4.0), "PT")
+    tracer = Dataset()
+    tracer.RadionuclideTotalDose = DOSE_BQ
+    tracer.RadionuclideHalfLife = F18_HALF_LIFE_S
+    tracer.RadiopharmaceuticalStartTime = INJECTED
+    header = {"Units": "BQML", "DecayCorrection": "START", "CorrectedImage": ["ATTN", "DECY"],
+              "PatientWeight": WEIGHT_KG, "SeriesTime": SCANNED, "AcquisitionTime": SCANNED,
+              "RadiopharmaceuticalInformationSequence": Sequence([tracer]), **overrides}
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in header.items():
+            if value is not None:
+                setattr(ds, keyword, value)
+            elif keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(path)
+    return folder
+
+
+def test_a_bqml_series_is_read_as_suv_body_weight(tmp_path):
+    scan = load_volume(_bqml_series(tmp_path))
+    dose_at_scan = DOSE_BQ * 2 ** (-3600 / F18_HALF_LIFE_S)  # decayed for the hour from injection to scan
+    expected = LESION * WEIGHT_KG * 1000 / dose_at_scan
+    assert float(np.nanmax(scan.data)) == pytest.approx(expected, rel=1e-4)  # ≈ 2.76: a lesion's SUV, not 20000
+    assert float(np.median(scan.data)) == pytest.approx(expected * BACKGROUND / LESION, rel=1e-4)
+    assert scan.meta["units"] == "SUV (g/mL)" and not scan.meta.get("notes")
+    assert not any(str(WEIGHT_KG) in str(value) for value in scan.meta.values())  # the weight is not kept
+    assert "| **Values** | SUV (g/mL), body weight, from Bq/mL |" in scan_card(scan, "uploaded scan")
+    as_mr = scan.as_modality("MR")  # its values are no longer a PET's: no unit, no conversion named
+    assert "**Values**" not in scan_card(as_mr, "uploaded scan")
+
+
+@pytest.mark.parametrize(("overrides", "why"), [
+    ({"PatientWeight": None}, "the series does not state the patient's weight, which SUV needs"),
+    ({"CorrectedImage": ["DECY"]}, "its images are not attenuation-corrected, and SUV needs them to be"),
+    ({"DecayCorrection": "ADMIN"}, "its images are decay-corrected to another time than the scan's start"),
+    ({"PatientWeight": 0.0}, "the series states a weight, dose or time that cannot be used"),
+])
+def test_without_what_suv_needs_the_values_stay_in_bqml_and_a_note_says_why(tmp_path, overrides, why):
+    scan = load_volume(_bqml_series(tmp_path, **overrides))
+    assert float(np.nanmax(scan.data)) == pytest.approx(LESION)
+    assert scan.meta["units"] == "Bq/mL"
+    assert scan.meta["notes"] == [f"the values stay in Bq/mL, not SUV: {why}"]
