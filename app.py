@@ -503,7 +503,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         "The model is reading the scan …",
         scan_card(volume, label),
         gr.update(choices=plane_choices(volume.modality), value=plane),
-        gr.update(choices=window_choices(volume.modality), value=window),
+        gr.update(choices=window_choices(volume.modality, volume.meta.get("units")), value=window),
         gr.update(minimum=1, maximum=count, value=middle, interactive=True, label=slider_label(plane)),
         slice_html(session, plane, window, middle),
         gr.update(choices=[], value=None),
@@ -638,7 +638,8 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     plane, slice_number = _known_plane(plane), _typed_number(slice_number)  # as an API client may send them
     index = _slice_number(volume, plane, slice_number) - 1
     session.shown_slices[plane] = index + 1  # a plane opened again opens here
-    window = window if known_window(window, volume.modality) else default_window(volume.modality)
+    if not known_window(window, volume.modality, volume.meta.get("units")):
+        window = default_window(volume.modality)
     session.shown = (plane, window)
     return slice_view_html(volume, plane, index, window, session.kept_slices)
 
@@ -692,9 +693,9 @@ def change_window(session: ScanSession | None, plane: str, window: object, slice
     box would otherwise name a window the image is not in: (slice view, window box). The values come unchecked
     (`preprocess=False`)."""
     volume = session.volume if session is not None else None
-    if volume is None or known_window(window, volume.modality):
+    if volume is None or known_window(window, volume.modality, volume.meta.get("units")):
         return slice_html(session, plane, window, slice_number), gr.skip()
-    gr.Warning(shown(sentence(unknown_window(window, volume.modality))))
+    gr.Warning(shown(sentence(unknown_window(window, volume.modality, volume.meta.get("units")))))
     shown_window = session.shown[1] or default_window(volume.modality)
     return slice_html(session, plane, shown_window, slice_number), shown_window
 

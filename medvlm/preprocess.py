@@ -34,15 +34,25 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 PREPROCESSING_VERSION = 2
 AUTO_WINDOW = "auto"  # robust percentile range: MR, PET and already-normalised volumes
 INVERTED_WINDOW = "inverted"  # PET: the same range in inverted grey, uptake dark on white, as PET is often read
+SUV_UNITS = "SUV (g/mL)"  # a PET's values as SUV (body weight): (0054,1001) GML, or a Bq/mL series converted
+# A PET in SUV on a fixed scale, as PET is read (the same uptake looks the same on every scan): (black, white) in
+# SUV; the inverted ones show uptake dark on white, the MIP's customary look.
+SUV_WINDOWS: dict[str, tuple[float, float]] = {
+    "SUV 0–5": (0.0, 5.0),
+    "SUV 0–5 inverted": (5.0, 0.0),
+    "SUV 0–10 inverted": (10.0, 0.0),
+}
 BLANK_SPREAD = 1e-3  # an encoder input channel spanning less (normalised) shows nothing: a CT outside every window
 
 
-def window_names(modality: str) -> list[str]:
+def window_names(modality: str, units: str | None = None) -> list[str]:
     """The window presets offered for a modality: the CT presets and "auto" for CT, "auto" and "inverted" for
-    PET, else only "auto"."""
+    PET, and the SUV_WINDOWS for a PET whose `units` (`meta["units"]`) are SUV, else only "auto"."""
     if modality == "CT":
         return [*CT_WINDOWS, AUTO_WINDOW]
-    return [AUTO_WINDOW, INVERTED_WINDOW] if modality == "PT" else [AUTO_WINDOW]
+    if modality == "PT":
+        return [AUTO_WINDOW, INVERTED_WINDOW, *(SUV_WINDOWS if units == SUV_UNITS else [])]
+    return [AUTO_WINDOW]
 
 
 # A window typed as its width and level, as radiologists say and write it: "350/50", "W 350 / L 50", "W 350 L 50",
@@ -76,16 +86,18 @@ def typed_window(window: object) -> tuple[float, float] | None:
     return level, width
 
 
-def unknown_window(window: object, modality: str) -> str:
-    """The sentence that refuses `window` for a scan of this modality, and says what it may be instead."""
+def unknown_window(window: object, modality: str, units: str | None = None) -> str:
+    """The sentence that refuses `window` for a scan of this modality (and units), and says what it may be
+    instead."""
     said = {"PT": "PET", "OT": "other"}.get(modality, modality)  # as a reader calls it, not its DICOM code
     return (f"unknown window {str(window)[:40]!r} for this {said} scan; choose one of "
-            f"{', '.join(window_names(modality))}, or a width/level such as 350/50")
+            f"{', '.join(window_names(modality, units))}, or a width/level such as 350/50")
 
 
-def known_window(window: object, modality: str) -> bool:
-    """Whether a viewer can show a scan of this modality in `window`: one of its presets, or a typed width/level."""
-    return window in window_names(modality) or typed_window(window) is not None
+def known_window(window: object, modality: str, units: str | None = None) -> bool:
+    """Whether a viewer can show a scan of this modality (and units) in `window`: one of its presets, or a typed
+    width/level."""
+    return window in window_names(modality, units) or typed_window(window) is not None
 
 
 def default_window(modality: str) -> str:
@@ -123,6 +135,8 @@ def window_range(volume: Volume, window: str, robust: tuple[float, float] | None
     if window in (AUTO_WINDOW, INVERTED_WINDOW):
         lo, hi = robust or robust_range(volume.data)
         return (hi, lo) if window == INVERTED_WINDOW else (lo, hi)
+    if window in SUV_WINDOWS:
+        return SUV_WINDOWS[window]
     level_width = CT_WINDOWS.get(window) or typed_window(window)
     if level_width is None:
         raise ValueError(f"unknown window {window!r}; choose one of {', '.join(window_names('CT'))}, or a "

@@ -13,9 +13,10 @@ import warnings
 import pysuv
 from pysuv.dicom.reader import MissingDICOMTagError, MissingPatientDataError
 
+from .preprocess import SUV_UNITS
+
 __all__ = ["CONVERTIBLE_UNITS", "SUV_UNITS", "suv_factor"]
 
-SUV_UNITS = "SUV (g/mL)"  # what (0054,1001) GML says too: body-weight SUV
 CONVERTIBLE_UNITS = ("BQML",)  # (0054,1001) values an SUV factor applies to (counts need a vendor's own factor)
 # What SUV needs, as a reader names it, by the DICOM keyword pysuv reports missing.
 _NEEDED = {

@@ -119,8 +119,8 @@ def render_slice(volume: Volume, plane: str, index: int | None = None, window: s
 
     plane: "axial", "coronal", "sagittal" or "mip"; index: slice along that plane's axis, or the MIP's frame
     (None: `opening_slice`);
-    window: a preset of `preprocess.window_names(volume.modality)`, or a width/level such as "350/50"
-    (`preprocess.typed_window`; None: the modality's default).
+    window: a preset of `preprocess.window_names(volume.modality, volume.meta.get("units"))`, or a width/level
+    such as "350/50" (`preprocess.typed_window`; None: the modality's default).
     Raises UserInputError for an unknown plane or window, or an index out of range.
     """
     count = slice_count(volume, plane)
@@ -129,8 +129,9 @@ def render_slice(volume: Volume, plane: str, index: int | None = None, window: s
         what = "the MIP has frames" if plane == MIP else f"the {plane} plane has slices"
         raise UserInputError(f"slice index {index} is out of range; {what} 0 to {count - 1}")
     window = default_window(volume.modality) if window is None else window
-    if not known_window(window, volume.modality):
-        raise UserInputError(unknown_window(window, volume.modality))
+    units = volume.meta.get("units")
+    if not known_window(window, volume.modality, units):
+        raise UserInputError(unknown_window(window, volume.modality, units))
     lo, hi = window_limits(volume, window)
     image, row_mm, column_mm = mip_image(volume, index) if plane == MIP else _display_slice(volume, plane, index)
     return _square_pixels(to_uint8(apply_window(image, lo, hi)), row_mm, column_mm)

@@ -12,7 +12,7 @@ import math
 
 from PIL import Image
 
-from .preprocess import CT_WINDOWS, INVERTED_WINDOW, typed_window, window_names
+from .preprocess import CT_WINDOWS, INVERTED_WINDOW, SUV_WINDOWS, typed_window, window_names
 from .projection import mip_edges
 from .view import MIP, PLANES, SLICE_ONE, render_slice, slice_count, slice_location, window_limits
 from .volume import Volume
@@ -39,6 +39,8 @@ def window_label(name: str) -> str:
         return f"typed · W {width:g} / L {level:g}".replace("-", "−")
     if name == INVERTED_WINDOW:
         return "inverted · uptake dark on white"
+    if name in SUV_WINDOWS:
+        return name  # its scale is its name
     return f"{name} · robust range"  # short: the dropdown's box is narrow; the caption gives its values
 
 
@@ -48,9 +50,10 @@ def plane_choices(modality: str) -> list[tuple[str, str]]:
     return [(plane, plane) for plane in PLANES] + ([("MIP", MIP)] if modality == "PT" else [])
 
 
-def window_choices(modality: str) -> list[tuple[str, str]]:
-    """The window presets of a modality as the dropdown's (label, name) pairs."""
-    return [(window_label(name), name) for name in window_names(modality)]
+def window_choices(modality: str, units: str | None = None) -> list[tuple[str, str]]:
+    """The window presets of a modality (and units: a PET in SUV has its fixed SUV scales) as the dropdown's
+    (label, name) pairs."""
+    return [(window_label(name), name) for name in window_names(modality, units)]
 
 
 def scan_card(volume: Volume | None, label: str = "") -> str:
@@ -121,7 +124,8 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
                         '</span>' for k in kept_slices)
         kept_note = " · kept by the model" if index in kept_slices else ""
     cursor = f'<span class="cursor-mark" style="left:{100 * (index + 0.5) / count:.2f}%"></span>'
-    frame = "slice-frame inverted" if window == INVERTED_WINDOW else "slice-frame"  # white around a white image
+    black, white = window_limits(volume, window)
+    frame = "slice-frame inverted" if black > white else "slice-frame"  # white around a white image
     location = slice_location(volume, plane, index)
     return (f'<div class="slice-view"><div class="{frame}">'
             f'<img class="slice-image" src="data:image/png;base64,{source}" '
@@ -167,8 +171,8 @@ def empty_view_html(said: str) -> str:
 
 def shown_range(volume: Volume, window: str) -> str:
     """The values a window that is no CT preset spans (PET, MR: from the scan's own range), lowest first."""
-    if window in CT_WINDOWS or typed_window(window) is not None:
-        return ""  # its level and width say it
+    if window in CT_WINDOWS or window in SUV_WINDOWS or typed_window(window) is not None:
+        return ""  # its level and width, or its scale, say it
     low, high = sorted(window_limits(volume, window))
     units = f" {shown(str(volume.meta['units']))}" if volume.meta.get("units") else ""  # a PET's Bq/mL or SUV
     return f" ({plain_number(low)} to {plain_number(high)}{units})".replace("-", "−")

@@ -45,7 +45,7 @@ def test_a_bqml_series_is_read_as_suv_body_weight(tmp_path):
     scan = load_volume(_bqml_series(tmp_path))
     dose_at_scan = DOSE_BQ * 2 ** (-3600 / F18_HALF_LIFE_S)  # decayed for the hour from injection to scan
     expected = LESION * WEIGHT_KG * 1000 / dose_at_scan
-    assert float(np.nanmax(scan.data)) == pytest.approx(expected, rel=1e-4)  # ≈ 2.76: a lesion's SUV, not 20000
+    assert float(np.nanmax(scan.data)) == pytest.approx(expected, rel=1e-4)  # ≈ 5.5: a lesion's SUV, not 20000
     assert float(np.median(scan.data)) == pytest.approx(expected * BACKGROUND / LESION, rel=1e-4)
     assert scan.meta["units"] == "SUV (g/mL)" and not scan.meta.get("notes")
     assert not any(str(WEIGHT_KG) in str(value) for value in scan.meta.values())  # the weight is not kept
@@ -65,3 +65,27 @@ def test_without_what_suv_needs_the_values_stay_in_bqml_and_a_note_says_why(tmp_
     assert float(np.nanmax(scan.data)) == pytest.approx(LESION)
     assert scan.meta["units"] == "Bq/mL"
     assert scan.meta["notes"] == [f"the values stay in Bq/mL, not SUV: {why}"]
+
+
+def test_a_pet_in_suv_offers_fixed_suv_scales_and_one_in_bqml_does_not(tmp_path):
+    """On a fixed SUV scale the same uptake looks the same on every scan: the lesion (SUV ≈ 5.5) is white on
+    "SUV 0–5" and a little darker than mid grey on "SUV 0–10 inverted"; the background (≈ 1.4) is dark grey, and
+    light grey inverted."""
+    from medvlm.preprocess import window_names
+    from medvlm.view import render_slice
+    from medvlm.view_html import slice_view_html
+
+    scan = load_volume(_bqml_series(tmp_path / "suv"))
+    windows = window_names(scan.modality, scan.meta["units"])
+    assert windows == ["auto", "inverted", "SUV 0–5", "SUV 0–5 inverted", "SUV 0–10 inverted"]
+    lesion, background = float(np.nanmax(scan.data)), float(np.median(scan.data))
+    for window, black, white in (("SUV 0–5", 0, 5), ("SUV 0–10 inverted", 10, 0)):
+        image = render_slice(scan, "axial", 2, window)
+        for value, pixels in ((lesion, image[image.shape[0] // 2, image.shape[1] // 2]), (background, image[0, 0])):
+            expected = 255 * min(1.0, max(0.0, (value - black) / (white - black)))
+            assert abs(int(pixels) - expected) <= 1, (window, value)
+    html = slice_view_html(scan, "axial", 2, "SUV 0–10 inverted", [])
+    assert "window SUV 0–10 inverted ·" not in html and "window SUV 0–10 inverted</div>" in html
+    assert 'class="slice-frame inverted"' in html  # white around an image white where nothing is taken up
+    stays = load_volume(_bqml_series(tmp_path / "bqml", PatientWeight=None))
+    assert window_names(stays.modality, stays.meta["units"]) == ["auto", "inverted"]  # Bq/mL: no SUV scale
