@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="slice index from 0 (default: the middle slice); with --plane mip, the frame (0: seen "
                            "from the front, 9: from the patient's left)")
     view.add_argument("--window", default=None,
-                      help="CT: soft tissue, lung, bone, brain, liver; PET: inverted; auto; or width/level (350/50)")
+                      help="CT: soft tissue, lung, bone, brain, liver; PET: inverted, and in SUV 'SUV 0-5', "
+                           "'SUV 0-5 inverted', 'SUV 0-10 inverted'; auto; or width/level (350/50)")
     view.add_argument("--out", required=True, help="PNG file to write")
     _add_modality_option(view)
     view.set_defaults(run=cmd_view)

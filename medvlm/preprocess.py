@@ -38,9 +38,9 @@ SUV_UNITS = "SUV (g/mL)"  # a PET's values as SUV (body weight): (0054,1001) GML
 # A PET in SUV on a fixed scale, as PET is read (the same uptake looks the same on every scan): (black, white) in
 # SUV; the inverted ones show uptake dark on white, the MIP's customary look.
 SUV_WINDOWS: dict[str, tuple[float, float]] = {
-    "SUV 0–5": (0.0, 5.0),
-    "SUV 0–5 inverted": (5.0, 0.0),
-    "SUV 0–10 inverted": (10.0, 0.0),
+    "SUV 0-5": (0.0, 5.0),
+    "SUV 0-5 inverted": (5.0, 0.0),
+    "SUV 0-10 inverted": (10.0, 0.0),
 }
 BLANK_SPREAD = 1e-3  # an encoder input channel spanning less (normalised) shows nothing: a CT outside every window
 

@@ -40,7 +40,7 @@ def window_label(name: str) -> str:
     if name == INVERTED_WINDOW:
         return "inverted · uptake dark on white"
     if name in SUV_WINDOWS:
-        return name  # its scale is its name
+        return name.replace("-", "–")  # its scale is its name, typed with a hyphen ("SUV 0-5"), shown as a range
     return f"{name} · robust range"  # short: the dropdown's box is narrow; the caption gives its values
 
 

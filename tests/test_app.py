@@ -568,7 +568,7 @@ def test_a_pet_series_says_what_its_values_measure(app_module, tmp_path):
             assert f"**Values** | {app_module.shown(said)} |" in outputs["card"] and f"{said})" in caption
             assert outputs["threshold"]["label"] == f"Surface threshold ({said})"
             suv_scales = [value for _, value in outputs["window"]["choices"] if value.startswith("SUV")]
-            assert suv_scales == (["SUV 0–5", "SUV 0–5 inverted", "SUV 0–10 inverted"] if units == "GML" else [])
+            assert suv_scales == (["SUV 0-5", "SUV 0-5 inverted", "SUV 0-10 inverted"] if units == "GML" else [])
             as_mr = named(app_module, app_module.change_modality("MR", session))  # read as another modality: no unit
             assert "**Values**" not in as_mr["card"] and as_mr["threshold"]["label"] == "Surface threshold (intensity)"
             session = as_mr["session"]

@@ -69,7 +69,7 @@ def test_without_what_suv_needs_the_values_stay_in_bqml_and_a_note_says_why(tmp_
 
 def test_a_pet_in_suv_offers_fixed_suv_scales_and_one_in_bqml_does_not(tmp_path):
     """On a fixed SUV scale the same uptake looks the same on every scan: the lesion (SUV ≈ 5.5) is white on
-    "SUV 0–5" and a little darker than mid grey on "SUV 0–10 inverted"; the background (≈ 1.4) is dark grey, and
+    "SUV 0-5" and a little darker than mid grey on "SUV 0-10 inverted"; the background (≈ 1.4) is dark grey, and
     light grey inverted."""
     from medvlm.preprocess import window_names
     from medvlm.view import render_slice
@@ -77,14 +77,14 @@ def test_a_pet_in_suv_offers_fixed_suv_scales_and_one_in_bqml_does_not(tmp_path)
 
     scan = load_volume(_bqml_series(tmp_path / "suv"))
     windows = window_names(scan.modality, scan.meta["units"])
-    assert windows == ["auto", "inverted", "SUV 0–5", "SUV 0–5 inverted", "SUV 0–10 inverted"]
+    assert windows == ["auto", "inverted", "SUV 0-5", "SUV 0-5 inverted", "SUV 0-10 inverted"]
     lesion, background = float(np.nanmax(scan.data)), float(np.median(scan.data))
-    for window, black, white in (("SUV 0–5", 0, 5), ("SUV 0–10 inverted", 10, 0)):
+    for window, black, white in (("SUV 0-5", 0, 5), ("SUV 0-10 inverted", 10, 0)):
         image = render_slice(scan, "axial", 2, window)
         for value, pixels in ((lesion, image[image.shape[0] // 2, image.shape[1] // 2]), (background, image[0, 0])):
             expected = 255 * min(1.0, max(0.0, (value - black) / (white - black)))
             assert abs(int(pixels) - expected) <= 1, (window, value)
-    html = slice_view_html(scan, "axial", 2, "SUV 0–10 inverted", [])
+    html = slice_view_html(scan, "axial", 2, "SUV 0-10 inverted", [])
     assert "window SUV 0–10 inverted ·" not in html and "window SUV 0–10 inverted</div>" in html
     assert 'class="slice-frame inverted"' in html  # white around an image white where nothing is taken up
     stays = load_volume(_bqml_series(tmp_path / "bqml", PatientWeight=None))
