@@ -32,7 +32,7 @@ from .projection import MIP_FRAMES, mip_angle, mip_image, mip_seen_from
 from .volume import Volume
 
 __all__ = ["MIP", "PLANES", "SLICE_ONE", "VIEWS", "opening_slice", "png_path", "render_slice", "save_png",
-           "slice_count", "slice_location", "window_limits"]
+           "slice_count", "slice_location", "slice_width_mm", "window_limits"]
 
 PLANES = ("axial", "coronal", "sagittal")
 MIP = "mip"  # the rotating maximum intensity projection, shown as a plane whose slices are its frames
@@ -53,6 +53,17 @@ def slice_count(volume: Volume, plane: str) -> int:
     """How many slices the volume has in a plane (axial: Z, coronal: Y, sagittal: X), or frames the MIP."""
     axis = _check_plane(plane)
     return MIP_FRAMES if axis is None else volume.data.shape[axis]
+
+
+def slice_width_mm(volume: Volume, plane: str, index: int) -> float:
+    """How wide in the patient (mm) a slice of `plane`, or the MIP's frame `index`, is from its image's left edge to
+    its right: with `render_slice`'s width in pixels, the size of one pixel (a viewer's ruler reads it)."""
+    if _check_plane(plane) is None:
+        image, _, column_mm = mip_image(volume, index)
+        return image.shape[1] * column_mm
+    _, rows, columns = volume.shape
+    _, row_mm, column_mm = volume.spacing
+    return rows * row_mm if plane == "sagittal" else columns * column_mm
 
 
 def opening_slice(volume: Volume, plane: str) -> int:

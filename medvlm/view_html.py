@@ -14,7 +14,7 @@ from PIL import Image
 
 from .preprocess import CT_WINDOWS, INVERTED_WINDOW, SUV_WINDOWS, typed_window, window_names
 from .projection import mip_edges
-from .view import MIP, PLANES, SLICE_ONE, render_slice, slice_count, slice_location, window_limits
+from .view import MIP, PLANES, SLICE_ONE, render_slice, slice_count, slice_location, slice_width_mm, window_limits
 from .volume import Volume
 
 # Letters at the image edges (left, right, top, bottom), radiological convention as `render_slice` draws.
@@ -129,16 +129,29 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
     location = slice_location(volume, plane, index)
     return (f'<div class="slice-view"><div class="{frame}">'
             f'<img class="slice-image" src="data:image/png;base64,{source}" '
-            f'alt="{_name_of(plane, index, count)}">'
+            f'alt="{_name_of(plane, index, count)}" draggable="false"{_pixel_size(volume, plane, index, pixels)}>'
             f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
             f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span>'
             '<button type="button" class="slice-enlarge" title="Enlarge the image (Esc to close)" '
-            f'aria-label="Enlarge the slice image">⤢</button>{_turn_button(plane)}</div>'
+            f'aria-label="Enlarge the slice image">⤢</button>{_turn_button(plane)}{RULER_BUTTON}</div>'
             f'<div class="slice-track" data-count="{count}" title="Click to go to a slice">{marks}{cursor}</div>'
             f'<div class="slice-caption">{_position(plane, index, count)}'
             f'{f" · {location}" if location else ""} · window '
             f'{window_label(window)}{shown_range(volume, window)}'
             f'{kept_note}</div></div>')
+
+
+# The ruler (viewer.js): pressed, a drag across the image measures the distance in mm; on again, off.
+RULER_BUTTON = ('<button type="button" class="slice-ruler" title="Measure: drag across the image (mm)" '
+                'aria-label="Measure a distance on the image" aria-pressed="false">mm</button>')
+
+
+def _pixel_size(volume: Volume, plane: str, index: int, pixels) -> str:
+    """The image's pixel size in mm as an attribute, for the ruler; none where the scan's spacing is unknown (an M3D
+    .npy), which the ruler then says."""
+    if not volume.spacing_known:
+        return ""
+    return f' data-mm-per-pixel="{slice_width_mm(volume, plane, index) / pixels.shape[1]:.6g}"'
 
 
 def _turn_button(plane: str) -> str:

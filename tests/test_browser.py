@@ -225,3 +225,34 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     page.locator("#slice-view", has_text="Axial").wait_for()
     assert page.locator("#slice-view .mip-turn").count() == 0  # a plane has no turn button
     page.close()
+
+
+def test_the_ruler_measures_a_distance_on_the_slice_in_mm(browser, server, tmp_path):  # noqa: F811
+    """A reader checks a size the model reports: with the ruler on, a drag across the whole image measures the
+    scan's width (64 voxels of 1 mm); the ruler stays on while scrolling, and its button turns it off."""
+    page = browser.new_page(viewport=LAPTOP)
+    page.set_default_timeout(60_000)
+    page.goto(server)
+    scan = save_nifti(tmp_path / "torso.nii.gz", torso_ct(), (5.0, 1.0, 1.0), dtype=np.int16, modality="CT")
+    page.locator("#scan-upload input[type=file]").set_input_files(str(scan))
+    page.locator("#status-line", has_text="Ready").wait_for()
+    page.locator("#slice-view .slice-ruler").click()
+    drawn = page.evaluate("""() => {  // the image as drawn inside its box (object-fit: contain)
+        const image = document.querySelector('#slice-view .slice-image'), box = image.getBoundingClientRect();
+        const scale = Math.min(box.width / image.naturalWidth, box.height / image.naturalHeight);
+        return {left: box.left + (box.width - image.naturalWidth * scale) / 2, width: image.naturalWidth * scale,
+                middle: box.top + box.height / 2};
+    }""")
+    page.mouse.move(drawn["left"] - 5, drawn["middle"])  # from past the left edge: the ruler starts at the edge
+    page.mouse.down()
+    page.mouse.move(drawn["left"] + drawn["width"] / 2, drawn["middle"] + 20, steps=4)
+    page.mouse.move(drawn["left"] + drawn["width"] + 5, drawn["middle"], steps=4)
+    page.mouse.up()
+    measured = page.locator("#slice-view .ruler-line text").text_content()
+    assert measured.endswith(" mm") and float(measured.split()[0]) == pytest.approx(64.0, abs=0.5), measured
+    page.keyboard.press("ArrowUp")  # the next slice: the line goes with the old image, measuring stays on
+    page.locator("#slice-view .ruler-line").wait_for(state="detached")
+    assert page.locator("#slice-view .slice-ruler").get_attribute("aria-pressed") == "true"
+    page.locator("#slice-view .slice-ruler").click()
+    page.locator("#slice-view.measuring").wait_for(state="detached")
+    page.close()

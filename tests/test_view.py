@@ -170,3 +170,26 @@ def test_save_png_writes_the_image(tmp_path, marked_ct):
     np.testing.assert_array_equal(np.asarray(Image.open(save_png(image, tmp_path / "slice.png"))), image)
     with pytest.raises(UserInputError, match="does not exist"):
         save_png(image, tmp_path / "missing" / "slice.png")
+
+
+def test_the_rulers_pixel_size_is_the_slices_true_size_in_both_directions(marked_ct):
+    """The viewer's ruler measures with `data-mm-per-pixel`: across and down each plane's image (and a MIP frame)
+    it adds up to the scan's extent in mm; a scan of unknown spacing gives none, so the ruler cannot claim mm."""
+    import re
+
+    from medvlm.view_html import slice_view_html
+
+    volume = _volume(marked_ct)  # (Z, Y, X) = (8, 20, 24) voxels of (2.5, 0.8, 0.7) mm
+    extents = {"axial": (20 * 0.8, 24 * 0.7), "coronal": (8 * 2.5, 24 * 0.7), "sagittal": (8 * 2.5, 20 * 0.8)}
+    for plane, (height_mm, width_mm) in extents.items():
+        html = slice_view_html(volume, plane, 3, "soft tissue", [])
+        mm = float(re.search(r'data-mm-per-pixel="([0-9.e-]+)"', html).group(1))
+        rows, columns = render_slice(volume, plane, 3, "soft tissue").shape
+        assert columns * mm == pytest.approx(width_mm, rel=1e-3), plane
+        assert rows * mm == pytest.approx(height_mm, abs=mm), plane  # square pixels, to within one
+    pet = _volume(marked_ct, modality="PT")
+    mip = slice_view_html(pet, "mip", 9, "auto", [])  # as wide as the grid's larger side: 24 × 0.7 = 16.8 mm
+    mm = float(re.search(r'data-mm-per-pixel="([0-9.e-]+)"', mip).group(1))
+    assert render_slice(pet, "mip", 9, "auto").shape[1] * mm == pytest.approx(16.8, rel=0.05)
+    volume.meta["spacing_known"] = False  # an M3D .npy: its voxels are drawn as 1 mm, not measured
+    assert "data-mm-per-pixel" not in slice_view_html(volume, "axial", 3, "soft tissue", [])

@@ -120,6 +120,68 @@
     }, true);
   }
 
+  // The ruler: its button (drawn with every image) turns measuring on; then a drag across the image draws a line
+  // and says its length in mm, from the image's pixel size (data-mm-per-pixel), until the next drag or image.
+  // The image keeps its proportions inside its box (object-fit: contain): a point is placed on the image drawn.
+  let measuring = false, start = null;
+  const onImage = (image, event) => {
+    const box = image.getBoundingClientRect();
+    const scale = Math.min(box.width / image.naturalWidth, box.height / image.naturalHeight);
+    const left = box.left + (box.width - image.naturalWidth * scale) / 2;
+    const top = box.top + (box.height - image.naturalHeight * scale) / 2;
+    const x = Math.min(image.naturalWidth, Math.max(0, (event.clientX - left) / scale));
+    const y = Math.min(image.naturalHeight, Math.max(0, (event.clientY - top) / scale));
+    return {x, y, clientX: left + x * scale, clientY: top + y * scale};  // in image pixels, and on the screen
+  };
+  const drawRuler = (image, from, to) => {
+    const frame = image.closest(".slice-frame");
+    let overlay = frame.querySelector(".ruler-line");
+    if (!overlay) {
+      overlay = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+      overlay.setAttribute("class", "ruler-line");
+      overlay.innerHTML = '<line/><text/>';
+      frame.appendChild(overlay);
+    }
+    const line = overlay.querySelector("line"), label = overlay.querySelector("text");
+    const origin = frame.getBoundingClientRect();
+    const at = (point) => [point.clientX - origin.left, point.clientY - origin.top];
+    const [x1, y1] = at(from), [x2, y2] = at(to);
+    for (const [name, value] of Object.entries({x1, y1, x2, y2})) line.setAttribute(name, value);
+    const mm = Number(image.dataset.mmPerPixel);
+    const length = Math.hypot(to.x - from.x, to.y - from.y);
+    label.textContent = mm ? `${(length * mm).toFixed(1)} mm` : `${length.toFixed(0)} px (spacing unknown)`;
+    label.setAttribute("x", x2 + 6);
+    label.setAttribute("y", y2 - 6);
+    frame.dataset.measured = label.textContent;
+  };
+  const showMeasuring = () => {
+    const viewer = document.querySelector("#slice-view");
+    if (viewer) viewer.classList.toggle("measuring", measuring);
+    const button = document.querySelector("#slice-view .slice-ruler");
+    if (button) button.setAttribute("aria-pressed", String(measuring));
+  };
+  document.addEventListener("click", (event) => {
+    if (!(event.target.closest && event.target.closest("#slice-view .slice-ruler"))) return;
+    measuring = !measuring;
+    showMeasuring();
+  });
+  document.addEventListener("pointerdown", (event) => {
+    const image = event.target.closest && event.target.closest("#slice-view .slice-image");
+    if (!measuring || !image || event.button !== 0) return;
+    event.preventDefault();  // no drag of the image, no text selected; the viewer takes the focus for its keys
+    image.closest("#slice-view").focus({preventScroll: true});
+    image.setPointerCapture(event.pointerId);
+    start = {image, point: onImage(image, event)};
+    drawRuler(image, start.point, start.point);
+  });
+  document.addEventListener("pointermove", (event) => {
+    if (start && start.image.isConnected) drawRuler(start.image, start.point, onImage(start.image, event));
+  });
+  document.addEventListener("pointerup", () => { start = null; });
+  // A new image (another slice) comes without the ruler's state: the viewer's class keeps it, the button shows it.
+  new MutationObserver(() => { if (measuring) showMeasuring(); })
+    .observe(document.body, {childList: true, subtree: true});
+
   // A click on the track under the image goes to the slice at that place, or to a green mark (a slice the model
   // kept) within 8 px of it: a 2 px mark is too thin to hit.
   document.addEventListener("click", (event) => {
