@@ -63,49 +63,54 @@ def mip_seen_from(frame: int) -> str:
     return " and ".join(names[letter] for letter in _letters(-sight))
 
 
-@functools.lru_cache(maxsize=4 * MIP_FRAMES)
-def _lines_of_sight(rows: int, columns: int, row_mm: float, column_mm: float,
-                    frame: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """For an axial grid of (rows = Y, columns = X) voxels of that size in mm: the flat voxel indices the lines of
-    sight of `frame` pass through (nearest voxel, one sample per step), grouped by image column; where each column
-    starts among them; which columns cross the grid at all; and the columns' width in mm.
+_CHUNK_VALUES = 8_000_000  # voxels gathered at once (32 MB of float32), so a big scan's frame needs little memory
 
-    The image is as wide as the grid's larger side (a scanner's field of view is round: its corners hold air,
-    and a fixed width keeps the image still while it turns); the lines run across the whole grid.
+
+@functools.lru_cache(maxsize=MIP_FRAMES)  # one grid's frames: a PET's are small, a 512 × 512 grid's 1 MB each
+def _image_columns(rows: int, columns: int, row_mm: float, column_mm: float,
+                   frame: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """For an axial grid of (rows = Y, columns = X) voxels of that size in mm, seen as `frame` sees it: the flat
+    voxel indices grouped by the image column each voxel's centre falls in, where each column's group starts,
+    which columns hold a voxel at all, and the columns' width in mm.
+
+    Every voxel counts in exactly one column, so no voxel is missed, however small a hot spot and however the
+    view turns. The image is as wide as the grid's larger side (a scanner's field of view is round: its corners
+    hold air, and a fixed width keeps the image still while it turns), with at most _MAX_COLUMNS columns.
     """
     height, width = rows * row_mm, columns * column_mm
     step = max(min(row_mm, column_mm), max(height, width) / _MAX_COLUMNS)
-    across = np.arange(round(max(height, width) / step)) * step
-    along = np.arange(math.ceil(math.hypot(height, width) / step)) * step
-    across, along = across - across.mean(), along - along.mean()
-    right, sight = _directions(frame)
-    x = across[:, None] * right[0] + along[None, :] * sight[0]  # mm from the grid's centre, (column, sample)
-    y = across[:, None] * right[1] + along[None, :] * sight[1]
-    column = np.floor((columns - 1) / 2 + x / column_mm + 0.5).astype(np.int64)  # from the patient's left
-    row = np.floor((rows - 1) / 2 + y / row_mm + 0.5).astype(np.int64)  # from posterior
-    inside = (column >= 0) & (column < columns) & (row >= 0) & (row < rows)
-    counts = inside.sum(axis=1)
-    flat = (row * columns + column)[inside]  # row-major: each image column's samples together, in order
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    count = round(max(height, width) / step)
+    right, _ = _directions(frame)
+    x = (np.arange(columns) - (columns - 1) / 2) * column_mm  # mm toward the patient's right (index from the left)
+    y = (np.arange(rows) - (rows - 1) / 2) * row_mm  # mm toward anterior (index from posterior)
+    across = y[:, None] * right[1] + x[None, :] * right[0]  # each voxel's distance along the image's width
+    column = np.floor(across / step + (count - 1) / 2 + 0.5).astype(np.int64).reshape(-1)  # row-major, as data
+    inside = np.flatnonzero((column >= 0) & (column < count))
+    order = inside[np.argsort(column[inside], kind="stable")].astype(np.int32)
+    counts = np.bincount(column[inside], minlength=count)
     crossed = counts > 0
-    return flat, starts[crossed], crossed, step
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[crossed]
+    return order, starts, crossed, step
 
 
 def mip_image(volume: Volume, frame: int) -> tuple[np.ndarray, float, float]:
     """The MIP of `frame` as (image, row size mm, column size mm): a float (Z, columns) array, superior at the top,
-    the values of the scan (a line of sight that misses the grid shows the scan's lowest value). Each frame is
-    projected once per volume (volumes are not modified after loading), so turning back and forth stays fast."""
+    the values of the scan (a column no voxel falls in shows the scan's lowest value; NaN voxels are passed over).
+    Each frame is projected once per volume (volumes are not modified after loading), so turning back and forth
+    stays fast."""
     frame %= MIP_FRAMES
     frames = _FRAMES.get(id(volume))
     if frames is None:
-        frames = _FRAMES[id(volume)] = {"lowest": volume.data.min()}
+        frames = _FRAMES[id(volume)] = {"lowest": np.nanmin(volume.data)}
         weakref.finalize(volume, _FRAMES.pop, id(volume), None)
     if frame not in frames:
         slices, rows, columns = volume.data.shape
         dz, dy, dx = volume.spacing
-        flat, starts, crossed, step = _lines_of_sight(rows, columns, float(dy), float(dx), frame)
-        samples = volume.data.reshape(slices, rows * columns)[:, flat]  # (Z, every sample of every line)
+        order, starts, crossed, step = _image_columns(rows, columns, float(dy), float(dx), frame)
         image = np.full((slices, crossed.size), frames["lowest"], dtype=volume.data.dtype)
-        image[:, crossed] = np.maximum.reduceat(samples, starts, axis=1)
+        chunk = max(1, _CHUNK_VALUES // max(1, order.size))
+        for first in range(0, slices, chunk):  # a few slices at a time: the gathered voxels stay small
+            voxels = volume.data[first:first + chunk].reshape(-1, rows * columns)[:, order]
+            image[first:first + chunk, crossed] = np.fmax.reduceat(voxels, starts, axis=1)
         frames[frame] = (image[::-1], float(dz), step)
     return frames[frame]

@@ -78,8 +78,9 @@ def slice_location(volume: Volume, plane: str, index: int) -> str:
     orientation is (a NIfTI that states none). For an oblique scan, the position along the body axis nearest to
     the plane's. For a MIP frame: how far it has turned, and from where it looks ("30°, seen from …")."""
     axis = _check_plane(plane)
-    if axis is None:
-        return f"{mip_angle(index)}°, seen from {mip_seen_from(index)}"
+    if axis is None:  # where it looks from only where the scan says which way the patient lies
+        seen_from = "" if volume.meta.get("orientation_unknown") else f", seen from {mip_seen_from(index)}"
+        return f"{mip_angle(index)}°{seen_from}"
     if not volume.spacing_known or volume.meta.get("orientation_unknown"):  # no scanner position to give
         return ""
     centre = (np.array(volume.shape, dtype=float) - 1) / 2

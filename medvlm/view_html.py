@@ -134,7 +134,8 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
             f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span>'
             '<button type="button" class="slice-enlarge" title="Enlarge the image (Esc to close)" '
             f'aria-label="Enlarge the slice image">⤢</button>{_turn_button(plane)}{RULER_BUTTON}</div>'
-            f'<div class="slice-track" data-count="{count}" title="Click to go to a slice">{marks}{cursor}</div>'
+            f'<div class="slice-track" data-count="{count}" title="Click to go to a {_step_name(plane)}">'
+            f'{marks}{cursor}</div>'
             f'<div class="slice-caption">{_position(plane, index, count)}'
             f'{f" · {location}" if location else ""} · window '
             f'{window_label(window)}{shown_range(volume, window)}'
@@ -161,6 +162,11 @@ def _turn_button(plane: str) -> str:
     return ('<button type="button" class="mip-turn" title="Turn the MIP round (any key or the wheel stops it)" '
             'aria-label="Turn the MIP round" aria-pressed="false"><span class="turn-start"></span>'
             '<span class="turn-stop"></span></button>')
+
+
+def _step_name(plane: str) -> str:
+    """What the slider steps through."""
+    return "frame" if plane == MIP else "slice"
 
 
 def _position(plane: str, index: int, count: int) -> str:

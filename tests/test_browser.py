@@ -200,8 +200,9 @@ def test_on_a_phone_the_report_button_follows_the_status_line(browser, server, t
 
 
 def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):  # noqa: F811
-    """The rotating MIP as nuclear medicine watches it: its button turns it frame after frame, and a key hands the
-    viewer back to the reader where it stands."""
+    """The rotating MIP as nuclear medicine watches it: its button turns it frame after frame, a key hands the
+    viewer back to the reader where it stands (the arrows then step, and go round past the first frame), and
+    pressing a plane while it turns stops it without a stray frame landing in that plane."""
     uptake = np.abs(torso_ct()) / 100
     uptake[30:34, 40:44, 10:14] = 8.0  # a hot spot on the patient's left: a turning MIP shows it move
     pet = save_nifti(tmp_path / "pet.nii.gz", uptake, (4.0, 4.0, 4.0), modality="PT")
@@ -212,8 +213,11 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     page.locator("#status-line", has_text="Ready").wait_for()
     page.get_by_label("MIP", exact=True).check()
     page.locator("#slice-view", has_text="MIP 1 / 36 · 0°, seen from the front").wait_for()
+    page.locator("#slice-view").focus()
+    page.keyboard.press("ArrowDown")  # below the first frame comes the last: the MIP goes round
+    page.locator("#slice-view", has_text="MIP 36 / 36 · 350°").wait_for()
     page.locator("#slice-view .mip-turn").click()
-    page.locator("#slice-view", has_text="MIP 4 / 36").wait_for()  # it turns by itself
+    page.locator("#slice-view", has_text="MIP 4 / 36").wait_for()  # it turns by itself, round past the last
     page.locator("#slice-view.turning").wait_for()
     page.keyboard.press("Shift")
     page.locator("#slice-view.turning").wait_for(state="detached")
@@ -221,9 +225,17 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     caption = page.locator("#slice-view .slice-caption").inner_text()
     page.wait_for_timeout(600)
     assert page.locator("#slice-view .slice-caption").inner_text() == caption  # stopped where it stood
-    page.get_by_label("axial", exact=True).check()
+    frame = int(caption.split()[1])
+    page.keyboard.press("ArrowUp")  # the viewer kept the focus: the keys step on from there
+    page.locator("#slice-view", has_text=f"MIP {frame + 1} / 36").wait_for()
+    page.locator("#slice-view .mip-turn").click()
+    page.locator("#slice-view", has_text=f"MIP {frame + 3} / 36").wait_for()
+    page.get_by_label("axial", exact=True).check()  # a plane pressed while it turns
     page.locator("#slice-view", has_text="Axial").wait_for()
     assert page.locator("#slice-view .mip-turn").count() == 0  # a plane has no turn button
+    page.wait_for_timeout(600)
+    shown = page.locator("#slice-view .slice-caption").inner_text().split()[1]
+    assert shown == page.locator("#slice-slider input[type=number]").input_value() == "21", shown  # the middle one
     page.close()
 
 

@@ -77,6 +77,8 @@ def test_edges_and_caption_say_where_the_frame_looks_from():
     assert mip_seen_from(3) == "the front and the patient's left"
     pet = _pet()
     assert slice_location(pet, "mip", 3) == "30°, seen from the front and the patient's left"
+    pet.meta["orientation_unknown"] = True  # a NIfTI that says not which way the patient lies: the angle alone
+    assert slice_location(pet, "mip", 3) == "30°"
 
 
 def test_the_mip_opens_seen_from_the_front_and_names_its_frames_when_one_is_out_of_range():
@@ -85,3 +87,13 @@ def test_the_mip_opens_seen_from_the_front_and_names_its_frames_when_one_is_out_
     assert (render_slice(pet, "mip") == render_slice(pet, "mip", 0)).all()
     with pytest.raises(UserInputError, match="the MIP has frames 0 to 35"):
         render_slice(pet, "mip", 36)
+
+
+@pytest.mark.parametrize(("shape", "spacing"), [((8, 60, 60), (4.0, 4.0, 4.0)), ((4, 440, 440), (3.0, 1.65, 1.65))])
+def test_a_single_hot_voxel_shows_at_its_full_value_from_every_side(shape, spacing):
+    """A small lesion must not fade in and out as the MIP turns: every voxel counts in one column of every frame,
+    also where the image has fewer columns than the grid (440 voxels across, at most 256 columns)."""
+    data = np.ones(shape, np.float32)
+    data[shape[0] // 2, shape[1] // 3, 2 * shape[2] // 3 + 1] = HOT  # off-centre, on no symmetry axis
+    pet = Volume(data=data, spacing=spacing, affine=np.eye(4), modality="PT", source="nifti", orientation="RAS")
+    assert [float(mip_image(pet, frame)[0].max()) for frame in range(MIP_FRAMES)] == [HOT] * MIP_FRAMES

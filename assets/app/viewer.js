@@ -1,9 +1,12 @@
 () => {
   // The slice viewer's mouse, as in a radiology viewer. Each moves the slider as a drag would (an input event),
   // so the app draws the slice the same way whichever moved it.
+  // A MIP's frames go round (past its last frame comes its first); slices stop at the ends.
   const slider = () => document.querySelector("#slice-slider input[type=range]");
+  const showsMip = () => Boolean(document.querySelector("#slice-view .mip-turn"));
   const moveTo = (input, value) => {
-    value = Math.min(Number(input.max), Math.max(Number(input.min), value));
+    const low = Number(input.min), count = Number(input.max) - low + 1;
+    value = showsMip() ? low + ((((value - low) % count) + count) % count) : Math.min(low + count - 1, Math.max(low, value));
     if (value === Number(input.value)) return;
     input.value = String(value);
     input.dispatchEvent(new Event("input", {bubbles: true}));
@@ -81,9 +84,11 @@
     }
   });
 
-  // The MIP's button turns it round, a frame (10°) every 150 ms, from the last back to the first, until it is
-  // pressed again, a key, the wheel or the slider moves the viewer, or another plane is shown. The button is drawn
-  // anew with every frame; the viewer's class "turning" keeps its state.
+  // The MIP's button turns it round, a frame (10°) at a time, the next once the last has arrived (a frame drawn
+  // the first time takes longer), from the last back to the first, until it is pressed again, a key is pressed,
+  // or anything else on the page (a plane, the slider, the image) is pressed: a step sent after the plane changed
+  // would show a slice under the MIP's slider. The button is drawn anew with every frame; the viewer's class
+  // "turning" keeps its state. The viewer keeps the focus, so the arrow keys work once it stops.
   let turning = null;
   const stopTurning = () => {
     clearInterval(turning);
@@ -91,19 +96,25 @@
     const viewer = document.querySelector("#slice-view");
     if (viewer) viewer.classList.remove("turning");
   };
+  const shownFrame = () => {
+    const image = document.querySelector("#slice-view .slice-image");
+    const match = image && image.alt.match(/frame (\d+) of/);
+    return match ? Number(match[1]) : null;
+  };
   const turnStep = () => {
     const input = slider();
     const button = document.querySelector("#slice-view .mip-turn");
     if (!input || input.disabled || !button) return stopTurning();
     button.setAttribute("aria-pressed", "true");
-    const value = Number(input.value) >= Number(input.max) ? Number(input.min) : Number(input.value) + 1;
-    moveTo(input, value);
+    if (shownFrame() === Number(input.value)) moveTo(input, Number(input.value) + 1);
   };
   document.addEventListener("click", (event) => {
     const button = event.target.closest && event.target.closest("#slice-view .mip-turn");
     if (!button) return;
+    const viewer = document.querySelector("#slice-view");
+    viewer.focus({preventScroll: true});
     if (turning) return stopTurning();
-    document.querySelector("#slice-view").classList.add("turning");
+    viewer.classList.add("turning");
     turning = setInterval(turnStep, 150);
     turnStep();
   });
@@ -112,13 +123,14 @@
     if (onButton && (event.key === "Enter" || event.key === " ")) return;  // the button's own click
     if (turning && event.key !== "Tab") stopTurning();
   }, true);
-  for (const kind of ["wheel", "pointerdown"]) {  // the wheel over the image, a hand on the slider
-    document.addEventListener(kind, (event) => {
-      if (turning && event.target.closest && event.target.closest("#slice-view .slice-image, #slice-slider")) {
-        stopTurning();
-      }
-    }, true);
-  }
+  document.addEventListener("pointerdown", (event) => {
+    if (turning && !(event.target.closest && event.target.closest("#slice-view .mip-turn, #slice-view .slice-enlarge"))) {
+      stopTurning();
+    }
+  }, true);
+  document.addEventListener("wheel", (event) => {
+    if (turning && event.target.closest && event.target.closest("#slice-view")) stopTurning();
+  }, true);
 
   // The ruler: its button (drawn with every image) turns measuring on; then a drag across the image draws a line
   // and says its length in mm, from the image's pixel size (data-mm-per-pixel), until the next drag or image.
