@@ -718,10 +718,20 @@ def jump_to_kept(session: ScanSession | None, kept: str | None, window: str | No
     away (a list sends no event for the option already chosen)."""
     if session is None or session.volume is None or not kept:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-    count = slice_count(session.volume, "axial")
-    number = int(kept)
-    return ("axial", gr.update(minimum=1, maximum=count, value=number, label=slider_label("axial")),
-            slice_html(session, "axial", window, number), gr.update(value=None))
+    return (*jump_to_axial(session, kept, window), gr.update(value=None))
+
+
+def jump_to_axial(session: ScanSession | None, number: object, window: str | None):
+    """Show axial slice `number` (from 1; the nearest one for a number past the ends): a kept slice chosen from the
+    list, or the height of a spot clicked on the MIP (viewer.js). Returns (plane, slider, slice view). The value
+    comes unchecked (`preprocess=False`); one that is no number changes nothing."""
+    number = _typed_number(number)
+    if session is None or session.volume is None or number is None:
+        return gr.skip(), gr.skip(), gr.skip()
+    number = _slice_number(session.volume, "axial", number)
+    return ("axial", gr.update(minimum=1, maximum=slice_count(session.volume, "axial"), value=number,
+                               label=slider_label("axial")),
+            slice_html(session, "axial", window, number))
 
 
 def encode_scan(session: ScanSession | None):
@@ -1081,6 +1091,8 @@ def build_demo() -> gr.Blocks:
                             # can also click the green marks under the image.
                             kept = gr.Dropdown([], value=None, label="Kept slices (axial)", scale=1,
                                                min_width=190, elem_id="kept-slices", interactive=True)
+                        # Where viewer.js puts the axial slice of a spot clicked on the MIP: on the page, not shown.
+                        axial_jump = gr.Number(None, visible="hidden", elem_id="axial-jump", precision=0)
                         with gr.Row():
                             plane = gr.Radio(plane_choices("CT"), value="axial", label="Plane", scale=3)
                             # A preset, or a width/level typed into the box (350/50), in the scan's units
@@ -1176,6 +1188,8 @@ def build_demo() -> gr.Blocks:
                            api_name="show_slice", trigger_mode="always_last", preprocess=False, **viewer)
         kept.select(jump_to_kept, [session, kept, window], [plane, slice_slider, slice_view, kept],
                     api_name="jump_to_kept", **viewer)
+        axial_jump.input(jump_to_axial, [session, axial_jump, window], [plane, slice_slider, slice_view],
+                         api_name="jump_to_axial", preprocess=False, **viewer)
         # Dragging, the number box (Enter) and the arrow keys all redraw; while one redraw runs, only the last
         # value asked for waits.
         threshold.input(redraw_3d, [session, threshold], [plot, threshold], api_name="show_3d",

@@ -129,7 +129,8 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
     location = slice_location(volume, plane, index)
     return (f'<div class="slice-view"><div class="{frame}">'
             f'<img class="slice-image" src="data:image/png;base64,{source}" '
-            f'alt="{_name_of(plane, index, count)}" draggable="false"{_pixel_size(volume, plane, index, pixels)}>'
+            f'alt="{_name_of(plane, index, count)}" draggable="false"{_pixel_size(volume, plane, index, pixels)}'
+            f'{_axial_slices(volume, plane)}>'
             f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
             f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span>'
             '<button type="button" class="slice-enlarge" title="Enlarge the image (Esc to close)" '
@@ -153,6 +154,15 @@ def _pixel_size(volume: Volume, plane: str, index: int, pixels) -> str:
     if not volume.spacing_known:
         return ""
     return f' data-mm-per-pixel="{slice_width_mm(volume, plane, index) / pixels.shape[1]:.6g}"'
+
+
+def _axial_slices(volume: Volume, plane: str) -> str:
+    """For the MIP: its rows' axial slices (its top row is the last, superior, slice), so that a spot clicked on it
+    opens its axial slice (viewer.js)."""
+    if plane != MIP:
+        return ""
+    return (f' data-axial-slices="{slice_count(volume, "axial")}" '
+            'title="Click a spot to see its axial slice"')
 
 
 def _turn_button(plane: str) -> str:

@@ -232,6 +232,10 @@ def test_a_pet_can_be_read_as_a_rotating_mip(app_module, tmp_path, ct_nifti):
     slider, html = app_module.change_plane(session, "axial", "inverted")
     assert slider["label"] == "Slice" and "Axial" in html
     assert app_module.change_plane(session, "mip", "inverted")[0]["value"] == 10  # the MIP reopens where it was
+    plane, slider, html = app_module.jump_to_axial(session, 33.0, "inverted")  # a spot clicked on the MIP
+    assert (plane, slider["value"], slider["label"]) == ("axial", 33, "Slice") and "Axial 33 / 40" in html
+    assert app_module.jump_to_axial(session, 999, "inverted")[1]["value"] == 40  # past the top: the last slice
+    assert all(isinstance(output, type(gr.skip())) for output in app_module.jump_to_axial(session, "top", "auto"))
     session.release()
 
 

@@ -202,7 +202,8 @@ def test_on_a_phone_the_report_button_follows_the_status_line(browser, server, t
 def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):  # noqa: F811
     """The rotating MIP as nuclear medicine watches it: its button turns it frame after frame, a key hands the
     viewer back to the reader where it stands (the arrows then step, and go round past the first frame), and
-    pressing a plane while it turns stops it without a stray frame landing in that plane."""
+    pressing a plane while it turns stops it without a stray frame landing in that plane. A spot clicked on it
+    opens the axial slice at its height."""
     uptake = np.abs(torso_ct()) / 100
     uptake[30:34, 40:44, 10:14] = 8.0  # a hot spot on the patient's left: a turning MIP shows it move
     pet = save_nifti(tmp_path / "pet.nii.gz", uptake, (4.0, 4.0, 4.0), modality="PT")
@@ -236,6 +237,19 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     page.wait_for_timeout(600)
     shown = page.locator("#slice-view .slice-caption").inner_text().split()[1]
     assert shown == page.locator("#slice-slider input[type=number]").input_value() == "21", shown  # the middle one
+    # A click on the hot spot's height in the MIP opens the axial slice through it (index 32: the 33rd of 40).
+    page.get_by_label("MIP", exact=True).check()
+    page.locator("#slice-view", has_text="MIP").wait_for()
+    spot = page.evaluate("""() => {  // the image as drawn inside its box (object-fit: contain)
+        const image = document.querySelector('#slice-view .slice-image'), box = image.getBoundingClientRect();
+        const scale = Math.min(box.width / image.naturalWidth, box.height / image.naturalHeight);
+        const top = box.top + (box.height - image.naturalHeight * scale) / 2;
+        return {x: box.left + box.width / 2, y: top + (40 - 32 - 0.5) / 40 * image.naturalHeight * scale};
+    }""")
+    page.mouse.click(spot["x"], spot["y"])
+    page.locator("#slice-view", has_text="Axial 33 / 40").wait_for()
+    assert page.locator("#slice-slider input[type=number]").input_value() == "33"
+    assert page.get_by_label("axial", exact=True).is_checked()
     page.close()
 
 

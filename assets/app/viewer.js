@@ -194,6 +194,18 @@
   new MutationObserver(() => { if (measuring) showMeasuring(); })
     .observe(document.body, {childList: true, subtree: true});
 
+  // A spot clicked on the MIP opens the axial slice at its height (the MIP's top row is the last, superior, slice):
+  // the slice number goes to a box on the page that the app answers (jump_to_axial), as the slider's does.
+  document.addEventListener("click", (event) => {
+    const image = event.target.closest && event.target.closest("#slice-view .slice-image[data-axial-slices]");
+    const box = document.querySelector("#axial-jump input");
+    if (!image || measuring || !box) return;
+    const slices = Number(image.dataset.axialSlices);
+    const fromTop = Math.min(slices - 1, Math.floor((onImage(image, event).y / image.naturalHeight) * slices));
+    box.value = String(slices - fromTop);
+    box.dispatchEvent(new Event("input", {bubbles: true}));
+  });
+
   // A click on the track under the image goes to the slice at that place, or to a green mark (a slice the model
   // kept) within 8 px of it: a 2 px mark is too thin to hit.
   document.addEventListener("click", (event) => {
