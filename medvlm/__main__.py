@@ -59,6 +59,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         "spacing": [round(float(s), 4) for s in volume.spacing],
         "orientation": volume.orientation,
         "source": volume.source,
+        # what the values measure: HU for a CT, a PET's Bq/mL or SUV where the file says (None: not stated)
+        "units": "HU" if volume.modality == "CT" else volume.meta.get("units"),
         "notes": volume.meta.get("notes", []),  # what was left out or drawn approximately, one sentence each
     }))
 

@@ -29,7 +29,8 @@ def test_info_prints_the_scan_facts(tmp_path, marked_ct):
         result = _cli("info", *scan)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == {"modality": "CT", "shape": [8, 20, 24], "spacing": [2.5, 0.8, 0.7],
-                                             "orientation": orientation, "source": source, "notes": []}
+                                             "orientation": orientation, "source": source, "units": "HU",
+                                             "notes": []}
     (tmp_path / "dicom" / files[3].name).unlink()  # a missing slice is said, not hidden
     notes = json.loads(_cli("info", tmp_path / "dicom").stdout)["notes"]
     assert len(notes) == 1 and notes[0].startswith("1 slice(s) are missing from the series")

@@ -89,3 +89,16 @@ def test_a_pet_in_suv_offers_fixed_suv_scales_and_one_in_bqml_does_not(tmp_path)
     assert 'class="slice-frame inverted"' in html  # white around an image white where nothing is taken up
     stays = load_volume(_bqml_series(tmp_path / "bqml", PatientWeight=None))
     assert window_names(stays.modality, stays.meta["units"]) == ["auto", "inverted"]  # Bq/mL: no SUV scale
+
+
+def test_info_says_a_pet_is_in_suv(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-m", "medvlm", "info", str(_bqml_series(tmp_path))], capture_output=True,
+                            text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout)
+    assert (facts["modality"], facts["units"], facts["notes"]) == ("PT", "SUV (g/mL)", [])
