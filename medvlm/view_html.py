@@ -108,10 +108,9 @@ def _cell(text: str) -> str:
 
 def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_slices: list[int]) -> str:
     """The slice `index` (from 0) of `plane` in `window` as an inline PNG (nothing written to disk), with its
-    orientation letters, a button that enlarges it to the window (viewer.js) and, for the MIP, one that turns it, a
-    track marking `kept_slices` (axial
-    indices the model kept) and the cursor, and a caption: where the slice lies, the window, whether the model
-    kept it."""
+    orientation letters, its pixel size for the ruler, buttons (viewer.js) that enlarge it to the window, measure
+    on it and, for the MIP, turn it, a track marking `kept_slices` (axial indices the model kept) and the cursor,
+    and a caption: where the slice lies, the window, whether the model kept it."""
     count = slice_count(volume, plane)
     pixels = render_slice(volume, plane, index, window)
     buffer = io.BytesIO()
