@@ -41,6 +41,7 @@ from .limits import (
 __all__ = ["MODALITIES", "Volume", "VolumeError", "load_volume"]
 
 MODALITIES = ("CT", "MR", "PT", "OT")  # what a Volume can be read as: CT in HU, MR, PET, other
+PET_UNIT_KEYS = ("units", "suv_converted_from")  # meta that says what a PET's values measure (dicom.py, suv.py)
 FINGERPRINT_CHUNK = 16 * 2**20  # bytes of voxels per hashing thread's task
 OBLIQUE_NOTE_DEGREES = 3.0  # a scan whose axes lie further than this from the body's is said to be oblique
 ZIP_FOLDER_PREFIX = "medvlm-zip-"  # a zip's files while its series is read, in the system's temporary folder
@@ -87,9 +88,14 @@ class Volume:
         meta["modality_chosen"] = True
         if "modality" in meta:
             meta["modality"] = modality
+        # A PET's Bq/mL or SUV is not what another modality's values measure: kept aside, and back when the scan is
+        # read as PET again.
         if modality != "PT":
-            meta.pop("units", None)  # a PET's Bq/mL or SUV: not what another modality's values measure
-            meta.pop("suv_converted_from", None)
+            parked = {key: meta.pop(key) for key in PET_UNIT_KEYS if key in meta}
+            if parked:
+                meta["pet_units"] = parked
+        else:
+            meta.update(meta.pop("pet_units", {}))
         return replace(self, modality=modality, meta=meta)
 
     @cached_property

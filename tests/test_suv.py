@@ -8,18 +8,19 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from medvlm.view_html import scan_card
+from medvlm.view_html import scan_card, slice_view_html
 from medvlm.volume import load_volume
 from medvlm.writers import save_dicom_series
 
 F18_HALF_LIFE_S = 6586.2
-WEIGHT_KG, DOSE_BQ = 70.0, 370e6
+WEIGHT_KG, DOSE_BQ = 73.4, 370e6  # a weight no other number in the scan shares
 INJECTED, SCANNED = "100000", "110000"  # an hour of uptake
 BACKGROUND, LESION = 5000.0, 20000.0  # Bq/mL
 
 
 def _bqml_series(folder, **overrides):
-    """A PET series in Bq/mL with a lesion, and the header SUV needs (overrides: keyword → value, None drops)."""
+    """A PET series in Bq/mL with a lesion, and the header SUV needs (overrides: keyword → value, None drops;
+    "tracer": the same for the radiopharmaceutical's item)."""
     uptake = np.full((6, 24, 24), BACKGROUND, np.float32)
     uptake[2:4, 8:12, 8:12] = LESION
     files = save_dicom_series(folder, uptake, (4.0, 4.0, 4.0), "PT")
@@ -27,6 +28,8 @@ def _bqml_series(folder, **overrides):
     tracer.RadionuclideTotalDose = DOSE_BQ
     tracer.RadionuclideHalfLife = F18_HALF_LIFE_S
     tracer.RadiopharmaceuticalStartTime = INJECTED
+    for keyword, value in overrides.pop("tracer", {}).items():
+        setattr(tracer, keyword, value)
     header = {"Units": "BQML", "DecayCorrection": "START", "CorrectedImage": ["ATTN", "DECY"],
               "PatientWeight": WEIGHT_KG, "SeriesTime": SCANNED, "AcquisitionTime": SCANNED,
               "RadiopharmaceuticalInformationSequence": Sequence([tracer]), **overrides}
@@ -45,10 +48,11 @@ def test_a_bqml_series_is_read_as_suv_body_weight(tmp_path):
     scan = load_volume(_bqml_series(tmp_path))
     dose_at_scan = DOSE_BQ * 2 ** (-3600 / F18_HALF_LIFE_S)  # decayed for the hour from injection to scan
     expected = LESION * WEIGHT_KG * 1000 / dose_at_scan
-    assert float(np.nanmax(scan.data)) == pytest.approx(expected, rel=1e-4)  # ≈ 5.5: a lesion's SUV, not 20000
+    assert float(np.nanmax(scan.data)) == pytest.approx(expected, rel=1e-4)  # ≈ 5.8: a lesion's SUV, not 20000
     assert float(np.median(scan.data)) == pytest.approx(expected * BACKGROUND / LESION, rel=1e-4)
     assert scan.meta["units"] == "SUV (g/mL)" and not scan.meta.get("notes")
-    assert not any(str(WEIGHT_KG) in str(value) for value in scan.meta.values())  # the weight is not kept
+    shown = scan_card(scan, "uploaded scan") + slice_view_html(scan, "axial", 2, "auto", []) + str(scan.meta)
+    assert str(WEIGHT_KG) not in shown  # the weight goes into the factor: never shown, never kept
     assert "| **Values** | SUV (g/mL), body weight, from Bq/mL |" in scan_card(scan, "uploaded scan")
     as_mr = scan.as_modality("MR")  # its values are no longer a PET's: no unit, no conversion named
     assert "**Values**" not in scan_card(as_mr, "uploaded scan")
@@ -56,9 +60,25 @@ def test_a_bqml_series_is_read_as_suv_body_weight(tmp_path):
 
 @pytest.mark.parametrize(("overrides", "why"), [
     ({"PatientWeight": None}, "the series does not state the patient's weight, which SUV needs"),
+    ({"RadiopharmaceuticalInformationSequence": Sequence([])},
+     "the series does not state the injected dose and its time, which SUV needs"),
     ({"CorrectedImage": ["DECY"]}, "its images are not attenuation-corrected, and SUV needs them to be"),
-    ({"DecayCorrection": "ADMIN"}, "its images are decay-corrected to another time than the scan's start"),
-    ({"PatientWeight": 0.0}, "the series states a weight, dose or time that cannot be used"),
+    ({"CorrectedImage": None},
+     "the series does not say its images are attenuation-corrected, and SUV needs them to be"),
+    ({"DecayCorrection": "ADMIN"},
+     "its images are decay-corrected to another time than the scan's start, which SUV here needs"),
+    ({"DecayCorrection": "NONE"}, "its images are not decay-corrected, and SUV needs them to be"),
+    # Typos that would scale every SUV by orders of magnitude: no patient's PET states them.
+    ({"PatientWeight": 0.0}, "the patient's weight in the series is not one a patient has (under 1 kg or over 400 kg)"),
+    ({"PatientWeight": 900.0},
+     "the patient's weight in the series is not one a patient has (under 1 kg or over 400 kg)"),
+    ({"tracer": {"RadionuclideTotalDose": 370.0}},  # MBq written where Bq belong
+     "the injected dose in the series is not one a PET is made with (under 1 MBq or over 20 GBq; a dose written in "
+     "MBq where the field holds Bq?)"),
+    ({"tracer": {"RadiopharmaceuticalStartTime": "115000"}},
+     "the series puts the injection after the scan or more than a day before it"),
+    ({"tracer": {"RadiopharmaceuticalStartTime": "99"}},
+     "the series puts the injection after the scan or more than a day before it"),
 ])
 def test_without_what_suv_needs_the_values_stay_in_bqml_and_a_note_says_why(tmp_path, overrides, why):
     scan = load_volume(_bqml_series(tmp_path, **overrides))
@@ -68,12 +88,11 @@ def test_without_what_suv_needs_the_values_stay_in_bqml_and_a_note_says_why(tmp_
 
 
 def test_a_pet_in_suv_offers_fixed_suv_scales_and_one_in_bqml_does_not(tmp_path):
-    """On a fixed SUV scale the same uptake looks the same on every scan: the lesion (SUV ≈ 5.5) is white on
-    "SUV 0-5" and a little darker than mid grey on "SUV 0-10 inverted"; the background (≈ 1.4) is dark grey, and
+    """On a fixed SUV scale the same uptake looks the same on every scan: the lesion (SUV ≈ 5.8) is white on
+    "SUV 0-5" and a little darker than mid grey on "SUV 0-10 inverted"; the background (≈ 1.45) is dark grey, and
     light grey inverted."""
     from medvlm.preprocess import window_names
     from medvlm.view import render_slice
-    from medvlm.view_html import slice_view_html
 
     scan = load_volume(_bqml_series(tmp_path / "suv"))
     windows = window_names(scan.modality, scan.meta["units"])
@@ -102,3 +121,4 @@ def test_info_says_a_pet_is_in_suv(tmp_path):
     assert result.returncode == 0, result.stderr
     facts = json.loads(result.stdout)
     assert (facts["modality"], facts["units"], facts["notes"]) == ("PT", "SUV (g/mL)", [])
+    assert str(WEIGHT_KG) not in result.stdout
