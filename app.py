@@ -219,6 +219,9 @@ class ScanSession:
     threshold_range: tuple[float, float] = (-math.inf, math.inf)  # the 3D threshold slider's, for this scan
     shown_slices: dict[str, int] = field(default_factory=dict)  # plane → the slice (from 1) last shown in it
     shown: tuple[str, str | None] = ("axial", None)  # the plane and window the viewer last showed
+    # How often the visitor changed the plane or jumped to a slice: a slice asked for before that and drawn after
+    # it (a MIP frame still being projected) is not put on the page, where it would show under the new controls.
+    view_changes: int = 0
     # Which scan the page holds: loads send it to a hidden box, and the model events send it back as the page
     # held it when the button was pressed, so that a request still waiting when a new scan came is not run on it.
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -625,10 +628,12 @@ def _sweep_forever(every: float, older_than: float) -> None:
 
 # Slices -------------------------------------------------------------------------------------------
 
-def slice_html(session: ScanSession | None, plane: str, window: str | None, slice_number: float | None) -> str:
+def slice_html(session: ScanSession | None, plane: str, window: str | None, slice_number: float | None,
+               since: int | None = None) -> str | None:
     """The slice as an inline image (nothing written to disk), its orientation letters and the kept slices.
 
-    slice_number counts from 1, as the slider shows it.
+    slice_number counts from 1, as the slider shows it. `since`: the session's `view_changes` when the slice was
+    asked for; None (and the session keeps its view) where the visitor has changed the plane or jumped since.
     """
     volume = session.volume if session else None
     if volume is None:
@@ -637,11 +642,14 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     session.in_use()
     plane, slice_number = _known_plane(plane), _typed_number(slice_number)  # as an API client may send them
     index = _slice_number(volume, plane, slice_number) - 1
-    session.shown_slices[plane] = index + 1  # a plane opened again opens here
     if not known_window(window, volume.modality, volume.meta.get("units")):
         window = default_window(volume.modality)
+    view = slice_view_html(volume, plane, index, window, session.kept_slices)
+    if since is not None and session.view_changes != since:
+        return None
+    session.shown_slices[plane] = index + 1  # a plane opened again opens here
     session.shown = (plane, window)
-    return slice_view_html(volume, plane, index, window, session.kept_slices)
+    return view
 
 
 def _slice_number(volume: Volume, plane: str, typed: float | None) -> int:
@@ -680,7 +688,9 @@ def show_slice(session: ScanSession | None, plane: str, window: str | None, slic
     unchecked (`preprocess=False`)."""
     plane = _known_plane(plane)
     slice_number = _typed_number(slice_number)
-    view = slice_html(session, plane, window, slice_number)
+    view = slice_html(session, plane, window, slice_number, session.view_changes if session is not None else None)
+    if view is None:  # the plane changed while this slice was drawn
+        return gr.skip(), gr.skip()
     if session is None or session.volume is None:
         return view, gr.skip()
     number = _slice_number(session.volume, plane, slice_number)
@@ -706,6 +716,7 @@ def change_plane(session: ScanSession | None, plane: str, window: str | None):
     plane = _known_plane(plane)
     if session is None or session.volume is None:
         return gr.skip(), slice_html(session, plane, window, None)
+    session.view_changes += 1
     count = slice_count(session.volume, plane)
     number = session.shown_slices.get(plane) or _slice_number(session.volume, plane, None)
     return (gr.update(minimum=1, maximum=count, value=number, label=slider_label(plane)),
@@ -728,6 +739,7 @@ def jump_to_axial(session: ScanSession | None, number: object, window: str | Non
     number = _typed_number(number)
     if session is None or session.volume is None or number is None:
         return gr.skip(), gr.skip(), gr.skip()
+    session.view_changes += 1
     number = _slice_number(session.volume, "axial", number)
     return ("axial", gr.update(minimum=1, maximum=slice_count(session.volume, "axial"), value=number,
                                label=slider_label("axial")),

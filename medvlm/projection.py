@@ -66,16 +66,18 @@ def mip_seen_from(frame: int) -> str:
 _CHUNK_VALUES = 8_000_000  # voxels gathered at once (32 MB of float32), so a big scan's frame needs little memory
 
 
-@functools.lru_cache(maxsize=MIP_FRAMES)  # one grid's frames: a PET's are small, a 512 × 512 grid's 1 MB each
+@functools.lru_cache(maxsize=MIP_FRAMES)  # one grid's frames: a PET's are small, a 512 × 512 grid's a few MB each
 def _image_columns(rows: int, columns: int, row_mm: float, column_mm: float,
                    frame: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """For an axial grid of (rows = Y, columns = X) voxels of that size in mm, seen as `frame` sees it: the flat
-    voxel indices grouped by the image column each voxel's centre falls in, where each column's group starts,
-    which columns hold a voxel at all, and the columns' width in mm.
+    voxel indices grouped by the image column they fall in, where each column's group starts, which columns hold
+    a voxel at all, and the columns' width in mm.
 
-    Every voxel counts in exactly one column, so no voxel is missed, however small a hot spot and however the
-    view turns. The image is as wide as the grid's larger side (a scanner's field of view is round: its corners
-    hold air, and a fixed width keeps the image still while it turns), with at most _MAX_COLUMNS columns.
+    A voxel falls in every column whose centre its footprint covers (its width seen from this side), and at least
+    in the nearest one: every voxel counts, however small a hot spot and however the view turns, and no column
+    inside the body is left empty where the voxels are wider one way than the other. The image is as wide as the
+    grid's larger side (a scanner's field of view is round: its corners hold air, and a fixed width keeps the image
+    still while it turns), with at most _MAX_COLUMNS columns.
     """
     height, width = rows * row_mm, columns * column_mm
     step = max(min(row_mm, column_mm), max(height, width) / _MAX_COLUMNS)
@@ -83,14 +85,26 @@ def _image_columns(rows: int, columns: int, row_mm: float, column_mm: float,
     right, _ = _directions(frame)
     x = (np.arange(columns) - (columns - 1) / 2) * column_mm  # mm toward the patient's right (index from the left)
     y = (np.arange(rows) - (rows - 1) / 2) * row_mm  # mm toward anterior (index from posterior)
-    across = y[:, None] * right[1] + x[None, :] * right[0]  # each voxel's distance along the image's width
-    column = np.floor(across / step + (count - 1) / 2 + 0.5).astype(np.int64).reshape(-1)  # row-major, as data
-    inside = np.flatnonzero((column >= 0) & (column < count))
-    order = inside[np.argsort(column[inside], kind="stable")].astype(np.int32)
-    counts = np.bincount(column[inside], minlength=count)
+    across = (y[:, None] * right[1] + x[None, :] * right[0]).reshape(-1) / step + (count - 1) / 2  # in columns
+    # Half a footprint, in columns; a hair wider, so that footprints that tile the row meet on a column's centre
+    # instead of both missing it by a rounding error.
+    half = (abs(right[0]) * column_mm + abs(right[1]) * row_mm) / step / 2 + 1e-6
+    nearest = np.floor(across + 0.5)
+    first = np.minimum(np.ceil(across - half), nearest).astype(np.int64)
+    last = np.maximum(np.ceil(across + half) - 1, nearest).astype(np.int64)
+    voxels, column = [], []
+    for k in range(int(np.max(last - first)) + 1):  # a footprint's columns, one at a time (one to three of them)
+        covered = first + k <= last
+        voxels.append(np.flatnonzero(covered))
+        column.append(first[covered] + k)
+    voxels, column = np.concatenate(voxels), np.concatenate(column)
+    inside = (column >= 0) & (column < count)
+    voxels, column = voxels[inside], column[inside]
+    order = np.argsort(column, kind="stable")
+    counts = np.bincount(column, minlength=count)
     crossed = counts > 0
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[crossed]
-    return order, starts, crossed, step
+    return voxels[order].astype(np.int32), starts, crossed, step
 
 
 def mip_image(volume: Volume, frame: int) -> tuple[np.ndarray, float, float]:

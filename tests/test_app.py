@@ -239,6 +239,29 @@ def test_a_pet_can_be_read_as_a_rotating_mip(app_module, tmp_path, ct_nifti):
     session.release()
 
 
+def test_a_mip_frame_drawn_after_the_plane_changed_stays_off_the_page(app_module, tmp_path, monkeypatch):
+    """A frame still being projected when the visitor presses another plane (or clicks a spot on the MIP) would
+    land after that plane's slice, showing a MIP under the plane's controls: it is dropped, and the session keeps
+    the view the visitor went to."""
+    pet = save_nifti(tmp_path / "pet.nii.gz", np.abs(torso_ct()) / 100, (4.0, 4.0, 4.0), modality="PT")
+    session, _ = loaded(app_module, [pet])
+    app_module.change_plane(session, "mip", "auto")
+    drawn = app_module.slice_view_html
+
+    def slow_frame(volume, plane, index, window, kept):  # the plane is pressed while the frame is drawn
+        if plane == "mip":
+            app_module.change_plane(session, "axial", "auto")
+        return drawn(volume, plane, index, window, kept)
+
+    monkeypatch.setattr(app_module, "slice_view_html", slow_frame)
+    view, slider = app_module.show_slice(session, "mip", "auto", 5)
+    assert isinstance(view, type(gr.skip())) and isinstance(slider, type(gr.skip()))
+    assert session.shown == ("axial", "auto") and session.shown_slices["mip"] == 1  # frame 5 was never shown
+    view, _ = app_module.show_slice(session, "axial", "auto", 7)  # a slice asked for since is drawn
+    assert "Axial 7 / 40" in view
+    session.release()
+
+
 def test_kept_slices_are_shown_after_encoding(app_module, ct_nifti):
     session, _ = loaded(app_module, [ct_nifti])
     status, kept, html = app_module.encode_scan(session)

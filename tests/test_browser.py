@@ -231,6 +231,12 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     page.locator("#slice-view", has_text=f"MIP {frame + 1} / 36").wait_for()
     page.locator("#slice-view .mip-turn").click()
     page.locator("#slice-view", has_text=f"MIP {frame + 3} / 36").wait_for()
+    page.locator("#slice-view .slice-image").click()  # a click on the turning MIP stops it, and only that
+    page.locator("#slice-view.turning").wait_for(state="detached")
+    page.wait_for_timeout(600)
+    assert page.locator("#slice-view .slice-caption").inner_text().startswith("MIP ")
+    page.locator("#slice-view .mip-turn").click()
+    page.locator("#slice-view.turning").wait_for()
     page.get_by_label("axial", exact=True).check()  # a plane pressed while it turns
     page.locator("#slice-view", has_text="Axial").wait_for()
     assert page.locator("#slice-view .mip-turn").count() == 0  # a plane has no turn button
@@ -255,7 +261,8 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
 
 def test_the_ruler_measures_a_distance_on_the_slice_in_mm(browser, server, tmp_path):  # noqa: F811
     """A reader checks a size the model reports: with the ruler on, a drag across the whole image measures the
-    scan's width (64 voxels of 1 mm); the ruler stays on while scrolling, and its button turns it off."""
+    scan's width (64 voxels of 1 mm), and one down a coronal slice its height (40 slices 5 mm apart); the ruler
+    stays on while scrolling, and its button turns it off."""
     page = browser.new_page(viewport=LAPTOP)
     page.set_default_timeout(60_000)
     page.goto(server)
@@ -276,6 +283,22 @@ def test_the_ruler_measures_a_distance_on_the_slice_in_mm(browser, server, tmp_p
     page.mouse.up()
     measured = page.locator("#slice-view .ruler-line text").text_content()
     assert measured.endswith(" mm") and float(measured.split()[0]) == pytest.approx(64.0, abs=0.5), measured
+    page.get_by_label("coronal", exact=True).check()  # down a coronal slice: 40 slices 5 mm apart, 1 mm pixels across
+    page.locator("#slice-view", has_text="Coronal").wait_for()
+    page.locator("#slice-view .slice-image").scroll_into_view_if_needed()  # the plane's buttons lie below it
+    drawn = page.evaluate("""() => {
+        const image = document.querySelector('#slice-view .slice-image'), box = image.getBoundingClientRect();
+        const scale = Math.min(box.width / image.naturalWidth, box.height / image.naturalHeight);
+        return {top: box.top + (box.height - image.naturalHeight * scale) / 2, height: image.naturalHeight * scale,
+                middle: box.left + box.width / 2};
+    }""")
+    page.mouse.move(drawn["middle"], drawn["top"] + 0.5)  # the image fills its box's height: start on its edge
+    page.mouse.down()
+    page.mouse.move(drawn["middle"], drawn["top"] + drawn["height"] + 5, steps=4)
+    page.mouse.up()
+    measured = page.locator("#slice-view .ruler-line text").text_content()
+    assert float(measured.split()[0]) == pytest.approx(200.0, abs=1.5), measured
+    page.locator("#slice-view").focus()
     page.keyboard.press("ArrowUp")  # the next slice: the line goes with the old image, measuring stays on
     page.locator("#slice-view .ruler-line").wait_for(state="detached")
     assert page.locator("#slice-view .slice-ruler").get_attribute("aria-pressed") == "true"

@@ -97,3 +97,15 @@ def test_a_single_hot_voxel_shows_at_its_full_value_from_every_side(shape, spaci
     data[shape[0] // 2, shape[1] // 3, 2 * shape[2] // 3 + 1] = HOT  # off-centre, on no symmetry axis
     pet = Volume(data=data, spacing=spacing, affine=np.eye(4), modality="PT", source="nifti", orientation="RAS")
     assert [float(mip_image(pet, frame)[0].max()) for frame in range(MIP_FRAMES)] == [HOT] * MIP_FRAMES
+
+
+def test_voxels_wider_one_way_than_the_other_leave_no_empty_column_inside_the_body():
+    """With 4 × 3 mm voxels a side view has 3 mm columns over 4 mm voxels: each column the body covers shows it,
+    none shows the lowest value in stripes."""
+    data = np.full((4, 40, 50), 5.0, np.float32)
+    data[:, 0, 0] = 0.0  # the lowest value, which an empty column would show
+    pet = Volume(data=data, spacing=(4.0, 4.0, 3.0), affine=np.eye(4), modality="PT", source="nifti",
+                 orientation="RAS")
+    for frame in range(MIP_FRAMES):
+        body = np.flatnonzero(mip_image(pet, frame)[0][1] == 5.0)  # the columns showing the body, one row
+        assert body.size and np.all(np.diff(body) == 1), frame  # one unbroken run

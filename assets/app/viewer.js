@@ -78,9 +78,11 @@
     const viewer = document.querySelector("#slice-view.enlarged");
     if (!viewer) return;
     if (event.key === "Escape") enlarge(viewer, false);
-    if (event.key === "Tab") {
+    if (event.key === "Tab") {  // round the viewer and its buttons (measure, turn, shrink), the page's are hidden
       event.preventDefault();
-      viewer.focus({preventScroll: true});
+      const stops = [viewer, ...viewer.querySelectorAll("button")];
+      const next = stops.indexOf(document.activeElement) + (event.shiftKey ? -1 : 1);
+      stops[(next + stops.length) % stops.length].focus({preventScroll: true});
     }
   });
 
@@ -123,7 +125,9 @@
     if (onButton && (event.key === "Enter" || event.key === " ")) return;  // the button's own click
     if (turning && event.key !== "Tab") stopTurning();
   }, true);
+  let stoppedByPress = false;  // the press that stops the turning is not also a click on the MIP
   document.addEventListener("pointerdown", (event) => {
+    stoppedByPress = Boolean(turning);
     if (turning && !(event.target.closest && event.target.closest("#slice-view .mip-turn, #slice-view .slice-enlarge"))) {
       stopTurning();
     }
@@ -162,15 +166,20 @@
     const mm = Number(image.dataset.mmPerPixel);
     const length = Math.hypot(to.x - from.x, to.y - from.y);
     label.textContent = mm ? `${(length * mm).toFixed(1)} mm` : `${length.toFixed(0)} px (spacing unknown)`;
-    label.setAttribute("x", x2 + 6);
-    label.setAttribute("y", y2 - 6);
+    const nearRight = x2 > origin.width - 90;  // the length on the line's inner side, not past the frame
+    label.setAttribute("text-anchor", nearRight ? "end" : "start");
+    label.setAttribute("x", nearRight ? x2 - 6 : x2 + 6);
+    label.setAttribute("y", Math.max(14, y2 - 6));
     frame.dataset.measured = label.textContent;
   };
+  const MIP_TITLE = "Click a spot to see its axial slice";
   const showMeasuring = () => {
     const viewer = document.querySelector("#slice-view");
     if (viewer) viewer.classList.toggle("measuring", measuring);
     const button = document.querySelector("#slice-view .slice-ruler");
     if (button) button.setAttribute("aria-pressed", String(measuring));
+    const mip = document.querySelector("#slice-view .slice-image[data-axial-slices]");
+    if (mip && mip.title !== (measuring ? "" : MIP_TITLE)) mip.title = measuring ? "" : MIP_TITLE;  // a click measures
   };
   document.addEventListener("click", (event) => {
     if (!(event.target.closest && event.target.closest("#slice-view .slice-ruler"))) return;
@@ -189,7 +198,7 @@
   document.addEventListener("pointermove", (event) => {
     if (start && start.image.isConnected) drawRuler(start.image, start.point, onImage(start.image, event));
   });
-  document.addEventListener("pointerup", () => { start = null; });
+  for (const kind of ["pointerup", "pointercancel"]) document.addEventListener(kind, () => { start = null; });
   // A new image (another slice) comes without the ruler's state: the viewer's class keeps it, the button shows it.
   new MutationObserver(() => { if (measuring) showMeasuring(); })
     .observe(document.body, {childList: true, subtree: true});
@@ -199,7 +208,7 @@
   document.addEventListener("click", (event) => {
     const image = event.target.closest && event.target.closest("#slice-view .slice-image[data-axial-slices]");
     const box = document.querySelector("#axial-jump input");
-    if (!image || measuring || !box) return;
+    if (!image || measuring || stoppedByPress || !box) return;
     const slices = Number(image.dataset.axialSlices);
     const fromTop = Math.min(slices - 1, Math.floor((onImage(image, event).y / image.naturalHeight) * slices));
     box.value = String(slices - fromTop);
