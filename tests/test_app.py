@@ -592,7 +592,9 @@ def test_a_pet_series_says_what_its_values_measure(app_module, tmp_path):
         session, outputs = loaded(app_module, [folder])
         caption = app_module.slice_html(session, "axial", "auto", 3)
         if said:
-            assert f"**Values** | {app_module.shown(said)} |" in outputs["card"] and f"{said})" in caption
+            assert f"**Values** | {app_module.shown(said)} |" in outputs["card"]
+            in_caption = {"Bq/mL": " Bq/mL)", "SUV (g/mL)": " SUV, g/mL)"}[said]  # not "(… SUV (g/mL))"
+            assert in_caption in caption
             assert outputs["threshold"]["label"] == f"Surface threshold ({said})"
             suv_scales = [value for _, value in outputs["window"]["choices"] if value.startswith("SUV")]
             assert suv_scales == (["SUV 0-5", "SUV 0-5 inverted", "SUV 0-10 inverted"] if units == "GML" else [])
