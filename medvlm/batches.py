@@ -26,6 +26,7 @@ class Collator:
     num_visual_tokens: int
     max_length: int
     findings: dict[str, torch.Tensor] | None = None
+    patch_findings: dict[str, torch.Tensor] | None = None  # per scan (kept, h, w, L) uint8, `lesion_patch_targets`
 
     def __call__(self, samples: list[Sample]) -> dict:
         encoded = [build_labels(self.tokenizer, s.messages, self.image_token, self.num_visual_tokens,
@@ -44,6 +45,8 @@ class Collator:
                  "scans": [scans[s.image] for s in samples]}
         if self.findings:
             batch["finding_targets"] = torch.stack([self.findings[s.image] for s in samples])
+        if self.patch_findings:
+            batch["patch_targets"] = [self.patch_findings.get(s.image) for s in samples]
         return batch
 
 

@@ -64,7 +64,21 @@ class DetailPreservingCompressor(nn.Module):
             self.blocks = nn.ModuleList(
                 CrossAttentionBlock(dim, config.compressor_heads) for _ in range(config.compressor_layers)
             )
+        self.lesion_classes = config.compressor_lesion_classes
+        if self.lesion_classes:
+            self.lesion_head = nn.Linear(dim, self.lesion_classes)  # per-patch lesion scores (logits)
+            self.lesion_embed = nn.Linear(self.lesion_classes, dim)  # their cell maximum, into the query
         self.norm = nn.LayerNorm(dim)
+
+    def lesion_skip(self, fused: torch.Tensor, slice_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-patch lesion scores (B, K, h, w, L) and, per low-res cell, the embedding of their maximum over the
+        cell's real patches (B, k·h'·w', d): a lesion of one patch moves its cell's token as much as a large one."""
+        scores = self.lesion_head(fused)
+        pooled = []
+        for grid, mask in zip(scores, slice_mask, strict=True):
+            real = grid[mask].permute(3, 0, 1, 2)  # (L, kept, h, w)
+            pooled.append(F.adaptive_max_pool3d(real, self.low_grid).flatten(1).T)  # (k·h'·w', L)
+        return scores, self.lesion_embed(torch.stack(pooled))
 
     def pool(self, fused: torch.Tensor, slice_mask: torch.Tensor) -> torch.Tensor:
         """(B, K, h, w, d) → (B, k·h'·w', d): average over each scan's real slices only."""
@@ -74,12 +88,19 @@ class DetailPreservingCompressor(nn.Module):
             pooled.append(F.adaptive_avg_pool3d(real, self.low_grid).flatten(1).T)  # (k·h'·w', d)
         return torch.stack(pooled)
 
-    def forward(self, fused: torch.Tensor, slice_mask: torch.Tensor) -> torch.Tensor:
-        """fused: (B, K, h, w, d), slice_mask: (B, K) → visual tokens (B, N, d), N = k·h'·w'."""
+    def forward(self, fused: torch.Tensor, slice_mask: torch.Tensor,
+                return_scores: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """fused: (B, K, h, w, d), slice_mask: (B, K) → visual tokens (B, N, d), N = k·h'·w'; with
+        `return_scores`, (tokens, per-patch lesion scores (B, K, h, w, L) or None without a lesion skip)."""
         queries = self.pool(fused, slice_mask) + self.low_positions()
+        scores = None
+        if self.lesion_classes:
+            scores, skip = self.lesion_skip(fused, slice_mask)
+            queries = queries + skip
         if self.mode == "cross_attention":
             context = fused.flatten(1, 3) + self.high_positions()  # (B, K·h·w, d)
             padding = ~slice_mask[:, :, None].expand(-1, -1, fused.shape[2] * fused.shape[3]).flatten(1)
             for block in self.blocks:
                 queries = block(queries, context, padding)
-        return self.norm(queries)
+        tokens = self.norm(queries)
+        return (tokens, scores) if return_scores else tokens

@@ -61,6 +61,11 @@ class MedVLMConfig(PreTrainedConfig):
     compressor_mode: str = "cross_attention"  # or "average": pooled tokens only, no detail pulled back
     compressor_layers: int = 2  # cross-attention blocks
     compressor_heads: int = 8
+    # Lesion skip: a per-patch linear lesion scorer on the fused grid (this many organ-kind classes; 0: none), its
+    # scores max-pooled over each visual token's cell and added to that token's query. A lesion touches ~0.1 % of
+    # the patches: average pooling (and a channel-wise max of raw features) drowns it; the max of a lesion score
+    # keeps it. Trained with per-patch targets from the phantom ground truth (a stage's `patch_loss`).
+    compressor_lesion_classes: int = 0
 
     # [5] Projector and prompt.
     projector_hidden_act: str = "gelu"
@@ -100,6 +105,8 @@ class MedVLMConfig(PreTrainedConfig):
         # 0 switches the preview and the slab averaging off, as null does.
         if self.selection_preview_size is not None and self.selection_preview_size != 0:
             self.selection_preview_size = _whole("selection_preview_size", self.selection_preview_size)
+        if self.compressor_lesion_classes != 0:  # 0: no lesion skip
+            self.compressor_lesion_classes = _whole("compressor_lesion_classes", self.compressor_lesion_classes)
         _check_channels(self.image_mean, self.image_std)
         _check_windows(self.ct_windows, len(self.image_mean))
         if not isinstance(self.demo, bool):

@@ -59,6 +59,7 @@ class VisualEncoding:
     visual_tokens: torch.Tensor
     kept_slices: list[torch.Tensor] = field(default_factory=list)
     gate: torch.Tensor | None = None
+    lesion_scores: torch.Tensor | None = None  # (B, K, h, w, L) per-patch lesion logits (compressor_lesion_classes)
 
 
 class SliceHeightEmbedding(nn.Module):
@@ -211,8 +212,9 @@ class MedVLMForConditionalGeneration(MedVLMPreTrainedModel):
             slice_mask[row, :count] = True
         tokens = self.input_projection(grid) + self.slice_heights(heights)[:, :, None, None]  # (B, K, h, w, d)
         fused, gate = self.fusion(tokens, slice_mask)
-        compressed = self.compressor(fused, slice_mask)  # (B, N, d)
-        return VisualEncoding(self.multi_modal_projector(compressed), [scan.kept for scan in scans], gate)
+        compressed, lesion_scores = self.compressor(fused, slice_mask, return_scores=True)  # (B, N, d)
+        return VisualEncoding(self.multi_modal_projector(compressed), [scan.kept for scan in scans], gate,
+                              lesion_scores)
 
     def visual_tokens_per_sample(self, scans: list[ScanSlices]) -> torch.Tensor:
         """Visual tokens (B, N, H) for a batch that may ask about the same scan several times.

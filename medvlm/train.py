@@ -250,6 +250,35 @@ def finding_targets(root: Path, images: list[str]) -> tuple[list[str], dict[str,
     return classes, targets
 
 
+def lesion_patch_targets(root: Path, features, images: list[str],
+                         config: MedVLMConfig) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Per scan, which "organ kind" lesion classes touch each patch of its kept slices, from the phantom ground
+    truth (the geometry of the encoder's pre-training, `encoder_pretraining.lesion_maps`): (classes, per scan
+    (kept, h, w, classes) uint8). The compressor's lesion skip learns from them (a stage's `patch_loss`).
+    Empty without a ground truth, or when training reads volumes instead of a feature cache."""
+    from .encoder_pretraining import lesion_classes, lesion_maps, patch_targets
+
+    path = root / GROUND_TRUTH_FILE
+    if not path.exists() or not isinstance(features, FeatureCache):
+        return [], {}
+    truth = json.loads(path.read_text())
+    classes = lesion_classes(truth)  # every class of the data folder, as the encoder's pre-training names them
+    targets = {}
+    for image in images:
+        if image not in truth:
+            continue
+        scan = features[image]
+        if not truth[image]["lesions"]:
+            height, width = scan.patches.shape[1:3]
+            targets[image] = torch.zeros(len(scan.kept), height, width, len(classes), dtype=torch.uint8)
+            continue
+        volume = load_volume(root / image)
+        coverage, sizes = lesion_maps(volume, truth[image], classes, scan.total, config.image_size)
+        touched, _ = patch_targets(torch.from_numpy(coverage), torch.from_numpy(sizes), config.encoder_stride)
+        targets[image] = touched[scan.kept].permute(0, 2, 3, 1).to(torch.uint8)  # (kept, h, w, classes)
+    return classes, targets
+
+
 def probe_floors(root: Path, train_images: list[str], val_images: list[str]) -> dict[str, float] | None:
     """What the findings probe scores on the validation scans (mean BCE) without reading the visual tokens
     for findings: `priors`, each finding at its frequency among the training scans; `modality`, at its
@@ -303,24 +332,49 @@ class TrainingObjective(nn.Module):
     """
 
     def __init__(self, model: MedVLMForConditionalGeneration, num_findings: int, finding_loss: float,
-                 lm_loss: float = 1.0):
+                 lm_loss: float = 1.0, patch_loss: float = 0.0):
         super().__init__()
         self.model = model
         self.lm_loss = lm_loss
+        # Per-patch lesion targets for the compressor's lesion skip (compressor_lesion_classes), balanced BCE.
+        self.patch_loss = patch_loss if model.config.compressor_lesion_classes else 0.0
         self.finding_loss = finding_loss if num_findings else 0.0
         hidden = model.config.text_config.hidden_size
         self.probe = nn.Linear(2 * hidden, num_findings) if self.finding_loss else None
 
-    def forward(self, input_ids, attention_mask, labels, scans, finding_targets=None) -> torch.Tensor:
-        visual_tokens = self.model.visual_tokens_per_sample(scans)
-        loss = visual_tokens.new_zeros(())
+    def forward(self, input_ids, attention_mask, labels, scans, finding_targets=None,
+                patch_targets=None) -> torch.Tensor:
+        if self.patch_loss and patch_targets is not None:
+            visual_tokens, patch = self.patch_term(scans, patch_targets)
+            loss = self.patch_loss * patch
+        else:
+            visual_tokens = self.model.visual_tokens_per_sample(scans)
+            loss = visual_tokens.new_zeros(())
         if self.lm_loss:  # a probe-only stage skips the LM altogether
             output = self.model(input_ids, attention_mask=attention_mask, visual_tokens=visual_tokens, labels=labels)
-            loss = self.lm_loss * output.loss
+            loss = loss + self.lm_loss * output.loss
         if self.probe is not None and finding_targets is not None:
             summary = torch.cat([visual_tokens.mean(1), visual_tokens.amax(1)], dim=-1)
             loss = loss + self.finding_loss * F.binary_cross_entropy_with_logits(self.probe(summary), finding_targets)
         return loss
+
+    def patch_term(self, scans, patch_targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visual tokens per sample, as `visual_tokens_per_sample`, and the lesion skip's per-patch loss over the
+        batch's distinct scans with a target (balanced BCE over their kept slices' patches)."""
+        from .encoder_pretraining import balanced_bce
+
+        unique = list({id(scan): (scan, target) for scan, target in zip(scans, patch_targets, strict=True)}.values())
+        row = {id(scan): index for index, (scan, _) in enumerate(unique)}
+        encoding = self.model.visual_tokens_from_slices([scan for scan, _ in unique])
+        visual_tokens = encoding.visual_tokens[[row[id(scan)] for scan in scans]]
+        scores, picked, truth = encoding.lesion_scores, [], []
+        for index, (_, target) in enumerate(unique):
+            if target is not None:
+                picked.append(scores[index, : target.shape[0]].flatten(0, 2))
+                truth.append(target.to(scores.device, scores.dtype).flatten(0, 2))
+        if not picked:
+            return visual_tokens, visual_tokens.new_zeros(())
+        return visual_tokens, balanced_bce(torch.cat(picked).float(), torch.cat(truth).float())
 
 
 def set_trainable(model: MedVLMForConditionalGeneration, parts: list[str],
@@ -395,7 +449,8 @@ def stage_seed(seed: int, stage: str) -> int:
 
 def run_stage(stage: dict, model, tokenizer, features: FeatureCache | VolumeFeatures, train_samples: list[Sample],
               val_samples: list[Sample], preset: dict, out: Path, log: MetricsLog, seed: int,
-              findings: tuple[list[str], dict[str, torch.Tensor]] = ([], {})) -> None:
+              findings: tuple[list[str], dict[str, torch.Tensor]] = ([], {}),
+              patch_findings: tuple[list[str], dict[str, torch.Tensor]] = ([], {})) -> None:
     """One training stage: its tasks, its trainable parts (and LoRA, merged at the end), AdamW + cosine
     schedule, a resumable state per epoch; a finished stage's weights are loaded instead of trained again."""
     name = stage["name"]
@@ -409,9 +464,11 @@ def run_stage(stage: dict, model, tokenizer, features: FeatureCache | VolumeFeat
     samples = [s for s in train_samples if s.task in stage["tasks"]]
     validation = [s for s in val_samples if s.task in stage["tasks"]][:256]
     classes, targets = findings
-    objective = TrainingObjective(model, len(classes), stage.get("finding_loss", 0.0), stage.get("lm_loss", 1.0))
+    objective = TrainingObjective(model, len(classes), stage.get("finding_loss", 0.0), stage.get("lm_loss", 1.0),
+                                  stage.get("patch_loss", 0.0) if patch_findings[1] else 0.0)
     collate = Collator(tokenizer, features, model.config.image_token, model.config.num_visual_tokens,
-                       preset["max_length"], targets if objective.probe is not None else None)
+                       preset["max_length"], targets if objective.probe is not None else None,
+                       patch_findings[1] if objective.patch_loss else None)
     batches = ScanGroupedBatches(samples, stage["batch_size"], stage.get("samples_per_scan", 1), seed)
     loader = DataLoader(samples, batch_sampler=batches, collate_fn=collate)
     val_loader = DataLoader(validation, batch_size=stage["batch_size"], collate_fn=collate)
@@ -565,11 +622,18 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
         clock.save()
         log = MetricsLog(work / METRICS, accelerator.is_main_process, clock)
         findings = finding_targets(root, sorted({s.image for s in train_samples + val_samples}))
+        patch_findings = ([], {})
+        if model.config.compressor_lesion_classes:
+            patch_findings = lesion_patch_targets(root, scans, sorted({s.image for s in train_samples}), model.config)
+            if patch_findings[0] and len(patch_findings[0]) != model.config.compressor_lesion_classes:
+                raise UserInputError(f"compressor_lesion_classes is {model.config.compressor_lesion_classes} but the "
+                                     f"training scans hold {len(patch_findings[0])} lesion classes; set it to that")
         for stage in preset["stages"]:
             # Each stage draws from its own seed, so it trains the same whether the stages before it trained in
             # this process or were loaded from their saved weights (a resume); an epoch resumed restores its own.
             set_seed(stage_seed(seed, stage["name"]))
-            run_stage(stage, model, tokenizer, scans, train_samples, val_samples, preset, work, log, seed, findings)
+            run_stage(stage, model, tokenizer, scans, train_samples, val_samples, preset, work, log, seed, findings,
+                      patch_findings)
         if accelerator.is_main_process:
             if model.language_model.is_activation_checkpointing:
                 model.language_model.activation_checkpointing_disable()

@@ -106,6 +106,33 @@ def test_padding_does_not_change_a_scan(config):
     torch.testing.assert_close(together, alone)
 
 
+def test_lesion_skip_keeps_a_one_patch_lesion_and_learns_from_patch_targets():
+    """compressor_lesion_classes: a lesion score at one patch reaches its cell's visual token through the max, however
+    many patches the cell averages; every part of the skip gets a gradient from the patch loss."""
+    from medvlm.encoder_pretraining import balanced_bce
+
+    config = tiny_config(tiny_tokenizer(), compressor_lesion_classes=3)
+    torch.manual_seed(0)
+    compressor = DetailPreservingCompressor(config)
+    grid, mask = _grid(config)
+    tokens, scores = compressor(grid, mask, return_scores=True)
+    assert scores.shape == (*grid.shape[:4], 3)
+    torch.testing.assert_close(tokens, compressor(grid, mask))
+    targets = torch.zeros_like(scores)
+    targets[0, 0, 0, 0, 1] = 1.0
+    loss = balanced_bce(scores[mask], targets[mask]) + tokens.pow(2).mean()
+    _assert_every_parameter_gets_gradient(compressor, loss)
+    with torch.no_grad():  # one patch whose lesion score stands out moves the token of its cell
+        compressor.lesion_head.weight.zero_()
+        compressor.lesion_head.bias.zero_()
+        bright = grid.clone()
+        bright[0, 0, 0, 0] += 5.0
+        compressor.lesion_head.weight[1] = torch.ones(config.fusion_dim) / config.fusion_dim
+        base, lit = compressor.lesion_skip(grid, mask)[1], compressor.lesion_skip(bright, mask)[1]
+    moved = (lit - base).abs().sum(-1)
+    assert moved[0, 0] > 0 and moved[0, 1:].max() == 0 and moved[1].max() == 0
+
+
 def test_average_pooling_ablation_has_no_attention(config):
     pooled_only = DetailPreservingCompressor(tiny_config(tiny_tokenizer(), compressor_mode="average"))
     full = DetailPreservingCompressor(config)

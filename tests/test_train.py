@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tiny_model import tiny_config, tiny_tokenizer
 
 from medvlm.__main__ import main
-from medvlm.data import Sample
+from medvlm.data import GROUND_TRUTH_FILE, Sample
 from medvlm.errors import UserInputError
 from medvlm.features import FeatureCache
 from medvlm.modeling import MedVLMForConditionalGeneration
@@ -204,6 +204,7 @@ def test_a_similarity_threshold_given_replaces_the_calibrated_one(phantoms, tmp_
     ("slice_budget=abc", "slice_budget must be a whole number of at least 1, not 'abc'"),
     ("image_size=0", "image_size must be a whole number of at least 1, not 0"),
     ("compressor_heads=3", "fusion_dim 16 must divide into compressor_heads 3 attention heads"),
+    ("compressor_lesion_classes=-2", "compressor_lesion_classes must be a whole number of at least 1, not -2"),
     ("compressor_grid=[1]", "compressor_grid must be three whole numbers"),
     ("similarity_threshold=5", "similarity_threshold is a cosine similarity from -1 to 1, not 5"),
     ("image_token_id=5", "cannot override image_token_id: set from the preset's language model and tokenizer"),
@@ -363,3 +364,27 @@ def test_probe_floors_are_the_priors_and_the_modality_rates(tmp_path):
     assert floors["priors"] == pytest.approx(math.log(2), abs=1e-4)
     assert floors["modality"] == pytest.approx(-math.log(2.5 / 3), abs=1e-4)
     assert probe_floors(tmp_path / "no-truth", ["a"], ["e"]) is None
+
+
+def test_the_lesion_skip_trains_from_the_lesions_patches(phantoms, tmp_path):
+    """`compressor_lesion_classes` with a stage's `patch_loss`: the compressor's per-patch lesion scorer learns from
+    the ground truth's lesion positions (its weights move from where a run without the loss leaves them), and
+    the checkpoint keeps it; a class count that is not the data's is one sentence before any stage trains."""
+    from medvlm.encoder_pretraining import lesion_classes
+
+    count = len(lesion_classes(json.loads((phantoms / GROUND_TRUTH_FILE).read_text())))
+    with pytest.raises(UserInputError, match=f"compressor_lesion_classes is {count + 1} but the training scans "
+                                             f"hold {count} lesion classes; set it to that"):
+        train("tiny", phantoms, tmp_path / "wrong", seed=0, config_overrides={"compressor_lesion_classes": count + 1})
+    heads = {}
+    for weight in (0.0, 1.0):
+        preset = load_preset("tiny")
+        for stage in preset["stages"]:
+            stage["patch_loss"] = weight
+        path = tmp_path / f"patch-{weight}.json"
+        path.write_text(json.dumps(preset))
+        out = train(str(path), phantoms, tmp_path / f"patch-{weight}", seed=0,
+                    config_overrides={"compressor_lesion_classes": count})
+        assert json.loads((out / "config.json").read_text())["compressor_lesion_classes"] == count
+        heads[weight] = load_file(out / "model.safetensors")["compressor.lesion_head.weight"]
+    assert not torch.equal(heads[0.0], heads[1.0])
