@@ -217,14 +217,17 @@ class MedVLMForConditionalGeneration(MedVLMPreTrainedModel):
                               lesion_scores)
 
     def visual_tokens_per_sample(self, scans: list[ScanSlices]) -> torch.Tensor:
-        """Visual tokens (B, N, H) for a batch that may ask about the same scan several times.
+        """Visual tokens (B, N, H) for a batch that may ask about the same scan several times (`encode_distinct`)."""
+        return self.encode_distinct(scans)[0]
 
-        Each distinct scan (by identity, as a feature cache hands them out) goes through stages
-        3–5 once; its tokens are shared by all its samples.
-        """
+    def encode_distinct(self, scans: list[ScanSlices]) -> tuple[torch.Tensor, VisualEncoding, list[ScanSlices]]:
+        """Each distinct scan of a batch (by identity, as a feature cache hands them out) through stages 3–5 once:
+        (visual tokens per sample (B, N, H), shared by a scan's samples; the distinct scans' encoding, with
+        their lesion scores; the distinct scans, in the encoding's order)."""
         unique = list({id(scan): scan for scan in scans}.values())
         row = {id(scan): index for index, scan in enumerate(unique)}
-        return self.visual_tokens_from_slices(unique).visual_tokens[[row[id(scan)] for scan in scans]]
+        encoding = self.visual_tokens_from_slices(unique)
+        return encoding.visual_tokens[[row[id(scan)] for scan in scans]], encoding, unique
 
     def get_image_features(self, pixel_values: list[torch.Tensor], heights: list[torch.Tensor]) -> VisualEncoding:
         """All five stages: per scan pixel_values (Z_i, 3, S, S) and heights (Z_i,) → VisualEncoding."""

@@ -328,7 +328,8 @@ class TrainingObjective(nn.Module):
     ground truth and the stage asks for it (`finding_loss`), a linear probe on the visual tokens
     that must tell which findings the scan holds. The probe makes the visual tokens carry the
     findings from the start, so the LM learns to read them instead of guessing from its prior;
-    it is not part of the saved checkpoint.
+    it is not part of the saved checkpoint. With the compressor's lesion skip (`patch_loss`), also
+    the skip's per-patch lesion scores against the ground truth's lesion positions.
     """
 
     def __init__(self, model: MedVLMForConditionalGeneration, num_findings: int, finding_loss: float,
@@ -363,13 +364,11 @@ class TrainingObjective(nn.Module):
         batch's distinct scans with a target (balanced BCE over their kept slices' patches)."""
         from .encoder_pretraining import balanced_bce
 
-        unique = list({id(scan): (scan, target) for scan, target in zip(scans, patch_targets, strict=True)}.values())
-        row = {id(scan): index for index, (scan, _) in enumerate(unique)}
-        encoding = self.model.visual_tokens_from_slices([scan for scan, _ in unique])
-        visual_tokens = encoding.visual_tokens[[row[id(scan)] for scan in scans]]
+        visual_tokens, encoding, unique = self.model.encode_distinct(scans)
+        targets = {id(scan): target for scan, target in zip(scans, patch_targets, strict=True)}
         scores, picked, truth = encoding.lesion_scores, [], []
-        for index, (_, target) in enumerate(unique):
-            if target is not None:
+        for index, scan in enumerate(unique):
+            if (target := targets[id(scan)]) is not None:
                 picked.append(scores[index, : target.shape[0]].flatten(0, 2))
                 truth.append(target.to(scores.device, scores.dtype).flatten(0, 2))
         if not picked:
