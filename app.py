@@ -44,6 +44,7 @@ from medvlm.view_html import (
     scan_card,
     shown,
     slice_view_html,
+    unbracketed,
     window_choices,
 )
 from medvlm.volume import MODALITIES, Volume, load_volume, remove_stale_zip_folders, zip_member_names
@@ -489,7 +490,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     low, high, step = threshold_range(volume, grid)
     decimals = max(0, -math.floor(math.log10(step)))  # the step is a power of ten: no float noise in the box
     threshold = min(high, max(low, round(round(default_threshold(volume, grid) / step) * step, decimals)))
-    unit = "HU" if volume.modality == "CT" else volume.meta.get("units") or "intensity"  # a PET's Bq/mL or SUV
+    unit = "HU" if volume.modality == "CT" else unbracketed(volume.meta.get("units") or "intensity")  # Bq/mL, SUV
     with _OPEN_SESSIONS_LOCK:  # from the memory check to the new scan's registration: two loads at once add up
         if not make_room(volume.data.nbytes, session):
             message = ("The server holds as many scans as its memory allows; try again in a few minutes, or run "

@@ -202,12 +202,13 @@ def shown_range(volume: Volume, window: str) -> str:
     if window in CT_WINDOWS or window in SUV_WINDOWS or typed_window(window) is not None:
         return ""  # its level and width, or its scale, say it
     low, high = sorted(window_limits(volume, window))
-    units = f" {shown(_unbracketed(str(volume.meta['units'])))}" if volume.meta.get("units") else ""  # Bq/mL, SUV
+    units = f" {shown(unbracketed(str(volume.meta['units'])))}" if volume.meta.get("units") else ""  # Bq/mL, SUV
     return f" ({plain_number(low)} to {plain_number(high)}{units})".replace("-", "−")
 
 
-def _unbracketed(units: str) -> str:
-    """Units as the caption's brackets hold them: "SUV (g/mL)" as "SUV, g/mL", not "…(g/mL))"."""
+def unbracketed(units: str) -> str:
+    """Units as brackets hold them (the caption's range, the 3D threshold's label): "SUV (g/mL)" as "SUV, g/mL",
+    not "…(g/mL))"."""
     return units.replace(" (", ", ").removesuffix(")") if units.endswith(")") else units
 
 

@@ -593,9 +593,9 @@ def test_a_pet_series_says_what_its_values_measure(app_module, tmp_path):
         caption = app_module.slice_html(session, "axial", "auto", 3)
         if said:
             assert f"**Values** | {app_module.shown(said)} |" in outputs["card"]
-            in_caption = {"Bq/mL": " Bq/mL)", "SUV (g/mL)": " SUV, g/mL)"}[said]  # not "(… SUV (g/mL))"
-            assert in_caption in caption
-            assert outputs["threshold"]["label"] == f"Surface threshold ({said})"
+            bracketed = {"Bq/mL": "Bq/mL", "SUV (g/mL)": "SUV, g/mL"}[said]  # not "(… SUV (g/mL))"
+            assert f" {bracketed})" in caption
+            assert outputs["threshold"]["label"] == f"Surface threshold ({bracketed})"
             suv_scales = [value for _, value in outputs["window"]["choices"] if value.startswith("SUV")]
             assert suv_scales == (["SUV 0-5", "SUV 0-5 inverted", "SUV 0-10 inverted"] if units == "GML" else [])
             as_mr = named(app_module, app_module.change_modality("MR", session))  # read as another modality: no unit
