@@ -98,9 +98,10 @@
     const viewer = document.querySelector("#slice-view");
     if (viewer) viewer.classList.remove("turning");
   };
-  const shownFrame = () => {  // the slice (from 1) or MIP frame the image shows (its data-slice)
+  const shownFrame = () => {
     const image = document.querySelector("#slice-view .slice-image");
-    return image ? Number(image.dataset.slice) : null;
+    const match = image && image.alt.match(/frame (\d+) of/);
+    return match ? Number(match[1]) : null;
   };
   const turnStep = () => {
     const input = slider();
@@ -171,16 +172,14 @@
     label.setAttribute("y", Math.max(14, y2 - 6));
     frame.dataset.measured = label.textContent;
   };
+  const MIP_TITLE = "Click a spot to see its axial slice";
   const showMeasuring = () => {
     const viewer = document.querySelector("#slice-view");
     if (viewer) viewer.classList.toggle("measuring", measuring);
     const button = document.querySelector("#slice-view .slice-ruler");
     if (button) button.setAttribute("aria-pressed", String(measuring));
     const mip = document.querySelector("#slice-view .slice-image[data-axial-slices]");
-    if (mip) {  // while measuring, a click measures: the MIP's "click a spot" title (kept aside) is not shown
-      mip.dataset.clickTitle ??= mip.title;
-      mip.title = measuring ? "" : mip.dataset.clickTitle;
-    }
+    if (mip && mip.title !== (measuring ? "" : MIP_TITLE)) mip.title = measuring ? "" : MIP_TITLE;  // a click measures
   };
   document.addEventListener("click", (event) => {
     if (!(event.target.closest && event.target.closest("#slice-view .slice-ruler"))) return;
