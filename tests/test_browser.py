@@ -246,13 +246,14 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     # A click on the hot spot's height in the MIP opens the axial slice through it (index 32: the 33rd of 40).
     page.get_by_label("MIP", exact=True).check()
     page.locator("#slice-view", has_text="MIP").wait_for()
-    spot = page.evaluate("""() => {  // the image as drawn inside its box (object-fit: contain)
+    spot = page.evaluate("""() => {  // the image as drawn inside its box (object-fit: contain), from the box's corner
         const image = document.querySelector('#slice-view .slice-image'), box = image.getBoundingClientRect();
         const scale = Math.min(box.width / image.naturalWidth, box.height / image.naturalHeight);
-        const top = box.top + (box.height - image.naturalHeight * scale) / 2;
-        return {x: box.left + box.width / 2, y: top + (40 - 32 - 0.5) / 40 * image.naturalHeight * scale};
+        const top = (box.height - image.naturalHeight * scale) / 2;
+        return {x: box.width / 2, y: top + (40 - 32 - 0.5) / 40 * image.naturalHeight * scale};
     }""")
-    page.mouse.click(spot["x"], spot["y"])
+    # Relative to the image, which Playwright scrolls into view: checking a plane may have scrolled the page.
+    page.locator("#slice-view .slice-image").click(position=spot)
     page.locator("#slice-view", has_text="Axial 33 / 40").wait_for()
     assert page.locator("#slice-slider input[type=number]").input_value() == "33"
     assert page.get_by_label("axial", exact=True).is_checked()
