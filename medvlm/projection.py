@@ -24,7 +24,7 @@ MIP_STEP_DEGREES = 10
 MIP_FRAMES = 360 // MIP_STEP_DEGREES
 _MAX_COLUMNS = 256  # a MIP is an overview: at most this many columns (a PET's own matrix is about 128-200)
 _OBLIQUE = math.sin(math.radians(22.5))  # a direction's share past which its letter joins the edge's label
-_FRAMES: dict[int, dict] = {}  # id(volume) → {frame: projection, "lowest": the scan's lowest value}
+_FRAMES: dict[int, tuple[float, dict]] = {}  # id(volume) → (the scan's lowest value, {frame: projection})
 
 
 def mip_angle(frame: int) -> int:
@@ -113,15 +113,15 @@ def mip_image(volume: Volume, frame: int) -> tuple[np.ndarray, float, float]:
     Each frame is projected once per volume (volumes are not modified after loading), so turning back and forth
     stays fast."""
     frame %= MIP_FRAMES
-    frames = _FRAMES.get(id(volume))
-    if frames is None:
-        frames = _FRAMES[id(volume)] = {"lowest": np.nanmin(volume.data)}
+    if id(volume) not in _FRAMES:
+        _FRAMES[id(volume)] = (np.nanmin(volume.data), {})
         weakref.finalize(volume, _FRAMES.pop, id(volume), None)
+    lowest, frames = _FRAMES[id(volume)]
     if frame not in frames:
         slices, rows, columns = volume.data.shape
         dz, dy, dx = volume.spacing
         order, starts, crossed, step = _image_columns(rows, columns, float(dy), float(dx), frame)
-        image = np.full((slices, crossed.size), frames["lowest"], dtype=volume.data.dtype)
+        image = np.full((slices, crossed.size), lowest, dtype=volume.data.dtype)
         chunk = max(1, _CHUNK_VALUES // max(1, order.size))
         for first in range(0, slices, chunk):  # a few slices at a time: the gathered voxels stay small
             voxels = volume.data[first:first + chunk].reshape(-1, rows * columns)[:, order]

@@ -128,8 +128,8 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
     location = slice_location(volume, plane, index)
     return (f'<div class="slice-view"><div class="{frame}">'
             f'<img class="slice-image" src="data:image/png;base64,{source}" '
-            f'alt="{_name_of(plane, index, count)}" draggable="false"{_pixel_size(volume, plane, index, pixels)}'
-            f'{_axial_slices(volume, plane)}>'
+            f'alt="{_name_of(plane, index, count)}" draggable="false" data-slice="{index + 1}"'
+            f'{_pixel_size(volume, plane, index, pixels)}{_axial_slices(volume, plane)}>'
             f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
             f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span>'
             '<button type="button" class="slice-enlarge" title="Enlarge the image (Esc to close)" '

@@ -98,10 +98,9 @@
     const viewer = document.querySelector("#slice-view");
     if (viewer) viewer.classList.remove("turning");
   };
-  const shownFrame = () => {
+  const shownFrame = () => {  // the slice (from 1) or MIP frame the image shows (its data-slice)
     const image = document.querySelector("#slice-view .slice-image");
-    const match = image && image.alt.match(/frame (\d+) of/);
-    return match ? Number(match[1]) : null;
+    return image ? Number(image.dataset.slice) : null;
   };
   const turnStep = () => {
     const input = slider();
@@ -172,14 +171,16 @@
     label.setAttribute("y", Math.max(14, y2 - 6));
     frame.dataset.measured = label.textContent;
   };
-  const MIP_TITLE = "Click a spot to see its axial slice";
   const showMeasuring = () => {
     const viewer = document.querySelector("#slice-view");
     if (viewer) viewer.classList.toggle("measuring", measuring);
     const button = document.querySelector("#slice-view .slice-ruler");
     if (button) button.setAttribute("aria-pressed", String(measuring));
     const mip = document.querySelector("#slice-view .slice-image[data-axial-slices]");
-    if (mip && mip.title !== (measuring ? "" : MIP_TITLE)) mip.title = measuring ? "" : MIP_TITLE;  // a click measures
+    if (mip) {  // while measuring, a click measures: the MIP's "click a spot" title (kept aside) is not shown
+      mip.dataset.clickTitle ??= mip.title;
+      mip.title = measuring ? "" : mip.dataset.clickTitle;
+    }
   };
   document.addEventListener("click", (event) => {
     if (!(event.target.closest && event.target.closest("#slice-view .slice-ruler"))) return;
