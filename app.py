@@ -35,7 +35,7 @@ from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import CutOff, Encoding, Pipeline
 from medvlm.preprocess import default_window, known_window, unknown_window
 from medvlm.projection import MIP_STEP_DEGREES
-from medvlm.view import MIP, VIEWS, opening_slice, slice_count
+from medvlm.view import MIP, VIEWS, opening_slice, opening_window, slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.view_html import (
     MODALITY_NAMES,
@@ -490,7 +490,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     low, high, step = threshold_range(volume, grid)
     decimals = max(0, -math.floor(math.log10(step)))  # the step is a power of ten: no float noise in the box
     threshold = min(high, max(low, round(round(default_threshold(volume, grid) / step) * step, decimals)))
-    unit = "HU" if volume.modality == "CT" else unbracketed(volume.meta.get("units") or "intensity")  # Bq/mL, SUV
+    unit = unbracketed(volume.units or "intensity")  # HU, Bq/mL, SUV
     with _OPEN_SESSIONS_LOCK:  # from the memory check to the new scan's registration: two loads at once add up
         if not make_room(volume.data.nbytes, session):
             message = ("The server holds as many scans as its memory allows; try again in a few minutes, or run "
@@ -507,7 +507,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         "The model is reading the scan …",
         scan_card(volume, label),
         gr.update(choices=plane_choices(volume.modality), value=plane),
-        gr.update(choices=window_choices(volume.modality, volume.meta.get("units")), value=window),
+        gr.update(choices=window_choices(volume.modality, volume.units), value=window),
         gr.update(minimum=1, maximum=count, value=middle, interactive=True, label=slider_label(plane)),
         slice_html(session, plane, window, middle),
         gr.update(choices=[], value=None),
@@ -643,8 +643,8 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     session.in_use()
     plane, slice_number = _known_plane(plane), _typed_number(slice_number)  # as an API client may send them
     index = _slice_number(volume, plane, slice_number) - 1
-    if not known_window(window, volume.modality, volume.meta.get("units")):
-        window = default_window(volume.modality)
+    if not known_window(window, volume.modality, volume.units):
+        window = opening_window(volume, plane)
     view = slice_view_html(volume, plane, index, window, session.kept_slices)
     if since is not None and session.view_changes != since:
         return None
@@ -704,24 +704,30 @@ def change_window(session: ScanSession | None, plane: str, window: object, slice
     box would otherwise name a window the image is not in: (slice view, window box). The values come unchecked
     (`preprocess=False`)."""
     volume = session.volume if session is not None else None
-    if volume is None or known_window(window, volume.modality, volume.meta.get("units")):
+    if volume is None or known_window(window, volume.modality, volume.units):
         return slice_html(session, plane, window, slice_number), gr.skip()
-    gr.Warning(shown(sentence(unknown_window(window, volume.modality, volume.meta.get("units")))))
+    gr.Warning(shown(sentence(unknown_window(window, volume.modality, volume.units))))
     shown_window = session.shown[1] or default_window(volume.modality)
     return slice_html(session, plane, shown_window, slice_number), shown_window
 
 
 def change_plane(session: ScanSession | None, plane: str, window: str | None):
     """A plane opens at the slice last shown in it, the first time at its middle slice (the MIP: seen from the
-    front)."""
+    front). The MIP of a scan in its modality's default window opens in inverted grey, as nuclear medicine reads a
+    MIP (`opening_window`); the window box says so, and the planes stay in it. Returns (slider, slice view,
+    window)."""
     plane = _known_plane(plane)
     if session is None or session.volume is None:
-        return gr.skip(), slice_html(session, plane, window, None)
+        return gr.skip(), slice_html(session, plane, window, None), gr.skip()
+    volume = session.volume
+    opening = opening_window(volume, plane)
+    changed = plane == MIP and window == default_window(volume.modality) and opening != window
+    window = opening if changed else window
     session.view_changes += 1
-    count = slice_count(session.volume, plane)
-    number = session.shown_slices.get(plane) or _slice_number(session.volume, plane, None)
+    count = slice_count(volume, plane)
+    number = session.shown_slices.get(plane) or _slice_number(volume, plane, None)
     return (gr.update(minimum=1, maximum=count, value=number, label=slider_label(plane)),
-            slice_html(session, plane, window, number))
+            slice_html(session, plane, window, number), window if changed else gr.skip())
 
 
 def jump_to_kept(session: ScanSession | None, kept: str | None, window: str | None):
@@ -1190,8 +1196,8 @@ def build_demo() -> gr.Blocks:
             loaded.then(show_3d, [session, threshold], plot, api_name=f"{kind}_3d", api_visibility=visibility,
                         **viewer)
 
-        plane.input(change_plane, [session, plane, window], [slice_slider, slice_view], api_name="change_plane",
-                    **viewer)
+        plane.input(change_plane, [session, plane, window], [slice_slider, slice_view, window],
+                    api_name="change_plane", **viewer)
         window.input(change_window, [session, plane, window, slice_slider], [slice_view, window],
                      api_name="change_window", preprocess=False, **viewer)
         # preprocess=False: a number typed into a slider's box past its ends (or an emptied box) reaches the

@@ -59,8 +59,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "spacing": [round(float(s), 4) for s in volume.spacing],
         "orientation": volume.orientation,
         "source": volume.source,
-        # what the values measure: HU for a CT, a PET's Bq/mL or SUV where the file says (None: not stated)
-        "units": "HU" if volume.modality == "CT" else volume.meta.get("units"),
+        "units": volume.units,  # HU for a CT, a PET's Bq/mL or SUV where the file says; None: not stated or doubtful
         "notes": volume.meta.get("notes", []),  # what was left out or drawn approximately, one sentence each
     }))
 
@@ -264,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "from the front, 9: from the patient's left)")
     view.add_argument("--window", default=None,
                       help="CT: soft tissue, lung, bone, brain, liver; PET: inverted, and in SUV 'SUV 0-5', "
-                           "'SUV 0-5 inverted', 'SUV 0-10 inverted'; auto; or width/level (350/50)")
+                           "'SUV 0-5 inverted', 'SUV 0-10 inverted'; auto; or width/level (350/50). Default: "
+                           "soft tissue for CT, inverted for a PET's MIP, else auto")
     view.add_argument("--out", required=True, help="PNG file to write")
     _add_modality_option(view)
     view.set_defaults(run=cmd_view)

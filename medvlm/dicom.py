@@ -629,6 +629,7 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
             pixels *= np.float32(factor)
             meta["suv_converted_from"], meta["units"] = meta["units"], SUV_UNITS
     if modality == "CT" and not any(image.intercept_stated for image in images) and float(np.nanmin(pixels)) >= 0:
+        meta["hu_unlikely"] = True
         notes.append("the CT states no rescale intercept and holds no value below 0, so its values are likely not "
                      "Hounsfield units (air lies near −1000): windows and the model may read it wrongly; re-export "
                      "the series with its rescale")

@@ -26,13 +26,14 @@ from .preprocess import (
     robust_range,
     to_uint8,
     unknown_window,
+    window_names,
     window_range,
 )
 from .projection import MIP_FRAMES, mip_angle, mip_image, mip_seen_from
 from .volume import Volume
 
-__all__ = ["MIP", "PLANES", "SLICE_ONE", "VIEWS", "opening_slice", "png_path", "render_slice", "save_png",
-           "slice_count", "slice_location", "slice_width_mm", "window_limits"]
+__all__ = ["MIP", "PLANES", "SLICE_ONE", "VIEWS", "opening_slice", "opening_window", "png_path", "render_slice",
+           "save_png", "slice_count", "slice_location", "slice_width_mm", "window_limits"]
 
 PLANES = ("axial", "coronal", "sagittal")
 MIP = "mip"  # the rotating maximum intensity projection, shown as a plane whose slices are its frames
@@ -69,6 +70,14 @@ def slice_width_mm(volume: Volume, plane: str, index: int) -> float:
 def opening_slice(volume: Volume, plane: str) -> int:
     """The slice (from 0) a plane opens at: its middle one; the MIP's frame seen from the front."""
     return 0 if plane == MIP else slice_count(volume, plane) // 2
+
+
+def opening_window(volume: Volume, plane: str) -> str:
+    """The window a view opens in: the modality's default; the MIP in inverted grey (uptake dark on white, as
+    nuclear medicine reads a MIP) where the modality offers it."""
+    if plane == MIP and INVERTED_WINDOW in window_names(volume.modality, volume.units):
+        return INVERTED_WINDOW
+    return default_window(volume.modality)
 
 
 def slice_location(volume: Volume, plane: str, index: int) -> str:
@@ -131,8 +140,8 @@ def render_slice(volume: Volume, plane: str, index: int | None = None, window: s
 
     plane: "axial", "coronal", "sagittal" or "mip"; index: slice along that plane's axis, or the MIP's frame
     (None: `opening_slice`);
-    window: a preset of `preprocess.window_names(volume.modality, volume.meta.get("units"))`, or a width/level
-    such as "350/50" (`preprocess.typed_window`; None: the modality's default).
+    window: a preset of `preprocess.window_names(volume.modality, volume.units)`, or a width/level
+    such as "350/50" (`preprocess.typed_window`; None: `opening_window`).
     Raises UserInputError for an unknown plane or window, or an index out of range.
     """
     count = slice_count(volume, plane)
@@ -140,8 +149,8 @@ def render_slice(volume: Volume, plane: str, index: int | None = None, window: s
     if not 0 <= index < count:
         what = "the MIP has frames" if plane == MIP else f"the {plane} plane has slices"
         raise UserInputError(f"slice index {index} is out of range; {what} 0 to {count - 1}")
-    window = default_window(volume.modality) if window is None else window
-    units = volume.meta.get("units")
+    window = opening_window(volume, plane) if window is None else window
+    units = volume.units
     if not known_window(window, volume.modality, units):
         raise UserInputError(unknown_window(window, volume.modality, units))
     lo, hi = window_limits(volume, window)

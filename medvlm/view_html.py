@@ -202,7 +202,7 @@ def shown_range(volume: Volume, window: str) -> str:
     if window in CT_WINDOWS or window in SUV_WINDOWS or typed_window(window) is not None:
         return ""  # its level and width, or its scale, say it
     low, high = sorted(window_limits(volume, window))
-    units = f" {shown(unbracketed(str(volume.meta['units'])))}" if volume.meta.get("units") else ""  # Bq/mL, SUV
+    units = f" {shown(unbracketed(volume.units))}" if volume.units else ""  # HU, Bq/mL, SUV
     return f" ({plain_number(low)} to {plain_number(high)}{units})".replace("-", "−")
 
 

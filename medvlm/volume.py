@@ -69,6 +69,14 @@ class Volume:
         return tuple(self.data.shape)  # type: ignore[return-value]
 
     @property
+    def units(self) -> str | None:
+        """What the values measure: "HU" for a CT (None where its header makes that unlikely, with a note saying
+        so: `meta["hu_unlikely"]`), a PET's "Bq/mL" or "SUV (g/mL)" where the file states it; None where unstated."""
+        if self.modality == "CT":
+            return None if self.meta.get("hu_unlikely") else "HU"
+        return self.meta.get("units")
+
+    @property
     def spacing_known(self) -> bool:
         """Whether the file stored its voxel spacing; an M3D .npy does not, and its `spacing` is 1 mm by convention."""
         return bool(self.meta.get("spacing_known", True))

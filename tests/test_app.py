@@ -173,12 +173,12 @@ def test_slice_image_follows_the_slider_and_the_window(app_module, ct_nifti):
     assert image_source(typed) == middle and "window typed · W 400 / L 40" in typed
     assert image_source(app_module.slice_html(session, "axial", "not a window", 21)) == middle  # the default
     app_module.show_slice(session, "axial", "soft tissue", 30)
-    slider, html = app_module.change_plane(session, "coronal", "soft tissue")  # first time: the middle slice
+    slider, html, _ = app_module.change_plane(session, "coronal", "soft tissue")  # first time: the middle slice
     assert slider["maximum"] == 64 and "Coronal 33 / 64 from posterior" in html
     app_module.show_slice(session, "coronal", "soft tissue", 50)
-    slider, html = app_module.change_plane(session, "axial", "soft tissue")  # back where the axial view was
+    slider, html, _ = app_module.change_plane(session, "axial", "soft tissue")  # back where the axial view was
     assert slider["value"] == 30 and "Axial 30 / 40 from inferior" in html
-    slider, html = app_module.change_plane(session, "coronal", "soft tissue")
+    slider, html, _ = app_module.change_plane(session, "coronal", "soft tissue")
     assert slider["value"] == 50 and "Coronal 50 / 64" in html
 
 
@@ -224,14 +224,17 @@ def test_a_pet_can_be_read_as_a_rotating_mip(app_module, tmp_path, ct_nifti):
     pet = save_nifti(tmp_path / "pet.nii.gz", np.abs(torso_ct()) / 100, (4.0, 4.0, 4.0), modality="PT")
     session, outputs = loaded(app_module, [pet])
     assert ("MIP", "mip") in outputs["plane"]["choices"] and outputs["slider"]["label"] == "Slice"
-    slider, html = app_module.change_plane(session, "mip", "inverted")
+    slider, html, window = app_module.change_plane(session, "mip", "auto")  # opens in inverted grey, and says so
     assert (slider["maximum"], slider["value"], slider["label"]) == (36, 1, "MIP frame (10° each)")
     assert "MIP 1 / 36 · 0°, seen from the front · window inverted" in html and "kept-mark" not in html
+    assert window == "inverted"
     view, _ = app_module.show_slice(session, "mip", "inverted", 10)
     assert "MIP 10 / 36 · 90°, seen from the patient's left" in view and '"edge edge-left">A<' in view
-    slider, html = app_module.change_plane(session, "axial", "inverted")
-    assert slider["label"] == "Slice" and "Axial" in html
-    assert app_module.change_plane(session, "mip", "inverted")[0]["value"] == 10  # the MIP reopens where it was
+    slider, html, window = app_module.change_plane(session, "axial", "inverted")  # the planes keep the window
+    assert slider["label"] == "Slice" and "Axial" in html and "window inverted" in html
+    assert isinstance(window, type(gr.skip()))
+    slider, html, window = app_module.change_plane(session, "mip", "4/2")  # a window the reader chose stays
+    assert slider["value"] == 10 and "window typed · W 4 / L 2" in html and isinstance(window, type(gr.skip()))
     plane, slider, html = app_module.jump_to_axial(session, 33.0, "inverted")  # a spot clicked on the MIP
     assert (plane, slider["value"], slider["label"]) == ("axial", 33, "Slice") and "Axial 33 / 40" in html
     assert app_module.jump_to_axial(session, 999, "inverted")[1]["value"] == 40  # past the top: the last slice
@@ -873,7 +876,7 @@ def test_numbers_typed_past_a_sliders_ends_go_to_the_nearest_end_and_the_box_say
     assert "Axial 3 /" in view and box == gr.skip()  # in range: the box is left as typed
     view, box = app_module.show_slice(session, "axial", "soft tissue", 2.9)
     assert "Axial 3 /" in view and box == 3  # the nearest slice, and the box says which
-    slider, view = app_module.change_plane(session, None, "soft tissue")  # an API client's plane: none: axial,
+    slider, view, _ = app_module.change_plane(session, None, "soft tissue")  # an API client's plane: none: axial,
     assert "Axial 3 / " in view and slider["value"] == 3  # where the axial view was
     plot, box = app_module.redraw_3d(session, 99999.0)
     drawn_at = plot.data[0].name if plot.data else plot.layout.annotations[0].text

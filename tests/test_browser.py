@@ -213,7 +213,8 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     page.locator("#scan-upload input[type=file]").set_input_files(str(pet))
     page.locator("#status-line", has_text="Ready").wait_for()
     page.get_by_label("MIP", exact=True).check()
-    page.locator("#slice-view", has_text="MIP 1 / 36 · 0°, seen from the front").wait_for()
+    page.locator("#slice-view", has_text="MIP 1 / 36 · 0°, seen from the front · window inverted").wait_for()
+    assert page.locator("#window-select input").input_value().startswith("inverted ")  # as a MIP is read
     page.locator("#slice-view").focus()
     page.keyboard.press("ArrowDown")  # below the first frame comes the last: the MIP goes round
     page.locator("#slice-view", has_text="MIP 36 / 36 · 350°").wait_for()

@@ -48,8 +48,8 @@ def test_view_writes_an_axial_png_in_radiological_convention(tmp_path, marked_ct
 
 
 def test_view_writes_a_mip_frame_and_names_the_frames_when_one_is_past_them(tmp_path):
-    """`view --plane mip --index 9`: the PET seen from the patient's left (anterior on the image's left); a frame
-    past the last is one sentence, exit status 2."""
+    """`view --plane mip --index 9`: the PET seen from the patient's left (anterior on the image's left), without
+    --window in inverted grey as a MIP is read; a frame past the last is one sentence, exit status 2."""
     uptake = np.ones((10, 20, 20), np.float32)
     uptake[4:6, 15:18, 9:11] = 9.0  # anterior (high y), in the middle from side to side
     scan = save_nifti(tmp_path / "pet.nii.gz", uptake, (4.0, 4.0, 4.0), modality="PT")
@@ -59,6 +59,9 @@ def test_view_writes_a_mip_frame_and_names_the_frames_when_one_is_past_them(tmp_
     image = np.asarray(Image.open(out))
     columns = np.nonzero(image.max(axis=0) == image.max())[0]
     assert columns.max() < image.shape[1] / 2  # the hot spot on the left: anterior, seen from the left
+    assert _cli("view", scan, "--plane", "mip", "--index", "9", "--out", out).returncode == 0
+    inverted = np.asarray(Image.open(out)).astype(int)
+    assert np.abs(inverted - (255 - image.astype(int))).max() <= 1  # the hot spot dark on white
     refused = _cli("view", scan, "--plane", "mip", "--index", "36", "--out", out)
     assert refused.returncode == 2
     assert refused.stderr.strip() == "error: slice index 36 is out of range; the MIP has frames 0 to 35"

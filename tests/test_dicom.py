@@ -238,7 +238,8 @@ def test_a_rescale_that_cannot_be_used_is_refused_not_guessed(tmp_path, marked_c
 
 def test_a_ct_without_rescale_is_read_as_stored_and_flagged_when_it_cannot_be_in_hu(tmp_path, marked_ct):
     """CT requires RescaleIntercept. Without it, signed values are taken as the HU they look like; values that are
-    all 0 or more (raw detector numbers, air at 0 rather than −1000) are shown with a note that they are not HU."""
+    all 0 or more (raw detector numbers, air at 0 rather than −1000) are shown with a note that they are not HU, and
+    their units (`info`'s "units") are not claimed to be HU."""
     for name, data in (("signed", marked_ct), ("raw", marked_ct + 1024)):
         files = save_dicom_series(tmp_path / name, data, MARKED_SPACING)
         for path in files:
@@ -249,6 +250,7 @@ def test_a_ct_without_rescale_is_read_as_stored_and_flagged_when_it_cannot_be_in
         np.testing.assert_array_equal(scan.data, data)
         flagged = any("likely not Hounsfield units" in note for note in scan.meta.get("notes", []))
         assert flagged == (name == "raw")
+        assert scan.units == (None if name == "raw" else "HU")
 
 
 def _outside_circle(shape) -> np.ndarray:
