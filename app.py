@@ -34,7 +34,7 @@ from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import CutOff, Encoding, Pipeline
 from medvlm.preprocess import default_window, known_window, unknown_window
-from medvlm.projection import MIP_STEP_DEGREES
+from medvlm.projection import MIP_STEP_DEGREES, mip_voxel
 from medvlm.view import MIP, VIEWS, opening_slice, opening_window, slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.view_html import (
@@ -220,6 +220,7 @@ class ScanSession:
     threshold_range: tuple[float, float] = (-math.inf, math.inf)  # the 3D threshold slider's, for this scan
     shown_slices: dict[str, int] = field(default_factory=dict)  # plane → the slice (from 1) last shown in it
     shown: tuple[str, str | None] = ("axial", None)  # the plane and window the viewer last showed
+    spot: tuple[int, int, int] | None = None  # the voxel (z, y, x) last found from a click on the MIP, marked
     # How often the visitor changed the plane or jumped to a slice: a slice asked for before that and drawn after
     # it (a MIP frame still being projected) is not put on the page, where it would show under the new controls.
     view_changes: int = 0
@@ -645,7 +646,7 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     index = _slice_number(volume, plane, slice_number) - 1
     if not known_window(window, volume.modality, volume.units):
         window = opening_window(volume, plane)
-    view = slice_view_html(volume, plane, index, window, session.kept_slices)
+    view = slice_view_html(volume, plane, index, window, session.kept_slices, session.spot)
     if since is not None and session.view_changes != since:
         return None
     session.shown_slices[plane] = index + 1  # a plane opened again opens here
@@ -739,10 +740,33 @@ def jump_to_kept(session: ScanSession | None, kept: str | None, window: str | No
     return (*jump_to_axial(session, kept, window), gr.update(value=None))
 
 
+def find_mip_spot(session: ScanSession | None, spot: object, window: str | None):
+    """Find a spot clicked on the MIP in the slices, as a PET viewer does: the brightest voxel along that line of
+    sight at that height (`projection.mip_voxel`) is marked, the axial slice through it shown, and the coronal and
+    sagittal planes open through it too. `spot` is "frame down across" (viewer.js): the MIP frame (from 1) and
+    where on its image the click fell, as fractions of its height and width from the top left corner (what follows
+    is not read: the page counts its clicks there). A spot beside the field of view opens the axial slice at its
+    height, unmarked. Returns (plane, slider, slice view). The value comes unchecked (`preprocess=False`); anything
+    else changes nothing."""
+    numbers = [_typed_number(part) for part in spot.split()[:3]] if isinstance(spot, str) else []
+    if session is None or session.volume is None or len(numbers) != 3 or None in numbers:
+        return gr.skip(), gr.skip(), gr.skip()
+    frame, down, across = numbers
+    volume = session.volume
+    down, across = min(1.0, max(0.0, down)), min(1.0, max(0.0, across))
+    session.spot = voxel = mip_voxel(volume, _slice_number(volume, MIP, frame) - 1, down, across)
+    if voxel is None:  # the axial slice at that height: the MIP's top row is the last slice
+        slices = slice_count(volume, "axial")
+        return jump_to_axial(session, slices - min(slices - 1, math.floor(down * slices)), window)
+    z, y, x = voxel
+    session.shown_slices.update(coronal=y + 1, sagittal=x + 1)
+    return jump_to_axial(session, z + 1, window)
+
+
 def jump_to_axial(session: ScanSession | None, number: object, window: str | None):
     """Show axial slice `number` (from 1; the nearest one for a number past the ends): a kept slice chosen from the
-    list, or the height of a spot clicked on the MIP (viewer.js). Returns (plane, slider, slice view). The value
-    comes unchecked (`preprocess=False`); one that is no number changes nothing."""
+    list, or a spot found from the MIP. Returns (plane, slider, slice view). The value comes unchecked; one that
+    is no number changes nothing."""
     number = _typed_number(number)
     if session is None or session.volume is None or number is None:
         return gr.skip(), gr.skip(), gr.skip()
@@ -1110,8 +1134,8 @@ def build_demo() -> gr.Blocks:
                             # can also click the green marks under the image.
                             kept = gr.Dropdown([], value=None, label="Kept slices (axial)", scale=1,
                                                min_width=190, elem_id="kept-slices", interactive=True)
-                        # Where viewer.js puts the axial slice of a spot clicked on the MIP: on the page, not shown.
-                        axial_jump = gr.Number(None, visible="hidden", elem_id="axial-jump", precision=0)
+                        # Where viewer.js puts a spot clicked on the MIP (find_mip_spot): on the page, not shown.
+                        mip_spot = gr.Textbox(None, visible="hidden", elem_id="mip-spot")
                         with gr.Row():
                             plane = gr.Radio(plane_choices("CT"), value="axial", label="Plane", scale=3)
                             # A preset, or a width/level typed into the box (350/50), in the scan's units
@@ -1207,8 +1231,9 @@ def build_demo() -> gr.Blocks:
                            api_name="show_slice", trigger_mode="always_last", preprocess=False, **viewer)
         kept.select(jump_to_kept, [session, kept, window], [plane, slice_slider, slice_view, kept],
                     api_name="jump_to_kept", **viewer)
-        axial_jump.input(jump_to_axial, [session, axial_jump, window], [plane, slice_slider, slice_view],
-                         api_name="jump_to_axial", preprocess=False, **viewer)
+        # .change: a hidden textbox sends no .input for viewer.js's event (its count makes each click a change)
+        mip_spot.change(find_mip_spot, [session, mip_spot, window], [plane, slice_slider, slice_view],
+                        api_name="find_mip_spot", preprocess=False, **viewer)
         # Dragging, the number box (Enter) and the arrow keys all redraw; while one redraw runs, only the last
         # value asked for waits.
         threshold.input(redraw_3d, [session, threshold], [plot, threshold], api_name="show_3d",

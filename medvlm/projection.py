@@ -18,7 +18,8 @@ import numpy as np
 
 from .volume import Volume
 
-__all__ = ["MIP_FRAMES", "MIP_STEP_DEGREES", "mip_angle", "mip_edges", "mip_image", "mip_seen_from"]
+__all__ = ["MIP_FRAMES", "MIP_STEP_DEGREES", "mip_angle", "mip_edges", "mip_image", "mip_point", "mip_seen_from",
+           "mip_voxel"]
 
 MIP_STEP_DEGREES = 10
 MIP_FRAMES = 360 // MIP_STEP_DEGREES
@@ -66,6 +67,24 @@ def mip_seen_from(frame: int) -> str:
 _CHUNK_VALUES = 8_000_000  # voxels gathered at once (32 MB of float32), so a big scan's frame needs little memory
 
 
+def _column_grid(rows: int, columns: int, row_mm: float, column_mm: float) -> tuple[float, int]:
+    """(the image columns' width in mm, how many there are) for an axial grid of (rows = Y, columns = X) voxels of
+    that size: as wide as the grid's larger side, with at most _MAX_COLUMNS columns (`_image_columns`)."""
+    height, width = rows * row_mm, columns * column_mm
+    step = max(min(row_mm, column_mm), max(height, width) / _MAX_COLUMNS)
+    return step, round(max(height, width) / step)
+
+
+def _across(y, x, rows: int, columns: int, row_mm: float, column_mm: float, frame: int):
+    """Where voxel centres (y, x) of such a grid fall across `frame`'s image, in columns from its left (a column's
+    centre at a whole number)."""
+    step, count = _column_grid(rows, columns, row_mm, column_mm)
+    right, _ = _directions(frame)
+    x_mm = (x - (columns - 1) / 2) * column_mm  # toward the patient's right (index from the left)
+    y_mm = (y - (rows - 1) / 2) * row_mm  # toward anterior (index from posterior)
+    return (y_mm * right[1] + x_mm * right[0]) / step + (count - 1) / 2
+
+
 @functools.lru_cache(maxsize=MIP_FRAMES)  # one grid's frames: a PET's are small, a 512 × 512 grid's a few MB each
 def _image_columns(rows: int, columns: int, row_mm: float, column_mm: float,
                    frame: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -79,13 +98,10 @@ def _image_columns(rows: int, columns: int, row_mm: float, column_mm: float,
     grid's larger side (a scanner's field of view is round: its corners hold air, and a fixed width keeps the image
     still while it turns), with at most _MAX_COLUMNS columns.
     """
-    height, width = rows * row_mm, columns * column_mm
-    step = max(min(row_mm, column_mm), max(height, width) / _MAX_COLUMNS)
-    count = round(max(height, width) / step)
+    step, count = _column_grid(rows, columns, row_mm, column_mm)
     right, _ = _directions(frame)
-    x = (np.arange(columns) - (columns - 1) / 2) * column_mm  # mm toward the patient's right (index from the left)
-    y = (np.arange(rows) - (rows - 1) / 2) * row_mm  # mm toward anterior (index from posterior)
-    across = (y[:, None] * right[1] + x[None, :] * right[0]).reshape(-1) / step + (count - 1) / 2  # in columns
+    across = _across(np.arange(rows)[:, None], np.arange(columns)[None, :], rows, columns, row_mm, column_mm,
+                     frame).reshape(-1)
     # Half a footprint, in columns; a hair wider, so that footprints that tile the row meet on a column's centre
     # instead of both missing it by a rounding error.
     half = (abs(right[0]) * column_mm + abs(right[1]) * row_mm) / step / 2 + 1e-6
@@ -128,3 +144,37 @@ def mip_image(volume: Volume, frame: int) -> tuple[np.ndarray, float, float]:
             image[first:first + chunk, crossed] = np.fmax.reduceat(voxels, starts, axis=1)
         frames[frame] = (image[::-1], float(dz), step)
     return frames[frame]
+
+
+def mip_voxel(volume: Volume, frame: int, down: float, across: float) -> tuple[int, int, int] | None:
+    """The voxel (z, y, x) whose value the MIP of `frame` shows at a spot `down` and `across` its image (fractions
+    of its height and width from its top left corner): the brightest along that line of sight, at that height.
+    This is how a reader finds a hot spot seen on the MIP in the slices. None where no voxel falls in that column
+    (beside the field of view), or all of them are NaN."""
+    frame %= MIP_FRAMES
+    slices, rows, columns = volume.data.shape
+    _, dy, dx = volume.spacing
+    order, starts, crossed, _ = _image_columns(rows, columns, float(dy), float(dx), frame)
+    column = min(crossed.size - 1, max(0, math.floor(across * crossed.size)))
+    if not crossed[column]:
+        return None
+    group = int(np.count_nonzero(crossed[:column]))  # the column's place among those a voxel falls in
+    end = starts[group + 1] if group + 1 < starts.size else order.size
+    voxels = order[starts[group]:end]
+    z = slices - 1 - min(slices - 1, max(0, math.floor(down * slices)))  # the top row is the last slice
+    values = volume.data[z].reshape(-1)[voxels]
+    if np.isnan(values).all():
+        return None
+    y, x = divmod(int(voxels[np.nanargmax(values)]), columns)
+    return z, y, x
+
+
+def mip_point(volume: Volume, frame: int, voxel: tuple[int, int, int]) -> tuple[float, float]:
+    """Where voxel (z, y, x) lies on the MIP of `frame`, as (down, across) fractions of its image's height and width
+    from its top left corner (`mip_voxel`'s spot): the same point seen from each side."""
+    slices, rows, columns = volume.data.shape
+    z, y, x = voxel
+    _, dy, dx = volume.spacing
+    _, count = _column_grid(rows, columns, float(dy), float(dx))
+    across = _across(y, x, rows, columns, float(dy), float(dx), frame % MIP_FRAMES)
+    return (slices - 1 - z + 0.5) / slices, float(across + 0.5) / count

@@ -29,11 +29,11 @@ from .preprocess import (
     window_names,
     window_range,
 )
-from .projection import MIP_FRAMES, mip_angle, mip_image, mip_seen_from
+from .projection import MIP_FRAMES, mip_angle, mip_image, mip_point, mip_seen_from
 from .volume import Volume
 
 __all__ = ["MIP", "PLANES", "SLICE_ONE", "VIEWS", "opening_slice", "opening_window", "png_path", "render_slice",
-           "save_png", "slice_count", "slice_location", "slice_width_mm", "window_limits"]
+           "save_png", "slice_count", "slice_location", "slice_width_mm", "spot_position", "window_limits"]
 
 PLANES = ("axial", "coronal", "sagittal")
 MIP = "mip"  # the rotating maximum intensity projection, shown as a plane whose slices are its frames
@@ -70,6 +70,24 @@ def slice_width_mm(volume: Volume, plane: str, index: int) -> float:
 def opening_slice(volume: Volume, plane: str) -> int:
     """The slice (from 0) a plane opens at: its middle one; the MIP's frame seen from the front."""
     return 0 if plane == MIP else slice_count(volume, plane) // 2
+
+
+def spot_position(volume: Volume, plane: str, index: int, voxel: tuple[int, int, int]) -> tuple[float, float] | None:
+    """Where voxel (z, y, x) lies on `render_slice`'s image of slice `index` of `plane`, as (down, across)
+    fractions of its height and width from its top left corner; None where that slice does not hold it. Every
+    MIP frame shows it (`projection.mip_point`)."""
+    axis = _check_plane(plane)
+    if axis is None:
+        return mip_point(volume, index, voxel)
+    if voxel[axis] != index:
+        return None
+    slices, rows, columns = volume.shape
+    z, y, x = voxel
+    # As _display_slice lays them out: superior, anterior at the top; the patient's right, anterior on the left.
+    down, across = {"axial": ((rows - 1 - y, rows), (columns - 1 - x, columns)),
+                    "coronal": ((slices - 1 - z, slices), (columns - 1 - x, columns)),
+                    "sagittal": ((slices - 1 - z, slices), (rows - 1 - y, rows))}[plane]
+    return (down[0] + 0.5) / down[1], (across[0] + 0.5) / across[1]
 
 
 def opening_window(volume: Volume, plane: str) -> str:

@@ -14,7 +14,17 @@ from PIL import Image
 
 from .preprocess import CT_WINDOWS, INVERTED_WINDOW, SUV_WINDOWS, typed_window, window_names
 from .projection import mip_edges
-from .view import MIP, PLANES, SLICE_ONE, render_slice, slice_count, slice_location, slice_width_mm, window_limits
+from .view import (
+    MIP,
+    PLANES,
+    SLICE_ONE,
+    render_slice,
+    slice_count,
+    slice_location,
+    slice_width_mm,
+    spot_position,
+    window_limits,
+)
 from .volume import Volume
 
 # Letters at the image edges (left, right, top, bottom), radiological convention as `render_slice` draws.
@@ -106,11 +116,13 @@ def _cell(text: str) -> str:
 
 # The slice viewer --------------------------------------------------------------------------------------------
 
-def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_slices: list[int]) -> str:
+def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_slices: list[int],
+                    spot: tuple[int, int, int] | None = None) -> str:
     """The slice `index` (from 0) of `plane` in `window` as an inline PNG (nothing written to disk), with its
     orientation letters, its pixel size for the ruler, buttons (viewer.js) that enlarge it to the window, measure
     on it and, for the MIP, turn it, a track marking `kept_slices` (axial indices the model kept) and the cursor,
-    and a caption: where the slice lies, the window, whether the model kept it."""
+    and a caption: where the slice lies, the window, whether the model kept it. `spot`: a voxel (z, y, x) found
+    from a click on the MIP, marked where this image shows it (`_spot_mark`)."""
     count = slice_count(volume, plane)
     pixels = render_slice(volume, plane, index, window)
     buffer = io.BytesIO()
@@ -126,10 +138,12 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
     black, white = window_limits(volume, window)
     frame = "slice-frame inverted" if black > white else "slice-frame"  # white around a white image
     location = slice_location(volume, plane, index)
+    at = spot_position(volume, plane, index, spot) if spot is not None else None
     return (f'<div class="slice-view"><div class="{frame}">'
             f'<img class="slice-image" src="data:image/png;base64,{source}" '
-            f'alt="{_name_of(plane, index, count)}" draggable="false" data-slice="{index + 1}"'
-            f'{_pixel_size(volume, plane, index, pixels)}{_axial_slices(volume, plane)}>'
+            f'alt="{_name_of(plane, index, count)}{", the spot found from the MIP marked" if at else ""}" '
+            f'draggable="false" data-slice="{index + 1}"'
+            f'{_pixel_size(volume, plane, index, pixels)}{_spot_click(plane)}>{_spot_mark(pixels, at)}'
             f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
             f'<span class="edge edge-top">{top}</span><span class="edge edge-bottom">{bottom}</span>'
             '<button type="button" class="slice-enlarge" title="Enlarge the image (Esc to close)" '
@@ -140,6 +154,20 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
             f'{f" · {location}" if location else ""} · window '
             f'{window_label(window)}{shown_range(volume, window)}'
             f'{kept_note}</div></div>')
+
+
+def _spot_mark(pixels, at: tuple[float, float] | None) -> str:
+    """A cross-hair with a gap in the middle, so that what it marks stays in view, at `at` ((down, across)
+    fractions of the image): an SVG over the image, drawn in its pixels and fitted as the image is
+    (object-fit: contain), so it stays on its voxel however large the viewer draws the image."""
+    if at is None:
+        return ""
+    height, width = pixels.shape[:2]
+    y, x, gap, arm = at[0] * height, at[1] * width, 0.025 * max(height, width), 0.06 * max(height, width)
+    arms = "".join(f'<line x1="{x + dx * gap:.1f}" y1="{y + dy * gap:.1f}" x2="{x + dx * (gap + arm):.1f}" '
+                   f'y2="{y + dy * (gap + arm):.1f}"/>' for dx, dy in ((-1, 0), (1, 0), (0, -1), (0, 1)))
+    return (f'<svg class="spot-mark" viewBox="0 0 {width} {height}" preserveAspectRatio="xMidYMid meet" '
+            f'aria-hidden="true">{arms}</svg>')
 
 
 # The ruler (viewer.js): pressed, a drag across the image measures the distance in mm; on again, off.
@@ -155,13 +183,9 @@ def _pixel_size(volume: Volume, plane: str, index: int, pixels) -> str:
     return f' data-mm-per-pixel="{slice_width_mm(volume, plane, index) / pixels.shape[1]:.6g}"'
 
 
-def _axial_slices(volume: Volume, plane: str) -> str:
-    """For the MIP: its rows' axial slices (its top row is the last, superior, slice), so that a spot clicked on it
-    opens its axial slice (viewer.js)."""
-    if plane != MIP:
-        return ""
-    return (f' data-axial-slices="{slice_count(volume, "axial")}" '
-            'title="Click a spot to see its axial slice"')
+def _spot_click(plane: str) -> str:
+    """For the MIP: a spot clicked on it is found in the slices (viewer.js, the app's `find_mip_spot`)."""
+    return ' data-spot-click title="Click a spot to find it in the slices"' if plane == MIP else ""
 
 
 def _turn_button(plane: str) -> str:

@@ -235,10 +235,32 @@ def test_a_pet_can_be_read_as_a_rotating_mip(app_module, tmp_path, ct_nifti):
     assert isinstance(window, type(gr.skip()))
     slider, html, window = app_module.change_plane(session, "mip", "4/2")  # a window the reader chose stays
     assert slider["value"] == 10 and "window typed · W 4 / L 2" in html and isinstance(window, type(gr.skip()))
-    plane, slider, html = app_module.jump_to_axial(session, 33.0, "inverted")  # a spot clicked on the MIP
-    assert (plane, slider["value"], slider["label"]) == ("axial", 33, "Slice") and "Axial 33 / 40" in html
-    assert app_module.jump_to_axial(session, 999, "inverted")[1]["value"] == 40  # past the top: the last slice
-    assert all(isinstance(output, type(gr.skip())) for output in app_module.jump_to_axial(session, "top", "auto"))
+    session.release()
+
+
+def test_a_spot_clicked_on_the_mip_is_found_and_marked_in_every_plane(app_module, tmp_path):
+    """A reader clicks a hot spot on the MIP: the axial slice through its hottest voxel opens with the spot marked,
+    and the coronal and sagittal planes open through it, marked too; a slice that does not hold it is unmarked.
+    What is no spot (an API client's) changes nothing."""
+    uptake = np.abs(torso_ct()) / 100
+    uptake[31, 41, 11] = 9.0  # the hottest voxel: toward the patient's left (low x), anterior (high y)
+    uptake[30:34, 40:44, 10:14] = np.maximum(uptake[30:34, 40:44, 10:14], 6.0)
+    pet = save_nifti(tmp_path / "pet.nii.gz", uptake, (4.0, 4.0, 4.0), modality="PT")
+    session, _ = loaded(app_module, [pet])
+    app_module.change_plane(session, "mip", "auto")
+    # Seen from the front (frame 1), 64 columns of 4 mm, the patient's right on the left: x 11 is column 52.
+    plane, slider, html = app_module.find_mip_spot(session, f"1 {(40 - 1 - 31 + 0.5) / 40} {(63 - 11 + 0.5) / 64}",
+                                                   "inverted")
+    assert (plane, slider["value"], slider["label"]) == ("axial", 32, "Slice") and "Axial 32 / 40" in html
+    assert 'class="spot-mark"' in html and "the spot found from the MIP marked" in html
+    assert 'class="spot-mark"' in app_module.change_plane(session, "coronal", "inverted")[1]  # y 41: slice 42
+    assert "Coronal 42 / 64" in app_module.show_slice(session, "coronal", "inverted", 42)[0]
+    assert 'class="spot-mark"' not in app_module.show_slice(session, "coronal", "inverted", 20)[0]
+    slider, html, _ = app_module.change_plane(session, "sagittal", "inverted")
+    assert slider["value"] == 12 and 'class="spot-mark"' in html
+    assert 'class="spot-mark"' in app_module.change_plane(session, "mip", "inverted")[1]  # on every frame
+    for no_spot in ("top", "1 0.5", "1 nan 0.5", None, 3):
+        assert all(isinstance(output, type(gr.skip())) for output in app_module.find_mip_spot(session, no_spot, "auto"))
     session.release()
 
 
@@ -251,10 +273,10 @@ def test_a_mip_frame_drawn_after_the_plane_changed_stays_off_the_page(app_module
     app_module.change_plane(session, "mip", "auto")
     drawn = app_module.slice_view_html
 
-    def slow_frame(volume, plane, index, window, kept):  # the plane is pressed while the frame is drawn
+    def slow_frame(volume, plane, *args):  # the plane is pressed while the frame is drawn
         if plane == "mip":
             app_module.change_plane(session, "axial", "auto")
-        return drawn(volume, plane, index, window, kept)
+        return drawn(volume, plane, *args)
 
     monkeypatch.setattr(app_module, "slice_view_html", slow_frame)
     view, slider = app_module.show_slice(session, "mip", "auto", 5)

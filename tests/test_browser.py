@@ -244,7 +244,8 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     page.wait_for_timeout(600)
     shown = page.locator("#slice-view .slice-caption").inner_text().split()[1]
     assert shown == page.locator("#slice-slider input[type=number]").input_value() == "21", shown  # the middle one
-    # A click on the hot spot's height in the MIP opens the axial slice through it (index 32: the 33rd of 40).
+    # A click at the hot spot's height on the MIP finds the brightest voxel there: the axial slice through it (index
+    # 32: the 33rd of 40) opens, and it is marked there and in the coronal plane.
     page.get_by_label("MIP", exact=True).check()
     page.locator("#slice-view", has_text="MIP").wait_for()
     spot = page.evaluate("""() => {  // the image as drawn inside its box (object-fit: contain), from the box's corner
@@ -258,6 +259,10 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     page.locator("#slice-view", has_text="Axial 33 / 40").wait_for()
     assert page.locator("#slice-slider input[type=number]").input_value() == "33"
     assert page.get_by_label("axial", exact=True).is_checked()
+    assert page.locator("#slice-view .spot-mark").is_visible()
+    page.get_by_label("coronal", exact=True).check()
+    page.locator("#slice-view", has_text="Coronal").wait_for()
+    assert page.locator("#slice-view .spot-mark").is_visible()
     page.close()
 
 

@@ -7,7 +7,7 @@ from conftest import MARKED_SPACING
 from PIL import Image
 
 from medvlm.errors import UserInputError
-from medvlm.view import render_slice, save_png, slice_count, slice_location
+from medvlm.view import render_slice, save_png, slice_count, slice_location, spot_position
 from medvlm.volume import Volume, load_volume
 from medvlm.writers import save_dicom_series
 
@@ -193,3 +193,20 @@ def test_the_rulers_pixel_size_is_the_slices_true_size_in_both_directions(marked
     assert render_slice(pet, "mip", 9, "auto").shape[1] * mm == pytest.approx(16.8, rel=0.05)
     volume.meta["spacing_known"] = False  # an M3D .npy: its voxels are drawn as 1 mm, not measured
     assert "data-mm-per-pixel" not in slice_view_html(volume, "axial", 3, "soft tissue", [])
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal", "mip"])
+def test_a_spot_is_marked_where_the_image_shows_its_voxel(plane):
+    """The cross-hair of a spot found from the MIP sits on its voxel in each plane's image (flipped to the
+    radiological convention, stretched to square pixels) and in a MIP frame; a slice that misses it has none."""
+    data = np.zeros((10, 20, 30), np.float32)
+    voxel = (3, 15, 5)  # inferior, anterior, toward the patient's left
+    data[voxel] = 9.0
+    pet = _volume(data, spacing=(4.0, 2.0, 1.5), modality="PT")
+    index = {"axial": 3, "coronal": 15, "sagittal": 5, "mip": 4}[plane]
+    image = render_slice(pet, plane, index, "auto")
+    down, across = spot_position(pet, plane, index, voxel)
+    row, column = np.unravel_index(np.argmax(image), image.shape)
+    assert abs(down * image.shape[0] - (row + 0.5)) <= 1 and abs(across * image.shape[1] - (column + 0.5)) <= 1
+    if plane != "mip":
+        assert spot_position(pet, plane, index + 1, voxel) is None

@@ -176,7 +176,7 @@
     if (viewer) viewer.classList.toggle("measuring", measuring);
     const button = document.querySelector("#slice-view .slice-ruler");
     if (button) button.setAttribute("aria-pressed", String(measuring));
-    const mip = document.querySelector("#slice-view .slice-image[data-axial-slices]");
+    const mip = document.querySelector("#slice-view .slice-image[data-spot-click]");
     if (mip) {  // while measuring, a click measures: the MIP's "click a spot" title (kept aside) is not shown
       mip.dataset.clickTitle ??= mip.title;
       mip.title = measuring ? "" : mip.dataset.clickTitle;
@@ -204,15 +204,17 @@
   new MutationObserver(() => { if (measuring) showMeasuring(); })
     .observe(document.body, {childList: true, subtree: true});
 
-  // A spot clicked on the MIP opens the axial slice at its height (the MIP's top row is the last, superior, slice):
-  // the slice number goes to a box on the page that the app answers (jump_to_axial), as the slider's does.
+  // A spot clicked on the MIP is found in the slices (the app's find_mip_spot): the frame and where on it the click
+  // fell (fractions of the image's height and width) go to a box on the page that the app answers when it changes;
+  // a count of the clicks after them makes the same spot clicked again a change too.
+  let spotClicks = 0;
   document.addEventListener("click", (event) => {
-    const image = event.target.closest && event.target.closest("#slice-view .slice-image[data-axial-slices]");
-    const box = document.querySelector("#axial-jump input");
+    const image = event.target.closest && event.target.closest("#slice-view .slice-image[data-spot-click]");
+    const box = document.querySelector("#mip-spot textarea");
     if (!image || measuring || stoppedByPress || !box) return;
-    const slices = Number(image.dataset.axialSlices);
-    const fromTop = Math.min(slices - 1, Math.floor((onImage(image, event).y / image.naturalHeight) * slices));
-    box.value = String(slices - fromTop);
+    const point = onImage(image, event);
+    spotClicks += 1;
+    box.value = `${image.dataset.slice} ${point.y / image.naturalHeight} ${point.x / image.naturalWidth} ${spotClicks}`;
     box.dispatchEvent(new Event("input", {bubbles: true}));
   });
 
