@@ -34,8 +34,8 @@ from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import CutOff, Encoding, Pipeline
 from medvlm.preprocess import default_window, known_window, unknown_window
-from medvlm.projection import MIP_STEP_DEGREES, mip_voxel
-from medvlm.view import MIP, VIEWS, opening_slice, opening_window, slice_count
+from medvlm.projection import MIP_STEP_DEGREES
+from medvlm.view import MIP, VIEWS, mip_spot, opening_slice, opening_window, slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.view_html import (
     MODALITY_NAMES,
@@ -741,20 +741,20 @@ def jump_to_kept(session: ScanSession | None, kept: str | None, window: str | No
 
 
 def find_mip_spot(session: ScanSession | None, spot: object, window: str | None):
-    """Find a spot clicked on the MIP in the slices, as a PET viewer does: the brightest voxel along that line of
-    sight at that height (`projection.mip_voxel`) is marked, the axial slice through it shown, and the coronal and
-    sagittal planes open through it too. `spot` is "frame down across" (viewer.js): the MIP frame (from 1) and
-    where on its image the click fell, as fractions of its height and width from the top left corner (what follows
-    is not read: the page counts its clicks there). A spot beside the field of view opens the axial slice at its
-    height, unmarked. Returns (plane, slider, slice view). The value comes unchecked (`preprocess=False`); anything
-    else changes nothing."""
+    """Find a spot clicked on the MIP in the slices, as a PET viewer does: the brightest voxel near it along those
+    lines of sight (`view.mip_spot`) is marked, the axial slice through it shown, and the coronal and sagittal
+    planes open through it too. `spot` is "frame down across" (viewer.js): the MIP frame (from 1) and where on its
+    image the click fell, as fractions of its height and width from the top left corner (what follows is not
+    read: the page counts its clicks there). A spot on nothing but air, or beside the field of view, opens the
+    axial slice at its height, unmarked. Returns (plane, slider, slice view). The value comes unchecked
+    (`preprocess=False`); anything else changes nothing."""
     numbers = [_typed_number(part) for part in spot.split()[:3]] if isinstance(spot, str) else []
     if session is None or session.volume is None or len(numbers) != 3 or None in numbers:
         return gr.skip(), gr.skip(), gr.skip()
     frame, down, across = numbers
     volume = session.volume
     down, across = min(1.0, max(0.0, down)), min(1.0, max(0.0, across))
-    session.spot = voxel = mip_voxel(volume, _slice_number(volume, MIP, frame) - 1, down, across)
+    session.spot = voxel = mip_spot(volume, _slice_number(volume, MIP, frame) - 1, down, across)
     if voxel is None:  # the axial slice at that height: the MIP's top row is the last slice
         slices = slice_count(volume, "axial")
         return jump_to_axial(session, slices - min(slices - 1, math.floor(down * slices)), window)

@@ -24,6 +24,7 @@ __all__ = ["MIP_FRAMES", "MIP_STEP_DEGREES", "mip_angle", "mip_edges", "mip_imag
 MIP_STEP_DEGREES = 10
 MIP_FRAMES = 360 // MIP_STEP_DEGREES
 _MAX_COLUMNS = 256  # a MIP is an overview: at most this many columns (a PET's own matrix is about 128-200)
+SPOT_REACH = 0.02  # a click on the MIP finds the brightest voxel this share of its height and width around it
 _OBLIQUE = math.sin(math.radians(22.5))  # a direction's share past which its letter joins the edge's label
 _FRAMES: dict[int, tuple[float, dict]] = {}  # id(volume) → (the scan's lowest value, {frame: projection})
 
@@ -146,27 +147,37 @@ def mip_image(volume: Volume, frame: int) -> tuple[np.ndarray, float, float]:
     return frames[frame]
 
 
-def mip_voxel(volume: Volume, frame: int, down: float, across: float) -> tuple[int, int, int] | None:
-    """The voxel (z, y, x) whose value the MIP of `frame` shows at a spot `down` and `across` its image (fractions
-    of its height and width from its top left corner): the brightest along that line of sight, at that height.
-    This is how a reader finds a hot spot seen on the MIP in the slices. None where no voxel falls in that column
-    (beside the field of view), or all of them are NaN."""
+def mip_voxel(volume: Volume, frame: int, down: float, across: float,
+              reach: float = SPOT_REACH) -> tuple[int, int, int] | None:
+    """The voxel (z, y, x) a reader points at with a click on the MIP of `frame` at `down` and `across` its image
+    (fractions of its height and width from its top left corner): the brightest voxel along the lines of sight
+    within `reach` of the spot (a share of the image's height and width, at least one row and one column: a hand
+    misses a small hot spot by a few pixels), and of several as bright (a uniform hot region) the one nearest
+    their middle. This is how a reader finds a hot spot seen on the MIP in the slices. None where no voxel falls
+    near that spot (beside the field of view), or all of them are NaN."""
     frame %= MIP_FRAMES
     slices, rows, columns = volume.data.shape
     _, dy, dx = volume.spacing
     order, starts, crossed, _ = _image_columns(rows, columns, float(dy), float(dx), frame)
-    column = min(crossed.size - 1, max(0, math.floor(across * crossed.size)))
-    if not crossed[column]:
+    count = crossed.size
+    column = min(count - 1, max(0, math.floor(across * count)))
+    row = min(slices - 1, max(0, math.floor(down * slices)))  # the top row is the last slice
+    reach_columns, reach_rows = max(1, round(reach * count)), max(1, round(reach * slices))
+    ends = np.append(starts[1:], order.size)
+    place = np.cumsum(crossed) - 1  # each crossed column's place among them
+    near = [c for c in range(column - reach_columns, column + reach_columns + 1) if 0 <= c < count and crossed[c]]
+    if not near:
         return None
-    group = int(np.count_nonzero(crossed[:column]))  # the column's place among those a voxel falls in
-    end = starts[group + 1] if group + 1 < starts.size else order.size
-    voxels = order[starts[group]:end]
-    z = slices - 1 - min(slices - 1, max(0, math.floor(down * slices)))  # the top row is the last slice
-    values = volume.data[z].reshape(-1)[voxels]
+    voxels = np.concatenate([order[starts[place[c]]:ends[place[c]]] for c in near])
+    low = slices - 1 - min(slices - 1, row + reach_rows)
+    high = slices - 1 - max(0, row - reach_rows)
+    values = volume.data[low:high + 1].reshape(high - low + 1, -1)[:, voxels]
     if np.isnan(values).all():
         return None
-    y, x = divmod(int(voxels[np.nanargmax(values)]), columns)
-    return z, y, x
+    tied_z, tied = np.nonzero(values == np.nanmax(values))
+    z, (y, x) = tied_z + low, np.divmod(voxels[tied].astype(np.int64), columns)
+    pick = np.argmin((z - z.mean()) ** 2 + (y - y.mean()) ** 2 + (x - x.mean()) ** 2)
+    return int(z[pick]), int(y[pick]), int(x[pick])
 
 
 def mip_point(volume: Volume, frame: int, voxel: tuple[int, int, int]) -> tuple[float, float]:

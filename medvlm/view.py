@@ -29,17 +29,19 @@ from .preprocess import (
     window_names,
     window_range,
 )
-from .projection import MIP_FRAMES, mip_angle, mip_image, mip_point, mip_seen_from
+from .projection import MIP_FRAMES, mip_angle, mip_image, mip_point, mip_seen_from, mip_voxel
 from .volume import Volume
 
-__all__ = ["MIP", "PLANES", "SLICE_ONE", "VIEWS", "opening_slice", "opening_window", "png_path", "render_slice",
-           "save_png", "slice_count", "slice_location", "slice_width_mm", "spot_position", "window_limits"]
+__all__ = ["MIP", "PLANES", "SLICE_ONE", "VIEWS", "mip_spot", "opening_slice", "opening_window", "png_path",
+           "render_slice", "save_png", "slice_count", "slice_location", "slice_width_mm", "spot_position",
+           "window_limits"]
 
 PLANES = ("axial", "coronal", "sagittal")
 MIP = "mip"  # the rotating maximum intensity projection, shown as a plane whose slices are its frames
 VIEWS = (*PLANES, MIP)
 SLICE_ONE = {"axial": "inferior", "coronal": "posterior", "sagittal": "the patient's left"}  # each plane's index 0
 _PLANE_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}  # the axis of data (Z, Y, X) each plane steps along
+BACKGROUND_SHARE = 0.05  # of the "auto" range, above its lowest value: what a click on the MIP finds stands above it
 _AUTO_RANGES: dict[int, tuple[float, float]] = {}  # id(volume) → its "auto" range, dropped when the volume is freed
 
 
@@ -70,6 +72,17 @@ def slice_width_mm(volume: Volume, plane: str, index: int) -> float:
 def opening_slice(volume: Volume, plane: str) -> int:
     """The slice (from 0) a plane opens at: its middle one; the MIP's frame seen from the front."""
     return 0 if plane == MIP else slice_count(volume, plane) // 2
+
+
+def mip_spot(volume: Volume, frame: int, down: float, across: float) -> tuple[int, int, int] | None:
+    """The voxel (z, y, x) a click on the MIP of `frame` points at (`projection.mip_voxel`: the brightest near the
+    spot); None where nothing there stands above the scan's background (air beside the body: the lowest
+    BACKGROUND_SHARE of its "auto" range), or beside the field of view."""
+    voxel = mip_voxel(volume, frame, down, across)
+    low, high = window_limits(volume, AUTO_WINDOW)
+    if voxel is None or not volume.data[voxel] > low + BACKGROUND_SHARE * (high - low):
+        return None
+    return voxel
 
 
 def spot_position(volume: Volume, plane: str, index: int, voxel: tuple[int, int, int]) -> tuple[float, float] | None:

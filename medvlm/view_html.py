@@ -139,9 +139,10 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
     frame = "slice-frame inverted" if black > white else "slice-frame"  # white around a white image
     location = slice_location(volume, plane, index)
     at = spot_position(volume, plane, index, spot) if spot is not None else None
+    spot_note = f"cross-hair: the spot found from the MIP, {_spot_value(volume, spot)}" if at else ""
     return (f'<div class="slice-view"><div class="{frame}">'
             f'<img class="slice-image" src="data:image/png;base64,{source}" '
-            f'alt="{_name_of(plane, index, count)}{", the spot found from the MIP marked" if at else ""}" '
+            f'alt="{_name_of(plane, index, count)}{f", {spot_note}" if at else ""}" '
             f'draggable="false" data-slice="{index + 1}"'
             f'{_pixel_size(volume, plane, index, pixels)}{_spot_click(plane)}>{_spot_mark(pixels, at)}'
             f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
@@ -153,7 +154,13 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
             f'<div class="slice-caption">{_position(plane, index, count)}'
             f'{f" · {location}" if location else ""} · window '
             f'{window_label(window)}{shown_range(volume, window)}'
-            f'{kept_note}</div></div>')
+            f'{kept_note}{f" · {spot_note}" if at else ""}</div></div>')
+
+
+def _spot_value(volume: Volume, voxel: tuple[int, int, int]) -> str:
+    """A voxel's value with the scan's units where known: "16.2 SUV (g/mL)"."""
+    units = f" {shown(volume.units)}" if volume.units else ""
+    return f"{plain_number(float(volume.data[voxel]))}{units}".replace("-", "−")
 
 
 def _spot_mark(pixels, at: tuple[float, float] | None) -> str:
@@ -166,8 +173,9 @@ def _spot_mark(pixels, at: tuple[float, float] | None) -> str:
     y, x, gap, arm = at[0] * height, at[1] * width, 0.025 * max(height, width), 0.06 * max(height, width)
     arms = "".join(f'<line x1="{x + dx * gap:.1f}" y1="{y + dy * gap:.1f}" x2="{x + dx * (gap + arm):.1f}" '
                    f'y2="{y + dy * (gap + arm):.1f}"/>' for dx, dy in ((-1, 0), (1, 0), (0, -1), (0, 1)))
+    # Each arm twice: a wider halo under it keeps it in view on grey, black or white.
     return (f'<svg class="spot-mark" viewBox="0 0 {width} {height}" preserveAspectRatio="xMidYMid meet" '
-            f'aria-hidden="true">{arms}</svg>')
+            f'aria-hidden="true"><g class="halo">{arms}</g><g>{arms}</g></svg>')
 
 
 # The ruler (viewer.js): pressed, a drag across the image measures the distance in mm; on again, off.

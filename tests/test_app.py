@@ -239,12 +239,13 @@ def test_a_pet_can_be_read_as_a_rotating_mip(app_module, tmp_path, ct_nifti):
 
 
 def test_a_spot_clicked_on_the_mip_is_found_and_marked_in_every_plane(app_module, tmp_path):
-    """A reader clicks a hot spot on the MIP: the axial slice through its hottest voxel opens with the spot marked,
-    and the coronal and sagittal planes open through it, marked too; a slice that does not hold it is unmarked.
-    What is no spot (an API client's) changes nothing."""
-    uptake = np.abs(torso_ct()) / 100
-    uptake[31, 41, 11] = 9.0  # the hottest voxel: toward the patient's left (low x), anterior (high y)
-    uptake[30:34, 40:44, 10:14] = np.maximum(uptake[30:34, 40:44, 10:14], 6.0)
+    """A reader clicks a hot spot on the MIP: the axial slice through its hottest voxel opens with the spot marked
+    and its value in the caption, and the coronal and sagittal planes open through it, marked too; a slice that
+    does not hold it is unmarked. A click on air finds nothing: the axial slice at its height, unmarked. What is no
+    spot (an API client's) changes nothing."""
+    uptake = np.where(torso_ct() < -500, 0.05, 1.0)  # air, and the body's background uptake
+    uptake[30:34, 40:44, 10:14] = 6.0  # a hot spot toward the patient's left (low x), anterior (high y)
+    uptake[31, 41, 11] = 9.0  # its hottest voxel
     pet = save_nifti(tmp_path / "pet.nii.gz", uptake, (4.0, 4.0, 4.0), modality="PT")
     session, _ = loaded(app_module, [pet])
     app_module.change_plane(session, "mip", "auto")
@@ -252,13 +253,20 @@ def test_a_spot_clicked_on_the_mip_is_found_and_marked_in_every_plane(app_module
     plane, slider, html = app_module.find_mip_spot(session, f"1 {(40 - 1 - 31 + 0.5) / 40} {(63 - 11 + 0.5) / 64}",
                                                    "inverted")
     assert (plane, slider["value"], slider["label"]) == ("axial", 32, "Slice") and "Axial 32 / 40" in html
-    assert 'class="spot-mark"' in html and "the spot found from the MIP marked" in html
-    assert 'class="spot-mark"' in app_module.change_plane(session, "coronal", "inverted")[1]  # y 41: slice 42
-    assert "Coronal 42 / 64" in app_module.show_slice(session, "coronal", "inverted", 42)[0]
+    assert 'class="spot-mark"' in html and "cross-hair: the spot found from the MIP, 9<" in html
+    slider, html, _ = app_module.change_plane(session, "coronal", "inverted")  # y 41: slice 42
+    assert slider["value"] == 42 and 'class="spot-mark"' in html
     assert 'class="spot-mark"' not in app_module.show_slice(session, "coronal", "inverted", 20)[0]
     slider, html, _ = app_module.change_plane(session, "sagittal", "inverted")
     assert slider["value"] == 12 and 'class="spot-mark"' in html
     assert 'class="spot-mark"' in app_module.change_plane(session, "mip", "inverted")[1]  # on every frame
+    # A row and a column beside it (a hand's miss): the same voxel. On air (the image's left edge): nothing.
+    plane, slider, html = app_module.find_mip_spot(session, f"1 {(40 - 1 - 30 + 0.5) / 40} {(63 - 10 + 0.5) / 64}",
+                                                   "inverted")
+    assert slider["value"] == 32 and "the spot found from the MIP, 9<" in html
+    plane, slider, html = app_module.find_mip_spot(session, f"1 {(40 - 1 - 31 + 0.5) / 40} 0.01", "inverted")
+    assert slider["value"] == 32 and 'class="spot-mark"' not in html
+    assert 'class="spot-mark"' not in app_module.change_plane(session, "coronal", "inverted")[1]
     for no_spot in ("top", "1 0.5", "1 nan 0.5", None, 3):
         assert all(isinstance(output, type(gr.skip())) for output in app_module.find_mip_spot(session, no_spot, "auto"))
     session.release()

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medvlm.projection import mip_point
+from medvlm.volume import load_volume
 from medvlm.writers import save_nifti
 from tests.test_app import ROOT, app_module, tiny_answers_count_as_finished, torso_ct  # noqa: F401  (fixtures)
 from tests.test_app_live import live_demo, server  # noqa: F401  (fixtures)
@@ -202,10 +204,11 @@ def test_on_a_phone_the_report_button_follows_the_status_line(browser, server, t
 def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):  # noqa: F811
     """The rotating MIP as nuclear medicine watches it: its button turns it frame after frame, a key hands the
     viewer back to the reader where it stands (the arrows then step, and go round past the first frame), and
-    pressing a plane while it turns stops it without a stray frame landing in that plane. A spot clicked on it
-    opens the axial slice at its height."""
-    uptake = np.abs(torso_ct()) / 100
-    uptake[30:34, 40:44, 10:14] = 8.0  # a hot spot on the patient's left: a turning MIP shows it move
+    pressing a plane while it turns stops it without a stray frame landing in that plane. A hot spot clicked on
+    it is found in the slices: the axial slice through it opens, marked, and the coronal plane opens through it."""
+    uptake = np.where(torso_ct() < -500, 0.05, 1.0)  # air, and the body's background uptake
+    uptake[30:34, 40:44, 10:14] = 6.0  # a hot spot on the patient's left: a turning MIP shows it move
+    uptake[31, 41, 11] = 9.0  # its hottest voxel
     pet = save_nifti(tmp_path / "pet.nii.gz", uptake, (4.0, 4.0, 4.0), modality="PT")
     page = browser.new_page(viewport=LAPTOP)
     page.set_default_timeout(60_000)
@@ -244,24 +247,26 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     page.wait_for_timeout(600)
     shown = page.locator("#slice-view .slice-caption").inner_text().split()[1]
     assert shown == page.locator("#slice-slider input[type=number]").input_value() == "21", shown  # the middle one
-    # A click at the hot spot's height on the MIP finds the brightest voxel there: the axial slice through it (index
-    # 32: the 33rd of 40) opens, and it is marked there and in the coronal plane.
+    # A click on the hot spot in the MIP, in whichever frame it reopens, finds its hottest voxel (z 31, y 41): the
+    # axial slice through it (the 32nd of 40) opens, marked, and the coronal plane opens through it (the 42nd).
     page.get_by_label("MIP", exact=True).check()
     page.locator("#slice-view", has_text="MIP").wait_for()
-    spot = page.evaluate("""() => {  // the image as drawn inside its box (object-fit: contain), from the box's corner
+    frame = int(page.locator("#slice-view .slice-image").get_attribute("data-slice")) - 1
+    down, across = mip_point(load_volume(pet), frame, (31, 41, 11))
+    spot = page.evaluate("""([down, across]) => {  // on the image as drawn in its box (object-fit: contain)
         const image = document.querySelector('#slice-view .slice-image'), box = image.getBoundingClientRect();
         const scale = Math.min(box.width / image.naturalWidth, box.height / image.naturalHeight);
-        const top = (box.height - image.naturalHeight * scale) / 2;
-        return {x: box.width / 2, y: top + (40 - 32 - 0.5) / 40 * image.naturalHeight * scale};
-    }""")
+        const top = (box.height - image.naturalHeight * scale) / 2, left = (box.width - image.naturalWidth * scale) / 2;
+        return {x: left + across * image.naturalWidth * scale, y: top + down * image.naturalHeight * scale};
+    }""", [down, across])
     # Relative to the image, which Playwright scrolls into view: checking a plane may have scrolled the page.
     page.locator("#slice-view .slice-image").click(position=spot)
-    page.locator("#slice-view", has_text="Axial 33 / 40").wait_for()
-    assert page.locator("#slice-slider input[type=number]").input_value() == "33"
+    page.locator("#slice-view", has_text="Axial 32 / 40").wait_for()
+    assert page.locator("#slice-slider input[type=number]").input_value() == "32"
     assert page.get_by_label("axial", exact=True).is_checked()
     assert page.locator("#slice-view .spot-mark").is_visible()
     page.get_by_label("coronal", exact=True).check()
-    page.locator("#slice-view", has_text="Coronal").wait_for()
+    page.locator("#slice-view", has_text="Coronal 42 / 64").wait_for()
     assert page.locator("#slice-view .spot-mark").is_visible()
     page.close()
 

@@ -112,16 +112,21 @@ def test_voxels_wider_one_way_than_the_other_leave_no_empty_column_inside_the_bo
 
 
 def test_a_spot_clicked_on_the_mip_is_found_in_the_volume_from_every_side():
-    """A reader clicks a hot spot on the MIP to find it in the slices: the voxel under the click is the brightest
-    along that line of sight at that height, whichever side the MIP is seen from; a warm voxel in front of it on
-    the same line, or a hotter one at another height, is not taken for it. Beside the field of view there is none."""
+    """A reader clicks a hot spot on the MIP to find it in the slices: the voxel found is the brightest along that
+    line of sight at that height, the middle of the uniform hot cube, whichever side the MIP is seen from, and a
+    voxel of the cube also where the click falls just beside it (a hand misses by a few pixels); a warm voxel in
+    front of it on the same line, or a hotter one at another height, is not taken for it. Beside the field of
+    view there is none."""
     pet = _pet()
     pet.data[23, 31, 10] = 3.0  # warm, on the hot cube's line of sight from the patient's right and left
     pet.data[5, 31, 39] = 20.0  # hotter, below it
     for frame in range(MIP_FRAMES):
         down, across = mip_point(pet, frame, (23, 31, 39))
-        assert mip_voxel(pet, frame, down, across) in {(23, y, x) for y in (30, 31, 32) for x in (38, 39, 40)}
         image = mip_image(pet, frame)[0]
+        assert mip_voxel(pet, frame, down, across) == (23, 31, 39)
+        for row, column in ((2, 2), (-2, -2), (2, 0)):  # just past its edge (it is 3 voxels wide): still the cube
+            z, y, x = mip_voxel(pet, frame, down + row / image.shape[0], across + column / image.shape[1])
+            assert pet.data[z, y, x] == HOT, (frame, row, column)
         assert image[int(down * image.shape[0]), int(across * image.shape[1])] == HOT  # where the image shows it
     assert mip_voxel(pet, 9, 0.5, 0.999) is not None  # from the side the grid's 120 mm fill the image
     assert mip_voxel(pet, 0, 0.5, 0.999) is None  # from the front its 100 mm leave the image's edges empty

@@ -213,6 +213,7 @@
     const box = document.querySelector("#mip-spot textarea");
     if (!image || measuring || stoppedByPress || !box) return;
     const point = onImage(image, event);
+    if (Math.hypot(point.clientX - event.clientX, point.clientY - event.clientY) > 1) return;  // beside the image
     spotClicks += 1;
     box.value = `${image.dataset.slice} ${point.y / image.naturalHeight} ${point.x / image.naturalWidth} ${spotClicks}`;
     box.dispatchEvent(new Event("input", {bubbles: true}));
