@@ -111,12 +111,15 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.locator("#slice-view.enlarged").wait_for()
     assert page.locator("#slice-view img").bounding_box()["height"] >= 1.8 * small
     assert "enlarged to the window, Escape shrinks it" in page.locator("#slice-view").get_attribute("aria-label")
+    inert = "() => Boolean(document.querySelector('#report-button').closest('[inert]'))"
+    assert page.evaluate(inert)  # the page under it is out of a screen reader's way
     page.locator("#slice-view img").hover()
     page.mouse.wheel(0, 120)
     page.locator("#slice-view", has_text=f"Axial {int(count) - 11} /").wait_for()
     assert page.locator("#slice-view.enlarged").count() == 1  # drawing the next slice keeps it enlarged
     page.keyboard.press("Escape")
     page.locator("#slice-view.enlarged").wait_for(state="detached")
+    assert not page.evaluate(inert)
     page.locator("#slice-view .slice-enlarge").click()  # a click on the dark space around it closes it too
     page.locator("#slice-view.enlarged").wait_for()
     page.mouse.click(4, 4)

@@ -59,10 +59,27 @@
 
   // The button in the image's corner enlarges the viewer to the whole window (a slice of 512 pixels shows at its
   // size, not at 280), and shrinks it back; so do Esc and a click on the dark space around it. The wheel, the keys
-  // and the track work as before; Tab stays in the viewer (the controls under it are hidden). A viewer with no
-  // image (the scan released) is shown in its place (page.css), so a tablet is never left without a way back.
+  // and the track work as before; Tab stays in the viewer (the controls under it are hidden), and the rest of the
+  // page is inert meanwhile, so that a screen reader does not wander into what is hidden. A viewer with no image
+  // (the scan released) is shown in its place (page.css), so a tablet is never left without a way back: the page
+  // is then live again.
+  let madeInert = [];
+  const setPageInert = (viewer, on) => {
+    for (const element of madeInert) element.inert = false;
+    madeInert = [];
+    if (!on) return;
+    for (let inside = viewer; inside && inside !== document.body; inside = inside.parentElement) {
+      for (const sibling of inside.parentElement.children) {
+        if (sibling === inside || sibling.inert || ["SCRIPT", "STYLE", "LINK"].includes(sibling.tagName)
+            || sibling.matches('[class*="toast"]')) continue;  // a warning shown over it can still be closed
+        sibling.inert = true;
+        madeInert.push(sibling);
+      }
+    }
+  };
   const enlarge = (viewer, on) => {
     viewer.classList.toggle("enlarged", on);
+    setPageInert(viewer, on);
     viewer.setAttribute("aria-label", on ? `${VIEWER_LABEL}; enlarged to the window, Escape shrinks it` : VIEWER_LABEL);
     viewer.focus({preventScroll: true});
   };
@@ -201,8 +218,12 @@
   });
   for (const kind of ["pointerup", "pointercancel"]) document.addEventListener(kind, () => { start = null; });
   // A new image (another slice) comes without the ruler's state: the viewer's class keeps it, the button shows it.
-  new MutationObserver(() => { if (measuring) showMeasuring(); })
-    .observe(document.body, {childList: true, subtree: true});
+  new MutationObserver(() => {
+    if (measuring) showMeasuring();
+    const enlarged = document.querySelector("#slice-view.enlarged");  // the page is inert while an image covers it
+    const covered = Boolean(enlarged && enlarged.querySelector(".slice-frame"));
+    if (covered !== madeInert.length > 0) setPageInert(enlarged, covered);
+  }).observe(document.body, {childList: true, subtree: true});
 
   // A spot clicked on the MIP is found in the slices (the app's find_mip_spot): the frame and where on it the click
   // fell (fractions of the image's height and width) go to a box on the page that the app answers when it changes;
