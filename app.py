@@ -34,7 +34,7 @@ from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import CutOff, Encoding, Pipeline
 from medvlm.preprocess import default_window, known_window, unknown_window
-from medvlm.projection import MIP_STEP_DEGREES
+from medvlm.projection import MIP_STEP_DEGREES, mip_cache_bytes
 from medvlm.view import MIP, VIEWS, mip_spot, opening_slice, opening_window, slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.view_html import (
@@ -311,13 +311,18 @@ def end_session(request: gr.Request) -> None:
         session.release()
 
 
+def scan_bytes(volume: Volume) -> int:
+    """The memory a scan holds in a session: its voxels, and a PET's MIP frames once drawn."""
+    return volume.data.nbytes + (mip_cache_bytes(volume) if ("MIP", MIP) in plane_choices(volume.modality) else 0)
+
+
 def _sessions_with_scans() -> list[tuple[ScanSession, int]]:
     """(session, bytes of its scan) of the open sessions that hold one; with _OPEN_SESSIONS_LOCK held."""
     held = []
     for session in list(_OPEN_SESSIONS.values()):
         volume = session.volume  # read once: another thread may release it meanwhile
         if volume is not None:
-            held.append((session, volume.data.nbytes))
+            held.append((session, scan_bytes(volume)))
     return held
 
 
@@ -493,7 +498,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     threshold = min(high, max(low, round(round(default_threshold(volume, grid) / step) * step, decimals)))
     unit = unbracketed(volume.units or "intensity")  # HU, Bq/mL, SUV
     with _OPEN_SESSIONS_LOCK:  # from the memory check to the new scan's registration: two loads at once add up
-        if not make_room(volume.data.nbytes, session):
+        if not make_room(scan_bytes(volume), session):
             message = ("The server holds as many scans as its memory allows; try again in a few minutes, or run "
                        "the app on your own machine")
             gr.Warning(message)

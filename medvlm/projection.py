@@ -18,8 +18,8 @@ import numpy as np
 
 from .volume import Volume
 
-__all__ = ["MIP_FRAMES", "MIP_STEP_DEGREES", "mip_angle", "mip_edges", "mip_image", "mip_point", "mip_seen_from",
-           "mip_voxel"]
+__all__ = ["MIP_FRAMES", "MIP_STEP_DEGREES", "mip_angle", "mip_cache_bytes", "mip_edges", "mip_image", "mip_point",
+           "mip_seen_from", "mip_voxel"]
 
 MIP_STEP_DEGREES = 10
 MIP_FRAMES = 360 // MIP_STEP_DEGREES
@@ -145,6 +145,14 @@ def mip_image(volume: Volume, frame: int) -> tuple[np.ndarray, float, float]:
             image[first:first + chunk, crossed] = np.fmax.reduceat(voxels, starts, axis=1)
         frames[frame] = (image[::-1], float(dz), step)
     return frames[frame]
+
+
+def mip_cache_bytes(volume: Volume) -> int:
+    """The memory `mip_image` keeps for `volume` once all its frames are drawn: a server's memory budget counts it
+    beside the voxels of a scan whose MIP it offers."""
+    slices, rows, columns = volume.data.shape
+    _, dy, dx = volume.spacing
+    return MIP_FRAMES * slices * _column_grid(rows, columns, float(dy), float(dx))[1] * volume.data.itemsize
 
 
 def mip_voxel(volume: Volume, frame: int, down: float, across: float,

@@ -488,6 +488,19 @@ def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_p
             app_module.end_session(SimpleNamespace(session_hash=tab))
 
 
+def test_a_pets_mip_frames_count_in_the_memory_budget(app_module, tmp_path, monkeypatch):
+    """A PET's MIP keeps its 36 frames once drawn: the budget counts them beside its voxels, so a PET whose voxels
+    alone would fit is refused where the two do not."""
+    pet = save_nifti(tmp_path / "pet.nii.gz", np.where(torso_ct() < -500, 0.05, 1.0), (4.0, 4.0, 4.0), modality="PT")
+    voxels = 40 * 64 * 64 * 4
+    frames = 36 * 40 * 64 * 4  # 36 frames of 40 rows and 64 columns (the grid's side: 64 voxels of 4 mm)
+    for budget, fits in ((voxels + frames // 2, False), (voxels + frames, True)):
+        monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", budget)
+        outputs = named(app_module, app_module.load_scan([str(pet)], None, SimpleNamespace(session_hash="tab-p")))
+        assert (outputs["session"] is not None) == fits, budget
+        app_module.end_session(SimpleNamespace(session_hash="tab-p"))
+
+
 def test_a_scan_never_encoded_makes_room_after_ten_minutes(app_module, tmp_path, monkeypatch):
     """An API client that loads scans and never asks for their encoding holds them no longer than anyone."""
     first = _upload_as(app_module, tmp_path, "tab-x")["session"]
