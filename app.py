@@ -34,7 +34,7 @@ from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import CutOff, Encoding, Pipeline
 from medvlm.preprocess import default_window, known_window, unknown_window
-from medvlm.projection import MIP_STEP_DEGREES, mip_cache_bytes
+from medvlm.projection import MIP_STEP_DEGREES, mip_cache_bytes, mip_slice
 from medvlm.view import MIP, VIEWS, mip_spot, opening_slice, opening_window, slice_count
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.view_html import (
@@ -312,8 +312,9 @@ def end_session(request: gr.Request) -> None:
 
 
 def scan_bytes(volume: Volume) -> int:
-    """The memory a scan holds in a session: its voxels, and a PET's MIP frames once drawn."""
-    return volume.data.nbytes + (mip_cache_bytes(volume) if ("MIP", MIP) in plane_choices(volume.modality) else 0)
+    """The memory a scan holds in a session: its voxels, and the most its MIP's frames take where it offers one."""
+    offers_mip = MIP in (value for _, value in plane_choices(volume.modality))
+    return volume.data.nbytes + (mip_cache_bytes(volume) if offers_mip else 0)
 
 
 def _sessions_with_scans() -> list[tuple[ScanSession, int]]:
@@ -760,9 +761,8 @@ def find_mip_spot(session: ScanSession | None, spot: object, window: str | None)
     volume = session.volume
     down, across = min(1.0, max(0.0, down)), min(1.0, max(0.0, across))
     session.spot = voxel = mip_spot(volume, _slice_number(volume, MIP, frame) - 1, down, across)
-    if voxel is None:  # the axial slice at that height: the MIP's top row is the last slice
-        slices = slice_count(volume, "axial")
-        return jump_to_axial(session, slices - min(slices - 1, math.floor(down * slices)), window)
+    if voxel is None:  # the axial slice at that height
+        return jump_to_axial(session, mip_slice(volume, down) + 1, window)
     z, y, x = voxel
     session.shown_slices.update(coronal=y + 1, sagittal=x + 1)
     return jump_to_axial(session, z + 1, window)
@@ -1140,7 +1140,7 @@ def build_demo() -> gr.Blocks:
                             kept = gr.Dropdown([], value=None, label="Kept slices (axial)", scale=1,
                                                min_width=190, elem_id="kept-slices", interactive=True)
                         # Where viewer.js puts a spot clicked on the MIP (find_mip_spot): on the page, not shown.
-                        mip_spot = gr.Textbox(None, visible="hidden", elem_id="mip-spot")
+                        mip_spot_box = gr.Textbox(None, visible="hidden", elem_id="mip-spot")
                         with gr.Row():
                             plane = gr.Radio(plane_choices("CT"), value="axial", label="Plane", scale=3)
                             # A preset, or a width/level typed into the box (350/50), in the scan's units
@@ -1237,8 +1237,8 @@ def build_demo() -> gr.Blocks:
         kept.select(jump_to_kept, [session, kept, window], [plane, slice_slider, slice_view, kept],
                     api_name="jump_to_kept", **viewer)
         # .change: a hidden textbox sends no .input for viewer.js's event (its count makes each click a change)
-        mip_spot.change(find_mip_spot, [session, mip_spot, window], [plane, slice_slider, slice_view],
-                        api_name="find_mip_spot", preprocess=False, **viewer)
+        mip_spot_box.change(find_mip_spot, [session, mip_spot_box, window], [plane, slice_slider, slice_view],
+                            api_name="find_mip_spot", preprocess=False, **viewer)
         # Dragging, the number box (Enter) and the arrow keys all redraw; while one redraw runs, only the last
         # value asked for waits.
         threshold.input(redraw_3d, [session, threshold], [plot, threshold], api_name="show_3d",

@@ -19,12 +19,12 @@ import numpy as np
 from .volume import Volume
 
 __all__ = ["MIP_FRAMES", "MIP_STEP_DEGREES", "mip_angle", "mip_cache_bytes", "mip_edges", "mip_image", "mip_point",
-           "mip_seen_from", "mip_voxel"]
+           "mip_seen_from", "mip_slice", "mip_voxel"]
 
 MIP_STEP_DEGREES = 10
 MIP_FRAMES = 360 // MIP_STEP_DEGREES
 _MAX_COLUMNS = 256  # a MIP is an overview: at most this many columns (a PET's own matrix is about 128-200)
-SPOT_REACH = 0.02  # a click on the MIP finds the brightest voxel this share of its height and width around it
+SPOT_REACH = 0.02  # a click on the MIP climbs to a hot spot at most this share of its height and width away
 _OBLIQUE = math.sin(math.radians(22.5))  # a direction's share past which its letter joins the edge's label
 _FRAMES: dict[int, tuple[float, dict]] = {}  # id(volume) → (the scan's lowest value, {frame: projection})
 
@@ -155,37 +155,48 @@ def mip_cache_bytes(volume: Volume) -> int:
     return MIP_FRAMES * slices * _column_grid(rows, columns, float(dy), float(dx))[1] * volume.data.itemsize
 
 
+def mip_slice(volume: Volume, down: float) -> int:
+    """The axial slice (from 0) a MIP's image shows `down` its height (a fraction from the top: the last slice)."""
+    slices = volume.data.shape[0]
+    return slices - 1 - min(slices - 1, max(0, math.floor(down * slices)))
+
+
 def mip_voxel(volume: Volume, frame: int, down: float, across: float,
               reach: float = SPOT_REACH) -> tuple[int, int, int] | None:
     """The voxel (z, y, x) a reader points at with a click on the MIP of `frame` at `down` and `across` its image
-    (fractions of its height and width from its top left corner): the brightest voxel along the lines of sight
-    within `reach` of the spot (a share of the image's height and width, at least one row and one column: a hand
-    misses a small hot spot by a few pixels), and of several as bright (a uniform hot region) the one nearest
-    their middle. This is how a reader finds a hot spot seen on the MIP in the slices. None where no voxel falls
+    (fractions of its height and width from its top left corner). From the pixel clicked, the spot climbs to a
+    brighter neighbouring pixel while there is one within `reach` of the click (a share of the image's height and
+    width, at least one row and one column): a hand that misses a small hot spot by a few pixels still finds it,
+    and one on a lesion stays on it beside a hotter organ. The voxel is the brightest along that pixel's line of
+    sight, and of several as bright (a uniform hot region) the one nearest their middle. None where no voxel falls
     near that spot (beside the field of view), or all of them are NaN."""
     frame %= MIP_FRAMES
     slices, rows, columns = volume.data.shape
+    image = mip_image(volume, frame)[0]  # superior at the top
+    count = image.shape[1]
+    start = (min(slices - 1, max(0, math.floor(down * slices))), min(count - 1, max(0, math.floor(across * count))))
+    reach_rows, reach_columns = max(1, round(reach * slices)), max(1, round(reach * count))
     _, dy, dx = volume.spacing
     order, starts, crossed, _ = _image_columns(rows, columns, float(dy), float(dx), frame)
-    count = crossed.size
-    column = min(count - 1, max(0, math.floor(across * count)))
-    row = min(slices - 1, max(0, math.floor(down * slices)))  # the top row is the last slice
-    reach_columns, reach_rows = max(1, round(reach * count)), max(1, round(reach * slices))
-    ends = np.append(starts[1:], order.size)
-    place = np.cumsum(crossed) - 1  # each crossed column's place among them
-    near = [c for c in range(column - reach_columns, column + reach_columns + 1) if 0 <= c < count and crossed[c]]
-    if not near:
+    level = np.where(np.isnan(image) | ~crossed[None, :], -np.inf, image)  # no voxel there: nothing to climb to
+    row, column = start
+    while True:
+        top, left = max(row - 1, start[0] - reach_rows, 0), max(column - 1, start[1] - reach_columns, 0)
+        around = level[top:min(row + 2, start[0] + reach_rows + 1), left:min(column + 2, start[1] + reach_columns + 1)]
+        up, over = np.unravel_index(np.argmax(around), around.shape)
+        if not around[up, over] > level[row, column]:
+            break
+        row, column = top + int(up), left + int(over)
+    if not np.isfinite(level[row, column]):
         return None
-    voxels = np.concatenate([order[starts[place[c]]:ends[place[c]]] for c in near])
-    low = slices - 1 - min(slices - 1, row + reach_rows)
-    high = slices - 1 - max(0, row - reach_rows)
-    values = volume.data[low:high + 1].reshape(high - low + 1, -1)[:, voxels]
-    if np.isnan(values).all():
-        return None
-    tied_z, tied = np.nonzero(values == np.nanmax(values))
-    z, (y, x) = tied_z + low, np.divmod(voxels[tied].astype(np.int64), columns)
-    pick = np.argmin((z - z.mean()) ** 2 + (y - y.mean()) ** 2 + (x - x.mean()) ** 2)
-    return int(z[pick]), int(y[pick]), int(x[pick])
+    place = int(np.count_nonzero(crossed[:column]))  # the column's place among those a voxel falls in
+    voxels = order[starts[place]:starts[place + 1] if place + 1 < starts.size else order.size]
+    z = slices - 1 - row
+    values = volume.data[z].reshape(-1)[voxels]
+    tied = np.flatnonzero(values == np.nanmax(values))
+    y, x = np.divmod(voxels[tied].astype(np.int64), columns)
+    pick = np.argmin((y - y.mean()) ** 2 + (x - x.mean()) ** 2)
+    return z, int(y[pick]), int(x[pick])
 
 
 def mip_point(volume: Volume, frame: int, voxel: tuple[int, int, int]) -> tuple[float, float]:

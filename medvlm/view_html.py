@@ -140,9 +140,9 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
     location = slice_location(volume, plane, index)
     at = spot_position(volume, plane, index, spot) if spot is not None else None
     spot_note = f"cross-hair: the spot found from the MIP, {_spot_value(volume, spot)}" if at else ""
+    alt = f"{_name_of(plane, index, count)}{f', {spot_note}' if at else ''}"  # the units are text from the file
     return (f'<div class="slice-view"><div class="{frame}">'
-            f'<img class="slice-image" src="data:image/png;base64,{source}" '
-            f'alt="{_name_of(plane, index, count)}{f", {spot_note}" if at else ""}" '
+            f'<img class="slice-image" src="data:image/png;base64,{source}" alt="{html.escape(alt, quote=True)}" '
             f'draggable="false" data-slice="{index + 1}"'
             f'{_pixel_size(volume, plane, index, pixels)}{_spot_click(plane)}>{_spot_mark(pixels, at)}'
             f'<span class="edge edge-left">{left}</span><span class="edge edge-right">{right}</span>'
@@ -154,13 +154,14 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
             f'<div class="slice-caption">{_position(plane, index, count)}'
             f'{f" · {location}" if location else ""} · window '
             f'{window_label(window)}{shown_range(volume, window)}'
-            f'{kept_note}{f" · {spot_note}" if at else ""}</div></div>')
+            f'{kept_note}{f" · {shown(spot_note)}" if at else ""}</div></div>')
 
 
 def _spot_value(volume: Volume, voxel: tuple[int, int, int]) -> str:
-    """A voxel's value with the scan's units where known: "16.2 SUV (g/mL)"."""
-    units = f" {shown(volume.units)}" if volume.units else ""
-    return f"{plain_number(float(volume.data[voxel]))}{units}".replace("-", "−")
+    """A voxel's value with the scan's units where known, as the caption's range gives them: "16.2 SUV, g/mL"
+    (text, not yet escaped for the page)."""
+    units = f" {unbracketed(volume.units)}" if volume.units else ""
+    return f"{plain_number(float(volume.data[voxel])).replace('-', '−')}{units}"
 
 
 def _spot_mark(pixels, at: tuple[float, float] | None) -> str:

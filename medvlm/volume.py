@@ -1,7 +1,7 @@
 """Scan loading: NIfTI, DICOM series (folder, files, zip) and M3D-style .npy, to one canonical `Volume`.
 
 The canonical grid: `data[z, y, x]` float32 with x toward the patient's Right, y toward Anterior,
-z toward Superior (RAS+), so `data[z]` is an axial slice; CT in Hounsfield units.
+z toward Superior (RAS+), so `data[z]` is an axial slice; CT in Hounsfield units (`Volume.units` says where not).
 """
 
 from __future__ import annotations

@@ -113,20 +113,33 @@ def test_voxels_wider_one_way_than_the_other_leave_no_empty_column_inside_the_bo
 
 def test_a_spot_clicked_on_the_mip_is_found_in_the_volume_from_every_side():
     """A reader clicks a hot spot on the MIP to find it in the slices: the voxel found is the brightest along that
-    line of sight at that height, the middle of the uniform hot cube, whichever side the MIP is seen from, and a
-    voxel of the cube also where the click falls just beside it (a hand misses by a few pixels); a warm voxel in
-    front of it on the same line, or a hotter one at another height, is not taken for it. Beside the field of
-    view there is none."""
+    line of sight at that height, in the hot cube (its middle, seen square on), whichever side the MIP is seen
+    from, and also where the click falls just beside it (a hand misses by a few pixels); a warm voxel in front of
+    it on the same line, or a hotter one at another height, is not taken for it. Beside the field of view there
+    is none."""
     pet = _pet()
     pet.data[23, 31, 10] = 3.0  # warm, on the hot cube's line of sight from the patient's right and left
     pet.data[5, 31, 39] = 20.0  # hotter, below it
     for frame in range(MIP_FRAMES):
         down, across = mip_point(pet, frame, (23, 31, 39))
         image = mip_image(pet, frame)[0]
-        assert mip_voxel(pet, frame, down, across) == (23, 31, 39)
+        z, y, x = mip_voxel(pet, frame, down, across)
+        assert z == 23 and pet.data[z, y, x] == HOT and (frame % 9 or (y, x) == (31, 39)), frame
         for row, column in ((2, 2), (-2, -2), (2, 0)):  # just past its edge (it is 3 voxels wide): still the cube
             z, y, x = mip_voxel(pet, frame, down + row / image.shape[0], across + column / image.shape[1])
             assert pet.data[z, y, x] == HOT, (frame, row, column)
         assert image[int(down * image.shape[0]), int(across * image.shape[1])] == HOT  # where the image shows it
     assert mip_voxel(pet, 9, 0.5, 0.999) is not None  # from the side the grid's 120 mm fill the image
     assert mip_voxel(pet, 0, 0.5, 0.999) is None  # from the front its 100 mm leave the image's edges empty
+
+
+def test_a_click_on_a_lesion_beside_a_hotter_organ_stays_on_the_lesion():
+    """A lesion two voxels from a hotter organ (the kidney, the bladder): a click on the lesion marks the lesion,
+    not the organ within reach; a click on the organ marks the organ."""
+    data = np.ones((20, 128, 128), np.float32)  # a click reaches 3 of its MIP's 128 columns (SPOT_REACH)
+    data[10, 60, 60] = 5.0  # the lesion
+    data[10, 60, 63] = 10.0  # the organ, 3 voxels to the patient's right (higher x)
+    pet = Volume(data=data, spacing=(4.0, 4.0, 4.0), affine=np.eye(4), modality="PT", source="nifti",
+                 orientation="RAS")
+    for voxel in ((10, 60, 60), (10, 60, 63)):
+        assert mip_voxel(pet, 0, *mip_point(pet, 0, voxel)) == voxel

@@ -1,5 +1,7 @@
 """render_slice shows a slice as a radiology viewer does: patient's right on the image's left, square pixels."""
 
+import re
+
 import numpy as np
 import pydicom
 import pytest
@@ -8,6 +10,7 @@ from PIL import Image
 
 from medvlm.errors import UserInputError
 from medvlm.view import render_slice, save_png, slice_count, slice_location, spot_position
+from medvlm.view_html import slice_view_html
 from medvlm.volume import Volume, load_volume
 from medvlm.writers import save_dicom_series
 
@@ -210,3 +213,13 @@ def test_a_spot_is_marked_where_the_image_shows_its_voxel(plane):
     assert abs(down * image.shape[0] - (row + 0.5)) <= 1 and abs(across * image.shape[1] - (column + 0.5)) <= 1
     if plane != "mip":
         assert spot_position(pet, plane, index + 1, voxel) is None
+
+
+def test_units_from_the_file_stay_text_in_the_images_spoken_description():
+    """A PET series' Units come from its header: a quote in them ends no attribute of the slice image."""
+    data = np.ones((10, 20, 30), np.float32)
+    data[3, 15, 5] = 9.0
+    pet = _volume(data, spacing=(4.0, 2.0, 1.5), modality="PT")
+    pet.meta["units"] = 'BQML" onload="alert(1)'
+    image = re.search(r"<img [^>]*>", slice_view_html(pet, "axial", 3, "auto", [], (3, 15, 5))).group(0)
+    assert 'onload="' not in image and "the spot found from the MIP, 9 BQML&quot; onload=&quot;alert(1" in image
