@@ -747,13 +747,13 @@ def jump_to_kept(session: ScanSession | None, kept: str | None, window: str | No
 
 
 def find_mip_spot(session: ScanSession | None, spot: object, window: str | None):
-    """Find a spot clicked on the MIP in the slices, as a PET viewer does: the brightest voxel near it along those
-    lines of sight (`view.mip_spot`) is marked, the axial slice through it shown, and the coronal and sagittal
-    planes open through it too. `spot` is "frame down across" (viewer.js): the MIP frame (from 1) and where on its
-    image the click fell, as fractions of its height and width from the top left corner (what follows is not
-    read: the page counts its clicks there). A spot on nothing but air, or beside the field of view, opens the
-    axial slice at its height, unmarked. Returns (plane, slider, slice view). The value comes unchecked
-    (`preprocess=False`); anything else changes nothing."""
+    """Find a spot clicked on the MIP in the slices, as a PET viewer does: the voxel it points at (`view.mip_spot`: from
+    the pixel clicked, up to a brighter one within reach, the brightest along its line of sight) is marked, the axial
+    slice through it shown, and the coronal and sagittal planes open through it too. `spot` is "frame down across"
+    (viewer.js): the MIP frame (from 1) and where on its image the click fell, as fractions of its height and width from
+    the top left corner (what follows is not read: the page counts its clicks there). A spot on nothing but air, or
+    beside the field of view, opens the axial slice at its height, unmarked. Returns (plane, slider, slice view). The
+    value comes unchecked (`preprocess=False`); anything else changes nothing."""
     numbers = [_typed_number(part) for part in spot.split()[:3]] if isinstance(spot, str) else []
     if session is None or session.volume is None or len(numbers) != 3 or None in numbers:
         return gr.skip(), gr.skip(), gr.skip()

@@ -75,9 +75,10 @@ def opening_slice(volume: Volume, plane: str) -> int:
 
 
 def mip_spot(volume: Volume, frame: int, down: float, across: float) -> tuple[int, int, int] | None:
-    """The voxel (z, y, x) a click on the MIP of `frame` points at (`projection.mip_voxel`: the brightest near the
-    spot); None where nothing there stands above the scan's background (air beside the body: the lowest
-    BACKGROUND_SHARE of its "auto" range), or beside the field of view."""
+    """The voxel (z, y, x) a click on the MIP of `frame` points at (`projection.mip_voxel`: from the pixel clicked, up
+    to a brighter one within reach, the brightest along its line of sight); None where nothing there stands above the
+    scan's background (air beside the body: the lowest BACKGROUND_SHARE of its "auto" range), or beside the field of
+    view."""
     voxel = mip_voxel(volume, frame, down, across)
     low, high = window_limits(volume, AUTO_WINDOW)
     if voxel is None or not volume.data[voxel] > low + BACKGROUND_SHARE * (high - low):
