@@ -174,7 +174,7 @@ def mip_voxel(volume: Volume, frame: int, down: float, across: float,
     slices, rows, columns = volume.data.shape
     image = mip_image(volume, frame)[0]  # superior at the top
     count = image.shape[1]
-    start = (min(slices - 1, max(0, math.floor(down * slices))), min(count - 1, max(0, math.floor(across * count))))
+    start = (slices - 1 - mip_slice(volume, down), min(count - 1, max(0, math.floor(across * count))))  # from the top
     reach_rows, reach_columns = max(1, round(reach * slices)), max(1, round(reach * count))
     _, dy, dx = volume.spacing
     order, starts, crossed, _ = _image_columns(rows, columns, float(dy), float(dx), frame)
