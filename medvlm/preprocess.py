@@ -65,13 +65,16 @@ _TYPED_WINDOW = re.compile(rf"\s*(?:{_WIDTH_LABEL})?{_NUMBER}"  # the width
                            rf"(?:{_LEVEL_LABEL})?{_SIGNED}\s*", re.IGNORECASE)  # the level
 _LEVEL_FIRST = re.compile(rf"\s*{_LEVEL_LABEL}{_SIGNED}\s*/?\s*{_WIDTH_LABEL}{_NUMBER}\s*", re.IGNORECASE)
 TYPED_WINDOW_LIMITS = (1e-3, 1e6)  # a typed width's least and most, and the most a level lies from 0
+# "1 500" or "2 000": one number written with a thousands space (a width of 1500 with no level), or width 1 and
+# level 500? Refused rather than guessed; "1500/-600" or "W 1 L 500" say which.
+_THOUSANDS = re.compile(r"\s*\d{1,3}[ \u2009\u202f]\d{3}\s*")
 
 
 def typed_window(window: object) -> tuple[float, float] | None:
     """(level, width) of a window typed as width/level (`_TYPED_WINDOW`, `_LEVEL_FIRST`), in the scan's units (HU
-    for CT), or None
-    for anything else: a width outside TYPED_WINDOW_LIMITS, or a level further from 0 than its most."""
-    if not isinstance(window, str):
+    for CT), or None for anything else: a width outside TYPED_WINDOW_LIMITS, a level further from 0 than its most,
+    or two bare numbers that read as one with a thousands space (`_THOUSANDS`)."""
+    if not isinstance(window, str) or _THOUSANDS.fullmatch(window):
         return None
     if match := _TYPED_WINDOW.fullmatch(window):
         width, level = match.group(1), match.group(2)

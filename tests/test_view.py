@@ -142,13 +142,15 @@ def test_a_window_typed_as_width_and_level_shows_those_values(marked_ct):
                           render_slice(ct, "axial", window="lung"))
     lung = render_slice(ct, "axial", window="lung")
     # as radiologists also write it: spaces for the slash, labels in either order (Siemens' C for the level)
-    for written in ("1500 -600", "W 1500 L -600", "WW 1500 WL -600", "L -600 W 1500", "C -600 / W 1500"):
+    for written in ("1500 -600", "1500/-600", "W 1500 L -600", "WW 1500 WL -600", "L -600 W 1500", "C -600 / W 1500"):
         assert np.array_equal(render_slice(ct, "axial", window=written), lung), written
     # no width of nothing (0, or one too small to divide by) and no width or level past any scan's values
     with pytest.raises(UserInputError, match="unknown window 'wide' for this PET scan; choose one of auto, inverted"):
         render_slice(_volume(data, spacing=(1.0, 1.0, 1.0), modality="PT"), "axial", window="wide")  # as a reader says
+    assert np.array_equal(render_slice(ct, "axial", window="W 1 L 500"), render_slice(ct, "axial", window="1/500"))
+    # "1 500" may be a width of 1500 written with a thousands space, or width 1 and level 500: refused, not guessed
     for junk in ("0/40", "0.000000001/1000000000", "9" * 400 + "/50", "400/" + "9" * 40, "wide", "40", "L 40",
-                 "40 W 400", "400/40/10"):
+                 "40 W 400", "400/40/10", "1 500", "2\u202f000"):
         with pytest.raises(UserInputError, match="or a width/level such as 350/50"):
             render_slice(ct, "axial", window=junk)
 
