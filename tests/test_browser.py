@@ -22,6 +22,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 LAPTOP = {"width": 1366, "height": 657}  # a 1366x768 screen, less the browser's bars
+DESKTOP = {"width": 1920, "height": 970}  # a 1920x1080 screen, less the browser's bars
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,13 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     assert page.locator("#scan-upload").is_hidden()
     slider_box = page.locator("#slice-slider input[type=range]").bounding_box()
     assert slider_box["y"] + slider_box["height"] <= LAPTOP["height"], slider_box
+    # On a desktop's taller window the image grows, the slider still in view under it.
+    laptop_height = page.locator("#slice-view img").bounding_box()["height"]
+    page.set_viewport_size(DESKTOP)
+    assert page.locator("#slice-view img").bounding_box()["height"] >= 2 * laptop_height
+    slider_box = page.locator("#slice-slider input[type=range]").bounding_box()
+    assert slider_box["y"] + slider_box["height"] <= DESKTOP["height"], slider_box
+    page.set_viewport_size(LAPTOP)
     image = page.locator("#slice-view img")
     before = image.get_attribute("src")
     page.locator("#slice-slider input[type=range]").fill("5")
