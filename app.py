@@ -217,6 +217,7 @@ class ScanSession:
     folder: Path | None = None
     stop_key: str = ""  # key of the running generation's stop event in _STOP_EVENTS
     stop_kind: str = ""  # what that generation writes: "report" or "chat"
+    waiting: int = 0  # reports and answers asked for on the page and not yet started (`asked_to_write`)
     threshold_range: tuple[float, float] = (-math.inf, math.inf)  # the 3D threshold slider's, for this scan
     shown_slices: dict[str, int] = field(default_factory=dict)  # plane → the slice (from 1) last shown in it
     shown: tuple[str, str | None] = ("axial", None)  # the plane and window the viewer last showed
@@ -858,6 +859,27 @@ def _no_scan(session: ScanSession | None) -> str:
     return session.closed if session is not None and session.closed else "Upload a scan first."
 
 
+def asked_to_write(session: ScanSession | None) -> dict:
+    """A report or an answer was asked for on the page (the Stop button's update): Stop is enabled until it, and any
+    other asked for meanwhile, has been written (`stop_button_state`)."""
+    if session is None or session.volume is None:  # no scan: nothing will be written
+        return gr.skip()
+    session.waiting += 1
+    return gr.update(interactive=True)
+
+
+def _started_writing(session: ScanSession | None) -> None:
+    """A report or an answer left the queue (the first thing its handler does): one fewer waits."""
+    if session is not None and session.waiting > 0:
+        session.waiting -= 1
+
+
+def stop_button_state(session: ScanSession | None) -> dict:
+    """The Stop button after a report or an answer ended, or after Stop or Clear: enabled while another is being
+    written for the session or waits to be, else disabled (there is nothing to stop)."""
+    return gr.update(interactive=session is not None and (session.generating or session.waiting > 0))
+
+
 def generate_report(session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float,
                     scan_token: str | None = None):
     """Stream a report of the session's scan; at the end, offer it as a Markdown download.
@@ -867,6 +889,7 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
     text back). `scan_token`: the scan the page held when the report was asked for (`ScanSession.token`);
     a request for a scan since replaced changes nothing.
     """
+    _started_writing(session)
     if _asked_about_another_scan(session, scan_token):
         yield gr.skip(), gr.skip()
         return
@@ -902,6 +925,7 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
     cleared, the conversation as the session now holds it, last. A question the model may not read
     (`Pipeline.chat`) gets a warning with the reason and stays in the box. `scan_token`: as `generate_report`.
     """
+    _started_writing(session)
     if _asked_about_another_scan(session, scan_token):
         yield gr.skip(), gr.skip()
         return
@@ -994,9 +1018,12 @@ def _scan_replaced(session: ScanSession, volume: Volume) -> bool:
     return True
 
 
-def stop_generation(session: ScanSession | None) -> None:
+def stop_generation(session: ScanSession | None, waiting_cancelled: bool = True) -> None:
     """End the session's running generation: its thread stops at the next token, and an answer being written
-    is marked stopped at once (what the page shows after Stop)."""
+    is marked stopped at once (what the page shows after Stop). `waiting_cancelled`: the reports and answers
+    waiting in the queue were cancelled too (Stop and Clear cancel them), and will not start."""
+    if session is not None and waiting_cancelled:
+        session.waiting = 0
     event = _STOP_EVENTS.get(session.stop_key) if session is not None else None  # it ends on its own meanwhile
     if event is not None:
         event.set()
@@ -1067,7 +1094,7 @@ def clear_chat(session: ScanSession | None) -> list:
     """
     if session is not None:
         if session.stop_kind == "chat":
-            stop_generation(session)
+            stop_generation(session, waiting_cancelled=False)
         session.messages, session.chat_cleared = [], session.chat_cleared + 1
     return []
 
@@ -1154,7 +1181,8 @@ def build_demo() -> gr.Blocks:
             with gr.Column(scale=4, elem_id="assistant-column"):
                 with gr.Row(elem_id="report-buttons"):
                     report_button = gr.Button("Generate report", variant="primary", scale=2, elem_id="report-button")
-                    stop_button = gr.Button("Stop", variant="stop", scale=1)
+                    # Enabled while a report or an answer is being written, or waits to be (`asked_to_write`)
+                    stop_button = gr.Button("Stop", variant="stop", scale=1, interactive=False, elem_id="stop-button")
                     clear_button = gr.Button("Clear all", scale=1)  # the chat's bin icon is "Clear"
                 report = gr.Markdown(REPORT_PLACEHOLDER, elem_id="report-box", label="Report")
                 download = gr.DownloadButton("Download report (.md)", interactive=False, size="sm",
@@ -1244,25 +1272,34 @@ def build_demo() -> gr.Blocks:
         threshold.input(redraw_3d, [session, threshold], [plot, threshold], api_name="show_3d",
                         trigger_mode="always_last", preprocess=False, **viewer)
 
-        report_event = report_button.click(generate_report, [session, *settings, scan_token], [report, download],
-                                           api_name="report", **gpu)
+        # Each asks first (one quick step, so that it counts before the request can start) for Stop to be enabled,
+        # and Stop shows afterwards whether anything else is still being written or waits.
+        asks = {"fn": asked_to_write, "inputs": session, "outputs": stop_button, "queue": False,
+                "api_visibility": "private"}
+        report_event = report_button.click(**asks).then(generate_report, [session, *settings, scan_token],
+                                                        [report, download], api_name="report", **gpu)
         chat_events = [
-            trigger(chat, [question, session, *settings, scan_token], [chatbot, question], api_name=name, **gpu)
+            trigger(**asks).then(chat, [question, session, *settings, scan_token], [chatbot, question], api_name=name,
+                                 **gpu)
             for trigger, name in ((ask_button.click, "chat"), (question.submit, "chat_submit"))
         ]
         suggestion_event = suggestions.click(
             suggested_question, suggestions, question, api_name="suggest", api_visibility="private", queue=False,
-        ).then(chat, [question, session, *settings, scan_token], [chatbot, question], api_name="chat_suggested",
-               api_visibility="private", **gpu)
+        ).then(**asks).then(chat, [question, session, *settings, scan_token], [chatbot, question],
+                            api_name="chat_suggested", api_visibility="private", **gpu)
         running = [report_event, *chat_events, suggestion_event]
+        for written in running:
+            written.then(stop_button_state, session, stop_button, queue=False, api_visibility="private")
         # Stop and Clear cancel what runs or waits, then show what the session holds: queued behind the cancelled
         # events' last chunks (one stream per page), so that no chunk sent before the cancel stays on the page.
         conversation = [chatbot, report, download]
-        stop_button.click(stop_generation, session, None, cancels=running, api_name="stop", queue=False).then(
-            conversation_view, session, conversation, api_visibility="private", **viewer)
-        clear_button.click(clear_conversation, session, conversation, cancels=running, api_name="clear",
-                           queue=False).then(conversation_view, session, conversation, api_visibility="private",
-                                             **viewer)
+        for ended in (
+            stop_button.click(stop_generation, session, None, cancels=running, api_name="stop", queue=False),
+            clear_button.click(clear_conversation, session, conversation, cancels=running, api_name="clear",
+                               queue=False),
+        ):
+            ended.then(conversation_view, session, conversation, api_visibility="private", **viewer).then(
+                stop_button_state, session, stop_button, queue=False, api_visibility="private")
         # The chatbot's own bin icon forgets the conversation; else it would empty only the screen, and the next
         # question would bring the conversation back.
         chatbot.clear(clear_chat, session, chatbot, queue=False, api_visibility="private")

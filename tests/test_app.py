@@ -680,6 +680,32 @@ def test_stop_ends_the_generation_thread(app_module, ct_nifti):
     assert not [t for t in threading.enumerate() if t.name == "medvlm-generate"]
 
 
+def test_stop_is_enabled_only_while_a_report_or_answer_is_written_or_waits(app_module, ct_nifti):
+    """Stop starts disabled; asking for a report enables it until the report is written, and while a question asked
+    meanwhile still waits it stays enabled; Stop (which cancels what waits) disables it. Without a scan, asking
+    enables nothing."""
+    by_id = {c.get("props", {}).get("elem_id"): c for c in app_module.build_demo().get_config_file()["components"]}
+    assert by_id["stop-button"]["props"]["interactive"] is False  # before any scan
+
+    def enabled(update):
+        return update["interactive"]
+
+    assert app_module.asked_to_write(None) == gr.skip()  # no scan: nothing will be written
+    session, _ = loaded(app_module, [ct_nifti])
+    assert enabled(app_module.asked_to_write(session))  # Generate report
+    reporting = app_module.generate_report(session, 16, 0.0, 1.0)
+    next(reporting)  # the report leaves the queue and streams
+    assert enabled(app_module.stop_button_state(session))
+    app_module.asked_to_write(session)  # a question asked while the report streams: it waits
+    list(reporting)
+    assert enabled(app_module.stop_button_state(session))  # the report ended, the question still waits
+    list(app_module.chat("Which organ shows an abnormality?", session, 16, 0.0, 1.0))
+    assert not enabled(app_module.stop_button_state(session))  # both written: nothing to stop
+    app_module.asked_to_write(session)
+    app_module.stop_generation(session)  # Stop cancels the report waiting in the queue
+    assert not enabled(app_module.stop_button_state(session))
+
+
 def _another_scan(tmp_path, seed: int) -> Path:
     """A CT of its own content (its visual tokens are cached by no earlier test)."""
     return save_nifti(tmp_path / f"other-{seed}.nii.gz", torso_ct(seed=seed), (5.0, 1.0, 1.0), modality="CT")

@@ -139,16 +139,24 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.screenshot(path=str(tmp_path / "app-3d.png"))
     page.get_by_role("tab", name="Slices").click()
 
+    stop_enabled = "() => !document.querySelector('#stop-button').disabled"
+    assert not page.evaluate(stop_enabled)  # nothing is being written: nothing to stop
     page.evaluate("""() => {
         window.reportLengths = [];
         const box = document.querySelector('#report-box');
         new MutationObserver(() => window.reportLengths.push(box.innerText.trim().length))
             .observe(box, {childList: true, subtree: true, characterData: true});
+        window.stopEnabledWhileWriting = false;
+        const stop = document.querySelector('#stop-button');
+        new MutationObserver(() => { window.stopEnabledWhileWriting ||= !stop.disabled; })
+            .observe(stop, {attributes: true});
     }""")
     page.locator("#report-button").click()
     page.wait_for_function("() => !document.querySelector('#report-download').disabled")  # offered when finished
     lengths = [n for n in page.evaluate("window.reportLengths") if n]
     assert len(set(lengths)) >= 2 and lengths[-1] == max(lengths), f"the report did not grow: {lengths}"
+    assert page.evaluate("window.stopEnabledWhileWriting")
+    page.wait_for_function(f"() => !({stop_enabled})()")  # written: Stop is disabled again
 
     page.locator("#question textarea").fill("Where is the lesion?")
     page.get_by_role("button", name="Ask", exact=True).click()
