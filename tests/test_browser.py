@@ -77,6 +77,14 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.locator("#slice-view", has_text="Axial 4 /").wait_for()
     page.mouse.wheel(0, -120)
     page.locator("#slice-view", has_text="Axial 5 /").wait_for()
+    for notch in range(1, 6):  # notch by notch, every slice shows: none is skipped, whatever a notch's size
+        page.mouse.wheel(0, -120)
+        page.locator("#slice-view", has_text=f"Axial {5 + notch} /").wait_for()
+    for _ in range(12):  # a touchpad's small deltas: 120 px in all, one slice
+        page.mouse.wheel(0, 10)
+    page.locator("#slice-view", has_text="Axial 9 /").wait_for()
+    page.wait_for_timeout(300)
+    assert "Axial 9 /" in page.locator("#slice-view").inner_text()
     box = page.locator("#slice-slider input[type=number]")
     box.fill("999")  # past the last slice: that slice, and the box says which
     box.press("Enter")

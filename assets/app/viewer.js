@@ -12,18 +12,28 @@
     input.dispatchEvent(new Event("input", {bubbles: true}));
   };
 
-  // The wheel over the slice image steps through the slices: one slice per notch (about 100 px; a touchpad's
-  // small deltas add up to it), down toward slice 1 (the patient's feet in the axial plane), up away from it.
+  // The wheel over the slice image steps through the slices, down toward slice 1 (the patient's feet in the axial
+  // plane), up away from it: one slice per notch of a mouse wheel, whatever its size (100 px on Windows, 120 on
+  // Linux; what is left over never adds up to a skipped slice), and one per 100 px of a touchpad's small deltas.
+  const NOTCH = 120, SMALLEST_NOTCH = 50;
   let pending = 0;
   document.addEventListener("wheel", (event) => {
     const image = event.target.closest && event.target.closest("#slice-view");
     const input = slider();
     if (!image || !input || input.disabled) return;
     event.preventDefault();
-    pending += event.deltaMode === 1 ? 40 * event.deltaY : event.deltaY;  // Firefox counts lines
-    const steps = Math.trunc(pending / 100);
+    const delta = event.deltaMode === 1 ? 40 * event.deltaY : event.deltaY;  // Firefox counts lines, 3 a notch
+    let steps;
+    if (Math.abs(delta) >= SMALLEST_NOTCH) {  // a notch, or several the browser sent as one event
+      steps = Math.sign(delta) * Math.max(1, Math.round(Math.abs(delta) / NOTCH));
+      pending = 0;
+    } else {
+      if (Math.sign(delta) !== Math.sign(pending)) pending = 0;  // a touchpad turned back starts afresh
+      pending += delta;
+      steps = Math.trunc(pending / 100);
+      pending -= 100 * steps;
+    }
     if (steps === 0) return;
-    pending -= 100 * steps;
     moveTo(input, Number(input.value) - steps);
   }, {passive: false});
 
