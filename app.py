@@ -1128,6 +1128,7 @@ PAGE_CSS = (ASSETS_DIR / "app" / "page.css").read_text(encoding="utf-8")
 # The mouse and keys over the slice viewer, as in a radiology viewer: the wheel and the arrow keys step through the
 # slices, a click on the track under the image goes to a slice.
 VIEWER_SCRIPT = (ASSETS_DIR / "app" / "viewer.js").read_text(encoding="utf-8")
+FOCUS_VIEWER = "() => { document.querySelector('#slice-view')?.focus(); }"  # its keys then step through the slices
 
 
 def build_demo() -> gr.Blocks:
@@ -1262,8 +1263,11 @@ def build_demo() -> gr.Blocks:
         # bare "Value … is greater than maximum value …" and leave the number in the box.
         slice_slider.input(show_slice, [session, plane, window, slice_slider], [slice_view, slice_slider],
                            api_name="show_slice", trigger_mode="always_last", preprocess=False, **viewer)
-        kept.select(jump_to_kept, [session, kept, window], [plane, slice_slider, slice_view, kept],
-                    api_name="jump_to_kept", **viewer)
+        # .change: a pick by the keyboard (the arrows or a number typed, then Enter) sends no .select, only the
+        # mouse's does (the handler's clearing of the list changes nothing). Then the viewer has the focus, for the
+        # arrow keys: the list let go of it.
+        kept.change(jump_to_kept, [session, kept, window], [plane, slice_slider, slice_view, kept],
+                    api_name="jump_to_kept", **viewer).then(None, js=FOCUS_VIEWER)
         # .change: a hidden textbox sends no .input for viewer.js's event (its count makes each click a change)
         mip_spot_box.change(find_mip_spot, [session, mip_spot_box, window], [plane, slice_slider, slice_view],
                             api_name="find_mip_spot", preprocess=False, **viewer)

@@ -108,6 +108,14 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.locator("#kept-slices input").click()
     page.get_by_role("option", name=last_kept, exact=True).click()
     page.locator("#slice-view", has_text=f"Axial {last_kept} /").wait_for()
+    # ... and by the keyboard: a kept slice's number typed, then Enter; the viewer then has the keys
+    typed_kept = page.locator("#slice-view .kept-mark").nth(1).get_attribute("data-slice")
+    page.locator("#kept-slices input").focus()
+    page.keyboard.type(typed_kept)
+    page.keyboard.press("Enter")
+    page.locator("#slice-view", has_text=f"Axial {typed_kept} /").wait_for()
+    page.wait_for_function("() => document.activeElement === document.querySelector('#slice-view')")
+    assert page.locator("#kept-slices input").input_value() == ""  # cleared, for the next pick
     # A window of one's own: width/level typed into the window box.
     page.locator("#window-select input").fill("1500/-600")
     page.locator("#window-select input").press("Enter")
@@ -116,7 +124,7 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     # ten, End to the last; the viewer keeps the focus while each slice is drawn.
     page.locator("#slice-view img").click()
     page.keyboard.press("ArrowDown")
-    page.locator("#slice-view", has_text=f"Axial {int(last_kept) - 1} /").wait_for()
+    page.locator("#slice-view", has_text=f"Axial {int(typed_kept) - 1} /").wait_for()
     page.keyboard.press("End")
     page.locator("#slice-view", has_text=f"Axial {count} / {count}").wait_for()
     page.keyboard.press("PageDown")
