@@ -458,6 +458,11 @@ def without_file_names(message: str, paths: list[str]) -> str:
     return sentence(message)
 
 
+def reading_the_scan() -> str:
+    """The status line as soon as a scan is given, until it is read."""
+    return "Reading the scan …"
+
+
 def empty_upload() -> None:
     """The upload box lets go of the files it showed: they were deleted once read, and an upload added to them
     would send them again."""
@@ -1129,6 +1134,8 @@ PAGE_CSS = (ASSETS_DIR / "app" / "page.css").read_text(encoding="utf-8")
 # slices, a click on the track under the image goes to a slice.
 VIEWER_SCRIPT = (ASSETS_DIR / "app" / "viewer.js").read_text(encoding="utf-8")
 FOCUS_VIEWER = "() => { document.querySelector('#slice-view')?.focus(); }"  # its keys then step through the slices
+FOCUS_VIEWER_IF_LOST = ("() => { const focused = document.activeElement; if (!focused || focused === document.body "
+                        "|| focused.closest('#scan-source')) document.querySelector('#slice-view')?.focus(); }")
 
 
 def build_demo() -> gr.Blocks:
@@ -1233,15 +1240,21 @@ def build_demo() -> gr.Blocks:
         loading = {"show_progress": "minimal", "show_progress_on": status, "concurrency_limit": 2,
                    "concurrency_id": "load"}
         load_triggers = [upload.upload, folder_upload.upload, example_picker.click, modality.input]
+        # First, at once, the status line says the scan is being read (it said "Ready" about the last one meanwhile).
+        reading = {"fn": reading_the_scan, "inputs": None, "outputs": status, "queue": False,
+                   "show_progress": "hidden", "api_visibility": "private"}
         loads = {
-            "scan": upload.upload(load_scan, [upload, session], scan_outputs, api_name="load_scan", **loading),
-            "folder": folder_upload.upload(load_scan, [folder_upload, session], scan_outputs, api_name="load_folder",
-                                           **loading),
-            "example": example_picker.click(load_example, [example_picker, session], scan_outputs,
-                                            api_name="load_example", preprocess=False, **loading),
-            "modality": modality.input(change_modality, [modality, session], scan_outputs, api_name="change_modality",
-                                       preprocess=False, **loading),
+            "scan": upload.upload(**reading).then(load_scan, [upload, session], scan_outputs, api_name="load_scan",
+                                                  **loading),
+            "folder": folder_upload.upload(**reading).then(load_scan, [folder_upload, session], scan_outputs,
+                                                           api_name="load_folder", **loading),
+            "example": example_picker.click(**reading).then(load_example, [example_picker, session], scan_outputs,
+                                                            api_name="load_example", preprocess=False, **loading),
+            "modality": modality.input(**reading).then(change_modality, [modality, session], scan_outputs,
+                                                       api_name="change_modality", preprocess=False, **loading),
         }
+        for loaded in loads.values():  # the button or box used is folded away: the keys go to the viewer
+            loaded.then(None, js=FOCUS_VIEWER_IF_LOST)
         loads["scan"].then(empty_upload, None, upload, api_visibility="private", **viewer)
         # preprocess=False on the events that take the window, the slice or an example's row: what an API client
         # sends that the page would not (another modality's window, an example's name) reaches the handler, which

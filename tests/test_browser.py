@@ -200,9 +200,21 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
 
     page.get_by_text("Load another scan").click()  # the folded upload opens again for the next scan
     page.locator("#scan-upload").wait_for(state="visible")
+    page.evaluate("""() => {
+        window.statusLines = [];
+        const status = document.querySelector('#status-line');
+        new MutationObserver(() => window.statusLines.push(status.innerText))
+            .observe(status, {childList: true, subtree: true, characterData: true});
+    }""")
     page.locator("#scan-upload input[type=file]").set_input_files(str(example_scan(tmp_path)))
     page.locator("#scan-upload").wait_for(state="hidden")  # and folds again once that scan is read
     page.locator("#status-line", has_text="Ready").wait_for()
+    # While it was read, the status line said so (and not "Ready", about the scan before it) until it was ready
+    lines = page.evaluate("window.statusLines")
+    reading = next(i for i, line in enumerate(lines) if "Reading the scan" in line)
+    ready = [i for i, line in enumerate(lines) if "Ready" in line and i > reading]
+    assert ready and ready == list(range(ready[0], len(lines))), lines
+    page.wait_for_function("() => document.activeElement === document.querySelector('#slice-view')")  # the keys
     page.locator("#chatbot", has_text="Which organ is abnormal?").wait_for(state="detached")
 
     screenshot = tmp_path / "app.png"
