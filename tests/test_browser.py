@@ -125,6 +125,9 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.locator("#slice-view img").click()
     page.keyboard.press("ArrowDown")
     page.locator("#slice-view", has_text=f"Axial {int(typed_kept) - 1} /").wait_for()
+    # A screen reader hears the slice the keys stopped on, and the status line when it changes.
+    page.locator("#viewer-announcer", has_text=f"Axial {int(typed_kept) - 1} /").wait_for(state="attached")
+    assert page.locator("#status-line").get_attribute("role") == "status"
     page.keyboard.press("End")
     page.locator("#slice-view", has_text=f"Axial {count} / {count}").wait_for()
     page.keyboard.press("PageDown")
@@ -172,6 +175,7 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     lengths = [n for n in page.evaluate("window.reportLengths") if n]
     assert len(set(lengths)) >= 2 and lengths[-1] == max(lengths), f"the report did not grow: {lengths}"
     assert page.evaluate("window.stopEnabledWhileWriting")
+    page.locator("#viewer-announcer", has_text="The report is written").wait_for(state="attached")
     page.wait_for_function(f"() => !({stop_enabled})()")  # written: Stop is disabled again
 
     page.locator("#question textarea").fill("Where is the lesion?")

@@ -43,10 +43,12 @@
   const VIEWER_LABEL = "Slice viewer: the arrow keys step one slice, Page Up and Page Down ten, Home and End go "
     + "to the first and the last";
   const focusable = () => {
-    const viewer = document.querySelector("#slice-view");
-    if (!viewer) return setTimeout(focusable, 200);
+    const viewer = document.querySelector("#slice-view"), status = document.querySelector("#status-line");
+    if (!viewer || !status) return setTimeout(focusable, 200);
     viewer.tabIndex = 0;
+    viewer.setAttribute("role", "group");  // a named group (a name on a plain element is not read by every reader)
     viewer.setAttribute("aria-label", VIEWER_LABEL);
+    status.setAttribute("role", "status");  // a screen reader says "Reading the scan …", "Ready …" and warnings
   };
   focusable();
   document.addEventListener("mousedown", (event) => {
@@ -234,6 +236,30 @@
     const covered = Boolean(enlarged && enlarged.querySelector(".slice-frame"));
     if (covered !== madeInert.length > 0) setPageInert(enlarged, covered);
   }).observe(document.body, {childList: true, subtree: true});
+
+  // For a screen reader, a hidden announcer (the viewer's own HTML is replaced with each slice, so it cannot be a live
+  // region): the slice shown, once the keys or the wheel stop on it (not each one passed, nor a slice drawn while
+  // the focus is elsewhere), and a report written to its end (its download is offered then).
+  const announcer = document.createElement("div");
+  announcer.id = "viewer-announcer";
+  announcer.setAttribute("aria-live", "polite");
+  document.body.appendChild(announcer);
+  let announceLater = null, captionSaid = "", downloadOffered = false;
+  const announce = (text) => {
+    clearTimeout(announceLater);
+    announceLater = setTimeout(() => { announcer.textContent = text; }, 400);
+  };
+  new MutationObserver(() => {
+    const caption = document.querySelector("#slice-view .slice-caption");
+    const text = caption ? caption.textContent.trim() : "";
+    if (text !== captionSaid && document.activeElement && document.activeElement.id === "slice-view") announce(text);
+    captionSaid = text;
+    const download = document.querySelector("#report-download");
+    const offered = Boolean(download && !download.disabled);
+    if (offered && !downloadOffered) announce("The report is written: it is in the report box.");
+    downloadOffered = offered;
+  }).observe(document.body, {childList: true, subtree: true, characterData: true, attributes: true,
+                             attributeFilter: ["disabled"]});
 
   // A spot clicked on the MIP is found in the slices (the app's find_mip_spot): the frame and where on it the click
   // fell (fractions of the image's height and width) go to a box on the page that the app answers when it changes;
