@@ -40,6 +40,7 @@ from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_
 from medvlm.view_html import (
     MODALITY_NAMES,
     empty_view_html,
+    offers_mip,
     plane_choices,
     scan_card,
     shown,
@@ -314,8 +315,7 @@ def end_session(request: gr.Request) -> None:
 
 def scan_bytes(volume: Volume) -> int:
     """The memory a scan holds in a session: its voxels, and the most its MIP's frames take where it offers one."""
-    offers_mip = MIP in (value for _, value in plane_choices(volume.modality))
-    return volume.data.nbytes + (mip_cache_bytes(volume) if offers_mip else 0)
+    return volume.data.nbytes + (mip_cache_bytes(volume) if offers_mip(volume.modality) else 0)
 
 
 def _sessions_with_scans() -> list[tuple[ScanSession, int]]:
@@ -562,8 +562,10 @@ def change_modality(modality: str, session: ScanSession | None, request: gr.Requ
 
 
 def _first_view(volume: Volume) -> tuple[str, str, int]:
-    """(plane, window, slice from 1) a new scan opens at: its middle axial slice in the modality's default window."""
-    return "axial", default_window(volume.modality), _slice_number(volume, "axial", None)
+    """(plane, window, slice from 1) a new scan opens at: a PET's MIP seen from the front, in inverted grey, as nuclear
+    medicine reads a PET first; any other scan's middle axial slice in the modality's default window."""
+    plane = MIP if offers_mip(volume.modality) else "axial"
+    return plane, opening_window(volume, plane), _slice_number(volume, plane, None)
 
 
 def _unchanged(session: ScanSession | None, status: str):
@@ -1134,8 +1136,11 @@ PAGE_CSS = (ASSETS_DIR / "app" / "page.css").read_text(encoding="utf-8")
 # slices, a click on the track under the image goes to a slice.
 VIEWER_SCRIPT = (ASSETS_DIR / "app" / "viewer.js").read_text(encoding="utf-8")
 FOCUS_VIEWER = "() => { document.querySelector('#slice-view')?.focus(); }"  # its keys then step through the slices
+# ... after a load, only where the focus was lost (the page does not scroll to the viewer: on a phone the report
+# button comes first)
 FOCUS_VIEWER_IF_LOST = ("() => { const focused = document.activeElement; if (!focused || focused === document.body "
-                        "|| focused.closest('#scan-source')) document.querySelector('#slice-view')?.focus(); }")
+                        "|| focused.closest('#scan-source')) "
+                        "document.querySelector('#slice-view')?.focus({preventScroll: true}); }")
 
 
 def build_demo() -> gr.Blocks:

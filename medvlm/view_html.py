@@ -54,10 +54,15 @@ def window_label(name: str) -> str:
     return f"{name} · robust range"  # short: the dropdown's box is narrow; the caption gives its values
 
 
+def offers_mip(modality: str) -> bool:
+    """Whether the viewer offers a scan of this modality as a rotating MIP: a PET, the view nuclear medicine reads it
+    in first (a CT's or an MR's whole-volume MIP shows the bones or the scalp)."""
+    return modality == "PT"
+
+
 def plane_choices(modality: str) -> list[tuple[str, str]]:
-    """The planes the viewer offers for a modality as (label, value) pairs: a PET also its rotating MIP, the view
-    nuclear medicine reads it in first (a CT's or an MR's whole-volume MIP shows the bones or the scalp)."""
-    return [(plane, plane) for plane in PLANES] + ([("MIP", MIP)] if modality == "PT" else [])
+    """The planes the viewer offers for a modality as (label, value) pairs: the MIP too where it `offers_mip`."""
+    return [(plane, plane) for plane in PLANES] + ([("MIP", MIP)] if offers_mip(modality) else [])
 
 
 def window_choices(modality: str, units: str | None = None) -> list[tuple[str, str]]:
@@ -141,7 +146,7 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
     at = spot_position(volume, plane, index, spot) if spot is not None else None
     spot_note = f"cross-hair: the spot found from the MIP, {_spot_value(volume, spot)}" if at else ""
     alt = f"{_name_of(plane, index, count)}{f', {spot_note}' if at else ''}"  # the units are text from the file
-    return (f'<div class="slice-view"><div class="{frame}">'
+    return (f'<div class="slice-view"><div class="{frame}"{_portrait(pixels)}>'
             f'<img class="slice-image" src="data:image/png;base64,{source}" alt="{html.escape(alt, quote=True)}" '
             f'draggable="false" data-slice="{index + 1}"'
             f'{_pixel_size(volume, plane, index, pixels)}{_spot_click(plane)}>{_spot_mark(pixels, at)}'
@@ -155,6 +160,17 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
             f'{f" · {location}" if location else ""} · window '
             f'{window_label(window)}{shown_range(volume, window)}'
             f'{kept_note}{f" · {shown(spot_note)}" if at else ""}</div></div>')
+
+
+PORTRAIT = 1.1  # an image this many times taller than wide, or more, is drawn in a taller box
+
+
+def _portrait(pixels) -> str:
+    """The frame's class and height-to-width ratio for an image clearly taller than wide (a body seen from the front
+    or the side: a PET's MIP, its coronal and sagittal slices), which page.css draws in a taller box, as tall as
+    the viewer's width allows; "" for any other image."""
+    rows, columns = pixels.shape
+    return f' data-portrait style="--aspect:{rows / columns:.3f}"' if rows > PORTRAIT * columns else ""
 
 
 def _spot_value(volume: Volume, voxel: tuple[int, int, int]) -> str:

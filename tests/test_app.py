@@ -217,17 +217,25 @@ def test_window_choices_follow_the_modality(app_module, tmp_path):
 
 
 def test_a_pet_can_be_read_as_a_rotating_mip(app_module, tmp_path, ct_nifti):
-    """A PET offers the MIP beside the planes: the slider then turns it, 10° a step, from the front view first;
-    the caption says where each frame looks from, and going back to a plane names the slider a slice again."""
+    """A PET offers the MIP beside the planes, and opens in it, in inverted grey, as nuclear medicine reads a PET
+    first (a CT opens in its middle axial slice): the slider turns it, 10° a step, from the front view first; the
+    caption says where each frame looks from, and going back to a plane names the slider a slice again."""
     _, ct = loaded(app_module, [ct_nifti])
     assert [value for _, value in ct["plane"]["choices"]] == ["axial", "coronal", "sagittal"]
+    assert (ct["plane"]["value"], ct["window"]["value"], ct["slider"]["label"]) == ("axial", "soft tissue", "Slice")
     pet = save_nifti(tmp_path / "pet.nii.gz", np.abs(torso_ct()) / 100, (4.0, 4.0, 4.0), modality="PT")
     session, outputs = loaded(app_module, [pet])
-    assert ("MIP", "mip") in outputs["plane"]["choices"] and outputs["slider"]["label"] == "Slice"
-    slider, html, window = app_module.change_plane(session, "mip", "auto")  # opens in inverted grey, and says so
+    assert ("MIP", "mip") in outputs["plane"]["choices"]
+    assert (outputs["plane"]["value"], outputs["window"]["value"]) == ("mip", "inverted")
+    slider = outputs["slider"]
     assert (slider["maximum"], slider["value"], slider["label"]) == (36, 1, "MIP frame (10° each)")
-    assert "MIP 1 / 36 · 0°, seen from the front · window inverted" in html and "kept-mark" not in html
-    assert window == "inverted"
+    assert "MIP 1 / 36 · 0°, seen from the front · window inverted" in outputs["slice"]
+    assert "kept-mark" not in outputs["slice"]
+    slider, html, window = app_module.change_plane(session, "axial", "auto")
+    assert slider["label"] == "Slice" and "Axial" in html
+    slider, html, window = app_module.change_plane(session, "mip", "auto")  # in inverted grey again, and says so
+    assert (slider["maximum"], slider["value"], slider["label"]) == (36, 1, "MIP frame (10° each)")
+    assert "MIP 1 / 36 · 0°, seen from the front · window inverted" in html and window == "inverted"
     view, _ = app_module.show_slice(session, "mip", "inverted", 10)
     assert "MIP 10 / 36 · 90°, seen from the patient's left" in view and '"edge edge-left">A<' in view
     slider, html, window = app_module.change_plane(session, "axial", "inverted")  # the planes keep the window

@@ -266,7 +266,7 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     page.goto(server)
     page.locator("#scan-upload input[type=file]").set_input_files(str(pet))
     page.locator("#status-line", has_text="Ready").wait_for()
-    page.get_by_label("MIP", exact=True).check()
+    assert page.get_by_label("MIP", exact=True).is_checked()  # a PET opens in its MIP, as nuclear medicine reads it
     page.locator("#slice-view", has_text="MIP 1 / 36 · 0°, seen from the front · window inverted").wait_for()
     assert page.locator("#window-select input").input_value().startswith("inverted ")  # as a MIP is read
     page.locator("#slice-view").focus()
@@ -319,6 +319,24 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     page.get_by_label("coronal", exact=True).check()
     page.locator("#slice-view", has_text="Coronal 42 / 64").wait_for()
     assert page.locator("#slice-view .spot-mark").is_visible()
+    page.close()
+
+
+def test_a_body_seen_from_the_front_is_drawn_in_a_taller_box(browser, server):  # noqa: F811
+    """The PET example's MIP, a body taller than wide, fills a taller box than its axial slice on a laptop, its
+    caption still in view."""
+    page = browser.new_page(viewport=LAPTOP)
+    page.set_default_timeout(60_000)
+    page.goto(server)
+    page.locator("#scan-upload input[type=file]").set_input_files(str(ROOT / "assets" / "examples" / "pet_body.nii.gz"))
+    page.locator("#slice-view", has_text="MIP 1 / 36").wait_for()
+    mip = page.locator("#slice-view img").bounding_box()
+    caption = page.locator("#slice-view .slice-caption").bounding_box()
+    assert caption["y"] + caption["height"] <= LAPTOP["height"], caption
+    page.get_by_label("axial", exact=True).check()
+    page.locator("#slice-view", has_text="Axial").wait_for()
+    axial = page.locator("#slice-view img").bounding_box()
+    assert mip["height"] >= 1.4 * axial["height"], (mip, axial)
     page.close()
 
 
