@@ -30,6 +30,7 @@ TILT_NOTE_DEGREES = 0.5  # a slice step further than this from the slice normal 
 GAP_TOLERANCE = 0.1  # slice gaps within this share of the step are even
 POSITION_PRECISION_MM = 0.1  # ... and within this: some exporters round ImagePositionPatient to 0.1 mm
 MAX_MISSING_IN_A_GAP = 2  # missing slices drawn from their neighbours in one gap; a wider gap is not filled
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")  # a picture of one image
 
 # What tells apart the images of one series that lie at one position, in the order tried:
 # (what it is, its unit, the enhanced file's functional group and keyword, the single-frame file's keyword).
@@ -538,9 +539,14 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     single_file: `files` is one file given as the scan itself (not found in a folder or a zip)."""
     headers = _read_headers(files)
     if not headers:
-        if single_file:  # a picture, a document, a DICOM report: nothing to say about its contents
+        if single_file and Path(name).suffix.lower() in PICTURE_SUFFIXES:  # a screenshot, a photo of a screen
+            raise VolumeError(f"{name} is a picture, not a scan: one image holds no volume; {SCAN_FORMATS}")
+        if single_file:  # a document, a DICOM report: nothing to say about its contents
             raise VolumeError(f"{name} is not a scan file MedVLM 3D reads; {SCAN_FORMATS}")
-        raise VolumeError(f"{name} holds no DICOM images ({len(files)} file(s) skipped); {SCAN_FORMATS}")
+        if not files:
+            raise VolumeError(f"{name} holds no files; {SCAN_FORMATS}")
+        which = "its one file is not one" if len(files) == 1 else f"none of its {len(files)} files is one"
+        raise VolumeError(f"{name} holds no DICOM images ({which}); {SCAN_FORMATS}")
     series: dict[str, list] = {}
     for path, header in headers:
         series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((path, header))  # (0020,000E)

@@ -341,8 +341,10 @@ def _garbage(tmp_path, name, content: bytes | None):
     ("noise.dcm", bytes(range(256)) * 8, r"noise\.dcm is not a scan file MedVLM 3D reads"),
     ("noise.zip", b"PK\x03\x04" + bytes(500), "zip"),
     ("noise.npy", b"\x93NUMPY garbage", r"\.npy"),
-    ("chest.png", b"\x89PNG\r\n\x1a\n" + bytes(100), r"chest\.png is not a scan file"),
-    ("study.zip", None, r"study\.zip holds no DICOM images \(1 file\(s\) skipped\)"),
+    ("chest.png", b"\x89PNG\r\n\x1a\n" + bytes(100), r"chest\.png is a picture, not a scan: one image holds no volume"),
+    ("report.pdf", b"%PDF-1.4" + bytes(100), r"report\.pdf is not a scan file MedVLM 3D reads"),
+    ("study.zip", None, r"study\.zip holds no DICOM images \(its one file is not one\)"),
+    ("empty.zip", b"PK\x05\x06" + bytes(18), r"empty\.zip holds no files"),  # a zip of nothing
 ])
 def test_unreadable_files_raise_one_clear_error(tmp_path, name, content, message):
     with pytest.raises(VolumeError, match=message) as caught:
