@@ -46,6 +46,7 @@ from medvlm.view_html import (
     shown,
     slice_view_html,
     unbracketed,
+    window_box_label,
     window_choices,
 )
 from medvlm.volume import MODALITIES, Volume, load_volume, remove_stale_zip_folders, zip_member_names
@@ -520,7 +521,8 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         "The model is reading the scan …",
         scan_card(volume, label),
         gr.update(choices=plane_choices(volume.modality), value=plane),
-        gr.update(choices=window_choices(volume.modality, volume.units), value=window),
+        gr.update(choices=window_choices(volume.modality, volume.units), value=window,
+                  label=window_box_label(volume.modality)),
         gr.update(minimum=1, maximum=count, value=middle, interactive=True, label=slider_label(plane)),
         slice_html(session, plane, window, middle),
         gr.update(choices=[], value=None),
@@ -1185,7 +1187,7 @@ def build_demo() -> gr.Blocks:
                             plane = gr.Radio(plane_choices("CT"), value="axial", label="Plane", scale=3)
                             # A preset, or a width/level typed into the box (350/50), in the scan's units
                             window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), scale=2,
-                                                 label="Window (or type W/L: 350/50)", allow_custom_value=True,
+                                                 label=window_box_label("CT"), allow_custom_value=True,
                                                  min_width=240, elem_id="window-select")  # a phone: below Plane
                     with gr.Tab("3D", id="3d"):
                         threshold = gr.Slider(-1000, 2000, value=300, label="Surface threshold", interactive=False,

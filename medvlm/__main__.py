@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "from the front, 9: from the patient's left)")
     view.add_argument("--window", default=None,
                       help="CT: soft tissue, lung, bone, brain, liver; PET: inverted, and in SUV 'SUV 0-5', "
-                           "'SUV 0-5 inverted', 'SUV 0-10 inverted'; auto; or width/level (350/50). Default: "
+                           "'SUV 0-5 inverted', 'SUV 0-10 inverted'; auto; or width/level (350/50) or a range (0-6), "
+                           "either followed by 'inverted' for the highest value black. Default: "
                            "soft tissue for CT, inverted for a PET's MIP, else auto")
     view.add_argument("--out", required=True, help="PNG file to write")
     _add_modality_option(view)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -64,29 +65,64 @@ _TYPED_WINDOW = re.compile(rf"\s*(?:{_WIDTH_LABEL})?{_NUMBER}"  # the width
                            rf"(?:\s*/\s*|\s+|\s*(?=WL|L|C))"  # a slash, a space, or straight on to the level's label
                            rf"(?:{_LEVEL_LABEL})?{_SIGNED}\s*", re.IGNORECASE)  # the level
 _LEVEL_FIRST = re.compile(rf"\s*{_LEVEL_LABEL}{_SIGNED}\s*/?\s*{_WIDTH_LABEL}{_NUMBER}\s*", re.IGNORECASE)
-TYPED_WINDOW_LIMITS = (1e-3, 1e6)  # a typed width's least and most, and the most a level lies from 0
+# ... or as the range of values it shows from black to white, lowest first, as nuclear medicine sets a PET's scale:
+# "0-6", "0–6", "0 to 6", "-160-240"; either form followed by "inverted" (or "inv") shows the highest black.
+_RANGE = re.compile(rf"\s*{_SIGNED}\s*(?:-|–|to)\s*{_SIGNED}\s*", re.IGNORECASE)
+_INVERTED = re.compile(r"(.*?)\s+inv(?:erted)?\s*", re.IGNORECASE | re.DOTALL)
+TYPED_WINDOW_LIMITS = (1e-3, 1e6)  # a typed width's least and most, and the most a value lies from 0
 # "1 500" or "2 000": one number written with a thousands space (a width of 1500 with no level), or width 1 and
 # level 500? Refused rather than guessed; "1500/-600" or "W 1 L 500" say which.
 _THOUSANDS = re.compile(r"\s*\d{1,3}[ \u2009\u202f]\d{3}\s*")
 
 
-def typed_window(window: object) -> tuple[float, float] | None:
-    """(level, width) of a window typed as width/level (`_TYPED_WINDOW`, `_LEVEL_FIRST`), in the scan's units (HU
-    for CT), or None for anything else: a width outside TYPED_WINDOW_LIMITS, a level further from 0 than its most,
-    or two bare numbers that read as one with a thousands space (`_THOUSANDS`)."""
-    if not isinstance(window, str) or _THOUSANDS.fullmatch(window):
+@dataclass(frozen=True)
+class TypedWindow:
+    """A window typed into the viewer's box, in the scan's units (HU for CT): the values it shows black and white
+    (`black` above `white` when inverted), and whether it was typed as a range rather than as width/level."""
+
+    black: float
+    white: float
+    as_range: bool = False
+
+    @property
+    def level(self) -> float:
+        return (self.black + self.white) / 2
+
+    @property
+    def width(self) -> float:
+        return abs(self.white - self.black)
+
+
+def _number(text: str) -> float:
+    return float(text.replace("−", "-"))
+
+
+def typed_window(window: object) -> TypedWindow | None:
+    """The window typed as width/level (`_TYPED_WINDOW`, `_LEVEL_FIRST`) or as a range (`_RANGE`), maybe inverted
+    (`_INVERTED`), or None for anything else: a width outside TYPED_WINDOW_LIMITS, a value further from 0 than its
+    most, a range whose highest value comes first, or two bare numbers that read as one with a thousands space
+    (`_THOUSANDS`)."""
+    if not isinstance(window, str):
         return None
-    if match := _TYPED_WINDOW.fullmatch(window):
-        width, level = match.group(1), match.group(2)
-    elif match := _LEVEL_FIRST.fullmatch(window):
-        level, width = match.group(1), match.group(2)
+    inverted = _INVERTED.fullmatch(window)
+    text = inverted.group(1) if inverted else window
+    if _THOUSANDS.fullmatch(text):
+        return None
+    as_range = False
+    if match := _TYPED_WINDOW.fullmatch(text):
+        width, level = float(match.group(1)), _number(match.group(2))
+    elif match := _LEVEL_FIRST.fullmatch(text):
+        level, width = _number(match.group(1)), float(match.group(2))
+    elif match := _RANGE.fullmatch(text):
+        low, high = _number(match.group(1)), _number(match.group(2))
+        width, level, as_range = high - low, (low + high) / 2, True
     else:
         return None
-    width, level = float(width), float(level.replace("−", "-"))
     least, most = TYPED_WINDOW_LIMITS
-    if not (least <= width <= most and abs(level) <= most):
+    if not (least <= width <= most and abs(level) + width / 2 <= most):
         return None
-    return level, width
+    low, high = level - width / 2, level + width / 2
+    return TypedWindow(high, low, as_range) if inverted else TypedWindow(low, high, as_range)
 
 
 def unknown_window(window: object, modality: str, units: str | None = None) -> str:
@@ -94,12 +130,22 @@ def unknown_window(window: object, modality: str, units: str | None = None) -> s
     instead."""
     said = {"PT": "PET", "OT": "other"}.get(modality, modality)  # as a reader calls it, not its DICOM code
     return (f"unknown window {str(window)[:40]!r} for this {said} scan; choose one of "
-            f"{', '.join(window_names(modality, units))}, or a width/level such as 350/50")
+            f"{', '.join(window_names(modality, units))}, or {typed_window_example(modality)}")
+
+
+def typed_window_example(modality: str) -> str:
+    """What to type for a window of one's own, as its modality is read: a CT by width/level in HU, a PET by the range
+    of its values (inverted, as its MIP), an MR by either."""
+    if modality == "CT":
+        return "a width/level such as 350/50"
+    if modality == "PT":
+        return "a range such as 0-6 (0-6 inverted: uptake dark on white), or a width/level such as 6/3"
+    return "a range such as 100-800, or a width/level such as 350/50"
 
 
 def known_window(window: object, modality: str, units: str | None = None) -> bool:
-    """Whether a viewer can show a scan of this modality (and units) in `window`: one of its presets, or a typed
-    width/level."""
+    """Whether a viewer can show a scan of this modality (and units) in `window`: one of its presets, or one typed
+    (`typed_window`)."""
     return window in window_names(modality, units) or typed_window(window) is not None
 
 
@@ -140,11 +186,12 @@ def window_range(volume: Volume, window: str, robust: tuple[float, float] | None
         return (hi, lo) if window == INVERTED_WINDOW else (lo, hi)
     if window in SUV_WINDOWS:
         return SUV_WINDOWS[window]
-    level_width = CT_WINDOWS.get(window) or typed_window(window)
-    if level_width is None:
+    if (typed := typed_window(window)) is not None:
+        return typed.black, typed.white
+    if window not in CT_WINDOWS:
         raise ValueError(f"unknown window {window!r}; choose one of {', '.join(window_names('CT'))}, or a "
                          "width/level such as 350/50")
-    level, width = level_width
+    level, width = CT_WINDOWS[window]
     return level - width / 2, level + width / 2
 
 

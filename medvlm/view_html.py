@@ -45,13 +45,21 @@ def window_label(name: str) -> str:
         level, width = CT_WINDOWS[name]
         return f"{name} · W {width:g} / L {level:g}".replace("-", "−")
     if (typed := typed_window(name)) is not None:
-        level, width = typed
-        return f"typed · W {width:g} / L {level:g}".replace("-", "−")
+        shows = (f"{min(typed.black, typed.white):g} to {max(typed.black, typed.white):g}" if typed.as_range
+                 else f"W {typed.width:g} / L {typed.level:g}")
+        return f"typed · {shows}{' inverted' if typed.black > typed.white else ''}".replace("-", "−")
     if name == INVERTED_WINDOW:
         return "inverted · uptake dark on white"
     if name in SUV_WINDOWS:
         return name.replace("-", "–")  # its scale is its name, typed with a hyphen ("SUV 0-5"), shown as a range
     return f"{name} · robust range"  # short: the dropdown's box is narrow; the caption gives its values
+
+
+def window_box_label(modality: str) -> str:
+    """The window box's label, with what to type for a window of one's own in a scan of this modality: width/level
+    for a CT (in HU), the range of values for a PET (inverted, as its MIP opens) or an MR."""
+    typed = {"CT": "W/L: 350/50", "PT": "a range: 0-6 inverted"}.get(modality, "a range: 100-800")
+    return f"Window (or type {typed})"
 
 
 def offers_mip(modality: str) -> bool:

@@ -227,6 +227,10 @@ def test_a_pet_can_be_read_as_a_rotating_mip(app_module, tmp_path, ct_nifti):
     session, outputs = loaded(app_module, [pet])
     assert ("MIP", "mip") in outputs["plane"]["choices"]
     assert (outputs["plane"]["value"], outputs["window"]["value"]) == ("mip", "inverted")
+    # the window box says how a window of one's own is typed for each: W/L in HU for a CT, a PET's range of values
+    assert "350/50" in ct["window"]["label"] and "0-6 inverted" in outputs["window"]["label"]
+    view, _ = app_module.change_window(session, "mip", "0-6 inverted", 1)
+    assert "window typed · 0 to 6 inverted" in view and 'class="slice-frame inverted"' in view
     slider = outputs["slider"]
     assert (slider["maximum"], slider["value"], slider["label"]) == (36, 1, "MIP frame (10° each)")
     assert "MIP 1 / 36 · 0°, seen from the front · window inverted" in outputs["slice"]

@@ -10,7 +10,7 @@ from PIL import Image
 
 from medvlm.errors import UserInputError
 from medvlm.view import render_slice, save_png, slice_count, slice_location, spot_position
-from medvlm.view_html import slice_view_html
+from medvlm.view_html import slice_view_html, window_label
 from medvlm.volume import Volume, load_volume
 from medvlm.writers import save_dicom_series
 
@@ -148,9 +148,20 @@ def test_a_window_typed_as_width_and_level_shows_those_values(marked_ct):
     with pytest.raises(UserInputError, match="unknown window 'wide' for this PET scan; choose one of auto, inverted"):
         render_slice(_volume(data, spacing=(1.0, 1.0, 1.0), modality="PT"), "axial", window="wide")  # as a reader says
     assert np.array_equal(render_slice(ct, "axial", window="W 1 L 500"), render_slice(ct, "axial", window="1/500"))
+    # ... or as the range it shows from black to white, lowest first, as nuclear medicine sets a PET's scale
+    soft = render_slice(ct, "axial", window="soft tissue")  # W 400 / L 40: −160 to 240 HU
+    for written in ("-160-240", "-160 to 240", "−160–240", " -160 - 240 "):
+        assert np.array_equal(render_slice(ct, "axial", window=written), soft), written
+    pet = _volume(data, spacing=(1.0, 1.0, 1.0), modality="PT")
+    upright, inverted = render_slice(pet, "axial", window="150-250"), render_slice(pet, "axial", window="150-250 inv")
+    assert (upright[:, 4:] == 0).all() and (upright[:, :2] == 255).all()  # 100 black, 300 white
+    assert (inverted[:, 4:] == 255).all() and (inverted[:, :2] == 0).all()  # "inverted": the highest black
+    assert np.array_equal(inverted, render_slice(pet, "axial", window="100/200 inverted"))
+    assert window_label("0-6 inverted") == "typed · 0 to 6 inverted"
+    assert window_label("350/50") == "typed · W 350 / L 50"
     # "1 500" may be a width of 1500 written with a thousands space, or width 1 and level 500: refused, not guessed
     for junk in ("0/40", "0.000000001/1000000000", "9" * 400 + "/50", "400/" + "9" * 40, "wide", "40", "L 40",
-                 "40 W 400", "400/40/10", "1 500", "2\u202f000"):
+                 "40 W 400", "400/40/10", "1 500", "2\u202f000", "240-160", "0-6-9", "inverted", "0-0"):
         with pytest.raises(UserInputError, match="or a width/level such as 350/50"):
             render_slice(ct, "axial", window=junk)
 
