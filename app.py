@@ -1184,7 +1184,7 @@ def build_demo() -> gr.Blocks:
                         # Where viewer.js puts a spot clicked on the MIP (find_mip_spot): on the page, not shown.
                         mip_spot_box = gr.Textbox(None, visible="hidden", elem_id="mip-spot")
                         with gr.Row():
-                            plane = gr.Radio(plane_choices("CT"), value="axial", label="Plane", scale=3)
+                            plane = gr.Radio(plane_choices("CT"), value="axial", label="Plane", scale=3, elem_id="plane")
                             # A preset, or a width/level typed into the box (350/50), in the scan's units
                             window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), scale=2,
                                                  label=window_box_label("CT"), allow_custom_value=True,

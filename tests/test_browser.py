@@ -151,6 +151,13 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.locator("#slice-view.enlarged").wait_for()
     page.mouse.click(4, 4)
     page.locator("#slice-view.enlarged").wait_for(state="detached")
+    # The planes are one radio group for the keyboard: the arrows move between them
+    assert set(page.evaluate("() => [...document.querySelectorAll('#plane input')].map(r => r.name)")) == {"plane"}
+    page.locator("#plane input[value=axial]").focus()
+    page.keyboard.press("ArrowRight")
+    page.locator("#slice-view", has_text="Coronal").wait_for()
+    page.keyboard.press("ArrowLeft")
+    page.locator("#slice-view", has_text="Axial").wait_for()
 
     page.get_by_role("tab", name="3D").click()
     page.locator("#plot-3d .js-plotly-plot").wait_for()

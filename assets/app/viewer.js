@@ -249,7 +249,15 @@
     clearTimeout(announceLater);
     announceLater = setTimeout(() => { announcer.textContent = text; }, 400);
   };
+  // The planes as one radio group (Gradio names each of its buttons apart, and again as it redraws them): one Tab
+  // stop, the arrow keys move between them, and a screen reader hears "2 of 3".
+  const groupPlanes = () => {
+    for (const radio of document.querySelectorAll("#plane input[type=radio]")) {
+      if (radio.name !== "plane") radio.name = "plane";
+    }
+  };
   new MutationObserver(() => {
+    groupPlanes();
     const caption = document.querySelector("#slice-view .slice-caption");
     const text = caption ? caption.textContent.trim() : "";
     if (text !== captionSaid && document.activeElement && document.activeElement.id === "slice-view") announce(text);
@@ -259,7 +267,7 @@
     if (offered && !downloadOffered) announce("The report is written: it is in the report box.");
     downloadOffered = offered;
   }).observe(document.body, {childList: true, subtree: true, characterData: true, attributes: true,
-                             attributeFilter: ["disabled"]});
+                             attributeFilter: ["disabled", "name"]});
 
   // A spot clicked on the MIP is found in the slices (the app's find_mip_spot): the frame and where on it the click
   // fell (fractions of the image's height and width) go to a box on the page that the app answers when it changes;
