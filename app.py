@@ -87,7 +87,8 @@ MAKE_ROOM_IDLE_S = 600
 QUEUE_SIZE = 500
 # What a load updates, in order: `_new_scan`'s outputs and build_demo's scan_outputs.
 LOAD_OUTPUTS = ("session", "status", "card", "plane", "window", "slider", "slice", "kept", "threshold", "chatbot",
-                "report", "download", "scan_token", "suggestions", "modality", "truth_box", "truth", "scan_source")
+                "report", "download", "scan_token", "suggestions", "modality", "truth_box", "truth", "scan_source",
+                "report_button", "ask_button")
 SCAN_SOURCE_OPEN = "Load a scan"
 SCAN_SOURCE_FOLDED = "Load another scan"  # once a scan is read, which then needs the room
 OUT_OF_MEMORY = "The server ran out of memory reading this scan; try again in a few minutes, or with a smaller scan"
@@ -538,6 +539,8 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         f"{shown(truth)}\n\n*The phantom's ground truth (assets/examples/examples.json): what this example was made "
         "with. The model is never shown it.*" if truth else "",
         gr.update(open=False, label=SCAN_SOURCE_FOLDED),
+        gr.update(interactive=True),  # Generate report and Ask: disabled until there is a scan to ask about
+        gr.update(interactive=True),
     )
 
 
@@ -1184,8 +1187,9 @@ def build_demo() -> gr.Blocks:
                         # Where viewer.js puts a spot clicked on the MIP (find_mip_spot): on the page, not shown.
                         mip_spot_box = gr.Textbox(None, visible="hidden", elem_id="mip-spot")
                         with gr.Row():
-                            plane = gr.Radio(plane_choices("CT"), value="axial", label="Plane", scale=3, elem_id="plane")
-                            # A preset, or a width/level typed into the box (350/50), in the scan's units
+                            plane = gr.Radio(plane_choices("CT"), value="axial", label="Plane", scale=3,
+                                             elem_id="plane")
+                            # A preset, or a window typed into the box (350/50, 0-6 inverted), in the scan's units
                             window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), scale=2,
                                                  label=window_box_label("CT"), allow_custom_value=True,
                                                  min_width=240, elem_id="window-select")  # a phone: below Plane
@@ -1195,7 +1199,8 @@ def build_demo() -> gr.Blocks:
                         plot = gr.Plot(label="3D surface (drag to turn)", elem_id="plot-3d")
             with gr.Column(scale=4, elem_id="assistant-column"):
                 with gr.Row(elem_id="report-buttons"):
-                    report_button = gr.Button("Generate report", variant="primary", scale=2, elem_id="report-button")
+                    report_button = gr.Button("Generate report", variant="primary", scale=2, elem_id="report-button",
+                                              interactive=False)  # until a scan is loaded, as Ask
                     # Enabled while a report or an answer is being written, or waits to be (`asked_to_write`)
                     stop_button = gr.Button("Stop", variant="stop", scale=1, interactive=False, elem_id="stop-button")
                     clear_button = gr.Button("Clear all", scale=1)  # the chat's bin icon is "Clear"
@@ -1215,7 +1220,8 @@ def build_demo() -> gr.Blocks:
                 with gr.Row(elem_id="question-row"):
                     question = gr.Textbox(placeholder="Ask a question about this scan …", show_label=False,
                                           scale=5, elem_id="question", submit_btn=False, max_length=MAX_QUESTION_CHARS)
-                    ask_button = gr.Button("Ask", variant="primary", scale=1, min_width=80)
+                    ask_button = gr.Button("Ask", variant="primary", scale=1, min_width=80, interactive=False,
+                                           elem_id="ask-button")
                 suggestions = gr.Dataset(label="Suggested questions", components=[question], elem_id="suggestions",
                                          samples=[[q] for q in suggestions_for("CT")], layout="gallery")
                 with gr.Accordion("Generation settings", open=False, elem_id="generation-settings"):
@@ -1237,7 +1243,7 @@ def build_demo() -> gr.Blocks:
                       "slider": slice_slider, "slice": slice_view, "kept": kept, "threshold": threshold,
                       "chatbot": chatbot, "report": report, "download": download, "scan_token": scan_token,
                       "suggestions": suggestions, "modality": modality, "truth_box": truth_box, "truth": truth,
-                      "scan_source": scan_source}
+                      "scan_source": scan_source, "report_button": report_button, "ask_button": ask_button}
         assert set(components) == set(LOAD_OUTPUTS)
         scan_outputs = [components[name] for name in LOAD_OUTPUTS]
         viewer = {"show_progress": "hidden", "concurrency_limit": 4}

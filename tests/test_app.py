@@ -693,17 +693,21 @@ def test_stop_ends_the_generation_thread(app_module, ct_nifti):
 
 
 def test_stop_is_enabled_only_while_a_report_or_answer_is_written_or_waits(app_module, ct_nifti):
-    """Stop starts disabled; asking for a report enables it until the report is written, and while a question asked
+    """Generate report and Ask start disabled, until a scan is loaded. Stop starts disabled; asking for a report
+    enables it until the report is written, and while a question asked
     meanwhile still waits it stays enabled; Stop (which cancels what waits) disables it. Without a scan, asking
     enables nothing."""
     by_id = {c.get("props", {}).get("elem_id"): c for c in app_module.build_demo().get_config_file()["components"]}
     assert by_id["stop-button"]["props"]["interactive"] is False  # before any scan
+    # ... and Generate report and Ask, until there is a scan to ask about
+    assert by_id["report-button"]["props"]["interactive"] is by_id["ask-button"]["props"]["interactive"] is False
 
     def enabled(update):
         return update["interactive"]
 
     assert app_module.asked_to_write(None) == gr.skip()  # no scan: nothing will be written
-    session, _ = loaded(app_module, [ct_nifti])
+    session, outputs = loaded(app_module, [ct_nifti])
+    assert enabled(outputs["report_button"]) and enabled(outputs["ask_button"])
     assert enabled(app_module.asked_to_write(session))  # Generate report
     reporting = app_module.generate_report(session, 16, 0.0, 1.0)
     next(reporting)  # the report leaves the queue and streams
