@@ -1175,6 +1175,14 @@ def build_demo() -> gr.Blocks:
                 status = gr.Markdown("Upload a scan, or pick an example.", elem_id="status-line")
                 with gr.Tabs(elem_id="viewer-tabs"):
                     with gr.Tab("Slices", id="slices"):
+                        # Plane and window above the image, as a viewer's toolbar: in view on a laptop's screen
+                        with gr.Row(equal_height=True, elem_id="view-controls"):
+                            plane = gr.Radio(plane_choices("CT"), value="axial", label="Plane", show_label=False,
+                                             scale=3, elem_id="plane")
+                            # A preset, or a window typed into the box (350/50, 0-6 inverted), in the scan's units
+                            window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), scale=2,
+                                                 label=window_box_label("CT"), show_label=False,
+                                                 allow_custom_value=True, min_width=190, elem_id="window-select")
                         slice_view = gr.HTML(slice_html(None, "axial", None, None), elem_id="slice-view")
                         with gr.Row(equal_height=True):
                             # buttons=[]: no ↺ reset, which moves the slider to 1 without redrawing the slice
@@ -1186,13 +1194,6 @@ def build_demo() -> gr.Blocks:
                                                min_width=190, elem_id="kept-slices", interactive=True)
                         # Where viewer.js puts a spot clicked on the MIP (find_mip_spot): on the page, not shown.
                         mip_spot_box = gr.Textbox(None, visible="hidden", elem_id="mip-spot")
-                        with gr.Row():
-                            plane = gr.Radio(plane_choices("CT"), value="axial", label="Plane", scale=3,
-                                             elem_id="plane")
-                            # A preset, or a window typed into the box (350/50, 0-6 inverted), in the scan's units
-                            window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), scale=2,
-                                                 label=window_box_label("CT"), allow_custom_value=True,
-                                                 min_width=240, elem_id="window-select")  # a phone: below Plane
                     with gr.Tab("3D", id="3d"):
                         threshold = gr.Slider(-1000, 2000, value=300, label="Surface threshold", interactive=False,
                                               elem_id="threshold-slider", buttons=[])

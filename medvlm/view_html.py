@@ -154,7 +154,7 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
     at = spot_position(volume, plane, index, spot) if spot is not None else None
     spot_note = f"cross-hair: the spot found from the MIP, {_spot_value(volume, spot)}" if at else ""
     alt = f"{_name_of(plane, index, count)}{f', {spot_note}' if at else ''}"  # the units are text from the file
-    return (f'<div class="slice-view"><div class="{frame}"{_portrait(pixels)}>'
+    return (f'<div class="slice-view"><div class="{frame}"{_aspect(pixels)}>'
             f'<img class="slice-image" src="data:image/png;base64,{source}" alt="{html.escape(alt, quote=True)}" '
             f'draggable="false" data-slice="{index + 1}"'
             f'{_pixel_size(volume, plane, index, pixels)}{_spot_click(plane)}>{_spot_mark(pixels, at)}'
@@ -170,15 +170,11 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
             f'{kept_note}{f" · {shown(spot_note)}" if at else ""}</div></div>')
 
 
-PORTRAIT = 1.1  # an image this many times taller than wide, or more, is drawn in a taller box
-
-
-def _portrait(pixels) -> str:
-    """The frame's class and height-to-width ratio for an image clearly taller than wide (a body seen from the front
-    or the side: a PET's MIP, its coronal and sagittal slices), which page.css draws in a taller box, as tall as
-    the viewer's width allows; "" for any other image."""
+def _aspect(pixels) -> str:
+    """The frame's style: the image's height over its width, which page.css sizes its box by (no taller than the
+    frame's width draws the image, so that a wide image has no black bands above and below it)."""
     rows, columns = pixels.shape
-    return f' data-portrait style="--aspect:{rows / columns:.3f}"' if rows > PORTRAIT * columns else ""
+    return f' style="--aspect:{rows / columns:.3f}"'
 
 
 def _spot_value(volume: Volume, voxel: tuple[int, int, int]) -> str:

@@ -56,16 +56,17 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
 
     page.locator("#scan-upload input[type=file]").set_input_files(str(example_scan(tmp_path)))
     page.locator("#status-line", has_text="Ready").wait_for()
-    # The upload folds away once the scan is read: the image and its slider fit a laptop's window.
+    # The upload folds away once the scan is read.
     assert page.locator("#scan-upload").is_hidden()
-    slider_box = page.locator("#slice-slider input[type=range]").bounding_box()
-    assert slider_box["y"] + slider_box["height"] <= LAPTOP["height"], slider_box
-    # On a desktop's taller window the image grows, the slider still in view under it.
+    # The plane, the window, the image and its caption fit a laptop's window; on a desktop's the image grows.
+    for part in ("#plane", "#window-select", "#slice-view .slice-caption"):
+        box = page.locator(part).bounding_box()
+        assert box["y"] + box["height"] <= LAPTOP["height"], (part, box)
     laptop_height = page.locator("#slice-view img").bounding_box()["height"]
     page.set_viewport_size(DESKTOP)
     assert page.locator("#slice-view img").bounding_box()["height"] >= 2 * laptop_height
-    slider_box = page.locator("#slice-slider input[type=range]").bounding_box()
-    assert slider_box["y"] + slider_box["height"] <= DESKTOP["height"], slider_box
+    caption = page.locator("#slice-view .slice-caption").bounding_box()
+    assert caption["y"] + caption["height"] <= DESKTOP["height"], caption
     page.set_viewport_size(LAPTOP)
     image = page.locator("#slice-view img")
     before = image.get_attribute("src")
@@ -329,21 +330,29 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     page.close()
 
 
-def test_a_body_seen_from_the_front_is_drawn_in_a_taller_box(browser, server):  # noqa: F811
-    """The PET example's MIP, a body taller than wide, fills a taller box than its axial slice on a laptop, its
-    caption still in view."""
-    page = browser.new_page(viewport=LAPTOP)
+def test_the_image_box_keeps_the_images_proportions(browser, server):  # noqa: F811
+    """The box the slice is drawn in is no taller than its proportions need: on a desktop, the CT example's wide
+    coronal slice has no black bands above and below it; on a phone, the PET example's MIP, a body taller than wide,
+    fills the screen's width and is drawn taller than wide."""
+    examples = ROOT / "assets" / "examples"
+    page = browser.new_page(viewport=DESKTOP)
     page.set_default_timeout(60_000)
     page.goto(server)
-    page.locator("#scan-upload input[type=file]").set_input_files(str(ROOT / "assets" / "examples" / "pet_body.nii.gz"))
-    page.locator("#slice-view", has_text="MIP 1 / 36").wait_for()
-    mip = page.locator("#slice-view img").bounding_box()
-    caption = page.locator("#slice-view .slice-caption").bounding_box()
-    assert caption["y"] + caption["height"] <= LAPTOP["height"], caption
-    page.get_by_label("axial", exact=True).check()
+    page.locator("#scan-upload input[type=file]").set_input_files(str(examples / "ct_chest_abdomen.nii.gz"))
     page.locator("#slice-view", has_text="Axial").wait_for()
-    axial = page.locator("#slice-view img").bounding_box()
-    assert mip["height"] >= 1.4 * axial["height"], (mip, axial)
+    page.get_by_label("coronal", exact=True).check()
+    page.locator("#slice-view", has_text="Coronal").wait_for()
+    box = page.locator("#slice-view img").bounding_box()
+    shape = page.evaluate("() => { const image = document.querySelector('#slice-view img');"
+                          " return [image.naturalHeight, image.naturalWidth]; }")
+    assert box["height"] <= box["width"] * shape[0] / shape[1] + 2, (box, shape)
+    page.close()
+    page = browser.new_page(viewport={"width": 390, "height": 844}, has_touch=True)
+    page.goto(server)
+    page.locator("#scan-upload input[type=file]").set_input_files(str(examples / "pet_body.nii.gz"))
+    page.locator("#slice-view", has_text="MIP 1 / 36").wait_for()
+    box = page.locator("#slice-view img").bounding_box()
+    assert box["height"] >= 1.3 * box["width"], box
     page.close()
 
 

@@ -256,8 +256,16 @@
       if (radio.name !== "plane") radio.name = "plane";
     }
   };
+  // The window box shows no label (the plane and window sit above the image as a toolbar): what it takes shows when
+  // the mouse rests on it, from the label a screen reader hears, which the app sets per modality.
+  const hintWindow = () => {
+    const box = document.querySelector("#window-select input");
+    const hint = box && box.getAttribute("aria-label");
+    if (hint && box.title !== hint) box.title = hint;
+  };
   new MutationObserver(() => {
     groupPlanes();
+    hintWindow();
     const caption = document.querySelector("#slice-view .slice-caption");
     const text = caption ? caption.textContent.trim() : "";
     if (text !== captionSaid && document.activeElement && document.activeElement.id === "slice-view") announce(text);
@@ -267,7 +275,7 @@
     if (offered && !downloadOffered) announce("The report is written: it is in the report box.");
     downloadOffered = offered;
   }).observe(document.body, {childList: true, subtree: true, characterData: true, attributes: true,
-                             attributeFilter: ["disabled", "name"]});
+                             attributeFilter: ["disabled", "name", "aria-label"]});
 
   // A spot clicked on the MIP is found in the slices (the app's find_mip_spot): the frame and where on it the click
   // fell (fractions of the image's height and width) go to a box on the page that the app answers when it changes;
