@@ -563,6 +563,9 @@ def change_modality(modality: str, session: ScanSession | None, request: gr.Requ
         return tuple(refused)
     if volume is scan:
         return (session, *([gr.skip()] * (len(LOAD_OUTPUTS) - 1)))
+    if session.report or session.messages:  # said, not only done: they go at once
+        gr.Info(f"The scan is read as {MODALITY_NAMES[volume.modality]} now: the report and the conversation about "
+                "it start again.")
     return _new_scan(volume, session.label, session, request, truth=session.truth)
 
 
@@ -822,8 +825,8 @@ def encode_scan(session: ScanSession | None):
     session.encoding, session.ready = encoding, True
     total = slice_count(volume, "axial")
     notes = "".join(f" Note: {note}." for note in volume.meta.get("notes", []) or [])  # e.g. a series left out
-    status = (f"Ready: the model looked at {len(session.kept_slices)} of {total} axial slices "
-              f"({time.perf_counter() - start:.1f} s). Generate a report or ask a question.{notes}")
+    status = (f"Ready: the model kept {len(session.kept_slices)} of {total} axial slices to read (green under the "
+              f"axial image; {time.perf_counter() - start:.1f} s). Generate a report or ask a question.{notes}")
     choices = [str(k + 1) for k in session.kept_slices]
     plane, window = session.shown
     return (status, gr.update(choices=choices, value=None),

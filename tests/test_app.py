@@ -311,9 +311,10 @@ def test_kept_slices_are_shown_after_encoding(app_module, ct_nifti):
     session, _ = loaded(app_module, [ct_nifti])
     status, kept, html = app_module.encode_scan(session)
     assert session.kept_slices and all(0 <= k < 40 for k in session.kept_slices)
-    assert f"looked at {len(session.kept_slices)} of 40 axial slices" in status
+    assert f"kept {len(session.kept_slices)} of 40 axial slices to read (green under the axial image" in status
     assert kept["choices"] == [str(k + 1) for k in session.kept_slices]
     assert html.count('class="kept-mark"') == len(session.kept_slices)
+    assert "green: the slices the model kept" in html  # the track says what its marks are
     plane, slider, jumped, choice = app_module.jump_to_kept(session, kept["choices"][0], "soft tissue")
     assert plane == "axial" and slider["value"] == session.kept_slices[0] + 1
     assert "kept by the model" in jumped
@@ -600,7 +601,7 @@ def test_an_examples_true_findings_name_the_slice_through_each_lesions_centre(ap
             assert abs((low + high) / 2 - (number - 1)) <= 0.5, (name, lesion["kind"], number, low, high)
 
 
-def test_a_scan_read_as_another_modality_starts_again_as_that_modality(app_module, tmp_path):
+def test_a_scan_read_as_another_modality_starts_again_as_that_modality(app_module, tmp_path, monkeypatch):
     """A PET NIfTI that does not say so loads as "other"; the visitor names it PET: its windows (inverted among them),
     card and suggested questions become a PET's and the conversation starts again (the model's input changed),
     the scan's voxels not read again; the same modality again changes nothing, and an unknown one is a sentence."""
@@ -612,7 +613,10 @@ def test_a_scan_read_as_another_modality_starts_again_as_that_modality(app_modul
     assert session.volume.modality == "OT" and outputs["modality"]["value"] == "OT"
     session.messages = [{"role": "user", "content": "Which organ?"}, {"role": "assistant", "content": "liver"}]
     voxels = session.volume.data
+    said = []
+    monkeypatch.setattr(app_module.gr, "Info", lambda message, *args, **kwargs: said.append(message))
     outputs = named(app_module, app_module.change_modality("PT", session))
+    assert said == ["The scan is read as PET now: the report and the conversation about it start again."]
     pet = outputs["session"]
     assert pet is not session and pet.volume.modality == "PT" and pet.messages == [] and outputs["chatbot"] == []
     assert pet.volume.data is voxels and session.volume is None  # the old session let go of the scan
