@@ -246,8 +246,9 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
 
 def test_on_a_phone_the_report_button_follows_the_status_line(browser, server, tmp_path):  # noqa: F811
     """One column on a phone, in the order of the work: after the scan comes in and the status line says it is
-    ready, Generate report comes next, not after the viewer, the kept slices and the scan card."""
-    page = browser.new_page(viewport={"width": 390, "height": 844})
+    ready, Generate report comes next, not after the viewer, the kept slices and the scan card. A finger dragged up
+    the image steps through the slices, and the page does not scroll."""
+    page = browser.new_page(viewport={"width": 390, "height": 844}, has_touch=True)
     page.set_default_timeout(60_000)
     page.goto(server)
     page.locator("#scan-upload input[type=file]").set_input_files(str(example_scan(tmp_path)))
@@ -257,6 +258,18 @@ def test_on_a_phone_the_report_button_follows_the_status_line(browser, server, t
         ("modality", "#modality"), ("card", "#scan-card"), ("chat", "#chatbot"))}
     assert top["status"] < top["report"] < top["viewer"] < top["modality"] < top["card"] < top["chat"], top
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the screen
+    page.locator("#slice-view img").scroll_into_view_if_needed()
+    before = int(page.locator("#slice-slider input[type=number]").input_value())
+    scrolled = page.evaluate("window.scrollY")
+    box = page.locator("#slice-view img").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] * 0.8
+    touch = page.context.new_cdp_session(page)
+    touch.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+    for step in range(1, 11):  # 60 px up, in 6 px moves: five slices
+        touch.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x, "y": y - 6 * step}]})
+    touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    page.locator("#slice-view", has_text=f"Axial {before + 5} /").wait_for()
+    assert page.evaluate("window.scrollY") == scrolled
     page.close()
 
 
