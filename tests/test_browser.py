@@ -340,6 +340,22 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     page.get_by_label("coronal", exact=True).check()
     page.locator("#slice-view", has_text="Coronal 42 / 64").wait_for()
     assert page.locator("#slice-view .spot-mark").is_visible()
+    # The keyboard's way: on the MIP, Enter shows a pointer in the middle, the arrows move it onto the spot (a fiftieth
+    # of the image a press, not turning the MIP meanwhile), and Enter finds it, as the click did.
+    page.get_by_label("MIP", exact=True).check()
+    page.locator("#slice-view", has_text=f"MIP {frame + 1} / 36").wait_for()
+    page.locator("#slice-view").focus()
+    page.keyboard.press("Enter")
+    page.locator("#slice-view .mip-pointer").wait_for()
+    for key, presses in (("ArrowDown", round((down - 0.5) / 0.02)), ("ArrowRight", round((across - 0.5) / 0.02))):
+        for _ in range(abs(presses)):
+            page.keyboard.press(key if presses > 0 else {"ArrowDown": "ArrowUp", "ArrowRight": "ArrowLeft"}[key])
+    assert page.locator("#slice-view .slice-caption").inner_text().startswith(f"MIP {frame + 1} / 36")
+    page.get_by_label("axial", exact=True).focus()  # away and back: the pointer waits where it was
+    page.locator("#slice-view").focus()
+    page.keyboard.press("Enter")
+    page.locator("#slice-view", has_text="Axial 32 / 40").wait_for()
+    assert page.locator("#slice-view .spot-mark").is_visible() and page.locator("#slice-view .mip-pointer").count() == 0
     page.close()
 
 

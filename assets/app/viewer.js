@@ -70,7 +70,8 @@
   // slice 1, as the wheel), Page Up / Page Down ten, Home and End go to the first and the last. The viewer's box
   // keeps the focus while the slice inside it is redrawn.
   const VIEWER_LABEL = "Slice viewer: the arrow keys step one slice, Page Up and Page Down ten, Home and End go "
-    + "to the first and the last";
+    + "to the first and the last; on a MIP, Enter shows a pointer that the arrows move, and Enter again finds the "
+    + "spot under it in the slices";
   const focusable = () => {
     const viewer = document.querySelector("#slice-view"), status = document.querySelector("#status-line");
     if (!viewer || !status) return setTimeout(focusable, 200);
@@ -180,7 +181,10 @@
   document.addEventListener("keydown", (event) => {
     const onButton = event.target.closest && event.target.closest(".mip-turn");
     if (onButton && (event.key === "Enter" || event.key === " ")) return;  // the button's own click
-    if (turning && event.key !== "Tab") stopTurning();
+    if (turning && event.key !== "Tab") {
+      stopTurning();
+      event.stoppedTurning = true;  // only that: no pointer on the MIP either
+    }
   }, true);
   let stoppedByPress = false;  // the press that stops the turning is not also a click on the MIP
   document.addEventListener("pointerdown", (event) => {
@@ -295,6 +299,7 @@
   new MutationObserver(() => {
     groupPlanes();
     hintWindow();
+    if (pointer && !document.querySelector("#slice-view .mip-pointer")) drawPointer();  // the image was redrawn
     const caption = document.querySelector("#slice-view .slice-caption");
     const text = caption ? caption.textContent.trim() : "";
     if (text !== captionSaid && document.activeElement && document.activeElement.id === "slice-view") announce(text);
@@ -310,16 +315,70 @@
   // fell (fractions of the image's height and width) go to a box on the page that the app answers when it changes;
   // a count of the clicks after them makes the same spot clicked again a change too.
   let spotClicks = 0;
+  const findSpot = (image, down, across) => {  // down, across: fractions of the MIP's height and width
+    const box = document.querySelector("#mip-spot textarea");
+    if (!box) return;
+    spotClicks += 1;
+    box.value = `${image.dataset.slice} ${down} ${across} ${spotClicks}`;
+    box.dispatchEvent(new Event("input", {bubbles: true}));
+  };
   document.addEventListener("click", (event) => {
     const image = event.target.closest && event.target.closest("#slice-view .slice-image[data-spot-click]");
-    const box = document.querySelector("#mip-spot textarea");
-    if (!image || measuring || stoppedByPress || !box) return;
+    if (!image || measuring || stoppedByPress) return;
     const point = onImage(image, event);
     if (Math.hypot(point.clientX - event.clientX, point.clientY - event.clientY) > 1) return;  // beside the image
-    spotClicks += 1;
-    box.value = `${image.dataset.slice} ${point.y / image.naturalHeight} ${point.x / image.naturalWidth} ${spotClicks}`;
-    box.dispatchEvent(new Event("input", {bubbles: true}));
+    findSpot(image, point.y / image.naturalHeight, point.x / image.naturalWidth);
   });
+
+  // The keyboard's way to a spot on the MIP: Enter shows a pointer (a ring) in the middle of the image, or where it
+  // last was; the arrows move it (a fiftieth of the image a press, a tenth with Shift), Enter finds the spot under
+  // it as a click there would, and Escape puts it away. Meanwhile the arrows do not turn the MIP.
+  const POINTER_STEP = 0.02, POINTER_LEAP = 0.1;
+  let pointer = null, lastPointer = {down: 0.5, across: 0.5};
+  const drawPointer = () => {
+    const image = document.querySelector("#slice-view .slice-image[data-spot-click]");
+    const frame = image && image.closest(".slice-frame");
+    const old = document.querySelector("#slice-view .mip-pointer");
+    if (!pointer || !frame) {
+      if (old) old.remove();
+      return;
+    }
+    const mark = old || document.createElement("span");
+    mark.className = "mip-pointer";
+    if (!old) frame.appendChild(mark);
+    const box = image.getBoundingClientRect(), origin = frame.getBoundingClientRect();
+    const scale = Math.min(box.width / image.naturalWidth, box.height / image.naturalHeight);
+    const left = box.left - origin.left + (box.width - image.naturalWidth * scale) / 2;
+    const top = box.top - origin.top + (box.height - image.naturalHeight * scale) / 2;
+    mark.style.left = `${left + pointer.across * image.naturalWidth * scale}px`;
+    mark.style.top = `${top + pointer.down * image.naturalHeight * scale}px`;
+  };
+  const POINTER_MOVES = {ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1]};
+  document.addEventListener("keydown", (event) => {
+    const viewer = document.querySelector("#slice-view");
+    const image = document.querySelector("#slice-view .slice-image[data-spot-click]");
+    if (!image || document.activeElement !== viewer || event.stoppedTurning || measuring) return;
+    if (event.altKey || event.ctrlKey || event.metaKey) return;
+    if (event.key === "Enter" && !pointer) {
+      pointer = {...lastPointer};
+      announce("Pointer on the MIP: the arrow keys move it, Enter finds the spot under it, Escape puts it away.");
+    } else if (event.key === "Enter") {
+      lastPointer = pointer;
+      pointer = null;
+      findSpot(image, lastPointer.down, lastPointer.across);
+    } else if (pointer && event.key === "Escape") {
+      pointer = null;
+    } else if (pointer && event.key in POINTER_MOVES) {
+      const [down, across] = POINTER_MOVES[event.key], step = event.shiftKey ? POINTER_LEAP : POINTER_STEP;
+      pointer = {down: Math.min(1, Math.max(0, pointer.down + down * step)),
+                 across: Math.min(1, Math.max(0, pointer.across + across * step))};
+    } else {
+      return;
+    }
+    event.preventDefault();
+    event.stopImmediatePropagation();  // not also a frame turned, nor the enlarged viewer shrunk
+    drawPointer();
+  }, true);
 
   // A click on the track under the image goes to the slice at that place, or to a green mark (a slice the model
   // kept) within 8 px of it: a 2 px mark is too thin to hit.
