@@ -49,7 +49,7 @@ def window_label(name: str) -> str:
                  else f"W {typed.width:g} / L {typed.level:g}")
         return f"typed · {shows}{' inverted' if typed.black > typed.white else ''}".replace("-", "−")
     if name == INVERTED_WINDOW:
-        return "inverted · uptake dark on white"
+        return "inverted · uptake dark"  # short: the box beside a PET's four planes is narrow on a laptop
     if name in SUV_WINDOWS:
         return name.replace("-", "–")  # its scale is its name, typed with a hyphen ("SUV 0-5"), shown as a range
     return f"{name} · robust range"  # short: the dropdown's box is narrow; the caption gives its values

@@ -311,7 +311,7 @@ def test_kept_slices_are_shown_after_encoding(app_module, ct_nifti):
     session, _ = loaded(app_module, [ct_nifti])
     status, kept, html = app_module.encode_scan(session)
     assert session.kept_slices and all(0 <= k < 40 for k in session.kept_slices)
-    assert f"kept {len(session.kept_slices)} of 40 axial slices to read (green under the axial image" in status
+    assert f"kept {len(session.kept_slices)} of 40 axial slices (green marks)" in status
     assert kept["choices"] == [str(k + 1) for k in session.kept_slices]
     assert html.count('class="kept-mark"') == len(session.kept_slices)
     assert "green: the slices the model kept" in html  # the track says what its marks are

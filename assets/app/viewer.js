@@ -37,10 +37,10 @@
     moveTo(input, Number(input.value) - steps);
   }, {passive: false});
 
-  // A finger dragged up or down the image steps through the slices on a phone or a tablet, as the wheel does: one
-  // slice per TOUCH_STEP px, up away from slice 1 (page.css keeps the page from scrolling there; a swipe beside the
-  // image scrolls it). A drag is not a tap: it finds no spot on a MIP.
-  const TOUCH_STEP = 12;
+  // A finger dragged up or down the image steps through the slices on a phone or a tablet, as the wheel does, up
+  // away from slice 1 (page.css keeps the page from scrolling there; a swipe beside the image scrolls it): a drag
+  // the image's height crosses the scan, one slice per 3 to 12 px. A drag is not a tap: it finds no spot on a MIP.
+  const TOUCH_STEP = [3, 12];
   let touchDrag = null, dragged = false;
   document.addEventListener("pointerdown", (event) => {
     const image = event.target.closest && event.target.closest("#slice-view .slice-image");
@@ -48,12 +48,14 @@
     dragged = false;
     if (event.pointerType !== "touch" || !image || !input || input.disabled
         || document.querySelector("#slice-view.measuring")) return;
-    touchDrag = {y: event.clientY, value: Number(input.value)};
+    const count = Number(input.max) - Number(input.min) + 1;
+    const step = Math.min(TOUCH_STEP[1], Math.max(TOUCH_STEP[0], image.getBoundingClientRect().height / count));
+    touchDrag = {y: event.clientY, value: Number(input.value), step};
   });
   document.addEventListener("pointermove", (event) => {
     const input = slider();
     if (!touchDrag || event.pointerType !== "touch" || !input) return;
-    const steps = Math.trunc((touchDrag.y - event.clientY) / TOUCH_STEP);
+    const steps = Math.trunc((touchDrag.y - event.clientY) / touchDrag.step);
     if (steps === 0) return;
     dragged = true;
     moveTo(input, touchDrag.value + steps);
