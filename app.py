@@ -45,6 +45,7 @@ from medvlm.view_html import (
     scan_card,
     shown,
     slice_view_html,
+    typed_window_note,
     unbracketed,
     window_box_label,
     window_choices,
@@ -728,6 +729,8 @@ def change_window(session: ScanSession | None, plane: str, window: object, slice
     (`preprocess=False`)."""
     volume = session.volume if session is not None else None
     if volume is None or known_window(window, volume.modality, volume.units):
+        if volume is not None and (note := typed_window_note(volume, window)):  # 350/50 on a PET: a grey square
+            gr.Info(shown(sentence(note)))
         return slice_html(session, plane, window, slice_number), gr.skip()
     gr.Warning(shown(sentence(unknown_window(window, volume.modality, volume.units))))
     shown_window = session.shown[1] or default_window(volume.modality)

@@ -12,7 +12,7 @@ import math
 
 from PIL import Image
 
-from .preprocess import CT_WINDOWS, INVERTED_WINDOW, SUV_WINDOWS, typed_window, window_names
+from .preprocess import AUTO_WINDOW, CT_WINDOWS, INVERTED_WINDOW, SUV_WINDOWS, typed_window, window_names
 from .projection import mip_edges
 from .view import (
     MIP,
@@ -258,6 +258,30 @@ def shown_range(volume: Volume, window: str) -> str:
     low, high = sorted(window_limits(volume, window))
     units = f" {shown(unbracketed(volume.units))}" if volume.units else ""  # HU, Bq/mL, SUV
     return f" ({plain_number(low)} to {plain_number(high)}{units})".replace("-", "−")
+
+
+FEW_GREYS = 0.05  # a typed window whose width the scan's values fill less than this share of shows them flat
+
+
+def typed_window_note(volume: Volume, window: str) -> str:
+    """A sentence for a typed window that shows little of this scan: one that misses the scan's values (its "auto"
+    range), or that is so much wider than they are that they come out in a few greys (350/50 on a PET of SUV 0 to
+    6), with a window that shows them; "" for any other window."""
+    typed = typed_window(window)
+    if typed is None:
+        return ""
+    low, high = window_limits(volume, AUTO_WINDOW)
+    darkest, brightest = sorted((typed.black, typed.white))
+    if high <= darkest or low >= brightest:
+        shows = "all in one grey, black or white"
+    elif (min(high, brightest) - max(low, darkest)) / (brightest - darkest) < FEW_GREYS:
+        shows = "in a few greys"
+    else:
+        return ""
+    units = f" {unbracketed(volume.units)}" if volume.units else ""
+    values = f"{plain_number(low)} to {plain_number(high)}{units}".replace("-", "−")
+    return (f"the scan's values run from {values}, and the window {window.strip()!r} shows them {shows}; try the "
+            f"range {plain_number(low)}-{plain_number(high)}, or auto")
 
 
 def unbracketed(units: str) -> str:

@@ -216,7 +216,7 @@ def test_window_choices_follow_the_modality(app_module, tmp_path):
     assert 'class="slice-frame"' in app_module.slice_html(session, "axial", "auto", 3)
 
 
-def test_a_pet_can_be_read_as_a_rotating_mip(app_module, tmp_path, ct_nifti):
+def test_a_pet_can_be_read_as_a_rotating_mip(app_module, tmp_path, ct_nifti, monkeypatch):
     """A PET offers the MIP beside the planes, and opens in it, in inverted grey, as nuclear medicine reads a PET
     first (a CT opens in its middle axial slice): the slider turns it, 10° a step, from the front view first; the
     caption says where each frame looks from, and going back to a plane names the slider a slice again."""
@@ -229,8 +229,12 @@ def test_a_pet_can_be_read_as_a_rotating_mip(app_module, tmp_path, ct_nifti):
     assert (outputs["plane"]["value"], outputs["window"]["value"]) == ("mip", "inverted")
     # the window box says how a window of one's own is typed for each: W/L in HU for a CT, a PET's range of values
     assert "350/50" in ct["window"]["label"] and "0-6 inverted" in outputs["window"]["label"]
+    said = []
+    monkeypatch.setattr(app_module.gr, "Info", lambda message, *args, **kwargs: said.append(message))
     view, _ = app_module.change_window(session, "mip", "0-6 inverted", 1)
-    assert "window typed · 0 to 6 inverted" in view and 'class="slice-frame inverted"' in view
+    assert "window typed · 0 to 6 inverted" in view and 'class="slice-frame inverted"' in view and not said
+    app_module.change_window(session, "mip", "350/50", 1)  # a CT's window on a PET: it says what would show it
+    assert len(said) == 1 and "shows them in a few greys; try the range" in said[0]
     slider = outputs["slider"]
     assert (slider["maximum"], slider["value"], slider["label"]) == (36, 1, "MIP frame (10° each)")
     assert "MIP 1 / 36 · 0°, seen from the front · window inverted" in outputs["slice"]

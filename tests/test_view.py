@@ -10,7 +10,7 @@ from PIL import Image
 
 from medvlm.errors import UserInputError
 from medvlm.view import render_slice, save_png, slice_count, slice_location, spot_position
-from medvlm.view_html import slice_view_html, window_label
+from medvlm.view_html import slice_view_html, typed_window_note, window_label
 from medvlm.volume import Volume, load_volume
 from medvlm.writers import save_dicom_series
 
@@ -164,6 +164,17 @@ def test_a_window_typed_as_width_and_level_shows_those_values(marked_ct):
                  "40 W 400", "400/40/10", "1 500", "2\u202f000", "240-160", "0-6-9", "inverted", "0-0"):
         with pytest.raises(UserInputError, match="or a width/level such as 350/50"):
             render_slice(ct, "axial", window=junk)
+
+
+def test_a_typed_window_that_shows_the_scan_flat_says_so_and_what_would_show_it():
+    """350/50 typed on a PET whose uptake runs 0 to 6 draws a flat grey square: the viewer says where the scan's values
+    lie and offers a range that shows them; a window that misses them altogether too; one that fits says nothing."""
+    data = np.zeros((3, 16, 16), np.float32)
+    data[:, 4:12, 4:12] = 6.0  # uptake up to SUV 6 in air of 0
+    pet = _volume(data, spacing=(2.0, 2.0, 2.0), modality="PT")
+    assert "shows them in a few greys; try the range 0-6" in typed_window_note(pet, "350/50")
+    assert "shows them all in one grey" in typed_window_note(pet, "100-200")
+    assert typed_window_note(pet, "0-6 inverted") == typed_window_note(pet, "auto") == ""
 
 
 def test_a_512_axial_slice_shows_its_own_slice_one_pixel_per_voxel():
