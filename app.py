@@ -996,7 +996,7 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, s
     The chunks stop as soon as the session's scan is no longer `volume`. Settings out of range (an API
     client can send any) end it with the pipeline's sentence.
     """
-    stop_generation(session)
+    stop_generation(session, waiting_cancelled=False)  # the one before it ends; those waiting still wait
     session.in_use()
     key = f"{id(session)}-{time.monotonic_ns()}"
     _STOP_EVENTS[key] = stop
