@@ -9,6 +9,7 @@ browser); the model, scans and pictures come from `medvlm`. Nothing here imports
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -221,7 +222,10 @@ class ScanSession:
     folder: Path | None = None
     stop_key: str = ""  # key of the running generation's stop event in _STOP_EVENTS
     stop_kind: str = ""  # what that generation writes: "report" or "chat"
-    waiting: int = 0  # reports and answers asked for on the page and not yet started (`asked_to_write`)
+    # The page's events ("report", "chat", "chat_submit", "chat_suggested") that asked for a report or an answer not yet
+    # started (`asked_to_write`), and the one whose report or answer is being written
+    waiting: set[str] = field(default_factory=set)
+    writing_for: str = ""
     threshold_range: tuple[float, float] = (-math.inf, math.inf)  # the 3D threshold slider's, for this scan
     shown_slices: dict[str, int] = field(default_factory=dict)  # plane → the slice (from 1) last shown in it
     shown: tuple[str, str | None] = ("axial", None)  # the plane and window the viewer last showed
@@ -464,6 +468,14 @@ def without_file_names(message: str, paths: list[str]) -> str:
 def reading_the_scan() -> str:
     """The status line as soon as a scan is given, until it is read."""
     return "Reading the scan …"
+
+
+def reading_as(modality: str, session: ScanSession | None) -> str | dict:
+    """The status line as soon as another modality is chosen for the scan (`reading_the_scan`); none for the one
+    it is read as already (the box sends its value again when it loses the focus), which changes nothing."""
+    if session is not None and session.volume is not None and session.volume.modality == modality:
+        return gr.skip()
+    return reading_the_scan()
 
 
 def empty_upload() -> None:
@@ -723,13 +735,15 @@ def show_slice(session: ScanSession | None, plane: str, window: str | None, slic
 
 
 def change_window(session: ScanSession | None, plane: str, window: object, slice_number: object):
-    """The slice in the window chosen from the list or typed into its box (a width/level such as 350/50). Text that
-    is no window of this scan keeps the window shown, puts it back in the box and says what to type, where the
-    box would otherwise name a window the image is not in: (slice view, window box). The values come unchecked
-    (`preprocess=False`)."""
+    """The slice in the window chosen from the list or typed into its box (a width/level such as 350/50, a range such
+    as 0-6). A typed window that shows the scan flat, or misses its values, is shown and said so, once (the box sends
+    its value again when it loses the focus). Text that is no window of this scan keeps the window shown, puts it
+    back in the box and says what to type, where the box would otherwise name a window the image is not in:
+    (slice view, window box). The values come unchecked (`preprocess=False`)."""
     volume = session.volume if session is not None else None
     if volume is None or known_window(window, volume.modality, volume.units):
-        if volume is not None and (note := typed_window_note(volume, window)):  # 350/50 on a PET: a grey square
+        said = volume is None or window == session.shown[1]
+        if not said and (note := typed_window_note(volume, window)):  # 350/50 on a PET: a grey square
             gr.Info(shown(sentence(note)))
         return slice_html(session, plane, window, slice_number), gr.skip()
     gr.Warning(shown(sentence(unknown_window(window, volume.modality, volume.units))))
@@ -828,10 +842,11 @@ def encode_scan(session: ScanSession | None):
     total = slice_count(volume, "axial")
     notes = "".join(f" Note: {note}." for note in volume.meta.get("notes", []) or [])  # e.g. a series left out
     # One line on a laptop: the time it took is the benchmark's business (python -m medvlm bench)
-    status = (f"Ready: the model kept {len(session.kept_slices)} of {total} axial slices (green marks). Generate a "
+    plane, window = session.shown
+    marks = "green marks in the axial view" if plane == MIP else "green marks"  # a MIP's track shows its frames
+    status = (f"Ready: the model kept {len(session.kept_slices)} of {total} axial slices ({marks}). Generate a "
               f"report or ask a question.{notes}")
     choices = [str(k + 1) for k in session.kept_slices]
-    plane, window = session.shown
     return (status, gr.update(choices=choices, value=None),
             slice_html(session, plane, window, session.shown_slices.get(plane)))
 
@@ -877,37 +892,43 @@ def _no_scan(session: ScanSession | None) -> str:
     return session.closed if session is not None and session.closed else "Upload a scan first."
 
 
-def asked_to_write(session: ScanSession | None) -> dict:
-    """A report or an answer was asked for on the page (the Stop button's update): Stop is enabled until it, and any
-    other asked for meanwhile, has been written (`stop_button_state`)."""
+def asked_to_write(event: str, session: ScanSession | None) -> dict:
+    """A report or an answer was asked for on the page by `event` (the Stop button's update): Stop is enabled until
+    it, and any other asked for meanwhile, has been written (`stop_button_state`).
+
+    The same button pressed again while its report or answer waits or is written asks for nothing (Gradio sends
+    an event once until it ends): it is not counted, or Stop would wait for it for good."""
     if session is None or session.volume is None:  # no scan: nothing will be written
         return gr.skip()
-    session.waiting += 1
+    if event in session.waiting or (session.generating and session.writing_for == event):
+        return gr.skip()
+    session.waiting.add(event)
     return gr.update(interactive=True)
 
 
-def _started_writing(session: ScanSession | None) -> None:
-    """A report or an answer left the queue (the first thing its handler does): one fewer waits."""
-    if session is not None and session.waiting > 0:
-        session.waiting -= 1
+def _started_writing(session: ScanSession | None, event: str) -> None:
+    """A report or an answer asked for by `event` left the queue (the first thing its handler does)."""
+    if session is not None:
+        session.waiting.discard(event)
+        session.writing_for = event
 
 
 def stop_button_state(session: ScanSession | None) -> dict:
     """The Stop button after a report or an answer ended, or after Stop or Clear: enabled while another is being
     written for the session or waits to be, else disabled (there is nothing to stop)."""
-    return gr.update(interactive=session is not None and (session.generating or session.waiting > 0))
+    return gr.update(interactive=session is not None and (session.generating or bool(session.waiting)))
 
 
 def generate_report(session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float,
-                    scan_token: str | None = None):
+                    scan_token: str | None = None, asked_by: str = "report"):
     """Stream a report of the session's scan; at the end, offer it as a Markdown download.
 
     Yields (report markdown, download button update); once a new scan replaced this one, or Clear emptied the
     report, the empty report last (Gradio's final message repeats the last one sent, which would bring the old
     text back). `scan_token`: the scan the page held when the report was asked for (`ScanSession.token`);
-    a request for a scan since replaced changes nothing.
+    a request for a scan since replaced changes nothing. `asked_by`: the page's event that asked (`asked_to_write`).
     """
-    _started_writing(session)
+    _started_writing(session, asked_by)
     if _asked_about_another_scan(session, scan_token):
         yield gr.skip(), gr.skip()
         return
@@ -936,14 +957,15 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
 
 
 def chat(question: str, session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float,
-         scan_token: str | None = None):
+         scan_token: str | None = None, asked_by: str = "chat"):
     """One turn: the question joins the conversation about the scan, the answer streams in.
 
     Yields (chatbot messages, question box value); once a new scan replaced this one or the conversation was
     cleared, the conversation as the session now holds it, last. A question the model may not read
-    (`Pipeline.chat`) gets a warning with the reason and stays in the box. `scan_token`: as `generate_report`.
+    (`Pipeline.chat`) gets a warning with the reason and stays in the box. `scan_token`, `asked_by`: as
+    `generate_report`.
     """
-    _started_writing(session)
+    _started_writing(session, asked_by)
     if _asked_about_another_scan(session, scan_token):
         yield gr.skip(), gr.skip()
         return
@@ -1041,8 +1063,9 @@ def stop_generation(session: ScanSession | None, waiting_cancelled: bool = True)
     is marked stopped at once (what the page shows after Stop). `waiting_cancelled`: the reports and answers
     waiting in the queue were cancelled too (Stop and Clear cancel them), and will not start."""
     if session is not None and waiting_cancelled:
-        session.waiting = 0
-    event = _STOP_EVENTS.get(session.stop_key) if session is not None else None  # it ends on its own meanwhile
+        session.waiting.clear()
+    # Gone at once, not when its handler ends (cancelled, that may be later): Stop is disabled after it
+    event = _STOP_EVENTS.pop(session.stop_key, None) if session is not None else None  # (or it ended meanwhile)
     if event is not None:
         event.set()
         if session.answering is not None:
@@ -1270,8 +1293,9 @@ def build_demo() -> gr.Blocks:
                                                            api_name="load_folder", **loading),
             "example": example_picker.click(**reading).then(load_example, [example_picker, session], scan_outputs,
                                                             api_name="load_example", preprocess=False, **loading),
-            "modality": modality.input(**reading).then(change_modality, [modality, session], scan_outputs,
-                                                       api_name="change_modality", preprocess=False, **loading),
+            "modality": modality.input(**{**reading, "fn": reading_as, "inputs": [modality, session]},
+                                       preprocess=False).then(change_modality, [modality, session], scan_outputs,
+                                                              api_name="change_modality", preprocess=False, **loading),
         }
         for loaded in loads.values():  # the button or box used is folded away: the keys go to the viewer
             loaded.then(None, js=FOCUS_VIEWER_IF_LOST)
@@ -1297,8 +1321,8 @@ def build_demo() -> gr.Blocks:
         slice_slider.input(show_slice, [session, plane, window, slice_slider], [slice_view, slice_slider],
                            api_name="show_slice", trigger_mode="always_last", preprocess=False, **viewer)
         # .change: a pick by the keyboard (the arrows or a number typed, then Enter) sends no .select, only the
-        # mouse's does (the handler's clearing of the list changes nothing). Then the viewer has the focus, for the
-        # arrow keys: the list let go of it.
+        # mouse's does (the handler's clearing of the list sends one more, which changes nothing). Then the viewer
+        # has the focus, for the arrow keys: the list let go of it.
         kept.change(jump_to_kept, [session, kept, window], [plane, slice_slider, slice_view, kept],
                     api_name="jump_to_kept", **viewer).then(None, js=FOCUS_VIEWER)
         # .change: a hidden textbox sends no .input for viewer.js's event (its count makes each click a change)
@@ -1311,19 +1335,23 @@ def build_demo() -> gr.Blocks:
 
         # Each asks first (one quick step, so that it counts before the request can start) for Stop to be enabled,
         # and Stop shows afterwards whether anything else is still being written or waits.
-        asks = {"fn": asked_to_write, "inputs": session, "outputs": stop_button, "queue": False,
-                "api_visibility": "private"}
-        report_event = report_button.click(**asks).then(generate_report, [session, *settings, scan_token],
-                                                        [report, download], api_name="report", **gpu)
+        def asks(event: str) -> dict:
+            return {"fn": functools.partial(asked_to_write, event), "inputs": session, "outputs": stop_button,
+                    "queue": False, "api_visibility": "private"}
+
+        report_event = report_button.click(**asks("report")).then(
+            generate_report, [session, *settings, scan_token], [report, download], api_name="report", **gpu)
         chat_events = [
-            trigger(**asks).then(chat, [question, session, *settings, scan_token], [chatbot, question], api_name=name,
-                                 **gpu)
+            trigger(**asks(name)).then(functools.partial(chat, asked_by=name),
+                                       [question, session, *settings, scan_token], [chatbot, question],
+                                       api_name=name, **gpu)
             for trigger, name in ((ask_button.click, "chat"), (question.submit, "chat_submit"))
         ]
         suggestion_event = suggestions.click(
             suggested_question, suggestions, question, api_name="suggest", api_visibility="private", queue=False,
-        ).then(**asks).then(chat, [question, session, *settings, scan_token], [chatbot, question],
-                            api_name="chat_suggested", api_visibility="private", **gpu)
+        ).then(**asks("chat_suggested")).then(functools.partial(chat, asked_by="chat_suggested"),
+                                              [question, session, *settings, scan_token], [chatbot, question],
+                                              api_name="chat_suggested", api_visibility="private", **gpu)
         running = [report_event, *chat_events, suggestion_event]
         for written in running:
             written.then(stop_button_state, session, stop_button, queue=False, api_visibility="private")

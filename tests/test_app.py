@@ -235,10 +235,14 @@ def test_a_pet_can_be_read_as_a_rotating_mip(app_module, tmp_path, ct_nifti, mon
     assert "window typed · 0 to 6 inverted" in view and 'class="slice-frame inverted"' in view and not said
     app_module.change_window(session, "mip", "350/50", 1)  # a CT's window on a PET: it says what would show it
     assert len(said) == 1 and "shows them in a few greys; try the range" in said[0]
+    app_module.change_window(session, "mip", "350/50", 1)  # the box sends it again when it loses the focus
+    assert len(said) == 1  # said once
     slider = outputs["slider"]
     assert (slider["maximum"], slider["value"], slider["label"]) == (36, 1, "MIP frame (10° each)")
     assert "MIP 1 / 36 · 0°, seen from the front · window inverted" in outputs["slice"]
     assert "kept-mark" not in outputs["slice"]
+    status, _, view = app_module.encode_scan(session)  # the MIP's track shows its frames, not the kept slices
+    assert "(green marks in the axial view)" in status and "kept-mark" not in view
     slider, html, window = app_module.change_plane(session, "axial", "auto")
     assert slider["label"] == "Slice" and "Axial" in html
     slider, html, window = app_module.change_plane(session, "mip", "auto")  # in inverted grey again, and says so
@@ -628,7 +632,10 @@ def test_a_scan_read_as_another_modality_starts_again_as_that_modality(app_modul
     assert "PET, as chosen on this page" in outputs["card"] and "does not say which modality" not in outputs["card"]
     assert "What imaging modality is this?" in [q for q, in outputs["suggestions"].constructor_args["samples"]]
     assert outputs["status"] == "The model is reading the scan …"
+    # the box sends its value again when it loses the focus: nothing changes, and the status line does not say
+    # "Reading the scan …" (which nothing would then replace)
     assert app_module.change_modality("PT", pet) == (pet, *[gr.skip()] * (len(app_module.LOAD_OUTPUTS) - 1))
+    assert app_module.reading_as("PT", pet) == gr.skip() and app_module.reading_as("MR", pet) == "Reading the scan …"
     refused = named(app_module, app_module.change_modality("SPECT", pet))
     assert refused["session"] is pet and pet.volume.modality == "PT"
     assert "'SPECT' is not a modality" in refused["status"]
@@ -713,21 +720,38 @@ def test_stop_is_enabled_only_while_a_report_or_answer_is_written_or_waits(app_m
     def enabled(update):
         return update["interactive"]
 
-    assert app_module.asked_to_write(None) == gr.skip()  # no scan: nothing will be written
+    assert app_module.asked_to_write("report", None) == gr.skip()  # no scan: nothing will be written
     session, outputs = loaded(app_module, [ct_nifti])
     assert enabled(outputs["report_button"]) and enabled(outputs["ask_button"])
-    assert enabled(app_module.asked_to_write(session))  # Generate report
+    assert enabled(app_module.asked_to_write("report", session))  # Generate report
     reporting = app_module.generate_report(session, 16, 0.0, 1.0)
     next(reporting)  # the report leaves the queue and streams
     assert enabled(app_module.stop_button_state(session))
-    app_module.asked_to_write(session)  # a question asked while the report streams: it waits
+    app_module.asked_to_write("chat_submit", session)  # a question asked (Enter) while the report streams: it waits
     list(reporting)
     assert enabled(app_module.stop_button_state(session))  # the report ended, the question still waits
-    list(app_module.chat("Which organ shows an abnormality?", session, 16, 0.0, 1.0))
+    list(app_module.chat("Which organ shows an abnormality?", session, 16, 0.0, 1.0, asked_by="chat_submit"))
     assert not enabled(app_module.stop_button_state(session))  # both written: nothing to stop
-    app_module.asked_to_write(session)
+    app_module.asked_to_write("report", session)
     app_module.stop_generation(session)  # Stop cancels the report waiting in the queue
     assert not enabled(app_module.stop_button_state(session))
+
+
+def test_a_button_pressed_again_while_its_request_is_pending_leaves_stop_to_end_with_it(app_module, ct_nifti):
+    """Gradio sends a button's event once until it ends: Generate report (or Ask) pressed again while its report
+    waits or streams asks for nothing, and Stop is disabled once the one report is written. A question asked by
+    another way (Enter) meanwhile does wait, and keeps Stop enabled until it is answered."""
+    session, _ = loaded(app_module, [ct_nifti])
+    app_module.asked_to_write("report", session)
+    assert app_module.asked_to_write("report", session) == gr.skip()  # pressed again while the report waits
+    reporting = app_module.generate_report(session, 16, 0.0, 1.0)
+    next(reporting)
+    assert app_module.asked_to_write("report", session) == gr.skip()  # ... and while it streams
+    assert app_module.asked_to_write("chat_submit", session)["interactive"]  # Enter in the question box: it waits
+    list(reporting)
+    assert app_module.stop_button_state(session)["interactive"]
+    list(app_module.chat("Is there a lesion?", session, 16, 0.0, 1.0, asked_by="chat_submit"))
+    assert not app_module.stop_button_state(session)["interactive"]
 
 
 def _another_scan(tmp_path, seed: int) -> Path:
