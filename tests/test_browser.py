@@ -145,6 +145,9 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     page.mouse.wheel(0, 120)
     page.locator("#slice-view", has_text=f"Axial {int(count) - 11} /").wait_for()
     assert page.locator("#slice-view.enlarged").count() == 1  # drawing the next slice keeps it enlarged
+    # ... and a screen reader still hears the slice it stopped on
+    page.locator("#viewer-announcer", has_text=f"Axial {int(count) - 11} /").wait_for(state="attached")
+    assert not page.evaluate("() => Boolean(document.querySelector('#viewer-announcer').closest('[inert]'))")
     page.keyboard.press("Escape")
     page.locator("#slice-view.enlarged").wait_for(state="detached")
     assert not page.evaluate(inert)
@@ -179,6 +182,8 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
             .observe(stop, {attributes: true});
     }""")
     page.locator("#report-button").click()
+    page.wait_for_function("() => document.querySelector('#report-box').innerText.trim().length > 0")
+    page.locator("#report-button").click()  # pressed again while the report is written: it asks for nothing more
     page.wait_for_function("() => !document.querySelector('#report-download').disabled")  # offered when finished
     lengths = [n for n in page.evaluate("window.reportLengths") if n]
     assert len(set(lengths)) >= 2 and lengths[-1] == max(lengths), f"the report did not grow: {lengths}"
@@ -349,10 +354,26 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     page.locator("#slice-view").focus()
     page.keyboard.press("Enter")
     page.locator("#slice-view .mip-pointer").wait_for()
-    for key, presses in (("ArrowDown", round((down - 0.5) / 0.02)), ("ArrowRight", round((across - 0.5) / 0.02))):
+    moves = {"ArrowDown": round((down - 0.5) / 0.02), "ArrowRight": round((across - 0.5) / 0.02)}
+    for key, presses in moves.items():
         for _ in range(abs(presses)):
             page.keyboard.press(key if presses > 0 else {"ArrowDown": "ArrowUp", "ArrowRight": "ArrowLeft"}[key])
     assert page.locator("#slice-view .slice-caption").inner_text().startswith(f"MIP {frame + 1} / 36")
+    # The pointer stays on its place in the image when the viewer is enlarged to the window, and shrunk back.
+    pointed = [0.5 + 0.02 * moves["ArrowDown"], 0.5 + 0.02 * moves["ArrowRight"]]
+    off_its_place = """([down, across]) => {  // px between the pointer's centre and its place on the image as drawn
+        const image = document.querySelector('#slice-view .slice-image'), box = image.getBoundingClientRect();
+        const scale = Math.min(box.width / image.naturalWidth, box.height / image.naturalHeight);
+        const x = box.left + (box.width - image.naturalWidth * scale) / 2 + across * image.naturalWidth * scale;
+        const y = box.top + (box.height - image.naturalHeight * scale) / 2 + down * image.naturalHeight * scale;
+        const mark = document.querySelector('#slice-view .mip-pointer').getBoundingClientRect();
+        return Math.hypot(mark.left + mark.width / 2 - x, mark.top + mark.height / 2 - y);
+    }"""
+    assert page.evaluate(off_its_place, pointed) < 2
+    for enlarged in ("attached", "detached"):
+        page.locator("#slice-view .slice-enlarge").click()
+        page.locator("#slice-view.enlarged").wait_for(state=enlarged)
+        page.wait_for_function(f"(pointed) => ({off_its_place})(pointed) < 2", arg=pointed)
     page.get_by_label("axial", exact=True).focus()  # away and back: the pointer waits where it was
     page.locator("#slice-view").focus()
     page.keyboard.press("Enter")

@@ -40,27 +40,34 @@
   // A finger dragged up or down the image steps through the slices on a phone or a tablet, as the wheel does, up
   // away from slice 1 (page.css keeps the page from scrolling there; a swipe beside the image scrolls it): a drag
   // the image's height crosses the scan, one slice per 3 to 12 px. A drag is not a tap: it finds no spot on a MIP.
+  // One finger: a second one down (a pinch, to zoom the page) ends the drag.
   const TOUCH_STEP = [3, 12];
   let touchDrag = null, dragged = false;
   document.addEventListener("pointerdown", (event) => {
     const image = event.target.closest && event.target.closest("#slice-view .slice-image");
     const input = slider();
     dragged = false;
+    if (touchDrag && event.pointerType === "touch") {
+      touchDrag = null;
+      return;
+    }
     if (event.pointerType !== "touch" || !image || !input || input.disabled
         || document.querySelector("#slice-view.measuring")) return;
     const count = Number(input.max) - Number(input.min) + 1;
     const step = Math.min(TOUCH_STEP[1], Math.max(TOUCH_STEP[0], image.getBoundingClientRect().height / count));
-    touchDrag = {y: event.clientY, value: Number(input.value), step};
+    touchDrag = {y: event.clientY, value: Number(input.value), step, finger: event.pointerId};
   });
   document.addEventListener("pointermove", (event) => {
     const input = slider();
-    if (!touchDrag || event.pointerType !== "touch" || !input) return;
+    if (!touchDrag || event.pointerId !== touchDrag.finger || !input) return;
     const steps = Math.trunc((touchDrag.y - event.clientY) / touchDrag.step);
     if (steps === 0) return;
     dragged = true;
     moveTo(input, touchDrag.value + steps);
   });
-  for (const kind of ["pointerup", "pointercancel"]) document.addEventListener(kind, () => { touchDrag = null; });
+  for (const kind of ["pointerup", "pointercancel"]) {
+    document.addEventListener(kind, (event) => { if (touchDrag && event.pointerId === touchDrag.finger) touchDrag = null; });
+  }
   document.addEventListener("click", (event) => {
     if (dragged && event.target.closest && event.target.closest("#slice-view .slice-image")) {
       event.stopImmediatePropagation();
@@ -115,7 +122,8 @@
     for (let inside = viewer; inside && inside !== document.body; inside = inside.parentElement) {
       for (const sibling of inside.parentElement.children) {
         if (sibling === inside || sibling.inert || ["SCRIPT", "STYLE", "LINK"].includes(sibling.tagName)
-            || sibling.matches('[class*="toast"]')) continue;  // a warning shown over it can still be closed
+            || sibling.matches('[class*="toast"]')  // a warning shown over it can still be closed
+            || sibling.id === "viewer-announcer") continue;  // the slices stepped through are still said
         sibling.inert = true;
         madeInert.push(sibling);
       }
@@ -335,15 +343,25 @@
   // The keyboard's way to a spot on the MIP: Enter shows a pointer (a ring) in the middle of the image, or where it
   // last was; the arrows move it (a fiftieth of the image a press, a tenth with Shift), Enter finds the spot under
   // it as a click there would, and Escape puts it away. Meanwhile the arrows do not turn the MIP.
+  // It is placed on the image as drawn: once the image is decoded (a new frame may not be yet), and again when its
+  // frame changes size (the viewer enlarged or shrunk, the window resized).
   const POINTER_STEP = 0.02, POINTER_LEAP = 0.1;
   let pointer = null, lastPointer = {down: 0.5, across: 0.5};
+  const resized = new ResizeObserver(() => drawPointer());
+  let watched = null;  // the frame whose size `resized` watches
   const drawPointer = () => {
     const image = document.querySelector("#slice-view .slice-image[data-spot-click]");
     const frame = image && image.closest(".slice-frame");
     const old = document.querySelector("#slice-view .mip-pointer");
-    if (!pointer || !frame) {
+    if (!pointer || !frame || !image.naturalWidth) {
       if (old) old.remove();
+      if (pointer && image) image.addEventListener("load", drawPointer, {once: true});
       return;
+    }
+    if (watched !== frame) {
+      resized.disconnect();
+      resized.observe(frame);
+      watched = frame;
     }
     const mark = old || document.createElement("span");
     mark.className = "mip-pointer";
