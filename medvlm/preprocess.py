@@ -66,13 +66,16 @@ _TYPED_WINDOW = re.compile(rf"\s*(?:{_WIDTH_LABEL})?{_NUMBER}"  # the width
                            rf"(?:{_LEVEL_LABEL})?{_SIGNED}\s*", re.IGNORECASE)  # the level
 _LEVEL_FIRST = re.compile(rf"\s*{_LEVEL_LABEL}{_SIGNED}\s*/?\s*{_WIDTH_LABEL}{_NUMBER}\s*", re.IGNORECASE)
 # ... or as the range of values it shows from black to white, lowest first, as nuclear medicine sets a PET's scale:
-# "0-6", "0–6", "0 to 6", "-160-240"; either form followed by "inverted" (or "inv") shows the highest black.
-_RANGE = re.compile(rf"\s*{_SIGNED}\s*(?:-|–|to)\s*{_SIGNED}\s*", re.IGNORECASE)
+# "0-6", "0–6", "0 to 6", "-160-240", "-160 - 240"; either form followed by "inverted" (or "inv") shows the highest
+# black. A hyphen with a space before it and none after is the next number's sign: "-160 -40" is no range.
+_RANGE = re.compile(rf"\s*{_SIGNED}(?:\s*(?:–|to)\s*|-\s*|\s+-\s+){_SIGNED}\s*", re.IGNORECASE)
 _INVERTED = re.compile(r"(.*?)\s+inv(?:erted)?\s*", re.IGNORECASE | re.DOTALL)
 TYPED_WINDOW_LIMITS = (1e-3, 1e6)  # a typed width's least and most, and the most a value lies from 0
-# "1 500" or "2 000": one number written with a thousands space (a width of 1500 with no level), or width 1 and
-# level 500? Refused rather than guessed; "1500/-600" or "W 1 L 500" say which.
-_THOUSANDS = re.compile(r"\s*\d{1,3}[ \u2009\u202f]\d{3}\s*")
+# "1 500", "W 1 500" or "12 000": one number written with a thousands space (a width of 1500 with no level), or
+# width 1 and level 500? Refused rather than guessed; "1500/-600" or "W 1 L 500" say which. ("800 200" is a width
+# and a level: no one writes 800200 for a window.)
+_THOUSANDS = re.compile(rf"\s*(?:{_WIDTH_LABEL})?(?:\d[ \u2009\u202f]\d{{3}}|\d{{1,3}}[ \u2009\u202f]0\d\d)\s*",
+                        re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -129,18 +132,28 @@ def unknown_window(window: object, modality: str, units: str | None = None) -> s
     """The sentence that refuses `window` for a scan of this modality (and units), and says what it may be
     instead."""
     said = {"PT": "PET", "OT": "other"}.get(modality, modality)  # as a reader calls it, not its DICOM code
-    return (f"unknown window {str(window)[:40]!r} for this {said} scan; choose one of "
+    why = ""
+    if isinstance(window, str) and _THOUSANDS.fullmatch(_INVERTED.sub(r"\1", window)):
+        why = " (one number with a thousands space, or a width and a level? a slash says which: 1500/-600)"
+    return (f"unknown window {str(window)[:40]!r}{why} for this {said} scan; choose one of "
             f"{', '.join(window_names(modality, units))}, or {typed_window_example(modality)}")
 
 
-def typed_window_example(modality: str) -> str:
-    """What to type for a window of one's own, as its modality is read: a CT by width/level in HU, a PET by the range
-    of its values (inverted, as its MIP), an MR by either."""
-    if modality == "CT":
-        return "a width/level such as 350/50"
-    if modality == "PT":
-        return "a range such as 0-6 (0-6 inverted: uptake dark on white), or a width/level such as 6/3"
-    return "a range such as 100-800, or a width/level such as 350/50"
+# What to type for a window of one's own, as the scan's modality is read: a CT by width/level in HU, a PET by the
+# range of its values (inverted, as its MIP), an MR (or another) by either: (a label's hint, a refusal's advice).
+_TYPED_WINDOW_EXAMPLES = {
+    "CT": ("W/L: 350/50", "a width/level such as 350/50"),
+    "PT": ("a range: 0-6 inverted",
+           "a range such as 0-6 (0-6 inverted: uptake dark on white), or a width/level such as 6/3"),
+    "MR": ("a range: 100-800", "a range such as 100-800, or a width/level such as 350/50"),
+}
+
+
+def typed_window_example(modality: str, short: bool = False) -> str:
+    """What to type for a window of one's own in a scan of this modality (`_TYPED_WINDOW_EXAMPLES`): the advice a
+    refusal gives, or with `short` the hint a label gives."""
+    hint, advice = _TYPED_WINDOW_EXAMPLES.get(modality, _TYPED_WINDOW_EXAMPLES["MR"])
+    return hint if short else advice
 
 
 def known_window(window: object, modality: str, units: str | None = None) -> bool:

@@ -12,7 +12,15 @@ import math
 
 from PIL import Image
 
-from .preprocess import AUTO_WINDOW, CT_WINDOWS, INVERTED_WINDOW, SUV_WINDOWS, typed_window, window_names
+from .preprocess import (
+    AUTO_WINDOW,
+    CT_WINDOWS,
+    INVERTED_WINDOW,
+    SUV_WINDOWS,
+    typed_window,
+    typed_window_example,
+    window_names,
+)
 from .projection import mip_edges
 from .view import (
     MIP,
@@ -58,8 +66,7 @@ def window_label(name: str) -> str:
 def window_box_label(modality: str) -> str:
     """The window box's label, with what to type for a window of one's own in a scan of this modality: width/level
     for a CT (in HU), the range of values for a PET (inverted, as its MIP opens) or an MR."""
-    typed = {"CT": "W/L: 350/50", "PT": "a range: 0-6 inverted"}.get(modality, "a range: 100-800")
-    return f"Window (or type {typed})"
+    return f"Window (or type {typed_window_example(modality, short=True)})"
 
 
 def offers_mip(modality: str) -> bool:

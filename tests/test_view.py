@@ -159,11 +159,17 @@ def test_a_window_typed_as_width_and_level_shows_those_values(marked_ct):
     assert np.array_equal(inverted, render_slice(pet, "axial", window="100/200 inverted"))
     assert window_label("0-6 inverted") == "typed · 0 to 6 inverted"
     assert window_label("350/50") == "typed · W 350 / L 50"
-    # "1 500" may be a width of 1500 written with a thousands space, or width 1 and level 500: refused, not guessed
+    # "1 500" may be a width of 1500 written with a thousands space, or width 1 and level 500: refused, not guessed,
+    # and the refusal says why; "800 200" is a width and a level. In "-160 -40" the hyphen is a sign: no range.
     for junk in ("0/40", "0.000000001/1000000000", "9" * 400 + "/50", "400/" + "9" * 40, "wide", "40", "L 40",
-                 "40 W 400", "400/40/10", "1 500", "2\u202f000", "240-160", "0-6-9", "inverted", "0-0"):
+                 "40 W 400", "400/40/10", "1 500", "W 1 500", "12 000", "2\u202f000", "240-160", "0-6-9", "inverted",
+                 "0-0", "-160 -40"):
         with pytest.raises(UserInputError, match="or a width/level such as 350/50"):
             render_slice(ct, "axial", window=junk)
+    with pytest.raises(UserInputError, match="a thousands space, or a width and a level"):
+        render_slice(ct, "axial", window="1 500")
+    assert np.array_equal(render_slice(ct, "axial", window="800 200"), render_slice(ct, "axial", window="800/200"))
+    assert np.array_equal(render_slice(ct, "axial", window="-160 - -40"), render_slice(ct, "axial", window="120/-100"))
 
 
 def test_a_typed_window_that_shows_the_scan_flat_says_so_and_what_would_show_it():
