@@ -1171,9 +1171,10 @@ PAGE_CSS = (ASSETS_DIR / "app" / "page.css").read_text(encoding="utf-8")
 VIEWER_SCRIPT = (ASSETS_DIR / "app" / "viewer.js").read_text(encoding="utf-8")
 FOCUS_VIEWER = "() => { document.querySelector('#slice-view')?.focus(); }"  # its keys then step through the slices
 # ... after a load, only where the focus was lost (the page does not scroll to the viewer: on a phone the report
-# button comes first)
-FOCUS_VIEWER_IF_LOST = ("() => { const focused = document.activeElement; if (!focused || focused === document.body "
-                        "|| focused.closest('#scan-source')) "
+# button comes first), and not after a file refused (the status line's ⚠️): the visitor picks another
+FOCUS_VIEWER_IF_LOST = ("() => { const focused = document.activeElement; "
+                        "if (document.querySelector('#status-line')?.innerText.includes('⚠️')) return; "
+                        "if (!focused || focused === document.body || focused.closest('#scan-source')) "
                         "document.querySelector('#slice-view')?.focus({preventScroll: true}); }")
 
 

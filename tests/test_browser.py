@@ -277,6 +277,37 @@ def test_on_a_phone_the_report_button_follows_the_status_line(browser, server, t
     per_slice = min(12, max(3, box["height"] / count))  # a drag the image's height crosses the scan
     page.locator("#slice-view", has_text=f"Axial {before + int(60 / per_slice)} /").wait_for()
     assert page.evaluate("window.scrollY") == scrolled
+    # Two fingers spread apart (a pinch, to zoom the page) step no slice
+    shown = page.locator("#slice-slider input[type=number]").input_value()
+    fingers = [{"x": x, "y": y - 40, "id": 1}, {"x": x, "y": y, "id": 2}]
+    touch.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": fingers[:1]})
+    touch.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": fingers})
+    for step in range(1, 11):
+        touch.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [
+            {**fingers[0], "y": fingers[0]["y"] - 6 * step}, {**fingers[1], "y": fingers[1]["y"] + 3 * step}]})
+    touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    page.wait_for_timeout(800)
+    assert page.locator("#slice-slider input[type=number]").input_value() == shown
+    page.close()
+
+
+def test_a_file_that_is_no_scan_is_refused_in_a_sentence(browser, server, tmp_path):  # noqa: F811
+    """A text file uploaded instead of a scan: the status line says in one sentence what was wrong and what to do,
+    the upload box stays open with the focus where it was (not in an empty viewer), and a scan uploaded next loads."""
+    page = browser.new_page(viewport=LAPTOP)
+    page.set_default_timeout(60_000)
+    page.goto(server)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a scan")
+    page.locator("#scan-upload input[type=file]").set_input_files(str(notes))
+    page.locator("#status-line", has_text="⚠️").wait_for()
+    said = page.locator("#status-line").inner_text()
+    assert "Traceback" not in said and "notes.txt" not in said, said  # nor the file's name (a patient's, maybe)
+    page.wait_for_timeout(500)  # the load's last step (the focus) has run
+    assert page.locator("#scan-upload").is_visible()
+    assert page.evaluate("() => document.activeElement?.id") != "slice-view"
+    page.locator("#scan-upload input[type=file]").set_input_files(str(example_scan(tmp_path)))
+    page.locator("#status-line", has_text="Ready").wait_for()
     page.close()
 
 
