@@ -129,6 +129,8 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
     # A screen reader hears the slice the keys stopped on, and the status line when it changes.
     page.locator("#viewer-announcer", has_text=f"Axial {int(typed_kept) - 1} /").wait_for(state="attached")
     assert page.locator("#status-line").get_attribute("role") == "status"
+    # ... which reads out its text, not Gradio's timer in it
+    assert page.locator("#status-line [data-testid=status-tracker]").get_attribute("aria-hidden") == "true"
     page.keyboard.press("End")
     page.locator("#slice-view", has_text=f"Axial {count} / {count}").wait_for()
     page.keyboard.press("PageDown")

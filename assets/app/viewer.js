@@ -306,9 +306,15 @@
     const hint = box && box.getAttribute("aria-label");
     if (hint && box.title !== hint) box.title = hint;
   };
+  // The status line is read out as it changes: not Gradio's timer in it ("processing | 0.4s"), every tenth of a second.
+  const quietTimer = () => {
+    const timer = document.querySelector("#status-line [data-testid=status-tracker]");
+    if (timer && timer.getAttribute("aria-hidden") !== "true") timer.setAttribute("aria-hidden", "true");
+  };
   new MutationObserver(() => {
     groupPlanes();
     hintWindow();
+    quietTimer();
     if (pointer && !document.querySelector("#slice-view .mip-pointer")) drawPointer();  // the image was redrawn
     const caption = document.querySelector("#slice-view .slice-caption");
     const text = caption ? caption.textContent.trim() : "";
