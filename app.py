@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import spaces
@@ -1178,203 +1179,233 @@ FOCUS_VIEWER_IF_LOST = ("() => { const focused = document.activeElement; "
                         "document.querySelector('#slice-view')?.focus({preventScroll: true}); }")
 
 
+# How the page's events run: the viewer's four at a time, the model's one at a time (one GPU)
+VIEWER_EVENT = {"show_progress": "hidden", "concurrency_limit": 4}
+MODEL_EVENT = {"concurrency_limit": 1, "concurrency_id": "gpu"}
+
+
 def build_demo() -> gr.Blocks:
-    """The page: the scan on the left (upload, examples, slices, 3D), the assistant and the scan card on the right."""
-    examples = [example_label(path) for path in list_examples()]
+    """The page: the scan on the left (upload, examples, slices, 3D), the assistant and the scan card on the right;
+    then its events (`_wire_loads`, `_wire_viewer`, `_wire_assistant`)."""
     with gr.Blocks(title="MedVLM 3D", delete_cache=DELETE_CACHE) as demo:
-        session = gr.State(None, delete_callback=lambda old: old.release() if old is not None else None)
+        page = SimpleNamespace(session=gr.State(None, delete_callback=lambda old: old.release() if old else None))
         with gr.Row(equal_height=False):
             gr.Markdown("### MedVLM 3D — reports and answers about CT, MR and PET scans")
             gr.Markdown(model_badge(PIPELINE), elem_id="model-badge")
         with gr.Row(equal_height=False, elem_id="main-row"):
             with gr.Column(scale=5, elem_id="scan-column"):
-                # Folded once a scan is read: on a laptop screen the viewer and its controls then fit above the fold.
-                with gr.Accordion(SCAN_SOURCE_OPEN, open=True, elem_id="scan-source") as scan_source:
-                    upload = gr.File(label="Scan: NIfTI, .npy, DICOM files or a .zip", file_count="multiple",
-                                     height=110, elem_id="scan-upload")
-                    # The examples on one line under the drop zone, not in a column beside it
-                    with gr.Row(equal_height=False, elem_id="scan-inputs"):
-                        example_picker = gr.Dataset(label="Examples", components=["textbox"],
-                                                    samples=[[n] for n in examples], visible=bool(examples),
-                                                    layout="gallery", samples_per_page=8, scale=3, min_width=240,
-                                                    elem_id="examples")
-                        if not examples:
-                            gr.Markdown("*No example scans in `assets/examples/`.*")
-                        folder_upload = gr.UploadButton("Upload a DICOM folder", file_count="directory", size="md",
-                                                        scale=1, min_width=150, elem_id="folder-upload")
-                status = gr.Markdown("Upload a scan, or pick an example.", elem_id="status-line")
-                with gr.Tabs(elem_id="viewer-tabs"):
-                    with gr.Tab("Slices", id="slices"):
-                        # Plane and window above the image, as a viewer's toolbar: in view on a laptop's screen
-                        with gr.Row(equal_height=True, elem_id="view-controls"):
-                            plane = gr.Radio(plane_choices("CT"), value="axial", label="Plane", show_label=False,
-                                             scale=3, elem_id="plane")
-                            # A preset, or a window typed into the box (350/50, 0-6 inverted), in the scan's units
-                            window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), scale=2,
-                                                 label=window_box_label("CT"), show_label=False,
-                                                 allow_custom_value=True, min_width=190, elem_id="window-select")
-                        slice_view = gr.HTML(slice_html(None, "axial", None, None), elem_id="slice-view")
-                        with gr.Row(equal_height=True):
-                            # buttons=[]: no ↺ reset, which moves the slider to 1 without redrawing the slice
-                            slice_slider = gr.Slider(1, 2, value=1, step=1, label="Slice", interactive=False,
-                                                     elem_id="slice-slider", buttons=[], scale=4)
-                            # A list, one stop for the keyboard (a radio button per slice was 24 of them); the mouse
-                            # can also click the green marks under the image.
-                            kept = gr.Dropdown([], value=None, label="Kept slices (axial)", scale=1,
-                                               min_width=190, elem_id="kept-slices", interactive=True)
-                        # Where viewer.js puts a spot clicked on the MIP (find_mip_spot): on the page, not shown.
-                        mip_spot_box = gr.Textbox(None, visible="hidden", elem_id="mip-spot")
-                    with gr.Tab("3D", id="3d"):
-                        threshold = gr.Slider(-1000, 2000, value=300, label="Surface threshold", interactive=False,
-                                              elem_id="threshold-slider", buttons=[])
-                        plot = gr.Plot(label="3D surface (drag to turn)", elem_id="plot-3d")
+                _scan_column(page)
             with gr.Column(scale=4, elem_id="assistant-column"):
-                with gr.Row(elem_id="report-buttons"):
-                    report_button = gr.Button("Generate report", variant="primary", scale=2, elem_id="report-button",
-                                              interactive=False)  # until a scan is loaded, as Ask
-                    # Enabled while a report or an answer is being written, or waits to be (`asked_to_write`)
-                    stop_button = gr.Button("Stop", variant="stop", scale=1, interactive=False, elem_id="stop-button")
-                    clear_button = gr.Button("Clear all", scale=1)  # the chat's bin icon is "Clear"
-                report = gr.Markdown(REPORT_PLACEHOLDER, elem_id="report-box", label="Report")
-                download = gr.DownloadButton("Download report (.md)", interactive=False, size="sm",
-                                             elem_id="report-download")
-                download.keep_in_cache = _SESSION_FILES
-                gr.Markdown(report_caveat(PIPELINE), elem_id="report-caveat")
-                with gr.Accordion("True findings of this example", open=False, visible=False,
-                                  elem_id="example-truth") as truth_box:
-                    truth = gr.Markdown("")
-                # Copy buttons only: the default Share button posts the conversation to the Space's Discussions.
-                chatbot = gr.Chatbot(label="Questions about this scan", height=300, elem_id="chatbot",
-                                     buttons=["copy", "copy_all"],
-                                     render_markdown=False,  # "3*4*5 mm" shows as typed, not with an italic 4
-                                     placeholder="Ask about the scan: organs, lesions, location, size.")
-                with gr.Row(elem_id="question-row"):
-                    question = gr.Textbox(placeholder="Ask a question about this scan …", show_label=False,
-                                          scale=5, elem_id="question", submit_btn=False, max_length=MAX_QUESTION_CHARS)
-                    ask_button = gr.Button("Ask", variant="primary", scale=1, min_width=80, interactive=False,
-                                           elem_id="ask-button")
-                suggestions = gr.Dataset(label="Suggested questions", components=[question], elem_id="suggestions",
-                                         samples=[[q] for q in suggestions_for("CT")], layout="gallery")
-                with gr.Accordion("Generation settings", open=False, elem_id="generation-settings"):
-                    max_new_tokens = gr.Slider(16, MAX_NEW_TOKENS, value=256, step=16, label="Max new tokens")
-                    temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
-                    top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p (with temperature > 0)")
-                # The scan's facts under the assistant, beside the viewer: under the viewer they were a scroll away.
-                # Its modality can be changed, for a file that does not say it (a NIfTI) or says it wrongly.
-                modality = gr.Dropdown([(MODALITY_NAMES[name], name) for name in MODALITIES], value=None,
-                                       interactive=False, label="Modality", elem_id="modality",
-                                       info="as the file states it, or guessed from its values where it does not: "
-                                       "change it if it is wrong")
-                card = gr.Markdown(scan_card(None), elem_id="scan-card")
+                _assistant_column(page)
         gr.Markdown(PRIVACY_NOTE, elem_id="privacy-note")
-
-        settings = [max_new_tokens, temperature, top_p]
-        scan_token = gr.Textbox("", visible=False)  # `ScanSession.token` of the scan the page shows
-        components = {"session": session, "status": status, "card": card, "plane": plane, "window": window,
-                      "slider": slice_slider, "slice": slice_view, "kept": kept, "threshold": threshold,
-                      "chatbot": chatbot, "report": report, "download": download, "scan_token": scan_token,
-                      "suggestions": suggestions, "modality": modality, "truth_box": truth_box, "truth": truth,
-                      "scan_source": scan_source, "report_button": report_button, "ask_button": ask_button}
-        assert set(components) == set(LOAD_OUTPUTS)
-        scan_outputs = [components[name] for name in LOAD_OUTPUTS]
-        viewer = {"show_progress": "hidden", "concurrency_limit": 4}
-        gpu = {"concurrency_limit": 1, "concurrency_id": "gpu"}
-        # Reading a big series takes seconds and, for a moment, twice its memory: two at a time, whatever the source.
-        # Its progress shows on the status line alone (the empty chat with a timer looked as if it answered).
-        loading = {"show_progress": "minimal", "show_progress_on": status, "concurrency_limit": 2,
-                   "concurrency_id": "load"}
-        load_triggers = [upload.upload, folder_upload.upload, example_picker.click, modality.input]
-        # First, at once, the status line says the scan is being read (it said "Ready" about the last one meanwhile).
-        reading = {"fn": reading_the_scan, "inputs": None, "outputs": status, "queue": False,
-                   "show_progress": "hidden", "api_visibility": "private"}
-        loads = {
-            "scan": upload.upload(**reading).then(load_scan, [upload, session], scan_outputs, api_name="load_scan",
-                                                  **loading),
-            "folder": folder_upload.upload(**reading).then(load_scan, [folder_upload, session], scan_outputs,
-                                                           api_name="load_folder", **loading),
-            "example": example_picker.click(**reading).then(load_example, [example_picker, session], scan_outputs,
-                                                            api_name="load_example", preprocess=False, **loading),
-            "modality": modality.input(**{**reading, "fn": reading_as, "inputs": [modality, session]},
-                                       preprocess=False).then(change_modality, [modality, session], scan_outputs,
-                                                              api_name="change_modality", preprocess=False, **loading),
-        }
-        for loaded in loads.values():  # the button or box used is folded away: the keys go to the viewer
-            loaded.then(None, js=FOCUS_VIEWER_IF_LOST)
-        loads["scan"].then(empty_upload, None, upload, api_visibility="private", **viewer)
-        # preprocess=False on the events that take the window, the slice or an example's row: what an API client
-        # sends that the page would not (another modality's window, an example's name) reaches the handler, which
-        # reads it as the default or by name, instead of Gradio's check, a traceback in the log and a bare error.
-        encodes = []
-        for kind, loaded in loads.items():  # after any load: encode and draw; the upload's chain is the API's
-            visibility = "public" if kind == "scan" else "private"
-            encodes.append(loaded.then(encode_scan, [session], [status, kept, slice_view], api_name=f"encode_{kind}",
-                                       api_visibility=visibility, **gpu))
-            loaded.then(show_3d, [session, threshold], plot, api_name=f"{kind}_3d", api_visibility=visibility,
-                        **viewer)
-
-        plane.input(change_plane, [session, plane, window], [slice_slider, slice_view, window],
-                    api_name="change_plane", **viewer)
-        window.input(change_window, [session, plane, window, slice_slider], [slice_view, window],
-                     api_name="change_window", preprocess=False, **viewer)
-        # preprocess=False: a number typed into a slider's box past its ends (or an emptied box) reaches the
-        # handler, which shows the nearest end and sets the box to it; gr.Slider's own check would answer with a
-        # bare "Value … is greater than maximum value …" and leave the number in the box.
-        slice_slider.input(show_slice, [session, plane, window, slice_slider], [slice_view, slice_slider],
-                           api_name="show_slice", trigger_mode="always_last", preprocess=False, **viewer)
-        # .change: a pick by the keyboard (the arrows or a number typed, then Enter) sends no .select, only the
-        # mouse's does (the handler's clearing of the list sends one more, which changes nothing). Then the viewer
-        # has the focus, for the arrow keys: the list let go of it.
-        kept.change(jump_to_kept, [session, kept, window], [plane, slice_slider, slice_view, kept],
-                    api_name="jump_to_kept", **viewer).then(None, js=FOCUS_VIEWER)
-        # .change: a hidden textbox sends no .input for viewer.js's event (its count makes each click a change)
-        mip_spot_box.change(find_mip_spot, [session, mip_spot_box, window], [plane, slice_slider, slice_view],
-                            api_name="find_mip_spot", preprocess=False, **viewer)
-        # Dragging, the number box (Enter) and the arrow keys all redraw; while one redraw runs, only the last
-        # value asked for waits.
-        threshold.input(redraw_3d, [session, threshold], [plot, threshold], api_name="show_3d",
-                        trigger_mode="always_last", preprocess=False, **viewer)
-
-        # Each asks first (one quick step, so that it counts before the request can start) for Stop to be enabled,
-        # and Stop shows afterwards whether anything else is still being written or waits.
-        def asks(event: str) -> dict:
-            return {"fn": functools.partial(asked_to_write, event), "inputs": session, "outputs": stop_button,
-                    "queue": False, "api_visibility": "private"}
-
-        report_event = report_button.click(**asks("report")).then(
-            generate_report, [session, *settings, scan_token], [report, download], api_name="report", **gpu)
-        chat_events = [
-            trigger(**asks(name)).then(functools.partial(chat, asked_by=name),
-                                       [question, session, *settings, scan_token], [chatbot, question],
-                                       api_name=name, **gpu)
-            for trigger, name in ((ask_button.click, "chat"), (question.submit, "chat_submit"))
-        ]
-        suggestion_event = suggestions.click(
-            suggested_question, suggestions, question, api_name="suggest", api_visibility="private", queue=False,
-        ).then(**asks("chat_suggested")).then(functools.partial(chat, asked_by="chat_suggested"),
-                                              [question, session, *settings, scan_token], [chatbot, question],
-                                              api_name="chat_suggested", api_visibility="private", **gpu)
-        running = [report_event, *chat_events, suggestion_event]
-        for written in running:
-            written.then(stop_button_state, session, stop_button, queue=False, api_visibility="private")
-        # Stop and Clear cancel what runs or waits, then show what the session holds: queued behind the cancelled
-        # events' last chunks (one stream per page), so that no chunk sent before the cancel stays on the page.
-        conversation = [chatbot, report, download]
-        for ended in (
-            stop_button.click(stop_generation, session, None, cancels=running, api_name="stop", queue=False),
-            clear_button.click(clear_conversation, session, conversation, cancels=running, api_name="clear",
-                               queue=False),
-        ):
-            ended.then(conversation_view, session, conversation, api_visibility="private", **viewer).then(
-                stop_button_state, session, stop_button, queue=False, api_visibility="private")
-        # The chatbot's own bin icon forgets the conversation; else it would empty only the screen, and the next
-        # question would bring the conversation back.
-        chatbot.clear(clear_chat, session, chatbot, queue=False, api_visibility="private")
-        # A load cancels the encoding that still works on the old scan (the load's own chain encodes whichever scan
-        # the session holds after it). A report or answer is not cancelled: one about a scan that a new one
-        # replaces stops itself, and one about a scan that stays (an upload refused) goes on.
-        gr.on(load_triggers, None, None, None, cancels=encodes, queue=False, api_visibility="private")
+        page.scan_token = gr.Textbox("", visible=False)  # `ScanSession.token` of the scan the page shows
+        _wire_loads(page)
+        _wire_viewer(page)
+        _wire_assistant(page)
         demo.unload(end_session)
     return demo
+
+
+def _scan_column(page: SimpleNamespace) -> None:
+    """The left column: where a scan comes from (folded once one is read), the status line, and the viewer's two
+    tabs, the slices and the 3D surface."""
+    examples = [example_label(path) for path in list_examples()]
+    # Folded once a scan is read: on a laptop screen the viewer and its controls then fit above the fold.
+    with gr.Accordion(SCAN_SOURCE_OPEN, open=True, elem_id="scan-source") as page.scan_source:
+        page.upload = gr.File(label="Scan: NIfTI, .npy, DICOM files or a .zip", file_count="multiple", height=110,
+                              elem_id="scan-upload")
+        # The examples on one line under the drop zone, not in a column beside it
+        with gr.Row(equal_height=False, elem_id="scan-inputs"):
+            page.example_picker = gr.Dataset(label="Examples", components=["textbox"],
+                                             samples=[[n] for n in examples], visible=bool(examples),
+                                             layout="gallery", samples_per_page=8, scale=3, min_width=240,
+                                             elem_id="examples")
+            if not examples:
+                gr.Markdown("*No example scans in `assets/examples/`.*")
+            page.folder_upload = gr.UploadButton("Upload a DICOM folder", file_count="directory", size="md",
+                                                 scale=1, min_width=150, elem_id="folder-upload")
+    page.status = gr.Markdown("Upload a scan, or pick an example.", elem_id="status-line")
+    with gr.Tabs(elem_id="viewer-tabs"):
+        with gr.Tab("Slices", id="slices"):
+            # Plane and window above the image, as a viewer's toolbar: in view on a laptop's screen
+            with gr.Row(equal_height=True, elem_id="view-controls"):
+                page.plane = gr.Radio(plane_choices("CT"), value="axial", label="Plane", show_label=False, scale=3,
+                                      elem_id="plane")
+                # A preset, or a window typed into the box (350/50, 0-6 inverted), in the scan's units
+                page.window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), scale=2,
+                                          label=window_box_label("CT"), show_label=False, allow_custom_value=True,
+                                          min_width=190, elem_id="window-select")
+            page.slice = gr.HTML(slice_html(None, "axial", None, None), elem_id="slice-view")
+            with gr.Row(equal_height=True):
+                # buttons=[]: no ↺ reset, which moves the slider to 1 without redrawing the slice
+                page.slider = gr.Slider(1, 2, value=1, step=1, label="Slice", interactive=False,
+                                        elem_id="slice-slider", buttons=[], scale=4)
+                # A list, one stop for the keyboard (a radio button per slice was 24 of them); the mouse can also
+                # click the green marks under the image.
+                page.kept = gr.Dropdown([], value=None, label="Kept slices (axial)", scale=1, min_width=190,
+                                        elem_id="kept-slices", interactive=True)
+            # Where viewer.js puts a spot clicked on the MIP (find_mip_spot): on the page, not shown.
+            page.mip_spot = gr.Textbox(None, visible="hidden", elem_id="mip-spot")
+        with gr.Tab("3D", id="3d"):
+            page.threshold = gr.Slider(-1000, 2000, value=300, label="Surface threshold", interactive=False,
+                                       elem_id="threshold-slider", buttons=[])
+            page.plot = gr.Plot(label="3D surface (drag to turn)", elem_id="plot-3d")
+
+
+def _assistant_column(page: SimpleNamespace) -> None:
+    """The right column: the report and its buttons, the conversation, the generation settings, and the scan's
+    card with its modality (which can be changed)."""
+    with gr.Row(elem_id="report-buttons"):
+        page.report_button = gr.Button("Generate report", variant="primary", scale=2, elem_id="report-button",
+                                       interactive=False)  # until a scan is loaded, as Ask
+        # Enabled while a report or an answer is being written, or waits to be (`asked_to_write`)
+        page.stop_button = gr.Button("Stop", variant="stop", scale=1, interactive=False, elem_id="stop-button")
+        page.clear_button = gr.Button("Clear all", scale=1)  # the chat's bin icon is "Clear"
+    page.report = gr.Markdown(REPORT_PLACEHOLDER, elem_id="report-box", label="Report")
+    page.download = gr.DownloadButton("Download report (.md)", interactive=False, size="sm",
+                                      elem_id="report-download")
+    page.download.keep_in_cache = _SESSION_FILES
+    gr.Markdown(report_caveat(PIPELINE), elem_id="report-caveat")
+    with gr.Accordion("True findings of this example", open=False, visible=False,
+                      elem_id="example-truth") as page.truth_box:
+        page.truth = gr.Markdown("")
+    # Copy buttons only: the default Share button posts the conversation to the Space's Discussions.
+    page.chatbot = gr.Chatbot(label="Questions about this scan", height=300, elem_id="chatbot",
+                              buttons=["copy", "copy_all"],
+                              render_markdown=False,  # "3*4*5 mm" shows as typed, not with an italic 4
+                              placeholder="Ask about the scan: organs, lesions, location, size.")
+    with gr.Row(elem_id="question-row"):
+        page.question = gr.Textbox(placeholder="Ask a question about this scan …", show_label=False, scale=5,
+                                   elem_id="question", submit_btn=False, max_length=MAX_QUESTION_CHARS)
+        page.ask_button = gr.Button("Ask", variant="primary", scale=1, min_width=80, interactive=False,
+                                    elem_id="ask-button")
+    page.suggestions = gr.Dataset(label="Suggested questions", components=[page.question], elem_id="suggestions",
+                                  samples=[[q] for q in suggestions_for("CT")], layout="gallery")
+    with gr.Accordion("Generation settings", open=False, elem_id="generation-settings"):
+        page.settings = [gr.Slider(16, MAX_NEW_TOKENS, value=256, step=16, label="Max new tokens"),
+                         gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)"),
+                         gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p (with temperature > 0)")]
+    # The scan's facts under the assistant, beside the viewer: under the viewer they were a scroll away. Its
+    # modality can be changed, for a file that does not say it (a NIfTI) or says it wrongly.
+    page.modality = gr.Dropdown([(MODALITY_NAMES[name], name) for name in MODALITIES], value=None,
+                                interactive=False, label="Modality", elem_id="modality",
+                                info="as the file states it, or guessed from its values where it does not: "
+                                "change it if it is wrong")
+    page.card = gr.Markdown(scan_card(None), elem_id="scan-card")
+
+
+def _wire_loads(page: SimpleNamespace) -> None:
+    """A scan comes in (an upload, a DICOM folder, an example, another modality chosen): it is read, then encoded
+    by the model and drawn in 3D."""
+    session, status = page.session, page.status
+    scan_outputs = [getattr(page, name) for name in LOAD_OUTPUTS]
+    # Reading a big series takes seconds and, for a moment, twice its memory: two at a time, whatever the source.
+    # Its progress shows on the status line alone (the empty chat with a timer looked as if it answered).
+    loading = {"show_progress": "minimal", "show_progress_on": status, "concurrency_limit": 2,
+               "concurrency_id": "load"}
+    # First, at once, the status line says the scan is being read (it said "Ready" about the last one meanwhile).
+    reading = {"fn": reading_the_scan, "inputs": None, "outputs": status, "queue": False,
+               "show_progress": "hidden", "api_visibility": "private"}
+    # preprocess=False on the events that take the window, the slice or an example's row: what an API client
+    # sends that the page would not (another modality's window, an example's name) reaches the handler, which
+    # reads it as the default or by name, instead of Gradio's check, a traceback in the log and a bare error.
+    loads = {
+        "scan": page.upload.upload(**reading).then(load_scan, [page.upload, session], scan_outputs,
+                                                   api_name="load_scan", **loading),
+        "folder": page.folder_upload.upload(**reading).then(load_scan, [page.folder_upload, session], scan_outputs,
+                                                            api_name="load_folder", **loading),
+        "example": page.example_picker.click(**reading).then(load_example, [page.example_picker, session],
+                                                             scan_outputs, api_name="load_example",
+                                                             preprocess=False, **loading),
+        "modality": page.modality.input(**{**reading, "fn": reading_as, "inputs": [page.modality, session]},
+                                        preprocess=False).then(change_modality, [page.modality, session],
+                                                               scan_outputs, api_name="change_modality",
+                                                               preprocess=False, **loading),
+    }
+    for loaded in loads.values():  # the button or box used is folded away: the keys go to the viewer
+        loaded.then(None, js=FOCUS_VIEWER_IF_LOST)
+    loads["scan"].then(empty_upload, None, page.upload, api_visibility="private", **VIEWER_EVENT)
+    encodes = []
+    for kind, loaded in loads.items():  # after any load: encode and draw; the upload's chain is the API's
+        visibility = "public" if kind == "scan" else "private"
+        encodes.append(loaded.then(encode_scan, [session], [status, page.kept, page.slice],
+                                   api_name=f"encode_{kind}", api_visibility=visibility, **MODEL_EVENT))
+        loaded.then(show_3d, [session, page.threshold], page.plot, api_name=f"{kind}_3d", api_visibility=visibility,
+                    **VIEWER_EVENT)
+    # A load cancels the encoding that still works on the old scan (the load's own chain encodes whichever scan
+    # the session holds after it). A report or answer is not cancelled: one about a scan that a new one replaces
+    # stops itself, and one about a scan that stays (an upload refused) goes on.
+    triggers = [page.upload.upload, page.folder_upload.upload, page.example_picker.click, page.modality.input]
+    gr.on(triggers, None, None, None, cancels=encodes, queue=False, api_visibility="private")
+
+
+def _wire_viewer(page: SimpleNamespace) -> None:
+    """The viewer's controls: the plane, the window, the slider, the kept slices, a spot clicked on the MIP, and the
+    3D surface's threshold."""
+    session, plane, window, slider, view = page.session, page.plane, page.window, page.slider, page.slice
+    plane.input(change_plane, [session, plane, window], [slider, view, window], api_name="change_plane",
+                **VIEWER_EVENT)
+    window.input(change_window, [session, plane, window, slider], [view, window], api_name="change_window",
+                 preprocess=False, **VIEWER_EVENT)
+    # preprocess=False: a number typed into a slider's box past its ends (or an emptied box) reaches the handler,
+    # which shows the nearest end and sets the box to it; gr.Slider's own check would answer with a bare "Value … is
+    # greater than maximum value …" and leave the number in the box.
+    slider.input(show_slice, [session, plane, window, slider], [view, slider], api_name="show_slice",
+                 trigger_mode="always_last", preprocess=False, **VIEWER_EVENT)
+    # .change: a pick by the keyboard (the arrows or a number typed, then Enter) sends no .select, only the mouse's
+    # does (the handler's clearing of the list sends one more, which changes nothing). Then the viewer has the
+    # focus, for the arrow keys: the list let go of it.
+    page.kept.change(jump_to_kept, [session, page.kept, window], [plane, slider, view, page.kept],
+                     api_name="jump_to_kept", **VIEWER_EVENT).then(None, js=FOCUS_VIEWER)
+    # .change: a hidden textbox sends no .input for viewer.js's event (its count makes each click a change)
+    page.mip_spot.change(find_mip_spot, [session, page.mip_spot, window], [plane, slider, view],
+                         api_name="find_mip_spot", preprocess=False, **VIEWER_EVENT)
+    # Dragging, the number box (Enter) and the arrow keys all redraw; while one redraw runs, only the last value
+    # asked for waits.
+    page.threshold.input(redraw_3d, [session, page.threshold], [page.plot, page.threshold], api_name="show_3d",
+                         trigger_mode="always_last", preprocess=False, **VIEWER_EVENT)
+
+
+def _wire_assistant(page: SimpleNamespace) -> None:
+    """The report and the conversation: Generate report, Ask (or Enter, or a suggested question), Stop, Clear all
+    and the chat's bin icon."""
+    session, stop_button, question, chatbot = page.session, page.stop_button, page.question, page.chatbot
+    asking = [session, *page.settings, page.scan_token]
+
+    # Each asks first (one quick step, so that it counts before the request can start) for Stop to be enabled, and
+    # Stop shows afterwards whether anything else is still being written or waits.
+    def asks(event: str) -> dict:
+        return {"fn": functools.partial(asked_to_write, event), "inputs": session, "outputs": stop_button,
+                "queue": False, "api_visibility": "private"}
+
+    report_event = page.report_button.click(**asks("report")).then(
+        generate_report, asking, [page.report, page.download], api_name="report", **MODEL_EVENT)
+    chat_events = [
+        trigger(**asks(name)).then(functools.partial(chat, asked_by=name), [question, *asking], [chatbot, question],
+                                   api_name=name, **MODEL_EVENT)
+        for trigger, name in ((page.ask_button.click, "chat"), (question.submit, "chat_submit"))
+    ]
+    suggestion_event = page.suggestions.click(
+        suggested_question, page.suggestions, question, api_name="suggest", api_visibility="private", queue=False,
+    ).then(**asks("chat_suggested")).then(functools.partial(chat, asked_by="chat_suggested"), [question, *asking],
+                                          [chatbot, question], api_name="chat_suggested", api_visibility="private",
+                                          **MODEL_EVENT)
+    running = [report_event, *chat_events, suggestion_event]
+    for written in running:
+        written.then(stop_button_state, session, stop_button, queue=False, api_visibility="private")
+    # Stop and Clear cancel what runs or waits, then show what the session holds: queued behind the cancelled
+    # events' last chunks (one stream per page), so that no chunk sent before the cancel stays on the page.
+    conversation = [chatbot, page.report, page.download]
+    for ended in (
+        stop_button.click(stop_generation, session, None, cancels=running, api_name="stop", queue=False),
+        page.clear_button.click(clear_conversation, session, conversation, cancels=running, api_name="clear",
+                                queue=False),
+    ):
+        ended.then(conversation_view, session, conversation, api_visibility="private", **VIEWER_EVENT).then(
+            stop_button_state, session, stop_button, queue=False, api_visibility="private")
+    # The chatbot's own bin icon forgets the conversation; else it would empty only the screen, and the next
+    # question would bring the conversation back.
+    chatbot.clear(clear_chat, session, chatbot, queue=False, api_visibility="private")
 
 
 class CutOffUploadNotice(logging.Filter):
