@@ -35,9 +35,9 @@ from starlette.requests import ClientDisconnect
 from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import CutOff, Encoding, Pipeline
-from medvlm.preprocess import default_window, known_window, unknown_window
+from medvlm.preprocess import AUTO_WINDOW, default_window, known_window, unknown_window
 from medvlm.projection import MIP_STEP_DEGREES, mip_cache_bytes, mip_slice
-from medvlm.view import MIP, VIEWS, mip_spot, opening_slice, opening_window, slice_count
+from medvlm.view import MIP, VIEWS, mip_spot, opening_slice, opening_window, slice_count, window_limits
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.view_html import (
     MODALITY_NAMES,
@@ -537,7 +537,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         scan_card(volume, label),
         gr.update(choices=plane_choices(volume.modality), value=plane),
         gr.update(choices=window_choices(volume.modality, volume.units), value=window,
-                  label=window_box_label(volume.modality)),
+                  label=window_box_label(volume.modality, window_limits(volume, AUTO_WINDOW))),
         gr.update(minimum=1, maximum=count, value=middle, interactive=True, label=slider_label(plane)),
         slice_html(session, plane, window, middle),
         gr.update(choices=[], value=None),
@@ -747,7 +747,8 @@ def change_window(session: ScanSession | None, plane: str, window: object, slice
         if not said and (note := typed_window_note(volume, window)):  # 350/50 on a PET: a grey square
             gr.Info(shown(sentence(note)))
         return slice_html(session, plane, window, slice_number), gr.skip()
-    gr.Warning(shown(sentence(unknown_window(window, volume.modality, volume.units))))
+    advice = unknown_window(window, volume.modality, volume.units, window_limits(volume, AUTO_WINDOW))
+    gr.Warning(shown(sentence(advice)))
     shown_window = session.shown[1] or default_window(volume.modality)
     return slice_html(session, plane, shown_window, slice_number), shown_window
 

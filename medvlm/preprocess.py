@@ -74,8 +74,7 @@ TYPED_WINDOW_LIMITS = (1e-3, 1e6)  # a typed width's least and most, and the mos
 # "1 500", "W 1 500" or "12 000": one number written with a thousands space (a width of 1500 with no level), or
 # width 1 and level 500? Refused rather than guessed; "1500/-600" or "W 1 L 500" say which. ("800 200" is a width
 # and a level: no one writes 800200 for a window.)
-_THOUSANDS = re.compile(rf"\s*(?:{_WIDTH_LABEL})?(?:\d[ \u2009\u202f]\d{{3}}|\d{{1,3}}[ \u2009\u202f]0\d\d)\s*",
-                        re.IGNORECASE)
+_THOUSANDS = re.compile(rf"\s*(?:{_WIDTH_LABEL})?(?:\d\s+\d{{3}}|\d{{1,3}}\s+0\d\d)\s*", re.IGNORECASE)  # any space
 
 
 @dataclass(frozen=True)
@@ -128,32 +127,39 @@ def typed_window(window: object) -> TypedWindow | None:
     return TypedWindow(high, low, as_range) if inverted else TypedWindow(low, high, as_range)
 
 
-def unknown_window(window: object, modality: str, units: str | None = None) -> str:
+def unknown_window(window: object, modality: str, units: str | None = None,
+                   values: tuple[float, float] | None = None) -> str:
     """The sentence that refuses `window` for a scan of this modality (and units), and says what it may be
-    instead."""
-    said = {"PT": "PET", "OT": "other"}.get(modality, modality)  # as a reader calls it, not its DICOM code
+    instead (`typed_window_example`, from the scan's `values` where given)."""
+    said = {"PT": "this PET scan", "OT": "this scan (modality: other)"}.get(modality, f"this {modality} scan")
     why = ""
     if isinstance(window, str) and _THOUSANDS.fullmatch(_INVERTED.sub(r"\1", window)):
-        why = " (one number with a thousands space, or a width and a level? a slash says which: 1500/-600)"
-    return (f"unknown window {str(window)[:40]!r}{why} for this {said} scan; choose one of "
-            f"{', '.join(window_names(modality, units))}, or {typed_window_example(modality)}")
+        why = " (one number with a thousands space, or a width and a level? type the width/level with a slash)"
+    return (f"unknown window {str(window)[:40]!r}{why} for {said}; choose one of "
+            f"{', '.join(window_names(modality, units))}, or {typed_window_example(modality, values=values)}")
 
 
-# What to type for a window of one's own, as the scan's modality is read: a CT by width/level in HU, a PET by the
-# range of its values (inverted, as its MIP), an MR (or another) by either: (a label's hint, a refusal's advice).
-_TYPED_WINDOW_EXAMPLES = {
-    "CT": ("W/L: 350/50", "a width/level such as 350/50"),
-    "PT": ("a range: 0-6 inverted",
-           "a range such as 0-6 (0-6 inverted: uptake dark on white), or a width/level such as 6/3"),
-    "MR": ("a range: 100-800", "a range such as 100-800, or a width/level such as 350/50"),
-}
+def typed_window_example(modality: str, short: bool = False, values: tuple[float, float] | None = None) -> str:
+    """What to type for a window of one's own in a scan of this modality: the advice a refusal gives, or with
+    `short` the hint a label gives. A CT by width/level in HU; any other scan by the range of its values, a PET's
+    inverted as its MIP. Where its `values` (the "auto" range) are given, the range is the scan's own, rounded: an
+    M3D .npy's values run 0 to 1 and a PET's in Bq/mL to thousands; else SUV 0-6 for a PET, 100-800 for another."""
+    if modality == "CT":
+        return "W/L: 350/50" if short else "a width/level such as 350/50"
+    low, high = _rounded_range(*values) if values else (0, 6) if modality == "PT" else (100, 800)
+    span, width_level = f"{low:g}-{high:g}", f"{high - low:g}/{(low + high) / 2:g}"
+    if modality == "PT":
+        return (f"a range: {span} inverted" if short else
+                f"a range such as {span} ({span} inverted: uptake dark on white), or a width/level such as "
+                f"{width_level}")
+    return f"a range: {span}" if short else f"a range such as {span}, or a width/level such as {width_level}"
 
 
-def typed_window_example(modality: str, short: bool = False) -> str:
-    """What to type for a window of one's own in a scan of this modality (`_TYPED_WINDOW_EXAMPLES`): the advice a
-    refusal gives, or with `short` the hint a label gives."""
-    hint, advice = _TYPED_WINDOW_EXAMPLES.get(modality, _TYPED_WINDOW_EXAMPLES["MR"])
-    return hint if short else advice
+def _rounded_range(low: float, high: float) -> tuple[float, float]:
+    """(low, high) widened to round numbers, multiples of half the span's leading power of ten: 0.0102 to 0.9958
+    is 0 to 1, 12 to 1450 is 0 to 1500, 0.1 to 7.3 is 0 to 7.5."""
+    step = 10.0 ** math.floor(math.log10(high - low)) / 2 if high > low else 1.0
+    return (round(math.floor(low / step) * step, 12) + 0.0, round(math.ceil(high / step) * step, 12) + 0.0)
 
 
 def known_window(window: object, modality: str, units: str | None = None) -> bool:

@@ -184,7 +184,7 @@ def render_slice(volume: Volume, plane: str, index: int | None = None, window: s
     window = opening_window(volume, plane) if window is None else window
     units = volume.units
     if not known_window(window, volume.modality, units):
-        raise UserInputError(unknown_window(window, volume.modality, units))
+        raise UserInputError(unknown_window(window, volume.modality, units, window_limits(volume, AUTO_WINDOW)))
     lo, hi = window_limits(volume, window)
     image, row_mm, column_mm = mip_image(volume, index) if plane == MIP else _display_slice(volume, plane, index)
     return _square_pixels(to_uint8(apply_window(image, lo, hi)), row_mm, column_mm)

@@ -63,10 +63,11 @@ def window_label(name: str) -> str:
     return f"{name} · robust range"  # short: the dropdown's box is narrow; the caption gives its values
 
 
-def window_box_label(modality: str) -> str:
+def window_box_label(modality: str, values: tuple[float, float] | None = None) -> str:
     """The window box's label, with what to type for a window of one's own in a scan of this modality: width/level
-    for a CT (in HU), the range of values for a PET (inverted, as its MIP opens) or an MR."""
-    return f"Window (or type {typed_window_example(modality, short=True)})"
+    for a CT (in HU), the range of values for a PET (inverted, as its MIP opens) or an MR, the scan's own where its
+    `values` (its "auto" range) are given (`typed_window_example`)."""
+    return f"Window (or type {typed_window_example(modality, short=True, values=values)})"
 
 
 def offers_mip(modality: str) -> bool:

@@ -227,10 +227,14 @@ def test_a_pet_can_be_read_as_a_rotating_mip(app_module, tmp_path, ct_nifti, mon
     session, outputs = loaded(app_module, [pet])
     assert ("MIP", "mip") in outputs["plane"]["choices"]
     assert (outputs["plane"]["value"], outputs["window"]["value"]) == ("mip", "inverted")
-    # the window box says how a window of one's own is typed for each: W/L in HU for a CT, a PET's range of values
-    assert "350/50" in ct["window"]["label"] and "0-6 inverted" in outputs["window"]["label"]
+    # the window box says how a window of one's own is typed for each: W/L in HU for a CT, a PET's range of values,
+    # its own, which typed in shows the scan (no note that it shows it flat)
+    assert "350/50" in ct["window"]["label"]
+    suggested = re.fullmatch(r"Window \(or type a range: (0-\d+ inverted)\)", outputs["window"]["label"]).group(1)
     said = []
     monkeypatch.setattr(app_module.gr, "Info", lambda message, *args, **kwargs: said.append(message))
+    view, _ = app_module.change_window(session, "mip", suggested, 1)
+    assert f"window typed · {suggested.replace('-', ' to ')}" in view and not said
     view, _ = app_module.change_window(session, "mip", "0-6 inverted", 1)
     assert "window typed · 0 to 6 inverted" in view and 'class="slice-frame inverted"' in view and not said
     app_module.change_window(session, "mip", "350/50", 1)  # a CT's window on a PET: it says what would show it

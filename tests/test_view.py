@@ -9,8 +9,8 @@ from conftest import MARKED_SPACING
 from PIL import Image
 
 from medvlm.errors import UserInputError
-from medvlm.view import render_slice, save_png, slice_count, slice_location, spot_position
-from medvlm.view_html import slice_view_html, typed_window_note, window_label
+from medvlm.view import render_slice, save_png, slice_count, slice_location, spot_position, window_limits
+from medvlm.view_html import slice_view_html, typed_window_note, window_box_label, window_label
 from medvlm.volume import Volume, load_volume
 from medvlm.writers import save_dicom_series
 
@@ -162,14 +162,30 @@ def test_a_window_typed_as_width_and_level_shows_those_values(marked_ct):
     # "1 500" may be a width of 1500 written with a thousands space, or width 1 and level 500: refused, not guessed,
     # and the refusal says why; "800 200" is a width and a level. In "-160 -40" the hyphen is a sign: no range.
     for junk in ("0/40", "0.000000001/1000000000", "9" * 400 + "/50", "400/" + "9" * 40, "wide", "40", "L 40",
-                 "40 W 400", "400/40/10", "1 500", "W 1 500", "12 000", "2\u202f000", "240-160", "0-6-9", "inverted",
-                 "0-0", "-160 -40"):
+                 "40 W 400", "400/40/10", "1 500", "W 1 500", "12 000", "2\u202f000", "1\xa0500", "1  500", "240-160",
+                 "0-6-9", "inverted", "0-0", "-160 -40"):
         with pytest.raises(UserInputError, match="or a width/level such as 350/50"):
             render_slice(ct, "axial", window=junk)
     with pytest.raises(UserInputError, match="a thousands space, or a width and a level"):
         render_slice(ct, "axial", window="1 500")
     assert np.array_equal(render_slice(ct, "axial", window="800 200"), render_slice(ct, "axial", window="800/200"))
     assert np.array_equal(render_slice(ct, "axial", window="-160 - -40"), render_slice(ct, "axial", window="120/-100"))
+
+
+def test_what_to_type_for_a_window_is_a_range_of_the_scans_own_values():
+    """An M3D .npy's values run 0 to 1, a PET's in Bq/mL to thousands: the advice is a range of the scan's own values
+    (rounded), which typed in shows the scan; a CT's is a width/level in HU."""
+    data = np.zeros((3, 16, 16), np.float32)
+    data[:, 4:12, 4:12] = np.linspace(0.05, 0.97, 64, dtype=np.float32).reshape(8, 8)
+    m3d = _volume(data, spacing=(1.0, 1.0, 1.0), modality="OT")
+    with pytest.raises(UserInputError, match=r"for this scan \(modality: other\); choose one of auto, or a range "
+                                             r"such as 0-1, or a width/level such as 1/0.5"):
+        render_slice(m3d, "axial", window="wide")
+    assert window_box_label("OT", window_limits(m3d, "auto")) == "Window (or type a range: 0-1)"
+    assert typed_window_note(m3d, "0-1") == "" and render_slice(m3d, "axial", window="0-1").max() > 200
+    becquerels = _volume(data * 20_000, spacing=(2.0, 2.0, 2.0), modality="PT")
+    assert window_box_label("PT", window_limits(becquerels, "auto")) == "Window (or type a range: 0-20000 inverted)"
+    assert window_box_label("CT") == "Window (or type W/L: 350/50)"
 
 
 def test_a_typed_window_that_shows_the_scan_flat_says_so_and_what_would_show_it():
