@@ -240,7 +240,7 @@ class ScanSession:
     loaded_at: float = field(default_factory=time.monotonic)  # when the scan was loaded (monotonic s)
     last_used: float = field(default_factory=time.monotonic)  # when the visitor last looked or asked (monotonic s)
     closed: str = ""  # why the scan was released for the visitor (unused too long), said when they come back
-    unreadable: bool = False  # the model refused the scan (a blank one): it will never be encoded
+    unreadable: str = ""  # why the model refused the scan (a blank one): it will never be encoded
     ready: bool = False  # the status line said the model has read the scan (`encode_scan`)
 
     @property
@@ -835,7 +835,7 @@ def encode_scan(session: ScanSession | None):
     except gr.Error as error:  # a scan the model cannot read (a blank one): the viewer still shows it
         if _scan_replaced(session, volume):
             return gr.skip(), gr.skip(), gr.skip()
-        session.unreadable = True
+        session.unreadable = error.message
         gr.Warning(error.message)
         return f"⚠️ {sentence(error.message)}.", gr.skip(), gr.skip()
     if _scan_replaced(session, volume):
@@ -996,7 +996,7 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
         finished = not stop.is_set()
     except gr.Error as error:  # refused with a sentence (a control token, too long): it was never asked
         refused = True
-        gr.Warning(error.message)
+        gr.Warning(sentence(error.message))
     finally:  # a stopped answer stays as far as it got, marked; a conversation cleared or about a replaced scan
         if session.answering is answer:  # ... is gone
             session.answering = None
@@ -1020,6 +1020,8 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, s
     The chunks stop as soon as the session's scan is no longer `volume`. Settings out of range (an API
     client can send any) end it with the pipeline's sentence.
     """
+    if session.unreadable:  # refused once: not read again, only to be refused again
+        raise gr.Error(session.unreadable)
     stop_generation(session, waiting_cancelled=False)  # the one before it ends; those waiting still wait
     session.in_use()
     key = f"{id(session)}-{time.monotonic_ns()}"
@@ -1033,7 +1035,12 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, s
     try:
         encoding = session.encoding
         if encoding is None:  # an API client that asks before /encode_scan
-            encoding = encode_on_gpu(volume)
+            try:
+                encoding = encode_on_gpu(volume)
+            except gr.Error as error:
+                if session.volume is volume:
+                    session.unreadable = error.message
+                raise
             if session.volume is volume:
                 session.encoding = encoding
         chunks = stream_on_gpu(encoding, messages, key, max_tokens, float(temperature), float(top_p))
@@ -1392,8 +1399,9 @@ def _wire_assistant(page: SimpleNamespace) -> None:
                                           [chatbot, question], api_name="chat_suggested", api_visibility="private",
                                           **MODEL_EVENT)
     running = [report_event, *chat_events, suggestion_event]
-    for written in running:
-        written.then(stop_button_state, session, stop_button, queue=False, api_visibility="private")
+    for written in running:  # ended, or failed (the page runs no .then after an error)
+        for after in (written.then, written.failure):
+            after(stop_button_state, session, stop_button, queue=False, api_visibility="private")
     # Stop and Clear cancel what runs or waits, then show what the session holds: queued behind the cancelled
     # events' last chunks (one stream per page), so that no chunk sent before the cancel stays on the page.
     conversation = [chatbot, page.report, page.download]

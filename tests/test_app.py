@@ -975,7 +975,7 @@ def test_a_refused_question_is_not_kept_in_the_conversation(app_module, ct_nifti
     assert [message["content"] for message in history][0::2] == ["Where is the lesion?", "Which organ is abnormal?"]
 
 
-def test_a_blank_scan_shows_in_the_viewer_and_the_model_says_it_cannot_read_it(app_module, tmp_path):
+def test_a_blank_scan_shows_in_the_viewer_and_the_model_says_it_cannot_read_it(app_module, tmp_path, monkeypatch):
     """Every voxel NaN (read as 0): the slices show what the file holds, and the status line says why there will
     be no report instead of the model making one up."""
     path = save_nifti(tmp_path / "blank.nii.gz", np.full((20, 32, 32), np.nan, np.float32), (2.0, 1.0, 1.0))
@@ -985,6 +985,15 @@ def test_a_blank_scan_shows_in_the_viewer_and_the_model_says_it_cannot_read_it(a
     assert status.startswith("⚠️ The scan holds nothing for the model to read (one value everywhere")
     assert kept == gr.skip() and view == gr.skip()  # no kept slices offered; the slice shown stays
     assert session.encoding is None and "slice-image" in app_module.slice_html(session, "axial", "auto", 10)
+    # A report asked for all the same is refused with that sentence at once (the model does not read the scan again
+    # only to refuse it again), and Stop is disabled after it: there is nothing to stop.
+    monkeypatch.setattr(app_module, "encode_on_gpu", lambda volume: pytest.fail("the scan was read again"))
+    assert app_module.asked_to_write("report", session)["interactive"]
+    with pytest.raises(gr.Error, match="holds nothing for the model to read"):
+        list(app_module.generate_report(session, 16, 0.0, 1.0))
+    assert not app_module.stop_button_state(session)["interactive"]
+    with pytest.warns(UserWarning, match="^The scan holds nothing for the model to read"):  # a question: said
+        assert list(app_module.chat("Where is the lesion?", session, 16, 0.0, 1.0))[-1] == ([], "Where is the lesion?")
 
 
 def test_numbers_typed_past_a_sliders_ends_go_to_the_nearest_end_and_the_box_says_so(app_module, ct_nifti):

@@ -313,6 +313,23 @@ def test_a_file_that_is_no_scan_is_refused_in_a_sentence(browser, server, tmp_pa
     page.close()
 
 
+def test_a_report_on_a_scan_the_model_cannot_read_is_refused_and_leaves_nothing_to_stop(browser, server,  # noqa: F811
+                                                                                        tmp_path):
+    """A blank scan (one value everywhere): the status line says the model cannot read it; Generate report pressed
+    all the same says so again, and Stop, enabled for a moment, is disabled after it."""
+    blank = save_nifti(tmp_path / "blank.nii.gz", np.zeros((20, 32, 32), np.float32), (2.0, 1.0, 1.0))
+    page = browser.new_page(viewport=LAPTOP)
+    page.set_default_timeout(60_000)
+    page.goto(server)
+    page.locator("#scan-upload input[type=file]").set_input_files(str(blank))
+    page.locator("#status-line", has_text="holds nothing for the model to read").wait_for()
+    page.locator("#report-button").click()
+    page.get_by_text("holds nothing for the model to read").last.wait_for()
+    page.wait_for_timeout(1500)
+    assert page.evaluate("() => document.querySelector('#stop-button').disabled")
+    page.close()
+
+
 def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):  # noqa: F811
     """The rotating MIP as nuclear medicine watches it: its button turns it frame after frame, a key hands the
     viewer back to the reader where it stands (the arrows then step, and go round past the first frame), and
