@@ -471,11 +471,12 @@ def reading_the_scan() -> str:
     return "Reading the scan …"
 
 
-def reading_as(modality: str, session: ScanSession | None) -> str | dict:
-    """The status line as soon as another modality is chosen for the scan (`reading_the_scan`); none for the one
-    it is read as already (the box sends its value again when it loses the focus), which changes nothing."""
+def reading_as(modality: str, session: ScanSession | None) -> str:
+    """The status line as soon as another modality is chosen for the scan (`reading_the_scan`). The one it is read as
+    already (the box sends its value again each time it loses the focus) ends the event here, unseen: nothing after
+    it runs (the scan is not read again, nor the model's reading of it cancelled and begun again)."""
     if session is not None and session.volume is not None and session.volume.modality == modality:
-        return gr.skip()
+        raise gr.Error("the scan is read as this modality already", visible=False, print_exception=False)
     return reading_the_scan()
 
 
@@ -1325,11 +1326,12 @@ def _wire_loads(page: SimpleNamespace) -> None:
         "example": page.example_picker.click(**reading).then(load_example, [page.example_picker, session],
                                                              scan_outputs, api_name="load_example",
                                                              preprocess=False, **loading),
-        "modality": page.modality.input(**{**reading, "fn": reading_as, "inputs": [page.modality, session]},
-                                        preprocess=False).then(change_modality, [page.modality, session],
-                                                               scan_outputs, api_name="change_modality",
-                                                               preprocess=False, **loading),
     }
+    # Another modality chosen: only if it is another (`reading_as`), hence .success
+    choosing = page.modality.input(**{**reading, "fn": reading_as, "inputs": [page.modality, session]},
+                                   preprocess=False)
+    loads["modality"] = choosing.success(change_modality, [page.modality, session], scan_outputs,
+                                         api_name="change_modality", preprocess=False, **loading)
     for loaded in loads.values():  # the button or box used is folded away: the keys go to the viewer
         loaded.then(None, js=FOCUS_VIEWER_IF_LOST)
     loads["scan"].then(empty_upload, None, page.upload, api_visibility="private", **VIEWER_EVENT)
@@ -1343,8 +1345,9 @@ def _wire_loads(page: SimpleNamespace) -> None:
     # A load cancels the encoding that still works on the old scan (the load's own chain encodes whichever scan
     # the session holds after it). A report or answer is not cancelled: one about a scan that a new one replaces
     # stops itself, and one about a scan that stays (an upload refused) goes on.
-    triggers = [page.upload.upload, page.folder_upload.upload, page.example_picker.click, page.modality.input]
+    triggers = [page.upload.upload, page.folder_upload.upload, page.example_picker.click]
     gr.on(triggers, None, None, None, cancels=encodes, queue=False, api_visibility="private")
+    choosing.success(None, None, None, cancels=encodes, queue=False, api_visibility="private")
 
 
 def _wire_viewer(page: SimpleNamespace) -> None:

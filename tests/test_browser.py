@@ -313,6 +313,37 @@ def test_a_file_that_is_no_scan_is_refused_in_a_sentence(browser, server, tmp_pa
     page.close()
 
 
+def test_the_modality_box_entered_and_left_does_not_read_the_scan_again(browser, server, app_module, tmp_path,  # noqa: F811
+                                                                         monkeypatch):
+    """The Modality box sends its value each time it loses the focus: tabbing through it while the model reads the
+    scan neither cancels that reading nor starts another (two at once on a GPU), and the status line says Ready."""
+    reads, encode = [], app_module.encode_on_gpu
+
+    def slow_encode(volume):
+        reads.append(volume)
+        time.sleep(2)
+        return encode(volume)
+
+    monkeypatch.setattr(app_module, "encode_on_gpu", slow_encode)
+    page = browser.new_page(viewport=LAPTOP)
+    page.set_default_timeout(60_000)
+    page.goto(server)
+    page.locator("#scan-upload input[type=file]").set_input_files(str(example_scan(tmp_path)))
+    page.locator("#status-line", has_text="The model is reading the scan").wait_for()
+    page.locator("#modality input").focus()
+    page.keyboard.press("Tab")  # on through the page
+    page.locator("#status-line", has_text="Ready").wait_for()
+    page.locator("#modality input").focus()  # and again once it is read
+    page.keyboard.press("Tab")
+    page.wait_for_timeout(1500)
+    assert len(reads) == 1 and "Ready" in page.locator("#status-line").inner_text()
+    page.locator("#modality input").click()  # another modality chosen: the scan is read as a PET
+    page.get_by_role("option", name="PET", exact=False).click()
+    page.locator("#status-line", has_text="in the axial view").wait_for()  # a PET's ready line: it opens on its MIP
+    assert len(reads) == 2 and page.get_by_label("MIP", exact=True).is_checked()
+    page.close()
+
+
 def test_a_report_on_a_scan_the_model_cannot_read_is_refused_and_leaves_nothing_to_stop(browser, server,  # noqa: F811
                                                                                         tmp_path):
     """A blank scan (one value everywhere): the status line says the model cannot read it; Generate report pressed
