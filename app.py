@@ -9,6 +9,7 @@ browser); the model, scans and pictures come from `medvlm`. Nothing here imports
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -224,9 +225,9 @@ class ScanSession:
     stop_key: str = ""  # key of the running generation's stop event in _STOP_EVENTS
     stop_kind: str = ""  # what that generation writes: "report" or "chat"
     # The page's events ("report", "chat", "chat_submit", "chat_suggested") that asked for a report or an answer not yet
-    # started (`asked_to_write`), and the one whose report or answer is being written
+    # started (`asked_to_write`), and the one whose handler runs (the event, a key of that run; `_writing`)
     waiting: set[str] = field(default_factory=set)
-    writing_for: str = ""
+    writing: tuple[str, int] = ("", 0)
     threshold_range: tuple[float, float] = (-math.inf, math.inf)  # the 3D threshold slider's, for this scan
     shown_slices: dict[str, int] = field(default_factory=dict)  # plane → the slice (from 1) last shown in it
     shown: tuple[str, str | None] = ("axial", None)  # the plane and window the viewer last showed
@@ -903,17 +904,26 @@ def asked_to_write(event: str, session: ScanSession | None) -> dict:
     an event once until it ends): it is not counted, or Stop would wait for it for good."""
     if session is None or session.volume is None:  # no scan: nothing will be written
         return gr.skip()
-    if event in session.waiting or (session.generating and session.writing_for == event):
+    if event in session.waiting or session.writing[0] == event:
         return gr.skip()
     session.waiting.add(event)
     return gr.update(interactive=True)
 
 
-def _started_writing(session: ScanSession | None, event: str) -> None:
-    """A report or an answer asked for by `event` left the queue (the first thing its handler does)."""
+@contextlib.contextmanager
+def _writing(session: ScanSession | None, event: str):
+    """While the handler of a report or an answer asked for by `event` runs (from leaving the queue until it returns,
+    as long as the page holds the event and sends it no more): it no longer waits, and `ScanSession.writing` names
+    it. Stop and Clear let it go at once (`stop_generation`); a handler that ends later then leaves what another set."""
+    run = (event, time.monotonic_ns())
     if session is not None:
         session.waiting.discard(event)
-        session.writing_for = event
+        session.writing = run
+    try:
+        yield
+    finally:
+        if session is not None and session.writing == run:
+            session.writing = ("", 0)
 
 
 def stop_button_state(session: ScanSession | None) -> dict:
@@ -931,32 +941,32 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
     text back). `scan_token`: the scan the page held when the report was asked for (`ScanSession.token`);
     a request for a scan since replaced changes nothing. `asked_by`: the page's event that asked (`asked_to_write`).
     """
-    _started_writing(session, asked_by)
-    if _asked_about_another_scan(session, scan_token):
-        yield gr.skip(), gr.skip()
-        return
-    if session is None or session.volume is None:  # said in the report box, where the visitor looks
-        yield f"*{_no_scan(session)}*", gr.skip()
-        return
-    volume, cleared = session.volume, session.cleared
-    session.report, session.report_finished, session.report_cut_off = "", False, 0
-    withdrawn = report_download(None)  # the previous report's download is withdrawn while this one streams
-    stop = threading.Event()
-    for chunk in _stream(session, volume, None, stop, max_new_tokens, temperature, top_p):
-        if isinstance(chunk, CutOff):
-            session.report_cut_off = chunk.limit
-            continue
-        session.report += chunk
-        yield session.report, withdrawn
-        withdrawn = gr.skip()
-    if _scan_replaced(session, volume) or session.cleared != cleared:
-        yield REPORT_PLACEHOLDER, report_download(None)
-        return
-    if stop.is_set() or session.report_cut_off:  # stopped or cut off: marked so, not offered as finished
-        yield report_view(session)
-        return
-    session.report_finished = True
-    yield session.report, report_download(_write_report(session))
+    with _writing(session, asked_by):
+        if _asked_about_another_scan(session, scan_token):
+            yield gr.skip(), gr.skip()
+            return
+        if session is None or session.volume is None:  # said in the report box, where the visitor looks
+            yield f"*{_no_scan(session)}*", gr.skip()
+            return
+        volume, cleared = session.volume, session.cleared
+        session.report, session.report_finished, session.report_cut_off = "", False, 0
+        withdrawn = report_download(None)  # the previous report's download is withdrawn while this one streams
+        stop = threading.Event()
+        for chunk in _stream(session, volume, None, stop, max_new_tokens, temperature, top_p):
+            if isinstance(chunk, CutOff):
+                session.report_cut_off = chunk.limit
+                continue
+            session.report += chunk
+            yield session.report, withdrawn
+            withdrawn = gr.skip()
+        if _scan_replaced(session, volume) or session.cleared != cleared:
+            yield REPORT_PLACEHOLDER, report_download(None)
+            return
+        if stop.is_set() or session.report_cut_off:  # stopped or cut off: marked so, not offered as finished
+            yield report_view(session)
+            return
+        session.report_finished = True
+        yield session.report, report_download(_write_report(session))
 
 
 def chat(question: str, session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float,
@@ -968,49 +978,49 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
     (`Pipeline.chat`) gets a warning with the reason and stays in the box. `scan_token`, `asked_by`: as
     `generate_report`.
     """
-    _started_writing(session, asked_by)
-    if _asked_about_another_scan(session, scan_token):
-        yield gr.skip(), gr.skip()
-        return
-    question = (question or "").strip()
-    if session is None or session.volume is None:
-        gr.Warning(_no_scan(session))
-        yield [], question
-        return
-    if not question:
-        gr.Warning("Type a question about the scan first.")
-        yield chat_view(session), ""
-        return
-    volume, cleared = session.volume, session.chat_cleared
-    asked, answer = {"role": "user", "content": question}, {"role": "assistant", "content": ""}
-    session.messages.append(asked)
-    history = [{"role": message["role"], "content": message["content"]} for message in session.messages]
-    session.messages.append(answer)  # kept as it grows: what Stop shows, even before this handler sees the stop
-    refused, finished, stop = False, False, threading.Event()
-    try:
-        for chunk in _stream(session, volume, history, stop, max_new_tokens, temperature, top_p):
-            session.answering = answer  # only now: starting, the stream stopped the generation before it
-            if isinstance(chunk, CutOff):
-                answer["cut_off"] = chunk.limit
-            answer["content"] += chunk
+    with _writing(session, asked_by):
+        if _asked_about_another_scan(session, scan_token):
+            yield gr.skip(), gr.skip()
+            return
+        question = (question or "").strip()
+        if session is None or session.volume is None:
+            gr.Warning(_no_scan(session))
+            yield [], question
+            return
+        if not question:
+            gr.Warning("Type a question about the scan first.")
             yield chat_view(session), ""
-        finished = not stop.is_set()
-    except gr.Error as error:  # refused with a sentence (a control token, too long): it was never asked
-        refused = True
-        gr.Warning(sentence(error.message))
-    finally:  # a stopped answer stays as far as it got, marked; a conversation cleared or about a replaced scan
-        if session.answering is answer:  # ... is gone
-            session.answering = None
-        if session.volume is volume and session.chat_cleared == cleared:
-            if refused:
-                session.messages = [message for message in session.messages  # by identity: the same question
-                                    if message is not asked and message is not answer]  # asked before stays
-            elif not finished:  # stopped, or cancelled (Stop, Clear) at a chunk
-                answer["stopped"] = True
-    if _scan_replaced(session, volume) or session.chat_cleared != cleared:
-        yield chat_view(session), gr.skip()
-        return
-    yield chat_view(session), question if refused else ""  # a refused question stays in the box, to edit
+            return
+        volume, cleared = session.volume, session.chat_cleared
+        asked, answer = {"role": "user", "content": question}, {"role": "assistant", "content": ""}
+        session.messages.append(asked)
+        history = [{"role": message["role"], "content": message["content"]} for message in session.messages]
+        session.messages.append(answer)  # kept as it grows: what Stop shows, even before this handler sees the stop
+        refused, finished, stop = False, False, threading.Event()
+        try:
+            for chunk in _stream(session, volume, history, stop, max_new_tokens, temperature, top_p):
+                session.answering = answer  # only now: starting, the stream stopped the generation before it
+                if isinstance(chunk, CutOff):
+                    answer["cut_off"] = chunk.limit
+                answer["content"] += chunk
+                yield chat_view(session), ""
+            finished = not stop.is_set()
+        except gr.Error as error:  # refused with a sentence (a control token, too long): it was never asked
+            refused = True
+            gr.Warning(sentence(error.message))
+        finally:  # a stopped answer stays as far as it got, marked; a conversation cleared or about a replaced scan
+            if session.answering is answer:  # ... is gone
+                session.answering = None
+            if session.volume is volume and session.chat_cleared == cleared:
+                if refused:
+                    session.messages = [message for message in session.messages  # by identity: the same question
+                                        if message is not asked and message is not answer]  # asked before stays
+                elif not finished:  # stopped, or cancelled (Stop, Clear) at a chunk
+                    answer["stopped"] = True
+        if _scan_replaced(session, volume) or session.chat_cleared != cleared:
+            yield chat_view(session), gr.skip()
+            return
+        yield chat_view(session), question if refused else ""  # a refused question stays in the box, to edit
 
 
 def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, stop: threading.Event,
@@ -1072,8 +1082,9 @@ def stop_generation(session: ScanSession | None, waiting_cancelled: bool = True)
     """End the session's running generation: its thread stops at the next token, and an answer being written
     is marked stopped at once (what the page shows after Stop). `waiting_cancelled`: the reports and answers
     waiting in the queue were cancelled too (Stop and Clear cancel them), and will not start."""
-    if session is not None and waiting_cancelled:
+    if session is not None and waiting_cancelled:  # ... and the page holds none of them any more
         session.waiting.clear()
+        session.writing = ("", 0)
     # Gone at once, not when its handler ends (cancelled, that may be later): Stop is disabled after it
     event = _STOP_EVENTS.pop(session.stop_key, None) if session is not None else None  # (or it ended meanwhile)
     if event is not None:

@@ -758,6 +758,16 @@ def test_a_button_pressed_again_while_its_request_is_pending_leaves_stop_to_end_
     assert app_module.stop_button_state(session)["interactive"]
     list(app_module.chat("Is there a lesion?", session, 16, 0.0, 1.0, asked_by="chat_submit"))
     assert not app_module.stop_button_state(session)["interactive"]
+    # After Stop the page holds the event no more: pressed again, it asks for a report, which keeps Stop enabled
+    # even when the stopped report's handler returns after that press
+    stopped = app_module.generate_report(session, 1000, 0.0, 1.0)
+    next(stopped)
+    app_module.stop_generation(session)
+    assert app_module.asked_to_write("report", session)["interactive"]
+    list(stopped)
+    assert app_module.stop_button_state(session)["interactive"]
+    list(app_module.generate_report(session, 16, 0.0, 1.0))
+    assert not app_module.stop_button_state(session)["interactive"]
 
 
 def _another_scan(tmp_path, seed: int) -> Path:

@@ -48,7 +48,7 @@ def example_scan(tmp_path: Path) -> Path:
     return save_nifti(tmp_path / "torso.nii.gz", torso_ct(), (5.0, 1.0, 1.0), dtype=np.int16, modality="CT")
 
 
-def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F811
+def test_a_clinician_session(browser, server, app_module, tmp_path, monkeypatch):  # noqa: F811
     page = browser.new_page(viewport=LAPTOP)
     page.set_default_timeout(60_000)
     page.goto(server)
@@ -183,10 +183,21 @@ def test_a_clinician_session(browser, server, app_module, tmp_path):  # noqa: F8
         new MutationObserver(() => { window.stopEnabledWhileWriting ||= !stop.disabled; })
             .observe(stop, {attributes: true});
     }""")
+    streams, stream = [], app_module.stream_on_gpu
+
+    def slow_stream(*args, **kwargs):  # a report that takes a while to write, each one counted
+        streams.append(args)
+        for chunk in stream(*args, **kwargs):
+            time.sleep(0.05)
+            yield chunk
+
+    monkeypatch.setattr(app_module, "stream_on_gpu", slow_stream)
     page.locator("#report-button").click()
     page.wait_for_function("() => document.querySelector('#report-box').innerText.trim().length > 0")
     page.locator("#report-button").click()  # pressed again while the report is written: it asks for nothing more
     page.wait_for_function("() => !document.querySelector('#report-download').disabled")  # offered when finished
+    monkeypatch.setattr(app_module, "stream_on_gpu", stream)
+    assert len(streams) == 1
     lengths = [n for n in page.evaluate("window.reportLengths") if n]
     assert len(set(lengths)) >= 2 and lengths[-1] == max(lengths), f"the report did not grow: {lengths}"
     assert page.evaluate("window.stopEnabledWhileWriting")
