@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
-from medvlm.pipeline import CutOff, Encoding, Pipeline
+from medvlm.pipeline import MIN_TEMPERATURE, CutOff, Encoding, Pipeline
 from medvlm.preprocess import AUTO_WINDOW, default_window, known_window, unknown_window
 from medvlm.projection import MIP_STEP_DEGREES, mip_cache_bytes, mip_slice
 from medvlm.view import MIP, VIEWS, mip_spot, opening_slice, opening_window, slice_count, window_limits
@@ -100,6 +100,7 @@ SESSION_FOLDER_PREFIX = "medvlm-session-"  # a session's own folder in the uploa
 REPORT_PLACEHOLDER = "*The report appears here: press **Generate report**.*"
 REPORT_STOPPED = "\n\n*Stopped: this report is incomplete.*"
 ANSWER_STOPPED = " … [stopped: this answer is incomplete]"  # the chat shows text as typed, not Markdown
+ANSWER_STOPPED_UNBEGUN = "[stopped before the answer began]"
 # An answer that reached its Max new tokens before its end: {limit} is that number.
 REPORT_CUT_OFF = ("\n\n*Cut off at the limit of {limit} new tokens: this report is incomplete; raise Max new "
                   "tokens under Generation settings for the whole report.*")
@@ -229,6 +230,7 @@ class ScanSession:
     waiting: set[str] = field(default_factory=set)
     writing: tuple[str, int] = ("", 0)
     threshold_range: tuple[float, float] = (-math.inf, math.inf)  # the 3D threshold slider's, for this scan
+    threshold: float | None = None  # the threshold the 3D surface was last drawn at
     shown_slices: dict[str, int] = field(default_factory=dict)  # plane → the slice (from 1) last shown in it
     shown: tuple[str, str | None] = ("axial", None)  # the plane and window the viewer last showed
     spot: tuple[int, int, int] | None = None  # the voxel (z, y, x) last found from a click on the MIP, marked
@@ -855,23 +857,34 @@ def encode_scan(session: ScanSession | None):
             slice_html(session, plane, window, session.shown_slices.get(plane)))
 
 
+def asking_buttons(session: ScanSession | None):
+    """Generate report and Ask once the model has read the scan, or refused it: disabled for a scan it cannot read
+    (a blank one), which the status line says; else as the load left them. Returns (report button, ask button)."""
+    if session is not None and session.volume is not None and session.unreadable:
+        return gr.update(interactive=False), gr.update(interactive=False)
+    return gr.skip(), gr.skip()
+
+
 def show_3d(session: ScanSession | None, threshold: float | None):
     """The 3D surface at the threshold (None: the modality's default)."""
     if session is None or session.volume is None:
         return None
+    session.threshold = threshold
     return figure_3d(session.volume, threshold)
 
 
 def redraw_3d(session: ScanSession | None, threshold: object):
     """The surface at the threshold the slider asks for; a number typed into its box outside the slider's
     range draws the nearest end of it, and the box then says so: (plot, slider). The value comes unchecked
-    (`preprocess=False`); an emptied box changes nothing."""
+    (`preprocess=False`); an emptied box is set back to the threshold drawn."""
     threshold = _typed_number(threshold)
-    if session is None or session.volume is None or threshold is None:
+    if session is None or session.volume is None:
         return gr.skip(), gr.skip()
+    if threshold is None:
+        return gr.skip(), session.threshold if session.threshold is not None else gr.skip()
     session.in_use()
     low, high = session.threshold_range
-    level = min(high, max(low, threshold))
+    session.threshold = level = min(high, max(low, threshold))
     return figure_3d(session.volume, level), gr.skip() if level == threshold else level
 
 
@@ -966,7 +979,7 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
             yield report_view(session)
             return
         session.report_finished = True
-        yield session.report, report_download(_write_report(session))
+        yield session.report, report_download(_write_report(session, decoding(max_new_tokens, temperature, top_p)))
 
 
 def chat(question: str, session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float,
@@ -1042,6 +1055,10 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, s
     max_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
     if int(max_new_tokens) > MAX_NEW_TOKENS:
         gr.Warning(f"At most {MAX_NEW_TOKENS} new tokens are generated per answer; asked for {int(max_new_tokens)}.")
+    temperature = float(temperature)
+    if 0 < temperature < MIN_TEMPERATURE:  # typed into the slider's box, which takes it
+        gr.Info(f"Temperature {temperature:g} is read as 0, greedy decoding: sampling starts at {MIN_TEMPERATURE:g}.")
+        temperature = 0.0
     chunks = None
     try:
         encoding = session.encoding
@@ -1054,7 +1071,7 @@ def _stream(session: ScanSession, volume: Volume, messages: list[dict] | None, s
                 raise
             if session.volume is volume:
                 session.encoding = encoding
-        chunks = stream_on_gpu(encoding, messages, key, max_tokens, float(temperature), float(top_p))
+        chunks = stream_on_gpu(encoding, messages, key, max_tokens, temperature, float(top_p))
         for chunk in chunks:
             if stop.is_set() or session.volume is not volume:
                 break
@@ -1085,6 +1102,9 @@ def stop_generation(session: ScanSession | None, waiting_cancelled: bool = True)
     if session is not None and waiting_cancelled:  # ... and the page holds none of them any more
         session.waiting.clear()
         session.writing = ("", 0)
+        for message in session.messages:  # an answer not begun yet says so at once (its handler may end later)
+            if message["role"] == "assistant" and not message["content"]:
+                message["stopped"] = True
     # Gone at once, not when its handler ends (cancelled, that may be later): Stop is disabled after it
     event = _STOP_EVENTS.pop(session.stop_key, None) if session is not None else None  # (or it ended meanwhile)
     if event is not None:
@@ -1109,7 +1129,7 @@ def chat_view(session: ScanSession) -> list[dict]:
 def _answer_end(message: dict) -> str:
     """What the chat adds to an answer that did not end where the model ended it."""
     if message.get("stopped"):
-        return ANSWER_STOPPED
+        return ANSWER_STOPPED if message["content"] else ANSWER_STOPPED_UNBEGUN
     return ANSWER_CUT_OFF.format(limit=message["cut_off"]) if message.get("cut_off") else ""
 
 
@@ -1161,10 +1181,20 @@ def clear_chat(session: ScanSession | None) -> list:
     return []
 
 
-def _write_report(session: ScanSession) -> Path:
+def decoding(max_new_tokens: float, temperature: float, top_p: float) -> str:
+    """How a report was written, as its download says: greedy (temperature 0, or below sampling's least, which
+    `_stream` reads as 0) or sampled, and its limit of new tokens."""
+    limit = f"at most {max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))} new tokens"
+    if float(temperature) < MIN_TEMPERATURE:
+        return f"greedy decoding (temperature 0), {limit}"
+    return f"sampled at temperature {float(temperature):g}, top-p {float(top_p):g}, {limit}"
+
+
+def _write_report(session: ScanSession, how: str) -> Path:
     """The finished report as a Markdown file in the session's folder: a model's draft, said to be one at its top,
-    with the scan it is about, when it was written, by which checkpoint, and the line that says how often that
-    checkpoint was right; named for the example or "uploaded-scan" and the time, never for the uploaded file."""
+    with the scan it is about, when it was written, by which checkpoint and `how` (`decoding`), and the line that
+    says how often that checkpoint was right; named for the example or "uploaded-scan" and the time, never for the
+    uploaded file."""
     volume = session.volume
     z, y, x = volume.shape
     about = PIPELINE.describe()
@@ -1176,7 +1206,8 @@ def _write_report(session: ScanSession) -> Path:
             f"**Not a radiologist's report.** {report_caveat(PIPELINE).strip('*')}\n\n"
             f"- Scan: {session.label}; {modality}, {x} × {y} × {z} voxels, {spacing}\n"
             f"- Written: {time.strftime('%Y-%m-%d %H:%M %Z', written)} by MedVLM 3D (`{about['checkpoint']}`)"
-            + (f", {DEMO_WARNING}" if about["demo"] else "; not a medical device, not for clinical use") + "\n\n"
+            + (f", {DEMO_WARNING}" if about["demo"] else "; not a medical device, not for clinical use") + "\n"
+            f"- Decoding: {how}\n\n"
             f"## The model's report\n\n{session.report.strip()}\n")
     scan = re.sub(r"[^a-z0-9]+", "-", session.label.removeprefix("example: ").lower()).strip("-")
     path = session.own_folder() / f"medvlm-report-{scan}-{time.strftime('%Y%m%d-%H%M', written)}.md"  # no file name
@@ -1296,6 +1327,7 @@ def _assistant_column(page: SimpleNamespace) -> None:
                               placeholder="Ask about the scan: organs, lesions, location, size.")
     with gr.Row(elem_id="question-row"):
         page.question = gr.Textbox(placeholder="Ask a question about this scan …", show_label=False, scale=5,
+                                   label="Question about this scan",  # what a screen reader calls it
                                    elem_id="question", submit_btn=False, max_length=MAX_QUESTION_CHARS)
         page.ask_button = gr.Button("Ask", variant="primary", scale=1, min_width=80, interactive=False,
                                     elem_id="ask-button")
@@ -1349,8 +1381,11 @@ def _wire_loads(page: SimpleNamespace) -> None:
     encodes = []
     for kind, loaded in loads.items():  # after any load: encode and draw; the upload's chain is the API's
         visibility = "public" if kind == "scan" else "private"
-        encodes.append(loaded.then(encode_scan, [session], [status, page.kept, page.slice],
-                                   api_name=f"encode_{kind}", api_visibility=visibility, **MODEL_EVENT))
+        encoded = loaded.then(encode_scan, [session], [status, page.kept, page.slice], api_name=f"encode_{kind}",
+                              api_visibility=visibility, **MODEL_EVENT)
+        encoded.then(asking_buttons, session, [page.report_button, page.ask_button], queue=False,
+                     show_progress="hidden", api_visibility="private")
+        encodes.append(encoded)
         loaded.then(show_3d, [session, page.threshold], page.plot, api_name=f"{kind}_3d", api_visibility=visibility,
                     **VIEWER_EVENT)
     # A load cancels the encoding that still works on the old scan (the load's own chain encodes whichever scan

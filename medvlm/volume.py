@@ -157,7 +157,7 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
         for path in paths:
             _require_exists(path)
         files = [file for path in paths for file in listed_files(path) if not _is_system_file(Path(file.name))]
-        return _load_files(files, "the given files", zip_alone=True)
+        return _load_files(files, "the upload", zip_alone=True)
     path = Path(src)
     _require_exists(path)
     if path.is_dir():

@@ -423,6 +423,10 @@ def test_report_streams_and_is_offered_as_markdown(app_module, ct_nifti):
     # a draft, said so before anything else, with the scan it is about and the line saying how often to trust it
     assert written.startswith("# Draft report written by a model\n\n**Not a radiologist's report.** Check every")
     assert "- Scan: uploaded scan; CT (computed tomography), 64 × 64 × 40 voxels" in written
+    # ... and how it was written: a greedy draft is told from a sampled one
+    assert "- Decoding: greedy decoding (temperature 0), at most 24 new tokens" in written
+    assert app_module.decoding(256, 1.5, 0.9) == "sampled at temperature 1.5, top-p 0.9, at most 256 new tokens"
+    assert app_module.decoding(256, 0.005, 0.9).startswith("greedy")  # below sampling's least: read as 0
     # named for what it is and when (not for the uploaded file, whose name can hold the patient's)
     assert re.fullmatch(r"medvlm-report-uploaded-scan-\d{8}-\d{4}\.md", path.name), path.name
     session.release()
@@ -743,6 +747,17 @@ def test_stop_is_enabled_only_while_a_report_or_answer_is_written_or_waits(app_m
     assert not enabled(app_module.stop_button_state(session))
 
 
+def test_stop_before_an_answer_began_says_it_was_stopped(app_module, ct_nifti):
+    """Stop while a question's answer has not begun (its handler is cancelled, and may end after Stop's view of the
+    conversation is sent): the question shows with its answer marked stopped, not as a question left unanswered."""
+    session, _ = loaded(app_module, [ct_nifti])
+    session.messages += [{"role": "user", "content": "Where is the lesion?"}, {"role": "assistant", "content": ""}]
+    assert app_module.chat_view(session) == [{"role": "user", "content": "Where is the lesion?"}]  # not begun yet
+    app_module.stop_generation(session)
+    said = app_module.chat_view(session)[-1]
+    assert said == {"role": "assistant", "content": "[stopped before the answer began]"}
+
+
 def test_a_button_pressed_again_while_its_request_is_pending_leaves_stop_to_end_with_it(app_module, ct_nifti):
     """Gradio sends a button's event once until it ends: Generate report (or Ask) pressed again while its report
     waits or streams asks for nothing, and Stop is disabled once the one report is written. A question asked by
@@ -997,6 +1012,8 @@ def test_a_blank_scan_shows_in_the_viewer_and_the_model_says_it_cannot_read_it(a
     assert status.startswith("⚠️ The scan holds nothing for the model to read (one value everywhere")
     assert kept == gr.skip() and view == gr.skip()  # no kept slices offered; the slice shown stays
     assert session.encoding is None and "slice-image" in app_module.slice_html(session, "axial", "auto", 10)
+    disabled = {"__type__": "update", "interactive": False}
+    assert app_module.asking_buttons(session) == (disabled, disabled)  # Generate report and Ask: nothing to ask
     # A report asked for all the same is refused with that sentence at once (the model does not read the scan again
     # only to refuse it again), and Stop is disabled after it: there is nothing to stop.
     monkeypatch.setattr(app_module, "encode_on_gpu", lambda volume: pytest.fail("the scan was read again"))
@@ -1026,11 +1043,13 @@ def test_numbers_typed_past_a_sliders_ends_go_to_the_nearest_end_and_the_box_say
     plot, box = app_module.redraw_3d(session, 99999.0)
     drawn_at = plot.data[0].name if plot.data else plot.layout.annotations[0].text
     assert box == high and f"{high:g}" in drawn_at
-    assert app_module.redraw_3d(session, (low + high) / 2)[1] == gr.skip()
+    middle = (low + high) / 2
+    assert app_module.redraw_3d(session, middle)[1] == gr.skip()
     for sent in ("abc", [3], float("nan"), float("inf"), True, 10**400):  # what an API client can send, unchecked
         view, box = app_module.show_slice(session, "no such plane", "soft tissue", sent)
         assert f"Axial {count // 2 + 1} / {count}" in view and box == count // 2 + 1
-        assert app_module.redraw_3d(session, sent) == (gr.skip(), gr.skip())
+        # nothing drawn anew; the box says the threshold the surface is drawn at
+        assert app_module.redraw_3d(session, sent) == (gr.skip(), middle)
 
 
 def test_a_question_shows_in_the_chat_as_typed_not_as_markdown(app_module):
@@ -1090,11 +1109,17 @@ def test_a_constant_scan_of_huge_values_loads_with_its_page(app_module, tmp_path
     assert slider["minimum"] < slider["maximum"] and slider["minimum"] <= slider["value"] <= slider["maximum"]
 
 
-def test_generation_settings_out_of_range_get_one_sentence(app_module, ct_nifti):
+def test_generation_settings_out_of_range_get_one_sentence(app_module, ct_nifti, monkeypatch):
     session, _ = loaded(app_module, [ct_nifti])
     with pytest.raises(gr.Error, match=r"top-p 5\.0 is out of range"):
         list(app_module.generate_report(session, 16, 0.5, 5.0))
     assert not app_module._STOP_EVENTS
+    # A temperature the slider's box takes but sampling cannot use (0.005) is read as 0, greedy, and said so
+    said = []
+    monkeypatch.setattr(app_module.gr, "Info", lambda message, *args, **kwargs: said.append(message))
+    greedy = list(app_module.generate_report(session, 16, 0.0, 1.0))[-1][0]
+    assert list(app_module.generate_report(session, 16, 0.005, 1.0))[-1][0] == greedy
+    assert said == ["Temperature 0.005 is read as 0, greedy decoding: sampling starts at 0.01."]
 
 
 def test_the_app_listens_on_this_machine_unless_told_otherwise(app_module, monkeypatch):

@@ -355,18 +355,28 @@ def test_the_modality_box_entered_and_left_does_not_read_the_scan_again(browser,
     page.close()
 
 
-def test_a_report_on_a_scan_the_model_cannot_read_is_refused_and_leaves_nothing_to_stop(browser, server,  # noqa: F811
-                                                                                        tmp_path):
-    """A blank scan (one value everywhere): the status line says the model cannot read it; Generate report pressed
-    all the same says so again, and Stop, enabled for a moment, is disabled after it."""
+def test_a_scan_the_model_cannot_read_offers_no_report_and_a_report_that_fails_leaves_nothing_to_stop(
+        browser, server, app_module, tmp_path, monkeypatch):  # noqa: F811
+    """A blank scan (one value everywhere): the status line says the model cannot read it, and Generate report and
+    Ask are disabled. A report that fails on the way (the GPU out of memory) leaves Stop disabled after it."""
     blank = save_nifti(tmp_path / "blank.nii.gz", np.zeros((20, 32, 32), np.float32), (2.0, 1.0, 1.0))
     page = browser.new_page(viewport=LAPTOP)
     page.set_default_timeout(60_000)
     page.goto(server)
     page.locator("#scan-upload input[type=file]").set_input_files(str(blank))
     page.locator("#status-line", has_text="holds nothing for the model to read").wait_for()
+    page.wait_for_function("() => ['#report-button', '#ask-button'].every(id => document.querySelector(id).disabled)")
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(app_module, "stream_on_gpu", out_of_memory)
+    page.get_by_text("Load another scan").click()
+    page.locator("#scan-upload input[type=file]").set_input_files(str(example_scan(tmp_path)))
+    page.locator("#status-line", has_text="Ready").wait_for()
     page.locator("#report-button").click()
-    page.get_by_text("holds nothing for the model to read").last.wait_for()
+    page.get_by_text("Error").first.wait_for()
     page.wait_for_timeout(1500)
     assert page.evaluate("() => document.querySelector('#stop-button').disabled")
     page.close()

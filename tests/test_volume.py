@@ -510,3 +510,10 @@ def test_zip_folders_left_by_a_crash_are_removed_once_stale(tmp_path, monkeypatc
         os.utime(path, (0, 0))
     assert remove_stale_zip_folders(3600) == [stale]
     assert not stale.exists() and fresh.is_dir() and other.is_dir()
+
+
+def test_two_scans_uploaded_together_are_refused_in_a_sentence(tmp_path, marked_ct):
+    """Two NIfTI files in one upload: which one was meant is not guessed."""
+    paths = [save_nifti(tmp_path / f"{name}.nii.gz", marked_ct, MARKED_SPACING) for name in ("first", "second")]
+    with pytest.raises(VolumeError, match=r"^the upload holds 2 NIfTI or \.npy files; upload one scan at a time$"):
+        load_volume(paths)
