@@ -157,6 +157,14 @@ def test_a_clinician_session(browser, server, app_module, tmp_path, monkeypatch)
     page.locator("#slice-view.enlarged").wait_for()
     page.mouse.click(4, 4)
     page.locator("#slice-view.enlarged").wait_for(state="detached")
+    # Tab from a list box goes on to the next control, its list closed (the kept slices' list dropped the focus)
+    page.locator("#kept-slices input").focus()
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.id") == "report-button"
+    page.locator(".option-list").wait_for(state="hidden", timeout=2000)
+    page.locator("#window-select input").focus()
+    page.keyboard.press("Shift+Tab")  # back to the planes, one stop: the plane shown
+    assert page.evaluate("() => document.activeElement.matches('#plane input[value=axial]:checked')")
     # The planes are one radio group for the keyboard: the arrows move between them
     assert set(page.evaluate("() => [...document.querySelectorAll('#plane input')].map(r => r.name)")) == {"plane"}
     page.locator("#plane input[value=axial]").focus()

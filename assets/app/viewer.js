@@ -108,6 +108,25 @@
     moveTo(input, value);
   });
 
+  // Tab from a list box (Gradio's dropdown: the window, the kept slices, the modality) goes on to the next control, as
+  // from any other: the kept slices' own list took the Tab and closed, and the focus fell to the page.
+  const tabStops = () => [...document.querySelectorAll("button, input, textarea, select, a[href], [tabindex]")]
+    .filter((element) => element.tabIndex >= 0 && !element.disabled && element.getClientRects().length
+      && !element.closest(".option-list, [inert]")
+      && (element.type !== "radio" || element.checked  // a radio group is one stop: its checked button
+          || !document.querySelector(`input[type=radio][name="${element.name}"]:checked`)));
+  document.addEventListener("keydown", (event) => {
+    const box = event.target.closest && event.target.closest("input[role=combobox]");
+    if (!box || event.key !== "Tab" || event.altKey || event.ctrlKey || event.metaKey) return;
+    const stops = tabStops(), here = stops.indexOf(box);
+    const next = here < 0 ? null : stops[here + (event.shiftKey ? -1 : 1)];
+    if (!next) return;
+    event.preventDefault();
+    event.stopPropagation();  // Gradio's own handler would open the list again, the key read as typing
+    box.blur();  // ... which closes it
+    next.focus();
+  }, true);
+
   // The button in the image's corner enlarges the viewer to the whole window (a slice of 512 pixels shows at its
   // size, not at 280), and shrinks it back; so do Esc and a click on the dark space around it. The wheel, the keys
   // and the track work as before; Tab stays in the viewer (the controls under it are hidden), and the rest of the
