@@ -68,6 +68,7 @@ _LEVEL_FIRST = re.compile(rf"\s*{_LEVEL_LABEL}{_SIGNED}\s*/?\s*{_WIDTH_LABEL}{_N
 # ... or as the range of values it shows from black to white, lowest first, as nuclear medicine sets a PET's scale:
 # "0-6", "0–6", "0 to 6", "-160-240", "-160 - 240"; either form followed by "inverted" (or "inv") shows the highest
 # black. A hyphen with a space before it and none after is the next number's sign: "-160 -40" is no range.
+_SIGNED_ONLY = re.compile(rf"\s*(?:{_WIDTH_LABEL}|{_LEVEL_LABEL})?{_SIGNED}\s*", re.IGNORECASE)  # "40", "L 40"
 _RANGE = re.compile(rf"\s*{_SIGNED}(?:\s*(?:–|to)\s*|-\s*|\s+-\s+){_SIGNED}\s*", re.IGNORECASE)
 _INVERTED = re.compile(r"(.*?)\s+inv(?:erted)?\s*", re.IGNORECASE | re.DOTALL)
 TYPED_WINDOW_LIMITS = (1e-3, 1e6)  # a typed width's least and most, and the most a value lies from 0
@@ -104,12 +105,17 @@ def typed_window(window: object) -> TypedWindow | None:
     (`_INVERTED`), or None for anything else: a width outside TYPED_WINDOW_LIMITS, a value further from 0 than its
     most, a range whose highest value comes first, or two bare numbers that read as one with a thousands space
     (`_THOUSANDS`)."""
+    return _read_typed_window(window)[0]
+
+
+def _read_typed_window(window: object) -> tuple[TypedWindow | None, str]:
+    """`typed_window`, and for text typed as a window but refused, why: a clause for `unknown_window`."""
     if not isinstance(window, str):
-        return None
+        return None, ""
     inverted = _INVERTED.fullmatch(window)
     text = inverted.group(1) if inverted else window
     if _THOUSANDS.fullmatch(text):
-        return None
+        return None, "one number with a thousands space, or a width and a level? type the width/level with a slash"
     as_range = False
     if match := _TYPED_WINDOW.fullmatch(text):
         width, level = float(match.group(1)), _number(match.group(2))
@@ -117,25 +123,27 @@ def typed_window(window: object) -> TypedWindow | None:
         level, width = _number(match.group(1)), float(match.group(2))
     elif match := _RANGE.fullmatch(text):
         low, high = _number(match.group(1)), _number(match.group(2))
+        if high <= low:
+            return None, "a range goes from the lowest value to the highest"
         width, level, as_range = high - low, (low + high) / 2, True
     else:
-        return None
+        return None, "a width/level takes two numbers" if _SIGNED_ONLY.fullmatch(text) else ""
     least, most = TYPED_WINDOW_LIMITS
-    if not (least <= width <= most and abs(level) + width / 2 <= most):
-        return None
+    if width < least:
+        return None, "its width must be more than 0"
+    if not (width <= most and abs(level) + width / 2 <= most):
+        return None, f"no scan's values lie more than {most:,.0f} from 0"
     low, high = level - width / 2, level + width / 2
-    return TypedWindow(high, low, as_range) if inverted else TypedWindow(low, high, as_range)
+    return (TypedWindow(high, low, as_range) if inverted else TypedWindow(low, high, as_range)), ""
 
 
 def unknown_window(window: object, modality: str, units: str | None = None,
                    values: tuple[float, float] | None = None) -> str:
-    """The sentence that refuses `window` for a scan of this modality (and units), and says what it may be
-    instead (`typed_window_example`, from the scan's `values` where given)."""
+    """The sentence that refuses `window` for a scan of this modality (and units), and says why where it was typed
+    as a window, and what it may be instead (`typed_window_example`, from the scan's `values` where given)."""
     said = {"PT": "this PET scan", "OT": "this scan (modality: other)"}.get(modality, f"this {modality} scan")
-    why = ""
-    if isinstance(window, str) and _THOUSANDS.fullmatch(_INVERTED.sub(r"\1", window)):
-        why = " (one number with a thousands space, or a width and a level? type the width/level with a slash)"
-    return (f"unknown window {str(window)[:40]!r}{why} for {said}; choose one of "
+    why = _read_typed_window(window)[1]
+    return (f"unknown window {str(window)[:40]!r}{f' ({why})' if why else ''} for {said}; choose one of "
             f"{', '.join(window_names(modality, units))}, or {typed_window_example(modality, values=values)}")
 
 

@@ -166,8 +166,14 @@ def test_a_window_typed_as_width_and_level_shows_those_values(marked_ct):
                  "0-6-9", "inverted", "0-0", "-160 -40"):
         with pytest.raises(UserInputError, match="or a width/level such as 350/50"):
             render_slice(ct, "axial", window=junk)
-    with pytest.raises(UserInputError, match="a thousands space, or a width and a level"):
-        render_slice(ct, "axial", window="1 500")
+    # ... and where it was typed as a window, the refusal says what was wrong with it
+    for typed, why in (("1 500", "one number with a thousands space, or a width and a level? type the width/level "
+                                 "with a slash"),
+                       ("0/40", "its width must be more than 0"), ("40", "a width/level takes two numbers"),
+                       ("240-160", "a range goes from the lowest value to the highest"),
+                       ("400/" + "9" * 40, "no scan's values lie more than 1,000,000 from 0")):
+        with pytest.raises(UserInputError, match=re.escape(f"({why}) for this CT scan")):
+            render_slice(ct, "axial", window=typed)
     assert np.array_equal(render_slice(ct, "axial", window="800 200"), render_slice(ct, "axial", window="800/200"))
     assert np.array_equal(render_slice(ct, "axial", window="-160 - -40"), render_slice(ct, "axial", window="120/-100"))
 
