@@ -539,8 +539,8 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         session,
         "The model is reading the scan …",
         scan_card(volume, label),
-        gr.update(choices=plane_choices(volume.modality), value=plane),
-        gr.update(choices=window_choices(volume.modality, volume.units), value=window,
+        gr.update(choices=plane_choices(volume.modality), value=plane, interactive=True),
+        gr.update(choices=window_choices(volume.modality, volume.units), value=window, interactive=True,
                   label=window_box_label(volume.modality, window_limits(volume, AUTO_WINDOW))),
         gr.update(minimum=1, maximum=count, value=middle, interactive=True, label=slider_label(plane)),
         slice_html(session, plane, window, middle),
@@ -1280,12 +1280,13 @@ def _scan_column(page: SimpleNamespace) -> None:
         with gr.Tab("Slices", id="slices"):
             # Plane and window above the image, as a viewer's toolbar: in view on a laptop's screen
             with gr.Row(equal_height=True, elem_id="view-controls"):
+                # ... both disabled until there is a scan to view (as the slider)
                 page.plane = gr.Radio(plane_choices("CT"), value="axial", label="Plane", show_label=False, scale=3,
-                                      elem_id="plane")
+                                      interactive=False, elem_id="plane")
                 # A preset, or a window typed into the box (350/50, 0-6 inverted), in the scan's units
                 page.window = gr.Dropdown(window_choices("CT"), value=default_window("CT"), scale=2,
                                           label=window_box_label("CT"), show_label=False, allow_custom_value=True,
-                                          min_width=190, elem_id="window-select")
+                                          min_width=190, interactive=False, elem_id="window-select")
             page.slice = gr.HTML(slice_html(None, "axial", None, None), elem_id="slice-view")
             with gr.Row(equal_height=True):
                 # buttons=[]: no ↺ reset, which moves the slider to 1 without redrawing the slice
@@ -1332,7 +1333,7 @@ def _assistant_column(page: SimpleNamespace) -> None:
         page.ask_button = gr.Button("Ask", variant="primary", scale=1, min_width=80, interactive=False,
                                     elem_id="ask-button")
     page.suggestions = gr.Dataset(label="Suggested questions", components=[page.question], elem_id="suggestions",
-                                  samples=[[q] for q in suggestions_for("CT")], layout="gallery")
+                                  samples=[[q] for q in suggestions_for("OT")], layout="gallery")  # any scan's
     with gr.Accordion("Generation settings", open=False, elem_id="generation-settings"):
         page.settings = [gr.Slider(16, MAX_NEW_TOKENS, value=256, step=16, label="Max new tokens"),
                          gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)"),

@@ -724,8 +724,9 @@ def test_stop_is_enabled_only_while_a_report_or_answer_is_written_or_waits(app_m
     enables nothing."""
     by_id = {c.get("props", {}).get("elem_id"): c for c in app_module.build_demo().get_config_file()["components"]}
     assert by_id["stop-button"]["props"]["interactive"] is False  # before any scan
-    # ... and Generate report and Ask, until there is a scan to ask about
+    # ... and Generate report and Ask, until there is a scan to ask about, and the plane and window, to view
     assert by_id["report-button"]["props"]["interactive"] is by_id["ask-button"]["props"]["interactive"] is False
+    assert by_id["plane"]["props"]["interactive"] is by_id["window-select"]["props"]["interactive"] is False
 
     def enabled(update):
         return update["interactive"]
@@ -733,6 +734,7 @@ def test_stop_is_enabled_only_while_a_report_or_answer_is_written_or_waits(app_m
     assert app_module.asked_to_write("report", None) == gr.skip()  # no scan: nothing will be written
     session, outputs = loaded(app_module, [ct_nifti])
     assert enabled(outputs["report_button"]) and enabled(outputs["ask_button"])
+    assert enabled(outputs["plane"]) and enabled(outputs["window"])
     assert enabled(app_module.asked_to_write("report", session))  # Generate report
     reporting = app_module.generate_report(session, 16, 0.0, 1.0)
     next(reporting)  # the report leaves the queue and streams
