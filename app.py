@@ -849,8 +849,8 @@ def encode_scan(session: ScanSession | None):
     notes = "".join(f" Note: {note}." for note in volume.meta.get("notes", []) or [])  # e.g. a series left out
     # One line on a laptop: the time it took is the benchmark's business (python -m medvlm bench)
     plane, window = session.shown
-    marks = "green marks in the axial view" if plane == MIP else "green marks"  # a MIP's track shows its frames
-    status = (f"Ready: the model kept {len(session.kept_slices)} of {total} axial slices ({marks}). Generate a "
+    marks = "" if plane == MIP else " (green marks)"  # a MIP's track shows its frames (and one line on a laptop)
+    status = (f"Ready: the model kept {len(session.kept_slices)} of {total} axial slices{marks}. Generate a "
               f"report or ask a question.{notes}")
     choices = [str(k + 1) for k in session.kept_slices]
     return (status, gr.update(choices=choices, value=None),

@@ -246,7 +246,7 @@ def test_a_pet_can_be_read_as_a_rotating_mip(app_module, tmp_path, ct_nifti, mon
     assert "MIP 1 / 36 · 0°, seen from the front · window inverted" in outputs["slice"]
     assert "kept-mark" not in outputs["slice"]
     status, _, view = app_module.encode_scan(session)  # the MIP's track shows its frames, not the kept slices
-    assert "(green marks in the axial view)" in status and "kept-mark" not in view
+    assert "axial slices. Generate" in status and "green marks" not in status and "kept-mark" not in view
     slider, html, window = app_module.change_plane(session, "axial", "auto")
     assert slider["label"] == "Slice" and "Axial" in html
     slider, html, window = app_module.change_plane(session, "mip", "auto")  # in inverted grey again, and says so

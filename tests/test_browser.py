@@ -358,7 +358,7 @@ def test_the_modality_box_entered_and_left_does_not_read_the_scan_again(browser,
     assert len(reads) == 1 and "Ready" in page.locator("#status-line").inner_text()
     page.locator("#modality input").click()  # another modality chosen: the scan is read as a PET
     page.get_by_role("option", name="PET", exact=False).click()
-    page.locator("#status-line", has_text="in the axial view").wait_for()  # a PET's ready line: it opens on its MIP
+    page.locator("#status-line", has_text="axial slices. Generate").wait_for()  # a PET's: it opens on its MIP
     assert len(reads) == 2 and page.get_by_label("MIP", exact=True).is_checked()
     page.close()
 
