@@ -272,8 +272,9 @@ def test_a_clinician_session(browser, server, app_module, tmp_path, monkeypatch)
 
 def test_on_a_phone_the_report_button_follows_the_status_line(browser, server, tmp_path):  # noqa: F811
     """One column on a phone, in the order of the work: after the scan comes in and the status line says it is
-    ready, Generate report comes next, not after the viewer, the kept slices and the scan card. A finger dragged up
-    the image steps through the slices, and the page does not scroll."""
+    ready, Generate report comes next, then the viewer, its image on the first screen, and the report under it (the
+    button scrolls to it), then the scan card. A finger dragged up the image steps through the slices, and the page
+    does not scroll."""
     page = browser.new_page(viewport={"width": 390, "height": 844}, has_touch=True)
     page.set_default_timeout(60_000)
     page.goto(server)
@@ -283,6 +284,7 @@ def test_on_a_phone_the_report_button_follows_the_status_line(browser, server, t
         ("status", "#status-line"), ("report", "#report-buttons"), ("viewer", "#viewer-tabs"),
         ("modality", "#modality"), ("card", "#scan-card"), ("chat", "#chatbot"))}
     assert top["status"] < top["report"] < top["viewer"] < top["modality"] < top["card"] < top["chat"], top
+    assert page.locator("#slice-view img").bounding_box()["y"] < 844 - 100  # the image in view as the scan is read
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the screen
     page.locator("#slice-view img").scroll_into_view_if_needed()
     before = int(page.locator("#slice-slider input[type=number]").input_value())
@@ -309,6 +311,9 @@ def test_on_a_phone_the_report_button_follows_the_status_line(browser, server, t
     touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
     page.wait_for_timeout(800)
     assert page.locator("#slice-slider input[type=number]").input_value() == shown
+    page.locator("#report-button").tap()  # the report, under the viewer, comes into view as it is written
+    page.wait_for_function("() => { const box = document.querySelector('#report-box').getBoundingClientRect(); "
+                           "return box.top >= 0 && box.top < 200; }")
     page.close()
 
 

@@ -127,6 +127,14 @@
     next.focus();
   }, true);
 
+  // On a phone the report comes under the viewer (page.css): Generate report scrolls to it, to watch it written.
+  document.addEventListener("click", (event) => {
+    const button = event.target.closest && event.target.closest("#report-button");
+    const report = document.querySelector("#report-box");
+    if (!button || button.disabled || !report || !matchMedia("(max-width: 640px)").matches) return;
+    report.scrollIntoView({behavior: "smooth", block: "start"});
+  });
+
   // The button in the image's corner enlarges the viewer to the whole window (a slice of 512 pixels shows at its
   // size, not at 280), and shrinks it back; so do Esc and a click on the dark space around it. The wheel, the keys
   // and the track work as before; Tab stays in the viewer (the controls under it are hidden), and the rest of the
