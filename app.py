@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from medvlm.errors import UserInputError
 from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
-from medvlm.pipeline import MIN_TEMPERATURE, CutOff, Encoding, Pipeline
+from medvlm.pipeline import MIN_TEMPERATURE, START_AGAIN, CutOff, Encoding, Pipeline
 from medvlm.preprocess import AUTO_WINDOW, default_window, known_window, unknown_window
 from medvlm.projection import MIP_STEP_DEGREES, mip_cache_bytes, mip_slice
 from medvlm.view import MIP, VIEWS, mip_spot, opening_slice, opening_window, slice_count, window_limits
@@ -1020,7 +1020,8 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
             finished = not stop.is_set()
         except gr.Error as error:  # refused with a sentence (a control token, too long): it was never asked
             refused = True
-            gr.Warning(sentence(error.message))
+            how = " with the chat's bin icon, or Clear all" if error.message.endswith(START_AGAIN) else ""
+            gr.Warning(f"{sentence(error.message)}{how}.")
         finally:  # a stopped answer stays as far as it got, marked; a conversation cleared or about a replaced scan
             if session.answering is answer:  # ... is gone
                 session.answering = None

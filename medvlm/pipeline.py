@@ -232,6 +232,7 @@ def checkpoint_parameters(folder: Path) -> int:
 # Sampling temperatures: below the floor, logits divided by it overflow (and sampling is greedy in all but name);
 # above the ceiling, every token is about as likely as every other.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+START_AGAIN = "start a new conversation"  # what a conversation too long for the model's context is told to do
 
 
 def check_generation(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -450,7 +451,7 @@ class Pipeline:
         context, length = config.text_config.max_position_embeddings, input_ids.shape[1]
         if context - length < min(int(max_new_tokens), MIN_ANSWER_TOKENS):
             raise UserInputError(f"the conversation has grown to {length:,} tokens with the scan, and the model reads "
-                                 f"{context:,} in all, too few to answer in; start a new conversation")
+                                 f"{context:,} in all, too few to answer in; {START_AGAIN}")
         return self._stream(input_ids, encoding.visual_tokens.to(self.device), stop,
                             max_new_tokens=min(int(max_new_tokens), context - length), temperature=float(temperature),
                             top_p=float(top_p))

@@ -1000,6 +1000,12 @@ def test_a_refused_question_is_not_kept_in_the_conversation(app_module, ct_nifti
         assert [message["content"] for message in session.messages][0::2] == ["Where is the lesion?"]
     with pytest.warns(UserWarning, match="Type a question about the scan first"):  # Enter on an empty box
         assert list(app_module.chat("   ", session, 8, 0.0, 1.0))[-1][1] == ""
+    # A conversation too long for the model's context: the refusal says how to start again on this page
+    held = session.messages
+    session.messages = [{"role": role, "content": "liver lesion " * 300} for role in ("user", "assistant") * 2]
+    with pytest.warns(UserWarning, match=r"start a new conversation with the chat's bin icon, or Clear all\.$"):
+        list(app_module.chat("Where is it?", session, 8, 0.0, 1.0))
+    session.messages = held
     history = list(app_module.chat("Which organ is abnormal?", session, 8, 0.0, 1.0))[-1][0]
     assert [message["content"] for message in history][0::2] == ["Where is the lesion?", "Which organ is abnormal?"]
 
