@@ -217,6 +217,7 @@ class ScanSession:
     # says so; the model is given role and content only)
     messages: list[dict] = field(default_factory=list)
     answering: dict | None = None  # the answer in `messages` being written, marked stopped if Stop comes first
+    unbegun: dict | None = None  # the answer in `messages` asked for and not begun yet, marked stopped by Stop
     report: str = ""
     report_finished: bool = False  # whether `report` was written to its end (not stopped, cleared or cut off)
     report_cut_off: int = 0  # the new-token limit the report reached before its end (0: it did not)
@@ -840,7 +841,7 @@ def encode_scan(session: ScanSession | None):
         if _scan_replaced(session, volume):
             return gr.skip(), gr.skip(), gr.skip()
         session.unreadable = error.message
-        gr.Warning(error.message)
+        gr.Warning(sentence(error.message))
         return f"⚠️ {sentence(error.message)}.", gr.skip(), gr.skip()
     if _scan_replaced(session, volume):
         return gr.skip(), gr.skip(), gr.skip()
@@ -939,9 +940,12 @@ def _writing(session: ScanSession | None, event: str):
             session.writing = ("", 0)
 
 
-def stop_button_state(session: ScanSession | None) -> dict:
-    """The Stop button after a report or an answer ended, or after Stop or Clear: enabled while another is being
-    written for the session or waits to be, else disabled (there is nothing to stop)."""
+def stop_button_state(session: ScanSession | None, ended: str = "") -> dict:
+    """The Stop button after a report or an answer ended (asked for by the page's event `ended`), or after Stop or
+    Clear: enabled while another is being written for the session or waits to be, else disabled (there is nothing
+    to stop). The page holds `ended` no more: a press of its button it dropped meanwhile waits for nothing."""
+    if session is not None and ended:
+        session.waiting.discard(ended)
     return gr.update(interactive=session is not None and (session.generating or bool(session.waiting)))
 
 
@@ -965,13 +969,17 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
         session.report, session.report_finished, session.report_cut_off = "", False, 0
         withdrawn = report_download(None)  # the previous report's download is withdrawn while this one streams
         stop = threading.Event()
-        for chunk in _stream(session, volume, None, stop, max_new_tokens, temperature, top_p):
-            if isinstance(chunk, CutOff):
-                session.report_cut_off = chunk.limit
-                continue
-            session.report += chunk
-            yield session.report, withdrawn
-            withdrawn = gr.skip()
+        try:
+            for chunk in _stream(session, volume, None, stop, max_new_tokens, temperature, top_p):
+                if isinstance(chunk, CutOff):
+                    session.report_cut_off = chunk.limit
+                    continue
+                session.report += chunk
+                yield session.report, withdrawn
+                withdrawn = gr.skip()
+        except gr.Error as error:  # refused with a sentence (a blank scan, settings out of range): in the report
+            yield f"*⚠️ {sentence(error.message)}.*", withdrawn  # box, where the visitor looks (as `_no_scan`)
+            return
         if _scan_replaced(session, volume) or session.cleared != cleared:
             yield REPORT_PLACEHOLDER, report_download(None)
             return
@@ -1009,10 +1017,12 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
         session.messages.append(asked)
         history = [{"role": message["role"], "content": message["content"]} for message in session.messages]
         session.messages.append(answer)  # kept as it grows: what Stop shows, even before this handler sees the stop
+        session.unbegun = answer
         refused, finished, stop = False, False, threading.Event()
         try:
             for chunk in _stream(session, volume, history, stop, max_new_tokens, temperature, top_p):
                 session.answering = answer  # only now: starting, the stream stopped the generation before it
+                session.unbegun = None
                 if isinstance(chunk, CutOff):
                     answer["cut_off"] = chunk.limit
                 answer["content"] += chunk
@@ -1025,6 +1035,8 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
         finally:  # a stopped answer stays as far as it got, marked; a conversation cleared or about a replaced scan
             if session.answering is answer:  # ... is gone
                 session.answering = None
+            if session.unbegun is answer:
+                session.unbegun = None
             if session.volume is volume and session.chat_cleared == cleared:
                 if refused:
                     session.messages = [message for message in session.messages  # by identity: the same question
@@ -1103,9 +1115,8 @@ def stop_generation(session: ScanSession | None, waiting_cancelled: bool = True)
     if session is not None and waiting_cancelled:  # ... and the page holds none of them any more
         session.waiting.clear()
         session.writing = ("", 0)
-        for message in session.messages:  # an answer not begun yet says so at once (its handler may end later)
-            if message["role"] == "assistant" and not message["content"]:
-                message["stopped"] = True
+        if session.unbegun is not None:  # an answer not begun yet says so at once (its handler may end later)
+            session.unbegun["stopped"] = True
     # Gone at once, not when its handler ends (cancelled, that may be later): Stop is disabled after it
     event = _STOP_EVENTS.pop(session.stop_key, None) if session is not None else None  # (or it ended meanwhile)
     if event is not None:
@@ -1450,9 +1461,10 @@ def _wire_assistant(page: SimpleNamespace) -> None:
                                           [chatbot, question], api_name="chat_suggested", api_visibility="private",
                                           **MODEL_EVENT)
     running = [report_event, *chat_events, suggestion_event]
-    for written in running:  # ended, or failed (the page runs no .then after an error)
-        for after in (written.then, written.failure):
-            after(stop_button_state, session, stop_button, queue=False, api_visibility="private")
+    for written, event in zip(running, ("report", "chat", "chat_submit", "chat_suggested"), strict=True):
+        for after in (written.then, written.failure):  # ended, or failed (the page runs no .then after an error)
+            after(functools.partial(stop_button_state, ended=event), session, stop_button, queue=False,
+                  api_visibility="private")
     # Stop and Clear cancel what runs or waits, then show what the session holds: queued behind the cancelled
     # events' last chunks (one stream per page), so that no chunk sent before the cancel stays on the page.
     conversation = [chatbot, page.report, page.download]

@@ -130,7 +130,7 @@ def _read_typed_window(window: object) -> tuple[TypedWindow | None, str]:
         return None, "a width/level takes two numbers" if _SIGNED_ONLY.fullmatch(text) else ""
     least, most = TYPED_WINDOW_LIMITS
     if width < least:
-        return None, "its width must be more than 0"
+        return None, f"its width must be at least {least:g}"
     if not (width <= most and abs(level) + width / 2 <= most):
         return None, f"no scan's values lie more than {most:,.0f} from 0"
     low, high = level - width / 2, level + width / 2
@@ -154,8 +154,12 @@ def typed_window_example(modality: str, short: bool = False, values: tuple[float
     M3D .npy's values run 0 to 1 and a PET's in Bq/mL to thousands; else SUV 0-6 for a PET, 100-800 for another."""
     if modality == "CT":
         return "W/L: 350/50" if short else "a width/level such as 350/50"
-    low, high = _rounded_range(*values) if values else (0, 6) if modality == "PT" else (100, 800)
+    default = (0, 6) if modality == "PT" else (100, 800)
+    low, high = _rounded_range(*values) if values else default
     span, width_level = f"{low:g}-{high:g}", f"{high - low:g}/{(low + high) / 2:g}"
+    if typed_window(span) is None or typed_window(width_level) is None:  # no advice the box would refuse (1e-07)
+        low, high = default
+        span, width_level = f"{low:g}-{high:g}", f"{high - low:g}/{(low + high) / 2:g}"
     if modality == "PT":
         return (f"a range: {span} inverted" if short else
                 f"a range such as {span} ({span} inverted: uptake dark on white), or a width/level such as "

@@ -169,7 +169,7 @@ def test_a_window_typed_as_width_and_level_shows_those_values(marked_ct):
     # ... and where it was typed as a window, the refusal says what was wrong with it
     for typed, why in (("1 500", "one number with a thousands space, or a width and a level? type the width/level "
                                  "with a slash"),
-                       ("0/40", "its width must be more than 0"), ("40", "a width/level takes two numbers"),
+                       ("0/40", "its width must be at least 0.001"), ("40", "a width/level takes two numbers"),
                        ("240-160", "a range goes from the lowest value to the highest"),
                        ("400/" + "9" * 40, "no scan's values lie more than 1,000,000 from 0")):
         with pytest.raises(UserInputError, match=re.escape(f"({why}) for this CT scan")):
@@ -192,6 +192,9 @@ def test_what_to_type_for_a_window_is_a_range_of_the_scans_own_values():
     becquerels = _volume(data * 20_000, spacing=(2.0, 2.0, 2.0), modality="PT")
     assert window_box_label("PT", window_limits(becquerels, "auto")) == "Window (or type a range: 0-20000 inverted)"
     assert window_box_label("CT") == "Window (or type W/L: 350/50)"
+    # no advice the box would refuse: values too small for a typed window get the usual example
+    tiny = _volume(data * 1e-6, spacing=(1.0, 1.0, 1.0), modality="MR")
+    assert window_box_label("MR", window_limits(tiny, "auto")) == "Window (or type a range: 100-800)"
 
 
 def test_a_typed_window_that_shows_the_scan_flat_says_so_and_what_would_show_it():
