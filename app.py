@@ -1275,7 +1275,7 @@ def _scan_column(page: SimpleNamespace) -> None:
     examples = [example_label(path) for path in list_examples()]
     # Folded once a scan is read: on a laptop screen the viewer and its controls then fit above the fold.
     with gr.Accordion(SCAN_SOURCE_OPEN, open=True, elem_id="scan-source") as page.scan_source:
-        page.upload = gr.File(label="Scan: NIfTI, .npy, DICOM files or a .zip", file_count="multiple", height=110,
+        page.upload = gr.File(label="Scan: NIfTI, .npy, DICOM or a .zip", file_count="multiple", height=110,
                               elem_id="scan-upload")
         # The examples on one line under the drop zone, not in a column beside it
         with gr.Row(equal_height=False, elem_id="scan-inputs"):
