@@ -399,8 +399,9 @@ def example_label(path: Path) -> str:
 
 def example_truth(path: Path, slices: int) -> str:
     """The findings report an example phantom was made with (assets/examples/examples.json), and the axial slice
-    through each lesion's centre, counted from 1 at the feet of the `slices` the viewer shows; "" for a scan not
-    listed. A lesion whose entry is not as expected is left out, not the report."""
+    through each lesion's centre, counted from 1 at the feet of the `slices` the viewer shows, as a link that shows
+    it (viewer.js, `jump_to_linked_slice`); "" for a scan not listed. A lesion whose entry is not as expected is left
+    out, not the report."""
     try:
         entry = json.loads((EXAMPLES_DIR / "examples.json").read_text(encoding="utf-8")).get(path.name, {})
     except (OSError, ValueError, AttributeError):
@@ -411,9 +412,9 @@ def example_truth(path: Path, slices: int) -> str:
     for lesion in entry.get("lesions") or []:
         try:
             place = " ".join(str(part) for part in (lesion.get("side"), lesion.get("level")) if part)
+            number = round(lesion["center_voxel"][0]) + 1
             where.append(f"- {lesion['kind']}, {lesion['diameter_mm']:.0f} mm, {lesion['organ']}"
-                         f"{f' ({place})' if place else ''}: axial slice {round(lesion['center_voxel'][0]) + 1} "
-                         f"of {slices}")
+                         f"{f' ({place})' if place else ''}: [axial slice {number}](#axial-{number}) of {slices}")
         except (KeyError, IndexError, TypeError, ValueError, AttributeError):
             continue
     report = str(entry.get("report", ""))
@@ -806,6 +807,13 @@ def find_mip_spot(session: ScanSession | None, spot: object, window: str | None)
     z, y, x = voxel
     session.shown_slices.update(coronal=y + 1, sagittal=x + 1)
     return jump_to_axial(session, z + 1, window)
+
+
+def jump_to_linked_slice(session: ScanSession | None, link: object, window: str | None):
+    """Show the axial slice a link on the page names (an example's true findings: viewer.js writes "number count",
+    the count making the same link clicked again a change). Returns (plane, slider, slice view)."""
+    number = link.split()[0] if isinstance(link, str) and link.split() else None
+    return jump_to_axial(session, number, window)
 
 
 def jump_to_axial(session: ScanSession | None, number: object, window: str | None):
@@ -1308,8 +1316,10 @@ def _scan_column(page: SimpleNamespace) -> None:
                 # click the green marks under the image.
                 page.kept = gr.Dropdown([], value=None, label="Kept slices (axial)", scale=1, min_width=190,
                                         elem_id="kept-slices", interactive=True)
-            # Where viewer.js puts a spot clicked on the MIP (find_mip_spot): on the page, not shown.
+            # Where viewer.js puts a spot clicked on the MIP (find_mip_spot), and a slice linked in the true
+            # findings (jump_to_linked_slice): on the page, not shown.
             page.mip_spot = gr.Textbox(None, visible="hidden", elem_id="mip-spot")
+            page.linked_slice = gr.Textbox(None, visible="hidden", elem_id="linked-slice")
         with gr.Tab("3D", id="3d"):
             page.threshold = gr.Slider(-1000, 2000, value=300, label="Surface threshold", interactive=False,
                                        elem_id="threshold-slider", buttons=[])
@@ -1430,6 +1440,9 @@ def _wire_viewer(page: SimpleNamespace) -> None:
     # .change: a hidden textbox sends no .input for viewer.js's event (its count makes each click a change)
     page.mip_spot.change(find_mip_spot, [session, page.mip_spot, window], [plane, slider, view],
                          api_name="find_mip_spot", preprocess=False, **VIEWER_EVENT)
+    page.linked_slice.change(jump_to_linked_slice, [session, page.linked_slice, window], [plane, slider, view],
+                             api_name="jump_to_linked_slice", api_visibility="private", preprocess=False,
+                             **VIEWER_EVENT).then(None, js=FOCUS_VIEWER)
     # Dragging, the number box (Enter) and the arrow keys all redraw; while one redraw runs, only the last value
     # asked for waits.
     page.threshold.input(redraw_3d, [session, page.threshold], [page.plot, page.threshold], api_name="show_3d",

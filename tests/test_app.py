@@ -603,7 +603,8 @@ def test_an_examples_true_findings_name_the_slice_through_each_lesions_centre(ap
     for name, entry in truths.items():
         volume = load_volume(ROOT / "assets" / "examples" / name)
         truth = app_module.example_truth(ROOT / "assets" / "examples" / name, volume.shape[0])
-        named_slices = [int(number) for number in re.findall(r"axial slice (\d+) of (?:\d+)", truth)]
+        # each a link that shows it (viewer.js writes "number count" into a hidden box)
+        named_slices = [int(number) for number in re.findall(r"\[axial slice (\d+)\]\(#axial-\1\) of \d+", truth)]
         assert len(named_slices) == len(entry["lesions"]) > 0, truth
         for lesion, number in zip(entry["lesions"], named_slices, strict=True):
             _, y, x = (round(c) for c in lesion["center_voxel"])
@@ -615,6 +616,11 @@ def test_an_examples_true_findings_name_the_slice_through_each_lesions_centre(ap
             while high < len(shows) - 1 and shows[high + 1]:
                 high += 1
             assert abs((low + high) / 2 - (number - 1)) <= 0.5, (name, lesion["kind"], number, low, high)
+    session, _ = loaded(app_module, [ROOT / "assets" / "examples" / name])
+    plane, slider, view = app_module.jump_to_linked_slice(session, f"{number} 3", "auto")
+    assert plane == "axial" and slider["value"] == number and f"Axial {number} / " in view
+    assert app_module.jump_to_linked_slice(session, "", "auto") == (gr.skip(), gr.skip(), gr.skip())
+    session.release()
 
 
 def test_a_scan_read_as_another_modality_starts_again_as_that_modality(app_module, tmp_path, monkeypatch):

@@ -395,6 +395,25 @@ def test_a_scan_the_model_cannot_read_offers_no_report_and_a_report_that_fails_l
     page.close()
 
 
+def test_a_slice_named_in_an_examples_true_findings_opens_with_a_click(browser, server):  # noqa: F811
+    """Checking the report against the truth: "axial slice N" in an example's true findings is a link that shows that
+    slice in the viewer, whatever plane it showed."""
+    page = browser.new_page(viewport=LAPTOP)
+    page.set_default_timeout(60_000)
+    page.goto(server)
+    page.locator("#examples").get_by_text("ct chest abdomen").click()
+    page.locator("#status-line", has_text="Ready").wait_for()
+    page.get_by_label("coronal", exact=True).check()
+    page.locator("#slice-view", has_text="Coronal").wait_for()
+    page.get_by_text("True findings of this example").click()
+    link = page.locator('#example-truth a[href^="#axial-"]').first
+    number = link.get_attribute("href").removeprefix("#axial-")
+    link.click()
+    page.locator("#slice-view", has_text=f"Axial {number} /").wait_for()
+    assert page.get_by_label("axial", exact=True).is_checked() and page.url.endswith("/")  # no navigation
+    page.close()
+
+
 def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):  # noqa: F811
     """The rotating MIP as nuclear medicine watches it: its button turns it frame after frame, a key hands the
     viewer back to the reader where it stands (the arrows then step, and go round past the first frame), and

@@ -373,6 +373,22 @@
     findSpot(image, point.y / image.naturalHeight, point.x / image.naturalWidth);
   });
 
+  // A slice linked in an example's true findings ("axial slice 56", href #axial-56) is shown, as a pick from the kept
+  // slices is: through a hidden box the app answers (its jump_to_linked_slice); on a phone the viewer, above the
+  // findings, comes into view.
+  let linkClicks = 0;
+  document.addEventListener("click", (event) => {
+    const link = event.target.closest && event.target.closest('#example-truth a[href^="#axial-"]');
+    const box = document.querySelector("#linked-slice textarea");
+    if (!link || !box) return;
+    event.preventDefault();
+    linkClicks += 1;
+    box.value = `${link.getAttribute("href").slice("#axial-".length)} ${linkClicks}`;
+    box.dispatchEvent(new Event("input", {bubbles: true}));
+    const viewer = document.querySelector("#slice-view");
+    if (viewer && matchMedia("(max-width: 640px)").matches) viewer.scrollIntoView({behavior: "smooth", block: "center"});
+  }, true);
+
   // The keyboard's way to a spot on the MIP: Enter shows a pointer (a ring) in the middle of the image, or where it
   // last was; the arrows move it (a fiftieth of the image a press, a tenth with Shift), Enter finds the spot under
   // it as a click there would, and Escape puts it away. Meanwhile the arrows do not turn the MIP.
