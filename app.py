@@ -1244,6 +1244,8 @@ VIEWER_SCRIPT = (ASSETS_DIR / "app" / "viewer.js").read_text(encoding="utf-8")
 FOCUS_VIEWER = "() => { document.querySelector('#slice-view')?.focus(); }"  # its keys then step through the slices
 # ... after a load, only where the focus was lost (the page does not scroll to the viewer: on a phone the report
 # button comes first), and not after a file refused (the status line's ⚠️): the visitor picks another
+SHOW_VIEWER = ("() => { if (!document.querySelector('#status-line')?.innerText.includes('⚠️')) "
+               "document.querySelector('#viewer-tabs')?.scrollIntoView({behavior: 'smooth', block: 'start'}); }")
 FOCUS_VIEWER_IF_LOST = ("() => { const focused = document.activeElement; "
                         "if (document.querySelector('#status-line')?.innerText.includes('⚠️')) return; "
                         "if (!focused || focused === document.body || focused.closest('#scan-source')) "
@@ -1400,6 +1402,7 @@ def _wire_loads(page: SimpleNamespace) -> None:
                                          api_name="change_modality", preprocess=False, **loading)
     for loaded in loads.values():  # the button or box used is folded away: the keys go to the viewer
         loaded.then(None, js=FOCUS_VIEWER_IF_LOST)
+    loads["modality"].then(None, js=SHOW_VIEWER)  # the box is a scroll below it: the scan as read now comes in view
     loads["scan"].then(empty_upload, None, page.upload, api_visibility="private", **VIEWER_EVENT)
     encodes = []
     for kind, loaded in loads.items():  # after any load: encode and draw; the upload's chain is the API's

@@ -365,6 +365,9 @@ def test_the_modality_box_entered_and_left_does_not_read_the_scan_again(browser,
     page.get_by_role("option", name="PET", exact=False).click()
     page.locator("#status-line", has_text="axial slices. Generate").wait_for()  # a PET's: it opens on its MIP
     assert len(reads) == 2 and page.get_by_label("MIP", exact=True).is_checked()
+    # ... and the page scrolls up from the box to the viewer, which shows the scan as read now
+    page.wait_for_function("() => { const top = document.querySelector('#viewer-tabs').getBoundingClientRect().top; "
+                           "return top >= -1 && top < 100; }")
     page.close()
 
 
