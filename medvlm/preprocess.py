@@ -154,12 +154,12 @@ def typed_window_example(modality: str, short: bool = False, values: tuple[float
     M3D .npy's values run 0 to 1 and a PET's in Bq/mL to thousands; else SUV 0-6 for a PET, 100-800 for another."""
     if modality == "CT":
         return "W/L: 350/50" if short else "a width/level such as 350/50"
-    default = (0, 6) if modality == "PT" else (100, 800)
-    low, high = _rounded_range(*values) if values else default
-    span, width_level = f"{low:g}-{high:g}", f"{high - low:g}/{(low + high) / 2:g}"
-    if typed_window(span) is None or typed_window(width_level) is None:  # no advice the box would refuse (1e-07)
-        low, high = default
-        span, width_level = f"{low:g}-{high:g}", f"{high - low:g}/{(low + high) / 2:g}"
+    def written(low: float, high: float) -> tuple[str, str]:  # as a range, and as width/level
+        return f"{low:g}-{high:g}", f"{high - low:g}/{(low + high) / 2:g}"
+
+    span, width_level = written(*_rounded_range(*values)) if values else ("", "")
+    if typed_window(span) is None or typed_window(width_level) is None:  # none given, or one the box would refuse
+        span, width_level = written(*((0, 6) if modality == "PT" else (100, 800)))
     if modality == "PT":
         return (f"a range: {span} inverted" if short else
                 f"a range such as {span} ({span} inverted: uptake dark on white), or a width/level such as "
