@@ -1244,10 +1244,10 @@ VIEWER_SCRIPT = (ASSETS_DIR / "app" / "viewer.js").read_text(encoding="utf-8")
 FOCUS_VIEWER = "() => { document.querySelector('#slice-view')?.focus(); }"  # its keys then step through the slices
 # ... after a load, only where the focus was lost (the page does not scroll to the viewer: on a phone the report
 # button comes first), and not after a file refused (the status line's ⚠️): the visitor picks another
-SHOW_VIEWER = ("() => { if (!document.querySelector('#status-line')?.innerText.includes('⚠️')) "
+LOAD_REFUSED = "document.querySelector('#status-line')?.innerText.includes('⚠️')"  # a JS test: the status line warns
+SHOW_VIEWER = (f"() => {{ if (!{LOAD_REFUSED}) "
                "document.querySelector('#viewer-tabs')?.scrollIntoView({behavior: 'smooth', block: 'start'}); }")
-FOCUS_VIEWER_IF_LOST = ("() => { const focused = document.activeElement; "
-                        "if (document.querySelector('#status-line')?.innerText.includes('⚠️')) return; "
+FOCUS_VIEWER_IF_LOST = (f"() => {{ const focused = document.activeElement; if ({LOAD_REFUSED}) return; "
                         "if (!focused || focused === document.body || focused.closest('#scan-source')) "
                         "document.querySelector('#slice-view')?.focus({preventScroll: true}); }")
 

@@ -108,6 +108,20 @@
     moveTo(input, value);
   });
 
+  // A phone's width, where page.css lays the page out in one column.
+  const onPhone = () => matchMedia("(max-width: 640px)").matches;
+
+  // A value for the app, through a hidden box on the page whose .change it answers (a MIP's spot, a linked slice):
+  // a count after it makes the same value sent again a change too.
+  let sent = 0;
+  const tellApp = (boxId, value) => {
+    const box = document.querySelector(`${boxId} textarea`);
+    if (!box) return;
+    sent += 1;
+    box.value = `${value} ${sent}`;
+    box.dispatchEvent(new Event("input", {bubbles: true}));
+  };
+
   // Tab from a list box (Gradio's dropdown: the window, the kept slices, the modality) goes on to the next control, as
   // from any other: the kept slices' own list took the Tab and closed, and the focus fell to the page.
   const tabStops = () => [...document.querySelectorAll("button, input, textarea, select, a[href], [tabindex]")]
@@ -131,7 +145,7 @@
   document.addEventListener("click", (event) => {
     const button = event.target.closest && event.target.closest("#report-button");
     const report = document.querySelector("#report-box");
-    if (!button || button.disabled || !report || !matchMedia("(max-width: 640px)").matches) return;
+    if (!button || button.disabled || !report || !onPhone()) return;
     report.scrollIntoView({behavior: "smooth", block: "start"});
   });
 
@@ -357,13 +371,8 @@
   // A spot clicked on the MIP is found in the slices (the app's find_mip_spot): the frame and where on it the click
   // fell (fractions of the image's height and width) go to a box on the page that the app answers when it changes;
   // a count of the clicks after them makes the same spot clicked again a change too.
-  let spotClicks = 0;
   const findSpot = (image, down, across) => {  // down, across: fractions of the MIP's height and width
-    const box = document.querySelector("#mip-spot textarea");
-    if (!box) return;
-    spotClicks += 1;
-    box.value = `${image.dataset.slice} ${down} ${across} ${spotClicks}`;
-    box.dispatchEvent(new Event("input", {bubbles: true}));
+    tellApp("#mip-spot", `${image.dataset.slice} ${down} ${across}`);
   };
   document.addEventListener("click", (event) => {
     const image = event.target.closest && event.target.closest("#slice-view .slice-image[data-spot-click]");
@@ -376,17 +385,13 @@
   // A slice linked in an example's true findings ("axial slice 56", href #axial-56) is shown, as a pick from the kept
   // slices is: through a hidden box the app answers (its jump_to_linked_slice); on a phone the viewer, above the
   // findings, comes into view.
-  let linkClicks = 0;
   document.addEventListener("click", (event) => {
     const link = event.target.closest && event.target.closest('#example-truth a[href^="#axial-"]');
-    const box = document.querySelector("#linked-slice textarea");
-    if (!link || !box) return;
+    if (!link) return;
     event.preventDefault();
-    linkClicks += 1;
-    box.value = `${link.getAttribute("href").slice("#axial-".length)} ${linkClicks}`;
-    box.dispatchEvent(new Event("input", {bubbles: true}));
+    tellApp("#linked-slice", link.getAttribute("href").slice("#axial-".length));
     const viewer = document.querySelector("#slice-view");
-    if (viewer && matchMedia("(max-width: 640px)").matches) viewer.scrollIntoView({behavior: "smooth", block: "center"});
+    if (viewer && onPhone()) viewer.scrollIntoView({behavior: "smooth", block: "center"});
   }, true);
 
   // The keyboard's way to a spot on the MIP: Enter shows a pointer (a ring) in the middle of the image, or where it
