@@ -230,6 +230,9 @@ class ScanSession:
     # started (`asked_to_write`), and the one whose handler runs (the event, a key of that run; `_writing`)
     waiting: set[str] = field(default_factory=set)
     writing: tuple[str, int] = ("", 0)
+    # Those of them that Stop or Clear withdrew before the page had sent their request (it sends it a moment after
+    # `asked_to_write` returns, and a cancel cannot reach a request not sent yet): "stopped" or "cleared"
+    withdrawn: dict[str, str] = field(default_factory=dict)
     threshold_range: tuple[float, float] = (-math.inf, math.inf)  # the 3D threshold slider's, for this scan
     threshold: float | None = None  # the threshold the 3D surface was last drawn at
     shown_slices: dict[str, int] = field(default_factory=dict)  # plane → the slice (from 1) last shown in it
@@ -928,6 +931,7 @@ def asked_to_write(event: str, session: ScanSession | None) -> dict:
         return gr.skip()
     if event in session.waiting or session.writing[0] == event:
         return gr.skip()
+    session.withdrawn.pop(event, None)  # a request Stop withdrew was cancelled after all: this press is a new one
     session.waiting.add(event)
     return gr.update(interactive=True)
 
@@ -967,7 +971,7 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
     a request for a scan since replaced changes nothing. `asked_by`: the page's event that asked (`asked_to_write`).
     """
     with _writing(session, asked_by):
-        if _asked_about_another_scan(session, scan_token):
+        if _withdrawn(session, asked_by) or _asked_about_another_scan(session, scan_token):
             yield gr.skip(), gr.skip()
             return
         if session is None or session.volume is None:  # said in the report box, where the visitor looks
@@ -1008,8 +1012,14 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
     `generate_report`.
     """
     with _writing(session, asked_by):
-        if _asked_about_another_scan(session, scan_token):
-            yield gr.skip(), gr.skip()
+        withdrawn, another_scan = _withdrawn(session, asked_by), _asked_about_another_scan(session, scan_token)
+        if withdrawn or another_scan:
+            if withdrawn == "stopped" and not another_scan and (question or "").strip():  # as if Stop came as it began
+                session.messages += [{"role": "user", "content": question.strip()},
+                                     {"role": "assistant", "content": "", "stopped": True}]
+                yield chat_view(session), ""
+            else:
+                yield gr.skip(), gr.skip()
             return
         question = (question or "").strip()
         if session is None or session.volume is None:
@@ -1121,6 +1131,7 @@ def stop_generation(session: ScanSession | None, waiting_cancelled: bool = True)
     is marked stopped at once (what the page shows after Stop). `waiting_cancelled`: the reports and answers
     waiting in the queue were cancelled too (Stop and Clear cancel them), and will not start."""
     if session is not None and waiting_cancelled:  # ... and the page holds none of them any more
+        session.withdrawn.update(dict.fromkeys(session.waiting, "stopped"))  # (or sends them after Stop)
         session.waiting.clear()
         session.writing = ("", 0)
         if session.unbegun is not None:  # an answer not begun yet says so at once (its handler may end later)
@@ -1131,6 +1142,13 @@ def stop_generation(session: ScanSession | None, waiting_cancelled: bool = True)
         event.set()
         if session.answering is not None:
             session.answering["stopped"] = True
+
+
+def _withdrawn(session: ScanSession | None, event: str) -> str:
+    """Whether Stop ("stopped") or Clear ("cleared") came between the press that asked the page's `event` for a
+    report or an answer and the page sending its request (a moment, too soon for their cancel to reach it): it is
+    then not written. "" otherwise, and for an API client, which asks without `asked_to_write`."""
+    return session.withdrawn.pop(event, "") if session is not None else ""
 
 
 def _asked_about_another_scan(session: ScanSession | None, scan_token: str | None) -> bool:
@@ -1182,6 +1200,7 @@ def clear_conversation(session: ScanSession | None):
     """Forget the report and the conversation; the scan stays. Returns (chatbot, report, download)."""
     if session is not None:
         stop_generation(session)
+        session.withdrawn = dict.fromkeys(session.withdrawn, "cleared")
         session.messages, session.report, session.cleared = [], "", session.cleared + 1
         session.chat_cleared += 1
         session.delete_files()

@@ -769,6 +769,38 @@ def test_stop_before_an_answer_began_says_it_was_stopped(app_module, ct_nifti):
                                              {"role": "assistant", "content": "[stopped before the answer began]"}]
 
 
+def test_stop_or_clear_just_after_a_press_withdraws_the_request_the_page_sends_after_them(app_module, ct_nifti):
+    """The page sends a question's request a moment after its first step (`asked_to_write`) returns, too late for
+    a Stop or Clear pressed meanwhile to cancel it: that question is not answered. After Stop it shows as stopped
+    before its answer began; after Clear the conversation stays empty and the report unwritten."""
+    session, _ = loaded(app_module, [ct_nifti])
+    app_module.asked_to_write("chat_submit", session)
+    app_module.stop_generation(session)  # Stop, before the page sent the question
+    list(app_module.chat("Is there a lesion?", session, 16, 0.0, 1.0, asked_by="chat_submit"))
+    assert app_module.chat_view(session) == [{"role": "user", "content": "Is there a lesion?"},
+                                             {"role": "assistant", "content": "[stopped before the answer began]"}]
+    assert not app_module.stop_button_state(session, ended="chat_submit")["interactive"]
+    app_module.asked_to_write("chat_submit", session)  # asked again: answered
+    list(app_module.chat("Is there a lesion?", session, 16, 0.0, 1.0, asked_by="chat_submit"))
+    assert app_module.chat_view(session)[-1]["content"].strip()
+    assert "stopped" not in session.messages[-1]
+    app_module.asked_to_write("report", session)
+    app_module.asked_to_write("chat", session)
+    app_module.clear_conversation(session)  # Clear all, before the page sent either
+    assert list(app_module.generate_report(session, 16, 0.0, 1.0)) == [(gr.skip(), gr.skip())]
+    list(app_module.chat("Is there a lesion?", session, 16, 0.0, 1.0, asked_by="chat"))
+    assert session.report == "" and app_module.chat_view(session) == []
+    app_module.asked_to_write("chat", session)
+    app_module.stop_generation(session)  # withdrawn, and then cancelled after all: the next press is answered
+    app_module.asked_to_write("chat", session)
+    list(app_module.chat("Is there a lesion?", session, 16, 0.0, 1.0, asked_by="chat"))
+    assert app_module.chat_view(session)[-1]["content"].strip() and "stopped" not in session.messages[-1]
+    # An API client asks without the page's first step: Stop before its request withdraws nothing
+    app_module.stop_generation(session)
+    list(app_module.chat("Is there a lesion?", session, 16, 0.0, 1.0))
+    assert "stopped" not in session.messages[-1]
+
+
 def test_a_button_pressed_again_while_its_request_is_pending_leaves_stop_to_end_with_it(app_module, ct_nifti):
     """Gradio sends a button's event once until it ends: Generate report (or Ask) pressed again while its report
     waits or streams asks for nothing, and Stop is disabled once the one report is written. A question asked by
