@@ -98,12 +98,15 @@ SCAN_SOURCE_FOLDED = "Load another scan"  # once a scan is read, which then need
 OUT_OF_MEMORY = "The server ran out of memory reading this scan; try again in a few minutes, or with a smaller scan"
 SESSION_FOLDER_PREFIX = "medvlm-session-"  # a session's own folder in the upload folder (its report download)
 REPORT_PLACEHOLDER = "*The report appears here: press **Generate report**.*"
-REPORT_STOPPED = "\n\n*Stopped: this report is incomplete.*"
+# Only a whole report is offered for download, with the page's caveat at its top: a part of one, passed on, could be
+# read as all the model found. The incomplete one says so, and how to get a whole one.
+REPORT_STOPPED = ("\n\n*Stopped: this report is incomplete. Only a whole report can be downloaded: press Generate "
+                  "report for one.*")
 ANSWER_STOPPED = " … [stopped: this answer is incomplete]"  # the chat shows text as typed, not Markdown
 ANSWER_STOPPED_UNBEGUN = "[stopped before the answer began]"
 # An answer that reached its Max new tokens before its end: {limit} is that number.
-REPORT_CUT_OFF = ("\n\n*Cut off at the limit of {limit} new tokens: this report is incomplete; raise Max new "
-                  "tokens under Generation settings for the whole report.*")
+REPORT_CUT_OFF = ("\n\n*Cut off at the limit of {limit} new tokens: this report is incomplete. Only a whole report "
+                  "can be downloaded: raise Max new tokens under Generation settings.*")
 ANSWER_CUT_OFF = " … [cut off at the limit of {limit} new tokens]"
 
 

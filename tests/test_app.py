@@ -1466,7 +1466,8 @@ def test_a_stopped_report_says_it_is_incomplete_and_is_not_offered_for_download(
     assert download == {"__type__": "update", "value": None, "interactive": False}  # the old report's download goes
     app_module.stop_generation(session)  # what the Stop button does besides cancelling the event
     text, download = list(stream)[-1]
-    assert text.startswith(first_text) and text.endswith("*Stopped: this report is incomplete.*")
+    assert text.startswith(first_text) and text.endswith(app_module.REPORT_STOPPED)
+    assert "Only a whole report can be downloaded" in text  # why there is no download
     assert download["interactive"] is False
 
 
