@@ -29,6 +29,7 @@ STACK_COVERAGE = 0.9  # share of a series' positions that one echo, b-value or t
 TILT_NOTE_DEGREES = 0.5  # a slice step further than this from the slice normal is a tilted gantry
 GAP_TOLERANCE = 0.1  # slice gaps within this share of the step are even
 POSITION_PRECISION_MM = 0.1  # ... and within this: some exporters round ImagePositionPatient to 0.1 mm
+WHOLE_MM_ROUNDING = 0.5  # ... and others to whole mm: positions this close to an even grid lie on it
 MAX_MISSING_IN_A_GAP = 2  # missing slices drawn from their neighbours in one gap; a wider gap is not filled
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")  # a picture of one image
 
@@ -441,15 +442,62 @@ def _slice_step(images: list[_DicomImage], step: float) -> tuple[np.ndarray, flo
     return vector * (step / along), tilt  # `step` along the normal, as the stack's slots are
 
 
-def _slice_slots(positions: np.ndarray) -> tuple[float, np.ndarray | None]:
-    """The slice step (mm) of a stack at these ascending positions along its normal, and each slice's place on
-    the even grid of that step: (step, slots), slot 0 for the first slice; slots None when the gaps are no
-    whole multiples of one step (the stack is drawn evenly at the median gap, and said to be).
+@dataclass(frozen=True)
+class _SliceGrid:
+    """The even grid a stack of slices is drawn on: `step` mm along the normal from one slot to the next, and each
+    slice's place on it, in steps from the first slice (whole numbers when the series is even: `even`)."""
 
-    A gap within GAP_TOLERANCE of the step, or within POSITION_PRECISION_MM of it (exporters that round
-    positions to 0.1 mm), is one step; about two or three steps, one or two missing slices (MAX_MISSING_IN_A_GAP:
-    a wider gap is left as it is, not filled with slices made up across it). The step is the least-squares fit
-    of the positions to their slots, its error a small fraction of the rounding.
+    step: float
+    places: np.ndarray
+    even: bool
+
+    @property
+    def size(self) -> int:
+        """How many slices the volume has on this grid (slot 0 at the first slice, the last at the last one)."""
+        return math.floor(self.places[-1] + self._snap) + 1
+
+    @property
+    def _snap(self) -> float:
+        """How far from a slot (in steps) a slice is drawn as the slot's own: 0 on an even grid, whose places are
+        whole; within the positions' precision on another."""
+        return 0.0 if self.even else min(0.25, POSITION_PRECISION_MM / self.step)
+
+    def draw(self, pixels: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """(slices, rows, columns) at `places` → every slot of the grid: a slice on a slot as it is, a slot between
+        two slices linearly interpolated from them by distance, and a slot in a gap wider than MAX_MISSING_IN_A_GAP
+        missing slices NaN (empty: `_fill_padding`), not made up across it. Returns (the grid's slices, how many
+        were interpolated, how many are empty)."""
+        if self.even and self.size == len(pixels):
+            return pixels, 0, 0
+        drawn = np.empty((self.size, *pixels.shape[1:]), dtype=pixels.dtype)
+        interpolated = empty = 0
+        for slot in range(self.size):
+            above = min(int(np.searchsorted(self.places, slot)), len(self.places) - 1)
+            nearest = min((above - 1, above), key=lambda index: abs(self.places[index] - slot)) if above else 0
+            if abs(self.places[nearest] - slot) <= self._snap:
+                drawn[slot] = pixels[nearest]
+                continue
+            below, gap = above - 1, self.places[above] - self.places[above - 1]
+            if gap > 1 + MAX_MISSING_IN_A_GAP + GAP_TOLERANCE:
+                drawn[slot], empty = np.nan, empty + 1
+                continue
+            weight = np.float32((slot - self.places[below]) / gap)
+            drawn[slot] = (1 - weight) * pixels[below] + weight * pixels[above]
+            interpolated += 1
+        return drawn, interpolated, empty
+
+
+def _slice_grid(positions: np.ndarray) -> _SliceGrid:
+    """The grid of a stack of slices at these ascending positions (mm) along its normal.
+
+    An even series: every gap within GAP_TOLERANCE of a whole number of steps, or within POSITION_PRECISION_MM
+    (exporters that round positions to 0.1 mm), or, positions in whole mm, every one within WHOLE_MM_ROUNDING of
+    the grid (and a quarter step); a gap of several steps has slices missing. The step is the
+    least-squares fit of the positions to their slots, its error a small fraction of the rounding. Any other
+    (a spacing that changes within the series, say 3 mm at the skull base and 6 mm above it) is drawn on a grid of
+    its finest gap (no finer than a quarter of its median gap; a little finer, so that its first and last slices lie
+    on it), every slice at its true position: stacked at one step, the slices past the change would lie tens of mm
+    from where they were taken.
     """
     gaps = np.diff(positions)
     median = float(np.median(gaps))
@@ -458,23 +506,15 @@ def _slice_slots(positions: np.ndarray) -> tuple[float, np.ndarray | None]:
         counted = np.maximum(np.rint(gaps / step), 1.0)
         slots = np.concatenate([[0.0], np.cumsum(counted)])
         step = float(np.polyfit(slots, positions, 1)[0])
-    even = np.all(np.abs(gaps - counted * step) <= GAP_TOLERANCE * step + POSITION_PRECISION_MM)
-    if not even or counted.max() > 1 + MAX_MISSING_IN_A_GAP:
-        return median, None
-    return step, slots.astype(int)
-
-
-def _fill_missing_slices(pixels: np.ndarray, slots: np.ndarray) -> np.ndarray:
-    """(slices, rows, columns) at `slots` of an even grid → every slot of it, an empty one linearly
-    interpolated from the slices on either side."""
-    filled = np.empty((int(slots[-1]) + 1, *pixels.shape[1:]), dtype=pixels.dtype)
-    for index, (below, above) in enumerate(pairwise(slots)):
-        filled[below] = pixels[index]
-        for slot in range(below + 1, above):
-            weight = np.float32((slot - below) / (above - below))
-            filled[slot] = (1 - weight) * pixels[index] + weight * pixels[index + 1]
-    filled[slots[-1]] = pixels[-1]
-    return filled
+    if np.all(np.abs(gaps - counted * step) <= GAP_TOLERANCE * step + POSITION_PRECISION_MM):
+        return _SliceGrid(step, slots, even=True)
+    off_grid = np.abs(positions - np.polyval(np.polyfit(slots, positions, 1), slots)).max()
+    whole_mm = np.allclose(positions, np.rint(positions), rtol=0.0, atol=1e-3)
+    if whole_mm and off_grid <= min(WHOLE_MM_ROUNDING + POSITION_PRECISION_MM, step / 4):  # 2.5 mm apart: 2 or 3
+        return _SliceGrid(step, slots, even=True)
+    extent = float(positions[-1] - positions[0])
+    step = extent / math.ceil(extent / max(float(gaps.min()), median / 4) - 1e-6)  # the first and last on slots
+    return _SliceGrid(step, (positions - positions[0]) / step, even=False)
 
 
 def _series_padding(images: list[_DicomImage]) -> tuple[int, int] | None:
@@ -574,9 +614,8 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     images, positions = _sorted_along_normal(stacked)
     rows, columns = images[0].size
     check_grid((len(images), rows, columns), name)
-    step, slots = _slice_slots(positions)
-    if slots is not None:
-        check_grid((int(slots[-1]) + 1, rows, columns), name)  # the missing slices drawn too
+    grid = _slice_grid(positions)
+    check_grid((grid.size, rows, columns), name)  # the missing slices drawn too
     pixels, padded = _read_pixels(images, rows, columns, name)
     if padded == pixels.size:
         raise VolumeError(f"{name}: every pixel of the series is marked as padding by its PixelPaddingValue, so it "
@@ -593,19 +632,25 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         value = _first(first.get(keyword)) if keyword in first else None
         if value is not None:
             meta[key] = value
-    gaps = np.diff(positions)
+    gaps, step = np.diff(positions), grid.step
     step_vector, tilt = _slice_step(images, step)
-    if slots is not None and slots[-1] + 1 > len(images):
-        pixels = _fill_missing_slices(pixels, slots)
-        missing = int(slots[-1] + 1 - len(images))
-        meta["missing_slices"] = missing
-        notes.append(f"{missing} slice(s) are missing from the series (gaps of up to {gaps.max():.3g} mm between "
+    pixels, interpolated, empty = grid.draw(pixels)
+    if grid.even and interpolated:
+        meta["missing_slices"] = interpolated
+        notes.append(f"{interpolated} slice(s) are missing from the series (gaps of up to {gaps.max():.3g} mm between "
                      f"slices {step:.3g} mm apart); each is drawn from its two neighbours, so that every slice "
                      "lies at its true position")
-    elif slots is None:
-        meta["uneven_gaps"] = (f"slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm; the volume is drawn "
-                               f"with an even {step:.3g} mm spacing, so distances along it are approximate")
+    elif not grid.even:
+        meta["uneven_gaps"] = (f"slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm; the series is drawn on "
+                               f"an even {step:.3g} mm grid with every slice at its true position, {interpolated} of "
+                               f"its {len(pixels)} slices drawn between their two neighbours")
         notes.append(meta["uneven_gaps"])
+    if empty:
+        meta["empty_slices"] = empty
+        wide = gaps[gaps > (1 + MAX_MISSING_IN_A_GAP + GAP_TOLERANCE) * step]
+        notes.append(f"the series has no slices across {len(wide)} gap(s) of up to {wide.max():.3g} mm; "
+                     f"{empty} slice(s) there are shown empty, at their true place, not made up from the slices "
+                     "on either side")
     if tilt is not None:
         meta["gantry_tilt_degrees"] = round(tilt, 2)
         notes.append(f"the slices were acquired with a {tilt:.1f}° gantry tilt and are shown as acquired, so "
@@ -625,7 +670,7 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         np.subtract(np.nanmax(pixels) + np.nanmin(pixels), pixels, out=pixels)
         notes.append("the series is stored with white at its lowest value (MONOCHROME1); its values are inverted "
                      "so that it shows as meant")
-    if padded:
+    if padded or empty:
         meta["padding_voxels"] = _fill_padding(pixels)
     if modality == "PT" and units in CONVERTIBLE_UNITS:  # read as PET is read: SUV, where the header allows
         factor, why_not = suv_factor(first)

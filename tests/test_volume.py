@@ -97,17 +97,56 @@ def test_a_missing_slice_is_drawn_from_its_neighbours_and_every_slice_keeps_its_
                                   "true position", "1 image(s) were in the upload twice; each is used once"]
 
 
-def test_a_wide_gap_is_not_filled_with_slices_made_up_across_it(tmp_path):
-    """Two blocks of a series with three slices missing between them (more than MAX_MISSING_IN_A_GAP): nothing is
-    drawn across the gap."""
-    data = np.zeros((20, 6, 6), dtype=np.float32)
-    files = save_dicom_series(tmp_path, data, (2.5, 1.0, 1.0))
-    for path in files[10:]:
+def _series_at(folder, heights_mm) -> None:
+    """A DICOM CT series with one axial slice at each height (mm, superior), each slice's voxels holding its own
+    height in HU: the loaded volume shows where each of its slices came from."""
+    heights = np.asarray(heights_mm, dtype=np.float32)
+    data = np.broadcast_to(heights[:, None, None], (len(heights), 6, 6)).copy()
+    for path, height in zip(save_dicom_series(folder, data, (1.0, 1.0, 1.0)), heights, strict=True):
         ds = pydicom.dcmread(path)
-        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], ds.ImagePositionPatient[2] + 7.5]
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(height)]
         ds.save_as(path)
+
+
+def _drawn_heights(scan) -> np.ndarray:
+    """The height (mm) each slice of a volume made by `_series_at` is drawn at, by its affine."""
+    return scan.affine[2, 3] + scan.affine[2, 0] * np.arange(scan.shape[0])
+
+
+def test_a_wide_gap_is_shown_empty_at_its_true_place(tmp_path):
+    """Two blocks of a 3 mm series with three slices missing between them (more than MAX_MISSING_IN_A_GAP): the
+    slices above the gap stay at their heights, and the gap is shown empty, not made up from either side."""
+    _series_at(tmp_path, [3.0 * index for index in range(10)] + [3.0 * index + 9.0 for index in range(10, 20)])
     scan = load_volume(tmp_path)
-    assert scan.shape[0] == 20 and "missing_slices" not in scan.meta and "uneven_gaps" in scan.meta
+    assert scan.shape[0] == 23 and scan.spacing[0] == pytest.approx(3.0) and scan.meta["empty_slices"] == 3
+    drawn = _drawn_heights(scan)
+    np.testing.assert_allclose(scan.data[:10, 3, 3], drawn[:10], atol=1e-3)
+    np.testing.assert_allclose(scan.data[13:, 3, 3], drawn[13:], atol=1e-3)  # each at its true height
+    assert np.all(scan.data[10:13] == 0.0)  # empty: the scan's lowest value, black in every window
+    assert scan.meta["notes"] == ["the series has no slices across 1 gap(s) of up to 12 mm; 3 slice(s) there are "
+                                  "shown empty, at their true place, not made up from the slices on either side"]
+
+
+def test_a_spacing_that_changes_within_a_series_keeps_every_slice_at_its_true_height(tmp_path):
+    """3 mm slices at the skull base, 6 mm above it: drawn on a 3 mm grid, every slice at its own height and one
+    drawn between each pair 6 mm apart (stacked at one step, those above would lie up to 24 mm too high)."""
+    _series_at(tmp_path, [3.0 * index for index in range(9)] + [30.0 + 6.0 * index for index in range(11)])
+    scan = load_volume(tmp_path)
+    assert scan.shape[0] == 31 and scan.spacing[0] == pytest.approx(3.0)
+    np.testing.assert_allclose(scan.data[:, 3, 3], _drawn_heights(scan), atol=1e-3)
+    assert scan.meta["notes"] == ["slice gaps vary from 3 to 6 mm; the series is drawn on an even 3 mm grid with "
+                                  "every slice at its true position, 11 of its 31 slices drawn between their two "
+                                  "neighbours"]
+
+
+def test_positions_rounded_to_whole_mm_lie_on_the_series_grid(tmp_path):
+    """2.5 mm slices whose positions an exporter rounded to whole mm (gaps of 2 and 3 mm): read as the even 2.5 mm
+    series they are, whatever the count of slices (the median gap of an even count is 3 mm)."""
+    for count in (40, 41):
+        folder = tmp_path / str(count)
+        _series_at(folder, [float(round(2.5 * index)) for index in range(count)])
+        scan = load_volume(folder)
+        assert scan.shape[0] == count and scan.spacing[0] == pytest.approx(2.5, abs=0.01) and "notes" not in scan.meta
 
 
 def test_missing_slices_count_against_the_slice_limit_before_pixels_are_read(tmp_path, monkeypatch):
@@ -163,10 +202,12 @@ def test_uneven_gaps_that_are_no_missing_slices_are_said(tmp_path, marked_ct):
         ds = pydicom.dcmread(path)
         ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], ds.ImagePositionPatient[2] + 1.5]
         ds.save_as(path)
-    scan = load_volume(tmp_path)
-    assert scan.shape == marked_ct.shape and scan.spacing[0] == pytest.approx(2.5)
-    assert scan.meta["notes"] == ["slice gaps vary from 2.5 to 4 mm; the volume is drawn with an even 2.5 mm "
-                                  "spacing, so distances along it are approximate"]
+    scan = load_volume(tmp_path)  # 19 mm from the first to the last: 8 steps of 2.375 mm
+    assert scan.shape == (9, *marked_ct.shape[1:]) and scan.spacing[0] == pytest.approx(19 / 8)
+    np.testing.assert_array_equal(scan.data[[0, -1]], marked_ct[[0, -1]])
+    assert scan.meta["notes"] == ["slice gaps vary from 2.5 to 4 mm; the series is drawn on an even 2.38 mm grid "
+                                  "with every slice at its true position, 7 of its 9 slices drawn between their two "
+                                  "neighbours"]
 
 
 def test_images_that_share_one_uid_but_not_a_position_are_all_kept(tmp_path, marked_ct):
