@@ -251,12 +251,23 @@ def _legacy_frames(path: Path, header, frames: int, name: str) -> list[_DicomIma
             for frame, offset in enumerate(offsets)]
 
 
+def _pydicom():
+    """pydicom, set not to check values as it reads them: a value that fails its check (a UID that embeds a
+    patient's ID and birth date, as some sites' do) is only warned about, quoted, on stderr and in the server's
+    log. The loader checks the values it uses itself."""
+    import pydicom
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    return pydicom
+
+
 def _read_header(path: Path):
     """The file's header without pixels, or None when it is not a DICOM image. A file without the 128-byte
     preamble and file meta (old exports, ACR-NEMA style) is read too when it states an image's geometry."""
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
+    pydicom = _pydicom()
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
@@ -285,10 +296,9 @@ def _read_headers(files: list[Path]) -> list[tuple[Path, Any]]:
 
 def _decode(path: Path) -> np.ndarray:
     """A file's pixels as stored; a file without file meta is uncompressed in the encoding it was read in."""
-    import pydicom
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-    dataset = pydicom.dcmread(path, force=True)
+    dataset = _pydicom().dcmread(path, force=True)
     if "TransferSyntaxUID" not in dataset.file_meta:
         implicit, little = dataset.original_encoding
         dataset.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
@@ -298,10 +308,8 @@ def _decode(path: Path) -> np.ndarray:
 
 def _is_compressed(path: Path) -> bool:
     """Whether the file's pixel data is stored compressed (its transfer syntax); False when that cannot be read."""
-    import pydicom
-
     try:
-        syntax = pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta.get("TransferSyntaxUID")
+        syntax = _pydicom().dcmread(path, stop_before_pixels=True, force=True).file_meta.get("TransferSyntaxUID")
     except Exception:  # the file was read once already; whatever fails now, it is not known to be compressed
         return False
     try:

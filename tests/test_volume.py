@@ -2,6 +2,7 @@
 
 import gzip
 import shutil
+import warnings
 import zipfile
 
 import nibabel as nib
@@ -254,6 +255,27 @@ def test_meta_never_carries_patient_identifiers(tmp_path, marked_ct):
         assert value not in text
         assert value.split("^")[0] not in text
     assert "1.2." not in repr(scan.meta)  # no UIDs either
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the test's own writing of the value
+def test_a_malformed_value_is_not_quoted_on_stderr_or_in_the_log(tmp_path, marked_ct, capfd, caplog):
+    """A site's UID that embeds a patient's ID and birth date, malformed (a component with a leading zero): pydicom's
+    check would warn, quoting it, on stderr and in the server's log. It is read without the check."""
+    from pydicom.dataelem import DataElement
+
+    uid = "1.2.840.8675309.019610214.01"
+    for path in save_dicom_series(tmp_path, marked_ct, MARKED_SPACING):
+        ds = pydicom.dcmread(path)
+        ds["StudyInstanceUID"] = DataElement(0x0020000D, "UI", uid)
+        ds.save_as(path)
+    capfd.readouterr()  # what writing the files said
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        scan = load_volume(tmp_path)
+    np.testing.assert_array_equal(scan.data, marked_ct)
+    quoted = " ".join([*capfd.readouterr(), caplog.text, *(str(warning.message) for warning in warned)])
+    assert "8675309" not in quoted and "19610214" not in quoted
 
 
 def test_oblique_nifti_loads_on_the_closest_canonical_axes(tmp_path, marked_ct):
