@@ -580,6 +580,16 @@ def _fill_padding(pixels: np.ndarray) -> int:
     return int(np.count_nonzero(outside))
 
 
+def _too_few_images(name: str, series: dict[str, list], single_file: bool) -> str:
+    """Why an upload whose every series holds one image (of one frame) is no volume, and what to upload instead."""
+    if len(series) >= MIN_SLICES:  # what some de-identifiers do: a new SeriesInstanceUID for every file
+        return (f"{name} holds {len(series)} DICOM images, each in a series of its own (every file has its own "
+                "SeriesInstanceUID), so none stacks into a volume; export the series again keeping its "
+                "SeriesInstanceUID, or as NIfTI")
+    whole = "its folder, or a .zip of its files" if single_file else "all of its files"
+    return f"{name} holds one DICOM image, which is no volume; upload the whole series: {whole}"
+
+
 def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volume:
     """The upload's scan (its series ranked first by `_series_rank`) as a Volume; VolumeError when there is
     none to stack.
@@ -612,6 +622,8 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
                           "upload one time point, echo or b-value at a time")
     check_grid((MIN_SLICES, _count(first.Rows), _count(first.Columns)), name)
     images = [image for path, header in chosen for image in _images_of(path, header, name)]
+    if len(images) < MIN_SLICES:
+        raise VolumeError(_too_few_images(name, series, single_file))
     notes = []
     images, copies = _without_copies(images)
     images, other_planes = _largest_group(images)

@@ -469,6 +469,9 @@ def _load_nifti(path: Path) -> Volume:
         affine = np.asarray(image.affine, dtype=np.float64)
         affine[:3] *= NIFTI_MM_PER_UNIT.get(image.header.get_xyzt_units()[0], 1.0)  # spacing and origin in mm
     except Exception as error:
+        if not path.name.lower().endswith(".gz") and _gzip_compressed(path):
+            raise VolumeError(f"{path.name} is a gzip-compressed NIfTI file named as an uncompressed one; rename it "
+                              "to end in .nii.gz") from error
         raise VolumeError(f"{path.name} is not a readable NIfTI file ({error_reason(error)}); check that the upload "
                           "finished, or re-export the scan") from error
     check_grid(shape[:3] if len(shape) >= 3 else shape, path.name)
@@ -506,6 +509,15 @@ def _load_nifti(path: Path) -> Volume:
         meta["modality_guessed"] = True
         meta["notes"].append(GUESSED_MODALITY[modality])
     return canonical_volume(array, affine, modality, "nifti", path.name, meta)
+
+
+def _gzip_compressed(path: Path) -> bool:
+    """Whether the file starts as gzip's do (1f 8b)."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
 
 
 def _note_nifti_orientation(header, meta: dict[str, Any]) -> None:

@@ -503,16 +503,38 @@ def test_truncated_nifti_is_refused(tmp_path, marked_ct):
         load_volume(path)
 
 
+def test_a_compressed_nifti_named_nii_is_told_its_name(tmp_path, marked_ct):
+    compressed = save_nifti(tmp_path / "scan.nii.gz", marked_ct, MARKED_SPACING)
+    misnamed = compressed.rename(tmp_path / "scan.nii")
+    with pytest.raises(VolumeError, match=r"^scan.nii is a gzip-compressed NIfTI file named as an uncompressed one; "
+                                          r"rename it to end in .nii.gz$"):
+        load_volume(misnamed)
+
+
 def test_2d_images_and_object_arrays_are_refused(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((64, 64, 1), dtype=np.float32), np.eye(4)), tmp_path / "slice.nii.gz")
     with pytest.raises(VolumeError, match="2D image"):
         load_volume(tmp_path / "slice.nii.gz")
-    save_dicom_series(tmp_path / "one", np.zeros((1, 8, 8), dtype=np.float32), (1.0, 1.0, 1.0))
-    with pytest.raises(VolumeError, match="2D image"):
+    one = save_dicom_series(tmp_path / "one", np.zeros((1, 8, 8), dtype=np.float32), (1.0, 1.0, 1.0))
+    with pytest.raises(VolumeError, match=r"^folder one holds one DICOM image, which is no volume; upload the whole "
+                                          r"series: all of its files$"):
         load_volume(tmp_path / "one")
+    with pytest.raises(VolumeError, match=r"^IM0001.dcm holds one DICOM image, .*: its folder, or a \.zip of it"):
+        load_volume(one[0])
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(VolumeError, match=r"\.npy"):
         load_volume(tmp_path / "objects.npy")
+
+
+def test_a_series_split_into_one_series_a_file_is_told_so(tmp_path, marked_ct):
+    """A de-identifier that gives every file a new SeriesInstanceUID: eight images, eight series of one, no volume."""
+    for path in save_dicom_series(tmp_path, marked_ct, MARKED_SPACING):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(path)
+    with pytest.raises(VolumeError, match=r"holds 8 DICOM images, each in a series of its own \(every file has its "
+                                          r"own SeriesInstanceUID\), so none stacks into a volume; export"):
+        load_volume(tmp_path)
 
 
 def test_limits_are_checked_from_headers(tmp_path, monkeypatch):
