@@ -655,12 +655,14 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     gaps, step = np.diff(positions), grid.step
     step_vector, tilt = _slice_step(images, step)
     pixels, interpolated, empty = grid.draw(pixels)
-    if grid.even and interpolated:
+    # Slices missing here and there (a file or two lost), or a spacing that changes (2.5 mm, then 5 mm)
+    wider = np.count_nonzero(gaps > (1 + GAP_TOLERANCE) * step + POSITION_PRECISION_MM)
+    if grid.even and interpolated and wider <= max(MAX_MISSING_IN_A_GAP, len(gaps) // 10):
         meta["missing_slices"] = interpolated
         notes.append(f"{interpolated} slice(s) are missing from the series (gaps of up to {gaps.max():.3g} mm between "
                      f"slices {step:.3g} mm apart); each is drawn from its two neighbours, so that every slice "
                      "lies at its true position")
-    elif not grid.even:
+    elif interpolated or not grid.even:
         meta["uneven_gaps"] = (f"slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm; the series is drawn on "
                                f"an even {step:.3g} mm grid with every slice at its true position, {interpolated} of "
                                f"its {len(pixels)} slices drawn between their two neighbours")

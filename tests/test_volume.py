@@ -140,6 +140,19 @@ def test_a_spacing_that_changes_within_a_series_keeps_every_slice_at_its_true_he
                                   "neighbours"]
 
 
+def test_a_spacing_that_doubles_within_a_series_is_not_called_missing_slices(tmp_path):
+    """20 slices 2.5 mm apart, then 6 at 5 mm: the series' spacing changes, nothing is missing from it; one or two
+    gaps of two steps in a series are missing slices."""
+    _series_at(tmp_path / "doubles", [2.5 * index for index in range(20)] + [52.5 + 5 * index for index in range(6)])
+    scan = load_volume(tmp_path / "doubles")
+    assert scan.shape[0] == 32 and "missing_slices" not in scan.meta
+    assert scan.meta["notes"] == ["slice gaps vary from 2.5 to 5 mm; the series is drawn on an even 2.5 mm grid with "
+                                  "every slice at its true position, 6 of its 32 slices drawn between their two "
+                                  "neighbours"]
+    _series_at(tmp_path / "lost", [2.5 * index for index in range(30) if index not in (7, 20)])
+    assert load_volume(tmp_path / "lost").meta["missing_slices"] == 2
+
+
 def test_positions_rounded_to_whole_mm_lie_on_the_series_grid(tmp_path):
     """2.5 mm slices whose positions an exporter rounded to whole mm (gaps of 2 and 3 mm): read as the even 2.5 mm
     series they are, whatever the count of slices (the median gap of an even count is 3 mm)."""
