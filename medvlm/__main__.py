@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable
 
 from .errors import UserInputError
 
 USER_ERROR = 2
+BROKEN_PIPE = 141  # the shell's status for a program killed by SIGPIPE (128 + 13)
 
 
 class UsageError(Exception):
@@ -39,16 +41,23 @@ def _load(paths: list[str], modality: str | None):
 
 
 def _stream(chunks: Iterable[str]) -> None:
-    """The answer on stdout as it comes; on stderr, a note where it was cut off at --max-new-tokens."""
+    """The answer on stdout as it comes; on stderr, a note where it was cut off at --max-new-tokens. However it ends
+    (the reader of a pipe gone, `| head`), the generation ends with it: left running in torch, its thread would abort
+    the interpreter's exit."""
     from .pipeline import CutOff
 
-    for chunk in chunks:
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
-        if isinstance(chunk, CutOff):
-            print(f"\n(cut off at the limit of {chunk.limit} new tokens; raise --max-new-tokens for the whole answer)",
-                  file=sys.stderr, end="")
-    sys.stdout.write("\n")
+    try:
+        for chunk in chunks:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+            if isinstance(chunk, CutOff):
+                print(f"\n(cut off at the limit of {chunk.limit} new tokens; raise --max-new-tokens for the whole "
+                      "answer)", file=sys.stderr, end="")
+        sys.stdout.write("\n")
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -375,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, UserInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USER_ERROR
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a program killed by SIGPIPE does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
+        return BROKEN_PIPE
     except KeyboardInterrupt:  # Ctrl-C: no traceback; 130 is the shell's status for an interrupted program
         resume = getattr(args, "run", None) in RESUMABLE
         print("stopped" + ("; run the same command again to resume from the last finished epoch" if resume else ""),

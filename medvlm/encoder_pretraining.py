@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .configuration import MedVLMConfig
 from .data import GROUND_TRUTH_FILE, scan_stamps
 from .encoder import SliceEncoder
+from .errors import UserInputError
 from .preprocess import PREPROCESSING_VERSION, encoder_input
 from .volume import Volume, load_volume
 
@@ -51,6 +52,23 @@ def lesion_classes(ground_truth: dict) -> list[str]:
     """Every "organ kind" lesion class in the ground truth, sorted."""
     return sorted({lesion_class(lesion) for entry in ground_truth.values()
                    for lesion in entry["lesions"]})
+
+
+def check_training_lesions(root: Path, images: list[str]) -> None:
+    """Raise UserInputError unless the phantom ground truth of `root` gives the training scans `images` a lesion.
+
+    Pre-training teaches the encoder to find lesions; with none among its scans there is nothing to learn
+    (and no lesion class to size its heads by), so `train` refuses before any long work.
+    """
+    path = Path(root) / GROUND_TRUTH_FILE
+    if not path.is_file():
+        raise UserInputError(f"{root} has no {GROUND_TRUTH_FILE}, so the slice encoder cannot be pre-trained on its "
+                             "scans; train on phantoms (python -m medvlm phantom) or use a preset with a pretrained "
+                             "encoder")
+    truth = json.loads(path.read_text())
+    if not any(truth.get(image, {}).get("lesions") for image in images):
+        raise UserInputError("the training scans hold no lesions, so the slice encoder cannot be pre-trained to find "
+                             "them; make more phantoms (--n) or use scans with lesions")
 
 
 def lesion_slabs(lesion: dict, slices: int, num_inputs: int, spacing_z: float) -> dict[int, float]:

@@ -592,6 +592,10 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     if not train_samples:
         raise UserInputError(f"{root} holds no training samples (M3D_Cap.json / M3D_VQA_train.csv); point to a "
                              "folder with a train split")
+    if preset.get("encoder_pretraining"):
+        from .encoder_pretraining import check_training_lesions
+
+        check_training_lesions(root, sorted({s.image for s in train_samples}))
     work_given, work = work, Path(work) if work else out.with_name(out.name + "-training")
     for folder, option in ((out, "--out"), (work, "--work")):
         if folder.exists() and not folder.is_dir():

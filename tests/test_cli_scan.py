@@ -113,3 +113,19 @@ def test_modality_reads_a_nifti_that_does_not_say_as_the_modality_given(tmp_path
     inverted, auto = (np.asarray(Image.open(tmp_path / name).convert("L"), dtype=int)
                       for name in ("pet.png", "auto.png"))
     assert np.abs(inverted + auto - 255).max() <= 1  # the same slice, dark and light swapped
+
+
+@pytest.mark.parametrize("command", [["report"], ["ask", "Which organ shows an abnormality?"]])
+def test_a_reader_that_stops_reading_ends_the_command_quietly(command):
+    """`python -m medvlm report SCAN | head -c 20`: the pipe closes before the report ends. The command stops as a
+    program killed by SIGPIPE does (141), with nothing on stderr: no traceback, and no abort from a generation
+    thread left running in torch."""
+    scan = ROOT / "assets" / "examples" / "ct_chest_abdomen.nii.gz"
+    arguments = [command[0], scan, *command[1:]]
+    with subprocess.Popen([sys.executable, "-m", "medvlm", *map(str, arguments)], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as process:
+        process.stdout.read(2)  # the first characters, then the reader goes away
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=120) == 141, stderr
+    assert stderr == ""
