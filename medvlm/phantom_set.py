@@ -142,6 +142,12 @@ def write_phantom_set(out_dir: str | Path, n: int, seed: int, modalities: tuple[
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"{out} is a file, not a folder; give a folder to write the phantoms into")
+    # A data set's index there (these phantoms', or M3D's own) would be replaced, and its volumes left beside the
+    # new ones. A folder without one (a write that was interrupted) is written again.
+    index = [name for name in ("M3D_Cap.json", *VQA_FILES.values(), GROUND_TRUTH_FILE) if (out / name).exists()]
+    if index:
+        raise UserInputError(f"{out} already holds a data set ({index[0]}); give a new or empty folder, or delete "
+                             "that one first")
     splits = assign_splits(n, seed, split)
     captions: dict[str, list] = {name: [] for name in SPLITS}
     vqa_rows: dict[str, list] = {name: [] for name in SPLITS}

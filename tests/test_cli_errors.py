@@ -57,6 +57,20 @@ def test_phantom_into_a_file(tmp_path, capsys):
     assert "notes.txt is a file, not a folder" in refused(capsys, "phantom", tmp_path / "notes.txt", "--n", "1")
 
 
+def test_phantom_into_a_folder_that_holds_a_data_set_leaves_it_as_it_was(tmp_path, capsys):
+    """Pointed at a data set by mistake (M3D's own, or phantoms written before), `phantom` would replace its index
+    and leave its volumes among the new ones: it is refused, and the folder keeps its files."""
+    real = tmp_path / "M3D"
+    real.mkdir()
+    (real / "M3D_Cap.json").write_text('{"train": [{"image": "ct/1.npy", "text": "ct/1.txt"}]}')
+    assert "M3D already holds a data set (M3D_Cap.json); give a new or empty folder" in refused(
+        capsys, "phantom", real, "--n", "1", "--matrix", "32")
+    assert [path.name for path in real.iterdir()] == ["M3D_Cap.json"]
+    assert "ct/1.npy" in (real / "M3D_Cap.json").read_text()
+    assert main(["phantom", str(tmp_path / "p"), "--n", "1", "--matrix", "32"]) == 0
+    assert "already holds a data set" in refused(capsys, "phantom", tmp_path / "p", "--n", "1", "--seed", "5")
+
+
 @pytest.mark.parametrize(("out", "message"), [
     (lambda tmp_path: (tmp_path / "slices.png").mkdir() or tmp_path / "slices.png", "Is a directory"),  # a folder
     (lambda tmp_path: "/proc/slice.png", "No such file or directory"),  # a folder where no file can be made

@@ -280,6 +280,7 @@ def test_a_scan_rewritten_in_place_is_encoded_again_not_served_from_the_cache(tm
     before = {image: first[image].patches.clone() for image in images}
     build_feature_cache(model, data, images, tmp_path / "features")
     assert encoded == images  # reused while the scans are as they were
+    shutil.rmtree(data)
     write_phantom_set(tmp_path / "data", 2, seed=6, modalities=("ct",), formats=("nifti",), matrix=32,
                       split="train")  # other phantoms, the same file names
     again = build_feature_cache(model, data, images, tmp_path / "features")
