@@ -175,11 +175,18 @@ def cmd_train(args: argparse.Namespace) -> None:
                 features=args.features, from_volumes=args.from_volumes))
 
 
+def _output_folder(command: str, path: str | None) -> None:
+    """Refuse, before any work, an --out that is a file: the command writes a folder there, at its end."""
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{command}: {path} is a file, not a folder; give --out a folder to write")
+
+
 def cmd_features(args: argparse.Namespace) -> None:
     from .features import encode_data_folder
 
     if args.shard_size < 1:
         raise UsageError("features: --shard-size is the number of scans per file, at least 1")
+    _output_folder("features", args.out)
     print(encode_data_folder(args.checkpoint_or_preset, args.data, args.out, splits=tuple(_csv(args.split)),
                              revision=args.revision, shard_size=args.shard_size))
 
@@ -203,6 +210,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
     if args.seeds < 1:
         raise UsageError("ablate: --seeds must be at least 1 (2 or more for error bars)")
+    _output_folder("ablate", args.out)
     run_study(args.out, size=args.size, seeds=args.seeds, work=args.work)
 
 
@@ -387,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a program killed by SIGPIPE does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
         return BROKEN_PIPE
+    except OSError as error:  # a folder the command could not make or write (another user's, a read-only disk)
+        if error.filename is None:
+            raise
+        print(f"error: cannot use {error.filename} ({error.strerror or error}); give a path you can write to",
+              file=sys.stderr)
+        return USER_ERROR
     except KeyboardInterrupt:  # Ctrl-C: no traceback; 130 is the shell's status for an interrupted program
         resume = getattr(args, "run", None) in RESUMABLE
         print("stopped" + ("; run the same command again to resume from the last finished epoch" if resume else ""),

@@ -71,6 +71,21 @@ def test_phantom_into_a_folder_that_holds_a_data_set_leaves_it_as_it_was(tmp_pat
     assert "already holds a data set" in refused(capsys, "phantom", tmp_path / "p", "--n", "1", "--seed", "5")
 
 
+def test_output_folders_that_cannot_be_made_are_one_sentence_before_any_work(tmp_path, capsys, monkeypatch):
+    """A folder inside a file (or on a read-only disk, another user's): one sentence, not a traceback; an --out that
+    is a file is refused before the ablation trains its first run or features encodes its first scan."""
+    (tmp_path / "notes.txt").write_text("a file\n")
+    inside_a_file = tmp_path / "notes.txt" / "phantoms"
+    assert f"cannot use {inside_a_file / 'ct'} (Not a directory); give a path you can write to" in refused(
+        capsys, "phantom", inside_a_file, "--n", "1", "--matrix", "32")
+    monkeypatch.setattr("medvlm.ablation.run_study", lambda *args, **kwargs: pytest.fail("the study ran"))
+    monkeypatch.setattr("medvlm.features.encode_data_folder", lambda *args, **kwargs: pytest.fail("encoded"))
+    for command in (["ablate", "--size", "tiny", "--seeds", "1"], ["features", "--checkpoint-or-preset", "tiny",
+                                                                   "--data", str(tmp_path)]):
+        assert f"{command[0]}: {tmp_path / 'notes.txt'} is a file, not a folder; give --out a folder" in refused(
+            capsys, *command, "--out", tmp_path / "notes.txt")
+
+
 @pytest.mark.parametrize(("out", "message"), [
     (lambda tmp_path: (tmp_path / "slices.png").mkdir() or tmp_path / "slices.png", "Is a directory"),  # a folder
     (lambda tmp_path: "/proc/slice.png", "No such file or directory"),  # a folder where no file can be made
