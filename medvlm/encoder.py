@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoModel
 
 from .configuration import MedVLMConfig
+from .errors import CheckpointError
 
 
 @dataclass
@@ -44,8 +45,8 @@ class OpenClipTower(nn.Module):
         try:
             import timm
         except ImportError as error:
-            raise ImportError("this checkpoint's slice encoder is BiomedCLIP's timm ViT; install timm "
-                              "(pip install timm) to use it") from error
+            raise CheckpointError("BiomedCLIP's slice encoder is a timm ViT, and timm is not installed; install it "
+                                  "(pip install timm) to use this model") from error
         architecture = OPEN_CLIP_TRUNKS[name]
         # Tokens out, so no classifier and no pooling; a dynamic image size interpolates the position
         # embeddings for a smaller preview, as the transformers towers' interpolate_pos_encoding does.

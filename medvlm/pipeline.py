@@ -77,6 +77,9 @@ def resolve_checkpoint(checkpoint: str | Path | None, revision: str | None = Non
     if path.is_dir():
         return path
     name = str(checkpoint)
+    if path.exists():
+        raise CheckpointError(f"{name!r} is a file, not a checkpoint folder; give the folder that holds its "
+                              "config.json and weights")
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -85,9 +88,16 @@ def resolve_checkpoint(checkpoint: str | Path | None, revision: str | None = Non
     try:
         return Path(snapshot_download(repo_id=name, revision=revision))
     except Exception as error:  # huggingface_hub raises many types: not found, offline, gated, network
+        from huggingface_hub import constants
+
         where = f"{name!r}" + (f" at revision {revision!r}" if revision else "")
+        no_folder = "" if "/" in name else f" (and there is no folder {name!r} here)"
+        if constants.HF_HUB_OFFLINE:  # its own text is three sentences, and this is what they come to
+            raise CheckpointError(f"checkpoint {where} is not in the local Hugging Face cache{no_folder}, and "
+                                  "HF_HUB_OFFLINE=1 keeps it from being downloaded; download it once with the "
+                                  "network, or check the repo id and revision") from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"could not fetch checkpoint {where} from the Hugging Face Hub ({reason}); "
+        raise CheckpointError(f"could not fetch checkpoint {where} from the Hugging Face Hub ({reason}){no_folder}; "
                               "check the repo id, your network or HF_TOKEN") from None
 
 
@@ -171,7 +181,9 @@ def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGenerat
         if "mismatched_sizes" not in str(error):
             raise
         raise CheckpointError(mismatch.format("weights of other shapes")) from None
-    except (OSError, ValueError, ImportError) as error:  # ImportError: an optional backend (timm) is missing
+    except CheckpointError:  # said already (an optional backend, timm, is missing)
+        raise
+    except (OSError, ValueError) as error:
         raise CheckpointError(f"could not load the checkpoint {name!r}: {error}") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
@@ -360,14 +372,18 @@ class Pipeline:
 
     def held_out_scores(self) -> dict | None:
         """The checkpoint's own scores on held-out scans (`medvlm eval`'s JSON object, as the demo checkpoint ships
-        it in HELD_OUT_EVALUATION), or None when it ships none or it cannot be read."""
+        it in HELD_OUT_EVALUATION), or None when it ships none, it cannot be read, or it scored other weights than
+        the folder holds (its `weights_sha256`): a checkpoint trained again into the same folder leaves the old
+        file there, and the app would quote the old model's figures for the new one."""
         if self.folder is None:
             return None
         try:
             scores = json.loads((self.folder / HELD_OUT_EVALUATION).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        return scores if isinstance(scores, dict) else None
+        if not isinstance(scores, dict) or scores.get("weights_sha256") != weights_digest(self.folder):
+            return None
+        return scores
 
     # Encoding ---------------------------------------------------------------------------------
 

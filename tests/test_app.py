@@ -1327,7 +1327,8 @@ def test_medvlm_revision_serves_that_revision_and_one_not_in_the_cache_stops_the
         app_started_with(monkeypatch, MEDVLM_REVISION="v9")
     error = capsys.readouterr().err.strip()
     assert stopped.value.code == 2 and len(error.splitlines()) == 1 and "Traceback" not in error
-    assert f"could not fetch checkpoint '{repo_id}' at revision 'v9'" in error
+    assert (f"checkpoint '{repo_id}' at revision 'v9' is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 "
+            "keeps it from being downloaded; download it once with the network, or check the repo id") in error
 
 
 def test_a_refusal_reaches_the_page_as_its_sentence_from_a_zerogpu_worker(app_module, ct_nifti):

@@ -86,3 +86,36 @@ def test_training_from_a_preset_file_publishes_its_name_not_its_folder(tmp_path,
     (out / "training.json").write_text(json.dumps(record | {"preset": str(preset)}))  # as train wrote it before
     publishable_training_record(out)  # what push does before uploading it
     assert json.loads((out / "training.json").read_text())["preset"] == "my.json"
+
+
+def test_held_out_scores_are_quoted_only_for_the_weights_they_scored(checkpoint, tmp_path):
+    """A checkpoint trained again into its folder keeps the old `eval_heldout.json`: the app would say how often the
+    old model was right under the new one's reports. Scores name the weights they scored (`weights_sha256`); others
+    are not quoted."""
+    from medvlm.pipeline import DEMO_CHECKPOINT, HELD_OUT_EVALUATION, Pipeline, weights_digest
+
+    assert Pipeline.from_pretrained(None).held_out_scores()["n"] >= 200  # the demo's own, shipped with it
+    folder = Path(shutil.copytree(checkpoint, tmp_path / "checkpoint"))
+    scores = json.loads((DEMO_CHECKPOINT / HELD_OUT_EVALUATION).read_text())
+    (folder / HELD_OUT_EVALUATION).write_text(json.dumps(scores))  # the demo's scores beside other weights
+    assert Pipeline.from_pretrained(folder).held_out_scores() is None
+    (folder / HELD_OUT_EVALUATION).write_text(json.dumps(scores | {"weights_sha256": weights_digest(folder)}))
+    assert Pipeline.from_pretrained(folder).held_out_scores()["n"] == scores["n"]
+    (folder / HELD_OUT_EVALUATION).write_text(json.dumps({k: v for k, v in scores.items() if k != "weights_sha256"}))
+    assert Pipeline.from_pretrained(folder).held_out_scores() is None  # from before eval named the weights
+
+
+def test_a_checkpoint_that_is_no_folder_says_what_it_is(tmp_path, capsys, monkeypatch):
+    """A file given as the checkpoint, or a folder's name mistyped (no '/': a Hub repo id too) while the Hub is off:
+    what it is and what to do, not the Hub client's 'Name or service not known' or its three sentences."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    for checkpoint, says in (
+        (tmp_path / "notes.txt", f"'{tmp_path / 'notes.txt'}' is a file, not a checkpoint folder; give the folder"),
+        ("my-checkpont", "checkpoint 'my-checkpont' is not in the local Hugging Face cache (and there is no folder "
+                         "'my-checkpont' here), and HF_HUB_OFFLINE=1 keeps it from being downloaded"),
+    ):
+        assert main(["report", str(SCAN), "--checkpoint", str(checkpoint)]) == 2
+        error = capsys.readouterr().err
+        assert says in error and len(error.strip().splitlines()) == 1

@@ -172,5 +172,5 @@ def test_an_open_clip_checkpoint_not_in_the_offline_cache_is_one_sentence(stand_
 
 def test_without_timm_the_open_clip_backend_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
-    with pytest.raises(ImportError, match=r"pip install timm"):
-        build_tiny_model(**BIOMEDCLIP)
+    with pytest.raises(CheckpointError, match=r"timm is not installed; install it \(pip install timm\)"):
+        build_tiny_model(**BIOMEDCLIP)  # a UserInputError: one sentence on the command line, exit status 2
