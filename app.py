@@ -108,6 +108,10 @@ ANSWER_STOPPED_UNBEGUN = "[stopped before the answer began]"
 REPORT_CUT_OFF = ("\n\n*Cut off at the limit of {limit} new tokens: this report is incomplete. Only a whole report "
                   "can be downloaded: raise Max new tokens under Generation settings.*")
 ANSWER_CUT_OFF = " … [cut off at the limit of {limit} new tokens]"
+# ... or at the end of the model's context, before its Max new tokens: the scan and the conversation filled the rest.
+REPORT_OUT_OF_CONTEXT = ("\n\n*Cut off at the end of the model's context: this report is incomplete, and no longer "
+                         "one fits.*")
+ANSWER_OUT_OF_CONTEXT = " … [cut off at the end of the model's context; start a new conversation for a longer answer]"
 
 
 # The model ------------------------------------------------------------------------------------
@@ -216,7 +220,8 @@ class ScanSession:
     label: str = ""  # what the scan card calls the scan: an example's name, or "uploaded scan"
     truth: str = ""  # an example phantom's findings report (`example_truth`); "" for an upload
     encoding: Encoding | None = None  # the scan as the model sees it, from `encode_on_gpu`
-    # {"role", "content": str}; an answer cut short also "stopped": True or "cut_off": its token limit (the chat
+    # {"role", "content": str}; an answer cut short also "stopped": True, or "cut_off": its token limit and
+    # "out_of_context": whether the model's context set that limit (the chat
     # says so; the model is given role and content only)
     messages: list[dict] = field(default_factory=list)
     answering: dict | None = None  # the answer in `messages` being written, marked stopped if Stop comes first
@@ -224,6 +229,7 @@ class ScanSession:
     report: str = ""
     report_finished: bool = False  # whether `report` was written to its end (not stopped, cleared or cut off)
     report_cut_off: int = 0  # the new-token limit the report reached before its end (0: it did not)
+    report_out_of_context: bool = False  # ... which the model's context set, not Max new tokens
     cleared: int = 0  # how many times Clear emptied the report and conversation: a generation from before stops there
     chat_cleared: int = 0  # how many times the conversation was emptied (Clear, or the chat's bin icon)
     folder: Path | None = None
@@ -982,12 +988,13 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
             return
         volume, cleared = session.volume, session.cleared
         session.report, session.report_finished, session.report_cut_off = "", False, 0
+        session.report_out_of_context = False
         withdrawn = report_download(None)  # the previous report's download is withdrawn while this one streams
         stop = threading.Event()
         try:
             for chunk in _stream(session, volume, None, stop, max_new_tokens, temperature, top_p):
                 if isinstance(chunk, CutOff):
-                    session.report_cut_off = chunk.limit
+                    session.report_cut_off, session.report_out_of_context = chunk.limit, bool(chunk.context)
                     continue
                 session.report += chunk
                 yield session.report, withdrawn
@@ -1045,7 +1052,7 @@ def chat(question: str, session: ScanSession | None, max_new_tokens: float, temp
                 session.answering = answer  # only now: starting, the stream stopped the generation before it
                 session.unbegun = None
                 if isinstance(chunk, CutOff):
-                    answer["cut_off"] = chunk.limit
+                    answer["cut_off"], answer["out_of_context"] = chunk.limit, bool(chunk.context)
                 answer["content"] += chunk
                 yield chat_view(session), ""
             finished = not stop.is_set()
@@ -1171,7 +1178,9 @@ def _answer_end(message: dict) -> str:
     """What the chat adds to an answer that did not end where the model ended it."""
     if message.get("stopped"):
         return ANSWER_STOPPED if message["content"] else ANSWER_STOPPED_UNBEGUN
-    return ANSWER_CUT_OFF.format(limit=message["cut_off"]) if message.get("cut_off") else ""
+    if not message.get("cut_off"):
+        return ""
+    return ANSWER_OUT_OF_CONTEXT if message.get("out_of_context") else ANSWER_CUT_OFF.format(limit=message["cut_off"])
 
 
 def report_view(session: ScanSession) -> tuple[str, dict]:
@@ -1180,7 +1189,8 @@ def report_view(session: ScanSession) -> tuple[str, dict]:
     if not session.report:
         return REPORT_PLACEHOLDER, report_download(None)
     if not session.report_finished:
-        end = REPORT_CUT_OFF.format(limit=session.report_cut_off) if session.report_cut_off else REPORT_STOPPED
+        end = (REPORT_STOPPED if not session.report_cut_off else REPORT_OUT_OF_CONTEXT if session.report_out_of_context
+               else REPORT_CUT_OFF.format(limit=session.report_cut_off))
         return session.report + end, report_download(None)
     return session.report, gr.skip()
 

@@ -50,9 +50,12 @@ def _stream(chunks: Iterable[str]) -> None:
         for chunk in chunks:
             sys.stdout.write(chunk)
             sys.stdout.flush()
-            if isinstance(chunk, CutOff):
+            if isinstance(chunk, CutOff) and chunk.context:
+                print(f"\n(cut off at the end of the model's context, {chunk.context} tokens with the scan and the "
+                      "prompt; no longer answer fits)", file=sys.stderr)
+            elif isinstance(chunk, CutOff):
                 print(f"\n(cut off at the limit of {chunk.limit} new tokens; raise --max-new-tokens for the whole "
-                      "answer)", file=sys.stderr, end="")
+                      "answer)", file=sys.stderr)
         sys.stdout.write("\n")
     finally:
         close = getattr(chunks, "close", None)

@@ -263,18 +263,21 @@ def check_generation(max_new_tokens: int, temperature: float, top_p: float) -> N
 
 class CutOff(str):
     """The last chunk of an answer that ended at its `max_new_tokens` rather than where the model ended it: empty
-    text (a joined answer is unchanged) that says the answer is cut off; `limit` is the number of new tokens.
-    A str, so that it crosses a process boundary (ZeroGPU) as the other chunks do."""
+    text (a joined answer is unchanged) that says the answer is cut off; `limit` is the number of new tokens, and
+    `context` the model's context when that, not the limit asked for, ended it (the scan and the conversation
+    filled the rest; 0 otherwise: a larger max_new_tokens would not help). A str, so that it crosses a process
+    boundary (ZeroGPU) as the other chunks do."""
 
     limit: int = 0
+    context: int = 0
 
-    def __new__(cls, limit: int) -> CutOff:
+    def __new__(cls, limit: int, context: int = 0) -> CutOff:
         chunk = super().__new__(cls, "")
-        chunk.limit = limit
+        chunk.limit, chunk.context = limit, context
         return chunk
 
     def __reduce__(self):
-        return CutOff, (self.limit,)
+        return CutOff, (self.limit, self.context)
 
 
 class _CountingStreamer(TextIteratorStreamer):
@@ -470,13 +473,13 @@ class Pipeline:
                                  f"{context:,} in all, too few to answer in; {START_AGAIN}")
         return self._stream(input_ids, encoding.visual_tokens.to(self.device), stop,
                             max_new_tokens=min(int(max_new_tokens), context - length), temperature=float(temperature),
-                            top_p=float(top_p))
+                            top_p=float(top_p), context=context if context - length < int(max_new_tokens) else 0)
 
     def _stream(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor, stop: threading.Event | None,
-                max_new_tokens: int, temperature: float, top_p: float) -> Iterator[str]:
+                max_new_tokens: int, temperature: float, top_p: float, context: int = 0) -> Iterator[str]:
         """The generation's text chunks; it ends at `stop` (the caller's, never set here: it may serve again) or
         when the consumer closes the stream (`ended`). An answer that reached `max_new_tokens` before its end
-        token ends with a `CutOff` chunk."""
+        token ends with a `CutOff` chunk (`context`: the model's, when that set `max_new_tokens`)."""
         ended = threading.Event()
         streamer = _CountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
@@ -502,7 +505,7 @@ class Pipeline:
                     yield chunk
             if (not failure and streamer.new_tokens >= max_new_tokens and not (stop and stop.is_set())
                     and streamer.last_token != self.tokenizer.eos_token_id):
-                yield CutOff(max_new_tokens)
+                yield CutOff(max_new_tokens, context)
         finally:
             ended.set()
             thread.join()

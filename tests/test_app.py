@@ -987,6 +987,13 @@ def test_a_report_or_answer_cut_off_at_its_token_limit_says_so(app_module, ct_ni
     answer = list(app_module.chat("Which organ is abnormal?", session, 8, 0.0, 1.0))[-1][0][-1]["content"]
     assert answer.endswith(app_module.ANSWER_CUT_OFF.format(limit=8))
     assert not session.messages[-1]["content"].endswith("]")  # the model is not told
+    # Ended by the model's context before Max new tokens (the scan and the conversation filled the rest): raising Max
+    # new tokens would not help, and it is not what they are told
+    monkeypatch.setattr(app_module.PIPELINE.model.config.text_config, "max_position_embeddings", 300)
+    answer = list(app_module.chat("Which organ is abnormal?", session, 512, 0.0, 1.0))[-1][0][-1]["content"]
+    assert answer.endswith(app_module.ANSWER_OUT_OF_CONTEXT) and "limit of" not in answer
+    text, _ = list(app_module.generate_report(session, 512, 0.0, 1.0))[-1]
+    assert text.endswith(app_module.REPORT_OUT_OF_CONTEXT)
 
 
 def test_a_stopped_answer_says_so_and_the_model_is_not_told(app_module, ct_nifti, monkeypatch):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,20 @@ def test_a_report_cut_off_at_its_token_limit_says_so():
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0 and result.stdout.strip() == "".join(short).strip()
     assert "cut off at the limit of 8 new tokens" in result.stderr
+
+
+def test_an_answer_cut_off_by_the_models_context_does_not_say_to_raise_max_new_tokens(capsys):
+    """The model's context (the scan and the prompt in it) can end an answer before --max-new-tokens: raising that
+    would not help. The note says which ended it, on stderr, a line of its own."""
+    from medvlm.__main__ import _stream
+    from medvlm.pipeline import CutOff
+
+    _stream(iter(["The liver", CutOff(934, context=1024)]))
+    printed = capsys.readouterr()
+    assert printed.out == "The liver\n"
+    assert printed.err == ("\n(cut off at the end of the model's context, 1024 tokens with the scan and the prompt; "
+                           "no longer answer fits)\n")
+    assert pickle.loads(pickle.dumps(CutOff(934, context=1024))).context == 1024  # across ZeroGPU's process boundary
 
 
 SELECTION_DROPS_THE_MR_LESION = pytest.mark.xfail(
