@@ -154,6 +154,11 @@ def load_tokenizer(folder: Path, name: str):
         raise CheckpointError(f"the tokenizer of checkpoint {name!r} does not read the scan placeholder "
                               f"{image_token!r} as token {image_token_id}, as its config.json says; they do not "
                               "belong together: download or copy the checkpoint again")
+    vocabulary = config["text_config"].get("vocab_size")
+    if isinstance(vocabulary, int) and len(tokenizer) > vocabulary:  # its last tokens would index past the model's
+        raise CheckpointError(f"the tokenizer of checkpoint {name!r} has {len(tokenizer):,} tokens, and its language "
+                              f"model reads {vocabulary:,}; they do not belong together: download or copy the "
+                              "checkpoint again")
     return tokenizer
 
 
@@ -167,6 +172,9 @@ def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGenerat
     """
     kwargs.setdefault("dtype", torch.float32)
     _check_checkpoint_folder(folder, name)
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+        raise CheckpointError(f"{name!r} has no weights (model.safetensors); copy the whole checkpoint folder, or "
+                              "download it again")
     bar_shown, verbosity = transformers_logging.is_progress_bar_enabled(), transformers_logging.get_verbosity()
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar is noise in the CLI's and app's output
     transformers_logging.set_verbosity_error()  # so is its load report: what it finds wrong is refused below

@@ -119,3 +119,20 @@ def test_a_checkpoint_that_is_no_folder_says_what_it_is(tmp_path, capsys, monkey
         assert main(["report", str(SCAN), "--checkpoint", str(checkpoint)]) == 2
         error = capsys.readouterr().err
         assert says in error and len(error.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_without_weights_or_with_a_larger_tokenizer_is_refused(checkpoint, tmp_path, capsys):
+    """Copied without its weights: said so, not transformers' 'Error no file named …'. A tokenizer of more tokens
+    than the language model reads (another checkpoint's): refused before its last tokens index past the model."""
+    no_weights = Path(shutil.copytree(checkpoint, tmp_path / "no-weights"))
+    for weights in no_weights.glob("*.safetensors"):
+        weights.unlink()
+    larger = Path(shutil.copytree(checkpoint, tmp_path / "larger-tokenizer"))
+    config = json.loads((larger / "config.json").read_text())
+    config["text_config"]["vocab_size"] = 8  # the weights are never read: the tokenizer is checked first
+    (larger / "config.json").write_text(json.dumps(config))
+    for folder, says in ((no_weights, "has no weights (model.safetensors); copy the whole checkpoint folder"),
+                         (larger, "tokens, and its language model reads 8; they do not belong together")):
+        assert main(["report", str(SCAN), "--checkpoint", str(folder)]) == 2
+        error = capsys.readouterr().err
+        assert says in error and len(error.strip().splitlines()) == 1
