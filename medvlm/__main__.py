@@ -11,8 +11,10 @@ import json
 import os
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 from .errors import UserInputError
+from .limits import MAX_NEW_TOKENS
 
 USER_ERROR = 2
 BROKEN_PIPE = 141  # the shell's status for a program killed by SIGPIPE (128 + 13)
@@ -249,6 +251,14 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+SCAN_HELP = "NIfTI (.nii, .nii.gz), M3D .npy, a DICOM folder or .zip, or several DICOM files of one series"
+
+
+def _preset_names() -> list[str]:
+    """The presets shipped in medvlm/presets (`train.PRESETS`), without importing the trainer."""
+    return sorted(path.stem for path in (Path(__file__).resolve().parent / "presets").glob("*.json"))
+
+
 def _add_modality_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modality", choices=["CT", "MR", "PT", "OT"], default=None,
                         help="read the scan as this modality (PT: PET), for a NIfTI that does not say which it is")
@@ -260,9 +270,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit of --checkpoint")
     parser.add_argument("--device", type=_device, default=None,
                         help="cpu, cuda or cuda:N (default: cuda when there is one)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help=f"most tokens to write, 1 to {MAX_NEW_TOKENS} (default: 256)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (the default) for greedy decoding, or 0.01 to 100 to sample")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="with --temperature above 0: sample from the likeliest tokens that hold this share of "
+                             "the probability, above 0 and at most 1 (default: 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,12 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     info = commands.add_parser("info", help="load a scan and print its facts as JSON")
-    info.add_argument("scan", nargs="+", help="NIfTI, .npy, DICOM folder, .zip, or several DICOM files")
+    info.add_argument("scan", nargs="+", help=SCAN_HELP)
     _add_modality_option(info)
     info.set_defaults(run=cmd_info)
 
     view = commands.add_parser("view", help="write one slice as the viewer shows it, as PNG")
-    view.add_argument("scan", nargs="+")
+    view.add_argument("scan", nargs="+", help=SCAN_HELP)
     view.add_argument("--plane", choices=["axial", "coronal", "sagittal", "mip"], default="axial",
                       help="mip: the rotating maximum intensity projection, its frames 10° apart")
     view.add_argument("--index", type=int, default=None,
@@ -291,14 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
     view.set_defaults(run=cmd_view)
 
     report = commands.add_parser("report", help="stream a radiology-style report of a scan")
-    report.add_argument("scan", nargs="+")
+    report.add_argument("scan", nargs="+", help=SCAN_HELP)
     _add_modality_option(report)
     _add_model_options(report)
     report.set_defaults(run=cmd_report)
 
     ask = commands.add_parser("ask", help="stream the answer to one question about a scan",
                               usage="python -m medvlm ask [options] SCAN [SCAN ...] QUESTION")
-    ask.add_argument("scan_and_question", nargs="+", metavar="SCAN... QUESTION")
+    ask.add_argument("scan_and_question", nargs="+", metavar="SCAN... QUESTION",
+                     help=f"{SCAN_HELP}; then the question, in quotes")
     _add_modality_option(ask)
     _add_model_options(ask)
     ask.set_defaults(run=cmd_ask)
@@ -306,10 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     phantom = commands.add_parser("phantom", help="write synthetic phantoms with reports, VQA and ground truth")
     phantom.add_argument("out", help="folder to write (M3D layout)")
     phantom.add_argument("--n", type=int, required=True, help="number of volumes")
-    phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument("--seed", type=int, default=0, help="the same seed writes the same phantoms (default: 0)")
     phantom.add_argument("--modality", default="ct,mr,pt", help="comma-separated: ct, mr, pt")
     phantom.add_argument("--format", default="npy", help="comma-separated: npy, nifti, dicom (first is used "
-                                                         "in the JSON and CSVs)")
+                                                         "in the JSON and CSVs; default: npy)")
     phantom.add_argument("--split", default=None, help="put every volume in this split (train, validation, test)")
     phantom.add_argument("--matrix", type=int, default=None,
                          help="in-plane size (e.g. 160) for small, fast volumes; default: realistic 256-512")
@@ -319,11 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.set_defaults(run=cmd_phantom)
 
     train = commands.add_parser("train", help="train a checkpoint with accelerate from a preset")
-    train.add_argument("--preset", default="demo", help="a preset name from medvlm/presets or a JSON file")
+    train.add_argument("--preset", default="demo",
+                       help=f"one of {', '.join(_preset_names())} (tiny: a smoke test of seconds), or a JSON file "
+                            "in their form (default: demo)")
     train.add_argument("--data", required=True, help="M3D-format data folder (phantoms or M3D-Cap / M3D-VQA)")
     train.add_argument("--out", required=True, help="checkpoint folder to write")
     train.add_argument("--work", default=None, help="feature cache, resumable state, metrics (default: OUT-training)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order "
+                                                            "(default: 0); a run resumes only with its own")
     train.add_argument("--variant", default=None, help="an ablation variant (see medvlm/variants.py), e.g. "
                                                        "uniform_selection, average_compressor, vit3d")
     train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -366,12 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--checkpoint", default=None, help="folder or Hub repo id (default: the demo checkpoint)")
     evaluation.add_argument("--revision", default=None, help="Hub branch, tag or commit of --checkpoint")
     evaluation.add_argument("--data", required=True, help="M3D-format data folder")
-    evaluation.add_argument("--split", default="test")
+    evaluation.add_argument("--split", default="test", help="train, validation or test (default: test)")
     evaluation.add_argument("--limit", type=int, default=None, help="score only the first N scans")
     evaluation.add_argument("--device", type=_device, default=None,
                             help="cpu, cuda or cuda:N (default: cuda when there is one)")
     evaluation.add_argument("--pretty", action="store_true", help="indent the JSON")
-    evaluation.add_argument("--max-new-tokens", type=int, default=256, help="M3D's protocol: 256")
+    evaluation.add_argument("--max-new-tokens", type=int, default=256, help="M3D's protocol: 256 (the default)")
     evaluation.set_defaults(run=cmd_eval)
 
     bench = commands.add_parser("bench", help="measure speed, size and memory from upload to first token")
@@ -379,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                        help="cuda adds the real-size configuration from random weights")
     bench.add_argument("--repeats", type=int, default=5, help="runs per figure; each figure is their median")
-    bench.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the demo checkpoint)")
+    bench.add_argument("--checkpoint", default=None,
+                       help="checkpoint folder or Hub repo id (default: the demo checkpoint)")
     bench.set_defaults(run=cmd_bench)
     return parser
 

@@ -129,3 +129,18 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly(command):
         stderr = process.stderr.read().decode()
         assert process.wait(timeout=120) == 141, stderr
     assert stderr == ""
+
+
+def test_help_names_the_presets_and_the_ranges_a_command_takes(capsys, monkeypatch):
+    """`train --help` lists the presets it can train (they were only listed by an error); `report --help` gives the
+    range of --max-new-tokens and what --top-p does."""
+    from medvlm.__main__ import build_parser
+    from medvlm.train import PRESETS
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside a preset's name
+    for command in ("train", "report"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert all(preset.stem in printed for preset in PRESETS.glob("*.json")) and "tiny: a smoke test" in printed
+    assert "most tokens to write, 1 to 1024 (default: 256)" in printed and "--top-p" in printed
