@@ -65,6 +65,11 @@ def _stream(chunks: Iterable[str]) -> None:
             close()
 
 
+# What `info` says of a file that stores no geometry (an M3D .npy), beside what was left out or drawn approximately.
+ASSUMED_GEOMETRY = ("the file stores no spacing or orientation (an M3D .npy): the spacing of 1 mm and the "
+                    "orientation, M3D's layout, are assumed")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     volume = _load(args.scan, args.modality)
     print(json.dumps({
@@ -74,7 +79,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "orientation": volume.orientation,
         "source": volume.source,
         "units": volume.units,  # HU for a CT, a PET's Bq/mL or SUV where the file says; None: not stated or doubtful
-        "notes": volume.meta.get("notes", []),  # what was left out or drawn approximately, one sentence each
+        "notes": [*volume.meta.get("notes", []), *([] if volume.spacing_known else [ASSUMED_GEOMETRY])],
     }))
 
 

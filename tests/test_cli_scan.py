@@ -11,7 +11,7 @@ import pytest
 from conftest import MARKED_SPACING
 from PIL import Image
 
-from medvlm.writers import save_dicom_series, save_nifti
+from medvlm.writers import save_dicom_series, save_nifti, save_npy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,16 @@ def test_info_prints_the_scan_facts(tmp_path, marked_ct):
     (tmp_path / "dicom" / files[3].name).unlink()  # a missing slice is said, not hidden
     notes = json.loads(_cli("info", tmp_path / "dicom").stdout)["notes"]
     assert len(notes) == 1 and notes[0].startswith("1 slice(s) are missing from the series")
+
+
+def test_info_on_an_m3d_npy_says_its_spacing_and_orientation_are_assumed(tmp_path, marked_ct):
+    """M3D's .npy arrays store neither spacing nor orientation: `info` gives M3D's layout and 1 mm, and says both
+    are assumed rather than stating them as facts of the file."""
+    path = save_npy(tmp_path / "scan.npy", (marked_ct - marked_ct.min()) / np.ptp(marked_ct))
+    result = _cli("info", path)
+    facts = json.loads(result.stdout)
+    assert facts["spacing"] == [1.0, 1.0, 1.0] and facts["source"] == "npy"
+    assert any("stores no spacing or orientation" in note and "assumed" in note for note in facts["notes"])
 
 
 def test_view_writes_an_axial_png_in_radiological_convention(tmp_path, marked_ct):
