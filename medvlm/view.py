@@ -202,6 +202,8 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     """Write a uint8 (H, W) grey image as PNG; a path that cannot be written (a missing folder, a folder's
     own name, no permission) or does not end in .png is a user error."""
     path = png_path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserInputError(f"cannot write {path}: {path.parent} is a file, not a folder; choose another --out")
     if not path.parent.is_dir():
         raise UserInputError(f"cannot write {path}: folder {path.parent} does not exist; create it or choose "
                              "another --out")

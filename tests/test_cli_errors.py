@@ -89,6 +89,8 @@ def test_output_folders_that_cannot_be_made_are_one_sentence_before_any_work(tmp
 @pytest.mark.parametrize(("out", "message"), [
     (lambda tmp_path: (tmp_path / "slices.png").mkdir() or tmp_path / "slices.png", "Is a directory"),  # a folder
     (lambda tmp_path: "/proc/slice.png", "No such file or directory"),  # a folder where no file can be made
+    (lambda tmp_path: (tmp_path / "notes.txt").write_text("x") and tmp_path / "notes.txt" / "slice.png",
+     "notes.txt is a file, not a folder; choose another --out"),  # a file's name as the folder
     (lambda tmp_path: tmp_path / "slice.jpg", "slices are written as PNG; give a name ending in .png"),
 ])
 def test_view_to_a_path_that_cannot_be_written(tmp_path, capsys, out, message):
