@@ -460,8 +460,11 @@ class Pipeline:
         the model's control tokens (`prompt_text`) raise UserInputError. Setting `stop` (or closing the
         generator) ends the generation thread.
         """
-        if not messages or messages[-1]["role"] != "user":
-            raise ValueError("the conversation must end with a user message")
+        if isinstance(messages, str) or not all(isinstance(message, dict) for message in messages or [None]):
+            raise UserInputError("messages is the conversation, a list of {'role': ..., 'content': ...}; for one "
+                                 "question give [{'role': 'user', 'content': question}]")
+        if messages[-1].get("role") != "user":
+            raise UserInputError("the conversation must end with the user's question (a message of role 'user')")
         question = messages[-1]["content"]
         if not question.strip():
             raise UserInputError("the question is empty; ask something about the scan")

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -453,6 +454,17 @@ def test_text_holding_the_models_control_tokens_is_refused(pipeline):
         assert "\n" not in str(raised.value)
     with pytest.raises(UserInputError, match="max new tokens 5000 is out of range"):
         pipeline.chat(ct_volume(), [{"role": "user", "content": "Describe."}], max_new_tokens=5000)
+
+
+def test_a_conversation_given_in_another_form_is_one_sentence(pipeline):
+    """A question passed as a string, an empty conversation, or one that ends with the assistant: a UserInputError
+    that says what `messages` is, not Python's 'string indices must be integers'."""
+    for messages, says in (("Which organ?", "for one question give [{'role': 'user', 'content': question}]"),
+                           ([], "messages is the conversation, a list of"),
+                           ([{"role": "user", "content": "Which organ?"}, {"role": "assistant", "content": "Liver."}],
+                            "must end with the user's question")):
+        with pytest.raises(UserInputError, match=re.escape(says)):
+            pipeline.chat(ct_volume(), messages, max_new_tokens=4)
 
 
 def test_a_blank_scan_is_refused_before_the_model_makes_up_a_report(pipeline):
