@@ -54,20 +54,21 @@ def lesion_classes(ground_truth: dict) -> list[str]:
                    for lesion in entry["lesions"]})
 
 
-def check_training_lesions(root: Path, images: list[str]) -> None:
-    """Raise UserInputError unless the phantom ground truth of `root` gives the training scans `images` a lesion.
+def check_lesions_to_learn(root: Path) -> None:
+    """Raise UserInputError unless the phantom ground truth of `root` holds a lesion.
 
-    Pre-training teaches the encoder to find lesions; with none among its scans there is nothing to learn
-    (and no lesion class to size its heads by), so `train` refuses before any long work.
+    Pre-training teaches the encoder to find lesions, one head per lesion class of the data folder
+    (`lesion_classes`); with none there is nothing to learn and no class to size its heads by, so `train` refuses
+    before any long work. (A smoke test whose few training scans happen to hold none, beside validation scans that
+    do, still runs.)
     """
     path = Path(root) / GROUND_TRUTH_FILE
     if not path.is_file():
         raise UserInputError(f"{root} has no {GROUND_TRUTH_FILE}, so the slice encoder cannot be pre-trained on its "
                              "scans; train on phantoms (python -m medvlm phantom) or use a preset with a pretrained "
                              "encoder")
-    truth = json.loads(path.read_text())
-    if not any(truth.get(image, {}).get("lesions") for image in images):
-        raise UserInputError("the training scans hold no lesions, so the slice encoder cannot be pre-trained to find "
+    if not lesion_classes(json.loads(path.read_text())):
+        raise UserInputError(f"the scans in {root} hold no lesions, so the slice encoder cannot be pre-trained to find "
                              "them; make more phantoms (--n) or use scans with lesions")
 
 

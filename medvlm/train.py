@@ -86,6 +86,7 @@ TRAINABLE_PARTS = {
 
 PRESET_OBJECTS = ("model", "language_model", "tokenizer")  # the sections of a preset that training reads
 STAGE_KEYS = ("name", "tasks", "trainable", "epochs", "lr", "batch_size")  # what each stage must say
+STAGE_TASKS = ("report", "vqa_closed", "vqa_open")  # a Sample's task, as read_samples names them
 
 
 def load_preset(name_or_path: str) -> dict:
@@ -123,7 +124,8 @@ def preset_problem(preset) -> str | None:
     """What keeps a parsed preset from training, as a phrase, or None. It must be a JSON object with the
     objects of PRESET_OBJECTS, a language model (`pretrained` with a `repo_id`, or `from_scratch` with a
     `model_type`), a tokenizer (`from_language_model` true, or a `vocab_size`), a whole `max_length`, and
-    a list of `stages`, each an object with STAGE_KEYS whose `trainable` parts are TRAINABLE_PARTS."""
+    a list of `stages`, each an object with STAGE_KEYS whose `trainable` parts are TRAINABLE_PARTS and whose
+    values `stage_problem` accepts, under distinct names."""
     if not isinstance(preset, dict):
         return f"holds {_json_kind(preset)}, not a JSON object"
     for key in PRESET_OBJECTS:
@@ -152,6 +154,56 @@ def preset_problem(preset) -> str | None:
         unknown = [part for part in trainable if part not in list(TRAINABLE_PARTS)]
         if unknown:
             return f"has a stage {number} that trains {unknown[0]!r}, not one of {', '.join(TRAINABLE_PARTS)}"
+        problem = stage_problem(stage)
+        if problem:
+            return f"has a stage {number} whose {problem}"
+    names = [stage["name"] for stage in stages]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        return f"has two stages named {repeated!r} (each keeps its state in a folder of its name)"
+    return None
+
+
+def _is_number(value, low: float = 0.0, above: bool = False) -> bool:
+    """A JSON number (not true/false) that is finite and at least `low` (above it with `above`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return value > low if above else value >= low
+
+
+def stage_problem(stage: dict) -> str | None:
+    """What is wrong with one stage's values, as "'KEY' is VALUE, not WHAT IS ALLOWED", or None.
+
+    Checked where the preset is read, so a hand-written preset fails before the encoder is pre-trained
+    and the features cached, not in the middle of the stage. `trainable` is checked by `preset_problem`.
+    """
+    # (key, whether the stage must have it, whether its value is allowed, what is allowed)
+    checks = (
+        ("name", True, lambda v: isinstance(v, str) and v.strip() != "" and "/" not in v and "\\" not in v
+         and v not in (".", ".."), "a name that can be a folder's (e.g. \"align\")"),
+        ("tasks", True, lambda v: isinstance(v, list) and v != [] and all(task in STAGE_TASKS for task in v),
+         f"a list of tasks from {', '.join(STAGE_TASKS)}"),
+        ("epochs", True, _is_whole, "a whole number of at least 1"),
+        ("lr", True, lambda v: _is_number(v, above=True), "a learning rate above 0 (e.g. 0.001)"),
+        ("batch_size", True, _is_whole, "a whole number of at least 1"),
+        ("samples_per_scan", False, _is_whole, "a whole number of at least 1"),
+        ("finding_loss", False, _is_number, "a weight of 0 or more"),
+        ("lm_loss", False, _is_number, "a weight of 0 or more"),
+        ("patch_loss", False, _is_number, "a weight of 0 or more"),
+        ("lora", False, lambda v: v is None or (isinstance(v, dict) and _is_whole(v.get("r"))
+                                                and _is_number(v.get("alpha"), above=True)
+                                                and _is_number(v.get("dropout", 0.0)) and v.get("dropout", 0.0) < 1),
+         "an object with a whole 'r', an 'alpha' above 0 and a 'dropout' from 0 to below 1"),
+    )
+    for key, required, allowed, what in checks:
+        if (required or key in stage) and not allowed(stage[key]):
+            return f"{key!r} is {json.dumps(stage[key])}, not {what}"
+    unknown = sorted(set(stage) - {key for key, *_ in checks} - {"trainable"})
+    if unknown:
+        known = ", ".join(key for key, *_ in checks)
+        return f"{unknown[0]!r} is not a stage setting (a stage takes {known} and trainable)"
+    if not stage["trainable"] and not stage.get("lora"):
+        return "'trainable' is [], not a list of the parts it trains (or a 'lora' for the language model)"
     return None
 
 
@@ -593,9 +645,9 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
         raise UserInputError(f"{root} holds no training samples (M3D_Cap.json / M3D_VQA_train.csv); point to a "
                              "folder with a train split")
     if preset.get("encoder_pretraining"):
-        from .encoder_pretraining import check_training_lesions
+        from .encoder_pretraining import check_lesions_to_learn
 
-        check_training_lesions(root, sorted({s.image for s in train_samples}))
+        check_lesions_to_learn(root)
     work_given, work = work, Path(work) if work else out.with_name(out.name + "-training")
     for folder, option in ((out, "--out"), (work, "--work")):
         if folder.exists() and not folder.is_dir():

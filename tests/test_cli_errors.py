@@ -252,3 +252,51 @@ def test_ctrl_c_says_it_stopped_and_how_to_resume(monkeypatch, capsys, command, 
     error = capsys.readouterr().err.strip()
     assert error.startswith(says) and "Traceback" not in error
     assert ("resume" in error) == (command[0] == "train")  # a report starts again from nothing
+
+
+def test_train_on_scans_without_lesions_refuses_before_pre_training(tmp_path, capsys, monkeypatch):
+    """The demo encoder learns to find lesions; scans with none (or no ground truth) leave it nothing to learn."""
+    data = tmp_path / "data"
+    write_phantom_set(data, n=1, seed=5, formats=("nifti",), matrix=64)
+    assert not any(entry["lesions"] for entry in json.loads((data / "ground_truth.json").read_text()).values())
+    monkeypatch.setattr("medvlm.encoder_pretraining.pretrain_encoder", lambda *a, **k: pytest.fail("pre-trained"))
+    out = tmp_path / "checkpoint"
+    says = (f"the scans in {data} hold no lesions, so the slice encoder cannot be pre-trained to find them; make "
+            "more phantoms (--n) or use scans with lesions")
+    assert says in refused(capsys, "train", "--preset", "tiny", "--data", data, "--out", out)
+    (data / "ground_truth.json").unlink()
+    assert "has no ground_truth.json, so the slice encoder cannot be pre-trained on its scans" in refused(
+        capsys, "train", "--preset", "tiny", "--data", data, "--out", out)
+    assert not out.exists() and not (tmp_path / "checkpoint-training").exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"epochs": -1}, "has a stage 1 whose 'epochs' is -1, not a whole number of at least 1"),
+    ({"lr": "fast"}, "has a stage 1 whose 'lr' is \"fast\", not a learning rate above 0 (e.g. 0.001)"),
+    ({"lr": 0}, "has a stage 1 whose 'lr' is 0, not a learning rate above 0"),
+    ({"batch_size": 2.5}, "has a stage 1 whose 'batch_size' is 2.5, not a whole number of at least 1"),
+    ({"batch_size": True}, "has a stage 1 whose 'batch_size' is true, not a whole number of at least 1"),
+    ({"tasks": ["captions"]}, "has a stage 1 whose 'tasks' is [\"captions\"], not a list of tasks from report, "
+                              "vqa_closed, vqa_open"),
+    ({"tasks": []}, "has a stage 1 whose 'tasks' is [], not a list of tasks"),
+    ({"trainable": []}, "has a stage 1 whose 'trainable' is [], not a list of the parts it trains"),
+    ({"samples_per_scan": 0}, "has a stage 1 whose 'samples_per_scan' is 0, not a whole number of at least 1"),
+    ({"finding_loss": -1.0}, "has a stage 1 whose 'finding_loss' is -1.0, not a weight of 0 or more"),
+    ({"lora": {"r": "16"}}, "has a stage 1 whose 'lora' is {\"r\": \"16\"}, not an object with a whole 'r'"),
+    ({"name": "a/b"}, "has a stage 1 whose 'name' is \"a/b\", not a name that can be a folder's"),
+    ({"name": "instruct"}, "has two stages named 'instruct'"),
+    ({"epoch": 2}, "has a stage 1 whose 'epoch' is not a stage setting (a stage takes name, tasks, epochs, lr"),
+])
+def test_train_with_a_preset_file_whose_stage_has_a_bad_value(tmp_path, capsys, change, message):
+    """A hand-written preset is refused as it is read, not after the encoder's pre-training and feature caching."""
+    from medvlm.train import PRESETS
+
+    preset = json.loads((PRESETS / "tiny.json").read_text())
+    preset["stages"][0] |= change
+    path = tmp_path / "my.json"
+    path.write_text(json.dumps(preset))
+    data = tmp_path / "data"
+    write_phantom_set(data, n=2, seed=5, formats=("nifti",), matrix=32)
+    error = refused(capsys, "train", "--preset", path, "--data", data, "--out", tmp_path / "checkpoint")
+    assert f"the preset {path} " in error and message in error
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "checkpoint-training").exists()
