@@ -176,7 +176,7 @@ def test_train_with_a_preprocessing_setting_that_cannot_work(tmp_path, capsys, s
     ("lfs pointer", "git lfs pull"),
     ("damaged", "are damaged"),
     ("no tokenizer", "has no tokenizer (tokenizer.json or tokenizer_config.json)"),
-    ("needs timm", "install timm (pip install timm)"),
+    ("needs timm", "timm is not installed; install it (pip install timm)"),
 ])
 def test_report_with_a_spoiled_checkpoint(tmp_path, capsys, monkeypatch, spoiled, message):
     checkpoint = Path(shutil.copytree(DEMO_CHECKPOINT, tmp_path / "demo-model"))
