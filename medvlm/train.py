@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -606,6 +607,16 @@ def _load_scan(root: Path, image: str):
     return load_volume(root / image)
 
 
+def _readable_as_the_rest(checkpoint: Path) -> None:
+    """Give the weights the permissions every other file of the checkpoint has (the umask's): transformers writes
+    them through a private temporary file, readable by this account alone, and an app run by another account (a
+    service, a shared disk) could not load them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in checkpoint.glob("*.safetensors"):
+        weights.chmod(0o666 & ~umask)
+
+
 def recipe_summary(preset: dict, accelerator: Accelerator) -> dict:
     """How the checkpoint was trained, for training.json and the model card."""
     language_model, encoder = preset["language_model"], preset.get("encoder", {})
@@ -695,6 +706,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
             model.requires_grad_(False)
             model.to(getattr(torch, preset.get("save_dtype", "float32"))).save_pretrained(out)
             tokenizer.save_pretrained(out)
+            _readable_as_the_rest(out)
             (out / "training.json").write_text(json.dumps({
                 # Published with the checkpoint: folders and a preset file as typed, an absolute one by its
                 # name (model_card).

@@ -54,6 +54,9 @@ def trained(phantoms, tmp_path_factory):
 
 def test_training_writes_a_checkpoint_the_pipeline_loads(trained, phantoms):
     assert (trained / "model.safetensors").exists() and (trained / "tokenizer.json").exists()
+    # The weights are as readable as the rest (transformers writes them for this account alone): an app run by
+    # another account can load them
+    assert (trained / "model.safetensors").stat().st_mode & 0o777 == (trained / "config.json").stat().st_mode & 0o777
     summary = json.loads((trained / "training.json").read_text())
     assert summary["train_scans"] >= 5 and summary["encoder_pretraining"]["slices"] > 0
     pipeline = Pipeline.from_pretrained(trained)
