@@ -670,9 +670,9 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     if empty:
         meta["empty_slices"] = empty
         wide = gaps[gaps > (1 + MAX_MISSING_IN_A_GAP + GAP_TOLERANCE) * step]
-        notes.append(f"the series has no slices across {len(wide)} gap(s) of up to {wide.max():.3g} mm; "
-                     f"{empty} slice(s) there are shown empty, at their true place, not made up from the slices "
-                     "on either side")
+        across = f"a gap of {wide[0]:.3g} mm" if len(wide) == 1 else f"{len(wide)} gaps of up to {wide.max():.3g} mm"
+        notes.append(f"the series has no slices across {across}; the {empty} slice(s) there are shown empty, at "
+                     "their true place, not made up from the slices on either side")
     if tilt is not None:
         meta["gantry_tilt_degrees"] = round(tilt, 2)
         notes.append(f"the slices were acquired with a {tilt:.1f}° gantry tilt and are shown as acquired, so "

@@ -124,8 +124,8 @@ def test_a_wide_gap_is_shown_empty_at_its_true_place(tmp_path):
     np.testing.assert_allclose(scan.data[:10, 3, 3], drawn[:10], atol=1e-3)
     np.testing.assert_allclose(scan.data[13:, 3, 3], drawn[13:], atol=1e-3)  # each at its true height
     assert np.all(scan.data[10:13] == 0.0)  # empty: the scan's lowest value, black in every window
-    assert scan.meta["notes"] == ["the series has no slices across 1 gap(s) of up to 12 mm; 3 slice(s) there are "
-                                  "shown empty, at their true place, not made up from the slices on either side"]
+    assert scan.meta["notes"] == ["the series has no slices across a gap of 12 mm; the 3 slice(s) there are shown "
+                                  "empty, at their true place, not made up from the slices on either side"]
 
 
 def test_a_spacing_that_changes_within_a_series_keeps_every_slice_at_its_true_height(tmp_path):
