@@ -566,7 +566,8 @@ def run_stage(stage: dict, model, tokenizer, features: FeatureCache | VolumeFeat
                           lr=scheduler.get_last_lr()[0])
         val = validation_loss(wrapped, val_loader, accelerator) if validation else float("nan")
         mean_loss = sum(losses) / max(len(losses), 1)
-        accelerator.print(f"stage {name} epoch {epoch + 1}: training loss {mean_loss:.4f}, validation loss {val:.4f}")
+        validated = f"validation loss {val:.4f}" if validation else "no validation split to score"
+        accelerator.print(f"stage {name} epoch {epoch + 1}: training loss {mean_loss:.4f}, {validated}")
         log.write(stage=name, epoch=epoch, step=step, loss=round(mean_loss, 5), val_loss=round(val, 5))
         save_epoch_state(accelerator, state_dir, epoch)
     if adapters is not None:

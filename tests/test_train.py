@@ -391,3 +391,11 @@ def test_the_lesion_skip_trains_from_the_lesions_patches(phantoms, tmp_path):
         assert json.loads((out / "config.json").read_text())["compressor_lesion_classes"] == count
         heads[weight] = load_file(out / "model.safetensors")["compressor.lesion_head.weight"]
     assert not torch.equal(heads[0.0], heads[1.0])
+
+
+def test_a_run_without_a_validation_split_says_so_rather_than_a_loss_of_nan(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_phantom_set(data, n=3, seed=3, formats=("nifti",), matrix=64, split="train")
+    train("tiny", data, tmp_path / "checkpoint", seed=0)
+    printed = capsys.readouterr().out
+    assert "training loss" in printed and "no validation split to score" in printed and "nan" not in printed
