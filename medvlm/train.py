@@ -212,6 +212,9 @@ def read_samples(root: Path, split: str, prompts: tuple[str, ...] = (REPORT_PROM
     """Report and VQA samples of one split of an M3D-format folder (M3D-Cap, M3D-VQA, or both)."""
     check_split(split)
     root = Path(root)
+    if not root.is_dir():
+        raise UserInputError(f"there is no folder {root}; point --data to an M3D-format folder (python -m medvlm "
+                             "phantom writes one)")
     if not (root / CAP_FILE).exists() and not (root / VQA_FILES[split]).exists():
         raise UserInputError(f"{root} holds neither {CAP_FILE} nor {VQA_FILES[split]}; point to an M3D-format "
                              "folder")

@@ -212,6 +212,9 @@ def test_commands_on_a_folder_that_is_not_m3d_data(tmp_path, capsys, command, me
     args = [arg.format(tmp=tmp_path) for arg in command]
     assert message in refused(capsys, *args, "--data", data)
     assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "features").exists()
+    if "holds neither" in message:  # ... and a folder's name mistyped
+        assert f"there is no folder {tmp_path / 'typo'}; point --data to an M3D-format folder" in refused(
+            capsys, *args, "--data", tmp_path / "typo")
 
 
 def test_eval_on_a_vqa_row_whose_question_type_is_not_a_number(tmp_path, capsys):
