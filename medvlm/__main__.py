@@ -256,6 +256,7 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+COMMITTED_STUDY = Path(__file__).resolve().parent.parent / "assets" / "results"  # `ablate`'s results, as committed
 SCAN_HELP = "NIfTI (.nii, .nii.gz), M3D .npy, a DICOM folder or .zip, or several DICOM files of one series"
 
 
@@ -377,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(run=cmd_push)
 
     ablate = commands.add_parser("ablate", help="the ablation and data-efficiency study on phantoms (hours)")
-    ablate.add_argument("--out", default="assets/results", help="folder for ablations.json, data_efficiency.png, "
-                                                               "ablations.log")
+    ablate.add_argument("--out", default=str(COMMITTED_STUDY),
+                        help="folder for ablations.json, data_efficiency.png, ablations.log (default: this repo's "
+                             "committed study, assets/results, from any working folder)")
     ablate.add_argument("--size", choices=["small", "full", "tiny"], default="small",
                         help="small: a few hours on 2 CPU cores; full: larger sets; tiny: a smoke test")
     ablate.add_argument("--seeds", type=int, default=2, help="training seeds per comparison")

@@ -154,3 +154,12 @@ def test_help_names_the_presets_and_the_ranges_a_command_takes(capsys, monkeypat
     printed = " ".join(capsys.readouterr().out.split())
     assert all(preset.stem in printed for preset in PRESETS.glob("*.json")) and "tiny: a smoke test" in printed
     assert "most tokens to write, 1 to 1024 (default: 256)" in printed and "--top-p" in printed
+
+
+def test_ablate_by_default_adds_to_the_committed_study_from_any_working_folder(tmp_path, monkeypatch):
+    """README: the default --out is this repo's committed study; run from another folder it was a new
+    ./assets/results there."""
+    from medvlm.__main__ import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    assert Path(build_parser().parse_args(["ablate"]).out) == ROOT / "assets" / "results"
