@@ -31,6 +31,7 @@ GAP_TOLERANCE = 0.1  # slice gaps within this share of the step are even
 POSITION_PRECISION_MM = 0.1  # ... and within this: some exporters round ImagePositionPatient to 0.1 mm
 WHOLE_MM_ROUNDING = 0.5  # ... and others to whole mm: positions this close to an even grid lie on it
 MAX_MISSING_IN_A_GAP = 2  # missing slices drawn from their neighbours in one gap; a wider gap is not filled
+MAX_GRID_SLOTS = 4  # slots per image a series' grid may have (a spacing four times finer in part of it)
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")  # a picture of one image
 
 # What tells apart the images of one series that lie at one position, in the order tried:
@@ -452,12 +453,19 @@ def _slice_step(images: list[_DicomImage], step: float) -> tuple[np.ndarray, flo
 
 @dataclass(frozen=True)
 class _SliceGrid:
-    """The even grid a stack of slices is drawn on: `step` mm along the normal from one slot to the next, and each
-    slice's place on it, in steps from the first slice (whole numbers when the series is even: `even`)."""
+    """The even grid a stack of slices is drawn on: `step` mm along the normal from one slot to the next, each
+    slice's place on it in steps from the first slice, and the gaps (by the index of the slice below) shown empty.
+
+    kind: "even" (the slices lie on its slots; some may be missing), "resampled" (a spacing that changes: each slice
+    drawn on the slot within a quarter step of it, the slots between drawn from their neighbours), or "stacked"
+    (positions no grid fits without mostly empty or made-up slices: one slice a slot, at the median gap, said to be
+    approximate).
+    """
 
     step: float
     places: np.ndarray
-    even: bool
+    kind: str
+    empty_gaps: frozenset[int] = frozenset()
 
     @property
     def size(self) -> int:
@@ -467,15 +475,21 @@ class _SliceGrid:
     @property
     def _snap(self) -> float:
         """How far from a slot (in steps) a slice is drawn as the slot's own: 0 on an even grid, whose places are
-        whole; within the positions' precision on another."""
-        return 0.0 if self.even else min(0.25, POSITION_PRECISION_MM / self.step)
+        whole; a quarter step on a resampled one, so that few slices are blends of two (a blend halves the contrast
+        of a lesion seen in one slice)."""
+        return 0.25 if self.kind == "resampled" else 0.0
+
+    def empty_slots(self) -> int:
+        """How many slots lie in `empty_gaps` (known before any pixel is read)."""
+        return sum(math.ceil(self.places[gap + 1] - self._snap) - math.floor(self.places[gap] + self._snap) - 1
+                   for gap in self.empty_gaps)
 
     def draw(self, pixels: np.ndarray) -> tuple[np.ndarray, int, int]:
         """(slices, rows, columns) at `places` → every slot of the grid: a slice on a slot as it is, a slot between
-        two slices linearly interpolated from them by distance, and a slot in a gap wider than MAX_MISSING_IN_A_GAP
-        missing slices NaN (empty: `_fill_padding`), not made up across it. Returns (the grid's slices, how many
-        were interpolated, how many are empty)."""
-        if self.even and self.size == len(pixels):
+        two slices linearly interpolated from them by distance, a slot in one of `empty_gaps` NaN (empty:
+        `_fill_padding`), not made up across it. Returns (the grid's slices, how many were interpolated, how many
+        are empty)."""
+        if self.size == len(pixels):
             return pixels, 0, 0
         drawn = np.empty((self.size, *pixels.shape[1:]), dtype=pixels.dtype)
         interpolated = empty = 0
@@ -485,27 +499,31 @@ class _SliceGrid:
             if abs(self.places[nearest] - slot) <= self._snap:
                 drawn[slot] = pixels[nearest]
                 continue
-            below, gap = above - 1, self.places[above] - self.places[above - 1]
-            if gap > 1 + MAX_MISSING_IN_A_GAP + GAP_TOLERANCE:
+            below = above - 1
+            if below in self.empty_gaps:
                 drawn[slot], empty = np.nan, empty + 1
                 continue
-            weight = np.float32((slot - self.places[below]) / gap)
+            weight = np.float32((slot - self.places[below]) / (self.places[above] - self.places[below]))
             drawn[slot] = (1 - weight) * pixels[below] + weight * pixels[above]
             interpolated += 1
         return drawn, interpolated, empty
 
 
-def _slice_grid(positions: np.ndarray) -> _SliceGrid:
+def _slice_grid(positions: np.ndarray, whole_mm: bool = False) -> _SliceGrid:
     """The grid of a stack of slices at these ascending positions (mm) along its normal.
 
-    An even series: every gap within GAP_TOLERANCE of a whole number of steps, or within POSITION_PRECISION_MM
-    (exporters that round positions to 0.1 mm), or, positions in whole mm, every one within WHOLE_MM_ROUNDING of
-    the grid (and a quarter step); a gap of several steps has slices missing. The step is the
-    least-squares fit of the positions to their slots, its error a small fraction of the rounding. Any other
-    (a spacing that changes within the series, say 3 mm at the skull base and 6 mm above it) is drawn on a grid of
-    its finest gap (no finer than a quarter of its median gap; a little finer, so that its first and last slices lie
-    on it), every slice at its true position: stacked at one step, the slices past the change would lie tens of mm
-    from where they were taken.
+    Even: every gap within GAP_TOLERANCE of a whole number of steps, or within POSITION_PRECISION_MM (exporters
+    that round positions to 0.1 mm), or, `whole_mm` (every ImagePositionPatient rounded to whole mm), every
+    position within WHOLE_MM_ROUNDING of the grid (and a quarter step); the step is the least-squares fit of the
+    positions to their slots. Otherwise (a spacing
+    that changes within the series, 3 mm at the skull base and 6 mm above it) the grid's step is the series' finer
+    spacing (its 10th percentile gap, a little finer so that the last slice lies on a slot), and every slice lies
+    on its slot: stacked at one step, the slices past the change would be tens of mm from where they were taken.
+
+    A gap wider than 1 + MAX_MISSING_IN_A_GAP times the spacing around it (the gaps on either side: files lost, or
+    two blocks of one series) is shown empty rather than made up across; a run of wide gaps is a spacing, not a
+    loss. A grid that would be mostly empty (more empty slots than images: one image far from the rest) or too
+    large (more than MAX_GRID_SLOTS per image) is not drawn: the slices are stacked, approximately.
     """
     gaps = np.diff(positions)
     median = float(np.median(gaps))
@@ -514,15 +532,31 @@ def _slice_grid(positions: np.ndarray) -> _SliceGrid:
         counted = np.maximum(np.rint(gaps / step), 1.0)
         slots = np.concatenate([[0.0], np.cumsum(counted)])
         step = float(np.polyfit(slots, positions, 1)[0])
-    if np.all(np.abs(gaps - counted * step) <= GAP_TOLERANCE * step + POSITION_PRECISION_MM):
-        return _SliceGrid(step, slots, even=True)
     off_grid = np.abs(positions - np.polyval(np.polyfit(slots, positions, 1), slots)).max()
-    whole_mm = np.allclose(positions, np.rint(positions), rtol=0.0, atol=1e-3)
-    if whole_mm and off_grid <= min(WHOLE_MM_ROUNDING + POSITION_PRECISION_MM, step / 4):  # 2.5 mm apart: 2 or 3
-        return _SliceGrid(step, slots, even=True)
-    extent = float(positions[-1] - positions[0])
-    step = extent / math.ceil(extent / max(float(gaps.min()), median / 4) - 1e-6)  # the first and last on slots
-    return _SliceGrid(step, (positions - positions[0]) / step, even=False)
+    if (np.all(np.abs(gaps - counted * step) <= GAP_TOLERANCE * step + POSITION_PRECISION_MM)
+            or (whole_mm and off_grid <= min(WHOLE_MM_ROUNDING + POSITION_PRECISION_MM, step / 4))):
+        grid = _SliceGrid(step, slots, "even", _wide_gaps(gaps))
+    else:
+        extent = float(positions[-1] - positions[0])
+        finer = max(float(np.percentile(gaps, 10)), median / 4)
+        step = extent / math.ceil(extent / finer - 1e-6)
+        grid = _SliceGrid(step, (positions - positions[0]) / step, "resampled", _wide_gaps(gaps))
+    if grid.size > MAX_GRID_SLOTS * len(positions) or grid.empty_slots() > len(positions):
+        return _SliceGrid(median, np.arange(len(positions), dtype=float), "stacked")
+    return grid
+
+
+def _wide_gaps(gaps: np.ndarray) -> frozenset[int]:
+    """The gaps (by the index of the slice below) wider than 1 + MAX_MISSING_IN_A_GAP times the spacing around
+    them: the median of the gaps on either side, or of the series if that is wider (two acquisitions interleaved
+    alternate short and long gaps, none of them lost)."""
+    wide, median = set(), float(np.median(gaps))
+    for index, gap in enumerate(gaps):
+        around = [gaps[other] for other in (index - 1, index + 1) if 0 <= other < len(gaps)]
+        spacing = max(float(np.median(around)) if around else gap, median)
+        if gap > (1 + MAX_MISSING_IN_A_GAP + GAP_TOLERANCE) * spacing:
+            wide.add(index)
+    return frozenset(wide)
 
 
 def _series_padding(images: list[_DicomImage]) -> tuple[int, int] | None:
@@ -634,7 +668,8 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     images, positions = _sorted_along_normal(stacked)
     rows, columns = images[0].size
     check_grid((len(images), rows, columns), name)
-    grid = _slice_grid(positions)
+    grid = _slice_grid(positions, whole_mm=all(np.allclose(image.position, np.rint(image.position), rtol=0.0,
+                                                           atol=1e-3) for image in images))
     check_grid((grid.size, rows, columns), name)  # the missing slices drawn too
     pixels, padded = _read_pixels(images, rows, columns, name)
     if padded == pixels.size:
@@ -657,19 +692,25 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     pixels, interpolated, empty = grid.draw(pixels)
     # Slices missing here and there (a file or two lost), or a spacing that changes (2.5 mm, then 5 mm)
     wider = np.count_nonzero(gaps > (1 + GAP_TOLERANCE) * step + POSITION_PRECISION_MM)
-    if grid.even and interpolated and wider <= max(MAX_MISSING_IN_A_GAP, len(gaps) // 10):
+    spread = f"slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm"
+    if grid.kind == "stacked":
+        meta["uneven_gaps"] = (f"{spread}; the volume is drawn with an even {step:.3g} mm spacing, so distances along "
+                               "it are approximate")
+    elif grid.kind == "even" and interpolated and wider <= max(MAX_MISSING_IN_A_GAP, len(gaps) // 10):
         meta["missing_slices"] = interpolated
         notes.append(f"{interpolated} slice(s) are missing from the series (gaps of up to {gaps.max():.3g} mm between "
                      f"slices {step:.3g} mm apart); each is drawn from its two neighbours, so that every slice "
                      "lies at its true position")
-    elif interpolated or not grid.even:
-        meta["uneven_gaps"] = (f"slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm; the series is drawn on "
-                               f"an even {step:.3g} mm grid with every slice at its true position, {interpolated} of "
-                               f"its {len(pixels)} slices drawn between their two neighbours")
+    elif interpolated or grid.kind == "resampled":
+        placed = ("every slice at its true position" if grid.kind == "even" else
+                  f"each slice within {step / 4:.2g} mm of where it was taken")
+        meta["uneven_gaps"] = (f"{spread}; the series is drawn on an even {step:.3g} mm grid, {placed}, "
+                               f"{interpolated} of its {len(pixels)} slices drawn between their two neighbours")
+    if "uneven_gaps" in meta:
         notes.append(meta["uneven_gaps"])
     if empty:
         meta["empty_slices"] = empty
-        wide = gaps[gaps > (1 + MAX_MISSING_IN_A_GAP + GAP_TOLERANCE) * step]
+        wide = gaps[sorted(grid.empty_gaps)]
         across = f"a gap of {wide[0]:.3g} mm" if len(wide) == 1 else f"{len(wide)} gaps of up to {wide.max():.3g} mm"
         notes.append(f"the series has no slices across {across}; the {empty} slice(s) there are shown empty, at "
                      "their true place, not made up from the slices on either side")
@@ -692,8 +733,10 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         np.subtract(np.nanmax(pixels) + np.nanmin(pixels), pixels, out=pixels)
         notes.append("the series is stored with white at its lowest value (MONOCHROME1); its values are inverted "
                      "so that it shows as meant")
-    if padded or empty:
-        meta["padding_voxels"] = _fill_padding(pixels)
+    if padded or empty:  # the empty slices are no padding of the scan's own
+        filled = _fill_padding(pixels) - empty * rows * columns
+        if filled:
+            meta["padding_voxels"] = filled
     if modality == "PT" and units in CONVERTIBLE_UNITS:  # read as PET is read: SUV, where the header allows
         factor, why_not = suv_factor(first)
         if factor is None:

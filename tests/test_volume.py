@@ -98,14 +98,16 @@ def test_a_missing_slice_is_drawn_from_its_neighbours_and_every_slice_keeps_its_
                                   "true position", "1 image(s) were in the upload twice; each is used once"]
 
 
-def _series_at(folder, heights_mm) -> None:
+def _series_at(folder, heights_mm, whole_mm: bool = False) -> None:
     """A DICOM CT series with one axial slice at each height (mm, superior), each slice's voxels holding its own
-    height in HU: the loaded volume shows where each of its slices came from."""
+    height in HU: the loaded volume shows where each of its slices came from. `whole_mm`: every ImagePositionPatient
+    rounded to whole mm, as some exporters write them."""
     heights = np.asarray(heights_mm, dtype=np.float32)
     data = np.broadcast_to(heights[:, None, None], (len(heights), 6, 6)).copy()
     for path, height in zip(save_dicom_series(folder, data, (1.0, 1.0, 1.0)), heights, strict=True):
         ds = pydicom.dcmread(path)
-        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(height)]
+        position = [*ds.ImagePositionPatient[:2], float(height)]
+        ds.ImagePositionPatient = [float(round(value)) for value in position] if whole_mm else position
         ds.save_as(path)
 
 
@@ -120,6 +122,7 @@ def test_a_wide_gap_is_shown_empty_at_its_true_place(tmp_path):
     _series_at(tmp_path, [3.0 * index for index in range(10)] + [3.0 * index + 9.0 for index in range(10, 20)])
     scan = load_volume(tmp_path)
     assert scan.shape[0] == 23 and scan.spacing[0] == pytest.approx(3.0) and scan.meta["empty_slices"] == 3
+    assert "padding_voxels" not in scan.meta  # the scan's own pixels marked no padding
     drawn = _drawn_heights(scan)
     np.testing.assert_allclose(scan.data[:10, 3, 3], drawn[:10], atol=1e-3)
     np.testing.assert_allclose(scan.data[13:, 3, 3], drawn[13:], atol=1e-3)  # each at its true height
@@ -135,9 +138,9 @@ def test_a_spacing_that_changes_within_a_series_keeps_every_slice_at_its_true_he
     scan = load_volume(tmp_path)
     assert scan.shape[0] == 31 and scan.spacing[0] == pytest.approx(3.0)
     np.testing.assert_allclose(scan.data[:, 3, 3], _drawn_heights(scan), atol=1e-3)
-    assert scan.meta["notes"] == ["slice gaps vary from 3 to 6 mm; the series is drawn on an even 3 mm grid with "
-                                  "every slice at its true position, 11 of its 31 slices drawn between their two "
-                                  "neighbours"]
+    assert scan.meta["notes"] == ["slice gaps vary from 3 to 6 mm; the series is drawn on an even 3 mm grid, each "
+                                  "slice within 0.75 mm of where it was taken, 11 of its 31 slices drawn between "
+                                  "their two neighbours"]
 
 
 def test_a_spacing_that_doubles_within_a_series_is_not_called_missing_slices(tmp_path):
@@ -146,11 +149,29 @@ def test_a_spacing_that_doubles_within_a_series_is_not_called_missing_slices(tmp
     _series_at(tmp_path / "doubles", [2.5 * index for index in range(20)] + [52.5 + 5 * index for index in range(6)])
     scan = load_volume(tmp_path / "doubles")
     assert scan.shape[0] == 32 and "missing_slices" not in scan.meta
-    assert scan.meta["notes"] == ["slice gaps vary from 2.5 to 5 mm; the series is drawn on an even 2.5 mm grid with "
+    assert scan.meta["notes"] == ["slice gaps vary from 2.5 to 5 mm; the series is drawn on an even 2.5 mm grid, "
                                   "every slice at its true position, 6 of its 32 slices drawn between their two "
                                   "neighbours"]
     _series_at(tmp_path / "lost", [2.5 * index for index in range(30) if index not in (7, 20)])
     assert load_volume(tmp_path / "lost").meta["missing_slices"] == 2
+
+
+@pytest.mark.parametrize(("heights", "slices", "says"), [
+    # a fourfold spacing (2.5 mm, then 10 mm): the slices between are drawn, not left empty as files lost
+    ([2.5 * index for index in range(20)] + [57.5 + 10 * index for index in range(9)], 56, "drawn on an even 2.5 mm"),
+    ([1.25 * index for index in range(20)] + [28.75 + 5 * index for index in range(14)], 76, "an even 1.25 mm"),
+    # one image 0.05 mm from another (a copy with a new UID): the grid keeps the series' own step
+    ([2.5 * index for index in range(40)] + [50.05], 40, "drawn on an even 2.5 mm"),
+    # one image far from the rest, or two acquisitions interleaved: no grid of mostly empty or made-up slices
+    ([2.5 * index for index in range(40)] + [1200.0], 41, "so distances along it are approximate"),
+    ([2.5 * index for index in range(40)] + [80.3 + 2.5 * index for index in range(40)], None, "drawn on an even"),
+])
+def test_a_stray_or_changing_spacing_never_leaves_most_of_the_volume_empty(tmp_path, heights, slices, says):
+    """None: at most two slices for each image (MAX_GRID_SLOTS)."""
+    _series_at(tmp_path, heights)
+    scan = load_volume(tmp_path)
+    assert scan.shape[0] == slices if slices else scan.shape[0] <= 2 * len(heights)
+    assert "empty_slices" not in scan.meta and says in scan.meta["notes"][0]
 
 
 def test_positions_rounded_to_whole_mm_lie_on_the_series_grid(tmp_path):
@@ -158,7 +179,7 @@ def test_positions_rounded_to_whole_mm_lie_on_the_series_grid(tmp_path):
     series they are, whatever the count of slices (the median gap of an even count is 3 mm)."""
     for count in (40, 41):
         folder = tmp_path / str(count)
-        _series_at(folder, [float(round(2.5 * index)) for index in range(count)])
+        _series_at(folder, [2.5 * index for index in range(count)], whole_mm=True)
         scan = load_volume(folder)
         assert scan.shape[0] == count and scan.spacing[0] == pytest.approx(2.5, abs=0.01) and "notes" not in scan.meta
 
@@ -219,9 +240,10 @@ def test_uneven_gaps_that_are_no_missing_slices_are_said(tmp_path, marked_ct):
     scan = load_volume(tmp_path)  # 19 mm from the first to the last: 8 steps of 2.375 mm
     assert scan.shape == (9, *marked_ct.shape[1:]) and scan.spacing[0] == pytest.approx(19 / 8)
     np.testing.assert_array_equal(scan.data[[0, -1]], marked_ct[[0, -1]])
-    assert scan.meta["notes"] == ["slice gaps vary from 2.5 to 4 mm; the series is drawn on an even 2.38 mm grid "
-                                  "with every slice at its true position, 7 of its 9 slices drawn between their two "
-                                  "neighbours"]
+    np.testing.assert_array_equal(scan.data[[1, 2, 3, 5, 6, 7]], marked_ct[[1, 2, 3, 4, 5, 6]])  # as taken
+    assert scan.meta["notes"] == ["slice gaps vary from 2.5 to 4 mm; the series is drawn on an even 2.38 mm grid, "
+                                  "each slice within 0.59 mm of where it was taken, 1 of its 9 slices drawn between "
+                                  "their two neighbours"]
 
 
 def test_images_that_share_one_uid_but_not_a_position_are_all_kept(tmp_path, marked_ct):
