@@ -294,7 +294,7 @@ class ScanSession:
 
     def release(self) -> None:
         """Forget the scan: its cached visual tokens, its files, the conversation."""
-        stop_generation(self)
+        stop_generation(self, withdraw=False)
         if self.volume is not None:
             PIPELINE.forget(self.volume)
         self.delete_files()
@@ -942,6 +942,7 @@ def asked_to_write(event: str, session: ScanSession | None) -> dict:
         return gr.skip()
     session.withdrawn.pop(event, None)  # a request Stop withdrew was cancelled after all: this press is a new one
     session.waiting.add(event)
+    session.in_use()  # asking is using: a session whose request waits behind others' is not idle (`make_room`)
     return gr.update(interactive=True)
 
 
@@ -1136,12 +1137,15 @@ def _scan_replaced(session: ScanSession, volume: Volume) -> bool:
     return True
 
 
-def stop_generation(session: ScanSession | None, waiting_cancelled: bool = True) -> None:
+def stop_generation(session: ScanSession | None, waiting_cancelled: bool = True, withdraw: bool = True) -> None:
     """End the session's running generation: its thread stops at the next token, and an answer being written
     is marked stopped at once (what the page shows after Stop). `waiting_cancelled`: the reports and answers
-    waiting in the queue were cancelled too (Stop and Clear cancel them), and will not start."""
+    waiting in the queue were cancelled too (Stop and Clear cancel them), and will not start; `withdraw`: those
+    the page sends after the cancel are withdrawn too (`_withdrawn`: by Stop and Clear, not by a session closed,
+    whose requests say why)."""
     if session is not None and waiting_cancelled:  # ... and the page holds none of them any more
-        session.withdrawn.update(dict.fromkeys(session.waiting, "stopped"))  # (or sends them after Stop)
+        if withdraw:
+            session.withdrawn.update(dict.fromkeys(session.waiting, "stopped"))  # (or sends them after Stop)
         session.waiting.clear()
         session.writing = ("", 0)
         if session.unbegun is not None:  # an answer not begun yet says so at once (its handler may end later)
@@ -1158,7 +1162,10 @@ def _withdrawn(session: ScanSession | None, event: str) -> str:
     """Whether Stop ("stopped") or Clear ("cleared") came between the press that asked the page's `event` for a
     report or an answer and the page sending its request (a moment, too soon for their cancel to reach it): it is
     then not written. "" otherwise, and for an API client, which asks without `asked_to_write`."""
-    return session.withdrawn.pop(event, "") if session is not None else ""
+    if session is None:
+        return ""
+    withdrawn = session.withdrawn.pop(event, "")
+    return withdrawn if session.volume is not None else ""  # closed meanwhile: the page is told why instead
 
 
 def _asked_about_another_scan(session: ScanSession | None, scan_token: str | None) -> bool:

@@ -799,6 +799,12 @@ def test_stop_or_clear_just_after_a_press_withdraws_the_request_the_page_sends_a
     app_module.stop_generation(session)
     list(app_module.chat("Is there a lesion?", session, 16, 0.0, 1.0))
     assert "stopped" not in session.messages[-1]
+    # A session closed (idle, or to make room) while its question waits: the question is not answered "stopped",
+    # the visitor is told why the scan was closed
+    app_module.asked_to_write("chat", session)
+    session.close("The scan was closed to make room for other visitors; load it again.")
+    list(app_module.chat("Is there a lesion?", session, 16, 0.0, 1.0, asked_by="chat"))
+    assert app_module.chat_view(session) == []
 
 
 def test_a_button_pressed_again_while_its_request_is_pending_leaves_stop_to_end_with_it(app_module, ct_nifti):
