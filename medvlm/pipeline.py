@@ -320,7 +320,8 @@ def weights_digest(folder: Path) -> str:
     differently."""
     digest = hashlib.sha256()
     scored = ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
-    for path in sorted([*Path(folder).glob("*.safetensors"), *(Path(folder) / name for name in scored)]):
+    weights = [*Path(folder).glob("*.safetensors"), *Path(folder).glob("pytorch_model*.bin")]
+    for path in sorted([*weights, *(Path(folder) / name for name in scored)]):
         if not path.is_file():
             continue
         digest.update(path.name.encode())
@@ -348,6 +349,7 @@ class Pipeline:
         # when the last one is forgotten. Weak, so a volume dropped without `forget` stops counting.
         self._holders: dict[str, weakref.WeakValueDictionary[int, Volume]] = {}
         self._lock = threading.Lock()
+        self._weights_sha256: str | None = None  # `weights_digest` of `folder`, once asked for
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path | None = None, revision: str | None = None,
@@ -392,7 +394,9 @@ class Pipeline:
             scores = json.loads((self.folder / HELD_OUT_EVALUATION).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        if not isinstance(scores, dict) or scores.get("weights_sha256") != weights_digest(self.folder):
+        if self._weights_sha256 is None:  # once: every report quotes the scores, and a large checkpoint takes seconds
+            self._weights_sha256 = weights_digest(self.folder)
+        if not isinstance(scores, dict) or scores.get("weights_sha256") != self._weights_sha256:
             return None
         return scores
 
