@@ -7,6 +7,7 @@ one line on stderr; tracebacks are kept for our own bugs.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -413,6 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
 RESUMABLE = (cmd_train, cmd_ablate)  # commands that continue where they stopped when run again
 
 
+# The errors of a path the command could not make or write: where it is a user's choice (--out, --work), one line.
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC}
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader went away (poll reports an error on it), not some other pipe."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll here, or no stdout file
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = None
     try:
@@ -422,12 +439,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return USER_ERROR
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a program killed by SIGPIPE does
+        if not _stdout_gone():
+            raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
         return BROKEN_PIPE
     except OSError as error:  # a folder the command could not make or write (another user's, a read-only disk)
-        if error.filename is None:
+        if error.filename is None or error.errno not in UNWRITABLE:
             raise
-        print(f"error: cannot use {error.filename} ({error.strerror or error}); give a path you can write to",
+        print(f"error: cannot write to {error.filename} ({error.strerror}); give a path you can write to",
               file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:  # Ctrl-C: no traceback; 130 is the shell's status for an interrupted program

@@ -76,7 +76,7 @@ def test_output_folders_that_cannot_be_made_are_one_sentence_before_any_work(tmp
     is a file is refused before the ablation trains its first run or features encodes its first scan."""
     (tmp_path / "notes.txt").write_text("a file\n")
     inside_a_file = tmp_path / "notes.txt" / "phantoms"
-    assert f"cannot use {inside_a_file / 'ct'} (Not a directory); give a path you can write to" in refused(
+    assert f"cannot write to {inside_a_file / 'ct'} (Not a directory); give a path you can write to" in refused(
         capsys, "phantom", inside_a_file, "--n", "1", "--matrix", "32")
     monkeypatch.setattr("medvlm.ablation.run_study", lambda *args, **kwargs: pytest.fail("the study ran"))
     monkeypatch.setattr("medvlm.features.encode_data_folder", lambda *args, **kwargs: pytest.fail("encoded"))
@@ -84,6 +84,23 @@ def test_output_folders_that_cannot_be_made_are_one_sentence_before_any_work(tmp
                                                                    "--data", str(tmp_path)]):
         assert f"{command[0]}: {tmp_path / 'notes.txt'} is a file, not a folder; give --out a folder" in refused(
             capsys, *command, "--out", tmp_path / "notes.txt")
+
+
+def test_an_error_that_is_no_unwritable_path_keeps_its_traceback(monkeypatch):
+    """A file of the program's own missing (a packaging fault) is our bug, not a path the user can change: it is not
+    told as 'give a path you can write to', and a broken pipe that is not stdout's is not taken for `| head`."""
+    import medvlm.__main__ as cli
+
+    def missing_asset(args):
+        Path("/nonexistent/medvlm/presets/asset.json").read_text()
+
+    def broken_socket(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    for run in (missing_asset, broken_socket):
+        monkeypatch.setattr(cli, "cmd_info", run)
+        with pytest.raises(OSError):
+            main(["info", "scan.nii.gz"])
 
 
 @pytest.mark.parametrize(("out", "message"), [
