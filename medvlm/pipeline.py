@@ -91,7 +91,7 @@ def resolve_checkpoint(checkpoint: str | Path | None, revision: str | None = Non
         from huggingface_hub import constants
 
         where = f"{name!r}" + (f" at revision {revision!r}" if revision else "")
-        no_folder = "" if "/" in name else f" (and there is no folder {name!r} here)"
+        no_folder = f" (and there is no folder {name!r} here)"  # a folder's name mistyped is a valid repo id
         if constants.HF_HUB_OFFLINE:  # its own text is three sentences, and this is what they come to
             raise CheckpointError(f"checkpoint {where} is not in the local Hugging Face cache{no_folder}, and "
                                   "HF_HUB_OFFLINE=1 keeps it from being downloaded; download it once with the "
@@ -464,9 +464,11 @@ class Pipeline:
         the model's control tokens (`prompt_text`) raise UserInputError. Setting `stop` (or closing the
         generator) ends the generation thread.
         """
-        if isinstance(messages, str) or not all(isinstance(message, dict) for message in messages or [None]):
-            raise UserInputError("messages is the conversation, a list of {'role': ..., 'content': ...}; for one "
-                                 "question give [{'role': 'user', 'content': question}]")
+        if isinstance(messages, str) or not all(
+                isinstance(message, dict) and message.get("role") in ("user", "assistant")
+                and isinstance(message.get("content"), str) for message in messages or [None]):
+            raise UserInputError("messages is the conversation, a list of {'role': 'user' or 'assistant', 'content': "
+                                 "text}; for one question give [{'role': 'user', 'content': question}]")
         if messages[-1].get("role") != "user":
             raise UserInputError("the conversation must end with the user's question (a message of role 'user')")
         question = messages[-1]["content"]
@@ -488,7 +490,7 @@ class Pipeline:
                                  f"{context:,} in all, too few to answer in; {START_AGAIN}")
         return self._stream(input_ids, encoding.visual_tokens.to(self.device), stop,
                             max_new_tokens=min(int(max_new_tokens), context - length), temperature=float(temperature),
-                            top_p=float(top_p), context=context if context - length < int(max_new_tokens) else 0)
+                            top_p=float(top_p), context=context if context - length <= int(max_new_tokens) else 0)
 
     def _stream(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor, stop: threading.Event | None,
                 max_new_tokens: int, temperature: float, top_p: float, context: int = 0) -> Iterator[str]:

@@ -461,6 +461,8 @@ def test_a_conversation_given_in_another_form_is_one_sentence(pipeline):
     that says what `messages` is, not Python's 'string indices must be integers'."""
     for messages, says in (("Which organ?", "for one question give [{'role': 'user', 'content': question}]"),
                            ([], "messages is the conversation, a list of"),
+                           ([{"role": "user", "content": [{"type": "text", "text": "Which organ?"}]}],
+                            "'content': text}"),  # OpenAI-style content blocks
                            ([{"role": "user", "content": "Which organ?"}, {"role": "assistant", "content": "Liver."}],
                             "must end with the user's question")):
         with pytest.raises(UserInputError, match=re.escape(says)):
