@@ -67,7 +67,12 @@ def check_lesions_to_learn(root: Path) -> None:
         raise UserInputError(f"{root} has no {GROUND_TRUTH_FILE}, so the slice encoder cannot be pre-trained on its "
                              "scans; train on phantoms (python -m medvlm phantom) or use a preset with a pretrained "
                              "encoder")
-    if not lesion_classes(json.loads(path.read_text())):
+    try:
+        classes = lesion_classes(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserInputError(f"{path} is not the ground truth `python -m medvlm phantom` writes (a JSON object of "
+                             "scans, each with its lesions); write the phantoms again") from None
+    if not classes:
         raise UserInputError(f"the scans in {root} hold no lesions, so the slice encoder cannot be pre-trained to find "
                              "them; make more phantoms (--n) or use scans with lesions")
 

@@ -19,7 +19,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -88,6 +87,7 @@ TRAINABLE_PARTS = {
 PRESET_OBJECTS = ("model", "language_model", "tokenizer")  # the sections of a preset that training reads
 STAGE_KEYS = ("name", "tasks", "trainable", "epochs", "lr", "batch_size")  # what each stage must say
 STAGE_TASKS = ("report", "vqa_closed", "vqa_open")  # a Sample's task, as read_samples names them
+LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}  # a stage's "lora": what `attach_lora` reads
 
 
 def load_preset(name_or_path: str) -> dict:
@@ -193,8 +193,10 @@ def stage_problem(stage: dict) -> str | None:
         ("patch_loss", False, _is_number, "a weight of 0 or more"),
         ("lora", False, lambda v: v is None or (isinstance(v, dict) and _is_whole(v.get("r"))
                                                 and _is_number(v.get("alpha"), above=True)
-                                                and _is_number(v.get("dropout", 0.0)) and v.get("dropout", 0.0) < 1),
-         "an object with a whole 'r', an 'alpha' above 0 and a 'dropout' from 0 to below 1"),
+                                                and _is_number(v.get("dropout", 0.0)) and v.get("dropout", 0.0) < 1
+                                                and set(v) <= LORA_KEYS),
+         "an object with a whole 'r', an 'alpha' above 0, a 'dropout' from 0 to below 1 and perhaps "
+         "'target_modules', no other key"),
     )
     for key, required, allowed, what in checks:
         if (required or key in stage) and not allowed(stage[key]):
@@ -612,13 +614,12 @@ def _load_scan(root: Path, image: str):
 
 
 def _readable_as_the_rest(checkpoint: Path) -> None:
-    """Give the weights the permissions every other file of the checkpoint has (the umask's): transformers writes
-    them through a private temporary file, readable by this account alone, and an app run by another account (a
-    service, a shared disk) could not load them."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """Give the weights the permissions its config.json has (the umask's): transformers writes them through a
+    private temporary file, readable by this account alone, and an app run by another account (a service, a shared
+    disk) could not load them."""
+    mode = (checkpoint / "config.json").stat().st_mode & 0o777
     for weights in checkpoint.glob("*.safetensors"):
-        weights.chmod(0o666 & ~umask)
+        weights.chmod(mode)
 
 
 def recipe_summary(preset: dict, accelerator: Accelerator) -> dict:

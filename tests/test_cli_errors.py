@@ -284,6 +284,9 @@ def test_train_on_scans_without_lesions_refuses_before_pre_training(tmp_path, ca
     says = (f"the scans in {data} hold no lesions, so the slice encoder cannot be pre-trained to find them; make "
             "more phantoms (--n) or use scans with lesions")
     assert says in refused(capsys, "train", "--preset", "tiny", "--data", data, "--out", out)
+    (data / "ground_truth.json").write_text("[1, 2")
+    assert "ground_truth.json is not the ground truth `python -m medvlm phantom` writes" in refused(
+        capsys, "train", "--preset", "tiny", "--data", data, "--out", out)
     (data / "ground_truth.json").unlink()
     assert "has no ground_truth.json, so the slice encoder cannot be pre-trained on its scans" in refused(
         capsys, "train", "--preset", "tiny", "--data", data, "--out", out)
@@ -303,6 +306,7 @@ def test_train_on_scans_without_lesions_refuses_before_pre_training(tmp_path, ca
     ({"samples_per_scan": 0}, "has a stage 1 whose 'samples_per_scan' is 0, not a whole number of at least 1"),
     ({"finding_loss": -1.0}, "has a stage 1 whose 'finding_loss' is -1.0, not a weight of 0 or more"),
     ({"lora": {"r": "16"}}, "has a stage 1 whose 'lora' is {\"r\": \"16\"}, not an object with a whole 'r'"),
+    ({"lora": {"r": 16, "alpha": 32, "dropuot": 0.1}}, "whose 'lora' is {\"r\": 16, \"alpha\": 32, \"dropuot\": 0.1}"),
     ({"name": "a/b"}, "has a stage 1 whose 'name' is \"a/b\", not a name that can be a folder's"),
     ({"name": "instruct"}, "has two stages named 'instruct'"),
     ({"epoch": 2}, "has a stage 1 whose 'epoch' is not a stage setting (a stage takes name, tasks, epochs, lr"),
