@@ -8,6 +8,7 @@ InstanceNumber; the affine keeps the true slice step, a tilted CT gantry include
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -252,10 +253,11 @@ def _legacy_frames(path: Path, header, frames: int, name: str) -> list[_DicomIma
             for frame, offset in enumerate(offsets)]
 
 
+@functools.cache
 def _pydicom():
-    """pydicom, set not to check values as it reads them: a value that fails its check (a UID that embeds a
-    patient's ID and birth date, as some sites' do) is only warned about, quoted, on stderr and in the server's
-    log. The loader checks the values it uses itself."""
+    """pydicom, set once not to check values as it reads them (for this process: pydicom has one setting): a value
+    that fails its check (a UID that embeds a patient's ID and birth date, as some sites' do) is only warned about,
+    quoted, on stderr and in the server's log. The loader checks the values it uses itself."""
     import pydicom
     import pydicom.config
 
