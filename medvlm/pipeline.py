@@ -91,7 +91,8 @@ def resolve_checkpoint(checkpoint: str | Path | None, revision: str | None = Non
         from huggingface_hub import constants
 
         where = f"{name!r}" + (f" at revision {revision!r}" if revision else "")
-        no_folder = f" (and there is no folder {name!r} here)"  # a folder's name mistyped is a valid repo id
+        # A folder's name mistyped is a valid repo id: said where it could be one (its parent folder exists)
+        no_folder = f" (and there is no folder {name!r} here)" if Path(name).parent.is_dir() else ""
         if constants.HF_HUB_OFFLINE:  # its own text is three sentences, and this is what they come to
             raise CheckpointError(f"checkpoint {where} is not in the local Hugging Face cache{no_folder}, and "
                                   "HF_HUB_OFFLINE=1 keeps it from being downloaded; download it once with the "
