@@ -221,8 +221,8 @@ class ScanSession:
     truth: str = ""  # an example phantom's findings report (`example_truth`); "" for an upload
     encoding: Encoding | None = None  # the scan as the model sees it, from `encode_on_gpu`
     # {"role", "content": str}; an answer cut short also "stopped": True, or "cut_off": its token limit and
-    # "out_of_context": whether the model's context set that limit (the chat
-    # says so; the model is given role and content only)
+    # "out_of_context": whether the model's context set that limit (the chat says so; the model is given role and
+    # content only)
     messages: list[dict] = field(default_factory=list)
     answering: dict | None = None  # the answer in `messages` being written, marked stopped if Stop comes first
     unbegun: dict | None = None  # the answer in `messages` asked for and not begun yet, marked stopped by Stop
