@@ -491,7 +491,7 @@ class _SliceGrid:
         two slices linearly interpolated from them by distance, a slot in one of `empty_gaps` NaN (empty:
         `_fill_padding`), not made up across it. Returns (the grid's slices, how many were interpolated, how many
         are empty)."""
-        if self.size == len(pixels):
+        if self.kind != "resampled" and self.size == len(pixels):  # on its slots already
             return pixels, 0, 0
         drawn = np.empty((self.size, *pixels.shape[1:]), dtype=pixels.dtype)
         interpolated = empty = 0
@@ -519,28 +519,30 @@ def _slice_grid(positions: np.ndarray, whole_mm: bool = False) -> _SliceGrid:
     position within WHOLE_MM_ROUNDING of the grid (and a quarter step); the step is the least-squares fit of the
     positions to their slots. Otherwise (a spacing
     that changes within the series, 3 mm at the skull base and 6 mm above it) the grid's step is the series' finer
-    spacing (its 10th percentile gap, a little finer so that the last slice lies on a slot), and every slice lies
-    on its slot: stacked at one step, the slices past the change would be tens of mm from where they were taken.
+    spacing (its 10th percentile gap, no finer than MAX_GRID_SLOTS slots an image allow, a little finer so that the
+    last slice lies on a slot), and every slice lies within a quarter step of its slot: stacked at one step, the
+    slices past the change would be tens of mm from where they were taken.
 
     A gap wider than 1 + MAX_MISSING_IN_A_GAP times the spacing around it (the gaps on either side: files lost, or
     two blocks of one series) is shown empty rather than made up across; a run of wide gaps is a spacing, not a
-    loss. A grid that would be mostly empty (more empty slots than images: one image far from the rest) or too
-    large (more than MAX_GRID_SLOTS per image) is not drawn: the slices are stacked, approximately.
+    loss. A grid that would be mostly empty (more empty slots than images: one image far from the rest, two blocks
+    far apart) or larger than MAX_GRID_SLOTS slots an image is not drawn: the slices are stacked at the median gap,
+    approximately.
     """
     gaps = np.diff(positions)
     median = float(np.median(gaps))
-    step = median
-    for _ in range(2):  # slots from the median gap, then from the fitted step
+    step = float(np.mean(gaps[gaps < 1.75 * median]))  # the gaps of one slot: 2 and 3 for 2.5 mm rounded to mm
+    for _ in range(2):  # slots from that first guess, then from the fitted step
         counted = np.maximum(np.rint(gaps / step), 1.0)
         slots = np.concatenate([[0.0], np.cumsum(counted)])
         step = float(np.polyfit(slots, positions, 1)[0])
     off_grid = np.abs(positions - np.polyval(np.polyfit(slots, positions, 1), slots)).max()
-    if (np.all(np.abs(gaps - counted * step) <= GAP_TOLERANCE * step + POSITION_PRECISION_MM)
-            or (whole_mm and off_grid <= min(WHOLE_MM_ROUNDING + POSITION_PRECISION_MM, step / 4))):
-        grid = _SliceGrid(step, slots, "even", _wide_gaps(gaps))
-    else:
-        extent = float(positions[-1] - positions[0])
-        finer = max(float(np.percentile(gaps, 10)), median / 4)
+    even = (np.all(np.abs(gaps - counted * step) <= GAP_TOLERANCE * step + POSITION_PRECISION_MM)
+            or (whole_mm and off_grid <= min(WHOLE_MM_ROUNDING + POSITION_PRECISION_MM, step / 4)))
+    grid = _SliceGrid(step, slots, "even", _wide_gaps(gaps)) if even else None
+    if grid is None or grid.size > MAX_GRID_SLOTS * len(positions):  # (or two packages interleaved unevenly)
+        extent = float(positions[-1] - positions[0])  # no finer than MAX_GRID_SLOTS slots an image allow
+        finer = max(float(np.percentile(gaps, 10)), median / 4, extent / (MAX_GRID_SLOTS * len(positions) - 1))
         step = extent / math.ceil(extent / finer - 1e-6)
         grid = _SliceGrid(step, (positions - positions[0]) / step, "resampled", _wide_gaps(gaps))
     if grid.size > MAX_GRID_SLOTS * len(positions) or grid.empty_slots() > len(positions):
@@ -550,12 +552,13 @@ def _slice_grid(positions: np.ndarray, whole_mm: bool = False) -> _SliceGrid:
 
 def _wide_gaps(gaps: np.ndarray) -> frozenset[int]:
     """The gaps (by the index of the slice below) wider than 1 + MAX_MISSING_IN_A_GAP times the spacing around
-    them: the median of the gaps on either side, or of the series if that is wider (two acquisitions interleaved
-    alternate short and long gaps, none of them lost)."""
-    wide, median = set(), float(np.median(gaps))
+    them: the median of the gaps on either side, or the series' median or mean gap (without this one) if wider (two
+    acquisitions interleaved alternate short and long gaps, none of them lost)."""
+    wide, median, total = set(), float(np.median(gaps)), float(gaps.sum())
     for index, gap in enumerate(gaps):
         around = [gaps[other] for other in (index - 1, index + 1) if 0 <= other < len(gaps)]
-        spacing = max(float(np.median(around)) if around else gap, median)
+        others = (total - gap) / (len(gaps) - 1) if len(gaps) > 1 else gap
+        spacing = max(float(np.median(around)) if around else gap, median, others)
         if gap > (1 + MAX_MISSING_IN_A_GAP + GAP_TOLERANCE) * spacing:
             wide.add(index)
     return frozenset(wide)
