@@ -550,6 +550,13 @@ def _slice_grid(positions: np.ndarray, whole_mm: bool = False) -> _SliceGrid:
     return grid
 
 
+def _largest_block(positions: np.ndarray) -> slice:
+    """The run of slices (by index) with the most images between two wide gaps (`_wide_gaps`); the first of equals."""
+    bounds = [0, *(gap + 1 for gap in sorted(_wide_gaps(np.diff(positions)))), len(positions)]
+    start, stop = max(pairwise(bounds), key=lambda block: block[1] - block[0])
+    return slice(start, stop)
+
+
 def _wide_gaps(gaps: np.ndarray) -> frozenset[int]:
     """The gaps (by the index of the slice below) wider than 1 + MAX_MISSING_IN_A_GAP times the spacing around
     them: the median of the gaps on either side, or the series' median or mean gap (without this one) if wider (two
@@ -673,8 +680,16 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     images, positions = _sorted_along_normal(stacked)
     rows, columns = images[0].size
     check_grid((len(images), rows, columns), name)
-    grid = _slice_grid(positions, whole_mm=all(np.allclose(image.position, np.rint(image.position), rtol=0.0,
-                                                           atol=1e-3) for image in images))
+    whole_mm = all(np.allclose(image.position, np.rint(image.position), rtol=0.0, atol=1e-3) for image in images)
+    grid = _slice_grid(positions, whole_mm)
+    if grid.kind == "stacked":  # an image or a block far from the rest: the largest block alone, drawn as it lies
+        block = _largest_block(positions)
+        if MIN_SLICES <= block.stop - block.start < len(images):
+            far = len(images) - (block.stop - block.start)
+            notes.append(f"{far} image(s) of the series lie far from the other {block.stop - block.start} (up to "
+                         f"{np.abs(positions - positions[block][[0, -1]].mean()).max():.0f} mm away) and are left out")
+            images, positions = images[block], positions[block]
+            grid = _slice_grid(positions, whole_mm)
     check_grid((grid.size, rows, columns), name)  # the missing slices drawn too
     pixels, padded = _read_pixels(images, rows, columns, name)
     if padded == pixels.size:
