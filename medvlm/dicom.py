@@ -517,11 +517,11 @@ def _slice_grid(positions: np.ndarray, whole_mm: bool = False) -> _SliceGrid:
     Even: every gap within GAP_TOLERANCE of a whole number of steps, or within POSITION_PRECISION_MM (exporters
     that round positions to 0.1 mm), or, `whole_mm` (every ImagePositionPatient rounded to whole mm), every
     position within WHOLE_MM_ROUNDING of the grid (and a quarter step); the step is the least-squares fit of the
-    positions to their slots. Otherwise (a spacing
-    that changes within the series, 3 mm at the skull base and 6 mm above it) the grid's step is the series' finer
-    spacing (its 10th percentile gap, no finer than MAX_GRID_SLOTS slots an image allow, a little finer so that the
-    last slice lies on a slot), and every slice lies within a quarter step of its slot: stacked at one step, the
-    slices past the change would be tens of mm from where they were taken.
+    positions to their slots. Otherwise (a spacing that changes within the series, 3 mm at the skull base and 6 mm
+    above it) the grid's step is the series' finer spacing (its 10th percentile gap, no finer than MAX_GRID_SLOTS
+    slots an image allow, a little finer so that the last slice lies on a slot), and every slice lies within a
+    quarter step of its slot: stacked at one step, the slices past the change would be tens of mm from where they
+    were taken.
 
     A gap wider than 1 + MAX_MISSING_IN_A_GAP times the spacing around it (the gaps on either side: files lost, or
     two blocks of one series) is shown empty rather than made up across; a run of wide gaps is a spacing, not a
