@@ -123,6 +123,9 @@ def test_a_wide_gap_is_shown_empty_at_its_true_place(tmp_path):
     scan = load_volume(tmp_path)
     assert scan.shape[0] == 23 and scan.spacing[0] == pytest.approx(3.0) and scan.meta["empty_slices"] == 3
     assert "padding_voxels" not in scan.meta  # the scan's own pixels marked no padding
+    from medvlm.view import opening_slice
+
+    assert opening_slice(scan, "axial") == 9  # the middle slice (11) is empty: the viewer opens at the nearest image
     drawn = _drawn_heights(scan)
     np.testing.assert_allclose(scan.data[:10, 3, 3], drawn[:10], atol=1e-3)
     np.testing.assert_allclose(scan.data[13:, 3, 3], drawn[13:], atol=1e-3)  # each at its true height
