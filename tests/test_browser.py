@@ -53,8 +53,9 @@ def test_a_clinician_session(browser, server, app_module, tmp_path, monkeypatch)
     page.set_default_timeout(60_000)
     page.goto(server)
     page.locator("#model-badge").wait_for()
-    colour = "selector => getComputedStyle(document.querySelector(selector)).backgroundColor"
-    disabled = page.evaluate(colour, "#report-button")  # no scan yet
+    colour = "button => getComputedStyle(button).backgroundColor"
+    page.wait_for_function("() => document.querySelector('#report-button')?.disabled")  # no scan yet
+    disabled = page.locator("#report-button").evaluate(colour)
 
     page.locator("#scan-upload input[type=file]").set_input_files(str(example_scan(tmp_path)))
     page.locator("#status-line", has_text="Ready").wait_for()
@@ -208,7 +209,7 @@ def test_a_clinician_session(browser, server, app_module, tmp_path, monkeypatch)
     page.wait_for_function("() => !document.querySelector('#report-download').disabled")  # offered when finished
     # Under the pointer, the enabled button does not take the colour it has disabled
     assert page.locator("#report-button").evaluate("e => e.matches(':hover')")
-    assert page.evaluate(colour, "#report-button") != disabled
+    assert page.locator("#report-button").evaluate(colour) != disabled
     monkeypatch.setattr(app_module, "stream_on_gpu", stream)
     assert len(streams) == 1
     lengths = [n for n in page.evaluate("window.reportLengths") if n]
