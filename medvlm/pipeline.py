@@ -173,7 +173,7 @@ def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGenerat
     """
     kwargs.setdefault("dtype", torch.float32)
     _check_checkpoint_folder(folder, name)
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+    if not weight_files(folder):
         raise CheckpointError(f"{name!r} has no weights (model.safetensors); copy the whole checkpoint folder, or "
                               "download it again")
     bar_shown, verbosity = transformers_logging.is_progress_bar_enabled(), transformers_logging.get_verbosity()
@@ -314,6 +314,12 @@ class _StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """A checkpoint folder's weights: its safetensors files, or the pytorch_model*.bin files transformers also
+    loads."""
+    return [*Path(folder).glob("*.safetensors"), *Path(folder).glob("pytorch_model*.bin")]
+
+
 def weights_digest(folder: Path) -> str:
     """sha256 of what a checkpoint's scores depend on: its safetensors files, config.json and tokenizer files
     (by name and content). Which model an evaluation scored, so that a model card never shows figures of
@@ -321,8 +327,7 @@ def weights_digest(folder: Path) -> str:
     differently."""
     digest = hashlib.sha256()
     scored = ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
-    weights = [*Path(folder).glob("*.safetensors"), *Path(folder).glob("pytorch_model*.bin")]
-    for path in sorted([*weights, *(Path(folder) / name for name in scored)]):
+    for path in sorted([*weight_files(folder), *(Path(folder) / name for name in scored)]):
         if not path.is_file():
             continue
         digest.update(path.name.encode())
