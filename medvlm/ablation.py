@@ -196,10 +196,10 @@ def encoder_work(checkpoint: Path, data: Path) -> dict:
     3D baseline, which runs no 2D encoder.
     """
     from .features import scan_slices
-    from .pipeline import load_model
+    from .pipeline import checkpoint_named, load_model
     from .volume import load_volume
 
-    model = load_model(checkpoint, str(checkpoint)).eval()  # float32, as `evaluate` runs it
+    model = load_model(checkpoint, checkpoint_named(checkpoint)).eval()  # float32, as `evaluate` runs it
     config = model.config
     if config.visual_path == "vit3d":
         return {"encoded_fraction": None, "encoder_work": None, "input_slices": None}

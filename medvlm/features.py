@@ -296,7 +296,7 @@ def encoding_model(checkpoint_or_preset: str, revision: str | None = None) -> Me
     To train from the cache, give the same preset as `train`: a saved checkpoint's encoder weights are
     rounded to its save dtype, so its fingerprint differs.
     """
-    from .pipeline import load_model, resolve_checkpoint
+    from .pipeline import checkpoint_named, load_model, resolve_checkpoint
     from .train import PRESETS, build_encoding_model, load_preset
 
     name = str(checkpoint_or_preset)
@@ -305,7 +305,7 @@ def encoding_model(checkpoint_or_preset: str, revision: str | None = None) -> Me
             raise UserInputError(f"--revision picks a version of a Hub checkpoint, and {name} is a preset; leave "
                                  "it out, or name the checkpoint")
         return build_encoding_model(load_preset(name))  # a file that is not a preset: UserInputError, naming it
-    return load_model(resolve_checkpoint(name, revision), name)
+    return load_model(resolve_checkpoint(name, revision), checkpoint_named(name, revision))
 
 
 def encode_data_folder(checkpoint_or_preset: str, data: str | Path, out: str | Path,

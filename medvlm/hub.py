@@ -28,7 +28,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from .errors import CheckpointError, UserInputError
 from .model_card import published_path, write_model_card
-from .pipeline import load_tokenizer, weights_digest
+from .pipeline import checkpoint_named, load_tokenizer, weights_digest
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 NOT_PUBLISHED = ("*-training/**", "state/**", "features/**", ".cache/**")  # work files that never go up
@@ -43,7 +43,7 @@ def check_checkpoint(folder: Path) -> None:
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"{str(folder)!r} lacks {', '.join(missing)}; it is not a complete MedVLM checkpoint")
-    load_tokenizer(folder, str(folder))
+    load_tokenizer(folder, checkpoint_named(folder))
 
 
 def training_command(folder: Path) -> str:

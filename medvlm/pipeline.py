@@ -90,7 +90,7 @@ def resolve_checkpoint(checkpoint: str | Path | None, revision: str | None = Non
     except Exception as error:  # huggingface_hub raises many types: not found, offline, gated, network
         from huggingface_hub import constants
 
-        where = f"{name!r}" + (f" at revision {revision!r}" if revision else "")
+        where = checkpoint_named(name, revision)
         # A folder's name mistyped is a valid repo id: said where it could be one (its parent folder exists)
         no_folder = f" (and there is no folder {name!r} here)" if Path(name).parent.is_dir() else ""
         if constants.HF_HUB_OFFLINE:  # its own text is three sentences, and this is what they come to
@@ -102,27 +102,32 @@ def resolve_checkpoint(checkpoint: str | Path | None, revision: str | None = Non
                               "check the repo id, your network or HF_TOKEN") from None
 
 
+def checkpoint_named(checkpoint: str | Path, revision: str | None = None) -> str:
+    """A checkpoint as messages name it: quoted, with the Hub revision asked for."""
+    return repr(str(checkpoint)) + (f" at revision {revision!r}" if revision else "")
+
+
 def _check_checkpoint_folder(folder: Path, name: str) -> dict:
     """A MedVLM config.json (returned, as read), a tokenizer, and real files rather than the pointers a clone
     without git-lfs leaves."""
     pointers = [path.name for path in sorted(folder.iterdir())
                 if path.is_file() and path.stat().st_size < 1024 and path.read_bytes().startswith(LFS_POINTER)]
     if pointers:
-        raise CheckpointError(f"{name!r} holds Git LFS pointers in place of {', '.join(pointers)} (it was cloned "
+        raise CheckpointError(f"{name} holds Git LFS pointers in place of {', '.join(pointers)} (it was cloned "
                               f"without git-lfs); install git-lfs and run `git lfs pull` in {folder}")
     config_file = folder / "config.json"
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError):
-        raise CheckpointError(f"{name!r} has no readable config.json; it is not a MedVLM checkpoint") from None
+        raise CheckpointError(f"{name} has no readable config.json; it is not a MedVLM checkpoint") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "medvlm":
-        raise CheckpointError(f"{name!r} is a {model_type!r} model, not a MedVLM checkpoint")
+        raise CheckpointError(f"{name} is a {model_type!r} model, not a MedVLM checkpoint")
     if not isinstance(config.get("text_config"), dict):  # transformers would build a default 7B-parameter Llama
-        raise CheckpointError(f"the config.json of {name!r} describes no language model (text_config); save the "
+        raise CheckpointError(f"the config.json of {name} describes no language model (text_config); save the "
                               "checkpoint again with save_pretrained")
     if not any((folder / file).is_file() for file in TOKENIZER_FILES):  # checked before minutes of weight loading
-        raise CheckpointError(f"{name!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); save the tokenizer "
+        raise CheckpointError(f"{name} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); save the tokenizer "
                               "beside the weights with tokenizer.save_pretrained")
     return config
 
@@ -130,10 +135,11 @@ def _check_checkpoint_folder(folder: Path, name: str) -> dict:
 def load_tokenizer(folder: Path, name: str):
     """The tokenizer of a checkpoint folder (as `resolve_checkpoint` gives it), checked against its config.json
     as every report needs it: a chat template, and the scan placeholder (config.image_token) read as the one
-    token config.image_token_id. Raises CheckpointError naming what is missing or does not fit."""
+    token config.image_token_id. Raises CheckpointError naming what is missing or does not fit; `name` is the
+    checkpoint as messages call it (`checkpoint_named`)."""
     config = _check_checkpoint_folder(folder, name)
     # Without tokenizer.json transformers builds the vocabulary from whatever else is there, or fails.
-    no_vocabulary = (f"{name!r} has no tokenizer.json (the tokenizer's vocabulary); save the tokenizer beside the "
+    no_vocabulary = (f"{name} has no tokenizer.json (the tokenizer's vocabulary); save the tokenizer beside the "
                      "weights with tokenizer.save_pretrained")
     has_vocabulary = (folder / "tokenizer.json").is_file()
     try:
@@ -142,29 +148,31 @@ def load_tokenizer(folder: Path, name: str):
         if not has_vocabulary:
             raise CheckpointError(no_vocabulary) from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"could not load the tokenizer of checkpoint {name!r} ({reason}); download or copy "
+        raise CheckpointError(f"could not load the tokenizer of checkpoint {name} ({reason}); download or copy "
                               "the checkpoint again") from None
     if not tokenizer.chat_template:
-        raise CheckpointError(f"{name!r} has no chat template (chat_template.jinja), so no prompt can be written; "
-                              "save the tokenizer with its chat template beside the weights")
+        raise CheckpointError(f"{name} has no chat template (chat_template.jinja), so no prompt can be written; "
+                              "save the tokenizer with its chat template beside the weights, or of a Hub checkpoint "
+                              "take a revision that has one")
     image_token = config.get("image_token", MedVLMConfig.image_token)
     image_token_id = config.get("image_token_id", MedVLMConfig.image_token_id)
     if tokenizer(image_token, add_special_tokens=False).input_ids != [image_token_id]:
         if not has_vocabulary:
             raise CheckpointError(no_vocabulary)
-        raise CheckpointError(f"the tokenizer of checkpoint {name!r} does not read the scan placeholder "
+        raise CheckpointError(f"the tokenizer of checkpoint {name} does not read the scan placeholder "
                               f"{image_token!r} as token {image_token_id}, as its config.json says; they do not "
                               "belong together: download or copy the checkpoint again")
     vocabulary = config["text_config"].get("vocab_size")
     if isinstance(vocabulary, int) and len(tokenizer) > vocabulary:  # its last tokens would index past the model's
-        raise CheckpointError(f"the tokenizer of checkpoint {name!r} has {len(tokenizer):,} tokens, and its language "
+        raise CheckpointError(f"the tokenizer of checkpoint {name} has {len(tokenizer):,} tokens, and its language "
                               f"model reads {vocabulary:,}; they do not belong together: download or copy the "
                               "checkpoint again")
     return tokenizer
 
 
 def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGeneration:
-    """The model in a checkpoint folder (as `resolve_checkpoint` gives it); `name` is what messages call it.
+    """The model in a checkpoint folder (as `resolve_checkpoint` gives it); `name` is what messages call it
+    (`checkpoint_named`).
 
     In float32 unless `dtype=` says otherwise: checkpoints are stored in float16 to stay small, and
     transformers would load them so, which on a CPU turns the visual tokens to NaN. A folder that holds
@@ -174,17 +182,17 @@ def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGenerat
     kwargs.setdefault("dtype", torch.float32)
     _check_checkpoint_folder(folder, name)
     if not weight_files(folder):
-        raise CheckpointError(f"{name!r} has no weights (model.safetensors); copy the whole checkpoint folder, or "
+        raise CheckpointError(f"{name} has no weights (model.safetensors); copy the whole checkpoint folder, or "
                               "download it again")
     bar_shown, verbosity = transformers_logging.is_progress_bar_enabled(), transformers_logging.get_verbosity()
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar is noise in the CLI's and app's output
     transformers_logging.set_verbosity_error()  # so is its load report: what it finds wrong is refused below
-    mismatch = (f"the weights of checkpoint {name!r} do not fit the model its config.json describes ({{}}); its "
+    mismatch = (f"the weights of checkpoint {name} do not fit the model its config.json describes ({{}}); its "
                 "weights and config.json do not belong together: download or copy the checkpoint again")
     try:
         model, info = MedVLMForConditionalGeneration.from_pretrained(folder, output_loading_info=True, **kwargs)
     except SafetensorError as error:
-        raise CheckpointError(f"the weights of checkpoint {name!r} are damaged ({error}); download or copy the "
+        raise CheckpointError(f"the weights of checkpoint {name} are damaged ({error}); download or copy the "
                               "checkpoint again") from None
     except RuntimeError as error:  # transformers refuses weights of another shape (ignore_mismatched_sizes)
         if "mismatched_sizes" not in str(error):
@@ -193,7 +201,7 @@ def load_model(folder: Path, name: str, **kwargs) -> MedVLMForConditionalGenerat
     except CheckpointError:  # said already (an optional backend, timm, is missing)
         raise
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"could not load the checkpoint {name!r}: {error}") from None
+        raise CheckpointError(f"could not load the checkpoint {name}: {error}") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
         if bar_shown:
@@ -369,11 +377,12 @@ class Pipeline:
         device = resolve_device(device)
         folder = resolve_checkpoint(checkpoint, revision)
         name = "demo checkpoint" if checkpoint is None else str(checkpoint)
-        tokenizer = load_tokenizer(folder, name)  # before the weights, which take minutes for a large LM
+        named = checkpoint_named(name, revision)
+        tokenizer = load_tokenizer(folder, named)  # before the weights, which take minutes for a large LM
         if dtype is None:
             on_gpu = torch.device(device).type == "cuda"  # only a GPU's choice depends on the model's size
             dtype = default_dtype(device, checkpoint_parameters(folder) if on_gpu else 0)
-        model = load_model(folder, name, dtype=dtype).to(device)
+        model = load_model(folder, named, dtype=dtype).to(device)
         return cls(model, tokenizer, name, folder, revision)
 
     @property

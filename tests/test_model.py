@@ -396,6 +396,21 @@ def test_hub_repo_id_resolves_offline_from_the_local_cache(checkpoint, tmp_path,
         Pipeline.from_pretrained("someorg/missing-model")
 
 
+def test_a_hub_revision_that_cannot_write_a_prompt_is_named_with_its_revision(checkpoint, tmp_path, monkeypatch):
+    """A user loading someone's checkpoint at a revision learns which version lacks its chat template, and that
+    another revision may have one (the advice to save the template is the publisher's to follow)."""
+    cache = tmp_path / "hub"
+    _hub_cache(cache, "someorg/some-model", checkpoint)
+    snapshot = next((cache / "models--someorg--some-model" / "snapshots").iterdir())
+    (snapshot / "chat_template.jinja").unlink()
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    with pytest.raises(CheckpointError) as refused:
+        Pipeline.from_pretrained("someorg/some-model", revision="main")
+    assert str(refused.value).startswith("'someorg/some-model' at revision 'main' has no chat template")
+    assert "take a revision that has one" in str(refused.value)
+
+
 def test_eval_scores_the_hub_revision_it_is_given(checkpoint, tmp_path, monkeypatch):
     from medvlm.evaluate import evaluate
     from medvlm.phantom_set import write_phantom_set
