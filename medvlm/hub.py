@@ -87,8 +87,8 @@ def _digest(text: str) -> str:
 
 
 def pushed_card(card: Path) -> dict | None:
-    """What push wrote `card` for ({"repo_id", "evaluation", "sha256"}), or None for a card push did not
-    write, or one edited since."""
+    """What push wrote `card` for ({"repo_id", "revision", "evaluation", "weights", "sha256"}), or None for a
+    card push did not write, or one edited since."""
     text = card.read_text() if card.exists() else ""
     if CARD_MARK not in text:
         return None
@@ -108,10 +108,27 @@ def write_card(folder: Path, repo_id: str, evaluation: dict | None, revision: st
     card = write_model_card(folder, training_command(folder), evaluation=evaluation, repo_id=repo_id,
                             revision=revision)
     body = card.read_text()
-    record = {"repo_id": repo_id, "evaluation": evaluation, "weights": weights, "sha256": _digest(body)}
+    record = {"repo_id": repo_id, "revision": revision, "evaluation": evaluation, "weights": weights,
+              "sha256": _digest(body)}
     mark = json.dumps(record).replace(">", "\\u003e")  # still JSON; no text in the evaluation can end the comment
     card.write_text(f"{body}{CARD_MARK}{mark} -->\n")
     return card
+
+
+def renew_card(folder: Path) -> str:
+    """After `train` wrote new weights into `folder`: a card push wrote for the weights before is written again
+    for these, without the old evaluation (it scored other weights); a card of the user's is left as it is.
+    Returns the note to print, or ""."""
+    card = folder / "README.md"
+    written = pushed_card(card)
+    weights = weights_digest(folder)
+    if written is not None and written.get("weights") != weights:
+        write_card(folder, written["repo_id"], None, written.get("revision"), weights)
+        return (f"note: {card} (the model card push wrote for the weights trained before) now describes these, "
+                "without held-out figures: run `python -m medvlm eval` and push with --evaluation to add them")
+    if written is None and card.exists():
+        return f"note: {card} is a model card of yours, left as it is: it may describe the weights trained before"
+    return ""
 
 
 @contextmanager

@@ -49,6 +49,7 @@ from .data import (
 )
 from .errors import UserInputError
 from .features import FeatureCache, VolumeFeatures, build_feature_cache, encoder_fingerprint, process_state
+from .hub import renew_card
 from .model_card import published_path
 from .modeling import MedVLMForConditionalGeneration
 from .pretrained import (
@@ -726,6 +727,9 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
                 "recipe": recipe_summary(preset, accelerator), "wall_seconds": round(clock.seconds(), 1),
                 "invocations": clock.invocations, "probe": probe_record(root, train_samples, val_samples, work),
             }, indent=2))
+            renewed = renew_card(out)
+            if renewed:
+                accelerator.print(renewed)
     finally:
         clock.save()
     accelerator.wait_for_everyone()

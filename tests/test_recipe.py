@@ -29,7 +29,7 @@ from medvlm.__main__ import main
 from medvlm.configuration import MedVLMConfig
 from medvlm.errors import UserInputError
 from medvlm.features import FeatureCache, VolumeFeatures, build_feature_cache, encoder_fingerprint
-from medvlm.hub import CARD_MARK, push_checkpoint
+from medvlm.hub import CARD_MARK, push_checkpoint, renew_card
 from medvlm.modeling import MedVLMForConditionalGeneration
 from medvlm.phantom import write_phantom_set
 from medvlm.pipeline import Pipeline, weights_digest
@@ -439,6 +439,32 @@ def test_a_later_push_brings_its_evaluation_and_repo_id_to_the_card_push_wrote(t
     assert "| this checkpoint | 25.00 | 50.00 |" in card
     assert card == (checkpoint / "README.md").read_text()
     assert str(tmp_path) not in card  # eval was given a local folder; the card's record keeps its name alone
+
+
+def test_training_again_into_a_pushed_folder_leaves_no_card_of_the_old_weights(tmp_path, capsys):
+    """The card push wrote names the evaluation of the weights it was pushed with; trained again into that folder,
+    the card describes the new weights without those figures (and push takes the folder again), while a card of
+    the user's own is left as it is, with a note."""
+    torch.manual_seed(0)
+    out = save_tiny_checkpoint(tmp_path / "checkpoint")
+    hub = FakeHub(tmp_path / "hub")
+    push_checkpoint(out, "someorg/model", revision="v1", api=hub, evaluation={
+        "n": 3, "split": "test", "samples": 9, "closed_accuracy": 0.5, "weights_sha256": weights_digest(out)})
+    assert "## Evaluation" in (out / "README.md").read_text()
+    data = tmp_path / "data"
+    write_phantom_set(data, n=3, seed=5, formats=("nifti",), matrix=32)
+    assert main(["train", "--preset", "tiny", "--data", str(data), "--out", str(out)]) == 0
+    assert "now describes these, without held-out figures" in capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    assert "## Evaluation" not in card and "# MedVLM 3D demo checkpoint" in card  # the tiny preset's own, new
+    assert "Pipeline.from_pretrained('someorg/model', revision='v1')" in card
+    push_checkpoint(out, "someorg/model", revision="v1", api=hub)  # refused while the card held the old figures
+    assert "## Evaluation" not in uploaded_card(hub, "someorg/model")
+
+    (out / "README.md").write_text("# Our model\n\nTrained by us.\n")
+    assert renew_card(out).endswith("is a model card of yours, left as it is: it may describe the weights trained "
+                                    "before")
+    assert (out / "README.md").read_text() == "# Our model\n\nTrained by us.\n"
 
 
 def test_push_never_shows_figures_of_other_weights(tmp_path):
