@@ -559,13 +559,14 @@ def _largest_block(positions: np.ndarray) -> slice:
 
 def _wide_gaps(gaps: np.ndarray) -> frozenset[int]:
     """The gaps (by the index of the slice below) wider than 1 + MAX_MISSING_IN_A_GAP times the spacing around
-    them: the median of the gaps on either side, or the series' median or mean gap (without this one) if wider (two
-    acquisitions interleaved alternate short and long gaps, none of them lost)."""
-    wide, median, total = set(), float(np.median(gaps)), float(gaps.sum())
+    them: the median of the gaps on either side, or the series' median or mean gap if wider (two acquisitions
+    interleaved alternate short and long gaps, none of them lost), each without this gap (of three images, the
+    gaps of 2.5 mm and 1 m have a median of half a metre)."""
+    wide = set()
     for index, gap in enumerate(gaps):
         around = [gaps[other] for other in (index - 1, index + 1) if 0 <= other < len(gaps)]
-        others = (total - gap) / (len(gaps) - 1) if len(gaps) > 1 else gap
-        spacing = max(float(np.median(around)) if around else gap, median, others)
+        others = np.delete(gaps, index) if len(gaps) > 1 else gaps
+        spacing = max(float(np.median(around)) if around else gap, float(np.median(others)), float(others.mean()))
         if gap > (1 + MAX_MISSING_IN_A_GAP + GAP_TOLERANCE) * spacing:
             wide.add(index)
     return frozenset(wide)
@@ -711,7 +712,7 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     step_vector, tilt = _slice_step(images, step)
     pixels, interpolated, empty = grid.draw(pixels)
     # Slices missing here and there (a file or two lost), or a spacing that changes (2.5 mm, then 5 mm)
-    wider = np.count_nonzero(gaps > (1 + GAP_TOLERANCE) * step + POSITION_PRECISION_MM)
+    wider = np.count_nonzero(np.diff(grid.places) > 1.5)  # gaps of more than one slot (rounded positions: one)
     spread = f"slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm"
     if grid.kind == "stacked":
         meta["uneven_gaps"] = (f"{spread}; the volume is drawn with an even {step:.3g} mm spacing, so distances along "

@@ -168,6 +168,7 @@ def test_a_spacing_that_doubles_within_a_series_is_not_called_missing_slices(tmp
     # one image far from the rest, or two acquisitions interleaved: no grid of mostly empty or made-up slices
     ([2.5 * index for index in range(40)] + [1200.0], 40, "1 image(s) of the series lie far from the other 40"),
     ([-600.0] + [2.5 * index for index in range(40)], 40, "1 image(s) of the series lie far from the other 40"),
+    ([0.0, 2.5, 1000.0], 2, "1 image(s) of the series lie far from the other 2"),  # not 9 slices made up across 1 m
     ([2.5 * index for index in range(40)] + [80.3 + 2.5 * index for index in range(40)], None, "drawn on an even"),
     # one gap of 0.3 mm: as many slots as images, each slice still drawn at its place, not left where it was
     ([2.5 * index for index in range(25)] + [60.3 + 2.5 * index for index in range(25)], None, "an even"),
@@ -194,6 +195,9 @@ def test_positions_rounded_to_whole_mm_lie_on_the_series_grid(tmp_path):
         _series_at(folder, [start + 2.5 * index for index in range(count)], whole_mm=True)
         scan = load_volume(folder)
         assert scan.shape[0] == count and scan.spacing[0] == pytest.approx(2.5, abs=0.01) and "notes" not in scan.meta
+    _series_at(tmp_path / "lost", [2.5 * index for index in range(60) if index != 20], whole_mm=True)
+    scan = load_volume(tmp_path / "lost")  # one file lost: a missing slice, not "uneven gaps"
+    assert scan.shape[0] == 60 and scan.meta["missing_slices"] == 1 and "uneven_gaps" not in scan.meta
 
 
 def test_missing_slices_count_against_the_slice_limit_before_pixels_are_read(tmp_path, monkeypatch):
