@@ -542,7 +542,7 @@ def _slice_grid(positions: np.ndarray, whole_mm: bool = False) -> _SliceGrid:
     grid = _SliceGrid(step, slots, "even", _wide_gaps(gaps)) if even else None
     if grid is None or grid.size > MAX_GRID_SLOTS * len(positions):  # (or two packages interleaved unevenly)
         extent = float(positions[-1] - positions[0])  # no finer than MAX_GRID_SLOTS slots an image allow
-        finer = max(float(np.percentile(gaps, 10)), median / 4, extent / (MAX_GRID_SLOTS * len(positions) - 1))
+        finer = max(float(np.percentile(gaps, 10)), extent / (MAX_GRID_SLOTS * len(positions) - 1))
         step = extent / math.ceil(extent / finer - 1e-6)
         grid = _SliceGrid(step, (positions - positions[0]) / step, "resampled", _wide_gaps(gaps))
     if grid.size > MAX_GRID_SLOTS * len(positions) or grid.empty_slots() > len(positions):

@@ -187,6 +187,18 @@ def test_a_stray_or_changing_spacing_never_leaves_most_of_the_volume_empty(tmp_p
         assert np.abs(scan.data[:, 3, 3] - drawn).max() <= 0.25 * scan.spacing[0] + 0.51  # HU rounds to whole
 
 
+def test_a_fivefold_spacing_change_shows_every_slice_as_it_was_acquired(tmp_path):
+    """1 mm slices, then 5 mm ones (or 3 mm, then 15 mm): drawn on the fine spacing, so that every slice is one of
+    the grid's own, not a blend of two (a blend halves the contrast of a lesion seen in one slice)."""
+    for fine, count in ((1.0, 40), (3.0, 30)):
+        heights = [fine * index for index in range(count)] + [fine * (count - 1 + 5 * index) for index in range(1, 61)]
+        _series_at(tmp_path / str(fine), heights)
+        scan = load_volume(tmp_path / str(fine))
+        assert scan.spacing[0] == pytest.approx(fine)
+        drawn = scan.data[:, 3, 3]
+        assert all(np.abs(drawn - height).min() <= 0.5 for height in heights)  # HU round to whole numbers
+
+
 def test_positions_rounded_to_whole_mm_lie_on_the_series_grid(tmp_path):
     """2.5 mm slices whose positions an exporter rounded to whole mm (gaps of 2 and 3 mm): read as the even 2.5 mm
     series they are, whatever the count of slices and wherever they start (the median gap can be 2 or 3 mm)."""
