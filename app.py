@@ -1544,6 +1544,14 @@ class CutOffUploadNotice(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], ClientDisconnect))
 
 
+@functools.cache
+def _sweep_uploads_in_this_process() -> None:
+    """Once, however often this process launches a page (the tests launch several): the sweeping thread, and the
+    log filter for uploads cut off."""
+    logging.getLogger("uvicorn.error").addFilter(CutOffUploadNotice())
+    threading.Thread(target=_sweep_forever, args=DELETE_CACHE, name="medvlm-sweep", daemon=True).start()
+
+
 def launch(demo: gr.Blocks, **options):
     """Serve the page on this machine only, 127.0.0.1:7860, unless GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
     (or PORT, as Deta Space sets it, or `options`) say otherwise. In a Hugging Face Space (SPACE_ID set)
@@ -1552,9 +1560,7 @@ def launch(demo: gr.Blocks, **options):
     One model event at a time (one GPU); viewer events run four at a time. A thread sweeps the upload
     folder for what Gradio leaves there (`sweep_upload_leftovers`).
     """
-    logging.getLogger("uvicorn.error").addFilter(CutOffUploadNotice())
-    threading.Thread(target=_sweep_forever, args=DELETE_CACHE, name="medvlm-sweep",
-                     daemon=True).start()
+    _sweep_uploads_in_this_process()
     in_a_space = bool(os.environ.get("SPACE_ID"))  # Hugging Face sets it in every Space, Docker ones too
     settings = {"server_name": os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if in_a_space else "127.0.0.1"),
                 "server_port": int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860),

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import pickle
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,18 +38,21 @@ MADE_UP_PATIENT = {  # identifiers a real study would carry: none may reach the 
 
 @pytest.fixture(scope="session")
 def app_module(tmp_path_factory):
-    """`app` imported with MEDVLM_CHECKPOINT pointing at a tiny random checkpoint (the model loads at import), and
-    Gradio's upload folder (where sessions keep their report downloads) in the tests' own temporary folder."""
-    if "app" not in sys.modules:
-        import torch
+    """`app` imported with MEDVLM_CHECKPOINT pointing at a tiny random checkpoint (the model loads at import; the
+    variable is restored after it, so that an app or bench started later by a test loads its own), and Gradio's
+    upload folder (where sessions keep their report downloads, read at each upload) in the tests' own temporary
+    folder."""
+    if "app" in sys.modules:
+        return sys.modules["app"]
+    import torch
 
-        os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-uploads"))
+    from tests.tiny_model import save_tiny_checkpoint
 
-        from tests.tiny_model import save_tiny_checkpoint
-
-        torch.manual_seed(0)
-        os.environ["MEDVLM_CHECKPOINT"] = str(save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint")))
-    return importlib.import_module("app")
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-uploads"))
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("MEDVLM_CHECKPOINT", str(save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))))
+        return importlib.import_module("app")
 
 
 @pytest.fixture(autouse=True)
@@ -486,6 +491,14 @@ def _upload_as(app_module, tmp_path, tab: str, seed: int = 0):
     return named(app_module, app_module.load_scan([str(scan)], None, SimpleNamespace(session_hash=tab)))
 
 
+@pytest.fixture
+def only_these_scans(app_module, monkeypatch):
+    """The memory budget counts the scan of every open session: a test of it counts its own alone, whatever
+    sessions other tests left open (an API client never closed)."""
+    monkeypatch.setattr(app_module, "_OPEN_SESSIONS", weakref.WeakValueDictionary())
+
+
+@pytest.mark.usefixtures("only_these_scans")
 def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_path, monkeypatch):
     """Visitors uploading big scans cannot take the server down: past the budget a new scan takes the place of
     one unused for ten minutes, whose visitor is told why, and is otherwise refused with a sentence; a scan still
@@ -517,6 +530,7 @@ def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_p
             app_module.end_session(SimpleNamespace(session_hash=tab))
 
 
+@pytest.mark.usefixtures("only_these_scans")
 def test_a_pets_mip_frames_count_in_the_memory_budget(app_module, tmp_path, monkeypatch):
     """A PET's MIP keeps its 36 frames once drawn: the budget counts them beside its voxels, so a PET whose voxels
     alone would fit is refused where the two do not."""
@@ -530,6 +544,7 @@ def test_a_pets_mip_frames_count_in_the_memory_budget(app_module, tmp_path, monk
         app_module.end_session(SimpleNamespace(session_hash="tab-p"))
 
 
+@pytest.mark.usefixtures("only_these_scans")
 def test_a_scan_never_encoded_makes_room_after_ten_minutes(app_module, tmp_path, monkeypatch):
     """An API client that loads scans and never asks for their encoding holds them no longer than anyone."""
     first = _upload_as(app_module, tmp_path, "tab-x")["session"]
@@ -1156,14 +1171,15 @@ def test_what_gradio_leaves_in_its_upload_folder_is_swept_after_an_hour(app_modu
     assert app_module.sweep_upload_leftovers(tmp_path / "never made", 3600) == []
 
 
-def test_serving_the_page_starts_the_upload_sweep(app_module, monkeypatch):
-    def sweeps() -> int:
-        return sum(thread.name == "medvlm-sweep" and thread.daemon for thread in threading.enumerate())
-
+def test_serving_the_page_starts_one_upload_sweep_and_log_filter(app_module, monkeypatch):
+    """Served (twice here, as the tests serve it), the process sweeps its upload folder in one thread, and its log
+    leaves out an upload cut off (`CutOffUploadNotice`) with one filter: none piles up with each launch."""
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **settings: settings)
-    before = sweeps()
-    settings = app_module.launch(app_module.build_demo(), server_port=7999)
-    assert settings["server_port"] == 7999 and sweeps() == before + 1
+    for _ in range(2):
+        app_module.launch(app_module.build_demo(), server_port=7999)
+    assert sum(thread.name == "medvlm-sweep" and thread.daemon for thread in threading.enumerate()) == 1
+    log = logging.getLogger("uvicorn.error")
+    assert sum(isinstance(notice, app_module.CutOffUploadNotice) for notice in log.filters) == 1
 
 
 def test_a_constant_scan_of_huge_values_loads_with_its_page(app_module, tmp_path):

@@ -36,13 +36,24 @@ def server(live_demo):
     return live_demo[1]
 
 
+@pytest.fixture
+def client(server):
+    """An API client of the served app, closed after the test (as a visitor's tab is), so that its session ends
+    and its scan does not count against the memory budget of the tests that follow."""
+    from gradio_client import Client
+
+    opened = Client(server, verbose=False)
+    yield opened
+    opened.close()
+
+
 def text_of(message: dict) -> str:
     """A chatbot message's text: Gradio sends the content as a list of {"type": "text", "text"} blocks."""
     return "".join(block["text"] for block in message["content"] if block.get("type") == "text")
 
 
-def test_upload_report_and_two_chat_turns(server, app_module, tmp_path, monkeypatch):  # noqa: F811
-    from gradio_client import Client, handle_file
+def test_upload_report_and_two_chat_turns(client, app_module, tmp_path, monkeypatch):  # noqa: F811
+    from gradio_client import handle_file
 
     scan = save_nifti(tmp_path / "torso.nii.gz", torso_ct(seed=11), (5.0, 1.0, 1.0), dtype=np.int16, modality="CT")
     model = app_module.PIPELINE.model
@@ -50,7 +61,6 @@ def test_upload_report_and_two_chat_turns(server, app_module, tmp_path, monkeypa
     choose = model.choose_slices
     monkeypatch.setattr(model, "choose_slices", lambda *a, **k: encodings.append(1) or choose(*a, **k))
 
-    client = Client(server, verbose=False)
     loaded = client.predict([handle_file(str(scan))], api_name="/load_scan")
     status, card = loaded[0], loaded[1]
     assert "reading the scan" in status and "CT (computed tomography)" in card
@@ -73,12 +83,9 @@ def test_upload_report_and_two_chat_turns(server, app_module, tmp_path, monkeypa
     assert len(encodings) == 1  # one encoding for the report and both turns: the scan's tokens were reused
 
 
-def test_the_api_loads_an_example_by_name_and_encodes_it(server):
+def test_the_api_loads_an_example_by_name_and_encodes_it(client):
     """As the README shows an API client: /load_example takes the example's name; /encode_scan answers with the
     ready line and the slice the viewer shows (the scan's middle axial one)."""
-    from gradio_client import Client
-
-    client = Client(server, verbose=False)
     loaded = client.predict("mr brain", api_name="/load_example")
     assert "reading the scan" in loaded[0] and "MR (magnetic resonance)" in loaded[1]
     status, _, view = client.predict(api_name="/encode_scan")
@@ -86,27 +93,26 @@ def test_the_api_loads_an_example_by_name_and_encodes_it(server):
     assert client.predict("no such scan", api_name="/load_example")[0].startswith("⚠️ There is no example")
 
 
-def test_a_wrong_upload_answers_with_a_sentence(server, tmp_path):
-    from gradio_client import Client, handle_file
+def test_a_wrong_upload_answers_with_a_sentence(client, tmp_path):
+    from gradio_client import handle_file
 
     junk = tmp_path / "notes.nii.gz"
     junk.write_bytes(b"this is not a scan")
-    status = Client(server, verbose=False).predict([handle_file(str(junk))], api_name="/load_scan")[0]
+    status = client.predict([handle_file(str(junk))], api_name="/load_scan")[0]
     assert status.startswith("⚠️") and "\n" not in status
 
 
-def test_a_report_stays_downloadable_while_its_session_lasts(live_demo, app_module, tmp_path):  # noqa: F811
+def test_a_report_stays_downloadable_while_its_session_lasts(live_demo, client, app_module, tmp_path):  # noqa: F811
     """Gradio's cache sweep deletes the files the app handed out once they are an hour old (DELETE_CACHE);
     a clinician who downloads the report later than that still gets it, until the tab closes."""
     import urllib.error
     import urllib.request
 
     from gradio.route_utils import delete_files_created_by_app
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
     demo, url = live_demo
     scan = save_nifti(tmp_path / "torso.nii.gz", torso_ct(seed=12), (5.0, 1.0, 1.0), dtype=np.int16, modality="CT")
-    client = Client(url, verbose=False)
     client.predict([handle_file(str(scan))], api_name="/load_scan")
     client.predict(api_name="/encode_scan")
     text = client.predict(16, 0.0, 1.0, api_name="/report")[0]
