@@ -48,6 +48,19 @@ def example_scan(tmp_path: Path) -> Path:
     return save_nifti(tmp_path / "torso.nii.gz", torso_ct(), (5.0, 1.0, 1.0), dtype=np.int16, modality="CT")
 
 
+def steady_caption(page, still_ms: int = 600, tries: int = 10) -> str:
+    """The slice caption once it has stayed the same for `still_ms` (on a busy machine a frame asked for earlier
+    can arrive late); a viewer that keeps changing it fails the test."""
+    caption = page.locator("#slice-view .slice-caption").inner_text()
+    for _ in range(tries):
+        page.wait_for_timeout(still_ms)
+        now = page.locator("#slice-view .slice-caption").inner_text()
+        if now == caption:
+            return caption
+        caption = now
+    raise AssertionError(f"the slice caption kept changing (last: {caption!r})")
+
+
 def test_a_clinician_session(browser, server, app_module, tmp_path, monkeypatch):  # noqa: F811
     page = browser.new_page(viewport=LAPTOP)
     page.set_default_timeout(60_000)
@@ -229,7 +242,8 @@ def test_a_clinician_session(browser, server, app_module, tmp_path, monkeypatch)
     # The chatbot's own bin icon, at a person's pace: the answer's last message can reach the page a moment
     # after it stops showing progress, and one clicked within that moment puts the old conversation back on
     # screen (Gradio's, not the app's); and the bin's event is not queued, so a question sent within
-    # milliseconds of it could reach the server first.
+    # milliseconds of it could reach the server first. The answer's end disables Stop.
+    page.wait_for_function("() => document.querySelector('#stop-button').disabled")
     page.wait_for_timeout(500)
     with page.expect_response(lambda response: "/run/predict" in response.url):
         chatbot.get_by_role("button", name="Clear").click()
@@ -399,8 +413,7 @@ def test_a_scan_the_model_cannot_read_offers_no_report_and_a_report_that_fails_l
     page.locator("#status-line", has_text="Ready").wait_for()
     page.locator("#report-button").click()
     page.get_by_text("Error").first.wait_for()
-    page.wait_for_timeout(1500)
-    assert page.evaluate("() => document.querySelector('#stop-button').disabled")
+    page.wait_for_function("() => document.querySelector('#stop-button').disabled")  # the failed report ended
     page.close()
 
 
@@ -448,10 +461,7 @@ def test_a_pets_mip_turns_round_until_a_key_stops_it(browser, server, tmp_path):
     page.locator("#slice-view.turning").wait_for()
     page.keyboard.press("Shift")
     page.locator("#slice-view.turning").wait_for(state="detached")
-    page.wait_for_timeout(400)  # a frame asked for before the key may still arrive
-    caption = page.locator("#slice-view .slice-caption").inner_text()
-    page.wait_for_timeout(600)
-    assert page.locator("#slice-view .slice-caption").inner_text() == caption  # stopped where it stood
+    caption = steady_caption(page)  # stopped where it stood (a frame asked for before the key may still arrive)
     frame = int(caption.split()[1])
     page.keyboard.press("ArrowUp")  # the viewer kept the focus: the keys step on from there
     page.locator("#slice-view", has_text=f"MIP {frame + 1} / 36").wait_for()
