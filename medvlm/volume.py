@@ -197,9 +197,10 @@ SCAN_FORMATS = "give a NIfTI (.nii, .nii.gz), an M3D .npy, or a DICOM series (a 
 
 
 # A file path inside a library's message, whose folders are the server's business (an upload's temporary
-# folder means nothing to the person who sent it): POSIX or Windows (a message may double its backslashes),
-# quoted (then it may hold spaces) or bare, at least two parts deep; never a URL's path (scheme://…).
-_QUOTED_PATH = re.compile(r"""(['"])((?:[A-Za-z]:)?(?:[/\\]{1,2}[^'"/\\]+){2,})\1""")
+# folder means nothing to the person who sent it) or the patient's (a zip's folder named for the patient, as PACS
+# exports name them): POSIX or Windows (a message may double its backslashes), quoted (then it may hold spaces;
+# relative, as a zip's member, or absolute) or bare and absolute, at least two parts deep; never a URL's path.
+_QUOTED_PATH = re.compile(r"""(['"])(?![A-Za-z][\w+.-]*://)((?:[A-Za-z]:)?[/\\]{0,2}[^'"/\\]+(?:[/\\]{1,2}[^'"/\\]+)+)\1""")
 _BARE_PATH = re.compile(r"(?<![\w.:/\\])(?:[A-Za-z]:)?(?:[/\\]{1,2}[^\s'\"/\\:]+){2,}")
 # "File scan.nii.gz is not a gzip file": our sentence around the reason has named the file already
 _FILE_AS_SUBJECT = re.compile(r"^File (?:'[^']+'|.+?) (?=(?:is|was|has|does|cannot|could)\b)")

@@ -479,6 +479,22 @@ def test_unreadable_files_raise_one_clear_error(tmp_path, name, content, message
     assert str(tmp_path) not in str(caught.value)  # an upload's server-side folder means nothing to its sender
 
 
+def test_a_damaged_zip_member_is_named_without_its_folder(tmp_path):
+    """PACS exports name a series' folder for the patient; a corrupt download's message names the damaged file
+    alone, never that folder."""
+    import zipfile
+
+    upload = tmp_path / "study.zip"
+    with zipfile.ZipFile(upload, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("Doe_Jane_PID7781234/IM00", b"DICM" * 64)
+    data = bytearray(upload.read_bytes())
+    data[data.index(b"DICM") + 9] ^= 0xFF  # one byte of the member flipped: its CRC no longer matches
+    upload.write_bytes(bytes(data))
+    with pytest.raises(VolumeError, match=r"study\.zip has a damaged or encrypted member .*'IM00'") as caught:
+        load_volume(upload)
+    assert "Doe_Jane" not in str(caught.value)
+
+
 @pytest.mark.parametrize(("message", "shown"), [
     ("Empty file: '/tmp/gradio/65b4ab/empty.nii'", "Empty file: 'empty.nii'"),
     ("Empty file: '/srv/app data/gradio/ab/scan.nii'", "Empty file: 'scan.nii'"),  # a folder with a space
@@ -487,6 +503,9 @@ def test_unreadable_files_raise_one_clear_error(tmp_path, name, content, message
     ("File /tmp/gradio/ab/Doe.nii.gz is not a gzip file", "the file is not a gzip file"),  # named once, by us
     ("File /tmp/gradio/ab/Doe Jane.nii.gz is not a gzip file", "the file is not a gzip file"),  # a name with a space
     ("see https://nipy.org/nibabel/errors.html", "see https://nipy.org/nibabel/errors.html"),  # a URL stays whole
+    ("see 'https://nipy.org/nibabel/errors.html'", "see 'https://nipy.org/nibabel/errors.html'"),
+    # a zip's member in a folder named for the patient, as PACS exports name them
+    ("Bad CRC-32 for file 'Doe_Jane_PID7781234/IM00'", "Bad CRC-32 for file 'IM00'"),
     ("512/512/300 and/or (0020,0011) pylibjpeg/pylibjpeg-openjpeg", "512/512/300 and/or (0020,0011) "
      "pylibjpeg/pylibjpeg-openjpeg"),
 ])
