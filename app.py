@@ -164,9 +164,9 @@ def scan_memory_budget(setting: str | None) -> int:
     return int(megabytes * 2**20)
 
 
+SCAN_MEMORY_BYTES = scan_memory_budget(os.environ.get("MEDVLM_SCAN_MEMORY_MB"))  # before minutes of model loading
 # Loaded at import, outside any GPU function, as ZeroGPU requires; moved to CUDA when there is one.
 PIPELINE = load_pipeline(os.environ.get("MEDVLM_CHECKPOINT") or None, os.environ.get("MEDVLM_REVISION") or None)
-SCAN_MEMORY_BYTES = scan_memory_budget(os.environ.get("MEDVLM_SCAN_MEMORY_MB"))
 
 
 @spaces.GPU

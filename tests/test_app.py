@@ -1304,6 +1304,16 @@ def test_model_badge_names_checkpoint_and_device(app_module):
     assert "`org/model` at revision `v1.2` on" in app_module.model_badge(pinned)  # which version serves the Space
 
 
+def test_a_scan_memory_budget_of_no_number_stops_the_app_before_its_model_loads():
+    """An operator's typo in MEDVLM_SCAN_MEMORY_MB is told at once, not after minutes of downloading weights."""
+    env = {**os.environ, "MEDVLM_SCAN_MEMORY_MB": "1GB", "MEDVLM_CHECKPOINT": "/nonexistent/checkpoint",
+           "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "MEDVLM_SCAN_MEMORY_MB must be a number" in result.stderr
+    assert "checkpoint" not in result.stderr and "loading" not in result.stdout + result.stderr
+
+
 def test_an_unreachable_checkpoint_stops_the_app_with_one_line():
     env = {**os.environ, "MEDVLM_CHECKPOINT": "/nonexistent/checkpoint", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True,
