@@ -27,6 +27,7 @@ __all__ = ["load_dicom"]
 
 POSITION_TOLERANCE_MM = 1e-3  # two images this close along the normal lie at one position
 STACK_COVERAGE = 0.9  # share of a series' positions that one echo, b-value or time point covers
+PERPENDICULAR_TOLERANCE = math.sin(math.radians(1.0))  # row and column directions within 1° of a right angle
 TILT_NOTE_DEGREES = 0.5  # a slice step further than this from the slice normal is a tilted gantry
 GAP_TOLERANCE = 0.1  # slice gaps within this share of the step are even
 POSITION_PRECISION_MM = 0.1  # ... and within this: some exporters round ImagePositionPatient to 0.1 mm
@@ -144,11 +145,13 @@ def _geometry(position: Any, orientation: Any, spacing: Any, name: str) -> tuple
         raise VolumeError(f"{name} has a zero or negative PixelSpacing ({spacing[0]:g}, {spacing[1]:g}); fix the "
                           "header's spacing or re-export the scan")
     row_cosines, column_cosines = np.array(orientation[:3]), np.array(orientation[3:])
-    if np.linalg.norm(np.cross(row_cosines, column_cosines)) < 0.5 * np.linalg.norm(row_cosines) * np.linalg.norm(
-            column_cosines) or not np.linalg.norm(row_cosines) or not np.linalg.norm(column_cosines):
+    lengths = np.linalg.norm(row_cosines), np.linalg.norm(column_cosines)
+    if not all(lengths) or abs(row_cosines @ column_cosines) > PERPENDICULAR_TOLERANCE * lengths[0] * lengths[1]:
         raise VolumeError(f"{name} has an ImageOrientationPatient whose row and column directions are not "
                           "perpendicular unit vectors; re-export the scan")
-    unit = np.concatenate([row_cosines / np.linalg.norm(row_cosines), column_cosines / np.linalg.norm(column_cosines)])
+    row_cosines, column_cosines = row_cosines / lengths[0], column_cosines / lengths[1]
+    column_cosines -= (column_cosines @ row_cosines) * row_cosines  # the values' rounding undone: exactly 90°
+    unit = np.concatenate([row_cosines, column_cosines / np.linalg.norm(column_cosines)])
     return np.array(position), unit, (spacing[0], spacing[1])
 
 

@@ -413,3 +413,62 @@ def test_a_nifti_that_states_no_orientation_or_two_says_its_sides_are_in_doubt(t
     assert scan.orientation == "RAS" and any("qform cannot be read" in note for note in scan.meta["notes"])
     save_nifti(tmp_path / "stated.nii.gz", marked_ct, MARKED_SPACING, "LPS", modality="CT")
     assert "notes" not in load_volume(tmp_path / "stated.nii.gz").meta
+
+
+def test_each_image_of_a_pet_series_is_rescaled_by_its_own_slope_and_intercept(tmp_path):
+    """A PET scanner chooses RescaleSlope per image, so that each slice's activity fills the 16 bits: every value
+    is its stored pixel times its own image's slope (and plus its own intercept), never the first image's."""
+    stored = np.random.default_rng(3).integers(0, 4000, size=(6, 10, 12)).astype(np.float32)
+    slopes = 0.25 * np.arange(1, len(stored) + 1)  # binary fractions: exact in float32
+    intercepts = -2.0 * np.arange(len(stored))
+    files = save_dicom_series(tmp_path, stored, MARKED_SPACING, "PT")  # slope 1: the pixels are `stored`
+    for path, slope, intercept in zip(files, slopes, intercepts, strict=True):
+        _edit([path], RescaleSlope=float(slope), RescaleIntercept=float(intercept))
+    scan = load_volume(tmp_path)
+    np.testing.assert_array_equal(scan.data, stored * slopes[:, None, None] + intercepts[:, None, None])
+
+
+def _orientation(row_to_column_degrees: float) -> list[float]:
+    """ImageOrientationPatient of axial rows (toward the patient's left) whose columns lie at this angle to them."""
+    angle = math.radians(row_to_column_degrees)
+    return [1.0, 0.0, 0.0, round(math.cos(angle), 6), round(math.sin(angle), 6), 0.0]
+
+
+NO_GEOMETRY = "images without ImagePositionPatient or ImageOrientationPatient, so they cannot be stacked"
+NOT_PERPENDICULAR = "ImageOrientationPatient whose row and column directions are not perpendicular"
+
+
+@pytest.mark.parametrize(("keyword", "value", "said"), [
+    ("ImagePositionPatient", None, NO_GEOMETRY),
+    ("ImageOrientationPatient", None, NO_GEOMETRY),
+    ("ImageOrientationPatient", _orientation(0.0), NOT_PERPENDICULAR),
+    ("ImageOrientationPatient", _orientation(10.0), NOT_PERPENDICULAR),
+    ("ImageOrientationPatient", _orientation(45.0), NOT_PERPENDICULAR),
+], ids=["no-position", "no-orientation", "parallel-directions", "directions-10-degrees-apart",
+        "directions-45-degrees-apart"])
+def test_images_whose_geometry_cannot_place_them_are_refused_in_one_sentence(tmp_path, marked_ct, keyword, value,
+                                                                             said):
+    """One image of the series without a position or an orientation (value None: the attribute left out), or with
+    row and column directions that are no plane's, cannot be put in a volume: refused, saying which attribute is
+    wrong and what to do."""
+    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING)
+    ds = pydicom.dcmread(files[3])
+    if value is None:
+        delattr(ds, keyword)
+    else:
+        setattr(ds, keyword, value)
+    ds.save_as(files[3])
+    with pytest.raises(VolumeError, match=said) as refused:
+        load_volume(tmp_path)
+    what_was_wrong, what_to_do = str(refused.value).split("; ")
+    assert "\n" not in what_was_wrong + what_to_do and "export" in what_to_do
+
+
+def test_directions_a_rounding_off_a_right_angle_still_load(tmp_path, marked_ct):
+    """Exporters round the direction cosines (to 6 digits, some to 4): row and column directions a few hundredths of
+    a degree off a right angle are still one plane, loaded as the series was acquired."""
+    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING)
+    _edit(files, ImageOrientationPatient=[round(value, 4) for value in _orientation(89.97)])
+    scan = load_volume(tmp_path)
+    np.testing.assert_array_equal(scan.data, marked_ct)
+    np.testing.assert_allclose(scan.spacing, MARKED_SPACING, rtol=1e-3)
