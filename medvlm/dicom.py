@@ -3,7 +3,7 @@
 One upload may hold several series (the scan is loaded, `_series_rank`, the rest listed), and one series
 may hold several stacks at the same positions (echoes, diffusion b-values, time points: one is loaded and a
 note names the rest). Slices are ordered by position along the slice normal, never by file name or
-InstanceNumber; the affine keeps the true slice step, a tilted CT gantry included.
+InstanceNumber; a tilted CT gantry's slices are shifted within their planes onto a rectangular grid.
 """
 
 from __future__ import annotations
@@ -443,17 +443,63 @@ def _sorted_along_normal(images: list[_DicomImage]) -> tuple[list[_DicomImage], 
     return [images[index] for index in order], positions[order]
 
 
-def _slice_step(images: list[_DicomImage], step: float) -> tuple[np.ndarray, float | None]:
-    """The LPS step from one slice to the next (`step` mm along the normal), and the gantry tilt in degrees
-    (None when the step is along the slice normal): the median of the steps, so one missing slice does not
-    skew it."""
+@dataclass(frozen=True)
+class _Shear:
+    """How far each slot of a stack lies along its slices' plane from the one below (a tilted CT gantry: the table
+    steps along the body, the slices are tilted to it), in pixels down the columns and along the rows."""
+
+    rows: float
+    columns: float
+    tilt: float  # degrees between the table's step and the slice normal
+
+    def draw_unsheared(self, pixels: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """(slots, rows, columns) on the sheared grid → the same slices on a rectangular one: each moved back
+        along its plane by its slot's shift (linearly interpolated between pixels, as dcm2niix corrects a tilt),
+        within a frame grown to hold every pixel of every slice (NaN where a slice does not reach: padding).
+        Returns (the slices, the frame's first row and column in slot 0's pixels: 0 or below)."""
+        count, rows, columns = pixels.shape
+        top = math.floor(min(0.0, (count - 1) * self.rows))
+        left = math.floor(min(0.0, (count - 1) * self.columns))
+        moves = [(round(slot * self.rows - top, 6), round(slot * self.columns - left, 6)) for slot in range(count)]
+        reach = [(math.floor(down) + rows + (down % 1 > 0), math.floor(right) + columns + (right % 1 > 0))
+                 for down, right in moves]  # a slice moved by a fraction of a pixel is a pixel longer
+        drawn = np.full((count, max(down for down, _ in reach), max(right for _, right in reach)), np.nan,
+                        dtype=pixels.dtype)
+        for slot, (down, right) in enumerate(moves):
+            moved = _moved_by(_moved_by(pixels[slot], down % 1, axis=0), right % 1, axis=1)
+            row, column = math.floor(down), math.floor(right)
+            drawn[slot, row:row + moved.shape[0], column:column + moved.shape[1]] = moved
+        return drawn, top, left
+
+
+def _moved_by(image: np.ndarray, fraction: float, axis: int) -> np.ndarray:
+    """An image moved `fraction` (0 ≤ fraction < 1) of a pixel further along `axis`, linearly interpolated: one
+    pixel longer along it, whose first and last pixels (half outside the image) are NaN. A whole pixel's move
+    returns the image itself, so no padding (NaN) spreads to its neighbours."""
+    if fraction == 0.0:
+        return image
+    image = np.moveaxis(image, axis, 0)
+    moved = np.full((image.shape[0] + 1, *image.shape[1:]), np.nan, dtype=image.dtype)
+    moved[1:-1] = (1 - fraction) * image[1:] + np.float32(fraction) * image[:-1]
+    return np.moveaxis(moved, 0, axis)
+
+
+def _shear(images: list[_DicomImage], places: np.ndarray, step: float) -> _Shear | None:
+    """The shear of a stack whose slots lie `step` mm apart along the slice normal, from the least-squares fit of
+    the positions to their slots (which positions rounded to whole mm do not tilt); None when the table stepped
+    along the normal, or so nearly that the whole stack is sheared by less than half a pixel."""
     normal = _normal(images[0])
-    vector = np.median(np.diff([image.position for image in images], axis=0), axis=0)
+    positions = np.array([image.position for image in images])
+    vector = np.polyfit(places, positions, 1)[0]  # mm a slot
     along = abs(vector @ normal)
     tilt = math.degrees(math.acos(min(1.0, along / max(np.linalg.norm(vector), 1e-12))))
-    if tilt <= TILT_NOTE_DEGREES:
-        return normal * step, None
-    return vector * (step / along), tilt  # `step` along the normal, as the stack's slots are
+    vector = vector * (step / along)  # `step` along the normal, as the stack's slots are
+    within_plane = vector - (vector @ normal) * normal
+    row_spacing, column_spacing = images[0].pixel_spacing
+    shear = _Shear(within_plane @ images[0].orientation[3:] / row_spacing,
+                   within_plane @ images[0].orientation[:3] / column_spacing, tilt)
+    sheared_by = (places[-1] - places[0]) * math.hypot(shear.rows, shear.columns)
+    return None if tilt <= TILT_NOTE_DEGREES or sheared_by < 0.5 else shear
 
 
 @dataclass(frozen=True)
@@ -712,8 +758,14 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         if value is not None:
             meta[key] = value
     gaps, step = np.diff(positions), grid.step
-    step_vector, tilt = _slice_step(images, step)
+    shear = _shear(images, grid.places, step)
     pixels, interpolated, empty = grid.draw(pixels)
+    own_padding = None  # the scan's own padding voxels, where a tilt's frame adds some of its own
+    top = left = 0
+    if shear is not None:
+        own_padding = int(np.count_nonzero(np.isnan(pixels))) - empty * rows * columns if padded else 0
+        pixels, top, left = shear.draw_unsheared(pixels)
+        check_grid(pixels.shape, name)
     # Slices missing here and there (a file or two lost), or a spacing that changes (2.5 mm, then 5 mm)
     wider = np.count_nonzero(np.diff(grid.places) > 1.5)  # gaps of more than one slot (rounded positions: one)
     spread = f"slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm"
@@ -738,10 +790,11 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         across = f"a gap of {wide[0]:.3g} mm" if len(wide) == 1 else f"{len(wide)} gaps of up to {wide.max():.3g} mm"
         notes.append(f"the series has no slices across {across}; the {empty} slice(s) there are shown empty, at "
                      "their true place, not made up from the slices on either side")
-    if tilt is not None:
-        meta["gantry_tilt_degrees"] = round(tilt, 2)
-        notes.append(f"the slices were acquired with a {tilt:.1f}° gantry tilt and are shown as acquired, so "
-                     "coronal and sagittal views are sheared by it")
+    if shear is not None:
+        meta["gantry_tilt_degrees"] = round(shear.tilt, 2)
+        notes.append(f"the slices were acquired with a {shear.tilt:.1f}° gantry tilt; each is shifted within its "
+                     "plane by its table position (as dcm2niix corrects a tilt), so that coronal and sagittal views "
+                     "and distances are true, along the tilted slices' own axes")
     if copies:
         meta["duplicate_slices"] = copies
         notes.append(f"{copies} image(s) were in the upload twice; each is used once")
@@ -757,10 +810,11 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         np.subtract(np.nanmax(pixels) + np.nanmin(pixels), pixels, out=pixels)
         notes.append("the series is stored with white at its lowest value (MONOCHROME1); its values are inverted "
                      "so that it shows as meant")
-    if padded or empty:  # the empty slices are no padding of the scan's own
+    if padded or empty or shear is not None:  # the empty slices, and a tilt's frame, are no padding of the scan's own
         filled = _fill_padding(pixels) - empty * rows * columns
-        if filled:
-            meta["padding_voxels"] = filled
+        own = filled if own_padding is None else own_padding
+        if own:
+            meta["padding_voxels"] = own
     if modality == "PT" and units in CONVERTIBLE_UNITS:  # read as PET is read: SUV, where the header allows
         factor, why_not = suv_factor(first)
         if factor is None:
@@ -786,7 +840,7 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = row_cosines * images[0].pixel_spacing[1]  # along a row: column index grows
     affine_lps[:3, 1] = column_cosines * images[0].pixel_spacing[0]  # down a column: row index grows
-    affine_lps[:3, 2] = step_vector
-    affine_lps[:3, 3] = images[0].position
+    affine_lps[:3, 2] = _normal(images[0]) * step  # slots `step` apart along the normal (a tilt's shear undone)
+    affine_lps[:3, 3] = images[0].position + top * affine_lps[:3, 1] + left * affine_lps[:3, 0]
     affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
     return canonical_volume(pixels.transpose(2, 1, 0), affine_ras, modality, "dicom", name, meta)

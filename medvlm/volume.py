@@ -137,7 +137,8 @@ def load_volume(src: str | Path | list[str | Path]) -> Volume:
     grid, then most images; meta["other_series"] lists the rest), one stack of it (one echo, b-value or time
     point), slices sorted by position along the slice normal, each kept at its true position on an even grid
     (one or two missing slices drawn from their neighbours, a wider gap shown empty, a spacing that changes
-    drawn at the finest one), rescale slope/intercept applied (CT in HU), pixels marked as
+    drawn at the finest one; a tilted gantry's sheared stack made rectangular, each slice shifted within its
+    plane), rescale slope/intercept applied (CT in HU), pixels marked as
     padding (PixelPaddingValue) set to the scan's lowest value (air on a CT).
     .npy (M3D style, (1, D, H, W) or (D, H, W), values in [0, 1]): `arr[d]` is an axial slice in display
     order (row 0 anterior, column 0 the patient's right), d increasing toward superior; modality "OT", stored

@@ -138,23 +138,6 @@ def test_monochrome1_is_shown_as_meant_without_touching_hounsfield_units(tmp_pat
         assert any("values are inverted" in note for note in scan.meta["notes"])
 
 
-def test_a_tilted_gantry_keeps_its_true_slice_step_and_says_so(tmp_path, marked_ct):
-    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, file_names="shuffled")
-    for index, path in enumerate(files):  # each slice 1.25 mm further posterior: a 26.6° tilt
-        ds = pydicom.dcmread(path)
-        x, y, z = (float(v) for v in ds.ImagePositionPatient)
-        ds.ImagePositionPatient = [x, y + 1.25 * index, z]
-        ds.save_as(path)
-    scan = load_volume(tmp_path)
-    np.testing.assert_array_equal(scan.data, marked_ct)  # shown as acquired
-    # RAS: one slice up is 2.5 mm superior and 1.25 mm posterior (LPS y grows posterior; RAS y anterior)
-    np.testing.assert_allclose(scan.affine[:3, 0], [0.0, -1.25, 2.5], atol=1e-4)
-    assert scan.meta["gantry_tilt_degrees"] == pytest.approx(math.degrees(math.atan(0.5)), abs=0.01)
-    assert any("gantry tilt" in note for note in scan.meta["notes"])
-    untilted = load_volume(save_dicom_series(tmp_path / "straight", marked_ct, MARKED_SPACING)[0].parent)
-    assert "gantry_tilt_degrees" not in untilted.meta and "notes" not in untilted.meta
-
-
 def test_a_localizer_of_another_size_in_the_series_is_left_out(tmp_path, marked_ct):
     uid = "1.2.3.4"
     save_dicom_series(tmp_path / "series", marked_ct, MARKED_SPACING, series_uid=uid)
