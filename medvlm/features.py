@@ -231,6 +231,9 @@ def build_feature_cache(model: MedVLMForConditionalGeneration, root: str | Path,
     if state.is_main_process and (folder / INDEX_FILE).exists():
         try:
             index = json.loads((folder / INDEX_FILE).read_text())
+            if index.get("fingerprint") != fingerprint:
+                raise ValueError(f"the feature cache in {folder} was made by another encoder or with other "
+                                 "preprocessing settings")
             cache = FeatureCache.load(folder, fingerprint, index)
             changed = cache.changed(plan[0]["stamps"])
             lacking = [image for image in images if image not in cache]
@@ -248,7 +251,7 @@ def build_feature_cache(model: MedVLMForConditionalGeneration, root: str | Path,
                                                               for key in ("shards", "counts", "stamps")}}
             del cache  # its memory maps: the shards it no longer needs are deleted below
         except ValueError as stale:
-            print(f"{stale}: encoding again")
+            print(f"{stale}: encoding every scan again")
     if state.num_processes > 1:
         broadcast_object_list(plan)
     plan = plan[0]

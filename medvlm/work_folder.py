@@ -182,14 +182,39 @@ def run_record(preset: dict, seed: int, samples: list[Sample]) -> dict[str, str 
             "data": data.hexdigest(), "version": f"training {TRAINING_VERSION}, preprocessing {PREPROCESSING_VERSION}"}
 
 
+def _trained(work: Path) -> bool:
+    """Whether the work folder holds a finished stage or epoch: what a run would resume."""
+    return any(path.name == "done.json" or (EPOCH_STATE.fullmatch(path.name) and not path.name.endswith(PARTIAL))
+               for path in (work / "state").glob("*/*"))
+
+
+def claim_encoder(work: Path, fingerprint: str, is_main_process: bool) -> None:
+    """Resume only stages trained on this slice encoder's features (`features.encoder_fingerprint`): an encoder
+    pre-trained again, on scans rewritten under the same paths since, would otherwise be saved with stages
+    trained on the old one's. The main process records the encoder in run.json (a run from before it did so is
+    resumed as before)."""
+    path = work / RUN_RECORD
+    try:
+        kept = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        kept = {}
+    if kept.get("encoder") not in (None, fingerprint) and _trained(work):
+        raise UserInputError(f"{work} holds stages trained on the features of another slice encoder (pre-trained "
+                             "again: the scans changed since), and they would be resumed as this run's; delete "
+                             f"{work / 'state'} to train the stages again (the encoder and feature cache are kept)")
+    if is_main_process and kept.get("encoder") != fingerprint:
+        written = path.with_suffix(".partial")
+        written.write_text(json.dumps({**kept, "encoder": fingerprint}, indent=2))
+        written.replace(path)
+
+
 def claim_work_folder(work: Path, record: dict, is_main_process: bool) -> None:
     """Resume only a run of the same preset, seed and data: the work folder's stages and states were trained
     from what its run.json records, and loading them into another run would pass them off as its own
     (another tokenizer reads their token ids as other words). A run that left no stage or epoch state (it
     failed or was stopped before one) is replaced. The main process records the run."""
     path = work / RUN_RECORD
-    trained = any(path.name == "done.json" or (EPOCH_STATE.fullmatch(path.name) and not path.name.endswith(PARTIAL))
-                  for path in (work / "state").glob("*/*"))  # a finished stage or epoch: what a run would resume
+    trained = _trained(work)
     try:
         kept = json.loads(path.read_text()) if path.exists() else None
     except ValueError:

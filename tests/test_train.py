@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -101,6 +103,22 @@ def test_a_resumed_run_trains_the_same_weights_as_one_from_nothing(phantoms, tmp
     for name in ("encoder-cached", "stage-resumed"):
         again = load_file(tmp_path / name / "model.safetensors")
         assert [key for key in once if not torch.equal(once[key], again[key])] == [], name
+
+
+@pytest.mark.slow  # two training runs
+def test_stages_trained_on_an_encoder_pre_trained_again_are_not_resumed(phantoms, tmp_path):
+    """The scans rewritten under the same paths (here every volume mirrored): the same command pre-trains the slice
+    encoder again, and the stages trained on the old encoder's features are refused rather than saved with it."""
+    data = shutil.copytree(phantoms, tmp_path / "data")
+    out = tmp_path / "checkpoint"
+    train("tiny", data, out, seed=0)
+    for volume in data.rglob("*.nii.gz"):
+        image = nib.load(volume)
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[::-1].copy(), image.affine, image.header), volume)
+    with pytest.raises(UserInputError, match=r"holds stages trained on the features of another slice encoder"):
+        train("tiny", data, out, seed=0)
+    shutil.rmtree(tmp_path / "checkpoint-training" / "state")  # as the message says: the stages train again
+    assert train("tiny", data, out, seed=0) == out
 
 
 def test_each_stage_of_each_seed_draws_numbers_of_its_own():
