@@ -10,6 +10,7 @@ that is not in the M3D layout raises UserInputError.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from dataclasses import dataclass
@@ -86,8 +87,19 @@ def read_m3d_cap(root: str | Path, split: str, prompts: tuple[str, ...] = (REPOR
             reason = error.strerror if isinstance(error, OSError) and error.strerror else "not UTF-8 text"
             raise UserInputError(f"cannot read the report {item['text']} of item {index} of {split!r} in {path} "
                                  f"({reason}); restore it, save it as UTF-8, or fix {CAP_FILE}") from None
-        samples.append(Sample(item["image"], _chat(prompts[index % len(prompts)], report), "report"))
+        samples.append(Sample(scan_name(root, item["image"]), _chat(prompts[index % len(prompts)], report), "report"))
     return samples
+
+
+def scan_name(root: Path, image: str) -> str:
+    """A scan's path as the data names it, relative to the data folder where an absolute one lies inside it: one
+    scan named both ways (absolute in M3D_Cap.json, relative in the CSV) is one scan, with one ground truth entry
+    and one set of cached features."""
+    path = Path(image)
+    if path.is_absolute():
+        with contextlib.suppress(ValueError):
+            return path.relative_to(Path(root).resolve()).as_posix()
+    return image
 
 
 def closed_prompt(row: dict) -> str:
@@ -127,12 +139,16 @@ def read_m3d_vqa(root: str | Path, split: str, closed: bool = True, open: bool =
         if letter not in CHOICE_LETTERS:
             raise UserInputError(f"{path}, line {line}: Answer Choice {row['Answer Choice']!r} is not one of "
                                  f"{', '.join(CHOICE_LETTERS)}; the closed-ended score would be wrong, so fix the row")
+        if not row["Answer"].strip():
+            raise UserInputError(f"{path}, line {line}: the Answer is empty, so the model would learn to answer with "
+                                 "nothing and be scored against nothing; fix the row")
         if closed:
-            samples.append(Sample(row["Image Path"], _chat(closed_prompt(row), f"{letter}. {row['Answer']}"),
-                                  "vqa_closed", question_type, letter))
+            samples.append(Sample(scan_name(root, row["Image Path"]),
+                                  _chat(closed_prompt(row), f"{letter}. {row['Answer']}"), "vqa_closed", question_type,
+                                  letter))
         if open:
-            samples.append(Sample(row["Image Path"], _chat(row["Question"], row["Answer"]), "vqa_open",
-                                  question_type))
+            samples.append(Sample(scan_name(root, row["Image Path"]), _chat(row["Question"], row["Answer"]),
+                                  "vqa_open", question_type))
     return samples
 
 

@@ -294,6 +294,26 @@ def build_encoding_model(preset: dict) -> MedVLMForConditionalGeneration:
     return model
 
 
+def check_ground_truth(root: Path, samples: list[Sample]) -> None:
+    """Phantom data (a ground_truth.json): every scan the samples name has its entry, which the encoder's
+    pre-training and the findings probe learn from (a scan without one would be taught as lesion-free, then stop
+    the run). Refused before any long work."""
+    path = root / GROUND_TRUTH_FILE
+    if not path.exists():
+        return
+    try:
+        truth = json.loads(path.read_text())
+    except ValueError:
+        truth = None
+    if not isinstance(truth, dict):
+        raise UserInputError(f"{path} is not the ground truth `python -m medvlm phantom` writes (a JSON object of "
+                             "scans, each with its lesions); write the phantoms again")
+    missing = sorted({sample.image for sample in samples} - set(truth))
+    if missing:
+        raise UserInputError(f"{path} has no entry for {len(missing)} of the scans the data names (e.g. {missing[0]}); "
+                             "write the phantoms again, or name each scan as the ground truth does")
+
+
 def finding_targets(root: Path, images: list[str]) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Per scan, which "organ kind side" findings its phantom ground truth holds: (classes, multi-hot).
 
@@ -662,6 +682,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     if not train_samples:
         raise UserInputError(f"{root} holds no training samples (M3D_Cap.json / M3D_VQA_train.csv); point to a "
                              "folder with a train split")
+    check_ground_truth(root, train_samples + val_samples)
     if preset.get("encoder_pretraining"):
         from .encoder_pretraining import check_lesions_to_learn
 

@@ -96,6 +96,28 @@ def test_an_answer_choice_that_is_no_letter_is_refused_not_scored(m3d_root, writ
         read_m3d_vqa(m3d_root, "test")
 
 
+def test_an_empty_answer_is_refused_not_taught(m3d_root):
+    """An empty Answer would teach the model to answer with nothing, and score an open answer against nothing."""
+    _write_vqa(m3d_root / "M3D_VQA_test.csv", [VQA_ROW, {**VQA_ROW, "Answer": " "}])
+    with pytest.raises(ValueError, match=r"M3D_VQA_test\.csv, line 3: the Answer is empty"):
+        read_m3d_vqa(m3d_root, "test")
+
+
+def test_a_scan_named_by_its_absolute_path_is_the_scan_named_relative_to_the_data(m3d_root):
+    """M3D_Cap.json naming a scan by its absolute path and the CSV by its path in the folder: one scan (one ground
+    truth entry, one set of cached features), not two."""
+    cap = json.loads((m3d_root / "M3D_Cap.json").read_text())
+    cap["test"][0]["image"] = str((m3d_root / "ct" / "0003.npy").resolve())
+    (m3d_root / "M3D_Cap.json").write_text(json.dumps(cap))
+    _write_vqa(m3d_root / "M3D_VQA_test.csv", [{**VQA_ROW, "Image Path": "ct/0003.npy"}])
+    assert {sample.image for sample in read_m3d_cap(m3d_root, "test") + read_m3d_vqa(m3d_root, "test")} == {
+        "ct/0003.npy"}
+    outside = "/elsewhere/ct/0009.npy"  # a scan outside the folder keeps its path
+    cap["test"][0]["image"] = outside
+    (m3d_root / "M3D_Cap.json").write_text(json.dumps(cap))
+    assert read_m3d_cap(m3d_root, "test")[0].image == outside
+
+
 def test_files_as_editors_and_spreadsheets_save_them_are_read_or_refused_in_one_sentence(m3d_root):
     _write_vqa(m3d_root / "M3D_VQA_test.csv", [VQA_ROW], encoding="utf-8-sig")  # Excel's CSV UTF-8: a BOM
     assert read_m3d_vqa(m3d_root, "test")[0].answer_choice == "B"

@@ -121,6 +121,19 @@ def test_stages_trained_on_an_encoder_pre_trained_again_are_not_resumed(phantoms
     assert train("tiny", data, out, seed=0) == out
 
 
+def test_a_scan_without_its_ground_truth_entry_is_refused_before_any_training(phantoms, tmp_path):
+    """The encoder's pre-training would learn such a scan as lesion-free, and the findings probe stop the run later
+    with a KeyError: said at once instead, naming the scan."""
+    data = shutil.copytree(phantoms, tmp_path / "data")
+    truth = json.loads((data / GROUND_TRUTH_FILE).read_text())
+    dropped = json.loads((data / "M3D_Cap.json").read_text())["train"][0]["image"]
+    del truth[dropped]
+    (data / GROUND_TRUTH_FILE).write_text(json.dumps(truth))
+    with pytest.raises(UserInputError, match=f"has no entry for 1 of the scans the data names \\(e.g. {dropped}\\)"):
+        train("tiny", data, tmp_path / "checkpoint", seed=0)
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "checkpoint-training").exists()
+
+
 def test_each_stage_of_each_seed_draws_numbers_of_its_own():
     """Seed 0's second stage must not replay seed 1's first (seed + index would): replicate runs are independent."""
     stages = ("probe", "align", "instruct")
