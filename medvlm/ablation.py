@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import CAP_FILE, GROUND_TRUTH_FILE, VQA_FILES
+from .data import CAP_FILE, GROUND_TRUTH_FILE, VQA_FILES, load_scan
 from .errors import UserInputError
 from .variants import VARIANTS
 
@@ -197,7 +197,6 @@ def encoder_work(checkpoint: Path, data: Path) -> dict:
     """
     from .features import scan_slices
     from .pipeline import checkpoint_named, load_model
-    from .volume import load_volume
 
     model = load_model(checkpoint, checkpoint_named(checkpoint)).eval()  # float32, as `evaluate` runs it
     config = model.config
@@ -206,7 +205,7 @@ def encoder_work(checkpoint: Path, data: Path) -> dict:
     truth = json.loads((data / GROUND_TRUTH_FILE).read_text())
     total = encoded = previewed = 0
     for image in sorted(truth):
-        scan = scan_slices(model, load_volume(data / image), image)
+        scan = scan_slices(model, load_scan(data, image), image)
         total, encoded, previewed = total + scan.total, encoded + scan.encoded, previewed + scan.previewed
     preview_share = ((config.selection_preview_size or config.image_size) / config.image_size) ** 2
     return {"encoded_fraction": encoded / total, "encoder_work": (encoded + preview_share * previewed) / total,

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .configuration import REPORT_PROMPT
-from .errors import UserInputError
+from .errors import UserInputError, VolumeError
 from .prompt import prompt_text
-from .volume import error_reason, listed_files
+from .volume import Volume, error_reason, listed_files, load_volume
 
 # Other wordings of a checkpoint's `report_prompt`, which training asks too, for variety.
 REPORT_PARAPHRASES = (
@@ -89,6 +89,18 @@ def read_m3d_cap(root: str | Path, split: str, prompts: tuple[str, ...] = (REPOR
                                  f"({reason}); restore it, save it as UTF-8, or fix {CAP_FILE}") from None
         samples.append(Sample(scan_name(root, item["image"]), _chat(prompts[index % len(prompts)], report), "report"))
     return samples
+
+
+def load_scan(root: str | Path, image: str) -> Volume:
+    """A scan the data names (`image`: a path relative to `root`, or absolute), read with `load_volume`; a refusal
+    names it by that path, not its file name alone (in M3D-Cap thousands of files share a few names)."""
+    try:
+        return load_volume(Path(root) / image)
+    except VolumeError as error:
+        text, name = str(error), Path(image).name
+        if text.startswith(f"{name} ") and image != name:
+            raise VolumeError(image + text[len(name):]) from None
+        raise
 
 
 def scan_name(root: Path, image: str) -> str:

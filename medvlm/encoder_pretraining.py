@@ -34,11 +34,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .configuration import MedVLMConfig
-from .data import GROUND_TRUTH_FILE, scan_stamps
+from .data import GROUND_TRUTH_FILE, load_scan, scan_stamps
 from .encoder import SliceEncoder
 from .errors import UserInputError
 from .preprocess import PREPROCESSING_VERSION, encoder_input
-from .volume import Volume, load_volume
+from .volume import Volume
 
 MODALITIES = ("CT", "MR", "PT", "OT")
 
@@ -240,7 +240,7 @@ def build_slice_set(config: MedVLMConfig, root: Path, images: list[str], ground_
     inputs, present, diameter, modality = [], [], [], []
     patch = config.encoder_stride
     for image in tqdm(images, desc="preparing slices", disable=not progress, unit="scan"):
-        volume = load_volume(root / image)
+        volume = load_scan(root, image)
         pixel_values, _ = encoder_input(volume, config)
         covered, sizes = lesion_maps(volume, ground_truth.get(image, {}), classes, pixel_values.shape[0],
                                      config.image_size)
@@ -380,7 +380,7 @@ def held_out_detection(encoder: SliceEncoder, heads: PerClassHeads | FactoredHea
     scores, labels, modalities = [], [], []
     patch_scores, patch_labels, patch_modalities = [], [], []
     for image in images:
-        volume = load_volume(root / image)
+        volume = load_scan(root, image)
         pixel_values, _ = encoder_input(volume, config)
         features = encoder(pixel_values)
         class_scores = heads.class_scores(features.patches).float()  # (Z', h, w, classes)

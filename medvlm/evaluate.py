@@ -23,12 +23,11 @@ from pathlib import Path
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .data import GROUND_TRUTH_FILE, Sample
+from .data import GROUND_TRUTH_FILE, Sample, load_scan
 from .errors import UserInputError
 from .features import process_state
 from .metrics import SMALL_LESION_MM, closed_accuracy, finding_metrics, open_metrics, report_metrics
 from .pipeline import Pipeline, weights_digest
-from .volume import load_volume
 
 M3D_MAX_NEW_TOKENS = 256
 
@@ -44,7 +43,7 @@ def generate_answers(pipeline: Pipeline, root: Path, samples: list[Sample], max_
     kept: dict[str, tuple[list[int], int]] = {}
     with tqdm(total=len(samples), desc="generating", disable=not progress, unit="answer") as bar:
         for image, indices in by_image.items():
-            volume = load_volume(root / image)
+            volume = load_scan(root, image)
             for index in indices:
                 prompt = samples[index].messages[:-1]
                 if samples[index].task == "report":  # asked as the app asks this checkpoint

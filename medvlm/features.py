@@ -16,6 +16,7 @@ the folder must be on a shared disk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,11 +32,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data import scan_stamps
+from .data import load_scan, scan_stamps
 from .errors import UserInputError
 from .modeling import MedVLMForConditionalGeneration, ScanSlices
 from .preprocess import PREPROCESSING_VERSION, readable_encoder_input
-from .volume import Volume, load_volume
+from .volume import Volume
 
 INDEX_FILE = "features.json"
 PART_INDEX = re.compile(r"features-((?:r\d+-)?part\d+)\.json")
@@ -265,7 +266,7 @@ def build_feature_cache(model: MedVLMForConditionalGeneration, root: str | Path,
         _delete_unused_shards(folder, plan["kept"])
     state.wait_for_everyone()
     with state.split_between_processes(plan["encode"]) as share:
-        part = FeatureCache.build(model, share, lambda image: load_volume(root / image),
+        part = FeatureCache.build(model, share, functools.partial(load_scan, root),
                                   progress=state.is_local_main_process)
     part.stamps = {image: plan["stamps"][image] for image in part.entries}
     part.save(folder, shard_size, part=f"r{plan['round']}-part{state.process_index:03d}")

@@ -43,6 +43,7 @@ from .data import (
     VQA_FILES,
     Sample,
     check_split,
+    load_scan,
     read_m3d_cap,
     read_m3d_vqa,
     scan_stamps,
@@ -63,7 +64,6 @@ from .pretrained import (
 )
 from .tokenizer import IMAGE_TOKEN, train_tokenizer
 from .variants import apply_overrides
-from .volume import load_volume
 from .work_folder import (
     CLOCK,
     METRICS,
@@ -352,7 +352,7 @@ def lesion_patch_targets(root: Path, features, images: list[str],
             height, width = scan.patches.shape[1:3]
             targets[image] = torch.zeros(len(scan.kept), height, width, len(classes), dtype=torch.uint8)
             continue
-        volume = load_volume(root / image)
+        volume = load_scan(root, image)
         coverage, sizes = lesion_maps(volume, truth[image], classes, scan.total, config.image_size)
         touched, _ = patch_targets(torch.from_numpy(coverage), torch.from_numpy(sizes), config.encoder_stride)
         targets[image] = touched[scan.kept].permute(0, 2, 3, 1).to(torch.uint8)  # (kept, h, w, classes)
@@ -610,7 +610,7 @@ def scan_features(model: MedVLMForConditionalGeneration, samples: list[Sample], 
                   features: str | Path | None, from_volumes: bool) -> FeatureCache | VolumeFeatures:
     """Where training gets each scan's kept slices: a saved cache (`features`), the volumes themselves
     (`from_volumes`: the frozen encoder runs on every batch), or a cache built in `work` (the default)."""
-    load = functools.partial(_load_scan, root)
+    load = functools.partial(load_scan, root)
     if from_volumes:
         return VolumeFeatures(model, load)
     images = sorted({s.image for s in samples})
@@ -629,10 +629,6 @@ def scan_features(model: MedVLMForConditionalGeneration, samples: list[Sample], 
     if cache.unstamped(images):
         process_state().print(f"note: {cache.unstamped(images)}")
     return cache
-
-
-def _load_scan(root: Path, image: str):
-    return load_volume(root / image)
 
 
 def _readable_as_the_rest(checkpoint: Path) -> None:

@@ -15,9 +15,11 @@ from medvlm.data import (
     REPORT_PROMPT,
     VQA_COLUMNS,
     build_labels,
+    load_scan,
     read_m3d_cap,
     read_m3d_vqa,
 )
+from medvlm.errors import VolumeError
 
 VQA_ROW = {"Image Path": "ct/0001.npy", "Text": "A 12 mm nodule in the right lung.", "Question Type": "3",
            "Question": "Which organ shows an abnormality?", "Choice A": "liver", "Choice B": "lung",
@@ -94,6 +96,16 @@ def test_an_answer_choice_that_is_no_letter_is_refused_not_scored(m3d_root, writ
     _write_vqa(m3d_root / "M3D_VQA_test.csv", [VQA_ROW, {**VQA_ROW, "Answer Choice": written}])
     with pytest.raises(ValueError, match=r"M3D_VQA_test\.csv, line 3: Answer Choice .* is not one of A, B, C, D"):
         read_m3d_vqa(m3d_root, "test")
+
+
+def test_a_scan_that_cannot_be_read_is_named_by_its_path_in_the_data(m3d_root):
+    """In M3D-Cap thousands of files share a few names (Axial_C__portal_venous_phase.npy): the refusal names the
+    scan by its path in the data folder, so that the one file can be found."""
+    (m3d_root / "ct" / "series-7").mkdir()
+    np.save(m3d_root / "ct" / "series-7" / "Axial.npy", np.zeros((4, 8, 8, 3), dtype=np.float32))
+    with pytest.raises(VolumeError, match=r"^ct/series-7/Axial\.npy has shape \(4, 8, 8, 3\)"):
+        load_scan(m3d_root, "ct/series-7/Axial.npy")
+    assert load_scan(m3d_root, "ct/0001.npy").shape == (2, 4, 4)
 
 
 def test_an_empty_answer_is_refused_not_taught(m3d_root):
