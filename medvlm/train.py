@@ -668,6 +668,9 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     """
     started = time.perf_counter()  # the run's clock counts the data's reading too (not the imports before it)
     preset = apply_overrides(load_preset(preset_name), config_overrides or {})
+    if features is not None and preset.get("encoder_pretraining"):
+        raise UserInputError("this preset pre-trains its slice encoder on the training scans, so no feature cache "
+                             "made before fits it; train without --features (train caches the features itself)")
     if features is not None and not (Path(features) / "features.json").is_file():
         raise UserInputError(f"no feature cache (features.json) in {features}; run `python -m medvlm features`")
     root, out = Path(data), Path(out)

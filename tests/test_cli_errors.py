@@ -157,6 +157,11 @@ def test_train_into_a_file_and_features_with_no_shard(tmp_path, capsys):
     assert "--revision picks a version of a Hub checkpoint, and tiny is a preset" in refused(
         capsys, "features", "--checkpoint-or-preset", "tiny", "--data", data, "--out", tmp_path / "f",
         "--revision", "v9")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "features.json").write_text("{}")  # any cache: none fits an encoder trained afresh
+    assert "this preset pre-trains its slice encoder on the training scans, so no feature cache made before" in refused(
+        capsys, "train", "--preset", "tiny", "--data", data, "--out", tmp_path / "out", "--features",
+        tmp_path / "cache")
 
 
 @pytest.mark.parametrize(("text", "message"), [
