@@ -329,10 +329,21 @@ _OPEN_SESSIONS_LOCK = threading.Lock()
 _STOP_EVENTS: dict[str, threading.Event] = {}
 
 
+# Tabs closed, by session hash, with when (time.monotonic): a load still reading a scan for one registers nothing.
+_ENDED_SESSIONS: dict[str, float] = {}
+ENDED_SESSIONS_KEPT_S = 2 * 3600  # longer than any load takes
+
+
 def end_session(request: gr.Request) -> None:
-    """The tab closed: release its scan now rather than when Gradio drops the state an hour later."""
+    """The tab closed: release its scan now rather than when Gradio drops the state an hour later, and remember
+    that it closed, so that a scan its load was still reading is not kept for no one (`_new_scan`)."""
     with _OPEN_SESSIONS_LOCK:
         session = _OPEN_SESSIONS.pop(request.session_hash, None) if request and request.session_hash else None
+        if request and request.session_hash:
+            now = time.monotonic()
+            _ENDED_SESSIONS[request.session_hash] = now
+            for ended in [key for key, when in _ENDED_SESSIONS.items() if now - when > ENDED_SESSIONS_KEPT_S]:
+                del _ENDED_SESSIONS[ended]
     if session is not None:
         session.release()
 
@@ -539,6 +550,8 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     threshold = min(high, max(low, round(round(default_threshold(volume, grid) / step) * step, decimals)))
     unit = unbracketed(volume.units or "intensity")  # HU, Bq/mL, SUV
     with _OPEN_SESSIONS_LOCK:  # from the memory check to the new scan's registration: two loads at once add up
+        if request is not None and request.session_hash in _ENDED_SESSIONS:  # the tab closed while the scan was read
+            return _unchanged(None, "The page was closed while the scan was read")
         if not make_room(scan_bytes(volume), session):
             message = ("The server holds as many scans as its memory allows; try again in a few minutes, or run "
                        "the app on your own machine")

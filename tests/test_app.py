@@ -56,6 +56,13 @@ def app_module(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def tabs_closed_in_this_test_alone(app_module, monkeypatch):
+    """A closed tab's session hash is remembered (a load still running for it registers nothing); the tests name
+    their tabs "tab-a" and so on, each test afresh, where a browser never gives a closed tab's hash again."""
+    monkeypatch.setattr(app_module, "_ENDED_SESSIONS", {})
+
+
+@pytest.fixture(autouse=True)
 def tiny_answers_count_as_finished(app_module, monkeypatch):
     """The tiny random checkpoint never writes its end token, so every answer reaches its token limit: here that
     is not marked as cut off (a test of the marking restores `CutOff`), so that reports can finish."""
@@ -531,6 +538,24 @@ def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_p
 
 
 @pytest.mark.usefixtures("only_these_scans")
+def test_a_tab_closed_while_its_scan_is_read_leaves_nothing_held(app_module, tmp_path, monkeypatch):
+    """The tab's close runs at once, the load it left behind ends later: the scan it read is not kept (for an hour,
+    in the memory budget) for a page no one has open."""
+    scan = save_nifti(tmp_path / "ct.nii.gz", torso_ct(), (5.0, 1.0, 1.0), modality="CT")
+    tab = SimpleNamespace(session_hash="tab-closing")
+    read = app_module.load_volume
+
+    def closed_while_read(*args, **kwargs):
+        app_module.end_session(tab)  # the visitor closes the tab while the file is read
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "load_volume", closed_while_read)
+    outputs = named(app_module, app_module.load_scan([str(scan)], None, tab))
+    assert outputs["session"] is None and "closed" in outputs["status"]
+    assert "tab-closing" not in app_module._OPEN_SESSIONS and app_module._sessions_with_scans() == []
+
+
+@pytest.mark.usefixtures("only_these_scans")
 def test_a_pets_mip_frames_count_in_the_memory_budget(app_module, tmp_path, monkeypatch):
     """A PET's MIP keeps its 36 frames once drawn: the budget counts them beside its voxels, so a PET whose voxels
     alone would fit is refused where the two do not."""
@@ -539,9 +564,10 @@ def test_a_pets_mip_frames_count_in_the_memory_budget(app_module, tmp_path, monk
     frames = 36 * 40 * 64 * 4  # 36 frames of 40 rows and 64 columns (the grid's side: 64 voxels of 4 mm)
     for budget, fits in ((voxels + frames // 2, False), (voxels + frames, True)):
         monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", budget)
-        outputs = named(app_module, app_module.load_scan([str(pet)], None, SimpleNamespace(session_hash="tab-p")))
+        tab = SimpleNamespace(session_hash=f"tab-p{budget}")
+        outputs = named(app_module, app_module.load_scan([str(pet)], None, tab))
         assert (outputs["session"] is not None) == fits, budget
-        app_module.end_session(SimpleNamespace(session_hash="tab-p"))
+        app_module.end_session(tab)
 
 
 @pytest.mark.usefixtures("only_these_scans")
