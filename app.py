@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -456,6 +457,33 @@ def report_caveat(pipeline: Pipeline) -> str:
             "questions.*")
 
 
+# Gradio keeps an upload at a path made from its content, so two visitors who upload the same file at once are
+# handed one path: each upload is deleted once the last load reading it is done, not by the first.
+_UPLOADS_READ: Counter[Path] = Counter()
+_UPLOADS_READ_LOCK = threading.Lock()
+UPLOAD_GONE = ("The upload was gone before it could be read (someone else may have uploaded the same file at that "
+               "moment, or the upload was cut off); upload it again")
+
+
+def _reading_uploads(paths: list[str]) -> bool:
+    """Count a load's uploads as being read; False (nothing counted) when one is gone already."""
+    with _UPLOADS_READ_LOCK:
+        if not all(Path(path).exists() for path in paths):
+            return False
+        _UPLOADS_READ.update(Path(path).resolve() for path in paths)
+        return True
+
+
+def _done_reading_uploads(paths: list[str]) -> None:
+    """A load is done with its uploads: those no other load is reading are deleted."""
+    with _UPLOADS_READ_LOCK:  # deleted within it: a load that finds an upload there has it counted first
+        _UPLOADS_READ.subtract(Path(path).resolve() for path in paths)
+        done = [path for path in paths if _UPLOADS_READ[Path(path).resolve()] <= 0]
+        for path in done:
+            _UPLOADS_READ.pop(Path(path).resolve(), None)
+        _delete_uploads(done)
+
+
 def load_scan(files: list[str] | str | None, session: ScanSession | None, request: gr.Request | None = None):
     """An upload (one file, several DICOM files, a folder's files or a zip) becomes the session's scan.
 
@@ -465,6 +493,9 @@ def load_scan(files: list[str] | str | None, session: ScanSession | None, reques
     paths = [files] if isinstance(files, str) else list(files or [])
     if not paths:
         return _unchanged(session, "Upload a scan, or pick an example.")
+    if not _reading_uploads(paths):
+        gr.Warning(UPLOAD_GONE)
+        return _unchanged(session, f"⚠️ {UPLOAD_GONE}.")
     try:
         volume = load_volume(paths[0] if len(paths) == 1 else paths)
     except UserInputError as error:
@@ -475,7 +506,7 @@ def load_scan(files: list[str] | str | None, session: ScanSession | None, reques
         gr.Warning(OUT_OF_MEMORY)
         return _unchanged(session, f"⚠️ {OUT_OF_MEMORY}.")
     finally:
-        _delete_uploads(paths)
+        _done_reading_uploads(paths)
     return _new_scan(volume, "uploaded scan", session, request)
 
 
@@ -552,6 +583,12 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     with _OPEN_SESSIONS_LOCK:  # from the memory check to the new scan's registration: two loads at once add up
         if request is not None and request.session_hash in _ENDED_SESSIONS:  # the tab closed while the scan was read
             return _unchanged(None, "The page was closed while the scan was read")
+        if scan_bytes(volume) > SCAN_MEMORY_BYTES:  # no wait makes room for it
+            message = (f"This scan needs {scan_bytes(volume) / 2**20:,.0f} MB, more than the "
+                       f"{SCAN_MEMORY_BYTES / 2**20:,.0f} MB this server holds for all its visitors' scans; run the "
+                       "app on your own machine, or upload a smaller scan")
+            gr.Warning(message)
+            return _unchanged(session, f"⚠️ {message}.")
         if not make_room(scan_bytes(volume), session):
             message = ("The server holds as many scans as its memory allows; try again in a few minutes, or run "
                        "the app on your own machine")

@@ -424,6 +424,37 @@ def test_uploaded_files_are_deleted_once_read(app_module, ct_nifti):
     assert ct_nifti.exists()  # files outside Gradio's upload folder are never touched
 
 
+def test_two_visitors_uploading_the_same_file_at_once_both_get_their_scan(app_module, ct_nifti, monkeypatch):
+    """Gradio keeps identical uploads at one path: the first load to finish does not delete the file under the
+    other, which is deleted once both are done; an upload gone before its load says so, and what to do."""
+    from gradio.processing_utils import get_upload_folder
+
+    upload = Path(get_upload_folder()) / "medvlm-same-upload" / "torso.nii.gz"
+    upload.parent.mkdir(parents=True, exist_ok=True)
+    upload.write_bytes(ct_nifti.read_bytes())
+    read, second = app_module.load_volume, {}
+
+    def read_while_another_reads(*args, **kwargs):
+        if not second:  # the second visitor's load starts while the first one reads the file
+            monkeypatch.setattr(app_module, "load_volume", read)
+            second["outputs"] = named(app_module, app_module.load_scan([str(upload)], None,
+                                                                       SimpleNamespace(session_hash="tab-2")))
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "load_volume", read_while_another_reads)
+    first = named(app_module, app_module.load_scan([str(upload)], None, SimpleNamespace(session_hash="tab-1")))
+    try:
+        assert first["session"].volume is not None and second["outputs"]["session"].volume is not None
+        assert not upload.exists() and not upload.parent.exists()  # deleted once the last load was done with it
+        with pytest.warns(UserWarning):  # gr.Warning outside a running app
+            gone = named(app_module, app_module.load_scan([str(upload)], None, SimpleNamespace(session_hash="tab-3")))
+        assert gone["session"] is None and gone["status"] == f"⚠️ {app_module.UPLOAD_GONE}."
+        assert not app_module._UPLOADS_READ  # nothing counted as being read any more
+    finally:
+        for tab in ("tab-1", "tab-2"):
+            app_module.end_session(SimpleNamespace(session_hash=tab))
+
+
 def test_report_streams_and_is_offered_as_markdown(app_module, ct_nifti):
     session, _ = loaded(app_module, [ct_nifti])
     updates = list(app_module.generate_report(session, 24, 0.0, 1.0))
@@ -521,7 +552,10 @@ def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_p
         app_module.encode_scan(first)
         first.last_used -= app_module.MAKE_ROOM_IDLE_S  # encoded, then ten minutes without a look or a question
         monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(size * 0.5))  # no room even without it
-        assert _upload_as(app_module, tmp_path, "tab-b", seed=1)["session"] is None and first.volume is not None
+        too_large = _upload_as(app_module, tmp_path, "tab-b", seed=1)
+        assert too_large["session"] is None and first.volume is not None  # a wait would not help: said so
+        assert f"This scan needs {size / 2**20:,.0f} MB, more than the {size / 2**21:,.0f} MB this server" in too_large[
+            "status"]
         monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(size * 1.5))
         second = _upload_as(app_module, tmp_path, "tab-c", seed=2)["session"]
         assert second.volume is not None and first.volume is None
