@@ -72,7 +72,8 @@ SUGGESTED_QUESTIONS = {
            "Which plane are these slices acquired in?"],
 }
 DEMO_WARNING = "trained on synthetic phantoms — not for clinical use"
-PRIVACY_NOTE = ("Nothing you upload is kept: the file is read into memory and deleted, and the scan, "
+PRIVACY_NOTE = ("Nothing you upload is kept: the file is read into memory (a zip unpacked into a temporary folder "
+                "while it is read) and deleted, and the scan, "
                 "report and conversation are discarded when you close the page, or after an hour without use. Do "
                 "not upload identifiable patient data to a public Space.")
 # Uploads are deleted as soon as they are read; as a backstop for one never read (an abandoned or failed
