@@ -91,8 +91,8 @@ def resolve_checkpoint(checkpoint: str | Path | None, revision: str | None = Non
         from huggingface_hub import constants
 
         where = checkpoint_named(name, revision)
-        # A folder's name mistyped is a valid repo id: said where it could be one (its parent folder exists)
-        no_folder = f" (and there is no folder {name!r} here)" if Path(name).parent.is_dir() else ""
+        # A folder's name mistyped is a valid repo id too (a revision asked for means a repo)
+        no_folder = "" if revision else f" (and there is no folder {name!r} here)"
         if constants.HF_HUB_OFFLINE:  # its own text is three sentences, and this is what they come to
             raise CheckpointError(f"checkpoint {where} is not in the local Hugging Face cache{no_folder}, and "
                                   "HF_HUB_OFFLINE=1 keeps it from being downloaded; download it once with the "

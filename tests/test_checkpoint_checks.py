@@ -115,6 +115,8 @@ def test_a_checkpoint_that_is_no_folder_says_what_it_is(tmp_path, capsys, monkey
         (tmp_path / "notes.txt", f"'{tmp_path / 'notes.txt'}' is a file, not a checkpoint folder; give the folder"),
         ("my-checkpont", "checkpoint 'my-checkpont' is not in the local Hugging Face cache (and there is no folder "
                          "'my-checkpont' here), and HF_HUB_OFFLINE=1 keeps it from being downloaded"),
+        ("checkpoints/run1", "checkpoint 'checkpoints/run1' is not in the local Hugging Face cache (and there is no "
+                             "folder 'checkpoints/run1' here)"),  # its parent folder mistyped or missing too
     ):
         assert main(["report", str(SCAN), "--checkpoint", str(checkpoint)]) == 2
         error = capsys.readouterr().err
