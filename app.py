@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import gradio as gr
 import spaces
 from gradio.processing_utils import get_upload_folder
+from gradio.route_utils import FnIndexInferError
 from starlette.requests import ClientDisconnect
 
 from medvlm.errors import UserInputError
@@ -1595,11 +1596,25 @@ class CutOffUploadNotice(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], ClientDisconnect))
 
 
+class UnknownEndpointNotice(logging.Filter):
+    """Logs in one line, without Gradio's 60-line traceback, a request that names no endpoint of the app (POST
+    /gradio_api/run/predict: Gradio 3's route, which old clients and bots probe): anyone could otherwise fill a
+    public Space's log with them and bury the errors that matter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], FnIndexInferError):
+            record.msg, record.args = f"a request named no endpoint of this app, refused ({record.exc_info[1]})", ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
 @functools.cache
-def _sweep_uploads_in_this_process() -> None:
+def _start_once_in_this_process() -> None:
     """Once, however often this process launches a page (the tests launch several): the sweeping thread, and the
-    log filter for uploads cut off."""
-    logging.getLogger("uvicorn.error").addFilter(CutOffUploadNotice())
+    log's filters."""
+    log = logging.getLogger("uvicorn.error")
+    log.addFilter(CutOffUploadNotice())
+    log.addFilter(UnknownEndpointNotice())
     threading.Thread(target=_sweep_forever, args=DELETE_CACHE, name="medvlm-sweep", daemon=True).start()
 
 
@@ -1611,7 +1626,7 @@ def launch(demo: gr.Blocks, **options):
     One model event at a time (one GPU); viewer events run four at a time. A thread sweeps the upload
     folder for what Gradio leaves there (`sweep_upload_leftovers`).
     """
-    _sweep_uploads_in_this_process()
+    _start_once_in_this_process()
     in_a_space = bool(os.environ.get("SPACE_ID"))  # Hugging Face sets it in every Space, Docker ones too
     settings = {"server_name": os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if in_a_space else "127.0.0.1"),
                 "server_port": int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860),

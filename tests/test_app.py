@@ -1239,7 +1239,8 @@ def test_serving_the_page_starts_one_upload_sweep_and_log_filter(app_module, mon
         app_module.launch(app_module.build_demo(), server_port=7999)
     assert sum(thread.name == "medvlm-sweep" and thread.daemon for thread in threading.enumerate()) == 1
     log = logging.getLogger("uvicorn.error")
-    assert sum(isinstance(notice, app_module.CutOffUploadNotice) for notice in log.filters) == 1
+    for notice in (app_module.CutOffUploadNotice, app_module.UnknownEndpointNotice):
+        assert sum(isinstance(kept, notice) for kept in log.filters) == 1
 
 
 def test_a_constant_scan_of_huge_values_loads_with_its_page(app_module, tmp_path):
@@ -1636,6 +1637,25 @@ def test_an_upload_cut_off_leaves_no_traceback_in_the_log_and_other_errors_still
     notice = app_module.CutOffUploadNotice()
     assert not notice.filter(record(ClientDisconnect()))
     assert notice.filter(record(RuntimeError("a real failure")))
+
+
+def test_a_request_that_names_no_endpoint_is_logged_in_one_line(app_module):
+    """POST /gradio_api/run/predict (Gradio 3's route, which old clients and bots probe) made Gradio log 60 lines of
+    traceback: a public Space's log could be filled with them. One line, without the traceback."""
+    from gradio.route_utils import FnIndexInferError
+
+    def logged(error: Exception) -> str:
+        try:
+            raise error
+        except Exception:
+            record = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI application",
+                                       None, sys.exc_info())
+        assert app_module.UnknownEndpointNotice().filter(record)  # still logged, as a line
+        return logging.Formatter().format(record)
+
+    line = logged(FnIndexInferError("Could not infer function index for API name: predict"))
+    assert "Traceback" not in line and len(line.splitlines()) == 1 and "named no endpoint" in line
+    assert "Traceback" in logged(RuntimeError("a real failure"))  # any other error keeps its traceback
 
 
 @pytest.mark.parametrize("setting", ["abc", "0", "-5", "nan", "inf"])
