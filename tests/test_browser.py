@@ -70,8 +70,10 @@ def test_a_clinician_session(browser, server, app_module, tmp_path, monkeypatch)
     page.wait_for_function("() => document.querySelector('#report-button')?.disabled")  # no scan yet
     disabled = page.locator("#report-button").evaluate(colour)
 
+    others = set(app_module._OPEN_SESSIONS)
     page.locator("#scan-upload input[type=file]").set_input_files(str(example_scan(tmp_path)))
     page.locator("#status-line", has_text="Ready").wait_for()
+    [own] = set(app_module._OPEN_SESSIONS) - others  # this page's session (its hash)
     # The upload folds away once the scan is read.
     assert page.locator("#scan-upload").is_hidden()
     # The plane, the window, the image and its caption fit a laptop's window; on a desktop's the image grows.
@@ -281,13 +283,13 @@ def test_a_clinician_session(browser, server, app_module, tmp_path, monkeypatch)
     for name in ("app.png", "app-3d.png"):
         shutil.copy(tmp_path / name, ROOT / "test-output" / name)
 
-    open_sessions = len(app_module._OPEN_SESSIONS)
-    page.close()  # the tab closes: its session is released
+    scan = app_module._OPEN_SESSIONS[own]
+    page.close()  # the tab closes: its session, and the scan it held, are released
     for _ in range(100):
-        if len(app_module._OPEN_SESSIONS) < open_sessions:
+        if own not in app_module._OPEN_SESSIONS:
             break
         time.sleep(0.1)
-    assert len(app_module._OPEN_SESSIONS) < open_sessions
+    assert own not in app_module._OPEN_SESSIONS and scan.volume is None
 
 
 def test_on_a_phone_the_report_button_follows_the_status_line(browser, server, tmp_path):  # noqa: F811
