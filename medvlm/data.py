@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,11 +143,14 @@ def read_m3d_vqa(root: str | Path, split: str, closed: bool = True, open: bool =
     for line, row in enumerate(rows, start=2):
         if any(row.get(column) is None for column in VQA_COLUMNS):
             raise UserInputError(f"{path}, line {line}: the row has fewer fields than the header; fix the row")
-        try:
-            question_type = int(row["Question Type"])
+        try:  # "1.0" is 1: what pandas writes for a column that held an empty cell
+            number = float(row["Question Type"])
         except (TypeError, ValueError):
-            raise UserInputError(f"{path}, line {line}: Question Type {row['Question Type']!r} is not a whole "
-                                 "number (M3D-VQA uses 1 to 5); fix the row") from None
+            number = math.nan
+        if not (number.is_integer() and 1 <= number <= 5):
+            raise UserInputError(f"{path}, line {line}: Question Type {row['Question Type']!r} is not one of M3D-VQA's "
+                                 "types 1 to 5 (plane, phase, organ, abnormality, location); fix the row")
+        question_type = int(number)
         letter = row["Answer Choice"].strip().rstrip(".").upper()  # "b", "B." are B; the reference says "B."
         if letter not in CHOICE_LETTERS:
             raise UserInputError(f"{path}, line {line}: Answer Choice {row['Answer Choice']!r} is not one of "

@@ -108,6 +108,16 @@ def test_a_scan_that_cannot_be_read_is_named_by_its_path_in_the_data(m3d_root):
     assert load_scan(m3d_root, "ct/0001.npy").shape == (2, 4, 4)
 
 
+def test_a_question_type_is_one_of_m3ds_five(m3d_root):
+    """"1.0" (pandas writes it for a column that held an empty cell) is type 1; 0 or 7 is no M3D-VQA type."""
+    _write_vqa(m3d_root / "M3D_VQA_test.csv", [{**VQA_ROW, "Question Type": "1.0"}])
+    assert read_m3d_vqa(m3d_root, "test")[0].question_type == 1
+    for written in ("0", "7", "x"):
+        _write_vqa(m3d_root / "M3D_VQA_test.csv", [VQA_ROW, {**VQA_ROW, "Question Type": written}])
+        with pytest.raises(ValueError, match=rf"line 3: Question Type '{written}' is not one of M3D-VQA's types 1"):
+            read_m3d_vqa(m3d_root, "test")
+
+
 def test_an_empty_answer_is_refused_not_taught(m3d_root):
     """An empty Answer would teach the model to answer with nothing, and score an open answer against nothing."""
     _write_vqa(m3d_root / "M3D_VQA_test.csv", [VQA_ROW, {**VQA_ROW, "Answer": " "}])
