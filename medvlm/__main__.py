@@ -150,9 +150,16 @@ def _npy_shape(text: str) -> tuple[int, int, int]:
     return npy_shape
 
 
+def _check_seed(command: str, seed: int) -> None:
+    """A seed numpy and torch take (0 … 2**32 - 1), checked before anything is written."""
+    if not 0 <= seed < 2**32:
+        raise UsageError(f"{command}: --seed must be a whole number from 0 to {2**32 - 1}, not {seed}")
+
+
 def cmd_phantom(args: argparse.Namespace) -> None:
     from .phantom import write_phantom_set
 
+    _check_seed("phantom", args.seed)
     npy_shape = _npy_shape(args.npy_shape)
     lesion_size = _lesion_size(args.lesion_size) if args.lesion_size else None
     summary = write_phantom_set(args.out, n=args.n, seed=args.seed, modalities=tuple(_csv(args.modality)),
@@ -182,6 +189,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise UsageError(f"train: {error}") from None
     if args.features and args.from_volumes:
         raise UsageError("train: give --features or --from-volumes, not both")
+    _check_seed("train", args.seed)
     print(train(args.preset, args.data, args.out, seed=args.seed, work=args.work, config_overrides=overrides,
                 features=args.features, from_volumes=args.from_volumes))
 

@@ -18,20 +18,27 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .errors import CheckpointError, UserInputError
 from .model_card import published_path, write_model_card
-from .pipeline import checkpoint_named, load_tokenizer, weights_digest
+from .pipeline import HELD_OUT_EVALUATION, checkpoint_named, load_tokenizer, weights_digest
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-NOT_PUBLISHED = ("*-training/**", "state/**", "features/**", ".cache/**")  # work files that never go up
+# What a checkpoint folder publishes, by name at its top level (the config, the weights, whole or in shards, the
+# tokenizer as transformers saves it, the chat template, the training record, the card and held-out scores): never
+# a work folder, a feature cache or another file left there.
+PUBLISHED = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+             "training.json", "README.md", HELD_OUT_EVALUATION)
 CARD_MARK = "<!-- medvlm push: "  # opens the last line of a card push wrote (an HTML comment: the Hub hides it)
 
 
@@ -195,8 +202,19 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None =
         if revision:
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
         commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", revision=revision,
-                                   commit_message="Upload MedVLM 3D checkpoint", ignore_patterns=list(NOT_PUBLISHED))
+                                   commit_message="Upload MedVLM 3D checkpoint", allow_patterns=list(PUBLISHED))
+    left = unpublished(folder)
+    if left:
+        print(f"note: {len(left)} file(s) in {folder} are no part of the checkpoint and were not uploaded (e.g. "
+              f"{left[0]})", file=sys.stderr)
     return str(getattr(commit, "commit_url", commit))
+
+
+def unpublished(folder: Path) -> list[str]:
+    """The files in a checkpoint folder that push leaves out (paths relative to it)."""
+    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    kept = set(filter_repo_objects(files, allow_patterns=list(PUBLISHED)))
+    return [file for file in files if file not in kept]
 
 
 __all__ = ["check_checkpoint", "push_checkpoint", "training_command"]

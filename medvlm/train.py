@@ -294,6 +294,21 @@ def build_encoding_model(preset: dict) -> MedVLMForConditionalGeneration:
     return model
 
 
+def check_output_folders(data: Path, out: Path, work: Path) -> None:
+    """The checkpoint folder holds the checkpoint alone, as `push` uploads what it holds: not the data (nor inside
+    it, nor around it), not the work folder (the feature cache, optimizer states), not another's files."""
+    data, checkpoint, working = data.resolve(), out.resolve(), work.resolve()
+    if checkpoint == data or data in checkpoint.parents or checkpoint in data.parents:
+        raise UserInputError(f"--out {out} is, holds or lies inside the data folder {data.name}; give the checkpoint "
+                             "a folder of its own (push uploads what it holds)")
+    if working == checkpoint or checkpoint in working.parents:
+        raise UserInputError(f"--work {work} lies inside --out {out}; give it a folder beside the checkpoint (push "
+                             "would upload its feature cache and optimizer states)")
+    if checkpoint.is_dir() and any(checkpoint.iterdir()) and not (checkpoint / "config.json").exists():
+        raise UserInputError(f"{out} holds other files and no checkpoint; give --out a new or empty folder (push "
+                             "uploads what it holds)")
+
+
 def check_ground_truth(root: Path, samples: list[Sample]) -> None:
     """Phantom data (a ground_truth.json): every scan the samples name has its entry, which the encoder's
     pre-training and the findings probe learn from (a scan without one would be taught as lesion-free, then stop
@@ -690,6 +705,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     for folder, option in ((out, "--out"), (work, "--work")):
         if folder.exists() and not folder.is_dir():
             raise UserInputError(f"{folder} is a file, not a folder; give {option} a folder to write")
+    check_output_folders(root, out, work)
     accelerator = make_accelerator(preset)
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UserInputError("train does not support FSDP yet (merging LoRA and saving a stage need the sharded "

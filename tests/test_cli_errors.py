@@ -157,6 +157,24 @@ def test_train_into_a_file_and_features_with_no_shard(tmp_path, capsys):
     assert "--revision picks a version of a Hub checkpoint, and tiny is a preset" in refused(
         capsys, "features", "--checkpoint-or-preset", "tiny", "--data", data, "--out", tmp_path / "f",
         "--revision", "v9")
+    for command in ("train", "phantom"):
+        arguments = ["--preset", "tiny", "--data", data, "--out", tmp_path / "out"] if command == "train" else [
+            tmp_path / "out", "--n", "2"]
+        for seed in ("-1", str(2**32)):  # numpy's error, after train had made its folders
+            assert f"{command}: --seed must be a whole number from 0 to 4294967295, not {seed}" in refused(
+                capsys, command, *arguments, "--seed", seed)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out-training").exists()
+    data_copy = tmp_path / "data-copy"
+    write_phantom_set(data_copy, n=2, seed=5, formats=("nifti",), matrix=32)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "list.txt").write_text("patients")
+    for out, work, says in (
+            (data_copy, None, "is, holds or lies inside the data folder data-copy; give the checkpoint a folder"),
+            (data_copy / "ct" / "run", None, "is, holds or lies inside the data folder"),
+            (tmp_path / "ck", tmp_path / "ck" / "work", "lies inside --out"),
+            (tmp_path / "notes", None, "holds other files and no checkpoint; give --out a new or empty folder")):
+        extra = ["--work", work] if work else []
+        assert says in refused(capsys, "train", "--preset", "tiny", "--data", data_copy, "--out", out, *extra)
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "features.json").write_text("{}")  # any cache: none fits an encoder trained afresh
     assert "this preset pre-trains its slice encoder on the training scans, so no feature cache made before" in refused(

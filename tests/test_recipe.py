@@ -382,9 +382,16 @@ class FakeHub:
     def create_branch(self, repo_id, **kwargs):
         self.calls.append(("create_branch", repo_id, kwargs))
 
-    def upload_folder(self, folder_path, repo_id, **kwargs):
+    def upload_folder(self, folder_path, repo_id, allow_patterns=None, ignore_patterns=None, **kwargs):
+        """The files huggingface_hub's own filter keeps, as the real upload sends them."""
+        from huggingface_hub.utils import filter_repo_objects
+
         self.calls.append(("upload_folder", repo_id, kwargs))
-        shutil.copytree(folder_path, hub_snapshot(self.cache, repo_id), dirs_exist_ok=True)
+        folder, snapshot = Path(folder_path), hub_snapshot(self.cache, repo_id)
+        files = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
+        for file in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            (snapshot / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(folder / file, snapshot / file)
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{COMMIT}")
 
 
@@ -465,6 +472,23 @@ def test_training_again_into_a_pushed_folder_leaves_no_card_of_the_old_weights(t
     assert renew_card(out).endswith("is a model card of yours, left as it is: it may describe the weights trained "
                                     "before")
     assert (out / "README.md").read_text() == "# Our model\n\nTrained by us.\n"
+
+
+def test_push_uploads_the_checkpoint_alone_and_says_what_it_left(tmp_path, capsys):
+    """A work folder kept inside the checkpoint (its feature cache, optimizer states) or a stray file never goes up
+    with it: the checkpoint's own files do, and push says what it left."""
+    torch.manual_seed(0)
+    checkpoint = save_tiny_checkpoint(tmp_path / "checkpoint")
+    (checkpoint / "wk" / "features").mkdir(parents=True)
+    (checkpoint / "wk" / "features" / "features-00000.safetensors").write_bytes(b"cache")
+    (checkpoint / "notes.txt").write_text("patient list")
+    hub = FakeHub(tmp_path / "hub")
+    push_checkpoint(checkpoint, "someorg/model", api=hub)
+    uploaded = {path.relative_to(hub_snapshot(hub.cache, "someorg/model")).as_posix()
+                for path in hub_snapshot(hub.cache, "someorg/model").rglob("*") if path.is_file()}
+    assert uploaded == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                        "chat_template.jinja", "README.md"}  # the card push wrote, and what save_pretrained wrote
+    assert "note: 2 file(s) in" in capsys.readouterr().err
 
 
 def test_push_never_shows_figures_of_other_weights(tmp_path):
