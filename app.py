@@ -332,14 +332,16 @@ _OPEN_SESSIONS_LOCK = threading.Lock()
 _STOP_EVENTS: dict[str, threading.Event] = {}
 
 
-# Tabs closed, by session hash, with when (time.monotonic): a load still reading a scan for one registers nothing.
+# Tabs closed, by session hash, with when (time.monotonic): a load that was reading a scan for one meanwhile
+# registers it as unused (`_new_scan`).
 _ENDED_SESSIONS: dict[str, float] = {}
 ENDED_SESSIONS_KEPT_S = 2 * 3600  # longer than any load takes
 
 
 def end_session(request: gr.Request) -> None:
-    """The tab closed: release its scan now rather than when Gradio drops the state an hour later, and remember
-    that it closed, so that a scan its load was still reading is not kept for no one (`_new_scan`)."""
+    """The tab closed (or its connection dropped: Gradio cannot tell): release its scan now rather than when Gradio
+    drops the state an hour later, and remember when, so that a scan its load was still reading is not kept for
+    no one (`_new_scan`)."""
     with _OPEN_SESSIONS_LOCK:
         session = _OPEN_SESSIONS.pop(request.session_hash, None) if request and request.session_hash else None
         if request and request.session_hash:
@@ -468,9 +470,11 @@ UPLOAD_GONE = ("The upload was gone before it could be read (someone else may ha
 
 
 def _reading_uploads(paths: list[str]) -> bool:
-    """Count a load's uploads as being read; False (nothing counted) when one is gone already."""
+    """Count a load's uploads as being read; False when one is gone already (the rest, unless another load reads
+    them, deleted: they are no scan now)."""
     with _UPLOADS_READ_LOCK:
         if not all(Path(path).exists() for path in paths):
+            _delete_uploads([path for path in paths if _UPLOADS_READ[Path(path).resolve()] <= 0])
             return False
         _UPLOADS_READ.update(Path(path).resolve() for path in paths)
         return True
@@ -492,6 +496,7 @@ def load_scan(files: list[str] | str | None, session: ScanSession | None, reques
     The uploaded files are deleted as soon as they are read. A file that cannot be read leaves the
     current scan as it was and says why in the status line.
     """
+    started = time.monotonic()
     paths = [files] if isinstance(files, str) else list(files or [])
     if not paths:
         return _unchanged(session, "Upload a scan, or pick an example.")
@@ -509,7 +514,7 @@ def load_scan(files: list[str] | str | None, session: ScanSession | None, reques
         return _unchanged(session, f"⚠️ {OUT_OF_MEMORY}.")
     finally:
         _done_reading_uploads(paths)
-    return _new_scan(volume, "uploaded scan", session, request)
+    return _new_scan(volume, "uploaded scan", session, request, started)
 
 
 _SHORTEST_NAME_WITHHELD = 5  # shorter file names ("1", "IM2") hold no one's name, and could match a number
@@ -550,6 +555,7 @@ def empty_upload() -> None:
 def load_example(choice: object, session: ScanSession | None, request: gr.Request | None = None):
     """One of the example scans in assets/examples: the examples table sends its row's index; an API client may
     send that, or the example's name (also as [name]). The value comes unchecked (`preprocess=False`)."""
+    started = time.monotonic()
     examples = list_examples()
     choice = choice[0] if isinstance(choice, list) and choice else choice
     if isinstance(choice, int) and not isinstance(choice, bool) and 0 <= choice < len(examples):
@@ -568,13 +574,18 @@ def load_example(choice: object, session: ScanSession | None, request: gr.Reques
     except MemoryError:
         return _unchanged(session, f"⚠️ {OUT_OF_MEMORY}.")
     truth = example_truth(chosen, slice_count(volume, "axial"))
-    return _new_scan(volume, f"example: {example_label(chosen)}", session, request, truth=truth)
+    return _new_scan(volume, f"example: {example_label(chosen)}", session, request, started, truth=truth)
 
 
 def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: gr.Request | None,
-              truth: str = ""):
+              reading_since: float, truth: str = ""):
     """A fresh session for the scan (the previous one is released): a new conversation starts, with questions
-    suggested for its modality. `truth`: an example phantom's findings report, shown apart from the model's."""
+    suggested for its modality. `reading_since`: when the scan's reading began (time.monotonic); `truth`: an
+    example phantom's findings report, shown apart from the model's.
+
+    A tab closed while its scan was read gets the session all the same, as unused for SESSION_IDLE_S: a scan
+    others need takes its place at once, and the next sweep releases it. (Gradio also takes a tab whose connection
+    dropped for a closed one; such a tab goes on, and its next look marks the scan used.)"""
     plane, window, middle = _first_view(volume)
     count = slice_count(volume, plane)
     grid = surface_grid(volume)[0]
@@ -583,8 +594,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     threshold = min(high, max(low, round(round(default_threshold(volume, grid) / step) * step, decimals)))
     unit = unbracketed(volume.units or "intensity")  # HU, Bq/mL, SUV
     with _OPEN_SESSIONS_LOCK:  # from the memory check to the new scan's registration: two loads at once add up
-        if request is not None and request.session_hash in _ENDED_SESSIONS:  # the tab closed while the scan was read
-            return _unchanged(None, "The page was closed while the scan was read")
+        ended = _ENDED_SESSIONS.get(request.session_hash) if request is not None else None
         if scan_bytes(volume) > SCAN_MEMORY_BYTES:  # no wait makes room for it
             message = (f"This scan needs {scan_bytes(volume) / 2**20:,.0f} MB, more than the "
                        f"{SCAN_MEMORY_BYTES / 2**20:,.0f} MB this server holds for all its visitors' scans; run the "
@@ -601,7 +611,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         session = ScanSession(volume=volume, label=label, truth=truth, threshold_range=(low, high))
         if request is not None and request.session_hash:
             _OPEN_SESSIONS[request.session_hash] = session
-    return (
+    outputs = (
         session,
         "The model is reading the scan …",
         scan_card(volume, label),
@@ -626,6 +636,9 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         gr.update(interactive=True),  # Generate report and Ask: disabled until there is a scan to ask about
         gr.update(interactive=True),
     )
+    if ended is not None and ended >= reading_since:  # the tab closed while the scan was read
+        session.last_used = session.loaded_at = time.monotonic() - SESSION_IDLE_S
+    return outputs
 
 
 def suggestions_for(modality: str) -> list[str]:
@@ -650,7 +663,7 @@ def change_modality(modality: str, session: ScanSession | None, request: gr.Requ
     if session.report or session.messages:  # said, not only done: they go at once
         gr.Info(f"The scan is read as {MODALITY_NAMES[volume.modality]} now: the report and the conversation about "
                 "it start again.")
-    return _new_scan(volume, session.label, session, request, truth=session.truth)
+    return _new_scan(volume, session.label, session, request, time.monotonic(), truth=session.truth)
 
 
 def _first_view(volume: Volume) -> tuple[str, str, int]:

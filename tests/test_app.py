@@ -57,8 +57,8 @@ def app_module(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def tabs_closed_in_this_test_alone(app_module, monkeypatch):
-    """A closed tab's session hash is remembered (a load still running for it registers nothing); the tests name
-    their tabs "tab-a" and so on, each test afresh, where a browser never gives a closed tab's hash again."""
+    """A closed tab's session hash is remembered (a load still running for it registers its scan as unused); the
+    tests name their tabs "tab-a" and so on, each test afresh."""
     monkeypatch.setattr(app_module, "_ENDED_SESSIONS", {})
 
 
@@ -449,6 +449,12 @@ def test_two_visitors_uploading_the_same_file_at_once_both_get_their_scan(app_mo
         with pytest.warns(UserWarning):  # gr.Warning outside a running app
             gone = named(app_module, app_module.load_scan([str(upload)], None, SimpleNamespace(session_hash="tab-3")))
         assert gone["session"] is None and gone["status"] == f"⚠️ {app_module.UPLOAD_GONE}."
+        rest = Path(get_upload_folder()) / "medvlm-rest-of-upload" / "IM2"  # the upload's other file goes too
+        rest.parent.mkdir(parents=True, exist_ok=True)
+        rest.write_bytes(b"a DICOM image with a patient's name")
+        with pytest.warns(UserWarning):
+            app_module.load_scan([str(upload), str(rest)], None, SimpleNamespace(session_hash="tab-4"))
+        assert not rest.exists()
         assert not app_module._UPLOADS_READ  # nothing counted as being read any more
     finally:
         for tab in ("tab-1", "tab-2"):
@@ -572,9 +578,11 @@ def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_p
 
 
 @pytest.mark.usefixtures("only_these_scans")
-def test_a_tab_closed_while_its_scan_is_read_leaves_nothing_held(app_module, tmp_path, monkeypatch):
-    """The tab's close runs at once, the load it left behind ends later: the scan it read is not kept (for an hour,
-    in the memory budget) for a page no one has open."""
+def test_a_tab_closed_while_its_scan_is_read_holds_it_no_longer_than_the_next_sweep(app_module, tmp_path,
+                                                                                     monkeypatch):
+    """The tab's close runs at once, the load it left behind ends later: the scan it read is not held (an hour, in
+    the memory budget) for a page no one has open. A tab whose connection dropped (Gradio calls that a close too)
+    goes on: its next load is its own, as before."""
     scan = save_nifti(tmp_path / "ct.nii.gz", torso_ct(), (5.0, 1.0, 1.0), modality="CT")
     tab = SimpleNamespace(session_hash="tab-closing")
     read = app_module.load_volume
@@ -584,9 +592,14 @@ def test_a_tab_closed_while_its_scan_is_read_leaves_nothing_held(app_module, tmp
         return read(*args, **kwargs)
 
     monkeypatch.setattr(app_module, "load_volume", closed_while_read)
-    outputs = named(app_module, app_module.load_scan([str(scan)], None, tab))
-    assert outputs["session"] is None and "closed" in outputs["status"]
-    assert "tab-closing" not in app_module._OPEN_SESSIONS and app_module._sessions_with_scans() == []
+    late = named(app_module, app_module.load_scan([str(scan)], None, tab))["session"]
+    assert late.volume is not None and not late.busy  # a scan others need may take its place at once
+    assert app_module.release_idle_sessions(app_module.SESSION_IDLE_S) == 1 and late.volume is None  # the next sweep
+
+    monkeypatch.setattr(app_module, "load_volume", read)  # the same tab (its connection back) loads again
+    again = named(app_module, app_module.load_scan([str(scan)], None, tab))["session"]
+    assert again.volume is not None and again.busy and app_module.release_idle_sessions(app_module.SESSION_IDLE_S) == 0
+    app_module.end_session(tab)
 
 
 @pytest.mark.usefixtures("only_these_scans")
