@@ -28,7 +28,6 @@ __all__ = ["load_dicom"]
 POSITION_TOLERANCE_MM = 1e-3  # two images this close along the normal lie at one position
 STACK_COVERAGE = 0.9  # share of a series' positions that one echo, b-value or time point covers
 PERPENDICULAR_TOLERANCE = math.sin(math.radians(1.0))  # row and column directions within 1° of a right angle
-TILT_NOTE_DEGREES = 0.5  # a slice step further than this from the slice normal is a tilted gantry
 GAP_TOLERANCE = 0.1  # slice gaps within this share of the step are even
 POSITION_PRECISION_MM = 0.1  # ... and within this: some exporters round ImagePositionPatient to 0.1 mm
 WHOLE_MM_ROUNDING = 0.5  # ... and others to whole mm: positions this close to an even grid lie on it
@@ -452,19 +451,29 @@ class _Shear:
     columns: float
     tilt: float  # degrees between the table's step and the slice normal
 
+    def _moves(self, count: int) -> tuple[list[tuple[float, float]], int, int]:
+        """How far (rows, columns) each of `count` slots moves into the grown frame, and the frame's first row and
+        column in slot 0's pixels (0 or below)."""
+        top = math.floor(min(0.0, (count - 1) * self.rows))
+        left = math.floor(min(0.0, (count - 1) * self.columns))
+        moves = [(round(slot * self.rows - top, 6), round(slot * self.columns - left, 6)) for slot in range(count)]
+        return moves, top, left
+
+    def frame(self, count: int, rows: int, columns: int) -> tuple[int, int]:
+        """(rows, columns) of the frame that holds every pixel of `count` slots of rows × columns, unsheared: known
+        before any pixel is read, for the size limits."""
+        moves, _, _ = self._moves(count)
+        return (max(math.floor(down) + rows + (down % 1 > 0) for down, _ in moves),  # a fraction: a pixel longer
+                max(math.floor(right) + columns + (right % 1 > 0) for _, right in moves))
+
     def draw_unsheared(self, pixels: np.ndarray) -> tuple[np.ndarray, int, int]:
         """(slots, rows, columns) on the sheared grid → the same slices on a rectangular one: each moved back
         along its plane by its slot's shift (linearly interpolated between pixels, as dcm2niix corrects a tilt),
         within a frame grown to hold every pixel of every slice (NaN where a slice does not reach: padding).
         Returns (the slices, the frame's first row and column in slot 0's pixels: 0 or below)."""
-        count, rows, columns = pixels.shape
-        top = math.floor(min(0.0, (count - 1) * self.rows))
-        left = math.floor(min(0.0, (count - 1) * self.columns))
-        moves = [(round(slot * self.rows - top, 6), round(slot * self.columns - left, 6)) for slot in range(count)]
-        reach = [(math.floor(down) + rows + (down % 1 > 0), math.floor(right) + columns + (right % 1 > 0))
-                 for down, right in moves]  # a slice moved by a fraction of a pixel is a pixel longer
-        drawn = np.full((count, max(down for down, _ in reach), max(right for _, right in reach)), np.nan,
-                        dtype=pixels.dtype)
+        count = len(pixels)
+        moves, top, left = self._moves(count)
+        drawn = np.full((count, *self.frame(*pixels.shape)), np.nan, dtype=pixels.dtype)
         for slot, (down, right) in enumerate(moves):
             moved = _moved_by(_moved_by(pixels[slot], down % 1, axis=0), right % 1, axis=1)
             row, column = math.floor(down), math.floor(right)
@@ -487,7 +496,8 @@ def _moved_by(image: np.ndarray, fraction: float, axis: int) -> np.ndarray:
 def _shear(images: list[_DicomImage], places: np.ndarray, step: float) -> _Shear | None:
     """The shear of a stack whose slots lie `step` mm apart along the slice normal, from the least-squares fit of
     the positions to their slots (which positions rounded to whole mm do not tilt); None when the table stepped
-    along the normal, or so nearly that the whole stack is sheared by less than half a pixel."""
+    along the normal, or so nearly that the whole stack is sheared by less than half a pixel (a tilt of a
+    fraction of a degree shifts a long stack by pixels: it is undone too)."""
     normal = _normal(images[0])
     positions = np.array([image.position for image in images])
     vector = np.polyfit(places, positions, 1)[0]  # mm a slot
@@ -499,7 +509,7 @@ def _shear(images: list[_DicomImage], places: np.ndarray, step: float) -> _Shear
     shear = _Shear(within_plane @ images[0].orientation[3:] / row_spacing,
                    within_plane @ images[0].orientation[:3] / column_spacing, tilt)
     sheared_by = (places[-1] - places[0]) * math.hypot(shear.rows, shear.columns)
-    return None if tilt <= TILT_NOTE_DEGREES or sheared_by < 0.5 else shear
+    return None if sheared_by < 0.5 else shear
 
 
 @dataclass(frozen=True)
@@ -741,6 +751,10 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
             images, positions = images[block], positions[block]
             grid = _slice_grid(positions, whole_mm)
     check_grid((grid.size, rows, columns), name)  # the missing slices drawn too
+    shear = _shear(images, grid.places, grid.step)
+    if shear is not None:  # its frame grows to hold every slice
+        check_grid((grid.size, *shear.frame(grid.size, rows, columns)), f"{name} (its tilted slices made "
+                   "rectangular)")
     pixels, padded = _read_pixels(images, rows, columns, name)
     if padded == pixels.size:
         raise VolumeError(f"{name}: every pixel of the series is marked as padding by its PixelPaddingValue, so it "
@@ -758,14 +772,12 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         if value is not None:
             meta[key] = value
     gaps, step = np.diff(positions), grid.step
-    shear = _shear(images, grid.places, step)
     pixels, interpolated, empty = grid.draw(pixels)
     own_padding = None  # the scan's own padding voxels, where a tilt's frame adds some of its own
     top = left = 0
     if shear is not None:
         own_padding = int(np.count_nonzero(np.isnan(pixels))) - empty * rows * columns if padded else 0
         pixels, top, left = shear.draw_unsheared(pixels)
-        check_grid(pixels.shape, name)
     # Slices missing here and there (a file or two lost), or a spacing that changes (2.5 mm, then 5 mm)
     wider = np.count_nonzero(np.diff(grid.places) > 1.5)  # gaps of more than one slot (rounded positions: one)
     spread = f"slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm"

@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from medvlm.errors import VolumeError
 from medvlm.volume import load_volume
 from medvlm.writers import save_dicom_series
 
@@ -103,3 +104,31 @@ def test_positions_rounded_to_whole_mm_tilt_nothing(tmp_path):
         ds.save_as(path)
     scan = load_volume(tmp_path)
     assert "gantry_tilt_degrees" not in scan.meta and scan.shape == (SLICES, ROWS, COLUMNS)
+
+
+def test_a_tilted_series_too_large_once_made_rectangular_is_refused_before_its_pixels_are_read(tmp_path,
+                                                                                               monkeypatch):
+    """The grown frame counts against the size limits before any pixel is read (a 900-slice tilted CT took gigabytes
+    before it was refused), and the refusal says why the scan is larger than its images."""
+    import medvlm.dicom
+    import medvlm.volume
+
+    _tilted_series(tmp_path, [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 2.5 * math.tan(math.radians(30.0)), 2.5])
+    sheared = SLICES * ROWS * COLUMNS
+    monkeypatch.setattr(medvlm.volume, "MAX_VOXEL_BYTES", 4 * sheared)  # the images fit, the grown frame does not
+
+    def never(*args, **kwargs):
+        raise AssertionError("pixels read")
+
+    monkeypatch.setattr(medvlm.dicom, "_read_pixels", never)
+    with pytest.raises(VolumeError, match=r"\(its tilted slices made rectangular\) has [\d,]+ voxels, more than"):
+        load_volume(tmp_path)
+
+
+def test_a_tilt_of_a_fraction_of_a_degree_over_a_long_stack_is_undone(tmp_path):
+    """0.5° over 24 slices of 2.5 mm shifts the last slice by about 0.6 pixels: undone, and said."""
+    _tilted_series(tmp_path, [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 2.5 * math.tan(math.radians(0.5)), 2.5])
+    scan = load_volume(tmp_path)
+    assert scan.meta["gantry_tilt_degrees"] == pytest.approx(0.5, abs=0.01)
+    held, expected = _held_and_expected(scan)
+    assert np.all((np.abs(held - expected) <= 0.51) | (held == held.min()))
