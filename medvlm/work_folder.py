@@ -188,23 +188,30 @@ def _trained(work: Path) -> bool:
                for path in (work / "state").glob("*/*"))
 
 
-def claim_encoder(work: Path, fingerprint: str, is_main_process: bool) -> None:
-    """Resume only stages trained on this slice encoder's features (`features.encoder_fingerprint`): an encoder
-    pre-trained again, on scans rewritten under the same paths since, would otherwise be saved with stages
-    trained on the old one's. The main process records the encoder in run.json (a run from before it did so is
-    resumed as before)."""
+# What else a run's stages were trained from, known once the model is built (run.json's keys, in words)
+TRAINED_FROM = {"encoder": "the features of another slice encoder (pre-trained again: the scans changed since)",
+                "scans": "scans rewritten since (other file sizes or times)"}
+
+
+def claim_inputs(work: Path, inputs: dict[str, str], is_main_process: bool) -> None:
+    """Resume only stages trained from these inputs (TRAINED_FROM: the slice encoder's
+    `features.encoder_fingerprint`, a digest of the scans' file sizes and times): a run on scans rewritten under
+    the same paths would otherwise save an encoder pre-trained again with stages trained on the old one's
+    features, or stages trained on the old images. The main process records them in run.json (a run from before
+    it did so is resumed as before)."""
     path = work / RUN_RECORD
     try:
         kept = json.loads(path.read_text()) if path.exists() else {}
     except ValueError:
         kept = {}
-    if kept.get("encoder") not in (None, fingerprint) and _trained(work):
-        raise UserInputError(f"{work} holds stages trained on the features of another slice encoder (pre-trained "
-                             "again: the scans changed since), and they would be resumed as this run's; delete "
-                             f"{work / 'state'} to train the stages again (the encoder and feature cache are kept)")
-    if is_main_process and kept.get("encoder") != fingerprint:
+    differ = [TRAINED_FROM[key] for key, value in inputs.items() if kept.get(key) not in (None, value)]
+    if differ and _trained(work):
+        raise UserInputError(f"{work} holds stages trained on {' and '.join(differ)}, and they would be resumed as "
+                             f"this run's; delete {work / 'state'} to train the stages again (the encoder and "
+                             "feature cache are kept)")
+    if is_main_process and any(kept.get(key) != value for key, value in inputs.items()):
         written = path.with_suffix(".partial")
-        written.write_text(json.dumps({**kept, "encoder": fingerprint}, indent=2))
+        written.write_text(json.dumps({**kept, **inputs}, indent=2))
         written.replace(path)
 
 
@@ -229,7 +236,7 @@ def claim_work_folder(work: Path, record: dict, is_main_process: bool) -> None:
         raise UserInputError(f"{work} holds stages of a run that recorded no settings ({RUN_RECORD}, written since "
                              "December 2026), so they cannot be resumed safely; delete its state folder to train "
                              "the stages from the start (the feature cache beside it is reused)")
-    elif is_main_process and kept != record:
+    elif is_main_process and (kept is None or any(kept.get(key) != value for key, value in record.items())):
         for left in (CLOCK, METRICS):  # another run's time and figures, from before it trained anything
             (work / left).unlink(missing_ok=True)
         work.mkdir(parents=True, exist_ok=True)

@@ -115,10 +115,15 @@ def test_stages_trained_on_an_encoder_pre_trained_again_are_not_resumed(phantoms
     for volume in data.rglob("*.nii.gz"):
         image = nib.load(volume)
         nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[::-1].copy(), image.affine, image.header), volume)
-    with pytest.raises(UserInputError, match=r"holds stages trained on the features of another slice encoder"):
+    with pytest.raises(UserInputError, match=r"holds stages trained on the features of another slice encoder "
+                                              r"\(pre-trained again: the scans changed since\) and scans rewritten"):
         train("tiny", data, out, seed=0)
     shutil.rmtree(tmp_path / "checkpoint-training" / "state")  # as the message says: the stages train again
     assert train("tiny", data, out, seed=0) == out
+    for volume in data.rglob("*.nii.gz"):  # written again (a frozen encoder's features would change alone)
+        os.utime(volume, ns=(volume.stat().st_atime_ns, volume.stat().st_mtime_ns + 10**9))
+    with pytest.raises(UserInputError, match=r"holds stages trained on scans rewritten since \(other file sizes"):
+        train("tiny", data, out, seed=0)
 
 
 def test_a_scan_without_its_ground_truth_entry_is_refused_before_any_training(phantoms, tmp_path):
@@ -132,6 +137,20 @@ def test_a_scan_without_its_ground_truth_entry_is_refused_before_any_training(ph
     with pytest.raises(UserInputError, match=f"has no entry for 1 of the scans the data names \\(e.g. {dropped}\\)"):
         train("tiny", data, tmp_path / "checkpoint", seed=0)
     assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "checkpoint-training").exists()
+
+
+def test_a_run_stopped_before_its_first_stage_keeps_its_clock_when_run_again(tmp_path):
+    """The wall time of the encoder's pre-training (a quarter of an hour for the demo) counts in the model card: a run
+    stopped before any stage finished, run again, keeps it (the inputs recorded since must not look like another
+    run's)."""
+    from medvlm.work_folder import CLOCK, claim_inputs, claim_work_folder
+
+    record = {"preset": "p", "seed": 0, "data": "d", "version": "v"}
+    claim_work_folder(tmp_path, record, is_main_process=True)
+    claim_inputs(tmp_path, {"encoder": "e", "scans": "s"}, is_main_process=True)
+    (tmp_path / CLOCK).write_text('{"seconds": 900}')
+    claim_work_folder(tmp_path, record, is_main_process=True)  # the same command again
+    assert (tmp_path / CLOCK).exists()
 
 
 def test_each_stage_of_each_seed_draws_numbers_of_its_own():
