@@ -294,6 +294,27 @@ def build_encoding_model(preset: dict) -> MedVLMForConditionalGeneration:
     return model
 
 
+TASK_SOURCES = {"report": CAP_FILE, "vqa_closed": VQA_FILES["train"], "vqa_open": VQA_FILES["train"]}
+
+
+def stage_data_notes(preset: dict, samples: list[Sample], root: Path) -> list[str]:
+    """Refuse a stage that would train on nothing (the data lacks every task it trains on: it ran no step and
+    logged a loss of 0); a note for each stage that trains on fewer kinds of sample than its preset names."""
+    present = {sample.task for sample in samples}
+    notes = []
+    for stage in preset["stages"]:
+        missing = [task for task in stage["tasks"] if task not in present]
+        sources = " and ".join(sorted({TASK_SOURCES[task] for task in missing}))
+        if missing == stage["tasks"]:
+            raise UserInputError(f"stage {stage['name']} trains on {', '.join(missing)} samples, and {root} has none "
+                                 f"(no {sources} with a train split); give data that has them, or a preset without "
+                                 "that stage")
+        if missing:
+            notes.append(f"note: stage {stage['name']} trains without {', '.join(missing)} samples: {root} has none "
+                         f"(no {sources} with a train split)")
+    return notes
+
+
 def check_output_folders(data: Path, out: Path, work: Path) -> None:
     """The checkpoint folder holds the checkpoint alone, as `push` uploads what it holds: not the data (nor inside
     it, nor around it), not the work folder (the feature cache, optimizer states), not another's files."""
@@ -697,6 +718,8 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
         raise UserInputError(f"{root} holds no training samples (M3D_Cap.json / M3D_VQA_train.csv); point to a "
                              "folder with a train split")
     check_ground_truth(root, train_samples + val_samples)
+    for note in stage_data_notes(preset, train_samples, root):
+        process_state().print(note)
     if preset.get("encoder_pretraining"):
         from .encoder_pretraining import check_lesions_to_learn
 

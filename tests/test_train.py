@@ -29,6 +29,7 @@ from medvlm.train import (
     finding_targets,
     load_preset,
     probe_floors,
+    read_samples,
     save_epoch_state,
     stage_seed,
     train,
@@ -151,6 +152,23 @@ def test_a_run_stopped_before_its_first_stage_keeps_its_clock_when_run_again(tmp
     (tmp_path / CLOCK).write_text('{"seconds": 900}')
     claim_work_folder(tmp_path, record, is_main_process=True)  # the same command again
     assert (tmp_path / CLOCK).exists()
+
+
+def test_a_stage_with_nothing_to_train_on_is_refused_and_one_with_less_is_said(phantoms, tmp_path):
+    """Without M3D_Cap.json the align stage ran no step and logged a loss of 0; without the VQA tables the instruct
+    stage trained on reports alone, silently."""
+    from medvlm.train import stage_data_notes
+
+    data = shutil.copytree(phantoms, tmp_path / "data")
+    (data / "M3D_Cap.json").unlink()
+    with pytest.raises(UserInputError, match=r"stage align trains on report samples, and .* has none \(no "
+                                             r"M3D_Cap\.json with a train split\)"):
+        train("tiny", data, tmp_path / "checkpoint", seed=0)
+    assert not (tmp_path / "checkpoint").exists()
+    reports = [sample for sample in read_samples(phantoms, "train") if sample.task == "report"]
+    assert stage_data_notes(load_preset("tiny"), reports, phantoms) == [
+        f"note: stage instruct trains without vqa_closed, vqa_open samples: {phantoms} has none (no "
+        "M3D_VQA_train.csv with a train split)"]
 
 
 def test_each_stage_of_each_seed_draws_numbers_of_its_own():
