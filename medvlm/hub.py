@@ -62,7 +62,7 @@ def training_command(folder: Path) -> str:
     training = json.loads(path.read_text())
     options = training.get("options", {})
     words = ["python", "-m", "medvlm", "train", "--preset", training["preset"], "--data", training["data"],
-             "--out", folder.name, "--seed", str(training["seed"])]
+             "--out", folder.absolute().name, "--seed", str(training["seed"])]
     words += [item for key, value in training.get("config_overrides", {}).items()
               for item in ("--set", f"{key}={json.dumps(value)}")]
     words += [item for flag in ("work", "features") if options.get(flag) for item in (f"--{flag}", options[flag])]

@@ -724,7 +724,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
         from .encoder_pretraining import check_lesions_to_learn
 
         check_lesions_to_learn(root)
-    work_given, work = work, Path(work) if work else out.with_name(out.name + "-training")
+    work_given, work = work, Path(work) if work else out.absolute().with_name(out.absolute().name + "-training")
     for folder, option in ((out, "--out"), (work, "--work")):
         if folder.exists() and not folder.is_dir():
             raise UserInputError(f"{folder} is a file, not a folder; give {option} a folder to write")

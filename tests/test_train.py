@@ -171,6 +171,14 @@ def test_a_stage_with_nothing_to_train_on_is_refused_and_one_with_less_is_said(p
         "M3D_VQA_train.csv with a train split)"]
 
 
+def test_training_into_the_working_folder_keeps_its_work_beside_it(phantoms, tmp_path, monkeypatch):
+    """`--out .` (from inside the folder made for the checkpoint) crashed: the work folder is named from its name."""
+    (tmp_path / "checkpoint").mkdir()
+    monkeypatch.chdir(tmp_path / "checkpoint")
+    train("tiny", phantoms, ".", seed=0)
+    assert (tmp_path / "checkpoint" / "model.safetensors").exists() and (tmp_path / "checkpoint-training").is_dir()
+
+
 def test_each_stage_of_each_seed_draws_numbers_of_its_own():
     """Seed 0's second stage must not replay seed 1's first (seed + index would): replicate runs are independent."""
     stages = ("probe", "align", "instruct")
