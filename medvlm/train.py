@@ -15,6 +15,7 @@ keys for the accelerator: `mixed_precision` ("no", "bf16"), `gradient_accumulati
 from __future__ import annotations
 
 import csv
+import fnmatch
 import functools
 import hashlib
 import json
@@ -50,7 +51,7 @@ from .data import (
 )
 from .errors import UserInputError
 from .features import FeatureCache, VolumeFeatures, build_feature_cache, encoder_fingerprint, process_state
-from .hub import renew_card
+from .hub import PUBLISHED, renew_card
 from .model_card import published_path
 from .modeling import MedVLMForConditionalGeneration
 from .pretrained import (
@@ -316,18 +317,22 @@ def stage_data_notes(preset: dict, samples: list[Sample], root: Path) -> list[st
 
 
 def check_output_folders(data: Path, out: Path, work: Path) -> None:
-    """The checkpoint folder holds the checkpoint alone, as `push` uploads what it holds: not the data (nor inside
-    it, nor around it), not the work folder (the feature cache, optimizer states), not another's files."""
+    """The checkpoint folder holds the checkpoint alone: not the data (nor inside it, nor around it), not the work
+    folder (the feature cache, optimizer states), not other files (a fresh clone of a Hub repo, its README and
+    dotfiles, is fine)."""
     data, checkpoint, working = data.resolve(), out.resolve(), work.resolve()
     if checkpoint == data or data in checkpoint.parents or checkpoint in data.parents:
         raise UserInputError(f"--out {out} is, holds or lies inside the data folder {data.name}; give the checkpoint "
-                             "a folder of its own (push uploads what it holds)")
+                             "a folder of its own")
     if working == checkpoint or checkpoint in working.parents:
         raise UserInputError(f"--work {work} lies inside --out {out}; give it a folder beside the checkpoint (push "
                              "would upload its feature cache and optimizer states)")
-    if checkpoint.is_dir() and any(checkpoint.iterdir()) and not (checkpoint / "config.json").exists():
-        raise UserInputError(f"{out} holds other files and no checkpoint; give --out a new or empty folder (push "
-                             "uploads what it holds)")
+    others = [] if not checkpoint.is_dir() or (checkpoint / "config.json").exists() else [
+        path.name for path in checkpoint.iterdir() if not path.name.startswith(".")  # a clone's .git, .gitattributes
+        and not any(fnmatch.fnmatch(path.name, name) for name in PUBLISHED)]  # a clone of a Hub repo's README
+    if others:
+        raise UserInputError(f"{out} holds other files (e.g. {sorted(others)[0]}) and no checkpoint; give --out a new "
+                             "or empty folder, so that the checkpoint is not mixed with them")
 
 
 def check_ground_truth(root: Path, samples: list[Sample]) -> None:

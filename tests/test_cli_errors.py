@@ -172,9 +172,15 @@ def test_train_into_a_file_and_features_with_no_shard(tmp_path, capsys):
             (data_copy, None, "is, holds or lies inside the data folder data-copy; give the checkpoint a folder"),
             (data_copy / "ct" / "run", None, "is, holds or lies inside the data folder"),
             (tmp_path / "ck", tmp_path / "ck" / "work", "lies inside --out"),
-            (tmp_path / "notes", None, "holds other files and no checkpoint; give --out a new or empty folder")):
+            (tmp_path / "notes", None, "holds other files (e.g. list.txt) and no checkpoint; give --out a new or")):
         extra = ["--work", work] if work else []
         assert says in refused(capsys, "train", "--preset", "tiny", "--data", data_copy, "--out", out, *extra)
+    from medvlm.train import check_output_folders
+
+    (tmp_path / "clone" / ".git").mkdir(parents=True)  # a fresh clone of a Hub repo: its card and dotfiles
+    (tmp_path / "clone" / "README.md").write_text("# our model")
+    (tmp_path / "clone" / ".gitattributes").write_text("*.safetensors filter=lfs")
+    check_output_folders(data_copy, tmp_path / "clone", tmp_path / "clone-training")  # taken
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "features.json").write_text("{}")  # any cache: none fits an encoder trained afresh
     assert "this preset pre-trains its slice encoder on the training scans, so no feature cache made before" in refused(
