@@ -199,6 +199,17 @@ def test_a_fivefold_spacing_change_shows_every_slice_as_it_was_acquired(tmp_path
         assert all(np.abs(drawn - height).min() <= 0.5 for height in heights)  # HU round to whole numbers
 
 
+def test_the_median_of_the_other_gaps_is_each_gaps_own():
+    """`_wide_gaps` judges each gap by the median of the others; taken from one sort, for a series of thousands."""
+    from medvlm.dicom import _medians_without_each
+
+    rng = np.random.default_rng(0)
+    for count in (1, 2, 3, 4, 9, 10):
+        gaps = rng.integers(1, 5, count).astype(float)  # ties among them
+        others = [np.median(np.delete(gaps, index)) if count > 1 else gaps[index] for index in range(count)]
+        np.testing.assert_allclose(_medians_without_each(gaps), others)
+
+
 def test_positions_rounded_to_whole_mm_lie_on_the_series_grid(tmp_path):
     """2.5 mm slices whose positions an exporter rounded to whole mm (gaps of 2 and 3 mm): read as the even 2.5 mm
     series they are, whatever the count of slices and wherever they start (the median gap can be 2 or 3 mm)."""
