@@ -597,8 +597,8 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         ended = _ENDED_SESSIONS.get(request.session_hash) if request is not None else None
         if scan_bytes(volume) > SCAN_MEMORY_BYTES:  # no wait makes room for it
             message = (f"This scan needs {scan_bytes(volume) / 2**20:,.0f} MB, more than the "
-                       f"{SCAN_MEMORY_BYTES / 2**20:,.0f} MB this server holds for all its visitors' scans; run the "
-                       "app on your own machine, or upload a smaller scan")
+                       f"{SCAN_MEMORY_BYTES / 2**20:,.0f} MB this server holds for all its visitors' scans "
+                       "(MEDVLM_SCAN_MEMORY_MB); upload a smaller scan, or run the app where it may take more")
             gr.Warning(message)
             return _unchanged(session, f"⚠️ {message}.")
         if not make_room(scan_bytes(volume), session):
@@ -1616,7 +1616,8 @@ class UnknownEndpointNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], FnIndexInferError):
-            record.msg, record.args = f"a request named no endpoint of this app, refused ({record.exc_info[1]})", ()
+            asked = "".join(character if character.isprintable() else "?" for character in str(record.exc_info[1]))
+            record.msg, record.args = f"a request named no endpoint of this app, refused ({asked[:200]})", ()
             record.exc_info = record.exc_text = None
         return True
 

@@ -145,9 +145,14 @@ def _geometry(position: Any, orientation: Any, spacing: Any, name: str) -> tuple
                           "header's spacing or re-export the scan")
     row_cosines, column_cosines = np.array(orientation[:3]), np.array(orientation[3:])
     lengths = np.linalg.norm(row_cosines), np.linalg.norm(column_cosines)
-    if not all(lengths) or abs(row_cosines @ column_cosines) > PERPENDICULAR_TOLERANCE * lengths[0] * lengths[1]:
-        raise VolumeError(f"{name} has an ImageOrientationPatient whose row and column directions are not "
-                          "perpendicular unit vectors; re-export the scan")
+    if not all(lengths):
+        raise VolumeError(f"{name} has an ImageOrientationPatient with a row or column direction of zero length; "
+                          "re-export the scan")
+    cosine = row_cosines @ column_cosines / (lengths[0] * lengths[1])
+    if abs(cosine) > PERPENDICULAR_TOLERANCE:
+        raise VolumeError(f"{name} has an ImageOrientationPatient whose row and column directions are "
+                          f"{math.degrees(math.acos(np.clip(cosine, -1.0, 1.0))):.0f}° apart, not perpendicular "
+                          "(within 1°); re-export the scan")
     row_cosines, column_cosines = row_cosines / lengths[0], column_cosines / lengths[1]
     column_cosines -= (column_cosines @ row_cosines) * row_cosines  # the values' rounding undone: exactly 90°
     unit = np.concatenate([row_cosines, column_cosines / np.linalg.norm(column_cosines)])

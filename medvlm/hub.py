@@ -128,14 +128,15 @@ def renew_card(folder: Path) -> str:
     Returns the note to print, or ""."""
     card = folder / "README.md"
     written = pushed_card(card)
-    weights = weights_digest(folder)
-    if written is not None and written.get("weights") != weights:
-        write_card(folder, written["repo_id"], None, written.get("revision"), weights)
-        return (f"note: {card} (the model card push wrote for the weights trained before) now describes these, "
-                "without held-out figures: run `python -m medvlm eval` and push with --evaluation to add them")
-    if written is None and card.exists():
-        return f"note: {card} is a model card of yours, left as it is: it may describe the weights trained before"
-    return ""
+    if written is None:
+        return (f"note: {card} is a model card of yours, left as it is: it may describe the weights trained before"
+                if card.exists() else "")
+    weights = weights_digest(folder)  # hashed only for a card push wrote: a large checkpoint takes a while
+    if written.get("weights") == weights:
+        return ""
+    write_card(folder, written["repo_id"], None, written.get("revision"), weights)
+    return (f"note: {card} (the model card push wrote for the weights trained before) now describes these, "
+            "without held-out figures: run `python -m medvlm eval` and push with --evaluation to add them")
 
 
 @contextmanager

@@ -1670,6 +1670,8 @@ def test_a_request_that_names_no_endpoint_is_logged_in_one_line(app_module):
 
     line = logged(FnIndexInferError("Could not infer function index for API name: predict"))
     assert "Traceback" not in line and len(line.splitlines()) == 1 and "named no endpoint" in line
+    forged = logged(FnIndexInferError("Could not infer function index for API name: x\nINFO: all is well"))
+    assert len(forged.splitlines()) == 1  # the name comes from the request's URL: no line of a caller's own
     assert "Traceback" in logged(RuntimeError("a real failure"))  # any other error keeps its traceback
 
 

@@ -418,15 +418,15 @@ def _orientation(row_to_column_degrees: float) -> list[float]:
 
 
 NO_GEOMETRY = "images without ImagePositionPatient or ImageOrientationPatient, so they cannot be stacked"
-NOT_PERPENDICULAR = "ImageOrientationPatient whose row and column directions are not perpendicular"
+NOT_PERPENDICULAR = r"ImageOrientationPatient whose row and column directions are {}° apart, not perpendicular \(within"
 
 
 @pytest.mark.parametrize(("keyword", "value", "said"), [
     ("ImagePositionPatient", None, NO_GEOMETRY),
     ("ImageOrientationPatient", None, NO_GEOMETRY),
-    ("ImageOrientationPatient", _orientation(0.0), NOT_PERPENDICULAR),
-    ("ImageOrientationPatient", _orientation(10.0), NOT_PERPENDICULAR),
-    ("ImageOrientationPatient", _orientation(45.0), NOT_PERPENDICULAR),
+    ("ImageOrientationPatient", _orientation(0.0), NOT_PERPENDICULAR.format(0)),
+    ("ImageOrientationPatient", _orientation(10.0), NOT_PERPENDICULAR.format(10)),
+    ("ImageOrientationPatient", _orientation(45.0), NOT_PERPENDICULAR.format(45)),
 ], ids=["no-position", "no-orientation", "parallel-directions", "directions-10-degrees-apart",
         "directions-45-degrees-apart"])
 def test_images_whose_geometry_cannot_place_them_are_refused_in_one_sentence(tmp_path, marked_ct, keyword, value,
