@@ -661,7 +661,8 @@ def scan_features(model: MedVLMForConditionalGeneration, samples: list[Sample], 
     missing = [image for image in images if image not in cache]
     if missing:
         raise UserInputError(f"the feature cache in {features} lacks {len(missing)} of the {len(images)} scans "
-                             f"(e.g. {missing[0]}); run `python -m medvlm features` on {root}")
+                             f"(e.g. {missing[0]}); run `python -m medvlm features` on {root} with the train and "
+                             "validation splits (its default --split)")
     changed = cache.changed(scan_stamps(root, images))
     if changed:
         raise UserInputError(f"{len(changed)} of the {len(images)} scans changed since the feature cache in {features} "
