@@ -152,6 +152,10 @@ def evaluate(checkpoint: str | Path | None, data: str | Path, split: str = "test
         truth = json.loads((root / GROUND_TRUTH_FILE).read_text())
         predicted = {s.image: a for s, a in reports}
         scored = [image for image in images if image in truth and image in predicted]
+        unknown = [image for image in predicted if image not in truth]
+        if unknown:  # their reports cannot be scored against lesions no one listed
+            notes["finding_f1"] = (f"{len(unknown)} of the {len(predicted)} scans with a report have no entry in "
+                                   f"{GROUND_TRUTH_FILE} (e.g. {unknown[0]}) and are not scored for findings")
         results |= finding_metrics([predicted[i] for i in scored],
                                    [findings_from_ground_truth(truth[i]) for i in scored], parse_findings)
         results |= selection_recall(truth, dict(kept_items))

@@ -447,6 +447,18 @@ def test_eval_asks_for_a_report_as_the_app_asks_this_checkpoint(checkpoint, tmp_
     assert asked == [[{"role": "user", "content": "Summarise this volume."}]]
 
 
+def test_eval_says_why_scans_without_a_ground_truth_entry_have_no_finding_scores(checkpoint, tmp_path):
+    from medvlm.evaluate import evaluate
+    from medvlm.phantom_set import write_phantom_set
+
+    data = write_phantom_set(tmp_path / "phantoms", 1, seed=5, modalities=("ct",), formats=("nifti",), split="test",
+                             matrix=32)["out"]
+    (Path(data) / "ground_truth.json").write_text("{}")  # the scan's entry lost
+    scores = evaluate(checkpoint, data, tasks=("report",), max_new_tokens=2, progress=False)
+    assert scores["finding_f1"] is None
+    assert "1 of the 1 scans with a report have no entry in ground_truth.json" in scores["notes"]["finding_f1"]
+
+
 def test_a_stop_event_of_the_callers_stops_an_answer_and_serves_again(pipeline):
     """The pipeline sets no event of the caller's: one passed to a finished answer still lets the next one run."""
     import threading
