@@ -1550,7 +1550,7 @@ def test_the_surface_threshold_opens_on_a_step_of_its_slider_and_names_its_unit(
     if modality == "CT":
         data = data * 317.3 - 1000.0
     volume = Volume(data, (4.0, 2.0, 2.0), np.eye(4), modality, "nifti", "RAS")
-    outputs = named(app_module, app_module._new_scan(volume, "test", None, None))
+    outputs = named(app_module, app_module._new_scan(volume, "test", None, None, time.monotonic()))
     threshold = outputs["threshold"]
     steps = threshold["value"] / threshold["step"]
     assert abs(steps - round(steps)) < 1e-6 and threshold["minimum"] <= threshold["value"] <= threshold["maximum"]
