@@ -752,9 +752,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
                                              seed, Path(encoder_cache) if encoder_cache else work / "encoder",
                                              held_out=sorted({s.image for s in val_samples}),
                                              keep_threshold="similarity_threshold" in (config_overrides or {}))
-        stamps = scan_stamps(root, sorted({s.image for s in train_samples + val_samples}))
-        scans = hashlib.sha256(json.dumps(stamps, sort_keys=True).encode()).hexdigest()
-        claim_inputs(work, {"encoder": encoder_fingerprint(model), "scans": scans}, accelerator.is_main_process)
+        claim_inputs(work, {"encoder": encoder_fingerprint(model)}, accelerator.is_main_process)
         if preset["language_model"].get("gradient_checkpointing"):
             model.language_model.activation_checkpointing_enable({"use_reentrant": False})
         model.to(accelerator.device)

@@ -270,7 +270,8 @@ def test_eval_on_a_vqa_row_whose_question_type_is_not_a_number(tmp_path, capsys)
     data.mkdir()
     row = dict.fromkeys(VQA_COLUMNS, "x") | {"Question Type": "plane", "Answer Choice": "A"}
     (data / VQA_FILES["test"]).write_text(",".join(VQA_COLUMNS) + "\n" + ",".join(row.values()) + "\n")
-    assert "line 2: Question Type 'plane' is not one of M3D-VQA's types 1 to 5" in refused(capsys, "eval", "--data", data)
+    assert "line 2: Question Type 'plane' is not one of M3D-VQA's types 1 to 5" in refused(
+        capsys, "eval", "--data", data)
 
 
 def test_eval_names_a_missing_scan_before_answering_about_any(tmp_path, capsys, monkeypatch):
