@@ -336,6 +336,7 @@ _STOP_EVENTS: dict[str, threading.Event] = {}
 # registers it as unused (`_new_scan`).
 _ENDED_SESSIONS: dict[str, float] = {}
 ENDED_SESSIONS_KEPT_S = 2 * 3600  # longer than any load takes
+CLOSED_TAB_GRACE_S = 60  # a scan read for a tab closed meanwhile: unused after this, unless the tab looks at it
 
 
 def end_session(request: gr.Request) -> None:
@@ -380,15 +381,17 @@ def release_idle_sessions(idle_for: float) -> int:
     return len(idle)
 
 
-def make_room(needed: int, replacing: ScanSession | None) -> bool:
+def make_room(needed: int, replacing: ScanSession | None, close_others: bool = True) -> bool:
     """Whether a scan of `needed` bytes fits SCAN_MEMORY_BYTES beside the other sessions' scans (not the one it
-    replaces): as they are, or once enough of the scans unused for MAKE_ROOM_IDLE_S (and not waiting for the
-    model) are released, least recently used first; none is released when that would not be enough. Call it
-    with _OPEN_SESSIONS_LOCK held, and register the new scan before letting go of the lock."""
+    replaces): as they are, or (`close_others`) once enough of the scans unused for MAKE_ROOM_IDLE_S (and not
+    waiting for the model) are released, least recently used first; none is released when that would not be
+    enough. Call it with _OPEN_SESSIONS_LOCK held, and register the new scan before letting go of the lock."""
     held = [(session, size) for session, size in _sessions_with_scans() if session is not replacing]
     total = sum(size for _, size in held)
     if total + needed <= SCAN_MEMORY_BYTES:
         return True
+    if not close_others:
+        return False
     now = time.monotonic()
     idle = sorted(((session, size) for session, size in held
                    if not session.busy and now - session.last_used >= MAKE_ROOM_IDLE_S),
@@ -583,9 +586,10 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     suggested for its modality. `reading_since`: when the scan's reading began (time.monotonic); `truth`: an
     example phantom's findings report, shown apart from the model's.
 
-    A tab closed while its scan was read gets the session all the same, as unused for SESSION_IDLE_S: a scan
-    others need takes its place at once, and the next sweep releases it. (Gradio also takes a tab whose connection
-    dropped for a closed one; such a tab goes on, and its next look marks the scan used.)"""
+    A tab closed while its scan was read (Gradio also takes a tab whose connection dropped for a closed one, and
+    such a tab goes on) gets the scan only where it fits beside the others as they are, none closed for it, and as
+    unused but for CLOSED_TAB_GRACE_S: time for a tab that goes on to look at it (`encode_scan` follows at once),
+    after which a scan others need takes its place."""
     plane, window, middle = _first_view(volume)
     count = slice_count(volume, plane)
     grid = surface_grid(volume)[0]
@@ -595,6 +599,9 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     unit = unbracketed(volume.units or "intensity")  # HU, Bq/mL, SUV
     with _OPEN_SESSIONS_LOCK:  # from the memory check to the new scan's registration: two loads at once add up
         ended = _ENDED_SESSIONS.get(request.session_hash) if request is not None else None
+        closed_meanwhile = ended is not None and ended >= reading_since
+        if closed_meanwhile and not make_room(scan_bytes(volume), session, close_others=False):
+            return _unchanged(session, "The page lost its connection while the scan was read; load it again")
         if scan_bytes(volume) > SCAN_MEMORY_BYTES:  # no wait makes room for it
             message = (f"This scan needs {scan_bytes(volume) / 2**20:,.0f} MB, more than the "
                        f"{SCAN_MEMORY_BYTES / 2**20:,.0f} MB this server holds for all its visitors' scans "
@@ -636,8 +643,8 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         gr.update(interactive=True),  # Generate report and Ask: disabled until there is a scan to ask about
         gr.update(interactive=True),
     )
-    if ended is not None and ended >= reading_since:  # the tab closed while the scan was read
-        session.last_used = session.loaded_at = time.monotonic() - SESSION_IDLE_S
+    if closed_meanwhile:
+        session.last_used = session.loaded_at = time.monotonic() - MAKE_ROOM_IDLE_S + CLOSED_TAB_GRACE_S
     return outputs
 
 

@@ -578,11 +578,11 @@ def test_scans_past_the_memory_budget_make_room_or_are_refused(app_module, tmp_p
 
 
 @pytest.mark.usefixtures("only_these_scans")
-def test_a_tab_closed_while_its_scan_is_read_holds_it_no_longer_than_the_next_sweep(app_module, tmp_path,
-                                                                                     monkeypatch):
-    """The tab's close runs at once, the load it left behind ends later: the scan it read is not held (an hour, in
-    the memory budget) for a page no one has open. A tab whose connection dropped (Gradio calls that a close too)
-    goes on: its next load is its own, as before."""
+def test_a_tab_closed_while_its_scan_is_read_neither_holds_it_from_others_nor_closes_theirs(app_module, tmp_path,
+                                                                                            monkeypatch):
+    """The tab's close runs at once, the load it left behind ends later. Its scan closes no one else's to fit, and
+    after a minute's grace (a tab whose connection merely dropped goes on, and looks at it) another visitor's scan
+    takes its place; the same tab's next load is its own, as before."""
     scan = save_nifti(tmp_path / "ct.nii.gz", torso_ct(), (5.0, 1.0, 1.0), modality="CT")
     tab = SimpleNamespace(session_hash="tab-closing")
     read = app_module.load_volume
@@ -591,15 +591,32 @@ def test_a_tab_closed_while_its_scan_is_read_holds_it_no_longer_than_the_next_sw
         app_module.end_session(tab)  # the visitor closes the tab while the file is read
         return read(*args, **kwargs)
 
-    monkeypatch.setattr(app_module, "load_volume", closed_while_read)
-    late = named(app_module, app_module.load_scan([str(scan)], None, tab))["session"]
-    assert late.volume is not None and not late.busy  # a scan others need may take its place at once
-    assert app_module.release_idle_sessions(app_module.SESSION_IDLE_S) == 1 and late.volume is None  # the next sweep
+    def load(hash_: str, seed: int = 0) -> dict:
+        return _upload_as(app_module, tmp_path, hash_, seed=seed)
 
-    monkeypatch.setattr(app_module, "load_volume", read)  # the same tab (its connection back) loads again
-    again = named(app_module, app_module.load_scan([str(scan)], None, tab))["session"]
-    assert again.volume is not None and again.busy and app_module.release_idle_sessions(app_module.SESSION_IDLE_S) == 0
-    app_module.end_session(tab)
+    idle = load("tab-idle")["session"]  # another visitor's scan, unused for ten minutes
+    size = idle.volume.data.nbytes
+    idle.last_used = idle.loaded_at = time.monotonic() - app_module.MAKE_ROOM_IDLE_S
+    monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(size * 1.5))
+    monkeypatch.setattr(app_module, "load_volume", closed_while_read)
+    refused = named(app_module, app_module.load_scan([str(scan)], None, tab))
+    assert refused["session"] is None and "lost its connection while the scan was read" in refused["status"]
+    assert idle.volume is not None  # not closed for a page that may be gone
+
+    monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", int(size * 2.5))
+    late = named(app_module, app_module.load_scan([str(scan)], None, tab))["session"]
+    assert late.volume is not None and late.busy  # a minute's grace for a tab that goes on
+    late.last_used -= app_module.CLOSED_TAB_GRACE_S
+    late.loaded_at -= app_module.CLOSED_TAB_GRACE_S
+    monkeypatch.setattr(app_module, "load_volume", read)
+    idle.in_use()  # its visitor is back
+    newcomer = load("tab-new", seed=1)["session"]  # the closed tab's scan, unused, makes room
+    assert newcomer.volume is not None and late.volume is None and idle.volume is not None
+    monkeypatch.setattr(app_module, "SCAN_MEMORY_BYTES", 10 * size)
+    again = named(app_module, app_module.load_scan([str(scan)], None, tab))["session"]  # the tab goes on
+    assert again.volume is not None and again.busy
+    for hash_ in ("tab-closing", "tab-idle", "tab-new"):
+        app_module.end_session(SimpleNamespace(session_hash=hash_))
 
 
 @pytest.mark.usefixtures("only_these_scans")
