@@ -412,7 +412,7 @@ def run_study(out: str | Path, size: str = "small", seeds: int = 2, work: str | 
     if seeds < 1:
         raise ValueError(f"cannot run the study with {seeds} seeds; give at least 1 (2 for error bars)")
     study, out = SIZES[size], Path(out)
-    work = (Path(work) if work else out.absolute().with_name(out.absolute().name + "-training")) / size
+    work = (Path(work) if work else out.resolve().with_name(out.resolve().name + "-training")) / size
     planned = plan(study, seeds)
     finished = finished_runs(out, size, planned)  # before anything is written
     if planned and all(run.name in finished for run in planned):  # done: its table, without making its data again

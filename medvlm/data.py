@@ -14,7 +14,6 @@ import contextlib
 import csv
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,17 +105,14 @@ def load_scan(root: str | Path, image: str) -> Volume:
 
 
 def scan_name(root: Path, image: str) -> str:
-    """A scan's path as the data names it, in one spelling: relative to the data folder where an absolute one lies
-    inside it (also through a link to the folder), and without "./" or "a/../": one scan named two ways (absolute
-    in M3D_Cap.json, relative in the CSV) is one scan, with one ground truth entry and one set of cached
-    features."""
-    if not image:
-        return image
+    """A scan's path as the data names it, relative to the data folder where an absolute one lies inside it (also
+    through a link to the folder): one scan named both ways (absolute in M3D_Cap.json, relative in the CSV) is one
+    scan, with one ground truth entry and one set of cached features. A relative one is kept as written (ground
+    truth keys are too; "a/link/../b" is not "a/b" where "link" is a link)."""
     path = Path(image)
     if not path.is_absolute():
-        return Path(os.path.normpath(image)).as_posix()
-    for inside, folder in ((Path(os.path.normpath(path)), Path(os.path.normpath(Path(root).absolute()))),
-                           (path.resolve(), Path(root).resolve())):
+        return image
+    for inside, folder in ((path, Path(root).absolute()), (path.resolve(), Path(root).resolve())):
         with contextlib.suppress(ValueError):
             return inside.relative_to(folder).as_posix()
     return image

@@ -151,7 +151,7 @@ def _geometry(position: Any, orientation: Any, spacing: Any, name: str) -> tuple
     cosine = row_cosines @ column_cosines / (lengths[0] * lengths[1])
     if abs(cosine) > PERPENDICULAR_TOLERANCE:
         raise VolumeError(f"{name} has an ImageOrientationPatient whose row and column directions are "
-                          f"{math.degrees(math.acos(np.clip(cosine, -1.0, 1.0))):.0f}° apart, not perpendicular "
+                          f"{math.degrees(math.acos(np.clip(cosine, -1.0, 1.0))):.1f}° apart, not perpendicular "
                           "(within 1°); re-export the scan")
     row_cosines, column_cosines = row_cosines / lengths[0], column_cosines / lengths[1]
     column_cosines -= (column_cosines @ row_cosines) * row_cosines  # the values' rounding undone: exactly 90°

@@ -62,7 +62,7 @@ def training_command(folder: Path) -> str:
     training = json.loads(path.read_text())
     options = training.get("options", {})
     words = ["python", "-m", "medvlm", "train", "--preset", training["preset"], "--data", training["data"],
-             "--out", folder.absolute().name, "--seed", str(training["seed"])]
+             "--out", folder.resolve().name, "--seed", str(training["seed"])]
     words += [item for key, value in training.get("config_overrides", {}).items()
               for item in ("--set", f"{key}={json.dumps(value)}")]
     words += [item for flag in ("work", "features") if options.get(flag) for item in (f"--{flag}", options[flag])]
@@ -212,8 +212,10 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, revision: str | None =
 
 
 def unpublished(folder: Path) -> list[str]:
-    """The files in a checkpoint folder that push leaves out (paths relative to it)."""
-    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    """The files in a checkpoint folder that push leaves out (paths relative to it; a clone's .git and other
+    dotfiles not counted)."""
+    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                   if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
     kept = set(filter_repo_objects(files, allow_patterns=list(PUBLISHED)))
     return [file for file in files if file not in kept]
 

@@ -730,7 +730,9 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
         from .encoder_pretraining import check_lesions_to_learn
 
         check_lesions_to_learn(root)
-    work_given, work = work, Path(work) if work else out.absolute().with_name(out.absolute().name + "-training")
+    if not out.resolve().name:
+        raise UserInputError(f"--out {out} is the file system's root; give the checkpoint a folder of its own")
+    work_given, work = work, Path(work) if work else out.resolve().with_name(out.resolve().name + "-training")
     for folder, option in ((out, "--out"), (work, "--work")):
         if folder.exists() and not folder.is_dir():
             raise UserInputError(f"{folder} is a file, not a folder; give {option} a folder to write")

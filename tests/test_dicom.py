@@ -424,9 +424,9 @@ NOT_PERPENDICULAR = r"ImageOrientationPatient whose row and column directions ar
 @pytest.mark.parametrize(("keyword", "value", "said"), [
     ("ImagePositionPatient", None, NO_GEOMETRY),
     ("ImageOrientationPatient", None, NO_GEOMETRY),
-    ("ImageOrientationPatient", _orientation(0.0), NOT_PERPENDICULAR.format(0)),
-    ("ImageOrientationPatient", _orientation(10.0), NOT_PERPENDICULAR.format(10)),
-    ("ImageOrientationPatient", _orientation(45.0), NOT_PERPENDICULAR.format(45)),
+    ("ImageOrientationPatient", _orientation(0.0), NOT_PERPENDICULAR.format("0.0")),
+    ("ImageOrientationPatient", _orientation(10.0), NOT_PERPENDICULAR.format("10.0")),
+    ("ImageOrientationPatient", _orientation(45.0), NOT_PERPENDICULAR.format("45.0")),
 ], ids=["no-position", "no-orientation", "parallel-directions", "directions-10-degrees-apart",
         "directions-45-degrees-apart"])
 def test_images_whose_geometry_cannot_place_them_are_refused_in_one_sentence(tmp_path, marked_ct, keyword, value,

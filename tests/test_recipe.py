@@ -482,6 +482,7 @@ def test_push_uploads_the_checkpoint_alone_and_says_what_it_left(tmp_path, capsy
     (checkpoint / "wk" / "features").mkdir(parents=True)
     (checkpoint / "wk" / "features" / "features-00000.safetensors").write_bytes(b"cache")
     (checkpoint / "notes.txt").write_text("patient list")
+    (checkpoint / ".gitattributes").write_text("*.safetensors filter=lfs")  # a clone's: not counted as left out
     hub = FakeHub(tmp_path / "hub")
     push_checkpoint(checkpoint, "someorg/model", api=hub)
     uploaded = {path.relative_to(hub_snapshot(hub.cache, "someorg/model")).as_posix()

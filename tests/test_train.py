@@ -176,6 +176,8 @@ def test_training_into_the_working_folder_keeps_its_work_beside_it(phantoms, tmp
     monkeypatch.chdir(tmp_path / "checkpoint")
     train("tiny", phantoms, ".", seed=0)
     assert (tmp_path / "checkpoint" / "model.safetensors").exists() and (tmp_path / "checkpoint-training").is_dir()
+    with pytest.raises(UserInputError, match="is the file system's root; give the checkpoint a folder of its own"):
+        train("tiny", phantoms, "/", seed=0)
 
 
 def test_each_stage_of_each_seed_draws_numbers_of_its_own():
