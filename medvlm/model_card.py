@@ -213,12 +213,18 @@ def _source(source) -> str:
     return str(source)
 
 
+TASK_WORDS = {"report": "reports", "vqa_closed": "closed-ended questions", "vqa_open": "open-ended questions"}
+
+
 def recipe_section(training: dict, visual_path: str = "slices") -> list[str]:
-    """Data and recipe lines from training.json: sources, stages, precision, processes."""
+    """Data and recipe lines from training.json: sources, stages, precision, processes. The kinds of sample
+    the data held (`sample_tasks`; a record from before it was kept: all three) are the ones named."""
     recipe = training["recipe"]
+    held = training.get("sample_tasks") or dict.fromkeys(TASK_WORDS)
+    kinds = ", ".join(TASK_WORDS[task] + (f" ({count:,})" if count else "") for task, count in held.items())
     lines = ["### Data", "", f"- `{training.get('data')}` (M3D layout: M3D_Cap.json, M3D_VQA_*.csv): "
              f"{training.get('train_scans')} training scans, {training.get('train_samples')} samples "
-             "(reports, closed- and open-ended questions).", "", "### Recipe", "",
+             f"({kinds}).", "", "### Recipe", "",
              (f"- Slice encoder: {_source(recipe['encoder'])}, frozen." if visual_path != "vit3d"
               else "- 3D ViT: trained from scratch in the stages below."),
              f"- Language model: {_source(recipe['language_model'])}.",
@@ -233,7 +239,8 @@ def recipe_section(training: dict, visual_path: str = "slices") -> list[str]:
             lora = stage["lora"]
             parts.append(f"LoRA on the LM (r {lora['r']}, α {lora['alpha']}, dropout {lora.get('dropout', 0)}), "
                          "merged at the end")
-        lines.append(f"| {stage['name']} | {', '.join(stage['tasks'])} | {', '.join(parts)} | {stage['epochs']} | "
+        tasks = ", ".join(task for task in stage["tasks"] if task in held)
+        lines.append(f"| {stage['name']} | {tasks} | {', '.join(parts)} | {stage['epochs']} | "
                      f"{stage['lr']} | {stage['batch_size']} |")
     return [*lines, ""]
 

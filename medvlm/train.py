@@ -791,6 +791,8 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
                                           "features": None if features is None else published_path(str(features)),
                                           "from_volumes": from_volumes},
                 "train_samples": len(train_samples), "train_scans": len(images),
+                "sample_tasks": {task: sum(s.task == task for s in train_samples) for task in STAGE_TASKS
+                                 if any(s.task == task for s in train_samples)},
                 "encoder_pretraining": encoder_summary,
                 "features": "volumes" if from_volumes else published_path(str(features or work / "features")),
                 "recipe": recipe_summary(preset, accelerator), "wall_seconds": round(clock.seconds(), 1),

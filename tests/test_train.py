@@ -180,6 +180,20 @@ def test_training_into_the_working_folder_keeps_its_work_beside_it(phantoms, tmp
         train("tiny", phantoms, "/", seed=0)
 
 
+def test_the_card_names_the_kinds_of_sample_the_data_held(trained, tmp_path):
+    """Data without the VQA tables trains its instruct stage on reports alone: the card says so, not "closed- and
+    open-ended questions"."""
+    from medvlm.model_card import write_model_card
+
+    folder = Path(shutil.copytree(trained, tmp_path / "checkpoint"))
+    record = json.loads((folder / "training.json").read_text())
+    assert set(record["sample_tasks"]) == {"report", "vqa_closed", "vqa_open"}
+    assert sum(record["sample_tasks"].values()) == record["train_samples"]
+    (folder / "training.json").write_text(json.dumps(record | {"sample_tasks": {"report": 5}}))
+    card = write_model_card(folder, "python -m medvlm train ...").read_text()
+    assert "samples (reports (5))." in card and "| instruct | report |" in card
+
+
 def test_each_stage_of_each_seed_draws_numbers_of_its_own():
     """Seed 0's second stage must not replay seed 1's first (seed + index would): replicate runs are independent."""
     stages = ("probe", "align", "instruct")
