@@ -601,7 +601,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         ended = _ENDED_SESSIONS.get(request.session_hash) if request is not None else None
         closed_meanwhile = ended is not None and ended >= reading_since
         if closed_meanwhile and not make_room(scan_bytes(volume), session, close_others=False):
-            return _unchanged(session, "The page lost its connection while the scan was read; load it again")
+            return _unchanged(session, "⚠️ The page lost its connection while the scan was read; load it again.")
         if scan_bytes(volume) > SCAN_MEMORY_BYTES:  # no wait makes room for it
             message = (f"This scan needs {scan_bytes(volume) / 2**20:,.0f} MB, more than the "
                        f"{SCAN_MEMORY_BYTES / 2**20:,.0f} MB this server holds for all its visitors' scans "

@@ -325,8 +325,8 @@ def check_output_folders(data: Path, out: Path, work: Path) -> None:
         raise UserInputError(f"--out {out} is, holds or lies inside the data folder {data.name}; give the checkpoint "
                              "a folder of its own")
     if working == checkpoint or checkpoint in working.parents:
-        raise UserInputError(f"--work {work} lies inside --out {out}; give it a folder beside the checkpoint (push "
-                             "would upload its feature cache and optimizer states)")
+        raise UserInputError(f"--work {work} lies inside --out {out}; give it a folder beside the checkpoint, which "
+                             "would otherwise hold its feature cache and optimizer states")
     others = [] if not checkpoint.is_dir() or (checkpoint / "config.json").exists() else [
         path.name for path in checkpoint.iterdir() if not path.name.startswith(".")  # a clone's .git, .gitattributes
         and not any(fnmatch.fnmatch(path.name, name) for name in PUBLISHED)]  # a clone of a Hub repo's README
