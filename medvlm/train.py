@@ -327,9 +327,10 @@ def check_output_folders(data: Path, out: Path, work: Path) -> None:
     if working == checkpoint or checkpoint in working.parents:
         raise UserInputError(f"--work {work} lies inside --out {out}; give it a folder beside the checkpoint, which "
                              "would otherwise hold its feature cache and optimizer states")
+    clone = (checkpoint / ".git").exists()  # a fresh clone of a Hub repo: its card, .git and .gitattributes
     others = [] if not checkpoint.is_dir() or (checkpoint / "config.json").exists() else [
-        path.name for path in checkpoint.iterdir() if not path.name.startswith(".")  # a clone's .git, .gitattributes
-        and not any(fnmatch.fnmatch(path.name, name) for name in PUBLISHED)]  # a clone of a Hub repo's README
+        path.name for path in checkpoint.iterdir() if not (clone and (path.name.startswith(".") or any(
+            fnmatch.fnmatch(path.name, name) for name in PUBLISHED)))]
     if others:
         raise UserInputError(f"{out} holds other files (e.g. {sorted(others)[0]}) and no checkpoint; give --out a new "
                              "or empty folder, so that the checkpoint is not mixed with them")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from medvlm.__main__ import main
+from medvlm.errors import UserInputError
 from medvlm.phantom import write_phantom_set
 from medvlm.pipeline import DEMO_CHECKPOINT
 
@@ -181,6 +182,10 @@ def test_train_into_a_file_and_features_with_no_shard(tmp_path, capsys):
     (tmp_path / "clone" / "README.md").write_text("# our model")
     (tmp_path / "clone" / ".gitattributes").write_text("*.safetensors filter=lfs")
     check_output_folders(data_copy, tmp_path / "clone", tmp_path / "clone-training")  # taken
+    (tmp_path / "project").mkdir()  # a README alone is a project's, which push would publish as the model card
+    (tmp_path / "project" / "README.md").write_text("# our lab's notes")
+    with pytest.raises(UserInputError, match=r"holds other files \(e.g. README.md\) and no checkpoint"):
+        check_output_folders(data_copy, tmp_path / "project", tmp_path / "project-training")
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "features.json").write_text("{}")  # any cache: none fits an encoder trained afresh
     assert "this preset pre-trains its slice encoder on the training scans, so no feature cache made before" in refused(
