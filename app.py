@@ -475,22 +475,24 @@ UPLOAD_GONE = ("The upload was gone before it could be read (someone else may ha
 def _reading_uploads(paths: list[str]) -> bool:
     """Count a load's uploads as being read; False when one is gone already (the rest, unless another load reads
     them, deleted: they are no scan now)."""
+    resolved = [Path(path).resolve() for path in paths]
     with _UPLOADS_READ_LOCK:
-        if not all(Path(path).exists() for path in paths):
-            _delete_uploads([path for path in paths if _UPLOADS_READ[Path(path).resolve()] <= 0])
+        if not all(path.exists() for path in resolved):
+            _delete_uploads([str(path) for path in resolved if _UPLOADS_READ[path] <= 0])
             return False
-        _UPLOADS_READ.update(Path(path).resolve() for path in paths)
+        _UPLOADS_READ.update(resolved)
         return True
 
 
 def _done_reading_uploads(paths: list[str]) -> None:
     """A load is done with its uploads: those no other load is reading are deleted."""
+    resolved = [Path(path).resolve() for path in paths]
     with _UPLOADS_READ_LOCK:  # deleted within it: a load that finds an upload there has it counted first
-        _UPLOADS_READ.subtract(Path(path).resolve() for path in paths)
-        done = [path for path in paths if _UPLOADS_READ[Path(path).resolve()] <= 0]
+        _UPLOADS_READ.subtract(resolved)
+        done = [path for path in resolved if _UPLOADS_READ[path] <= 0]
         for path in done:
-            _UPLOADS_READ.pop(Path(path).resolve(), None)
-        _delete_uploads(done)
+            _UPLOADS_READ.pop(path, None)
+        _delete_uploads([str(path) for path in done])
 
 
 def load_scan(files: list[str] | str | None, session: ScanSession | None, request: gr.Request | None = None):

@@ -22,6 +22,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -781,6 +782,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
                 model.language_model.activation_checkpointing_disable()
             model.requires_grad_(False)
             model.to(getattr(torch, preset.get("save_dtype", "float32"))).save_pretrained(out)
+            kinds = Counter(sample.task for sample in train_samples)
             tokenizer.save_pretrained(out)
             _readable_as_the_rest(out)
             (out / "training.json").write_text(json.dumps({
@@ -792,8 +794,7 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
                                           "features": None if features is None else published_path(str(features)),
                                           "from_volumes": from_volumes},
                 "train_samples": len(train_samples), "train_scans": len(images),
-                "sample_tasks": {task: sum(s.task == task for s in train_samples) for task in STAGE_TASKS
-                                 if any(s.task == task for s in train_samples)},
+                "sample_tasks": {task: kinds[task] for task in STAGE_TASKS if kinds[task]},
                 "encoder_pretraining": encoder_summary,
                 "features": "volumes" if from_volumes else published_path(str(features or work / "features")),
                 "recipe": recipe_summary(preset, accelerator), "wall_seconds": round(clock.seconds(), 1),
