@@ -575,17 +575,26 @@ class _SliceGrid:
         return drawn, interpolated, empty
 
 
-def _slice_grid(positions: np.ndarray, whole_mm: bool = False) -> _SliceGrid:
+def _rounding(images: list[_DicomImage]) -> float:
+    """How far (mm) along the slice normal the images' stated positions may lie from where they were taken: 0, or,
+    where every ImagePositionPatient is rounded to whole mm (some exporters do), up to WHOLE_MM_ROUNDING in each
+    coordinate, so up to that times the sum of the normal's components (0.5 mm axial, 0.71 mm at 45°)."""
+    if not all(np.allclose(image.position, np.rint(image.position), rtol=0.0, atol=1e-3) for image in images):
+        return 0.0
+    return WHOLE_MM_ROUNDING * float(np.abs(_normal(images[0])).sum())
+
+
+def _slice_grid(positions: np.ndarray, rounding: float = 0.0) -> _SliceGrid:
     """The grid of a stack of slices at these ascending positions (mm) along its normal.
 
     Even: every gap within GAP_TOLERANCE of a whole number of steps, or within POSITION_PRECISION_MM (exporters
-    that round positions to 0.1 mm), or, `whole_mm` (every ImagePositionPatient rounded to whole mm), every
-    position within WHOLE_MM_ROUNDING of the grid (and a quarter step); the step is the least-squares fit of the
-    positions to their slots. Otherwise (a spacing that changes within the series, 3 mm at the skull base and 6 mm
-    above it) the grid's step is the series' finer spacing (its 10th percentile gap, no finer than MAX_GRID_SLOTS
-    slots an image allow, a little finer so that the last slice lies on a slot), and every slice lies within a
-    quarter step of its slot: stacked at one step, the slices past the change would be tens of mm from where they
-    were taken.
+    that round positions to 0.1 mm), or, for positions an exporter rounded by up to `rounding` mm along the normal
+    (`_rounding`), every position within that of the grid, and within half a step (or its slot is in doubt); the
+    step is the least-squares fit of the positions to their slots. Otherwise (a spacing that changes within the
+    series, 3 mm at the skull base and 6 mm above it) the grid's step is the series' finer spacing (its 10th
+    percentile gap, no finer than MAX_GRID_SLOTS slots an image allow, a little finer so that the last slice lies on
+    a slot), and every slice lies within a quarter step of its slot: stacked at one step, the slices past the change
+    would be tens of mm from where they were taken.
 
     A gap wider than 1 + MAX_MISSING_IN_A_GAP times the spacing around it (the gaps on either side: files lost, or
     two blocks of one series) is shown empty rather than made up across; a run of wide gaps is a spacing, not a
@@ -595,15 +604,18 @@ def _slice_grid(positions: np.ndarray, whole_mm: bool = False) -> _SliceGrid:
     """
     gaps = np.diff(positions)
     median = float(np.median(gaps))
-    step = float(np.mean(gaps[gaps < 1.75 * median]))  # the gaps of one slot: 2 and 3 for 2.5 mm rounded to mm
-    for _ in range(2):  # slots from that first guess, then from the fitted step
-        counted = np.maximum(np.rint(gaps / step), 1.0)
-        slots = np.concatenate([[0.0], np.cumsum(counted)])
-        step = float(np.polyfit(slots, positions, 1)[0])
-    off_grid = np.abs(positions - np.polyval(np.polyfit(slots, positions, 1), slots)).max()
-    even = (np.all(np.abs(gaps - counted * step) <= GAP_TOLERANCE * step + POSITION_PRECISION_MM)
-            or (whole_mm and off_grid <= min(WHOLE_MM_ROUNDING + POSITION_PRECISION_MM, step / 4)))
-    grid = _SliceGrid(step, slots, "even", _wide_gaps(gaps)) if even else None
+    one_slot = float(np.mean(gaps[gaps < 1.75 * median]))  # the gaps of one slot: 2 and 3 for 2.5 mm rounded to mm
+    # Rounded positions: first every image a slot (at 45°, 2 mm slices rounded to whole mm lie exactly on a 1.41 mm
+    # grid with every other slot empty), then as exact ones, for a series that lost a file.
+    grid = None
+    for guess in ((float(positions[-1] - positions[0]) / len(gaps), one_slot) if rounding else (one_slot,)):
+        slots, step = _fitted_slots(positions, guess, rounding)
+        counted = np.diff(slots)
+        if counted.min() >= 1 and (
+                np.all(np.abs(gaps - counted * step) <= GAP_TOLERANCE * step + POSITION_PRECISION_MM)
+                or (rounding > 0 and _off_grid(slots, positions) <= min(rounding + POSITION_PRECISION_MM, step / 2))):
+            grid = _SliceGrid(step, slots, "even", _wide_gaps(gaps))
+            break
     if grid is None or grid.size > MAX_GRID_SLOTS * len(positions):  # (or two packages interleaved unevenly)
         extent = float(positions[-1] - positions[0])  # no finer than MAX_GRID_SLOTS slots an image allow
         finer = max(float(np.percentile(gaps, 10)), extent / (MAX_GRID_SLOTS * len(positions) - 1))
@@ -612,6 +624,40 @@ def _slice_grid(positions: np.ndarray, whole_mm: bool = False) -> _SliceGrid:
     if grid.size > MAX_GRID_SLOTS * len(positions) or grid.empty_slots() > len(positions):
         return _SliceGrid(median, np.arange(len(positions), dtype=float), "stacked")
     return grid
+
+
+def _fitted_slots(positions: np.ndarray, step: float, rounding: float) -> tuple[np.ndarray, float]:
+    """Each of these ascending positions' slot on a grid about `step` mm apart, from 0, and the grid's step (mm)."""
+    slots = _slots_by_gap(positions, step)
+    step = float(np.polyfit(slots, positions, 1)[0])
+    if not rounding:
+        slots = _slots_by_gap(positions, step)
+        return slots, float(np.polyfit(slots, positions, 1)[0])
+    for _ in range(3):  # by position: a gap between two rounded positions is off by up to twice their rounding
+        step, start = (float(value) for value in np.polyfit(slots, positions, 1))
+        slots = np.rint((positions - start) / step)
+        slots -= slots[0]
+    return slots, float(np.polyfit(slots, positions, 1)[0])
+
+
+def _slots_by_gap(positions: np.ndarray, step: float) -> np.ndarray:
+    """Each position's slot from 0, each gap counted in whole steps (at least one)."""
+    return np.concatenate([[0.0], np.cumsum(np.maximum(np.rint(np.diff(positions) / step), 1.0))])
+
+
+def _off_grid(slots: np.ndarray, positions: np.ndarray) -> float:
+    """How far (mm) positions lie from an even grid with these slots at most: the least, over every line, of the
+    largest distance of a position from the line at its slot. Rounded positions lie within their rounding of such
+    a line; a least-squares line can lie further from some (the rounding errors of a near-axial stack drift slowly
+    along it, then jump by a millimetre)."""
+    from scipy.optimize import linprog
+
+    # Variables (step, start, distance): the least distance with |position - start - step × slot| ≤ distance.
+    column = np.ones((len(slots), 1))
+    bounds = np.block([[-slots[:, None], -column, -column], [slots[:, None], column, -column]])
+    fitted = linprog([0.0, 0.0, 1.0], A_ub=bounds, b_ub=np.concatenate([-positions, positions]),
+                     bounds=[(None, None)] * 3)
+    return float(fitted.fun)
 
 
 def _largest_block(positions: np.ndarray) -> slice:
@@ -763,8 +809,8 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     images, positions = _sorted_along_normal(stacked)
     rows, columns = images[0].size
     check_grid((len(images), rows, columns), name)
-    whole_mm = all(np.allclose(image.position, np.rint(image.position), rtol=0.0, atol=1e-3) for image in images)
-    grid = _slice_grid(positions, whole_mm)
+    rounding = _rounding(images)
+    grid = _slice_grid(positions, rounding)
     if grid.kind == "stacked":  # an image or a block far from the rest: the largest block alone, drawn as it lies
         block = _largest_block(positions)
         if MIN_SLICES <= block.stop - block.start < len(images):
@@ -772,7 +818,7 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
             notes.append(f"{far} image(s) of the series lie far from the other {block.stop - block.start} (up to "
                          f"{np.abs(positions - positions[block][[0, -1]].mean()).max():.0f} mm away) and are left out")
             images, positions = images[block], positions[block]
-            grid = _slice_grid(positions, whole_mm)
+            grid = _slice_grid(positions, rounding)
     check_grid((grid.size, rows, columns), name)  # the missing slices drawn too
     shear = _shear(images, grid.places, grid.step)
     if shear is not None:  # its frame grows to hold every slice
