@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import VolumeError
 from .limits import MAX_DICOM_IMAGES, MIN_SLICES
+from .slice_grid import MAX_MISSING_IN_A_GAP, SliceGrid, largest_block, slice_grid
 from .suv import CONVERTIBLE_UNITS, SUV_UNITS, suv_factor
 from .volume import SCAN_FORMATS, Volume, canonical_volume, check_grid, error_reason
 
@@ -28,11 +29,7 @@ __all__ = ["load_dicom"]
 POSITION_TOLERANCE_MM = 1e-3  # two images this close along the normal lie at one position
 STACK_COVERAGE = 0.9  # share of a series' positions that one echo, b-value or time point covers
 PERPENDICULAR_TOLERANCE = math.sin(math.radians(1.0))  # row and column directions within 1° of a right angle
-GAP_TOLERANCE = 0.1  # slice gaps within this share of the step are even
-POSITION_PRECISION_MM = 0.1  # ... and within this: some exporters round ImagePositionPatient to 0.1 mm
-WHOLE_MM_ROUNDING = 0.5  # ... and others to whole mm: positions this close to an even grid lie on it
-MAX_MISSING_IN_A_GAP = 2  # missing slices drawn from their neighbours in one gap; a wider gap is not filled
-MAX_GRID_SLOTS = 4  # slots per image a series' grid may have (a spacing four times finer in part of it)
+WHOLE_MM_ROUNDING = 0.5  # mm each coordinate of a position lies from where it was taken, where an exporter rounds them
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")  # a picture of one image
 
 # What tells apart the images of one series that lie at one position, in the order tried:
@@ -517,64 +514,6 @@ def _shear(images: list[_DicomImage], places: np.ndarray, step: float) -> _Shear
     return None if sheared_by < 0.5 else shear
 
 
-@dataclass(frozen=True)
-class _SliceGrid:
-    """The even grid a stack of slices is drawn on: `step` mm along the normal from one slot to the next, each
-    slice's place on it in steps from the first slice, and the gaps (by the index of the slice below) shown empty.
-
-    kind: "even" (the slices lie on its slots; some may be missing), "resampled" (a spacing that changes: each slice
-    drawn on the slot within a quarter step of it, the slots between drawn from their neighbours), or "stacked"
-    (positions no grid fits without mostly empty or made-up slices: one slice a slot, at the median gap, said to be
-    approximate).
-    """
-
-    step: float
-    places: np.ndarray
-    kind: str
-    empty_gaps: frozenset[int] = frozenset()
-
-    @property
-    def size(self) -> int:
-        """How many slices the volume has on this grid (slot 0 at the first slice, the last at the last one)."""
-        return math.floor(self.places[-1] + self._snap) + 1
-
-    @property
-    def _snap(self) -> float:
-        """How far from a slot (in steps) a slice is drawn as the slot's own: 0 on an even grid, whose places are
-        whole; a quarter step on a resampled one, so that few slices are blends of two (a blend halves the contrast
-        of a lesion seen in one slice)."""
-        return 0.25 if self.kind == "resampled" else 0.0
-
-    def empty_slots(self) -> int:
-        """How many slots lie in `empty_gaps` (known before any pixel is read)."""
-        return sum(math.ceil(self.places[gap + 1] - self._snap) - math.floor(self.places[gap] + self._snap) - 1
-                   for gap in self.empty_gaps)
-
-    def draw(self, pixels: np.ndarray) -> tuple[np.ndarray, int, int]:
-        """(slices, rows, columns) at `places` → every slot of the grid: a slice on a slot as it is, a slot between
-        two slices linearly interpolated from them by distance, a slot in one of `empty_gaps` NaN (empty:
-        `_fill_padding`), not made up across it. Returns (the grid's slices, how many were interpolated, how many
-        are empty)."""
-        if self.kind != "resampled" and self.size == len(pixels):  # on its slots already
-            return pixels, 0, 0
-        drawn = np.empty((self.size, *pixels.shape[1:]), dtype=pixels.dtype)
-        interpolated = empty = 0
-        for slot in range(self.size):
-            above = min(int(np.searchsorted(self.places, slot)), len(self.places) - 1)
-            nearest = min((above - 1, above), key=lambda index: abs(self.places[index] - slot)) if above else 0
-            if abs(self.places[nearest] - slot) <= self._snap:
-                drawn[slot] = pixels[nearest]
-                continue
-            below = above - 1
-            if below in self.empty_gaps:
-                drawn[slot], empty = np.nan, empty + 1
-                continue
-            weight = np.float32((slot - self.places[below]) / (self.places[above] - self.places[below]))
-            drawn[slot] = (1 - weight) * pixels[below] + weight * pixels[above]
-            interpolated += 1
-        return drawn, interpolated, empty
-
-
 def _rounding(images: list[_DicomImage]) -> float:
     """How far (mm) along the slice normal the images' stated positions may lie from where they were taken: 0, or,
     where every ImagePositionPatient is rounded to whole mm (some exporters do), up to WHOLE_MM_ROUNDING in each
@@ -582,122 +521,6 @@ def _rounding(images: list[_DicomImage]) -> float:
     if not all(np.allclose(image.position, np.rint(image.position), rtol=0.0, atol=1e-3) for image in images):
         return 0.0
     return WHOLE_MM_ROUNDING * float(np.abs(_normal(images[0])).sum())
-
-
-def _slice_grid(positions: np.ndarray, rounding: float = 0.0) -> _SliceGrid:
-    """The grid of a stack of slices at these ascending positions (mm) along its normal.
-
-    Even: every gap within GAP_TOLERANCE of a whole number of steps, or within POSITION_PRECISION_MM (exporters
-    that round positions to 0.1 mm), or, for positions an exporter rounded by up to `rounding` mm along the normal
-    (`_rounding`), every position within that of the grid, and within half a step (or its slot is in doubt); the
-    step is the least-squares fit of the positions to their slots. Otherwise (a spacing that changes within the
-    series, 3 mm at the skull base and 6 mm above it) the grid's step is the series' finer spacing (its 10th
-    percentile gap, no finer than MAX_GRID_SLOTS slots an image allow, a little finer so that the last slice lies on
-    a slot), and every slice lies within a quarter step of its slot: stacked at one step, the slices past the change
-    would be tens of mm from where they were taken.
-
-    A gap wider than 1 + MAX_MISSING_IN_A_GAP times the spacing around it (the gaps on either side: files lost, or
-    two blocks of one series) is shown empty rather than made up across; a run of wide gaps is a spacing, not a
-    loss. A grid that would be mostly empty (more empty slots than images: one image far from the rest, two blocks
-    far apart) or larger than MAX_GRID_SLOTS slots an image is not drawn: the slices are stacked at the median gap,
-    approximately.
-    """
-    gaps = np.diff(positions)
-    median = float(np.median(gaps))
-    one_slot = float(np.mean(gaps[gaps < 1.75 * median]))  # the gaps of one slot: 2 and 3 for 2.5 mm rounded to mm
-    # Rounded positions: first every image a slot (at 45°, 2 mm slices rounded to whole mm lie exactly on a 1.41 mm
-    # grid with every other slot empty), then as exact ones, for a series that lost a file.
-    grid = None
-    for guess in ((float(positions[-1] - positions[0]) / len(gaps), one_slot) if rounding else (one_slot,)):
-        slots, step = _fitted_slots(positions, guess, rounding)
-        counted = np.diff(slots)
-        if counted.min() >= 1 and (
-                np.all(np.abs(gaps - counted * step) <= GAP_TOLERANCE * step + POSITION_PRECISION_MM)
-                or (rounding > 0 and _off_grid(slots, positions) <= min(rounding + POSITION_PRECISION_MM, step / 2))):
-            grid = _SliceGrid(step, slots, "even", _wide_gaps(gaps))
-            break
-    if grid is None or grid.size > MAX_GRID_SLOTS * len(positions):  # (or two packages interleaved unevenly)
-        extent = float(positions[-1] - positions[0])  # no finer than MAX_GRID_SLOTS slots an image allow
-        finer = max(float(np.percentile(gaps, 10)), extent / (MAX_GRID_SLOTS * len(positions) - 1))
-        step = extent / math.ceil(extent / finer - 1e-6)
-        grid = _SliceGrid(step, (positions - positions[0]) / step, "resampled", _wide_gaps(gaps))
-    if grid.size > MAX_GRID_SLOTS * len(positions) or grid.empty_slots() > len(positions):
-        return _SliceGrid(median, np.arange(len(positions), dtype=float), "stacked")
-    return grid
-
-
-def _fitted_slots(positions: np.ndarray, step: float, rounding: float) -> tuple[np.ndarray, float]:
-    """Each of these ascending positions' slot on a grid about `step` mm apart, from 0, and the grid's step (mm)."""
-    slots = _slots_by_gap(positions, step)
-    step = float(np.polyfit(slots, positions, 1)[0])
-    if not rounding:
-        slots = _slots_by_gap(positions, step)
-        return slots, float(np.polyfit(slots, positions, 1)[0])
-    for _ in range(3):  # by position: a gap between two rounded positions is off by up to twice their rounding
-        step, start = (float(value) for value in np.polyfit(slots, positions, 1))
-        slots = np.rint((positions - start) / step)
-        slots -= slots[0]
-    return slots, float(np.polyfit(slots, positions, 1)[0])
-
-
-def _slots_by_gap(positions: np.ndarray, step: float) -> np.ndarray:
-    """Each position's slot from 0, each gap counted in whole steps (at least one)."""
-    return np.concatenate([[0.0], np.cumsum(np.maximum(np.rint(np.diff(positions) / step), 1.0))])
-
-
-def _off_grid(slots: np.ndarray, positions: np.ndarray) -> float:
-    """How far (mm) positions lie from an even grid with these slots at most: the least, over every line, of the
-    largest distance of a position from the line at its slot. Rounded positions lie within their rounding of such
-    a line; a least-squares line can lie further from some (the rounding errors of a near-axial stack drift slowly
-    along it, then jump by a millimetre)."""
-    from scipy.optimize import linprog
-
-    # Variables (step, start, distance): the least distance with |position - start - step × slot| ≤ distance.
-    column = np.ones((len(slots), 1))
-    bounds = np.block([[-slots[:, None], -column, -column], [slots[:, None], column, -column]])
-    fitted = linprog([0.0, 0.0, 1.0], A_ub=bounds, b_ub=np.concatenate([-positions, positions]),
-                     bounds=[(None, None)] * 3)
-    return float(fitted.fun)
-
-
-def _largest_block(positions: np.ndarray) -> slice:
-    """The run of slices (by index) with the most images between two wide gaps (`_wide_gaps`); the first of equals."""
-    bounds = [0, *(gap + 1 for gap in sorted(_wide_gaps(np.diff(positions)))), len(positions)]
-    start, stop = max(pairwise(bounds), key=lambda block: block[1] - block[0])
-    return slice(start, stop)
-
-
-def _medians_without_each(values: np.ndarray) -> np.ndarray:
-    """For each value, the median of the others (of one value: itself), from one sort: linear, not quadratic, in
-    a series of thousands of images."""
-    count = len(values)
-    if count < 2:
-        return values.astype(float)
-    order = np.argsort(values, kind="stable")
-    ordered = values[order].astype(float)
-    rank = np.empty(count, dtype=int)
-    rank[order] = np.arange(count)
-
-    def without(position: int) -> np.ndarray:  # each one's others, sorted, at `position`
-        return np.where(position < rank, ordered[position], ordered[min(position + 1, count - 1)])
-
-    middle = (count - 1) // 2  # the others are count - 1
-    return without(middle) if (count - 1) % 2 else (without(middle - 1) + without(middle)) / 2
-
-
-def _wide_gaps(gaps: np.ndarray) -> frozenset[int]:
-    """The gaps (by the index of the slice below) wider than 1 + MAX_MISSING_IN_A_GAP times the spacing around
-    them: the median of the gaps on either side, or the series' median or mean gap if wider (two acquisitions
-    interleaved alternate short and long gaps, none of them lost), each without this gap (of three images, the
-    gaps of 2.5 mm and 1 m have a median of half a metre)."""
-    wide, medians = set(), _medians_without_each(gaps)
-    means = (gaps.sum() - gaps) / (len(gaps) - 1) if len(gaps) > 1 else gaps
-    for index, gap in enumerate(gaps):
-        around = [gaps[other] for other in (index - 1, index + 1) if 0 <= other < len(gaps)]
-        spacing = max(float(np.median(around)) if around else gap, float(medians[index]), float(means[index]))
-        if gap > (1 + MAX_MISSING_IN_A_GAP + GAP_TOLERANCE) * spacing:
-            wide.add(index)
-    return frozenset(wide)
 
 
 def _series_padding(images: list[_DicomImage]) -> tuple[int, int] | None:
@@ -765,11 +588,26 @@ def _too_few_images(name: str, series: dict[str, list], single_file: bool) -> st
     return f"{name} holds one DICOM image, which is no volume; upload the whole series: {whole}"
 
 
-def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volume:
-    """The upload's scan (its series ranked first by `_series_rank`) as a Volume; VolumeError when there is
-    none to stack.
+@dataclass
+class _Stack:
+    """The images of a series that make its volume, sorted along their normal, how they lie, and what was left out
+    of the series to make it."""
 
-    single_file: `files` is one file given as the scan itself (not found in a folder or a zip)."""
+    images: list[_DicomImage]
+    positions: np.ndarray  # (images,) mm along the normal, ascending
+    grid: SliceGrid
+    shear: _Shear | None  # a tilted gantry's, undone when drawn
+    rows: int
+    columns: int
+    far: str | None  # images far from the rest, left out, in words
+    copies: int  # images that were in the upload twice
+    other_planes: int  # images in another orientation or of another size (a localizer)
+    other_stacks: str | None  # the echoes, b-values or time points not shown, in words
+
+
+def _series_of(files: list[Path], name: str, single_file: bool) -> dict[str, list[tuple[Path, Any]]]:
+    """The upload's DICOM images (path, header) by SeriesInstanceUID; VolumeError saying what the upload holds
+    instead when none is one."""
     headers = _read_headers(files)
     if not headers:
         if single_file and Path(name).suffix.lower() in PICTURE_SUFFIXES:  # a screenshot, a photo of a screen
@@ -783,8 +621,12 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     series: dict[str, list] = {}
     for path, header in headers:
         series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((path, header))  # (0020,000E)
-    ranked = sorted(series.values(), key=_series_rank, reverse=True)
-    chosen, others = ranked[0], ranked[1:]
+    return series
+
+
+def _stack(chosen: list[tuple[Path, Any]], series: dict[str, list], name: str, single_file: bool) -> _Stack:
+    """The chosen series' images as one stack on its slice grid, every size limit checked before a pixel is read;
+    VolumeError when they make no volume."""
     first = chosen[0][1]
     if _count(first.get("SamplesPerPixel")) > 1:  # (0028,0002)
         raise VolumeError(f"{name} holds colour images, and colour images are not supported; give a greyscale "
@@ -799,10 +641,9 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     images = [image for path, header in chosen for image in _images_of(path, header, name)]
     if len(images) < MIN_SLICES:
         raise VolumeError(_too_few_images(name, series, single_file))
-    notes = []
     images, copies = _without_copies(images)
     images, other_planes = _largest_group(images)
-    stacked, stack_note = _one_stack(images)
+    stacked, other_stacks = _one_stack(images)
     if len(stacked) < MIN_SLICES <= len(images):
         raise VolumeError(f"{name}: its {len(images)} images all lie at one position, so they cannot be stacked "
                           "into a volume; export the series with its geometry or as NIfTI")
@@ -810,43 +651,29 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     rows, columns = images[0].size
     check_grid((len(images), rows, columns), name)
     rounding = _rounding(images)
-    grid = _slice_grid(positions, rounding)
+    grid = slice_grid(positions, rounding)
+    far = None
     if grid.kind == "stacked":  # an image or a block far from the rest: the largest block alone, drawn as it lies
-        block = _largest_block(positions)
+        block = largest_block(positions)
         if MIN_SLICES <= block.stop - block.start < len(images):
-            far = len(images) - (block.stop - block.start)
-            notes.append(f"{far} image(s) of the series lie far from the other {block.stop - block.start} (up to "
-                         f"{np.abs(positions - positions[block][[0, -1]].mean()).max():.0f} mm away) and are left out")
+            far = (f"{len(images) - (block.stop - block.start)} image(s) of the series lie far from the other "
+                   f"{block.stop - block.start} (up to "
+                   f"{np.abs(positions - positions[block][[0, -1]].mean()).max():.0f} mm away) and are left out")
             images, positions = images[block], positions[block]
-            grid = _slice_grid(positions, rounding)
+            grid = slice_grid(positions, rounding)
     check_grid((grid.size, rows, columns), name)  # the missing slices drawn too
     shear = _shear(images, grid.places, grid.step)
     if shear is not None:  # its frame grows to hold every slice
         check_grid((grid.size, *shear.frame(grid.size, rows, columns)), f"{name} (its tilted slices made "
                    "rectangular)")
-    pixels, padded = _read_pixels(images, rows, columns, name)
-    if padded == pixels.size:
-        raise VolumeError(f"{name}: every pixel of the series is marked as padding by its PixelPaddingValue, so it "
-                          "holds no image; re-export the series, or fix that attribute")
+    return _Stack(images, positions, grid, shear, rows, columns, far, copies, other_planes, other_stacks)
 
-    meta: dict[str, Any] = {
-        "manufacturer": str(first.get("Manufacturer", "")),  # (0008,0070)
-        "series_number": _series_number(first),
-    }
-    units = str(first.get("Units", "")).strip().upper()  # (0054,1001): what a PET's values measure
-    if units and str(first.get("Modality", "")).upper() in ("PT", "NM"):  # (0008,0060)
-        meta["units"] = PET_UNITS.get(units, units)
-    for key, keyword in (("window_center", "WindowCenter"), ("window_width", "WindowWidth")):  # (0028,1050/1051)
-        value = _first(first.get(keyword)) if keyword in first else None
-        if value is not None:
-            meta[key] = value
-    gaps, step = np.diff(positions), grid.step
-    pixels, interpolated, empty = grid.draw(pixels)
-    own_padding = None  # the scan's own padding voxels, where a tilt's frame adds some of its own
-    top = left = 0
-    if shear is not None:
-        own_padding = int(np.count_nonzero(np.isnan(pixels))) - empty * rows * columns if padded else 0
-        pixels, top, left = shear.draw_unsheared(pixels)
+
+def _stack_notes(stack: _Stack, slices: int, interpolated: int, empty: int, meta: dict[str, Any]) -> list[str]:
+    """What making the stack into a volume of `slices` slices did, in words (`interpolated` slices drawn between
+    two images, `empty` shown empty, what was left out), each figure also under its key in `meta`."""
+    notes = [stack.far] if stack.far else []
+    gaps, step, grid = np.diff(stack.positions), stack.grid.step, stack.grid
     # Slices missing here and there (a file or two lost), or a spacing that changes (2.5 mm, then 5 mm)
     wider = np.count_nonzero(np.diff(grid.places) > 1.5)  # gaps of more than one slot (rounded positions: one)
     spread = f"slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm"
@@ -862,7 +689,7 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         placed = ("every slice at its true position" if grid.kind == "even" else
                   f"each slice within {step / 4:.2g} mm of where it was taken")
         meta["uneven_gaps"] = (f"{spread}; the series is drawn on an even {step:.3g} mm grid, {placed}, "
-                               f"{interpolated} of its {len(pixels)} slices drawn between their two neighbours")
+                               f"{interpolated} of its {slices} slices drawn between their two neighbours")
     if "uneven_gaps" in meta:
         notes.append(meta["uneven_gaps"])
     if empty:
@@ -871,19 +698,72 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         across = f"a gap of {wide[0]:.3g} mm" if len(wide) == 1 else f"{len(wide)} gaps of up to {wide.max():.3g} mm"
         notes.append(f"the series has no slices across {across}; the {empty} slice(s) there are shown empty, at "
                      "their true place, not made up from the slices on either side")
-    if shear is not None:
-        meta["gantry_tilt_degrees"] = round(shear.tilt, 2)
-        notes.append(f"the slices were acquired with a {shear.tilt:.1f}° gantry tilt; each is shifted within its "
-                     "plane by its table position (as dcm2niix corrects a tilt), so that coronal and sagittal views "
-                     "and distances are true, along the tilted slices' own axes")
-    if copies:
-        meta["duplicate_slices"] = copies
-        notes.append(f"{copies} image(s) were in the upload twice; each is used once")
-    if other_planes:
-        notes.append(f"{other_planes} image(s) in another slice orientation or of another size (a localizer?) "
+    if stack.shear is not None:
+        meta["gantry_tilt_degrees"] = round(stack.shear.tilt, 2)
+        notes.append(f"the slices were acquired with a {stack.shear.tilt:.1f}° gantry tilt; each is shifted within "
+                     "its plane by its table position (as dcm2niix corrects a tilt), so that coronal and sagittal "
+                     "views and distances are true, along the tilted slices' own axes")
+    if stack.copies:
+        meta["duplicate_slices"] = stack.copies
+        notes.append(f"{stack.copies} image(s) were in the upload twice; each is used once")
+    if stack.other_planes:
+        notes.append(f"{stack.other_planes} image(s) in another slice orientation or of another size (a localizer?) "
                      "were left out")
-    if stack_note:
-        notes.append(stack_note)
+    if stack.other_stacks:
+        notes.append(stack.other_stacks)
+    return notes
+
+
+def _series_meta(first) -> dict[str, Any]:
+    """What the series' first header says that the viewer uses: manufacturer, series number, a PET's units, the
+    window the scanner suggests; never a patient identifier."""
+    meta: dict[str, Any] = {
+        "manufacturer": str(first.get("Manufacturer", "")),  # (0008,0070)
+        "series_number": _series_number(first),
+    }
+    units = str(first.get("Units", "")).strip().upper()  # (0054,1001): what a PET's values measure
+    if units and str(first.get("Modality", "")).upper() in ("PT", "NM"):  # (0008,0060)
+        meta["units"] = PET_UNITS.get(units, units)
+    for key, keyword in (("window_center", "WindowCenter"), ("window_width", "WindowWidth")):  # (0028,1050/1051)
+        value = _first(first.get(keyword)) if keyword in first else None
+        if value is not None:
+            meta[key] = value
+    return meta
+
+
+def _affine_ras(image: _DicomImage, step: float, top: int, left: int) -> np.ndarray:
+    """The (column, row, slot) → RAS mm affine of a stack whose first image is `image`, its slots `step` mm apart
+    along the normal (a tilt's shear undone), its frame grown by `top` rows above and `left` columns before it."""
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = image.orientation[:3] * image.pixel_spacing[1]  # along a row: column index grows
+    affine_lps[:3, 1] = image.orientation[3:] * image.pixel_spacing[0]  # down a column: row index grows
+    affine_lps[:3, 2] = _normal(image) * step
+    affine_lps[:3, 3] = image.position + top * affine_lps[:3, 1] + left * affine_lps[:3, 0]
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
+
+
+def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volume:
+    """The upload's scan (its series ranked first by `_series_rank`) as a Volume; VolumeError when there is
+    none to stack.
+
+    single_file: `files` is one file given as the scan itself (not found in a folder or a zip)."""
+    series = _series_of(files, name, single_file)
+    chosen, *others = sorted(series.values(), key=_series_rank, reverse=True)
+    first = chosen[0][1]
+    stack = _stack(chosen, series, name, single_file)
+    rows, columns = stack.rows, stack.columns
+    pixels, padded = _read_pixels(stack.images, rows, columns, name)
+    if padded == pixels.size:
+        raise VolumeError(f"{name}: every pixel of the series is marked as padding by its PixelPaddingValue, so it "
+                          "holds no image; re-export the series, or fix that attribute")
+    meta = _series_meta(first)
+    pixels, interpolated, empty = stack.grid.draw(pixels)
+    own_padding = None  # the scan's own padding voxels, where a tilt's frame adds some of its own
+    top = left = 0
+    if stack.shear is not None:
+        own_padding = int(np.count_nonzero(np.isnan(pixels))) - empty * rows * columns if padded else 0
+        pixels, top, left = stack.shear.draw_unsheared(pixels)
+    notes = _stack_notes(stack, len(pixels), interpolated, empty, meta)
     modality = _dicom_modality(first)
     if str(first.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1" and modality in ("MR", "OT"):
         # White at the lowest value (0028,0004). CT's HU and PET's activity keep their meaning (their windows
@@ -891,11 +771,12 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         np.subtract(np.nanmax(pixels) + np.nanmin(pixels), pixels, out=pixels)
         notes.append("the series is stored with white at its lowest value (MONOCHROME1); its values are inverted "
                      "so that it shows as meant")
-    if padded or empty or shear is not None:  # the empty slices, and a tilt's frame, are no padding of the scan's own
+    if padded or empty or stack.shear is not None:  # the empty slices, and a tilt's frame, are no padding of its own
         filled = _fill_padding(pixels) - empty * rows * columns
         own = filled if own_padding is None else own_padding
         if own:
             meta["padding_voxels"] = own
+    units = str(first.get("Units", "")).strip().upper()
     if modality == "PT" and units in CONVERTIBLE_UNITS:  # read as PET is read: SUV, where the header allows
         factor, why_not = suv_factor(first)
         if factor is None:
@@ -903,7 +784,8 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         else:
             pixels *= np.float32(factor)
             meta["suv_converted_from"], meta["units"] = meta["units"], SUV_UNITS
-    if modality == "CT" and not any(image.intercept_stated for image in images) and float(np.nanmin(pixels)) >= 0:
+    if (modality == "CT" and not any(image.intercept_stated for image in stack.images)
+            and float(np.nanmin(pixels)) >= 0):
         meta["hu_unlikely"] = True
         notes.append("the CT states no rescale intercept and holds no value below 0, so its values are likely not "
                      "Hounsfield units (air lies near −1000): windows and the model may read it wrongly; re-export "
@@ -916,12 +798,5 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
                      "time to see another")
     if notes:
         meta["notes"] = notes
-
-    row_cosines, column_cosines = images[0].orientation[:3], images[0].orientation[3:]
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_cosines * images[0].pixel_spacing[1]  # along a row: column index grows
-    affine_lps[:3, 1] = column_cosines * images[0].pixel_spacing[0]  # down a column: row index grows
-    affine_lps[:3, 2] = _normal(images[0]) * step  # slots `step` apart along the normal (a tilt's shear undone)
-    affine_lps[:3, 3] = images[0].position + top * affine_lps[:3, 1] + left * affine_lps[:3, 0]
-    affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
+    affine_ras = _affine_ras(stack.images[0], stack.grid.step, top, left)
     return canonical_volume(pixels.transpose(2, 1, 0), affine_ras, modality, "dicom", name, meta)

@@ -201,13 +201,13 @@ def test_a_fivefold_spacing_change_shows_every_slice_as_it_was_acquired(tmp_path
 
 def test_the_median_of_the_other_gaps_is_each_gaps_own():
     """`_wide_gaps` judges each gap by the median of the others; taken from one sort, for a series of thousands."""
-    from medvlm.dicom import _medians_without_each
+    from medvlm.slice_grid import medians_without_each
 
     rng = np.random.default_rng(0)
     for count in (1, 2, 3, 4, 9, 10):
         gaps = rng.integers(1, 5, count).astype(float)  # ties among them
         others = [np.median(np.delete(gaps, index)) if count > 1 else gaps[index] for index in range(count)]
-        np.testing.assert_allclose(_medians_without_each(gaps), others)
+        np.testing.assert_allclose(medians_without_each(gaps), others)
 
 
 def test_positions_rounded_to_whole_mm_lie_on_the_series_grid(tmp_path):
