@@ -146,14 +146,21 @@ def _off_grid(slots: np.ndarray, positions: np.ndarray) -> float:
     largest distance of a position from the line at its slot. Rounded positions lie within their rounding of such
     a line; a least-squares line can lie further from some (the rounding errors of a near-axial stack drift slowly
     along it, then jump by a millimetre)."""
-    from scipy.optimize import linprog
 
-    # Variables (step, start, distance): the least distance with |position - start - step × slot| ≤ distance.
-    column = np.ones((len(slots), 1))
-    bounds = np.block([[-slots[:, None], -column, -column], [slots[:, None], column, -column]])
-    fitted = linprog([0.0, 0.0, 1.0], A_ub=bounds, b_ub=np.concatenate([-positions, positions]),
-                     bounds=[(None, None)] * 3)
-    return float(fitted.fun)
+    def width(step: float) -> float:  # of the narrowest band of this slope that holds every position (mm)
+        residuals = positions - step * slots
+        return float(residuals.max() - residuals.min())
+
+    # The width is convex in the slope, and at least |slope - best| × span - the best width, so the best slope lies
+    # within twice the least-squares line's width over the span of it: a golden-section search finds it.
+    fitted = float(np.polyfit(slots, positions, 1)[0])
+    reach = 2 * width(fitted) / max(float(slots[-1] - slots[0]), 1.0)
+    low, high = fitted - reach, fitted + reach
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(80):
+        left, right = high - ratio * (high - low), low + ratio * (high - low)
+        low, high = (low, right) if width(left) <= width(right) else (left, high)
+    return width((low + high) / 2) / 2
 
 
 def largest_block(positions: np.ndarray) -> slice:
