@@ -475,8 +475,11 @@ def _load_nifti(path: Path) -> Volume:
         if not path.name.lower().endswith(".gz") and _gzip_compressed(path):
             raise VolumeError(f"{path.name} is a gzip-compressed NIfTI file named as an uncompressed one; rename it "
                               "to end in .nii.gz") from error
-        raise VolumeError(f"{path.name} is not a readable NIfTI file ({error_reason(error)}); check that the upload "
-                          "finished, or re-export the scan") from error
+        # nibabel's "Cannot work out file type of <path>": no NIfTI header at the start (a document, a picture)
+        reason = ("it does not begin with a NIfTI header" if isinstance(error, nib.filebasedimages.ImageFileError)
+                  and str(error).startswith("Cannot work out file type") else error_reason(error))
+        raise VolumeError(f"{path.name} is not a readable NIfTI file ({reason}); check that the upload finished, or "
+                          "re-export the scan") from error
     check_grid(shape[:3] if len(shape) >= 3 else shape, path.name)
     if path.name.lower().endswith(".gz"):
         voxel_bytes = math.prod(shape[:3]) * image.header.get_data_dtype().itemsize

@@ -83,6 +83,12 @@ def _text_named_nifti(tmp_path):
     return path
 
 
+def _text_named_uncompressed_nifti(tmp_path):
+    path = tmp_path / "report.nii"
+    path.write_text("not a scan\n")
+    return path
+
+
 def _2d_nifti(tmp_path):
     path = tmp_path / "slice.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((64, 64, 1), dtype=np.float32), np.eye(4)), path)
@@ -92,6 +98,7 @@ def _2d_nifti(tmp_path):
 @pytest.mark.parametrize(("make_scan", "message"), [
     (lambda tmp_path: tmp_path / "missing.nii.gz", "does not exist"),
     (_text_named_nifti, "not a readable NIfTI"),
+    (_text_named_uncompressed_nifti, "report.nii is not a readable NIfTI file (it does not begin with a NIfTI header)"),
     (_2d_nifti, "2D image"),
 ])
 def test_bad_scans_exit_2_with_one_line(tmp_path, make_scan, message):
