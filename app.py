@@ -45,6 +45,7 @@ from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_
 from medvlm.view_html import (
     MODALITY_NAMES,
     empty_view_html,
+    kept_summary,
     offers_mip,
     plane_choices,
     scan_card,
@@ -264,8 +265,14 @@ class ScanSession:
 
     @property
     def kept_slices(self) -> list[int]:
-        """Axial indices of the slices the model kept; empty until the scan is encoded."""
+        """Axial indices of the slices the model kept (each kept slab's middle one); empty until the scan is
+        encoded."""
         return self.encoding.kept_slices if self.encoding is not None else []
+
+    @property
+    def kept_slabs(self) -> list[tuple[int, int]]:
+        """The first and last axial index of each slab the model kept; empty until the scan is encoded."""
+        return self.encoding.kept_slabs if self.encoding is not None else []
 
     def own_folder(self) -> Path:
         if self.folder is None:
@@ -774,7 +781,7 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     index = _slice_number(volume, plane, slice_number) - 1
     if not known_window(window, volume.modality, volume.units):
         window = opening_window(volume, plane)
-    view = slice_view_html(volume, plane, index, window, session.kept_slices, session.spot)
+    view = slice_view_html(volume, plane, index, window, session.kept_slabs, session.spot)
     if since is not None and session.view_changes != since:
         return None
     session.shown_slices[plane] = index + 1  # a plane opened again opens here
@@ -940,14 +947,14 @@ def encode_scan(session: ScanSession | None):
     if _scan_replaced(session, volume):
         return gr.skip(), gr.skip(), gr.skip()
     session.encoding, session.ready = encoding, True
-    total = slice_count(volume, "axial")
     notes = "".join(f" Note: {note}." for note in volume.meta.get("notes", []) or [])  # e.g. a series left out
-    # One line on a laptop: the time it took is the benchmark's business (python -m medvlm bench)
+    # Short: the time it took is the benchmark's business (python -m medvlm bench)
     plane, window = session.shown
     marks = "" if plane == MIP else " (green marks)"  # a MIP's track shows its frames (and one line on a laptop)
-    status = (f"Ready: the model kept {len(session.kept_slices)} of {total} axial slices{marks}. Generate a "
-              f"report or ask a question.{notes}")
-    choices = [str(k + 1) for k in session.kept_slices]
+    status = (f"Ready: {kept_summary(volume, session.kept_slabs, encoding.total_slices)}{marks}. Generate a report "
+              f"or ask a question.{notes}")
+    choices = [(str(middle + 1) if first == last else f"{first + 1}–{last + 1}", str(middle + 1))
+               for (first, last), middle in zip(session.kept_slabs, session.kept_slices, strict=True)]
     return (status, gr.update(choices=choices, value=None),
             slice_html(session, plane, window, session.shown_slices.get(plane)))
 

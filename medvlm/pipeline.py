@@ -26,7 +26,7 @@ from .configuration import MedVLMConfig
 from .errors import CheckpointError, UserInputError
 from .limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MIN_ANSWER_TOKENS
 from .modeling import MedVLMForConditionalGeneration
-from .preprocess import readable_encoder_input
+from .preprocess import readable_encoder_input, slab_bounds
 from .prompt import prompt_text
 from .volume import Volume
 
@@ -41,17 +41,26 @@ HELD_OUT_EVALUATION = "eval_heldout.json"  # `medvlm eval`'s JSON on held-out sc
 class Encoding:
     """A scan as the LM sees it.
 
-    visual_tokens: (1, N, H) on the model's device; kept_slices: axial indices (into
-    `volume.data`) of the slices the model kept, one per kept slab, its middle slice;
-    total_slices: slices (slabs) the encoder input had; timings: seconds per step;
-    kept_inputs: the kept slabs' indices into the encoder input (0 … total_slices − 1).
+    visual_tokens: (1, N, H) on the model's device; kept_slabs: for each slab the model kept, the axial indices
+    (into `volume.data`) of the first and last slice it averages (one slice, where the encoder input is the volume's
+    own slices); kept_slices: the middle slice of each; total_slices: slices (slabs) the encoder input had; timings:
+    seconds per step; kept_inputs: the kept slabs' indices into the encoder input (0 … total_slices − 1).
     """
 
     visual_tokens: torch.Tensor
-    kept_slices: list[int]
+    kept_slabs: list[tuple[int, int]]
     total_slices: int
     timings: dict[str, float] = field(default_factory=dict)
     kept_inputs: list[int] = field(default_factory=list)
+
+    @property
+    def kept_slices(self) -> list[int]:
+        """The middle axial slice of each kept slab: where the viewer goes to show one."""
+        return [(first + last) // 2 for first, last in self.kept_slabs]
+
+    def covered_slices(self) -> int:
+        """How many of the volume's axial slices the kept slabs average between them."""
+        return len({index for first, last in self.kept_slabs for index in range(first, last + 1)})
 
     def to(self, device: str | torch.device) -> Encoding:
         """The same encoding with its visual tokens on `device` (the CPU, to pass it to another process)."""
@@ -436,8 +445,8 @@ class Pipeline:
             scan = self.model.choose_slices(pixel_values, heights)
             visual = self.model.visual_tokens_from_slices([scan])
         done = time.perf_counter()
-        per_input_slice = volume.shape[0] / scan.total
-        kept = [min(volume.shape[0] - 1, int((index + 0.5) * per_input_slice)) for index in scan.kept.tolist()]
+        slabs = slab_bounds(volume.shape[0], scan.total)
+        kept = [(slabs[index][0], slabs[index][1] - 1) for index in scan.kept.tolist()]
         encoding = Encoding(visual.visual_tokens, kept, scan.total,
                             {"preprocess_s": prepared - start, "encode_s": done - prepared}, scan.kept.tolist())
         with self._lock:

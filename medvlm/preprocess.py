@@ -337,6 +337,13 @@ def scan_encoder_input(volume: Volume, config, device: torch.device | str | None
     return (pixel_values - mean) / std, heights, blank
 
 
+def slab_bounds(count: int, target: int) -> list[tuple[int, int]]:
+    """The slices each of `target` slabs of `count` slices averages, as (start, stop) indices, stop excluded: the
+    bins of `adaptive_avg_pool1d`, slab i from floor(i·count/target) to ceil((i+1)·count/target) (neighbouring
+    slabs share a slice where count/target is not whole). target == count: one slice each."""
+    return [(index * count // target, -(-(index + 1) * count // target)) for index in range(target)]
+
+
 def _slab_means(voxels: torch.Tensor, target: int) -> torch.Tensor:
     """(Z, Y, X) → (target, Y, X): the mean of each slab, with the bins of `adaptive_avg_pool1d` (slab i runs
     from floor(i·Z/target) to ceil((i+1)·Z/target)).
@@ -346,8 +353,7 @@ def _slab_means(voxels: torch.Tensor, target: int) -> torch.Tensor:
     against 0.05 s idle, 0.36 s beside a training job); elsewhere torch does it on the device."""
     import torch
 
-    count = voxels.shape[0]
-    bounds = [(index * count // target, -(-(index + 1) * count // target)) for index in range(target)]
+    bounds = slab_bounds(voxels.shape[0], target)
     if voxels.device.type != "cpu":
         return torch.stack([voxels[start:stop].mean(dim=0) for start, stop in bounds])
     data = voxels.numpy()

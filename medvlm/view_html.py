@@ -137,13 +137,27 @@ def _cell(text: str) -> str:
 
 # The slice viewer --------------------------------------------------------------------------------------------
 
-def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_slices: list[int],
+def kept_summary(volume: Volume, kept_slabs: list[tuple[int, int]], input_slices: int) -> str:
+    """What the model read of the scan, in words: the axial slices it kept or, where its input was `input_slices`
+    thicker slabs (each the mean of a few slices, `preprocess.slab_bounds`), the slabs it kept and how many of the
+    scan's slices they cover."""
+    total = volume.shape[0]
+    if input_slices == total:
+        return f"the model kept {len(kept_slabs)} of {total} axial slices"
+    covered = len({index for first, last in kept_slabs for index in range(first, last + 1)})
+    thickness = f" of about {total * volume.spacing[0] / input_slices:.2g} mm" if volume.spacing_known else ""
+    return (f"the model kept {len(kept_slabs)} of its {input_slices} slabs{thickness}, covering {covered} of "
+            f"{total} axial slices")
+
+
+def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_slabs: list[tuple[int, int]],
                     spot: tuple[int, int, int] | None = None) -> str:
     """The slice `index` (from 0) of `plane` in `window` as an inline PNG (nothing written to disk), with its
     orientation letters, its pixel size for the ruler, buttons (viewer.js) that enlarge it to the window, measure
-    on it and, for the MIP, turn it, a track marking `kept_slices` (axial indices the model kept) and the cursor,
-    and a caption: where the slice lies, the window, whether the model kept it. `spot`: a voxel (z, y, x) found
-    from a click on the MIP, marked where this image shows it (`_spot_mark`)."""
+    on it and, for the MIP, turn it, a track marking `kept_slabs` (the first and last axial index of each slab the
+    model kept: every slice it read, each mark leading to the slab's middle slice) and the cursor, and a caption:
+    where the slice lies, the window, whether the model read it. `spot`: a voxel (z, y, x) found from a click on
+    the MIP, marked where this image shows it (`_spot_mark`)."""
     count = slice_count(volume, plane)
     pixels = render_slice(volume, plane, index, window)
     buffer = io.BytesIO()
@@ -151,10 +165,14 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
     source = base64.b64encode(buffer.getvalue()).decode()
     left, right, top, bottom = mip_edges(index) if plane == MIP else PLANE_EDGES[plane]
     marks, kept_note = "", ""
-    if plane == "axial" and kept_slices:
-        marks = "".join(f'<span class="kept-mark" data-slice="{k + 1}" style="left:{100 * (k + 0.5) / count:.2f}%">'
-                        '</span>' for k in kept_slices)
-        kept_note = " · kept by the model" if index in kept_slices else ""
+    if plane == "axial" and kept_slabs:
+        marks = "".join(f'<span class="kept-mark" data-slice="{(first + last) // 2 + 1}" style="left:'
+                        f'{100 * first / count:.2f}%;width:{100 * (last + 1 - first) / count:.2f}%"></span>'
+                        for first, last in kept_slabs)
+        slab = next(((first, last) for first, last in kept_slabs if first <= index <= last), None)
+        if slab is not None:
+            kept_note = (" · kept by the model" if slab[0] == slab[1] else
+                         f" · kept by the model, averaged with the slices around it ({slab[0] + 1}–{slab[1] + 1})")
     cursor = f'<span class="cursor-mark" style="left:{100 * (index + 0.5) / count:.2f}%"></span>'
     black, white = window_limits(volume, window)
     frame = "slice-frame inverted" if black > white else "slice-frame"  # white around a white image

@@ -336,13 +336,42 @@ def test_kept_slices_are_shown_after_encoding(app_module, ct_nifti):
     status, kept, html = app_module.encode_scan(session)
     assert session.kept_slices and all(0 <= k < 40 for k in session.kept_slices)
     assert f"kept {len(session.kept_slices)} of 40 axial slices (green marks)" in status
-    assert kept["choices"] == [str(k + 1) for k in session.kept_slices]
+    assert [value for _, value in kept["choices"]] == [str(k + 1) for k in session.kept_slices]
     assert html.count('class="kept-mark"') == len(session.kept_slices)
     assert "green: the slices the model kept" in html  # the track says what its marks are
-    plane, slider, jumped, choice = app_module.jump_to_kept(session, kept["choices"][0], "soft tissue")
+    plane, slider, jumped, choice = app_module.jump_to_kept(session, kept["choices"][0][1], "soft tissue")
     assert plane == "axial" and slider["value"] == session.kept_slices[0] + 1
     assert "kept by the model" in jumped
     assert choice["value"] is None  # the same number can be clicked again once the user has scrolled away
+
+
+def test_every_slice_a_kept_slab_averages_is_shown_as_read(app_module, tmp_path, monkeypatch):
+    """Thin slices are read as slabs (the demo model's of about 4 mm, each the mean of three or four): the page counts,
+    marks and names every slice of a kept slab as read by the model. It marked one slice a slab, so that the slice
+    at a lesion's centre, read in its slab, showed as not kept. (Which slices a slab averages: test_model.py.)"""
+    import torch
+
+    from medvlm.pipeline import Encoding
+
+    scan = save_nifti(tmp_path / "thin.nii.gz", torso_ct(shape=(120, 64, 64)), (1.25, 1.0, 1.0), "LPS",
+                      dtype=np.int16, modality="CT")
+    slabs = [(3, 6), (6, 9), (40, 43), (117, 119)]  # as 38 slabs of 120 slices lie: a shared slice, the last one
+    monkeypatch.setattr(app_module, "encode_on_gpu", lambda volume: Encoding(torch.zeros(1, 4, 8), slabs, 38))
+    session, _ = loaded(app_module, [scan])
+    status, kept, html = app_module.encode_scan(session)
+    read = {index for first, last in slabs for index in range(first, last + 1)}
+    assert ("Ready: the model kept 4 of its 38 slabs of about 3.9 mm, covering 14 of 120 axial slices (green marks)"
+            in status)
+    assert kept["choices"] == [("4–7", "5"), ("7–10", "8"), ("41–44", "42"), ("118–120", "119")]
+    marks = re.findall(r'class="kept-mark" data-slice="(\d+)" style="left:([\d.]+)%;width:([\d.]+)%"', html)
+    assert [(int(middle), float(left), float(width)) for middle, left, width in marks] == [
+        (5, 2.5, 3.33), (8, 5.0, 3.33), (42, 33.33, 3.33), (119, 97.5, 2.5)]
+    for index in range(120):
+        view, _ = app_module.show_slice(session, "axial", "soft tissue", index + 1)
+        assert ("kept by the model" in view) == (index in read), index
+    view, _ = app_module.show_slice(session, "axial", "soft tissue", 42)
+    assert "kept by the model, averaged with the slices around it (41–44)" in view
+    session.release()
 
 
 def test_3d_figure_stays_under_2_mb_for_a_large_ct():

@@ -263,6 +263,26 @@ def test_kept_slices_are_axial_indices_of_the_volume(pipeline):
     assert all(0 <= index < 30 for index in encoding.kept_slices)
 
 
+def test_kept_slabs_name_the_slices_the_encoder_averaged(pipeline):
+    """More slices than the encoder takes are read as slabs, each the mean of a few: each kept slab names the first
+    and last slice whose mean the encoder read for it, as the viewer marks them read."""
+    from medvlm.preprocess import encoder_input
+
+    data = np.random.default_rng(4).normal(0, 300, size=(400, 48, 48)).astype(np.float32)  # more than 320 slices
+    volume = Volume(data, (2.0, 1.0, 1.0), np.eye(4), "CT", "nifti", "RAS")
+    encoding = pipeline.encode(volume)
+    pixel_values, _ = encoder_input(volume, pipeline.model.config)
+    assert encoding.total_slices == len(pixel_values) < 400
+    assert any(last > first for first, last in encoding.kept_slabs)  # some slabs average two slices
+    for (first, last), kept in zip(encoding.kept_slabs, encoding.kept_inputs, strict=True):
+        mean = np.repeat(data[first:last + 1].mean(axis=0, keepdims=True), 400, axis=0)  # that slab's mean everywhere
+        alone = Volume(mean, (2.0, 1.0, 1.0), np.eye(4), "CT", "nifti", "RAS")
+        torch.testing.assert_close(encoder_input(alone, pipeline.model.config)[0][0], pixel_values[kept],
+                                   atol=1e-4, rtol=1e-4)
+    assert all(first <= middle <= last for (first, last), middle in zip(encoding.kept_slabs, encoding.kept_slices,
+                                                                        strict=True))
+
+
 def test_stop_event_ends_generation(pipeline):
     import threading
 
