@@ -40,6 +40,8 @@ def test_lesions_lie_inside_their_organ_at_the_stated_intensity(modality):
             inside = phantom.data[box][mask]
             noise_sd = phantom.noise_sd * (lesion.value if modality == "pt" else 1.0)
             assert abs(inside.mean() - lesion.value) < 4 * noise_sd / np.sqrt(inside.size), lesion
+            if modality == "pt":  # SUVmax as a reader measures it: the hottest voxel, not the painted mean
+                assert lesion.suv_max == round(float(inside.max()), 1), lesion
             x_mm = (lesion.center_voxel[2] - (phantom.data.shape[2] - 1) / 2) * phantom.spacing[2]
             if modality != "mr":  # body phantoms are centred on x = 0 mm; +x is the patient's right
                 assert (x_mm > 0) == (lesion.side == "right")
