@@ -40,7 +40,7 @@ from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import MIN_TEMPERATURE, START_AGAIN, CutOff, Encoding, Pipeline
 from medvlm.preprocess import AUTO_WINDOW, default_window, known_window, unknown_window
 from medvlm.projection import MIP_STEP_DEGREES, mip_cache_bytes, mip_slice
-from medvlm.view import MIP, VIEWS, mip_spot, opening_slice, opening_window, slice_count, window_limits
+from medvlm.view import MIP, VIEWS, acquired_plane, mip_spot, opening_slice, opening_window, slice_count, window_limits
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.view_html import (
     MODALITY_NAMES,
@@ -60,18 +60,19 @@ from medvlm.volume import MODALITIES, Volume, load_volume, remove_stale_zip_fold
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 EXAMPLES_DIR = ASSETS_DIR / "examples"
+PLANE_QUESTION = "Which plane are these slices acquired in?"  # not for a scan acquired in another (`suggestions_for`)
 # Suggested questions per modality, in the phrasings of the phantoms' question types (medvlm.phantom_text): the ones
 # the demo model was taught. A question about lungs is no use on a brain MR, and the modality question was only
 # ever asked of PET phantoms.
 SUGGESTED_QUESTIONS = {
     "CT": ["Which organ shows an abnormality?", "What kind of lesion is present?", "Which contrast phase is this CT?",
-           "Which plane are these slices acquired in?"],
+           PLANE_QUESTION],
     "MR": ["Which finding does this scan show?", "Which organ shows an abnormality?", "Which MR sequence is this?",
-           "Which plane are these slices acquired in?"],
+           PLANE_QUESTION],
     "PT": ["Which organ shows an abnormality?", "What kind of lesion is present?", "What imaging modality is this?",
-           "Which plane are these slices acquired in?"],
+           PLANE_QUESTION],
     "OT": ["Which organ shows an abnormality?", "What kind of lesion is present?",
-           "Which plane are these slices acquired in?"],
+           PLANE_QUESTION],
 }
 DEMO_WARNING = "trained on synthetic phantoms — not for clinical use"
 PRIVACY_NOTE = ("Nothing you upload is kept: the file is read into memory (a zip unpacked into a temporary folder "
@@ -643,7 +644,7 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
         REPORT_PLACEHOLDER,
         report_download(None),
         session.token,
-        gr.Dataset(samples=[[question] for question in suggestions_for(volume.modality)]),
+        gr.Dataset(samples=[[question] for question in suggestions_for(volume)]),
         gr.update(value=volume.modality, interactive=True),
         gr.update(visible=bool(truth), open=False),
         f"{shown(truth)}\n\n*The phantom's ground truth (assets/examples/examples.json): what this example was made "
@@ -657,9 +658,11 @@ def _new_scan(volume: Volume, label: str, session: ScanSession | None, request: 
     return outputs
 
 
-def suggestions_for(modality: str) -> list[str]:
-    """The questions suggested for a scan of this modality."""
-    return SUGGESTED_QUESTIONS.get(modality, SUGGESTED_QUESTIONS["OT"])
+def suggestions_for(volume: Volume) -> list[str]:
+    """The questions suggested for a scan: those of its modality, less the acquisition plane's where it was not
+    acquired axially (the model reads every scan as axial slices, and answers "axial")."""
+    questions = SUGGESTED_QUESTIONS.get(volume.modality, SUGGESTED_QUESTIONS["OT"])
+    return [question for question in questions if question != PLANE_QUESTION or acquired_plane(volume) == "axial"]
 
 
 def change_modality(modality: str, session: ScanSession | None, request: gr.Request | None = None):
@@ -684,8 +687,9 @@ def change_modality(modality: str, session: ScanSession | None, request: gr.Requ
 
 def _first_view(volume: Volume) -> tuple[str, str, int]:
     """(plane, window, slice from 1) a new scan opens at: a PET's MIP seen from the front, in inverted grey, as nuclear
-    medicine reads a PET first; any other scan's middle axial slice in the modality's default window."""
-    plane = MIP if offers_mip(volume.modality) else "axial"
+    medicine reads a PET first; any other scan's middle slice in the plane it was acquired in (a sagittal spine MR
+    shows its own images, not a reformat of them) and the modality's default window."""
+    plane = MIP if offers_mip(volume.modality) else acquired_plane(volume)
     return plane, opening_window(volume, plane), _slice_number(volume, plane, None)
 
 
@@ -950,7 +954,8 @@ def encode_scan(session: ScanSession | None):
     notes = "".join(f" Note: {note}." for note in volume.meta.get("notes", []) or [])  # e.g. a series left out
     # Short: the time it took is the benchmark's business (python -m medvlm bench)
     plane, window = session.shown
-    marks = "" if plane == MIP else " (green marks)"  # a MIP's track shows its frames (and one line on a laptop)
+    # The marks are on the axial view's track (a MIP's track shows its frames)
+    marks = {"axial": " (green marks)", MIP: ""}.get(plane, " (green marks in the axial view)")
     status = (f"Ready: {kept_summary(volume, session.kept_slabs, encoding.total_slices)}{marks}. Generate a report "
               f"or ask a question.{notes}")
     choices = [(str(middle + 1) if first == last else f"{first + 1}–{last + 1}", str(middle + 1))
@@ -1477,7 +1482,7 @@ def _assistant_column(page: SimpleNamespace) -> None:
         page.ask_button = gr.Button("Ask", variant="primary", scale=1, min_width=80, interactive=False,
                                     elem_id="ask-button")
     page.suggestions = gr.Dataset(label="Suggested questions", components=[page.question], elem_id="suggestions",
-                                  samples=[[q] for q in suggestions_for("OT")], layout="gallery")  # any scan's
+                                  samples=[[q] for q in SUGGESTED_QUESTIONS["OT"]], layout="gallery")  # any scan's
     with gr.Accordion("Generation settings", open=False, elem_id="generation-settings"):
         page.settings = [gr.Slider(16, MAX_NEW_TOKENS, value=256, step=16, label="Max new tokens"),
                          gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)"),

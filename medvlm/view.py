@@ -32,9 +32,24 @@ from .preprocess import (
 from .projection import MIP_FRAMES, mip_angle, mip_image, mip_point, mip_seen_from, mip_voxel
 from .volume import Volume
 
-__all__ = ["MIP", "PLANES", "SLICE_ONE", "VIEWS", "mip_spot", "opening_slice", "opening_window", "png_path",
-           "render_slice", "save_png", "slice_count", "slice_location", "slice_width_mm", "spot_position",
-           "window_limits"]
+__all__ = [
+    "MIP",
+    "PLANES",
+    "SLICE_ONE",
+    "VIEWS",
+    "acquired_plane",
+    "mip_spot",
+    "opening_slice",
+    "opening_window",
+    "png_path",
+    "render_slice",
+    "save_png",
+    "slice_count",
+    "slice_location",
+    "slice_width_mm",
+    "spot_position",
+    "window_limits",
+]
 
 PLANES = ("axial", "coronal", "sagittal")
 MIP = "mip"  # the rotating maximum intensity projection, shown as a plane whose slices are its frames
@@ -50,6 +65,12 @@ def _check_plane(plane: str) -> int | None:
     if plane not in VIEWS:
         raise UserInputError(f"unknown plane {plane!r}; choose one of {', '.join(VIEWS)}")
     return _PLANE_AXIS.get(plane)
+
+
+def acquired_plane(volume: Volume) -> str:
+    """The plane the scan's images were acquired in: the body axis nearest the one its stored slices step along
+    (a DICOM series' slice normal, a NIfTI file's third axis), "axial" where that is superior–inferior."""
+    return {"R": "sagittal", "L": "sagittal", "A": "coronal", "P": "coronal"}.get(volume.orientation[-1:], "axial")
 
 
 def slice_count(volume: Volume, plane: str) -> int:

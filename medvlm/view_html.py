@@ -26,6 +26,7 @@ from .view import (
     MIP,
     PLANES,
     SLICE_ONE,
+    acquired_plane,
     render_slice,
     slice_count,
     slice_location,
@@ -95,12 +96,16 @@ def scan_card(volume: Volume | None, label: str = "") -> str:
     z, y, x = volume.shape
     sz, sy, sx = volume.spacing
     meta = volume.meta
+    plane = acquired_plane(volume)  # the card describes the images as acquired: a sagittal series' own slices
+    (width, width_mm), (height, height_mm), (count, step_mm) = {
+        "axial": ((x, sx), (y, sy), (z, sz)), "coronal": ((x, sx), (z, sz), (y, sy)),
+        "sagittal": ((y, sy), (z, sz), (x, sx))}[plane]
     rows = [
         ("Modality", MODALITY_NAMES.get(volume.modality, volume.modality)
          + (", as chosen on this page" if meta.get("modality_chosen") else "")),
-        ("Size", f"{x} × {y} voxels × {z} axial slices"),
-        ("Spacing", f"{sx:.2f} × {sy:.2f} mm in-plane, {sz:.2f} mm between slices" if volume.spacing_known
-         else "not stored in an M3D .npy; shown as 1 mm"),
+        ("Size", f"{width} × {height} voxels × {count} {plane} slices"),
+        ("Spacing", f"{width_mm:.2f} × {height_mm:.2f} mm in-plane, {step_mm:.2f} mm between slices"
+         if volume.spacing_known else "not stored in an M3D .npy; shown as 1 mm"),
         ("Field of view", f"{x * sx:.0f} × {y * sy:.0f} × {z * sz:.0f} mm" if volume.spacing_known else "unknown"),
         ("Orientation", f"not stated (read as {volume.orientation}), shown radiologically"
          if meta.get("orientation_unknown") else f"{volume.orientation} as stored, shown radiologically"),

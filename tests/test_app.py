@@ -374,6 +374,28 @@ def test_every_slice_a_kept_slab_averages_is_shown_as_read(app_module, tmp_path,
     session.release()
 
 
+def test_a_sagittal_acquisition_is_described_and_opened_as_acquired(app_module, tmp_path):
+    """A sagittal MR series (15 images 4 mm apart, 0.9 mm pixels): the card gives its own images' size and spacing,
+    not an axial reformat's (which said 0.90 mm between slices of a 4 mm series), the page opens on its middle
+    sagittal image, and the plane question, which the model answers "axial" of every scan, is not suggested."""
+    data = np.random.default_rng(0).normal(500, 50, (64, 60, 15)).astype(np.float32)  # canonical (Z, Y, X)
+    scan = save_nifti(tmp_path / "sagittal.nii.gz", data, (0.9, 0.9, 4.0), "PIR", modality="MR")
+    session, outputs = loaded(app_module, [scan])
+    assert "| 60 × 64 voxels × 15 sagittal slices |" in outputs["card"]
+    assert "| 0.90 × 0.90 mm in-plane, 4.00 mm between slices |" in outputs["card"]
+    assert outputs["plane"]["value"] == "sagittal" and "Sagittal 8 / 15" in outputs["slice"]
+    suggested = [question for question, in outputs["suggestions"].constructor_args["samples"]]
+    assert suggested and app_module.PLANE_QUESTION not in suggested
+    status, _, _ = app_module.encode_scan(session)
+    assert " of 64 axial slices (green marks in the axial view)." in status  # the model reads axial slices
+    session.release()
+    axial, outputs = loaded(app_module, [save_nifti(tmp_path / "axial.nii.gz", data, (0.9, 0.9, 4.0), "LPS",
+                                                    modality="MR")])
+    assert "| 15 × 60 voxels × 64 axial slices |" in outputs["card"] and outputs["plane"]["value"] == "axial"
+    assert app_module.PLANE_QUESTION in [question for question, in outputs["suggestions"].constructor_args["samples"]]
+    axial.release()
+
+
 def test_3d_figure_stays_under_2_mb_for_a_large_ct():
     from medvlm.view3d import default_threshold, figure_3d, threshold_range
 
