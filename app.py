@@ -436,11 +436,14 @@ def example_label(path: Path) -> str:
     return name.replace("_", " ").replace("-", " ")
 
 
+LESION_WINDOWS = {"lung": "lung"}  # a CT lesion in this organ is shown in this window: in soft tissue, lung is black
+
+
 def example_truth(path: Path, slices: int) -> str:
     """The findings report an example phantom was made with (assets/examples/examples.json), and the axial slice
     through each lesion's centre, counted from 1 at the feet of the `slices` the viewer shows, as a link that shows
-    it (viewer.js, `jump_to_linked_slice`); "" for a scan not listed. A lesion whose entry is not as expected is left
-    out, not the report."""
+    it (viewer.js, `jump_to_linked_slice`), in the window it is read in (LESION_WINDOWS); "" for a scan not listed.
+    A lesion whose entry is not as expected is left out, not the report."""
     try:
         entry = json.loads((EXAMPLES_DIR / "examples.json").read_text(encoding="utf-8")).get(path.name, {})
     except (OSError, ValueError, AttributeError):
@@ -452,8 +455,10 @@ def example_truth(path: Path, slices: int) -> str:
         try:
             place = " ".join(str(part) for part in (lesion.get("side"), lesion.get("level")) if part)
             number = round(lesion["center_voxel"][0]) + 1
+            seen_in = LESION_WINDOWS.get(lesion["organ"]) if entry.get("modality") == "CT" else None
+            anchor = f"axial-{number}" + (f"-{seen_in}" if seen_in else "")
             where.append(f"- {lesion['kind']}, {lesion['diameter_mm']:.0f} mm, {lesion['organ']}"
-                         f"{f' ({place})' if place else ''}: [axial slice {number}](#axial-{number}) of {slices}")
+                         f"{f' ({place})' if place else ''}: [axial slice {number}](#{anchor}) of {slices}")
         except (KeyError, IndexError, TypeError, ValueError, AttributeError):
             continue
     report = str(entry.get("report", ""))
@@ -907,10 +912,14 @@ def find_mip_spot(session: ScanSession | None, spot: object, window: str | None)
 
 
 def jump_to_linked_slice(session: ScanSession | None, link: object, window: str | None):
-    """Show the axial slice a link on the page names (an example's true findings: viewer.js writes "number count",
-    the count making the same link clicked again a change). Returns (plane, slider, slice view)."""
-    number = link.split()[0] if isinstance(link, str) and link.split() else None
-    return jump_to_axial(session, number, window)
+    """Show the axial slice a link on the page names (an example's true findings: viewer.js writes "number count"
+    or, for a lesion read in another window, "number-window count", the count making the same link clicked again a
+    change), in that window. Returns (plane, slider, slice view, window box)."""
+    number, _, seen_in = (link.split()[0] if isinstance(link, str) and link.split() else "").partition("-")
+    volume = session.volume if session is not None else None
+    usable = bool(seen_in) and volume is not None and known_window(seen_in, volume.modality, volume.units)
+    shown = jump_to_axial(session, number or None, seen_in if usable else window)
+    return (*shown, seen_in if usable and shown[0] == "axial" else gr.skip())
 
 
 def jump_to_axial(session: ScanSession | None, number: object, window: str | None):
@@ -1568,7 +1577,7 @@ def _wire_viewer(page: SimpleNamespace) -> None:
     # .change: a hidden textbox sends no .input for viewer.js's event (its count makes each click a change)
     page.mip_spot.change(find_mip_spot, [session, page.mip_spot, window], [plane, slider, view],
                          api_name="find_mip_spot", preprocess=False, **VIEWER_EVENT)
-    page.linked_slice.change(jump_to_linked_slice, [session, page.linked_slice, window], [plane, slider, view],
+    page.linked_slice.change(jump_to_linked_slice, [session, page.linked_slice, window], [plane, slider, view, window],
                              api_name="jump_to_linked_slice", api_visibility="private", preprocess=False,
                              **VIEWER_EVENT).then(None, js=FOCUS_VIEWER)
     # Dragging, the number box (Enter) and the arrow keys all redraw; while one redraw runs, only the last value

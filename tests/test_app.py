@@ -760,9 +760,12 @@ def test_an_examples_true_findings_name_the_slice_through_each_lesions_centre(ap
     for name, entry in truths.items():
         volume = load_volume(ROOT / "assets" / "examples" / name)
         truth = app_module.example_truth(ROOT / "assets" / "examples" / name, volume.shape[0])
-        # each a link that shows it (viewer.js writes "number count" into a hidden box)
-        named_slices = [int(number) for number in re.findall(r"\[axial slice (\d+)\]\(#axial-\1\) of \d+", truth)]
+        # each a link that shows it (viewer.js writes "number count", or "number-window count", into a hidden box)
+        links = re.findall(r"\[axial slice (\d+)\]\(#axial-\1(?:-([a-z]+))?\) of \d+", truth)
+        named_slices = [int(number) for number, _ in links]
         assert len(named_slices) == len(entry["lesions"]) > 0, truth
+        for lesion, (_, seen_in) in zip(entry["lesions"], links, strict=True):  # a CT's lung lesion: in lung window
+            assert seen_in == ("lung" if entry["modality"] == "CT" and lesion["organ"] == "lung" else ""), truth
         for lesion, number in zip(entry["lesions"], named_slices, strict=True):
             _, y, x = (round(c) for c in lesion["center_voxel"])
             shows = np.abs(volume.data[:, y, x] - lesion["value"]) < 0.25 * abs(lesion["value"])
@@ -776,9 +779,12 @@ def test_an_examples_true_findings_name_the_slice_through_each_lesions_centre(ap
             linked.append((name, number))
     name, number = linked[0]  # a link followed: the viewer shows that slice
     session, _ = loaded(app_module, [ROOT / "assets" / "examples" / name])
-    plane, slider, view = app_module.jump_to_linked_slice(session, f"{number} 3", "auto")
+    plane, slider, view, window = app_module.jump_to_linked_slice(session, f"{number} 3", "bone")
     assert plane == "axial" and slider["value"] == number and f"Axial {number} / " in view
-    assert app_module.jump_to_linked_slice(session, "", "auto") == (gr.skip(), gr.skip(), gr.skip())
+    assert "window bone" in view and window == gr.skip()  # the window the viewer had
+    plane, slider, view, window = app_module.jump_to_linked_slice(session, f"{number}-lung 4", "soft tissue")
+    assert slider["value"] == number and "window lung" in view and window == "lung"  # a ground-glass nodule shows
+    assert app_module.jump_to_linked_slice(session, "", "auto") == (gr.skip(),) * 4
     session.release()
 
 
