@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -184,6 +185,20 @@ def scan_stamps(root: str | Path, images: list[str]) -> dict[str, list[int]]:
         except (OSError, UserInputError):  # not there, or not a scan: loading it will say why
             stamps[image] = [-1, -1]
     return stamps
+
+
+def scan_digest(root: str | Path, image: str) -> str:
+    """A digest of the content of the file(s) the loader reads for a scan (`image`: a path relative to `root`; a
+    DICOM folder's files in order, each with its path inside the folder): the same for a copy of the data anywhere,
+    whatever its file times. Every byte is read (in chunks), so it is taken only of scans being encoded or whose
+    stamps (`scan_stamps`) changed. A scan that is not there raises OSError."""
+    path = Path(root) / image
+    digest = hashlib.blake2b(digest_size=16)
+    for file in listed_files(path):  # sorted: a folder's files in a stable order
+        with file.open("rb") as handle:
+            content = hashlib.file_digest(handle, "blake2b").digest()
+        digest.update(f"{file.relative_to(path).as_posix()}\0".encode() + content)
+    return digest.hexdigest()
 
 
 def build_labels(tokenizer, messages: list[dict], image_token: str, num_image_tokens: int,

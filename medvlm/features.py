@@ -9,13 +9,15 @@ the scan's path, with a fingerprint of everything that determines them.
 
 Several processes (accelerate) each encode their share of the scans and save their own shards
 (`features-r<round>-part003-00000.safetensors`, index `features-r<round>-part003.json`); the main process
-then merges the indexes into `features.json`. A cache that lacks some scans, or holds some rewritten since,
-encodes only those, and shards that hold nothing the index points to any more are deleted. On several nodes
-the folder must be on a shared disk.
+then merges the indexes into `features.json`. A cache that lacks some scans, or holds some rewritten since
+(another file size or time, and other content than its digest), encodes only those, and shards that hold nothing
+the index points to any more are deleted; a scan copied without its file times (cp -r) is not encoded again. On
+several nodes the folder must be on a shared disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -27,18 +29,19 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, parse_flag_from_env
+from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data import load_scan, scan_stamps
+from .data import load_scan, scan_digest, scan_stamps
 from .errors import UserInputError
 from .modeling import MedVLMForConditionalGeneration, ScanSlices
 from .preprocess import PREPROCESSING_VERSION, readable_encoder_input
 from .volume import Volume
 
 INDEX_FILE = "features.json"
+INDEX_ENTRIES = ("shards", "counts", "stamps", "digests")  # an index's keys that hold one entry per scan
 PART_INDEX = re.compile(r"features-((?:r\d+-)?part\d+)\.json")
 FEATURE_FIELDS = ("image_size", "ct_windows", "image_mean", "image_std", "slice_spacing_mm", "max_input_slices",
                   "slice_selection", "similarity_threshold", "slice_budget", "selection_preview_size")
@@ -84,12 +87,15 @@ def scan_slices(model: MedVLMForConditionalGeneration, volume: Volume, image: st
 
 class FeatureCache:
     """Kept-slice features per scan (`ScanSlices` on the CPU), keyed by the scan's path; `stamps`: each scan
-    file's size and modification time when it was encoded (`data.scan_stamps`), to tell a rewritten scan."""
+    file's size and modification time when it was encoded (`data.scan_stamps`), to tell a rewritten scan;
+    `digests`: its content's digest (`data.scan_digest`), to tell a scan rewritten from one copied or touched."""
 
-    def __init__(self, entries: dict[str, ScanSlices], fingerprint: str, stamps: dict[str, list[int]] | None = None):
+    def __init__(self, entries: dict[str, ScanSlices], fingerprint: str, stamps: dict[str, list[int]] | None = None,
+                 digests: dict[str, str] | None = None):
         self.entries = entries
         self.fingerprint = fingerprint
         self.stamps = stamps or {}
+        self.digests = digests or {}
 
     def __getitem__(self, image: str) -> ScanSlices:
         return self.entries[image]
@@ -113,6 +119,15 @@ class FeatureCache:
         return ("" if not count else
                 f"the feature cache holds {count} scan(s) encoded before file stamps were kept, so whether they "
                 "were rewritten since cannot be told; run `python -m medvlm features` again if they were")
+
+    def content_digest(self, images: Iterable[str]) -> str | None:
+        """One digest of the content of the scans `images` (their paths and `digests`): what a run's stages are
+        trained on. None where the cache holds some without a digest (encoded before December 2026, when digests
+        were first kept)."""
+        images = sorted(set(images))
+        if not all(image in self.digests for image in images):
+            return None
+        return hashlib.sha256(json.dumps([[image, self.digests[image]] for image in images]).encode()).hexdigest()
 
     @classmethod
     def build(cls, model: MedVLMForConditionalGeneration, images: Iterable[str],
@@ -148,7 +163,8 @@ class FeatureCache:
                 shards[image] = [name, key]
                 counts[image] = [scan.total, scan.encoded, scan.previewed]
             save_file(tensors, folder / name)
-        index = {"fingerprint": self.fingerprint, "shards": shards, "counts": counts, "stamps": self.stamps}
+        index = {"fingerprint": self.fingerprint, "shards": shards, "counts": counts, "stamps": self.stamps,
+                 "digests": self.digests}
         _write_index(folder / (f"{prefix}.json" if part else INDEX_FILE), index)
         return folder
 
@@ -163,16 +179,15 @@ class FeatureCache:
         if len(fingerprints) != 1:
             raise ValueError(f"the feature shards in {folder} come from {len(fingerprints)} different encoders or "
                              "settings; delete the folder and encode again")
-        merged = {"fingerprint": fingerprints.pop(), "shards": {}, "counts": {}, "stamps": {}}
+        merged = {"fingerprint": fingerprints.pop(), **{key: {} for key in INDEX_ENTRIES}}
         if kept is not None:
             if kept["fingerprint"] != merged["fingerprint"]:
                 raise ValueError(f"the feature shards in {folder} come from 2 different encoders or settings; "
                                  "delete the folder and encode again")
-            merged |= {key: dict(kept.get(key, {})) for key in ("shards", "counts", "stamps")}
+            merged |= {key: dict(kept.get(key, {})) for key in INDEX_ENTRIES}
         for index in indexes:
-            merged["shards"] |= index["shards"]
-            merged["counts"] |= index["counts"]
-            merged["stamps"] |= index.get("stamps", {})
+            for key in INDEX_ENTRIES:
+                merged[key] |= index.get(key, {})
         _write_index(folder / INDEX_FILE, merged)
         for path in parts:
             path.unlink()
@@ -196,7 +211,7 @@ class FeatureCache:
             total, encoded, previewed = index["counts"][image]
             entries[image] = ScanSlices(handle.get_tensor(f"{key}.patches"), handle.get_tensor(f"{key}.kept"),
                                         handle.get_tensor(f"{key}.heights"), total, encoded, previewed)
-        return cls(entries, index["fingerprint"], index.get("stamps", {}))
+        return cls(entries, index["fingerprint"], index.get("stamps", {}), index.get("digests", {}))
 
 
 def _write_index(path: Path, index: dict) -> None:
@@ -217,18 +232,36 @@ def _delete_unused_shards(folder: Path, index: dict | None) -> None:
         (folder / INDEX_FILE).unlink(missing_ok=True)
 
 
+def same_content(root: str | Path, digests: dict[str, str]) -> set[str]:
+    """The scans of `digests` (path relative to `root` → the content digest a cache keeps) whose files hold that
+    content still: copied without their file times (cp -r, a node's local disk) or touched, not rewritten. Each
+    process (accelerate) hashes its share, and every process returns the whole set, so all must call it with the
+    same `digests`. A scan that cannot be read is not among them: loading it will say why."""
+    state = process_state()
+    with state.split_between_processes(sorted(digests)) as share:
+        same = []
+        for image in share:
+            with contextlib.suppress(OSError, UserInputError):
+                if scan_digest(root, image) == digests[image]:
+                    same.append(image)
+    return set(gather_object(same)) if state.num_processes > 1 else set(same)
+
+
 def build_feature_cache(model: MedVLMForConditionalGeneration, root: str | Path, images: Iterable[str],
                         folder: str | Path, shard_size: int = 512) -> FeatureCache:
     """The cache in `folder` of the scans `images` (paths relative to `root`), each process (accelerate) encoding
     its share. A cache made by this encoder and settings is kept: only the scans it lacks, or holds rewritten since
-    (other file size or time), are encoded and merged into it; one made otherwise is replaced. Every process
-    returns the whole cache, memory-mapped."""
+    (other file size or time, and content other than the digest it keeps, where it keeps one), are encoded and
+    merged into it, and a scan only copied or touched gets its new stamp; one made otherwise is replaced. Every
+    process returns the whole cache, memory-mapped."""
     root, folder, images = Path(root), Path(folder), sorted(set(images))
     state = process_state()
     fingerprint = encoder_fingerprint(model)
     # The main process plans for all, with its own stamps: processes on other machines may see other file times,
-    # and one that went on alone would wait for the others for ever.
-    plan = [{"encode": images, "kept": None, "stamps": scan_stamps(root, images), "round": time.time_ns()}]
+    # and one that went on alone would wait for the others for ever. `changed`: the scans with other stamps, each
+    # with the digest the cache keeps of it (None: encoded before digests were kept, so encoded again).
+    plan = [{"lacking": images, "changed": {}, "kept": None, "stamps": scan_stamps(root, images),
+             "round": time.time_ns()}]
     if state.is_main_process and (folder / INDEX_FILE).exists():
         try:
             index = json.loads((folder / INDEX_FILE).read_text())
@@ -236,45 +269,58 @@ def build_feature_cache(model: MedVLMForConditionalGeneration, root: str | Path,
                 raise ValueError(f"the feature cache in {folder} was made by another encoder or with other "
                                  "preprocessing settings")
             cache = FeatureCache.load(folder, fingerprint, index)
-            changed = cache.changed(plan[0]["stamps"])
             lacking = [image for image in images if image not in cache]
-            if changed:
-                print(f"the feature cache in {folder} holds {len(changed)} scan(s) rewritten since it was made (e.g. "
-                      f"{changed[0]}): encoding them again")
             if lacking:
                 print(f"the feature cache in {folder} lacks {len(lacking)} of the scans: encoding them")
             if cache.unstamped(images):
                 print(f"note: {cache.unstamped(images)}")
-            again = set(changed) | set(lacking)
-            plan[0]["encode"] = sorted(again)
-            plan[0]["kept"] = {"fingerprint": fingerprint, **{key: {image: value for image, value in
-                                                                    index.get(key, {}).items() if image not in again}
-                                                              for key in ("shards", "counts", "stamps")}}
+            plan[0] |= {"lacking": lacking, "kept": _index_without(index, lacking),
+                        "changed": {image: cache.digests.get(image) for image in cache.changed(plan[0]["stamps"])}}
             del cache  # its memory maps: the shards it no longer needs are deleted below
         except ValueError as stale:
             print(f"{stale}: encoding every scan again")
     if state.num_processes > 1:
         broadcast_object_list(plan)
     plan = plan[0]
-    if not plan["encode"]:
+    copied = same_content(root, {image: digest for image, digest in plan["changed"].items() if digest})
+    rewritten = sorted(set(plan["changed"]) - copied)
+    if rewritten:
+        state.print(f"the feature cache in {folder} holds {len(rewritten)} scan(s) rewritten since it was made (e.g. "
+                    f"{rewritten[0]}): encoding them again")
+    kept = None if plan["kept"] is None else _index_without(plan["kept"], rewritten)
+    if copied:  # the same content under new file times: only the stamps change
+        kept["stamps"] |= {image: plan["stamps"][image] for image in copied}
+    encode = sorted({*plan["lacking"], *rewritten})
+    if not encode:
+        if copied and state.is_main_process:
+            _write_index(folder / INDEX_FILE, kept)
         return FeatureCache.load(folder, fingerprint)
     state.wait_for_everyone()
     if state.is_main_process:  # a stale cache goes whole; a kept one loses only what it no longer points to
         folder.mkdir(parents=True, exist_ok=True)
-        if plan["kept"] is not None:  # first the index, so that a run stopped now leaves a cache that loads
-            _write_index(folder / INDEX_FILE, plan["kept"])
-        _delete_unused_shards(folder, plan["kept"])
+        if kept is not None:  # first the index, so that a run stopped now leaves a cache that loads
+            _write_index(folder / INDEX_FILE, kept)
+        _delete_unused_shards(folder, kept)
     state.wait_for_everyone()
-    with state.split_between_processes(plan["encode"]) as share:
+    with state.split_between_processes(encode) as share:
         part = FeatureCache.build(model, share, functools.partial(load_scan, root),
                                   progress=state.is_local_main_process)
     part.stamps = {image: plan["stamps"][image] for image in part.entries}
+    part.digests = {image: scan_digest(root, image) for image in part.entries}
     part.save(folder, shard_size, part=f"r{plan['round']}-part{state.process_index:03d}")
     state.wait_for_everyone()
     if state.is_main_process:
-        FeatureCache.merge_parts(folder, plan["kept"])
+        FeatureCache.merge_parts(folder, kept)
     state.wait_for_everyone()
     return FeatureCache.load(folder, fingerprint)
+
+
+def _index_without(index: dict, images: Iterable[str]) -> dict:
+    """A cache's index without the entries of `images` (to be encoded again)."""
+    images = set(images)
+    return {"fingerprint": index["fingerprint"],
+            **{key: {image: value for image, value in index.get(key, {}).items() if image not in images}
+               for key in INDEX_ENTRIES}}
 
 
 class VolumeFeatures:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -51,7 +51,14 @@ from .data import (
     scan_stamps,
 )
 from .errors import UserInputError
-from .features import FeatureCache, VolumeFeatures, build_feature_cache, encoder_fingerprint, process_state
+from .features import (
+    FeatureCache,
+    VolumeFeatures,
+    build_feature_cache,
+    encoder_fingerprint,
+    process_state,
+    same_content,
+)
 from .hub import PUBLISHED, renew_card
 from .model_card import published_path
 from .modeling import MedVLMForConditionalGeneration
@@ -652,7 +659,9 @@ def run_stage(stage: dict, model, tokenizer, features: FeatureCache | VolumeFeat
 def scan_features(model: MedVLMForConditionalGeneration, samples: list[Sample], root: Path, work: Path,
                   features: str | Path | None, from_volumes: bool) -> FeatureCache | VolumeFeatures:
     """Where training gets each scan's kept slices: a saved cache (`features`), the volumes themselves
-    (`from_volumes`: the frozen encoder runs on every batch), or a cache built in `work` (the default)."""
+    (`from_volumes`: the frozen encoder runs on every batch), or a cache built in `work` (the default). A saved
+    cache that lacks scans, or holds some rewritten since (other file stamps and other content), is refused; scans
+    only copied or touched since are read whole on every run, until `features` records their new stamps."""
     load = functools.partial(load_scan, root)
     if from_volumes:
         return VolumeFeatures(model, load)
@@ -665,13 +674,22 @@ def scan_features(model: MedVLMForConditionalGeneration, samples: list[Sample], 
         raise UserInputError(f"the feature cache in {features} lacks {len(missing)} of the {len(images)} scans "
                              f"(e.g. {missing[0]}); run `python -m medvlm features` on {root} with the train and "
                              "validation splits (its default --split)")
-    changed = cache.changed(scan_stamps(root, images))
-    if changed:
-        raise UserInputError(f"{len(changed)} of the {len(images)} scans changed since the feature cache in {features} "
-                             f"was made (e.g. {changed[0]}: other file size or time); run `python -m medvlm features` "
-                             f"on {root} again")
+    state = process_state()
+    changed = [cache.changed(scan_stamps(root, images)) if state.is_main_process else None]
+    if state.num_processes > 1:  # the main process's stamps for all: every process hashes its share of the same scans
+        broadcast_object_list(changed)
+    copied = same_content(root, {image: cache.digests[image] for image in changed[0] if image in cache.digests})
+    rewritten = [image for image in changed[0] if image not in copied]
+    if rewritten:
+        raise UserInputError(f"{len(rewritten)} of the {len(images)} scans changed since the feature cache in "
+                             f"{features} was made (e.g. {rewritten[0]}); run `python -m medvlm features` on {root} "
+                             "again")
+    if copied:
+        state.print(f"note: {len(copied)} of the scans have other file times than when the feature cache in {features} "
+                    f"was made, and the same content; run `python -m medvlm features` on {root} again to record them "
+                    "(until then each run reads them whole to tell)")
     if cache.unstamped(images):
-        process_state().print(f"note: {cache.unstamped(images)}")
+        state.print(f"note: {cache.unstamped(images)}")
     return cache
 
 
@@ -705,7 +723,9 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
     """Train a checkpoint from a preset on an M3D-format data folder; returns the checkpoint folder.
 
     `work` (default: OUT-training beside OUT) keeps the feature cache, resumable states and
-    metrics.csv; the checkpoint folder receives only what is published: a plain MedVLM checkpoint
+    metrics.csv, and in run.json what the stages were trained from, so that they resume only for the same run: the
+    scans' content among it, except for `from_volumes` or a cache from before content digests were kept (those
+    resume as before). The checkpoint folder receives only what is published: a plain MedVLM checkpoint
     (LoRA merged). `config_overrides` replace model settings of the preset (an ablation variant, see
     variants.py). `features`: a cache from `python -m medvlm features`; `from_volumes`: no cache.
     `encoder_cache` (default: WORK/encoder) keeps the demo encoder's pre-training for runs that repeat it.
@@ -762,6 +782,10 @@ def train(preset_name: str, data: str | Path, out: str | Path, seed: int = 0, wo
         model.to(accelerator.device)
         clock.save()  # the encoder's pre-training can take a quarter of an hour
         scans = scan_features(model, train_samples + val_samples, root, work, features, from_volumes)
+        content = (scans.content_digest({s.image for s in train_samples + val_samples})
+                   if isinstance(scans, FeatureCache) else None)
+        if content is not None:
+            claim_inputs(work, {"scans": content}, accelerator.is_main_process)
         clock.save()
         log = MetricsLog(work / METRICS, accelerator.is_main_process, clock)
         findings = finding_targets(root, sorted({s.image for s in train_samples + val_samples}))

@@ -188,18 +188,19 @@ def _trained(work: Path) -> bool:
                for path in (work / "state").glob("*/*"))
 
 
-# What else a run's stages were trained from, known once the model is built (run.json's keys, in words). Not the
-# scans' file times: a copy of the data that does not keep them (cp -r, a node's local disk) would refuse every
-# resume.
-TRAINED_FROM = {"encoder": "the features of another slice encoder (pre-trained again: the scans changed since)"}
+# What else a run's stages were trained from, known once the model is built and the features cached (run.json's
+# keys, in words). The scans by their content, not their file times: a copy of the data that does not keep them
+# (cp -r, a node's local disk) would refuse every resume.
+TRAINED_FROM = {"encoder": "the features of another slice encoder (pre-trained again: the scans changed since)",
+                "scans": "the features of other scans under the same paths (rewritten since)"}
 
 
 def claim_inputs(work: Path, inputs: dict[str, str], is_main_process: bool) -> None:
     """Resume only stages trained from these inputs (TRAINED_FROM: the slice encoder's
-    `features.encoder_fingerprint`): a run on scans rewritten under the same paths would otherwise save an encoder
-    pre-trained again with stages trained on the old one's features. (A frozen encoder's features of rewritten
-    scans are encoded again, and the stages trained on the old ones resumed: README says so.) The main process
-    records them in run.json (a run from before it did so is resumed as before)."""
+    `features.encoder_fingerprint`, the scans' `FeatureCache.content_digest`): a run on scans rewritten under the
+    same paths would otherwise save an encoder pre-trained again, or a frozen encoder's features encoded again, with
+    stages trained on the old features. The main process records them in run.json (a run from before it did so, or
+    one that recorded no input, is resumed as before); a run that trained no stage gives way."""
     path = work / RUN_RECORD
     try:
         kept = json.loads(path.read_text()) if path.exists() else {}

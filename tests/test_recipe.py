@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -269,7 +270,8 @@ def test_a_feature_cache_of_older_preprocessing_is_encoded_again(recipe, tmp_pat
 
 def test_a_scan_rewritten_in_place_is_encoded_again_not_served_from_the_cache(tmp_path, monkeypatch, capsys):
     """Phantoms made again under the same paths (or one M3D volume fixed): the cache must not hand the model
-    the old scans' features, nor `train --features` train on them. A cache from before stamps were kept is
+    the old scans' features, nor `train --features` train on them. A scan copied without its file time (cp -r)
+    or touched is the same scan: neither encoded again nor refused. A cache from before stamps were kept is
     used, with a note, rather than encoded again (M3D's is over a terabyte)."""
     data = Path(write_phantom_set(tmp_path / "data", 2, seed=5, modalities=("ct",), formats=("nifti",), matrix=32,
                                   split="train")["out"])
@@ -285,15 +287,26 @@ def test_a_scan_rewritten_in_place_is_encoded_again_not_served_from_the_cache(tm
                       split="train")  # other phantoms, the same file names
     again = build_feature_cache(model, data, images, tmp_path / "features")
     assert encoded == images * 2 and any(not torch.equal(before[image], again[image].patches) for image in images)
-    (data / images[0]).touch()  # rewritten after the cache was made
+    scan = nib.load(data / images[0])  # rewritten after the cache was made: mirrored
+    nib.save(nib.Nifti1Image(np.asarray(scan.dataobj)[::-1].copy(), scan.affine, scan.header), data / images[0])
     with pytest.raises(UserInputError, match=r"1 of the 2 scans changed since the feature cache .* again"):
         scan_features(model, read_samples(data, "train"), data, tmp_path, tmp_path / "features", from_volumes=False)
     third = build_feature_cache(model, data, images, tmp_path / "features")
     assert encoded == [*images, *images, images[0]]  # only the rewritten scan: M3D's cache is a terabyte
+    assert not torch.equal(third[images[0]].patches, again[images[0]].patches)
     assert torch.equal(third[images[1]].patches, again[images[1]].patches)
     index = json.loads((tmp_path / "features" / "features.json").read_text())
     shards = {path.name for path in (tmp_path / "features").glob("*.safetensors")}
     assert shards == {shard for shard, _ in index["shards"].values()}  # no shard left that nothing points to
+    for image in images:  # copied without their times, or touched
+        os.utime(data / image, ns=(0, (data / image).stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    scan_features(model, read_samples(data, "train"), data, tmp_path, tmp_path / "features", from_volumes=False)
+    assert "note: 2 of the scans have other file times than when the feature cache" in capsys.readouterr().out
+    build_feature_cache(model, data, images, tmp_path / "features")  # records their new times
+    assert encoded == [*images, *images, images[0]]
+    scan_features(model, read_samples(data, "train"), data, tmp_path, tmp_path / "features", from_volumes=False)
+    assert "other file times" not in capsys.readouterr().out
     index = json.loads((tmp_path / "features" / "features.json").read_text())
     del index["stamps"]  # as a cache made before stamps were kept
     (tmp_path / "features" / "features.json").write_text(json.dumps(index))

@@ -113,17 +113,84 @@ def test_stages_trained_on_an_encoder_pre_trained_again_are_not_resumed(phantoms
     data = shutil.copytree(phantoms, tmp_path / "data")
     out = tmp_path / "checkpoint"
     train("tiny", data, out, seed=0)
-    for volume in data.rglob("*.nii.gz"):
-        image = nib.load(volume)
-        nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[::-1].copy(), image.affine, image.header), volume)
+    mirror_volumes(data)
     with pytest.raises(UserInputError, match=r"holds stages trained on the features of another slice encoder "
                                               r"\(pre-trained again: the scans changed since\), and they"):
         train("tiny", data, out, seed=0)
     shutil.rmtree(tmp_path / "checkpoint-training" / "state")  # as the message says: the stages train again
     assert train("tiny", data, out, seed=0) == out
-    for volume in data.rglob("*.nii.gz"):  # copied without their times (cp -r): the same scans, resumed
-        os.utime(volume, ns=(volume.stat().st_atime_ns, volume.stat().st_mtime_ns + 10**9))
+    touch_volumes(data)  # copied without their times (cp -r): the same scans, resumed
     assert train("tiny", data, out, seed=0) == out
+
+
+def mirror_volumes(data: Path) -> None:
+    """Rewrite every NIfTI volume of `data` under its path, mirrored: other scans."""
+    for volume in sorted(data.rglob("*.nii.gz")):
+        image = nib.load(volume)
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[::-1].copy(), image.affine, image.header), volume)
+
+
+def touch_volumes(data: Path) -> None:
+    """Give every NIfTI volume of `data` a later file time, as a copy that does not keep times (cp -r) does."""
+    for volume in data.rglob("*.nii.gz"):
+        os.utime(volume, ns=(volume.stat().st_atime_ns, volume.stat().st_mtime_ns + 10**9))
+
+
+def frozen_preset(folder: Path) -> str:
+    """The tiny preset with a frozen slice encoder, as the M3D presets' (no pre-training on the scans)."""
+    path = folder / "tiny-frozen.json"
+    path.write_text(json.dumps(load_preset("tiny") | {"encoder_pretraining": None}))
+    return str(path)
+
+
+@pytest.mark.slow  # four training runs
+def test_stages_trained_on_a_frozen_encoders_features_of_rewritten_scans_are_not_resumed(phantoms, tmp_path,
+                                                                                          monkeypatch):
+    """The scans rewritten under the same paths, the encoder frozen: their features are encoded again, and the stages
+    trained on the old ones are refused rather than saved with them. The same scans copied without their times
+    (cp -r) resume, and are not encoded again (M3D's 120 k scans take days)."""
+    preset, data = frozen_preset(tmp_path), shutil.copytree(phantoms, tmp_path / "data")
+    out, work = tmp_path / "checkpoint", tmp_path / "checkpoint-training"
+    train(preset, data, out, seed=0)
+    mirror_volumes(data)
+    with pytest.raises(UserInputError, match=r"holds stages trained on the features of other scans under the same "
+                                              r"paths \(rewritten since\), and they would be resumed as this run's; "
+                                              r"delete .*state"):
+        train(preset, data, out, seed=0)
+    shutil.rmtree(work / "state")  # as the message says: the stages train again, on the new features
+    assert train(preset, data, out, seed=0) == out
+    log, weights = (work / "metrics.csv").read_text(), load_file(out / "model.safetensors")
+    touch_volumes(data)
+
+    def encoding(*args, **kwargs):
+        raise AssertionError("scans only copied were encoded again")
+
+    monkeypatch.setattr(FeatureCache, "build", encoding)
+    assert train(preset, data, out, seed=0) == out
+    assert (work / "metrics.csv").read_text() == log  # resumed: no stage trained again
+    again = load_file(out / "model.safetensors")
+    assert [key for key in weights if not torch.equal(weights[key], again[key])] == []
+
+
+@pytest.mark.slow  # two training runs
+def test_a_feature_cache_and_run_from_before_content_digests_are_resumed(phantoms, tmp_path):
+    """A work folder from before the scans' content was recorded (features.json without digests, run.json without
+    the scans): it loads and resumes as before, and a scan encoded again gains its digest."""
+    preset, data = frozen_preset(tmp_path), shutil.copytree(phantoms, tmp_path / "data")
+    out, work = tmp_path / "checkpoint", tmp_path / "checkpoint-training"
+    train(preset, data, out, seed=0)
+    for path, key in ((work / "features" / "features.json", "digests"), (work / "run.json", "scans")):
+        kept = json.loads(path.read_text())
+        del kept[key]
+        path.write_text(json.dumps(kept))
+    log = (work / "metrics.csv").read_text()
+    touched = min(json.loads((work / "features" / "features.json").read_text())["shards"])  # a scan of the cache
+    os.utime(data / touched, ns=(0, (data / touched).stat().st_mtime_ns + 10**9))
+    assert train(preset, data, out, seed=0) == out
+    assert (work / "metrics.csv").read_text() == log  # resumed: no stage trained again
+    digests = json.loads((work / "features" / "features.json").read_text())["digests"]
+    assert list(digests) == [touched]  # encoded again, as its content could not be told; the others' still unknown
+    assert "scans" not in json.loads((work / "run.json").read_text())
 
 
 def test_a_scan_without_its_ground_truth_entry_is_refused_before_any_training(phantoms, tmp_path):
