@@ -107,7 +107,8 @@ def figure_3d(volume: Volume, threshold: float | None = None) -> go.Figure:
         # The toolbar runs down the right edge, clear of the label; its "home" would leave the front view for
         # plotly's oblique default (the camera icon returns to the figure's own view).
         paper_bgcolor="rgba(0,0,0,0)", modebar={"orientation": "v", "remove": ["resetCameraDefault3d"]},
-        scene=_scene(grid.shape, spacing, axis, mesh[0] if mesh is not None else None))
+        scene=_scene(grid.shape, spacing, axis, mesh[0] if mesh is not None else None,
+                     volume.meta.get("orientation_unknown", False)))
     return figure
 
 
@@ -115,13 +116,14 @@ LABEL_MARGIN = 0.06  # of the scan's longest side: from the surface to a side le
 
 
 def _scene(shape: tuple[int, ...], spacing: tuple[float, float, float], axis: dict,
-           vertices: np.ndarray | None) -> dict:
+           vertices: np.ndarray | None, sides_in_doubt: bool = False) -> dict:
     """The scene: each axis spans the scan's own extent in mm (plus room for the side letters) and the box
     has the proportions of those spans, so that the anatomy keeps its true shape whatever part of the scan
     the surface fills. Seen from the front (the patient's right on the viewer's left), head up, without
     perspective, so that the letters stay beside the surface; an orthographic view's size is the box's,
     scaled so that the width (right to left) and the height (foot to head) fit the 420-pixel-high plot, on a
-    phone's screen too, a wide CT and a tall whole-body PET alike (factors found by eye on the examples)."""
+    phone's screen too, a wide CT and a tall whole-body PET alike (factors found by eye on the examples).
+    `sides_in_doubt`: the file states no orientation, and the side letters carry a "?"."""
     extent = [n * s for n, s in zip(shape, spacing, strict=True)]  # (z, y, x) mm
     pad = 2 * LABEL_MARGIN * max(extent)
     spans = [side + 2 * pad for side in extent]
@@ -130,20 +132,23 @@ def _scene(shape: tuple[int, ...], spacing: tuple[float, float, float], axis: di
     ranges = {name: {**axis, "range": [-pad, side + pad], "autorange": False}
               for name, side in zip(("zaxis", "yaxis", "xaxis"), extent, strict=True)}
     return {"aspectmode": "manual", "aspectratio": {"x": width * scale, "y": depth * scale, "z": height * scale},
-            **ranges, "annotations": _side_labels(vertices, LABEL_MARGIN * max(extent)) if vertices is not None else [],
+            **ranges, "annotations": (_side_labels(vertices, LABEL_MARGIN * max(extent), sides_in_doubt)
+                                      if vertices is not None else []),
             "camera": {"eye": {"x": 0, "y": 2.0, "z": 0.4}, "up": {"x": 0, "y": 0, "z": 1},
                        "projection": {"type": "orthographic"}}}
 
 
-def _side_labels(vertices: np.ndarray, margin: float) -> list[dict]:
+def _side_labels(vertices: np.ndarray, margin: float, in_doubt: bool = False) -> list[dict]:
     """The patient's sides as letters `margin` mm beside the surface, R L S I (plotly x is RAS right, z superior):
-    they turn with it, where an axis title's arrow would read left to right whichever way the axis points."""
+    they turn with it, where an axis title's arrow would read left to right whichever way the axis points. Each
+    with a "?" where they are `in_doubt` (a file that states no orientation)."""
     low, high = vertices.min(axis=0), vertices.max(axis=0)  # (z, y, x) mm
     middle = (low + high) / 2
     # The camera looks a little down from the front: S at the back and I at the front project clear of the surface.
     places = {"R": (middle[0], middle[1], high[2] + margin), "L": (middle[0], middle[1], low[2] - margin),
               "S": (high[0] + margin, low[1], middle[2]), "I": (low[0] - margin, high[1], middle[2])}
-    return [{"x": float(x), "y": float(y), "z": float(z), "text": f"<b>{side}</b>", "showarrow": False,
+    return [{"x": float(x), "y": float(y), "z": float(z), "text": f"<b>{side}{'?' if in_doubt else ''}</b>",
+             "showarrow": False,
              "font": {"size": 15, "color": "#888888"}} for side, (z, y, x) in places.items()]
 
 

@@ -107,8 +107,7 @@ def scan_card(volume: Volume | None, label: str = "") -> str:
         ("Spacing", f"{width_mm:.2f} × {height_mm:.2f} mm in-plane, {step_mm:.2f} mm between slices"
          if volume.spacing_known else "not stored in an M3D .npy; shown as 1 mm"),
         ("Field of view", f"{x * sx:.0f} × {y * sy:.0f} × {z * sz:.0f} mm" if volume.spacing_known else "unknown"),
-        ("Orientation", f"not stated (read as {volume.orientation}), shown radiologically"
-         if meta.get("orientation_unknown") else f"{volume.orientation} as stored, shown radiologically"),
+        ("Orientation", _orientation_words(volume)),
         ("Source", f"{SOURCE_NAMES.get(volume.source, volume.source)}, {label}"),
     ]
     if meta.get("suv_converted_from"):  # a Bq/mL series read as SUV (suv.py)
@@ -128,6 +127,16 @@ def scan_card(volume: Volume | None, label: str = "") -> str:
                       for (a, x), (b, y) in zip(rows[:half], rows[half:], strict=True))
     notes = "".join(f"\n\nNote: {note}" for note in meta.get("notes", []) or [])
     return f"| | | | |\n|---|---|---|---|\n{table}{notes}"
+
+
+def _orientation_words(volume: Volume) -> str:
+    """The card's orientation: as stored, or, where the file states none, what it is read as (its side letters then
+    carry a "?")."""
+    if volume.source == "npy":  # an M3D array holds voxels alone
+        return "not stored in an .npy: read as axial slices, the patient's right on the viewer's left (sides in doubt)"
+    if volume.meta.get("orientation_unknown"):
+        return f"not stated (read as {volume.orientation}), shown radiologically; sides in doubt"
+    return f"{volume.orientation} as stored, shown radiologically"
 
 
 def _name(text: str) -> str:
@@ -168,7 +177,8 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
     source = base64.b64encode(buffer.getvalue()).decode()
-    left, right, top, bottom = mip_edges(index) if plane == MIP else PLANE_EDGES[plane]
+    left, right, top, bottom = (f"{letters}{'?' if volume.meta.get('orientation_unknown') else ''}"  # sides in doubt
+                                for letters in (mip_edges(index) if plane == MIP else PLANE_EDGES[plane]))
     marks, kept_note = "", ""
     if plane == "axial" and kept_slabs:
         marks = "".join(f'<span class="kept-mark" data-slice="{(first + last) // 2 + 1}" style="left:'

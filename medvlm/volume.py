@@ -637,4 +637,4 @@ def _load_npy(path: Path) -> Volume:
     display = np.array(stored, dtype=np.float32)  # (D, H, W): row 0 anterior, column 0 the patient's right
     affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0])  # stored (column, row, slice) run toward L, P, S
     return canonical_volume(display.transpose(2, 1, 0), affine_ras, "OT", "npy", path.name,
-                            {"spacing_known": False})
+                            {"spacing_known": False, "orientation_unknown": True})  # an array holds voxels alone

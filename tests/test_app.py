@@ -137,7 +137,7 @@ def test_a_nifti_without_orientation_is_not_called_stored_as_las(app_module, tmp
     image.set_qform(None, code=0)
     nib.save(image, tmp_path / "unstated.nii")
     _, outputs = loaded(app_module, [tmp_path / "unstated.nii"])
-    assert "**Orientation** | not stated (read as LAS), shown radiologically |" in outputs["card"]
+    assert "**Orientation** | not stated (read as LAS), shown radiologically; sides in doubt |" in outputs["card"]
     assert "left and right may be swapped" in outputs["card"]
 
 

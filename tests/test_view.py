@@ -278,3 +278,33 @@ def test_units_from_the_file_stay_text_in_the_images_spoken_description():
     pet.meta["units"] = 'BQML" onload="alert(1)'
     image = re.search(r"<img [^>]*>", slice_view_html(pet, "axial", 3, "auto", [], (3, 15, 5))).group(0)
     assert 'onload="' not in image and "the spot found from the MIP, 9 BQML&quot; onload=&quot;alert(1" in image
+
+
+def test_a_scan_that_states_no_orientation_shows_its_sides_in_doubt(tmp_path, marked_ct):
+    """An M3D .npy holds voxels alone, and a NIfTI with qform and sform codes 0 states no orientation: both are shown
+    as read (axial, radiologically), but the side letters on the slices and the 3D view carry a "?" and the card
+    says so. The .npy's card said "LPS as stored" and its slices bore plain R and L, where a sagittal M3D stack
+    showed as an axial slice with side letters: the classic wrong-side risk."""
+    import nibabel as nib
+
+    from medvlm.view3d import figure_3d
+    from medvlm.view_html import scan_card
+
+    np.save(tmp_path / "m3d.npy", marked_ct[None] / 1000.0)
+    unstated = nib.Nifti1Image(marked_ct.transpose(2, 1, 0), np.diag([*MARKED_SPACING[::-1], 1.0]))
+    unstated.set_sform(None, code=0)
+    unstated.set_qform(None, code=0)
+    nib.save(unstated, tmp_path / "unstated.nii")
+    for name, orientation in (("m3d.npy", "not stored in an .npy: read as axial slices"),
+                              ("unstated.nii", "not stated (read as LAS)")):
+        scan = load_volume(tmp_path / name)
+        assert orientation in scan_card(scan) and "sides in doubt" in scan_card(scan)
+        for plane, letters in (("axial", "RLAP"), ("coronal", "RLSI"), ("sagittal", "APSI")):
+            edges = re.findall(r'class="edge edge-\w+">([^<]*)<', slice_view_html(scan, plane, 3, "auto", []))
+            assert edges == [f"{letter}?" for letter in letters], (name, plane)
+        labels = [note["text"] for note in figure_3d(scan).layout.scene.annotations]
+        assert labels and all(label.endswith("?</b>") for label in labels), name
+    stated = load_volume(save_dicom_series(tmp_path / "series", marked_ct, MARKED_SPACING, "CT")[0].parent)
+    edges = re.findall(r'class="edge edge-\w+">([^<]*)<', slice_view_html(stated, "axial", 3, "auto", []))
+    assert edges == list("RLAP")
+    assert "as stored, shown radiologically" in scan_card(stated) and "in doubt" not in scan_card(stated)
