@@ -684,12 +684,13 @@ def _stack_notes(stack: _Stack, slices: int, interpolated: int, empty: int, meta
         meta["missing_slices"] = interpolated
         notes.append(f"{interpolated} slice(s) are missing from the series (gaps of up to {gaps.max():.3g} mm between "
                      f"slices {step:.3g} mm apart); each is drawn from its two neighbours, so that every slice "
-                     "lies at its true position")
+                     "lies at its true position, and its caption says it was not acquired")
     elif interpolated or grid.kind == "resampled":
         placed = ("every slice at its true position" if grid.kind == "even" else
                   f"each slice within {step / 4:.2g} mm of where it was taken")
         meta["uneven_gaps"] = (f"{spread}; the series is drawn on an even {step:.3g} mm grid, {placed}, "
-                               f"{interpolated} of its {slices} slices drawn between their two neighbours")
+                               f"{interpolated} of its {slices} slices drawn between their two neighbours (each "
+                               "caption says which)")
     if "uneven_gaps" in meta:
         notes.append(meta["uneven_gaps"])
     if empty:
@@ -757,13 +758,13 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
         raise VolumeError(f"{name}: every pixel of the series is marked as padding by its PixelPaddingValue, so it "
                           "holds no image; re-export the series, or fix that attribute")
     meta = _series_meta(first)
-    pixels, interpolated, empty = stack.grid.draw(pixels)
+    pixels, drawn, empty = stack.grid.draw(pixels)
     own_padding = None  # the scan's own padding voxels, where a tilt's frame adds some of its own
     top = left = 0
     if stack.shear is not None:
         own_padding = int(np.count_nonzero(np.isnan(pixels))) - empty * rows * columns if padded else 0
         pixels, top, left = stack.shear.draw_unsheared(pixels)
-    notes = _stack_notes(stack, len(pixels), interpolated, empty, meta)
+    notes = _stack_notes(stack, len(pixels), len(drawn), empty, meta)
     modality = _dicom_modality(first)
     if str(first.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1" and modality in ("MR", "OT"):
         # White at the lowest value (0028,0004). CT's HU and PET's activity keep their meaning (their windows
@@ -799,4 +800,9 @@ def load_dicom(files: list[Path], name: str, single_file: bool = False) -> Volum
     if notes:
         meta["notes"] = notes
     affine_ras = _affine_ras(stack.images[0], stack.grid.step, top, left)
+    if drawn:  # by their index in the volume as shown, along the plane the slices were acquired in
+        from nibabel.orientations import io_orientation  # as canonical_volume turns the stack
+
+        reversed_ = io_orientation(affine_ras)[2][1] < 0
+        meta["drawn_slices"] = sorted(len(pixels) - 1 - slot if reversed_ else slot for slot in drawn)
     return canonical_volume(pixels.transpose(2, 1, 0), affine_ras, modality, "dicom", name, meta)

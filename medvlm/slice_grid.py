@@ -55,15 +55,15 @@ class SliceGrid:
         return sum(math.ceil(self.places[gap + 1] - self._snap) - math.floor(self.places[gap] + self._snap) - 1
                    for gap in self.empty_gaps)
 
-    def draw(self, pixels: np.ndarray) -> tuple[np.ndarray, int, int]:
+    def draw(self, pixels: np.ndarray) -> tuple[np.ndarray, list[int], int]:
         """(slices, rows, columns) at `places` → every slot of the grid: a slice on a slot as it is, a slot between
         two slices linearly interpolated from them by distance, a slot in one of `empty_gaps` NaN (empty:
-        `dicom._fill_padding`), not made up across it. Returns (the grid's slices, how many were interpolated, how many
+        `dicom._fill_padding`), not made up across it. Returns (the grid's slices, the slots interpolated, how many
         are empty)."""
         if self.kind != "resampled" and self.size == len(pixels):  # on its slots already
-            return pixels, 0, 0
+            return pixels, [], 0
         drawn = np.empty((self.size, *pixels.shape[1:]), dtype=pixels.dtype)
-        interpolated = empty = 0
+        interpolated, empty = [], 0
         for slot in range(self.size):
             above = min(int(np.searchsorted(self.places, slot)), len(self.places) - 1)
             nearest = min((above - 1, above), key=lambda index: abs(self.places[index] - slot)) if above else 0
@@ -76,7 +76,7 @@ class SliceGrid:
                 continue
             weight = np.float32((slot - self.places[below]) / (self.places[above] - self.places[below]))
             drawn[slot] = (1 - weight) * pixels[below] + weight * pixels[above]
-            interpolated += 1
+            interpolated.append(slot)
         return drawn, interpolated, empty
 
 

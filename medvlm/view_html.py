@@ -209,7 +209,16 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
             f'<div class="slice-caption">{_position(plane, index, count)}'
             f'{f" · {location}" if location else ""} · window '
             f'{window_label(window)}{shown_range(volume, window)}'
-            f'{kept_note}{f" · {shown(spot_note)}" if at else ""}</div></div>')
+            f'{_drawn_note(volume, plane, index)}{kept_note}{f" · {shown(spot_note)}" if at else ""}</div></div>')
+
+
+def _drawn_note(volume: Volume, plane: str, index: int) -> str:
+    """" · not acquired: …" for a slice the loader drew between two acquired ones (a DICOM series' missing file, or
+    a slot of the finer grid of a spacing that changes: `meta["drawn_slices"]`), so that no one measures a density
+    or a small lesion on it as if it had been imaged."""
+    if plane != acquired_plane(volume) or index not in volume.meta.get("drawn_slices", ()):
+        return ""
+    return " · not acquired: drawn from the slices on either side"
 
 
 def _aspect(pixels) -> str:

@@ -14,6 +14,7 @@ from pydicom.uid import RLELossless
 
 from medvlm import volume as volume_module
 from medvlm.errors import VolumeError
+from medvlm.view_html import slice_view_html
 from medvlm.volume import GUESSED_MODALITY, error_reason, load_volume
 from medvlm.writers import save_dicom_enhanced, save_dicom_series, save_nifti, save_npy
 
@@ -95,7 +96,12 @@ def test_a_missing_slice_is_drawn_from_its_neighbours_and_every_slice_keeps_its_
     np.testing.assert_allclose(scan.data[3], (marked_ct[2] + marked_ct[4]) / 2)
     assert scan.meta["notes"] == ["1 slice(s) are missing from the series (gaps of up to 5 mm between slices 2.5 mm "
                                   "apart); each is drawn from its two neighbours, so that every slice lies at its "
-                                  "true position", "1 image(s) were in the upload twice; each is used once"]
+                                  "true position, and its caption says it was not acquired",
+                                  "1 image(s) were in the upload twice; each is used once"]
+    assert scan.meta["drawn_slices"] == [3]
+    for index in range(len(marked_ct)):  # a density or a small lesion is not read off a slice no one imaged
+        caption = slice_view_html(scan, "axial", index, "soft tissue", [])
+        assert ("not acquired: drawn from the slices on either side" in caption) == (index == 3)
 
 
 def _series_at(folder, heights_mm, whole_mm: bool = False) -> None:
@@ -143,7 +149,32 @@ def test_a_spacing_that_changes_within_a_series_keeps_every_slice_at_its_true_he
     np.testing.assert_allclose(scan.data[:, 3, 3], _drawn_heights(scan), atol=1e-3)
     assert scan.meta["notes"] == ["slice gaps vary from 3 to 6 mm; the series is drawn on an even 3 mm grid, each "
                                   "slice within 0.75 mm of where it was taken, 11 of its 31 slices drawn between "
-                                  "their two neighbours"]
+                                  "their two neighbours (each caption says which)"]
+    assert scan.meta["drawn_slices"] == list(range(9, 30, 2))  # between the slices 6 mm apart
+
+
+@pytest.mark.parametrize("toward", ["right", "left"])
+def test_a_missing_slice_of_a_sagittal_series_is_named_where_the_viewer_shows_it(tmp_path, toward):
+    """A sagittal series (its slices stepping toward the patient's right, as the volume's index does, or toward the
+    left) with one file lost: the slice drawn in its place is the one named as drawn, counted as the viewer counts.
+    Its images alternate 100 and 600, so the drawn one (the mean of two of 600, in place of a 100) is the middle of
+    the one run of three alike."""
+    values = np.where(np.arange(12) % 2, 600.0, 100.0).astype(np.float32)
+    files = save_dicom_series(tmp_path, np.broadcast_to(values[:, None, None], (12, 8, 8)).copy(), (2.5, 1.0, 1.0))
+    for slot, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        sign = 1.0 if toward == "right" else -1.0  # the normal (0, ±1, 0) × (0, 0, -1) = (∓1, 0, 0): LPS -x is right
+        ds.ImageOrientationPatient = [0.0, sign, 0.0, 0.0, 0.0, -1.0]  # sagittal: columns inferior
+        ds.ImagePositionPatient = [-2.5 * slot * sign, 0.0, 0.0]  # each slot one step along the normal
+        ds.save_as(path)
+    files[4].unlink()
+    scan = load_volume(tmp_path)
+    means = scan.data.mean(axis=(0, 1))  # (X,): each sagittal slice's value
+    runs = [index for index in range(1, 11) if means[index - 1] == means[index] == means[index + 1]]
+    assert scan.shape[2] == 12 and len(runs) == 1 and scan.meta["drawn_slices"] == runs
+    drawn = runs[0]
+    assert "not acquired" in slice_view_html(scan, "sagittal", drawn, "auto", [])
+    assert "not acquired" not in slice_view_html(scan, "axial", 3, "auto", [])  # a reformat: no one slice
 
 
 def test_a_spacing_that_doubles_within_a_series_is_not_called_missing_slices(tmp_path):
@@ -154,7 +185,7 @@ def test_a_spacing_that_doubles_within_a_series_is_not_called_missing_slices(tmp
     assert scan.shape[0] == 32 and "missing_slices" not in scan.meta
     assert scan.meta["notes"] == ["slice gaps vary from 2.5 to 5 mm; the series is drawn on an even 2.5 mm grid, "
                                   "every slice at its true position, 6 of its 32 slices drawn between their two "
-                                  "neighbours"]
+                                  "neighbours (each caption says which)"]
     _series_at(tmp_path / "lost", [2.5 * index for index in range(30) if index not in (7, 20)])
     assert load_volume(tmp_path / "lost").meta["missing_slices"] == 2
 
@@ -282,7 +313,7 @@ def test_uneven_gaps_that_are_no_missing_slices_are_said(tmp_path, marked_ct):
     np.testing.assert_array_equal(scan.data[[1, 2, 3, 5, 6, 7]], marked_ct[[1, 2, 3, 4, 5, 6]])  # as taken
     assert scan.meta["notes"] == ["slice gaps vary from 2.5 to 4 mm; the series is drawn on an even 2.38 mm grid, "
                                   "each slice within 0.59 mm of where it was taken, 1 of its 9 slices drawn between "
-                                  "their two neighbours"]
+                                  "their two neighbours (each caption says which)"]
 
 
 def test_images_that_share_one_uid_but_not_a_position_are_all_kept(tmp_path, marked_ct):
