@@ -407,7 +407,9 @@ def _one_stack(images: list[_DicomImage]) -> tuple[list[_DicomImage], str | None
 
     The first of STACK_TAGS whose values split the images into stacks that each cover the scan (at least
     STACK_COVERAGE of its positions, each once) decides; of those stacks, the one with most images, then the
-    lowest value (the first echo, b = 0, the first time point). A value that only differs between parts of one
+    lowest value (the first echo, the first time point), but the highest b-value (diffusion is read there: an acute
+    infarct may not show at b = 0; where the highest is one image per direction, no stack of it is clean, and b = 0
+    is shown). A value that only differs between parts of one
     scan (two acquisitions that meet at one table position, a trigger time per slice) does not split it. Images
     that no such tag tells apart: at each position, the lowest InstanceNumber.
     """
@@ -422,7 +424,8 @@ def _one_stack(images: list[_DicomImage]) -> tuple[list[_DicomImage], str | None
                  if len(stack) >= STACK_COVERAGE * positions and not _repeats_a_position(stack)]
         if len(stacks) < 2 or not clean:
             continue
-        chosen = min(clean, key=lambda value: (-len(stacks[value]), value is None, value or 0.0))
+        order = -1.0 if label == "b-value" else 1.0
+        chosen = min(clean, key=lambda value: (-len(stacks[value]), value is None, order * (value or 0.0)))
         values = sorted(value for value in stacks if value is not None)
         listed = ", ".join(f"{value:g}" for value in values[:6]) + (", …" if len(values) > 6 else "")
         unit = f" {unit}" if unit else ""

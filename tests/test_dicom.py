@@ -55,6 +55,16 @@ def test_diffusion_shows_the_b0_stack_not_directions_mixed(tmp_path, marked_ct):
     assert any("b-value 0 s/mm² is shown" in note for note in scan.meta["notes"])
 
 
+def test_diffusion_shows_its_highest_b_value_where_it_is_one_stack(tmp_path, marked_ct):
+    """The usual export, b = 0 and one b = 1000 (trace) image at each position: b = 1000 is shown, as diffusion is
+    read (an acute infarct, bright at b = 1000, may not show at b = 0)."""
+    infarct = marked_ct + 400.0
+    _two_stacks(tmp_path, marked_ct, infarct, DiffusionBValue=(0.0, 1000.0))
+    scan = load_volume(tmp_path)
+    np.testing.assert_array_equal(scan.data, infarct)
+    assert any("(b-values 0, 1000 s/mm²); b-value 1000 s/mm² is shown" in note for note in scan.meta["notes"])
+
+
 def test_stacks_that_state_nothing_take_the_lowest_instance_at_each_position(tmp_path, marked_ct):
     _, second = _two_stacks(tmp_path, marked_ct, marked_ct + 3000)
     for offset, path in enumerate(second):
