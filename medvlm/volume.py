@@ -85,15 +85,23 @@ class Volume:
         """The same scan read as another modality, its voxels shared: for a file that does not say which it is (a
         NIfTI: `meta["modality_guessed"]`) or says it wrongly. The windows, the model's input and the fingerprint
         follow the modality; `meta["modality_chosen"]` says it was chosen (the app's scan card says so), and the
-        guess's note goes. Raises VolumeError for a modality not in MODALITIES."""
+        guess's note goes. Chosen as CT, values with none below 0 (no air: a CT stored with an offset) are said to
+        be likely not HU (`meta["hu_unlikely"]`), as a DICOM CT's are. Raises VolumeError for a modality not in
+        MODALITIES."""
         if modality not in MODALITIES:
             raise VolumeError(f"{str(modality)[:20]!r} is not a modality MedVLM 3D reads; use CT, MR, PT (PET) or OT "
                               "(other)")
         if modality == self.modality:
             return self
         meta = {key: value for key, value in self.meta.items() if key != "modality_guessed"}
-        meta["notes"] = [note for note in self.meta.get("notes", []) if note not in GUESSED_MODALITY.values()]
+        meta["notes"] = [note for note in self.meta.get("notes", [])
+                         if note not in (*GUESSED_MODALITY.values(), NOT_HU_CHOSEN)]
         meta["modality_chosen"] = True
+        if NOT_HU_CHOSEN in self.meta.get("notes", []):  # said when it was chosen as CT: not a fact of the file
+            meta.pop("hu_unlikely", None)
+        if modality == "CT" and not meta.get("hu_unlikely") and float(np.nanmin(self.data)) >= 0:  # no air in HU
+            meta["hu_unlikely"] = True
+            meta["notes"].append(NOT_HU_CHOSEN)
         if "modality" in meta:
             meta["modality"] = modality
         # A PET's Bq/mL or SUV is not what another modality's values measure: kept aside, and back when the scan is
@@ -576,6 +584,10 @@ GUESSED_MODALITY = {
           "as 'other' and shown over its whole range of values: if it is an MR or a PET, say so (the app's "
           "Modality list, or --modality on the command line)",
 }
+
+
+NOT_HU_CHOSEN = ("its values hold none below 0, so they are likely not Hounsfield units (air lies near −1000; a CT "
+                 "stored with an offset such as +1024 needs it taken off): windows and the model may read it wrongly")
 
 
 def _nifti_modality(header, array: np.ndarray) -> tuple[str, bool]:

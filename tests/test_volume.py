@@ -443,6 +443,25 @@ def test_a_scan_read_as_the_modality_the_user_names_is_windowed_and_fed_to_the_m
         guessed.as_modality("SPECT")
 
 
+def test_a_ct_stored_with_an_offset_chosen_as_ct_is_said_to_be_likely_not_in_hu(tmp_path, marked_ct):
+    """A CT stored as HU + 1024 without its scl_inter (as some converters and dataset exports do) reads as "other";
+    chosen as CT on the page, it was shown in HU windows without a word (air grey, all tissue white). Now it is said,
+    as a DICOM CT without its rescale is, and its values have no unit; read as another modality again, the note
+    goes. A true CT chosen as CT says nothing of it."""
+    nib.save(nib.Nifti1Image((marked_ct + 1024).astype(np.uint16).transpose(2, 1, 0), np.diag([1.0, 1.0, 2.5, 1.0])),
+             tmp_path / "offset.nii.gz")
+    guessed = load_volume(tmp_path / "offset.nii.gz")
+    assert guessed.modality == "OT"
+    chosen = guessed.as_modality("CT")
+    assert chosen.meta["hu_unlikely"] and chosen.units is None
+    assert any("likely not Hounsfield units (air lies near −1000; a CT stored with an offset such as +1024" in note
+               for note in chosen.meta["notes"])
+    again = chosen.as_modality("MR")
+    assert "hu_unlikely" not in again.meta and not any("Hounsfield" in note for note in again.meta["notes"])
+    true_ct = load_volume(save_nifti(tmp_path / "mr.nii.gz", marked_ct, MARKED_SPACING, modality="MR"))
+    assert true_ct.as_modality("CT").units == "HU" and not true_ct.as_modality("CT").meta["notes"]
+
+
 @pytest.mark.parametrize("name", ["scan.nii", "scan.nii.gz"])
 def test_nifti_scaling_gives_hounsfield_units(tmp_path, marked_ct, name):
     """Raw integers with the header's scl_slope / scl_inter, as scanners write CT: the HU come back, compressed
