@@ -9,6 +9,7 @@ are its frames, frame 0 seen from the front.
 
 from __future__ import annotations
 
+import math
 import weakref
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .errors import UserInputError
 from .limits import MAX_SIDE
 from .preprocess import (
     AUTO_WINDOW,
+    CT_WINDOWS,
     INVERTED_WINDOW,
     apply_window,
     default_window,
@@ -136,11 +138,26 @@ def spot_position(volume: Volume, plane: str, index: int, voxel: tuple[int, int,
 
 
 def opening_window(volume: Volume, plane: str) -> str:
-    """The window a view opens in: the modality's default; the MIP in inverted grey (uptake dark on white, as
-    nuclear medicine reads a MIP) where the modality offers it."""
+    """The window a view opens in: a CT's preset nearest the window its header suggests (`scanner_window`: a head
+    CT's brain window), else the modality's default; the MIP in inverted grey (uptake dark on white, as nuclear
+    medicine reads a MIP) where the modality offers it."""
     if plane == MIP and INVERTED_WINDOW in window_names(volume.modality, volume.units):
         return INVERTED_WINDOW
-    return default_window(volume.modality)
+    return scanner_window(volume) or default_window(volume.modality)
+
+
+def scanner_window(volume: Volume) -> str | None:
+    """The CT preset nearest the window the scan's header suggests (DICOM (0028,1050/1051) WindowCenter and
+    WindowWidth, the first of several: a head CT's W 80 / L 40 is the brain window, its W 1500 the bone's), or None
+    where there is none, the scan is not read as CT in HU, or no preset lies near it (width within half again or
+    a third less, level within a quarter of the width)."""
+    width, level = volume.meta.get("window_width"), volume.meta.get("window_center")
+    if volume.modality != "CT" or volume.units != "HU" or not width or level is None or width <= 0:
+        return None
+    near = [(abs(math.log(preset_width / width)) + abs(preset_level - level) / width, name)
+            for name, (preset_level, preset_width) in CT_WINDOWS.items()
+            if 2 / 3 <= preset_width / width <= 1.5 and abs(preset_level - level) <= width / 4]
+    return min(near)[1] if near else None
 
 
 def slice_location(volume: Volume, plane: str, index: int) -> str:

@@ -308,3 +308,22 @@ def test_a_scan_that_states_no_orientation_shows_its_sides_in_doubt(tmp_path, ma
     edges = re.findall(r'class="edge edge-\w+">([^<]*)<', slice_view_html(stated, "axial", 3, "auto", []))
     assert edges == list("RLAP")
     assert "as stored, shown radiologically" in scan_card(stated) and "in doubt" not in scan_card(stated)
+
+
+@pytest.mark.parametrize(("center", "width", "opens"), [
+    ([40.0, 300.0], [80.0, 1500.0], "brain"),  # a head CT's BRAIN\BONE: the first is the one suggested
+    (-500.0, 1400.0, "lung"), (50.0, 350.0, "soft tissue"), (450.0, 2000.0, "bone"), (1000.0, 4000.0, "soft tissue"),
+])
+def test_a_ct_opens_in_the_preset_nearest_the_window_its_header_suggests(tmp_path, marked_ct, center, width, opens):
+    """(0028,1050/1051): a head CT whose header suggests W 80 / L 40 opens in the brain window, where a subtle bleed
+    shows; it opened in soft tissue (W 400), a flat grey brain. A window near no preset opens in soft tissue."""
+    from medvlm.view import opening_window
+
+    files = save_dicom_series(tmp_path, marked_ct, MARKED_SPACING, "CT")
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.WindowCenter, ds.WindowWidth = center, width
+        ds.save_as(path)
+    scan = load_volume(tmp_path)
+    assert opening_window(scan, "axial") == opening_window(scan, "coronal") == opens
+    assert opening_window(scan.as_modality("MR"), "axial") == "auto"  # read as another modality: its own default
