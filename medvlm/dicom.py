@@ -30,6 +30,12 @@ POSITION_TOLERANCE_MM = 1e-3  # two images this close along the normal lie at on
 STACK_COVERAGE = 0.9  # share of a series' positions that one echo, b-value or time point covers
 PERPENDICULAR_TOLERANCE = math.sin(math.radians(1.0))  # row and column directions within 1° of a right angle
 WHOLE_MM_ROUNDING = 0.5  # mm each coordinate of a position lies from where it was taken, where an exporter rounds them
+# (0018,5100) PatientPosition, in words: how the patient lay, which the images' orientation does not show (a prone
+# patient's axial images are shown anterior up, as any other's, where a PACS shows them as acquired)
+PATIENT_POSITIONS = {"HFS": "supine, head first", "FFS": "supine, feet first", "HFP": "prone, head first",
+                     "FFP": "prone, feet first", "HFDR": "on the right side, head first",
+                     "HFDL": "on the left side, head first", "FFDR": "on the right side, feet first",
+                     "FFDL": "on the left side, feet first"}
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")  # a picture of one image
 
 # What tells apart the images of one series that lie at one position, in the order tried:
@@ -720,7 +726,7 @@ def _stack_notes(stack: _Stack, slices: int, interpolated: int, empty: int, meta
 
 def _series_meta(first) -> dict[str, Any]:
     """What the series' first header says that the viewer uses: manufacturer, series number, a PET's units, the
-    window the scanner suggests; never a patient identifier."""
+    window the scanner suggests, the slices' thickness, how the patient lay; never a patient identifier."""
     meta: dict[str, Any] = {
         "manufacturer": str(first.get("Manufacturer", "")),  # (0008,0070)
         "series_number": _series_number(first),
@@ -732,6 +738,12 @@ def _series_meta(first) -> dict[str, Any]:
         value = _first(first.get(keyword)) if keyword in first else None
         if value is not None:
             meta[key] = value
+    thickness = _first(first.get("SliceThickness"))  # (0018,0050): overlapping reconstructions are thicker than apart
+    if thickness is not None and thickness > 0:
+        meta["slice_thickness_mm"] = thickness
+    position = PATIENT_POSITIONS.get(str(first.get("PatientPosition", "")).strip().upper())  # (0018,5100)
+    if position:
+        meta["patient_position"] = position
     return meta
 
 

@@ -105,7 +105,8 @@ def scan_card(volume: Volume | None, label: str = "") -> str:
          + (", as chosen on this page" if meta.get("modality_chosen") else "")),
         ("Size", f"{width} × {height} voxels × {count} {plane} slices"),
         ("Spacing", f"{width_mm:.2f} × {height_mm:.2f} mm in-plane, {step_mm:.2f} mm between slices"
-         if volume.spacing_known else "not stored in an M3D .npy; shown as 1 mm"),
+         f"{_thickness(meta.get('slice_thickness_mm'), step_mm)}" if volume.spacing_known
+         else "not stored in an M3D .npy; shown as 1 mm"),
         ("Field of view", f"{x * sx:.0f} × {y * sy:.0f} × {z * sz:.0f} mm" if volume.spacing_known else "unknown"),
         ("Orientation", _orientation_words(volume)),
         ("Source", f"{SOURCE_NAMES.get(volume.source, volume.source)}, {label}"),
@@ -116,6 +117,9 @@ def scan_card(volume: Volume | None, label: str = "") -> str:
         rows.append(("Values", str(meta["units"])))
     elif volume.modality == "PT":  # a NIfTI has no field for it: SUV or Bq/mL cannot be told from the values
         rows.append(("Values", "unit not stated in the file"))
+    if meta.get("patient_position"):
+        rows.append(("Patient", f"{meta['patient_position']} (shown as any scan is, anterior up)"
+                     if meta["patient_position"].startswith("prone") else meta["patient_position"]))
     if meta.get("series_number") is not None:
         rows.append(("Series", f"number {meta['series_number']}"))
     if meta.get("manufacturer"):
@@ -127,6 +131,14 @@ def scan_card(volume: Volume | None, label: str = "") -> str:
                       for (a, x), (b, y) in zip(rows[:half], rows[half:], strict=True))
     notes = "".join(f"\n\nNote: {note}" for note in meta.get("notes", []) or [])
     return f"| | | | |\n|---|---|---|---|\n{table}{notes}"
+
+
+def _thickness(thickness_mm: float | None, step_mm: float) -> str:
+    """", each 5.00 mm thick" where the slices' stated thickness is not their spacing (an overlapping reconstruction,
+    5 mm slices every 2.5 mm, reads as 2.5 mm slices otherwise; thin slices with gaps between them), else ""."""
+    if thickness_mm is None or abs(thickness_mm - step_mm) <= 0.1 * step_mm:
+        return ""
+    return f", each {thickness_mm:.2f} mm thick"
 
 
 def _orientation_words(volume: Volume) -> str:

@@ -327,3 +327,25 @@ def test_a_ct_opens_in_the_preset_nearest_the_window_its_header_suggests(tmp_pat
     scan = load_volume(tmp_path)
     assert opening_window(scan, "axial") == opening_window(scan, "coronal") == opens
     assert opening_window(scan.as_modality("MR"), "axial") == "auto"  # read as another modality: its own default
+
+
+def test_the_card_gives_an_overlapping_reconstructions_thickness_and_how_the_patient_lay(tmp_path, marked_ct):
+    """5 mm slices every 2.5 mm read as 2.5 mm slices where the card gave the spacing alone; a prone patient's images
+    are shown anterior up, as every scan's are, where a PACS shows them as acquired: the card says both."""
+    from medvlm.view_html import scan_card
+
+    files = save_dicom_series(tmp_path / "prone", marked_ct, (2.5, 0.7, 0.7), "CT")
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.SliceThickness, ds.PatientPosition = 5.0, "HFP"
+        ds.save_as(path)
+    card = scan_card(load_volume(tmp_path / "prone"))
+    assert "| 0.70 × 0.70 mm in-plane, 2.50 mm between slices, each 5.00 mm thick |" in card
+    assert "| **Patient** | prone, head first (shown as any scan is, anterior up) |" in card
+    files = save_dicom_series(tmp_path / "supine", marked_ct, (2.5, 0.7, 0.7), "CT")
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.SliceThickness, ds.PatientPosition = 2.5, "HFS"
+        ds.save_as(path)
+    card = scan_card(load_volume(tmp_path / "supine"))
+    assert "| 0.70 × 0.70 mm in-plane, 2.50 mm between slices |" in card and "| supine, head first |" in card
