@@ -40,7 +40,18 @@ from medvlm.limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES
 from medvlm.pipeline import MIN_TEMPERATURE, START_AGAIN, CutOff, Encoding, Pipeline
 from medvlm.preprocess import AUTO_WINDOW, default_window, known_window, unknown_window
 from medvlm.projection import MIP_STEP_DEGREES, mip_cache_bytes, mip_slice
-from medvlm.view import MIP, VIEWS, acquired_plane, mip_spot, opening_slice, opening_window, slice_count, window_limits
+from medvlm.view import (
+    MIP,
+    PLANES,
+    VIEWS,
+    acquired_plane,
+    mip_spot,
+    opening_slice,
+    opening_window,
+    plane_point,
+    slice_count,
+    window_limits,
+)
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.view_html import (
     MODALITY_NAMES,
@@ -251,7 +262,8 @@ class ScanSession:
     threshold: float | None = None  # the threshold the 3D surface was last drawn at
     shown_slices: dict[str, int] = field(default_factory=dict)  # plane → the slice (from 1) last shown in it
     shown: tuple[str, str | None] = ("axial", None)  # the plane and window the viewer last showed
-    spot: tuple[int, int, int] | None = None  # the voxel (z, y, x) last found from a click on the MIP, marked
+    spot: tuple[int, int, int] | None = None  # the voxel (z, y, x) last found from a click on the MIP or a slice
+    spot_from_mip: bool = True  # whether `spot` was found from the MIP (else clicked on a slice), as the caption says
     # How often the visitor changed the plane or jumped to a slice: a slice asked for before that and drawn after
     # it (a MIP frame still being projected) is not put on the page, where it would show under the new controls.
     view_changes: int = 0
@@ -470,11 +482,24 @@ def report_caveat(pipeline: Pipeline) -> str:
     held-out scans where it ships those scores."""
     scores = pipeline.held_out_scores() or {}
     recall, closed, count = (scores.get(key) for key in ("finding_recall", "closed_accuracy", "n"))
+    # The demo's visual tokens carry little beyond the modality (its model card): the side it names is its prior's,
+    # the same for a scan and its mirror image.
+    sides = (" What it reads of the image is mostly the modality: a side or an organ it names may not be the scan's."
+             if pipeline.describe()["demo"] else "")
     if not all(isinstance(value, int | float) and not isinstance(value, bool) for value in (recall, closed, count)):
-        return "*Check every finding against the images: a fluent report is not a correct one.*"
+        return f"*Check every finding against the images: a fluent report is not a correct one.{sides}*"
     return (f"*Check every finding against the images: on {count} held-out phantoms, this model's reports named "
             f"{recall:.0%} of their findings, and it chose the right answer to {closed:.0%} of multiple-choice "
-            "questions.*")
+            f"questions.{sides}*")
+
+
+SIDES_IN_DOUBT = "The file states no orientation: the sides this report names may be the other ones."
+
+
+def sides_in_doubt(volume: Volume) -> str:
+    """A line for a report about a scan whose file states no orientation (`meta["orientation_unknown"]`: the model
+    read it in an assumed one), else ""."""
+    return f"\n\n*{SIDES_IN_DOUBT}*" if volume.meta.get("orientation_unknown") else ""
 
 
 # Gradio keeps an upload at a path made from its content, so two visitors who upload the same file at once are
@@ -790,7 +815,7 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     index = _slice_number(volume, plane, slice_number) - 1
     if not known_window(window, volume.modality, volume.units):
         window = opening_window(volume, plane)
-    view = slice_view_html(volume, plane, index, window, session.kept_slabs, session.spot)
+    view = slice_view_html(volume, plane, index, window, session.kept_slabs, session.spot, session.spot_from_mip)
     if since is not None and session.view_changes != since:
         return None
     session.shown_slices[plane] = index + 1  # a plane opened again opens here
@@ -904,11 +929,43 @@ def find_mip_spot(session: ScanSession | None, spot: object, window: str | None)
     volume = session.volume
     down, across = min(1.0, max(0.0, down)), min(1.0, max(0.0, across))
     session.spot = voxel = mip_spot(volume, _slice_number(volume, MIP, frame) - 1, down, across)
+    session.spot_from_mip = True
     if voxel is None:  # the axial slice at that height
         return jump_to_axial(session, mip_slice(volume, down) + 1, window)
     z, y, x = voxel
     session.shown_slices.update(coronal=y + 1, sagittal=x + 1)
     return jump_to_axial(session, z + 1, window)
+
+
+def mark_point(session: ScanSession | None, point: object, window: str | None):
+    """A point clicked on a slice, as a viewer's probe: its voxel is marked with a cross-hair, its value given in the
+    caption (a CT's HU: fat, fluid, ground glass or calcium), and the other planes open through it. `point` is
+    "plane slice down across" (viewer.js): the plane, its slice (from 1) and where on its image the click fell, as
+    fractions of its height and width from the top left corner (what follows is not read: the page counts its
+    clicks there). Returns the slice view. The value comes unchecked (`preprocess=False`); anything else, or a
+    plane or slice the viewer no longer shows, changes nothing."""
+    parts = point.split()[:4] if isinstance(point, str) else []
+    numbers = [_typed_number(part) for part in parts[1:]]
+    if session is None or session.volume is None or len(numbers) != 3 or None in numbers or parts[0] not in PLANES:
+        return gr.skip()
+    plane, (number, down, across) = parts[0], numbers
+    volume = session.volume
+
+    def moved_on() -> bool:  # the viewer shows another image than the one clicked (a key pressed meanwhile)
+        return session.shown[0] != plane or session.shown_slices.get(plane) != number
+
+    if moved_on() or number != _slice_number(volume, plane, number):
+        return gr.skip()
+    index = int(number) - 1
+    session.in_use()
+    session.spot = voxel = plane_point(volume, plane, index, min(1.0, max(0.0, down)), min(1.0, max(0.0, across)))
+    session.spot_from_mip = False
+    # PLANES in the order of the voxel's axes (z, y, x): the other planes open through it
+    session.shown_slices.update({other: voxel[PLANES.index(other)] + 1 for other in PLANES if other != plane})
+    if not known_window(window, volume.modality, volume.units):
+        window = session.shown[1] or opening_window(volume, plane)
+    view = slice_view_html(volume, plane, index, window, session.kept_slabs, voxel, spot_from_mip=False)
+    return gr.skip() if moved_on() else view  # drawn over a newer image, it would show the slice left
 
 
 def jump_to_linked_slice(session: ScanSession | None, link: object, window: str | None):
@@ -967,8 +1024,7 @@ def encode_scan(session: ScanSession | None):
     marks = {"axial": " (green marks)", MIP: ""}.get(plane, " (green marks in the axial view)")
     status = (f"Ready: {kept_summary(volume, session.kept_slabs, encoding.total_slices)}{marks}. Generate a report "
               f"or ask a question.{notes}")
-    choices = [(str(middle + 1) if first == last else f"{first + 1}–{last + 1}", str(middle + 1))
-               for (first, last), middle in zip(session.kept_slabs, session.kept_slices, strict=True)]
+    choices = [str(k + 1) for k in session.kept_slices]  # a slab's middle slice: typed, its number picks it
     return (status, gr.update(choices=choices, value=None),
             slice_html(session, plane, window, session.shown_slices.get(plane)))
 
@@ -1105,7 +1161,8 @@ def generate_report(session: ScanSession | None, max_new_tokens: float, temperat
             yield report_view(session)
             return
         session.report_finished = True
-        yield session.report, report_download(_write_report(session, decoding(max_new_tokens, temperature, top_p)))
+        download = report_download(_write_report(session, decoding(max_new_tokens, temperature, top_p)))
+        yield session.report + sides_in_doubt(session.volume), download
 
 
 def chat(question: str, session: ScanSession | None, max_new_tokens: float, temperature: float, top_p: float,
@@ -1294,7 +1351,7 @@ def report_view(session: ScanSession) -> tuple[str, dict]:
         end = (REPORT_STOPPED if not session.report_cut_off else REPORT_OUT_OF_CONTEXT if session.report_out_of_context
                else REPORT_CUT_OFF.format(limit=session.report_cut_off))
         return session.report + end, report_download(None)
-    return session.report, gr.skip()
+    return session.report + sides_in_doubt(session.volume), gr.skip()
 
 
 def report_download(path: Path | None) -> dict:
@@ -1357,7 +1414,8 @@ def _write_report(session: ScanSession, how: str) -> Path:
     modality = MODALITY_NAMES.get(volume.modality, volume.modality)
     written = time.localtime()
     text = (f"# Draft report written by a model\n\n"
-            f"**Not a radiologist's report.** {report_caveat(PIPELINE).strip('*')}\n\n"
+            f"**Not a radiologist's report.** {report_caveat(PIPELINE).strip('*')}"
+            + (f" {SIDES_IN_DOUBT}" if volume.meta.get("orientation_unknown") else "") + "\n\n"
             f"- Scan: {session.label}; {modality}, {x} × {y} × {z} voxels, {spacing}\n"
             f"- Written: {time.strftime('%Y-%m-%d %H:%M %Z', written)} by MedVLM 3D (`{about['checkpoint']}`)"
             + (f", {DEMO_WARNING}" if about["demo"] else "; not a medical device, not for clinical use") + "\n"
@@ -1452,9 +1510,11 @@ def _scan_column(page: SimpleNamespace) -> None:
                 # click the green marks under the image.
                 page.kept = gr.Dropdown([], value=None, label="Kept slices (axial)", scale=1, min_width=190,
                                         elem_id="kept-slices", interactive=True)
-            # Where viewer.js puts a spot clicked on the MIP (find_mip_spot), and a slice linked in the true
+            # Where viewer.js puts a spot clicked on the MIP (find_mip_spot) or a point on a slice (mark_point),
+            # and a slice linked in the true
             # findings (jump_to_linked_slice): on the page, not shown.
             page.mip_spot = gr.Textbox(None, visible="hidden", elem_id="mip-spot")
+            page.point_spot = gr.Textbox(None, visible="hidden", elem_id="point-spot")  # a point clicked on a slice
             page.linked_slice = gr.Textbox(None, visible="hidden", elem_id="linked-slice")
         with gr.Tab("3D", id="3d"):
             page.threshold = gr.Slider(-1000, 2000, value=300, label="Surface threshold", interactive=False,
@@ -1577,6 +1637,8 @@ def _wire_viewer(page: SimpleNamespace) -> None:
     # .change: a hidden textbox sends no .input for viewer.js's event (its count makes each click a change)
     page.mip_spot.change(find_mip_spot, [session, page.mip_spot, window], [plane, slider, view],
                          api_name="find_mip_spot", preprocess=False, **VIEWER_EVENT)
+    page.point_spot.change(mark_point, [session, page.point_spot, window], [view], api_name="mark_point",
+                           preprocess=False, **VIEWER_EVENT)
     page.linked_slice.change(jump_to_linked_slice, [session, page.linked_slice, window], [plane, slider, view, window],
                              api_name="jump_to_linked_slice", api_visibility="private", preprocess=False,
                              **VIEWER_EVENT).then(None, js=FOCUS_VIEWER)

@@ -43,6 +43,7 @@ __all__ = [
     "mip_spot",
     "opening_slice",
     "opening_window",
+    "plane_point",
     "png_path",
     "render_slice",
     "save_png",
@@ -135,6 +136,22 @@ def spot_position(volume: Volume, plane: str, index: int, voxel: tuple[int, int,
                     "coronal": ((slices - 1 - z, slices), (columns - 1 - x, columns)),
                     "sagittal": ((slices - 1 - z, slices), (rows - 1 - y, rows))}[plane]
     return (down[0] + 0.5) / down[1], (across[0] + 0.5) / across[1]
+
+
+def plane_point(volume: Volume, plane: str, index: int, down: float, across: float) -> tuple[int, int, int]:
+    """The voxel (z, y, x) at (`down`, `across`) fractions of the height and width of `render_slice`'s image of slice
+    `index` of `plane`, from its top left corner (a click on it): `spot_position` the other way."""
+    _check_plane(plane)
+    slices, rows, columns = volume.shape
+
+    def cell(fraction: float, count: int) -> int:  # from the image's top or left edge
+        return min(count - 1, max(0, int(fraction * count)))
+
+    if plane == "axial":
+        return index, rows - 1 - cell(down, rows), columns - 1 - cell(across, columns)
+    if plane == "coronal":
+        return slices - 1 - cell(down, slices), index, columns - 1 - cell(across, columns)
+    return slices - 1 - cell(down, slices), rows - 1 - cell(across, rows), index
 
 
 def opening_window(volume: Volume, plane: str) -> str:

@@ -544,8 +544,8 @@ def _note_nifti_orientation(header, meta: dict[str, Any]) -> None:
     if not qform_code and not sform_code:
         meta["orientation_unknown"] = True
         meta["notes"].append("the file states no orientation (its qform and sform codes are 0), so it is read in the "
-                             "old Analyze convention (LAS) and its left and right may be swapped; re-export it with "
-                             "its orientation")
+                             "old Analyze convention (LAS), and its sides may be swapped (left and right, front and "
+                             "back, head and feet); re-export it with its orientation")
     elif qform_code and sform_code:
         try:
             qform, sform = ("".join(map(str, aff2axcodes(affine))) for affine in (header.get_qform(),

@@ -136,9 +136,13 @@ def test_a_nifti_without_orientation_is_not_called_stored_as_las(app_module, tmp
     image.set_sform(None, code=0)
     image.set_qform(None, code=0)
     nib.save(image, tmp_path / "unstated.nii")
-    _, outputs = loaded(app_module, [tmp_path / "unstated.nii"])
+    session, outputs = loaded(app_module, [tmp_path / "unstated.nii"])
     assert "**Orientation** | not stated (read as LAS), shown radiologically; sides in doubt |" in outputs["card"]
-    assert "left and right may be swapped" in outputs["card"]
+    assert "its sides may be swapped (left and right, front and back, head and feet)" in outputs["card"]
+    *_, (report, download) = app_module.generate_report(session, 8, 0.0, 1.0)  # the sides it names are in doubt
+    assert report.endswith(f"*{app_module.SIDES_IN_DOUBT}*")
+    assert app_module.SIDES_IN_DOUBT in Path(download["value"]).read_text(encoding="utf-8")
+    session.release()
 
 
 def test_a_series_description_is_never_shown_because_it_can_name_the_patient(app_module, tmp_path):
@@ -336,10 +340,10 @@ def test_kept_slices_are_shown_after_encoding(app_module, ct_nifti):
     status, kept, html = app_module.encode_scan(session)
     assert session.kept_slices and all(0 <= k < 40 for k in session.kept_slices)
     assert f"kept {len(session.kept_slices)} of 40 axial slices (green marks)" in status
-    assert [value for _, value in kept["choices"]] == [str(k + 1) for k in session.kept_slices]
+    assert kept["choices"] == [str(k + 1) for k in session.kept_slices]
     assert html.count('class="kept-mark"') == len(session.kept_slices)
     assert "green: the slices the model kept" in html  # the track says what its marks are
-    plane, slider, jumped, choice = app_module.jump_to_kept(session, kept["choices"][0][1], "soft tissue")
+    plane, slider, jumped, choice = app_module.jump_to_kept(session, kept["choices"][0], "soft tissue")
     assert plane == "axial" and slider["value"] == session.kept_slices[0] + 1
     assert "kept by the model" in jumped
     assert choice["value"] is None  # the same number can be clicked again once the user has scrolled away
@@ -362,7 +366,7 @@ def test_every_slice_a_kept_slab_averages_is_shown_as_read(app_module, tmp_path,
     read = {index for first, last in slabs for index in range(first, last + 1)}
     assert ("Ready: the model kept 4 of its 38 slabs of about 3.9 mm, covering 14 of 120 axial slices (green marks)"
             in status)
-    assert kept["choices"] == [("4–7", "5"), ("7–10", "8"), ("41–44", "42"), ("118–120", "119")]
+    assert kept["choices"] == ["5", "8", "42", "119"]  # each slab's middle slice: typed, its number picks it
     marks = re.findall(r'class="kept-mark" data-slice="(\d+)" style="left:([\d.]+)%;width:([\d.]+)%"', html)
     assert [(int(middle), float(left), float(width)) for middle, left, width in marks] == [
         (5, 2.5, 3.33), (8, 5.0, 3.33), (42, 33.33, 3.33), (119, 97.5, 2.5)]
@@ -394,6 +398,30 @@ def test_a_sagittal_acquisition_is_described_and_opened_as_acquired(app_module, 
     assert "| 15 × 60 voxels × 64 axial slices |" in outputs["card"] and outputs["plane"]["value"] == "axial"
     assert app_module.PLANE_QUESTION in [question for question, in outputs["suggestions"].constructor_args["samples"]]
     axial.release()
+
+
+def test_a_point_clicked_on_a_slice_gives_its_value_and_opens_the_other_planes_through_it(app_module, tmp_path):
+    """A viewer's probe: a CT's ground-glass nodule is read by its HU (fat, fluid, ground glass or calcium is the
+    first question of a finding). The point is marked in every plane through it; a click that the viewer has moved
+    on from since, or that is no point, changes nothing."""
+    from medvlm.view import spot_position
+
+    data = torso_ct()
+    data[24:27, 30:33, 45:48] = -538.0  # a ground-glass focus toward the patient's right (high x)
+    session, _ = loaded(app_module, [save_nifti(tmp_path / "ct.nii.gz", data, (5.0, 1.0, 1.0), "LPS",
+                                                dtype=np.int16, modality="CT")])
+    app_module.show_slice(session, "axial", "lung", 26)  # axial 26: z 25, as the viewer shows it
+    down, across = spot_position(session.volume, "axial", 25, (25, 31, 46))
+    html = app_module.mark_point(session, f"axial 26 {down} {across} 7", "lung")
+    assert 'class="spot-mark"' in html and "cross-hair: the point clicked, −538 HU<" in html
+    slider, html, _ = app_module.change_plane(session, "coronal", "lung")  # opens through it: y 31, slice 32
+    assert slider["value"] == 32 and 'class="spot-mark"' in html and "−538 HU" in html
+    slider, html, _ = app_module.change_plane(session, "sagittal", "lung")
+    assert slider["value"] == 47 and 'class="spot-mark"' in html
+    assert app_module.mark_point(session, f"axial 26 {down} {across} 8", "lung") == gr.skip()  # not shown now
+    for no_point in ("axial 26 0.5", "mip 1 0.5 0.5", "axial x 0.5 0.5", None):
+        assert app_module.mark_point(session, no_point, "lung") == gr.skip()
+    session.release()
 
 
 def test_3d_figure_stays_under_2_mb_for_a_large_ct():
@@ -876,6 +904,10 @@ def test_the_line_under_the_report_quotes_the_checkpoints_own_held_out_scores(ap
     assert f"on {scores['n']} held-out phantoms" in caveat
     assert f"named {scores['finding_recall']:.0%} of their findings" in caveat
     assert f"right answer to {scores['closed_accuracy']:.0%} of multiple-choice questions" in caveat
+    assert "a side or an organ it names" not in caveat  # said of the phantom-trained demo model only
+    shipped_demo = SimpleNamespace(held_out_scores=lambda: None, describe=lambda: {"demo": True})
+    assert "mostly the modality: a side or an organ it names may not be the scan's" in app_module.report_caveat(
+        shipped_demo)  # it names the right lung for a scan and its mirror image alike
 
 
 def test_stop_ends_the_generation_thread(app_module, ct_nifti):

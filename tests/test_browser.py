@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -127,6 +128,9 @@ def test_a_clinician_session(browser, server, app_module, tmp_path, monkeypatch)
     page.locator("#kept-slices input").click()
     page.get_by_role("option", name=last_kept, exact=True).click()
     page.locator("#slice-view", has_text=f"Axial {last_kept} /").wait_for()
+    # the pick hands the viewer the keys once it is drawn: the list is focused again only after that, or the hand-over
+    # (late on a loaded machine) takes the keys the list is about to be typed into
+    page.wait_for_function("() => document.activeElement === document.querySelector('#slice-view')")
     # ... and by the keyboard: a kept slice's number typed, then Enter; the viewer then has the keys
     typed_kept = page.locator("#slice-view .kept-mark").nth(1).get_attribute("data-slice")
     page.locator("#kept-slices input").focus()
@@ -436,6 +440,25 @@ def test_a_slice_named_in_an_examples_true_findings_opens_with_a_click(browser, 
     page.locator("#slice-view", has_text=f"Axial {number} /").wait_for()
     assert seen_in == "lung" and "window lung" in page.locator("#slice-view .slice-caption").inner_text()
     assert page.get_by_label("axial", exact=True).is_checked() and page.url.endswith("/")  # no navigation
+    page.close()
+
+
+def test_a_point_clicked_on_a_slice_is_read_and_shown_in_the_other_planes(browser, server):  # noqa: F811
+    """A viewer's probe, as a radiologist reads a finding's density: a click on the CT example's axial slice marks
+    the point, gives its HU in the caption, and the coronal plane opens through it, marked."""
+    page = browser.new_page(viewport=LAPTOP)
+    page.set_default_timeout(60_000)
+    page.goto(server)
+    page.locator("#examples").get_by_text("ct chest abdomen").click()
+    page.locator("#status-line", has_text="Ready").wait_for()
+    page.locator("#slice-view .slice-image").click()  # its middle: inside the body
+    caption = page.locator("#slice-view .slice-caption", has_text="cross-hair: the point clicked")
+    caption.wait_for()
+    assert re.search(r"cross-hair: the point clicked, −?\d+(\.\d+)? HU", caption.inner_text())
+    assert page.locator("#slice-view .spot-mark").is_visible()
+    page.get_by_label("coronal", exact=True).check()
+    page.locator("#slice-view", has_text="Coronal").wait_for()
+    assert page.locator("#slice-view .spot-mark").is_visible()
     page.close()
 
 

@@ -388,7 +388,7 @@ def test_a_nifti_that_states_no_orientation_or_two_says_its_sides_are_in_doubt(t
     nib.save(unstated, tmp_path / "unstated.nii")
     scan = load_volume(tmp_path / "unstated.nii")
     assert scan.meta["orientation_unknown"] and scan.orientation == "LAS"
-    assert any("states no orientation" in note and "left and right may be swapped" in note
+    assert any("states no orientation" in note and "its sides may be swapped (left and right, front and back" in note
                for note in scan.meta["notes"])
     two = nib.Nifti1Image(data, None)
     two.set_qform(np.diag([-MARKED_SPACING[2], *MARKED_SPACING[1::-1], 1.0]), code=1)  # LAS

@@ -349,3 +349,20 @@ def test_the_card_gives_an_overlapping_reconstructions_thickness_and_how_the_pat
         ds.save_as(path)
     card = scan_card(load_volume(tmp_path / "supine"))
     assert "| 0.70 × 0.70 mm in-plane, 2.50 mm between slices |" in card and "| supine, head first |" in card
+
+
+def test_a_point_clicked_on_a_slice_image_is_the_voxel_drawn_there():
+    """`plane_point` undoes `spot_position` for every voxel of every plane (the radiological flips, anisotropic
+    pixels drawn square), and a click anywhere within a voxel's pixels finds that voxel."""
+    from medvlm.view import plane_point
+
+    volume = Volume(np.zeros((5, 6, 7), np.float32), (3.0, 0.8, 1.1), np.eye(4), "CT", "nifti", "LPS")
+    for z in range(5):
+        for y in range(6):
+            for x in range(7):
+                for plane, index in (("axial", z), ("coronal", y), ("sagittal", x)):
+                    down, across = spot_position(volume, plane, index, (z, y, x))
+                    assert plane_point(volume, plane, index, down, across) == (z, y, x), plane
+                    image = render_slice(volume, plane, index, "soft tissue")  # a click 0.4 of a pixel off
+                    nudged = (down + 0.4 / image.shape[0], across - 0.4 / image.shape[1])
+                    assert plane_point(volume, plane, index, *nudged) == (z, y, x), plane

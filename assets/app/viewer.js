@@ -289,8 +289,9 @@
     if (viewer) viewer.classList.toggle("measuring", measuring);
     const button = document.querySelector("#slice-view .slice-ruler");
     if (button) button.setAttribute("aria-pressed", String(measuring));
-    const mip = document.querySelector("#slice-view .slice-image[data-spot-click]");
-    if (mip) {  // while measuring, a click measures: the MIP's "click a spot" title (kept aside) is not shown
+    const mip = document.querySelector(
+      "#slice-view .slice-image[data-spot-click], #slice-view .slice-image[data-point-click]");
+    if (mip) {  // while measuring, a click measures: the "click a spot" title (kept aside) is not shown
       mip.dataset.clickTitle ??= mip.title;
       mip.title = measuring ? "" : mip.dataset.clickTitle;
     }
@@ -380,6 +381,17 @@
     const point = onImage(image, event);
     if (Math.hypot(point.clientX - event.clientX, point.clientY - event.clientY) > 1) return;  // beside the image
     findSpot(image, point.y / image.naturalHeight, point.x / image.naturalWidth);
+  });
+
+  // A point clicked on a slice is marked, its value given and the other planes opened through it (the app's
+  // mark_point): the plane, the slice and where on it the click fell go to a box the app answers, as for the MIP.
+  document.addEventListener("click", (event) => {
+    const image = event.target.closest && event.target.closest("#slice-view .slice-image[data-point-click]");
+    if (!image || measuring) return;
+    const point = onImage(image, event);
+    if (Math.hypot(point.clientX - event.clientX, point.clientY - event.clientY) > 1) return;  // beside the image
+    tellApp("#point-spot", `${image.dataset.plane} ${image.dataset.slice} ${point.y / image.naturalHeight} ` +
+            `${point.x / image.naturalWidth}`);
   });
 
   // A slice linked in an example's true findings ("axial slice 56", href #axial-56) is shown, as a pick from the kept
