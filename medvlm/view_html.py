@@ -200,7 +200,7 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
         slab = next(((first, last) for first, last in kept_slabs if first <= index <= last), None)
         if slab is not None:
             kept_note = (" · kept by the model" if slab[0] == slab[1] else
-                         f" · kept by the model, averaged with the slices around it ({slab[0] + 1}–{slab[1] + 1})")
+                         f" · kept by the model (slab {slab[0] + 1}–{slab[1] + 1})")
     cursor = f'<span class="cursor-mark" style="left:{100 * (index + 0.5) / count:.2f}%"></span>'
     black, white = window_limits(volume, window)
     frame = "slice-frame inverted" if black > white else "slice-frame"  # white around a white image

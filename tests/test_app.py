@@ -374,7 +374,7 @@ def test_every_slice_a_kept_slab_averages_is_shown_as_read(app_module, tmp_path,
         view, _ = app_module.show_slice(session, "axial", "soft tissue", index + 1)
         assert ("kept by the model" in view) == (index in read), index
     view, _ = app_module.show_slice(session, "axial", "soft tissue", 42)
-    assert "kept by the model, averaged with the slices around it (41–44)" in view
+    assert "kept by the model (slab 41–44)" in view
     session.release()
 
 
