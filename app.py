@@ -54,6 +54,9 @@ from medvlm.view import (
 )
 from medvlm.view3d import default_threshold, figure_3d, surface_grid, threshold_range
 from medvlm.view_html import (
+    CLICKED,
+    FROM_MIP,
+    LESION_CENTRE,
     MODALITY_NAMES,
     empty_view_html,
     kept_summary,
@@ -263,7 +266,7 @@ class ScanSession:
     shown_slices: dict[str, int] = field(default_factory=dict)  # plane → the slice (from 1) last shown in it
     shown: tuple[str, str | None] = ("axial", None)  # the plane and window the viewer last showed
     spot: tuple[int, int, int] | None = None  # the voxel (z, y, x) last found from a click on the MIP or a slice
-    spot_from_mip: bool = True  # whether `spot` was found from the MIP (else clicked on a slice), as the caption says
+    spot_found: str = FROM_MIP  # how `spot` was found (the MIP, a click, an example's true findings), as said
     # How often the visitor changed the plane or jumped to a slice: a slice asked for before that and drawn after
     # it (a MIP frame still being projected) is not put on the page, where it would show under the new controls.
     view_changes: int = 0
@@ -454,7 +457,8 @@ LESION_WINDOWS = {"lung": "lung"}  # a CT lesion in this organ is shown in this 
 def example_truth(path: Path, slices: int) -> str:
     """The findings report an example phantom was made with (assets/examples/examples.json), and the axial slice
     through each lesion's centre, counted from 1 at the feet of the `slices` the viewer shows, as a link that shows
-    it (viewer.js, `jump_to_linked_slice`), in the window it is read in (LESION_WINDOWS); "" for a scan not listed.
+    it, its centre marked (viewer.js, `jump_to_linked_slice`), in the window it is read in (LESION_WINDOWS); "" for
+    a scan not listed.
     A lesion whose entry is not as expected is left out, not the report."""
     try:
         entry = json.loads((EXAMPLES_DIR / "examples.json").read_text(encoding="utf-8")).get(path.name, {})
@@ -466,9 +470,9 @@ def example_truth(path: Path, slices: int) -> str:
     for lesion in entry.get("lesions") or []:
         try:
             place = " ".join(str(part) for part in (lesion.get("side"), lesion.get("level")) if part)
-            number = round(lesion["center_voxel"][0]) + 1
+            number, row, column = (round(coordinate) + 1 for coordinate in lesion["center_voxel"])
             seen_in = LESION_WINDOWS.get(lesion["organ"]) if entry.get("modality") == "CT" else None
-            anchor = f"axial-{number}" + (f"-{seen_in}" if seen_in else "")
+            anchor = f"axial-{number}-{row}-{column}" + (f"-{seen_in}" if seen_in else "")
             where.append(f"- {lesion['kind']}, {lesion['diameter_mm']:.0f} mm, {lesion['organ']}"
                          f"{f' ({place})' if place else ''}: [axial slice {number}](#{anchor}) of {slices}")
         except (KeyError, IndexError, TypeError, ValueError, AttributeError):
@@ -815,7 +819,7 @@ def slice_html(session: ScanSession | None, plane: str, window: str | None, slic
     index = _slice_number(volume, plane, slice_number) - 1
     if not known_window(window, volume.modality, volume.units):
         window = opening_window(volume, plane)
-    view = slice_view_html(volume, plane, index, window, session.kept_slabs, session.spot, session.spot_from_mip)
+    view = slice_view_html(volume, plane, index, window, session.kept_slabs, session.spot, session.spot_found)
     if since is not None and session.view_changes != since:
         return None
     session.shown_slices[plane] = index + 1  # a plane opened again opens here
@@ -929,7 +933,7 @@ def find_mip_spot(session: ScanSession | None, spot: object, window: str | None)
     volume = session.volume
     down, across = min(1.0, max(0.0, down)), min(1.0, max(0.0, across))
     session.spot = voxel = mip_spot(volume, _slice_number(volume, MIP, frame) - 1, down, across)
-    session.spot_from_mip = True
+    session.spot_found = FROM_MIP
     if voxel is None:  # the axial slice at that height
         return jump_to_axial(session, mip_slice(volume, down) + 1, window)
     z, y, x = voxel
@@ -959,24 +963,32 @@ def mark_point(session: ScanSession | None, point: object, window: str | None):
     index = int(number) - 1
     session.in_use()
     session.spot = voxel = plane_point(volume, plane, index, min(1.0, max(0.0, down)), min(1.0, max(0.0, across)))
-    session.spot_from_mip = False
+    session.spot_found = CLICKED
     # PLANES in the order of the voxel's axes (z, y, x): the other planes open through it
     session.shown_slices.update({other: voxel[PLANES.index(other)] + 1 for other in PLANES if other != plane})
     if not known_window(window, volume.modality, volume.units):
         window = session.shown[1] or opening_window(volume, plane)
-    view = slice_view_html(volume, plane, index, window, session.kept_slabs, voxel, spot_from_mip=False)
+    view = slice_view_html(volume, plane, index, window, session.kept_slabs, voxel, CLICKED)
     return gr.skip() if moved_on() else view  # drawn over a newer image, it would show the slice left
 
 
 def jump_to_linked_slice(session: ScanSession | None, link: object, window: str | None):
-    """Show the axial slice a link on the page names (an example's true findings: viewer.js writes "number count"
-    or, for a lesion read in another window, "number-window count", the count making the same link clicked again a
-    change), in that window. Returns (plane, slider, slice view, window box)."""
-    number, _, seen_in = (link.split()[0] if isinstance(link, str) and link.split() else "").partition("-")
+    """Show the axial slice a link on the page names (an example's true findings: viewer.js writes "axial-row-column
+    count", the lesion's centre as slice numbers from 1 in the three planes, then, for a lesion read in another
+    window, "-window"; the count makes the same link clicked again a change), the centre marked, the other planes
+    opening through it, in that window. Returns (plane, slider, slice view, window box)."""
+    parts = (link.split()[0] if isinstance(link, str) and link.split() else "").split("-")
+    numbers = [_typed_number(part) for part in parts[:3]]
+    seen_in = parts[3] if len(parts) > 3 else ""
     volume = session.volume if session is not None else None
-    usable = bool(seen_in) and volume is not None and known_window(seen_in, volume.modality, volume.units)
-    shown = jump_to_axial(session, number or None, seen_in if usable else window)
-    return (*shown, seen_in if usable and shown[0] == "axial" else gr.skip())
+    if volume is None or len(numbers) != 3 or None in numbers:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    centre = tuple(min(count, max(1, int(number))) - 1 for number, count in zip(numbers, volume.shape, strict=True))
+    session.spot, session.spot_found = centre, LESION_CENTRE
+    session.shown_slices.update(coronal=centre[1] + 1, sagittal=centre[2] + 1)
+    usable = bool(seen_in) and known_window(seen_in, volume.modality, volume.units)
+    shown = jump_to_axial(session, centre[0] + 1, seen_in if usable else window)
+    return (*shown, seen_in if usable else gr.skip())
 
 
 def jump_to_axial(session: ScanSession | None, number: object, window: str | None):

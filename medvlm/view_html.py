@@ -176,15 +176,20 @@ def kept_summary(volume: Volume, kept_slabs: list[tuple[int, int]], input_slices
             f"{total} axial slices")
 
 
+FROM_MIP = "the spot found from the MIP"  # what a cross-hair marks, as the caption says (`slice_view_html`)
+CLICKED = "the point clicked"
+LESION_CENTRE = "the lesion's centre, from the true findings"
+
+
 def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_slabs: list[tuple[int, int]],
-                    spot: tuple[int, int, int] | None = None, spot_from_mip: bool = True) -> str:
+                    spot: tuple[int, int, int] | None = None, spot_found: str = FROM_MIP) -> str:
     """The slice `index` (from 0) of `plane` in `window` as an inline PNG (nothing written to disk), with its
     orientation letters, its pixel size for the ruler, buttons (viewer.js) that enlarge it to the window, measure
     on it and, for the MIP, turn it, a track marking `kept_slabs` (the first and last axial index of each slab the
     model kept: every slice it read, each mark leading to the slab's middle slice) and the cursor, and a caption:
     where the slice lies, the window, whether the model read it. `spot`: a voxel (z, y, x) found from a click on
-    the MIP (`spot_from_mip`) or clicked on a slice, marked where this image shows it (`_spot_mark`), its value in
-    the caption."""
+    the MIP, clicked on a slice or named by an example's true findings (`spot_found` says which), marked where this
+    image shows it (`_spot_mark`), its value in the caption."""
     count = slice_count(volume, plane)
     pixels = render_slice(volume, plane, index, window)
     buffer = io.BytesIO()
@@ -206,8 +211,7 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
     frame = "slice-frame inverted" if black > white else "slice-frame"  # white around a white image
     location = slice_location(volume, plane, index)
     at = spot_position(volume, plane, index, spot) if spot is not None else None
-    found = "the spot found from the MIP" if spot_from_mip else "the point clicked"
-    spot_note = f"cross-hair: {found}, {_spot_value(volume, spot)}" if at else ""
+    spot_note = f"cross-hair: {spot_found}, {_spot_value(volume, spot)}" if at else ""
     alt = f"{_name_of(plane, index, count)}{f', {spot_note}' if at else ''}"  # the units are text from the file
     return (f'<div class="slice-view"><div class="{frame}"{_aspect(pixels)}>'
             f'<img class="slice-image" src="data:image/png;base64,{source}" alt="{html.escape(alt, quote=True)}" '

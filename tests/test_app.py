@@ -789,10 +789,11 @@ def test_an_examples_true_findings_name_the_slice_through_each_lesions_centre(ap
         volume = load_volume(ROOT / "assets" / "examples" / name)
         truth = app_module.example_truth(ROOT / "assets" / "examples" / name, volume.shape[0])
         # each a link that shows it (viewer.js writes "number count", or "number-window count", into a hidden box)
-        links = re.findall(r"\[axial slice (\d+)\]\(#axial-\1(?:-([a-z]+))?\) of \d+", truth)
-        named_slices = [int(number) for number, _ in links]
+        links = re.findall(r"\[axial slice (\d+)\]\(#axial-\1-(\d+)-(\d+)(?:-([a-z]+))?\) of \d+", truth)
+        named_slices = [int(number) for number, *_ in links]
         assert len(named_slices) == len(entry["lesions"]) > 0, truth
-        for lesion, (_, seen_in) in zip(entry["lesions"], links, strict=True):  # a CT's lung lesion: in lung window
+        for lesion, (_, row, column, seen_in) in zip(entry["lesions"], links, strict=True):
+            assert [int(row), int(column)] == [round(c) + 1 for c in lesion["center_voxel"][1:]]  # its centre
             assert seen_in == ("lung" if entry["modality"] == "CT" and lesion["organ"] == "lung" else ""), truth
         for lesion, number in zip(entry["lesions"], named_slices, strict=True):
             _, y, x = (round(c) for c in lesion["center_voxel"])
@@ -807,12 +808,18 @@ def test_an_examples_true_findings_name_the_slice_through_each_lesions_centre(ap
             linked.append((name, number))
     name, number = linked[0]  # a link followed: the viewer shows that slice
     session, _ = loaded(app_module, [ROOT / "assets" / "examples" / name])
-    plane, slider, view, window = app_module.jump_to_linked_slice(session, f"{number} 3", "bone")
+    _, y, x = (round(c) for c in truths[name]["lesions"][0]["center_voxel"])
+    plane, slider, view, window = app_module.jump_to_linked_slice(session, f"{number}-{y + 1}-{x + 1} 3", "bone")
     assert plane == "axial" and slider["value"] == number and f"Axial {number} / " in view
     assert "window bone" in view and window == gr.skip()  # the window the viewer had
-    plane, slider, view, window = app_module.jump_to_linked_slice(session, f"{number}-lung 4", "soft tissue")
+    assert 'class="spot-mark"' in view and "cross-hair: the lesion's centre, from the true findings" in view
+    slider, view, _ = app_module.change_plane(session, "coronal", "bone")  # the other planes open through it
+    assert slider["value"] == y + 1 and 'class="spot-mark"' in view
+    link = f"{number}-{y + 1}-{x + 1}-lung 4"
+    plane, slider, view, window = app_module.jump_to_linked_slice(session, link, "soft tissue")
     assert slider["value"] == number and "window lung" in view and window == "lung"  # a ground-glass nodule shows
-    assert app_module.jump_to_linked_slice(session, "", "auto") == (gr.skip(),) * 4
+    for no_link in ("", f"{number} 5", "a-b-c 6"):
+        assert app_module.jump_to_linked_slice(session, no_link, "auto") == (gr.skip(),) * 4
     session.release()
 
 

@@ -435,10 +435,11 @@ def test_a_slice_named_in_an_examples_true_findings_opens_with_a_click(browser, 
     page.locator("#slice-view", has_text="Coronal").wait_for()
     page.get_by_text("True findings of this example").click()
     link = page.locator('#example-truth a[href^="#axial-"]').first
-    number, seen_in = link.get_attribute("href").removeprefix("#axial-").split("-")  # the example's lung nodule
+    number, _, _, seen_in = link.get_attribute("href").removeprefix("#axial-").split("-")  # its lung nodule
     link.click()
     page.locator("#slice-view", has_text=f"Axial {number} /").wait_for()
     assert seen_in == "lung" and "window lung" in page.locator("#slice-view .slice-caption").inner_text()
+    assert page.locator("#slice-view .spot-mark").is_visible()  # its centre marked
     assert page.get_by_label("axial", exact=True).is_checked() and page.url.endswith("/")  # no navigation
     page.close()
 
