@@ -103,7 +103,8 @@ def figure_3d(volume: Volume, threshold: float | None = None) -> go.Figure:
     axis = {"showbackground": False, "showgrid": False, "zeroline": False, "showticklabels": False,
             "showspikes": False, "title": {"text": ""}}  # spikes: lines to the walls under the pointer
     figure.update_layout(
-        template="none", margin={"l": 0, "r": 0, "t": 0, "b": 0}, height=420, showlegend=False,
+        # The top margin keeps the S above a tall surface clear of the plot's label, on a phone too
+        template="none", margin={"l": 0, "r": 0, "t": 30, "b": 0}, height=420, showlegend=False,
         # The toolbar runs down the right edge, clear of the label; its "home" would leave the front view for
         # plotly's oblique default (the camera icon returns to the figure's own view).
         paper_bgcolor="rgba(0,0,0,0)", modebar={"orientation": "v", "remove": ["resetCameraDefault3d"]},
