@@ -556,8 +556,10 @@ def _read_pixels(images: list[_DicomImage], rows: int, columns: int, name: str) 
             remedy = ("the file is damaged or its compression is not supported here; export the series again, "
                       "uncompressed" if _is_compressed(path) else
                       "the file is cut short or damaged; copy or export the series again")
-            raise VolumeError(f"{name}: the pixel data of {path.name} cannot be decoded ({error_reason(error)}); "
-                              f"{remedy}") from error
+            slot, image = placed[0]  # which image, as a PACS lists it: a file name may not be shown
+            raise VolumeError(f"{name}: the pixel data of {path.name} (image {slot + 1} of {len(images)} from the "
+                              f"first along the series, instance number {image.instance:g}) cannot be decoded "
+                              f"({error_reason(error)}); {remedy}") from error
         for slot, image in placed:
             frame = decoded if image.frame is None else decoded[image.frame] if image.frame < len(decoded) else None
             if frame is None or frame.shape != (rows, columns):

@@ -596,7 +596,9 @@ def test_a_file_cut_short_in_a_zip_is_named_as_zipped_and_not_called_compressed(
     with pytest.raises(VolumeError) as caught:
         load_volume(tmp_path / "study.zip")
     message = str(caught.value)
-    assert f"the pixel data of {files[2].name} cannot be decoded" in message
+    # which image, as a PACS lists it (the app shows no file name: it can be the patient's)
+    assert (f"the pixel data of {files[2].name} (image 3 of {len(files)} from the first along the series, instance "
+            "number 3) cannot be decoded") in message
     assert message.endswith("the file is cut short or damaged; copy or export the series again")
 
 
