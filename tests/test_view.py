@@ -334,20 +334,17 @@ def test_the_card_gives_an_overlapping_reconstructions_thickness_and_how_the_pat
     are shown anterior up, as every scan's are, where a PACS shows them as acquired: the card says both."""
     from medvlm.view_html import scan_card
 
-    files = save_dicom_series(tmp_path / "prone", marked_ct, (2.5, 0.7, 0.7), "CT")
-    for path in files:
-        ds = pydicom.dcmread(path)
-        ds.SliceThickness, ds.PatientPosition = 5.0, "HFP"
-        ds.save_as(path)
-    card = scan_card(load_volume(tmp_path / "prone"))
+    def card_of(folder: str, thickness_mm: float, position: str) -> str:
+        for path in save_dicom_series(tmp_path / folder, marked_ct, (2.5, 0.7, 0.7), "CT"):
+            ds = pydicom.dcmread(path)
+            ds.SliceThickness, ds.PatientPosition = thickness_mm, position
+            ds.save_as(path)
+        return scan_card(load_volume(tmp_path / folder))
+
+    card = card_of("prone", 5.0, "HFP")
     assert "| 0.70 × 0.70 mm in-plane, 2.50 mm between slices, each 5.00 mm thick |" in card
     assert "| **Patient** | prone, head first (shown as any scan is, anterior up) |" in card
-    files = save_dicom_series(tmp_path / "supine", marked_ct, (2.5, 0.7, 0.7), "CT")
-    for path in files:
-        ds = pydicom.dcmread(path)
-        ds.SliceThickness, ds.PatientPosition = 2.5, "HFS"
-        ds.save_as(path)
-    card = scan_card(load_volume(tmp_path / "supine"))
+    card = card_of("supine", 2.5, "HFS")
     assert "| 0.70 × 0.70 mm in-plane, 2.50 mm between slices |" in card and "| supine, head first |" in card
 
 
