@@ -190,8 +190,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.features and args.from_volumes:
         raise UsageError("train: give --features or --from-volumes, not both")
     _check_seed("train", args.seed)
-    print(train(args.preset, args.data, args.out, seed=args.seed, work=args.work, config_overrides=overrides,
-                features=args.features, from_volumes=args.from_volumes))
+    _print_once(train(args.preset, args.data, args.out, seed=args.seed, work=args.work, config_overrides=overrides,
+                      features=args.features, from_volumes=args.from_volumes))
+
+
+def _print_once(result: object) -> None:
+    """Print what a command made once, from the main process of those `accelerate launch` started (each returns it)."""
+    from .features import process_state
+
+    process_state().print(result)
 
 
 def _output_folder(command: str, path: str | None) -> None:
@@ -206,8 +213,8 @@ def cmd_features(args: argparse.Namespace) -> None:
     if args.shard_size < 1:
         raise UsageError("features: --shard-size is the number of scans per file, at least 1")
     _output_folder("features", args.out)
-    print(encode_data_folder(args.checkpoint_or_preset, args.data, args.out, splits=tuple(_csv(args.split)),
-                             revision=args.revision, shard_size=args.shard_size))
+    _print_once(encode_data_folder(args.checkpoint_or_preset, args.data, args.out, splits=tuple(_csv(args.split)),
+                                   revision=args.revision, shard_size=args.shard_size))
 
 
 def cmd_push(args: argparse.Namespace) -> None:

@@ -84,11 +84,11 @@ def single(recipe) -> Path:
 def double(recipe) -> SimpleNamespace:
     """Two processes: the feature cache with `features`, then training from it."""
     features, out = recipe.root / "double" / "features", recipe.root / "double" / "checkpoint"
-    run("features", "--checkpoint-or-preset", str(recipe.preset), "--data", str(recipe.data), "--out", str(features),
-        "--shard-size", "4", env=recipe.env, processes=2)
-    run("train", "--preset", str(recipe.preset), "--data", str(recipe.data), "--out", str(out), "--features",
-        str(features), env=recipe.env, processes=2)
-    return SimpleNamespace(features=features, checkpoint=out)
+    encoded = run("features", "--checkpoint-or-preset", str(recipe.preset), "--data", str(recipe.data), "--out",
+                  str(features), "--shard-size", "4", env=recipe.env, processes=2)
+    trained = run("train", "--preset", str(recipe.preset), "--data", str(recipe.data), "--out", str(out),
+                  "--features", str(features), env=recipe.env, processes=2)
+    return SimpleNamespace(features=features, checkpoint=out, printed=encoded.stdout + trained.stdout)
 
 
 def tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -202,6 +202,8 @@ def test_two_processes_give_a_checkpoint_of_the_same_structure(single, double, r
     assert json.loads((double.checkpoint / "training.json").read_text())["recipe"]["processes"] == 2
     assert set(epoch_losses(double.checkpoint)) == {"align", "instruct"}
     Pipeline.from_pretrained(double.checkpoint)
+    lines = double.printed.splitlines()  # what each command made, said once: each process printed it
+    assert lines.count(str(double.checkpoint)) == lines.count(str(double.features / "features.json")) == 1
 
 
 @pytest.mark.slow
