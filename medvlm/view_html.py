@@ -107,7 +107,8 @@ def scan_card(volume: Volume | None, label: str = "") -> str:
         ("Spacing", f"{width_mm:.2f} × {height_mm:.2f} mm in-plane, {step_mm:.2f} mm between slices"
          f"{_thickness(meta.get('slice_thickness_mm'), step_mm)}" if volume.spacing_known
          else "not stored in an M3D .npy; shown as 1 mm"),
-        ("Field of view", f"{x * sx:.0f} × {y * sy:.0f} × {z * sz:.0f} mm" if volume.spacing_known else "unknown"),
+        ("Field of view", f"{width * width_mm:.0f} × {height * height_mm:.0f} × {count * step_mm:.0f} mm"
+         if volume.spacing_known else "unknown"),
         ("Orientation", _orientation_words(volume)),
         ("Source", f"{SOURCE_NAMES.get(volume.source, volume.source)}, {label}"),
     ]
@@ -224,7 +225,7 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
             f'<div class="slice-track" data-count="{count}" title="Click to go to a {_step_name(plane)}'
             f'{"; green: the slices the model kept" if marks else ""}">'
             f'{marks}{cursor}</div>'
-            f'<div class="slice-caption">{_position(plane, index, count)}'
+            f'<div class="slice-caption">{_position(plane, index, count, not volume.meta.get("orientation_unknown"))}'
             f'{f" · {location}" if location else ""} · window '
             f'{window_label(window)}{shown_range(volume, window)}'
             f'{_drawn_note(volume, plane, index)}{kept_note}{f" · {shown(spot_note)}" if at else ""}</div></div>')
@@ -304,11 +305,12 @@ def _step_name(plane: str) -> str:
     return "frame" if plane == MIP else "slice"
 
 
-def _position(plane: str, index: int, count: int) -> str:
-    """What the caption says first: the slice and where slice 1 lies, or the MIP frame."""
+def _position(plane: str, index: int, count: int, sides_known: bool = True) -> str:
+    """What the caption says first: the slice and, where the file states its orientation, where slice 1 lies; or
+    the MIP frame."""
     if plane == MIP:
         return f"MIP {index + 1} / {count}"
-    return f"{plane.title()} {index + 1} / {count} from {SLICE_ONE[plane]}"
+    return f"{plane.title()} {index + 1} / {count}" + (f" from {SLICE_ONE[plane]}" if sides_known else "")
 
 
 def _name_of(plane: str, index: int, count: int) -> str:

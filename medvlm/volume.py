@@ -580,9 +580,9 @@ def _read_voxels(path: Path, proxy, index: tuple) -> np.ndarray:
 GUESSED_MODALITY = {
     "CT": "the file does not say which modality it is; it is read as CT because its values run from air to bone "
           "in Hounsfield units",
-    "OT": "the file does not say which modality it is, and its values are not a CT's Hounsfield units; it is read "
-          "as 'other' and shown over its whole range of values: if it is an MR or a PET, say so (the app's "
-          "Modality list, or --modality on the command line)",
+    "OT": "the file does not say which modality it is, and its values do not run from air to bone as a whole CT's "
+          "Hounsfield units do; it is read as 'other' and shown over its whole range of values: if it is a CT, an "
+          "MR or a PET, say so (the app's Modality list, or --modality on the command line)",
 }
 
 

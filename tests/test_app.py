@@ -387,6 +387,7 @@ def test_a_sagittal_acquisition_is_described_and_opened_as_acquired(app_module, 
     session, outputs = loaded(app_module, [scan])
     assert "| 60 × 64 voxels × 15 sagittal slices |" in outputs["card"]
     assert "| 0.90 × 0.90 mm in-plane, 4.00 mm between slices |" in outputs["card"]
+    assert "| 54 × 58 × 60 mm |" in outputs["card"]  # the field of view in the same order
     assert outputs["plane"]["value"] == "sagittal" and "Sagittal 8 / 15" in outputs["slice"]
     suggested = [question for question, in outputs["suggestions"].constructor_args["samples"]]
     assert suggested and app_module.PLANE_QUESTION not in suggested

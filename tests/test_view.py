@@ -302,11 +302,12 @@ def test_a_scan_that_states_no_orientation_shows_its_sides_in_doubt(tmp_path, ma
         for plane, letters in (("axial", "RLAP"), ("coronal", "RLSI"), ("sagittal", "APSI")):
             edges = re.findall(r'class="edge edge-\w+">([^<]*)<', slice_view_html(scan, plane, 3, "auto", []))
             assert edges == [f"{letter}?" for letter in letters], (name, plane)
+        assert "Axial 4 / 8 ·" in slice_view_html(scan, "axial", 3, "auto", [])  # not "from inferior", unknown
         labels = [note["text"] for note in figure_3d(scan).layout.scene.annotations]
         assert labels and all(label.endswith("?</b>") for label in labels), name
     stated = load_volume(save_dicom_series(tmp_path / "series", marked_ct, MARKED_SPACING, "CT")[0].parent)
     edges = re.findall(r'class="edge edge-\w+">([^<]*)<', slice_view_html(stated, "axial", 3, "auto", []))
-    assert edges == list("RLAP")
+    assert edges == list("RLAP") and "Axial 4 / 8 from inferior ·" in slice_view_html(stated, "axial", 3, "auto", [])
     assert "as stored, shown radiologically" in scan_card(stated) and "in doubt" not in scan_card(stated)
 
 
