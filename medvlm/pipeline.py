@@ -58,10 +58,6 @@ class Encoding:
         """The middle axial slice of each kept slab: where the viewer goes to show one."""
         return [(first + last) // 2 for first, last in self.kept_slabs]
 
-    def covered_slices(self) -> int:
-        """How many of the volume's axial slices the kept slabs average between them."""
-        return len({index for first, last in self.kept_slabs for index in range(first, last + 1)})
-
     def to(self, device: str | torch.device) -> Encoding:
         """The same encoding with its visual tokens on `device` (the CPU, to pass it to another process)."""
         return replace(self, visual_tokens=self.visual_tokens.to(device))
