@@ -101,16 +101,20 @@ def slice_grid(positions: np.ndarray, rounding: float = 0.0) -> SliceGrid:
     gaps = np.diff(positions)
     median = float(np.median(gaps))
     one_slot = float(np.mean(gaps[gaps < 1.75 * median]))  # the gaps of one slot: 2 and 3 for 2.5 mm rounded to mm
-    # Rounded positions: first every image a slot (at 45°, 2 mm slices rounded to whole mm lie exactly on a 1.41 mm
-    # grid with every other slot empty), then as exact ones, for a series that lost a file.
+    # The grid of the one-slot gaps, as for exact positions; but rounded positions whose grid leaves more gaps of
+    # several slots than a few lost files would (at 45°, 2 mm slices rounded to whole mm lie exactly on a 1.41 mm
+    # grid with every other slot empty) take the grid of every image a slot where that one fits too.
     grid = None
-    for guess in ((float(positions[-1] - positions[0]) / len(gaps), one_slot) if rounding else (one_slot,)):
+    for guess in (one_slot, float(positions[-1] - positions[0]) / len(gaps)) if rounding else (one_slot,):
         slots, step = _fitted_slots(positions, guess, rounding)
         counted = np.diff(slots)
-        if counted.min() >= 1 and (
+        if counted.min() < 1 or not (
                 np.all(np.abs(gaps - counted * step) <= GAP_TOLERANCE * step + POSITION_PRECISION_MM)
                 or (rounding > 0 and _off_grid(slots, positions) <= min(rounding + POSITION_PRECISION_MM, step / 2))):
+            continue
+        if grid is None or not np.any(counted > 1):
             grid = SliceGrid(step, slots, "even", wide_gaps(gaps))
+        if np.count_nonzero(counted > 1) <= max(MAX_MISSING_IN_A_GAP, len(gaps) // 10):
             break
     if grid is None or grid.size > MAX_GRID_SLOTS * len(positions):  # (or two packages interleaved unevenly)
         extent = float(positions[-1] - positions[0])  # no finer than MAX_GRID_SLOTS slots an image allow

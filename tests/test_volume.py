@@ -252,6 +252,11 @@ def test_positions_rounded_to_whole_mm_lie_on_the_series_grid(tmp_path):
     _series_at(tmp_path / "lost", [2.5 * index for index in range(60) if index != 20], whole_mm=True)
     scan = load_volume(tmp_path / "lost")  # one file lost: a missing slice, not "uneven gaps"
     assert scan.shape[0] == 60 and scan.meta["missing_slices"] == 1 and "uneven_gaps" not in scan.meta
+    # 1 mm slices at whole-mm heights (as scanners write them), three files lost: the gap shown empty at 1 mm steps
+    # (every image a slot made the step 1.068 mm, each distance along the scan 7 % long)
+    _series_at(tmp_path / "three-lost", [index for index in range(23) if index not in (10, 11, 12)], whole_mm=True)
+    scan = load_volume(tmp_path / "three-lost")
+    assert scan.shape[0] == 23 and scan.spacing[0] == pytest.approx(1.0) and scan.meta["empty_slices"] == 3
 
 
 def test_missing_slices_count_against_the_slice_limit_before_pixels_are_read(tmp_path, monkeypatch):
