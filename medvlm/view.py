@@ -94,18 +94,18 @@ def slice_width_mm(volume: Volume, plane: str, index: int) -> float:
 
 
 def opening_slice(volume: Volume, plane: str) -> int:
-    """The slice (from 0) a plane opens at: its middle one; the MIP's frame seen from the front. An axial one that a
-    DICOM series' gap leaves empty (`meta["empty_slices"]`) gives way to the nearest that holds an image: a scan
-    should not open on a black square."""
+    """The slice (from 0) a plane opens at: its middle one; the MIP's frame seen from the front. One of the plane
+    the series was acquired in that a DICOM series' gap leaves empty (`meta["empty_slices"]`) gives way to the
+    nearest that holds an image: a scan should not open on a black square."""
     if plane == MIP:
         return 0
     middle = slice_count(volume, plane) // 2
-    if plane != "axial" or not volume.meta.get("empty_slices"):
+    if plane != acquired_plane(volume) or not volume.meta.get("empty_slices"):
         return middle
-    data = volume.data
+    axis, data = _PLANE_AXIS[plane], volume.data
     lowest = data.min()  # what an empty slice holds throughout (`dicom._fill_padding`)
-    nearest = sorted(range(data.shape[0]), key=lambda index: (abs(index - middle), index))
-    return next((index for index in nearest if data[index].max() > lowest), middle)
+    nearest = sorted(range(data.shape[axis]), key=lambda index: (abs(index - middle), index))
+    return next((index for index in nearest if np.take(data, index, axis).max() > lowest), middle)
 
 
 def mip_spot(volume: Volume, frame: int, down: float, across: float) -> tuple[int, int, int] | None:

@@ -177,6 +177,27 @@ def test_a_missing_slice_of_a_sagittal_series_is_named_where_the_viewer_shows_it
     assert "not acquired" not in slice_view_html(scan, "axial", 3, "auto", [])  # a reformat: no one slice
 
 
+def test_a_sagittal_series_with_a_gap_opens_on_an_image_not_in_the_gap(tmp_path):
+    """A scan opens in the plane it was acquired in, at its middle slice; where a gap (three files lost) leaves that
+    slice empty, at the nearest that holds an image, as an axial series does."""
+    from medvlm.view import acquired_plane, opening_slice
+
+    image = np.random.default_rng(0).uniform(100, 900, (12, 8, 8)).astype(np.float32)
+    files = save_dicom_series(tmp_path, image, (2.5, 1.0, 1.0), "MR")
+    for slot, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]  # sagittal
+        ds.ImagePositionPatient = [-2.5 * slot, 0.0, 0.0]
+        ds.save_as(path)
+    for index in (5, 6, 7):
+        files[index].unlink()
+    scan = load_volume(tmp_path)
+    assert acquired_plane(scan) == "sagittal" and scan.meta["empty_slices"] == 3
+    opening = opening_slice(scan, "sagittal")
+    empty = [index for index in range(scan.shape[2]) if scan.data[:, :, index].max() == scan.data.min()]
+    assert len(empty) == 3 and opening not in empty and min(abs(opening - index) for index in empty) == 1
+
+
 def test_a_spacing_that_doubles_within_a_series_is_not_called_missing_slices(tmp_path):
     """20 slices 2.5 mm apart, then 6 at 5 mm: the series' spacing changes, nothing is missing from it; one or two
     gaps of two steps in a series are missing slices."""
