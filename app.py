@@ -973,10 +973,11 @@ def mark_point(session: ScanSession | None, point: object, window: str | None):
 
 
 def jump_to_linked_slice(session: ScanSession | None, link: object, window: str | None):
-    """Show the axial slice a link on the page names (an example's true findings: viewer.js writes "axial-row-column
-    count", the lesion's centre as slice numbers from 1 in the three planes, then, for a lesion read in another
-    window, "-window"; the count makes the same link clicked again a change), the centre marked, the other planes
-    opening through it, in that window. Returns (plane, slider, slice view, window box)."""
+    """Show the axial slice a link on the page names (an example's true findings: viewer.js writes "axial-coronal-
+    sagittal count", the lesion's centre as slice numbers from 1 in the three planes, "56-40-71 3", with "-window"
+    after them for a lesion read in another window, "56-40-71-lung 3"; the count makes the same link clicked again a
+    change), the centre marked, the other planes opening through it, in that window. Returns (plane, slider, slice
+    view, window box)."""
     parts = (link.split()[0] if isinstance(link, str) and link.split() else "").split("-")
     numbers = [_typed_number(part) for part in parts[:3]]
     seen_in = parts[3] if len(parts) > 3 else ""
@@ -1362,7 +1363,7 @@ def report_view(session: ScanSession) -> tuple[str, dict]:
     if not session.report_finished:
         end = (REPORT_STOPPED if not session.report_cut_off else REPORT_OUT_OF_CONTEXT if session.report_out_of_context
                else REPORT_CUT_OFF.format(limit=session.report_cut_off))
-        return session.report + end, report_download(None)
+        return session.report + end + sides_in_doubt(session.volume), report_download(None)
     return session.report + sides_in_doubt(session.volume), gr.skip()
 
 

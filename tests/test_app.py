@@ -142,6 +142,9 @@ def test_a_nifti_without_orientation_is_not_called_stored_as_las(app_module, tmp
     *_, (report, download) = app_module.generate_report(session, 8, 0.0, 1.0)  # the sides it names are in doubt
     assert report.endswith(f"*{app_module.SIDES_IN_DOUBT}*")
     assert app_module.SIDES_IN_DOUBT in Path(download["value"]).read_text(encoding="utf-8")
+    session.report_finished = False  # as a stopped report is: said incomplete, and the sides still in doubt
+    stopped, _ = app_module.report_view(session)
+    assert app_module.REPORT_STOPPED.strip() in stopped and stopped.endswith(f"*{app_module.SIDES_IN_DOUBT}*")
     session.release()
 
 

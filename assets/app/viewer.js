@@ -394,9 +394,10 @@
             `${point.x / image.naturalWidth}`);
   });
 
-  // A slice linked in an example's true findings ("axial slice 56", href #axial-56) is shown, as a pick from the kept
-  // slices is: through a hidden box the app answers (its jump_to_linked_slice); on a phone the viewer, above the
-  // findings, comes into view.
+  // A slice linked in an example's true findings ("axial slice 56", href #axial-56-40-71-lung: the lesion's centre
+  // as axial, coronal and sagittal slice numbers, then the window it is read in, if another) is shown, as a pick
+  // from the kept slices is: through a hidden box the app answers (its jump_to_linked_slice); on a phone the viewer,
+  // above the findings, comes into view.
   document.addEventListener("click", (event) => {
     const link = event.target.closest && event.target.closest('#example-truth a[href^="#axial-"]');
     if (!link) return;
