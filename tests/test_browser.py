@@ -457,6 +457,19 @@ def test_a_point_clicked_on_a_slice_is_read_and_shown_in_the_other_planes(browse
     caption.wait_for()
     assert re.search(r"cross-hair: the point clicked, −?\d+(\.\d+)? HU", caption.inner_text())
     assert page.locator("#slice-view .spot-mark").is_visible()
+    # The keyboard's way: Enter shows a pointer, the arrows move it (not the slices), Enter marks the point under it
+    marked = float(page.locator("#slice-view .spot-mark line").first.get_attribute("x1"))  # in image pixels
+    slice_shown = page.locator("#slice-view .slice-caption").inner_text().split(" · ")[0]
+    page.locator("#slice-view").focus()
+    page.keyboard.press("Enter")
+    page.locator("#slice-view .mip-pointer").wait_for()
+    for _ in range(2):
+        page.keyboard.press("Shift+ArrowRight")  # a tenth of the image a press
+    page.keyboard.press("Enter")
+    page.locator("#slice-view .mip-pointer").wait_for(state="detached")
+    page.wait_for_function("() => Number(document.querySelector('#slice-view .spot-mark line')?.getAttribute('x1')) "
+                           f"> {marked + 20}")  # the mark moved right (two tenths of the image), on the same slice
+    assert page.locator("#slice-view .slice-caption").inner_text().split(" · ")[0] == slice_shown
     page.get_by_label("coronal", exact=True).check()
     page.locator("#slice-view", has_text="Coronal").wait_for()
     assert page.locator("#slice-view .spot-mark").is_visible()

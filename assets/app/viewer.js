@@ -79,8 +79,8 @@
   // slice 1, as the wheel), Page Up / Page Down ten, Home and End go to the first and the last. The viewer's box
   // keeps the focus while the slice inside it is redrawn.
   const VIEWER_LABEL = "Slice viewer: the arrow keys step one slice, Page Up and Page Down ten, Home and End go "
-    + "to the first and the last; on a MIP, Enter shows a pointer that the arrows move, and Enter again finds the "
-    + "spot under it in the slices";
+    + "to the first and the last; Enter shows a pointer that the arrows move, and Enter again reads the value under "
+    + "it and opens the other planes through it (on a MIP, finds the spot under it in the slices)";
   const focusable = () => {
     const viewer = document.querySelector("#slice-view"), status = document.querySelector("#status-line");
     if (!viewer || !status) return setTimeout(focusable, 200);
@@ -385,13 +385,15 @@
 
   // A point clicked on a slice is marked, its value given and the other planes opened through it (the app's
   // mark_point): the plane, the slice and where on it the click fell go to a box the app answers, as for the MIP.
+  const markPoint = (image, down, across) => {  // down, across: fractions of the slice image's height and width
+    tellApp("#point-spot", `${image.dataset.plane} ${image.dataset.slice} ${down} ${across}`);
+  };
   document.addEventListener("click", (event) => {
     const image = event.target.closest && event.target.closest("#slice-view .slice-image[data-point-click]");
     if (!image || measuring) return;
     const point = onImage(image, event);
     if (Math.hypot(point.clientX - event.clientX, point.clientY - event.clientY) > 1) return;  // beside the image
-    tellApp("#point-spot", `${image.dataset.plane} ${image.dataset.slice} ${point.y / image.naturalHeight} ` +
-            `${point.x / image.naturalWidth}`);
+    markPoint(image, point.y / image.naturalHeight, point.x / image.naturalWidth);
   });
 
   // A slice linked in an example's true findings ("axial slice 56", href #axial-56-40-71-lung: the lesion's centre
@@ -407,17 +409,19 @@
     if (viewer && onPhone()) viewer.scrollIntoView({behavior: "smooth", block: "center"});
   }, true);
 
-  // The keyboard's way to a spot on the MIP: Enter shows a pointer (a ring) in the middle of the image, or where it
-  // last was; the arrows move it (a fiftieth of the image a press, a tenth with Shift), Enter finds the spot under
-  // it as a click there would, and Escape puts it away. Meanwhile the arrows do not turn the MIP.
+  // The keyboard's way to a spot on the MIP, or a point on a slice: Enter shows a pointer (a ring) in the middle of
+  // the image, or where it last was; the arrows move it (a fiftieth of the image a press, a tenth with Shift), Enter
+  // finds the spot (marks the point) under it as a click there would, and Escape puts it away. Meanwhile the arrows
+  // neither turn the MIP nor step the slices.
   // It is placed on the image as drawn: once the image is decoded (a new frame may not be yet), and again when its
   // frame changes size (the viewer enlarged or shrunk, the window resized).
   const POINTER_STEP = 0.02, POINTER_LEAP = 0.1;
   let pointer = null, lastPointer = {down: 0.5, across: 0.5};
   const resized = new ResizeObserver(() => drawPointer());
   let watched = null;  // the frame whose size `resized` watches
+  const POINTED = "#slice-view .slice-image[data-spot-click], #slice-view .slice-image[data-point-click]";
   const drawPointer = () => {
-    const image = document.querySelector("#slice-view .slice-image[data-spot-click]");
+    const image = document.querySelector(POINTED);
     const frame = image && image.closest(".slice-frame");
     const old = document.querySelector("#slice-view .mip-pointer");
     if (!pointer || !frame || !image.naturalWidth) {
@@ -443,16 +447,19 @@
   const POINTER_MOVES = {ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1]};
   document.addEventListener("keydown", (event) => {
     const viewer = document.querySelector("#slice-view");
-    const image = document.querySelector("#slice-view .slice-image[data-spot-click]");
+    const image = document.querySelector(POINTED);
     if (!image || document.activeElement !== viewer || event.stoppedTurning || measuring) return;
     if (event.altKey || event.ctrlKey || event.metaKey) return;
     if (event.key === "Enter" && !pointer) {
       pointer = {...lastPointer};
-      announce("Pointer on the MIP: the arrow keys move it, Enter finds the spot under it, Escape puts it away.");
+      announce(image.dataset.plane
+        ? "Pointer on the slice: the arrow keys move it, Enter reads the value under it, Escape puts it away."
+        : "Pointer on the MIP: the arrow keys move it, Enter finds the spot under it, Escape puts it away.");
     } else if (event.key === "Enter") {
       lastPointer = pointer;
       pointer = null;
-      findSpot(image, lastPointer.down, lastPointer.across);
+      if (image.dataset.plane) markPoint(image, lastPointer.down, lastPointer.across);
+      else findSpot(image, lastPointer.down, lastPointer.across);
     } else if (pointer && event.key === "Escape") {
       pointer = null;
     } else if (pointer && event.key in POINTER_MOVES) {
