@@ -26,7 +26,7 @@ from .configuration import MedVLMConfig
 from .errors import CheckpointError, UserInputError
 from .limits import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MIN_ANSWER_TOKENS
 from .modeling import MedVLMForConditionalGeneration
-from .preprocess import readable_encoder_input, slab_bounds
+from .preprocess import readable_encoder_input, slab_bounds, slab_middle
 from .prompt import prompt_text
 from .volume import Volume
 
@@ -56,7 +56,7 @@ class Encoding:
     @property
     def kept_slices(self) -> list[int]:
         """The middle axial slice of each kept slab: where the viewer goes to show one."""
-        return [(first + last) // 2 for first, last in self.kept_slabs]
+        return [slab_middle(first, last) for first, last in self.kept_slabs]
 
     def to(self, device: str | torch.device) -> Encoding:
         """The same encoding with its visual tokens on `device` (the CPU, to pass it to another process)."""

@@ -344,6 +344,11 @@ def slab_bounds(count: int, target: int) -> list[tuple[int, int]]:
     return [(index * count // target, -(-(index + 1) * count // target)) for index in range(target)]
 
 
+def slab_middle(first: int, last: int) -> int:
+    """The middle slice of a slab of slices `first` … `last`: where a viewer goes to show it."""
+    return (first + last) // 2
+
+
 def _slab_means(voxels: torch.Tensor, target: int) -> torch.Tensor:
     """(Z, Y, X) → (target, Y, X): the mean of each slab, with the bins of `adaptive_avg_pool1d` (slab i runs
     from floor(i·Z/target) to ceil((i+1)·Z/target)).

@@ -17,6 +17,7 @@ from .preprocess import (
     CT_WINDOWS,
     INVERTED_WINDOW,
     SUV_WINDOWS,
+    slab_middle,
     typed_window,
     typed_window_example,
     window_names,
@@ -200,7 +201,7 @@ def slice_view_html(volume: Volume, plane: str, index: int, window: str, kept_sl
                                 for letters in (mip_edges(index) if plane == MIP else PLANE_EDGES[plane]))
     marks, kept_note = "", ""
     if plane == "axial" and kept_slabs:
-        marks = "".join(f'<span class="kept-mark" data-slice="{(first + last) // 2 + 1}" style="left:'
+        marks = "".join(f'<span class="kept-mark" data-slice="{slab_middle(first, last) + 1}" style="left:'
                         f'{100 * first / count:.2f}%;width:{100 * (last + 1 - first) / count:.2f}%"></span>'
                         for first, last in kept_slabs)
         slab = next(((first, last) for first, last in kept_slabs if first <= index <= last), None)
